@@ -1,0 +1,112 @@
+"""Input validation shared by every op: cheap checks in Python, before any kernel launch.
+
+Structural checks (shapes, dtypes, devices) always run. Checks that read tensor values (NaN
+scans, sortedness, index ranges) can be switched off on hot paths with ``fastff.set_checks(False)``
+or ``with fastff.no_checks(): ...``; kernels stay memory-safe without them (indices are clamped
+or bounds-checked), but garbage in then gives garbage out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+_value_checks = True
+
+
+def set_checks(enabled: bool) -> None:
+    """Enable or disable the value checks (NaN scans, sortedness, index ranges) process-wide."""
+    global _value_checks
+    _value_checks = bool(enabled)
+
+
+def checks_enabled() -> bool:
+    return _value_checks
+
+
+@contextlib.contextmanager
+def no_checks() -> Iterator[None]:
+    """Context manager that skips the value checks inside its block."""
+    global _value_checks
+    previous, _value_checks = _value_checks, False
+    try:
+        yield
+    finally:
+        _value_checks = previous
+
+
+def positions(x: Tensor, name: str = "positions") -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2 or x.shape[1] != 3:
+        raise ValueError(f"{name} must have shape [N, 3], got {list(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor, got {x.dtype}")
+    if _value_checks and x.numel() and not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"{name} contains NaN or inf (first at atom {bad})")
+    return x
+
+
+def cutoff(value, name: str = "cutoff") -> float:
+    try:
+        c = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    if not math.isfinite(c) or c <= 0.0:
+        raise ValueError(f"{name} must be finite and positive, got {value}")
+    return c
+
+
+def same_device(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; "
+                         "move them to one device")
+
+
+def same_float_dtype(name: str, x: Tensor, ref_name: str, ref: Tensor) -> None:
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}; "
+                        "use one floating point dtype")
+
+
+def index_tensor(x: Tensor, name: str, length: int | None = None) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64, got {x.dtype}")
+    if x.dim() != 1 or (length is not None and x.shape[0] != length):
+        want = f"[{length}]" if length is not None else "1-D"
+        raise ValueError(f"{name} must have shape {want}, got {list(x.shape)}")
+    return x
+
+
+def index_range(x: Tensor, name: str, upper: int, what: str) -> None:
+    """Value check: 0 <= x < upper."""
+    if _value_checks and x.numel():
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi >= upper:
+            raise IndexError(f"{name} holds index {lo if lo < 0 else hi}, outside [0, {upper}) "
+                             f"({what})")
+
+
+def fits_in_memory(num_bytes: int, what: str, device: torch.device) -> None:
+    """Raise MemoryError, with the estimate, before allocating more than the device has free."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    elif device.type == "cpu":
+        try:
+            import os
+
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return
+    else:
+        return
+    if num_bytes > free:
+        raise MemoryError(f"{what} would need {num_bytes / 2**30:.2f} GiB but only "
+                          f"{free / 2**30:.2f} GiB is free on {device}")

@@ -1,0 +1,226 @@
+"""Neighbor lists: ``neighbor_list``, the ``NeighborList`` it returns, and ``VerletList``.
+
+Conventions (as ASE and vesin): a pair (i, j, S) has the vector
+``r_ij = positions[j] - positions[i] + S @ cell``, with ``cell`` rows the lattice vectors and
+``S`` integer cell shifts consistent with the positions given (never wrapped behind the
+caller's back). A full list holds both (i, j, S) and (j, i, -S); a half list one of them.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor
+
+from fastff import _backend, _checks
+from fastff.kernels.neighbors import op as _op
+
+
+class NeighborList:
+    """Pairs of atoms closer than ``cutoff``, sorted by centre atom ``i`` (CSR layout).
+
+    Attributes:
+        i, j: int64 [E], centre and neighbour atom of each pair; sorted by ``i``.
+        shifts: int32 [E, 3], integer cell shifts S with r_ij = r_j - r_i + S @ cell.
+        ptr: int64 [N + 1], pairs of atom ``a`` are ``ptr[a]:ptr[a + 1]``.
+        cutoff: the cutoff the list was built with (pairs have distance < cutoff).
+        half: True when each unordered pair is stored once.
+        batch: int64 [N] system index per atom, or None for a single system.
+        cell: the cell given at build time ([3, 3], [B, 3, 3]) or None; detached.
+        pbc: bool [B, 3] periodicity per system.
+        backend: the kernel path that built it.
+    """
+
+    def __init__(self, i: Tensor, j: Tensor, shifts: Tensor, ptr: Tensor, *, cutoff: float,
+                 half: bool, num_atoms: int, batch: Tensor | None, cells: Tensor, pbc: Tensor,
+                 cell: Tensor | None, backend: str):
+        self.i, self.j, self.shifts, self.ptr = i, j, shifts, ptr
+        self.cutoff, self.half, self.num_atoms = cutoff, half, num_atoms
+        self.batch, self.pbc, self.cell, self.backend = batch, pbc, cell, backend
+        self._cells = cells  # [B, 3, 3], zeros where no cell was given
+        self._reverse: Tensor | None = None
+        self._cached: tuple | None = None  # (weakref to positions, version, distances)
+
+    def __len__(self) -> int:
+        return int(self.i.shape[0])
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.i.shape[0])
+
+    def __repr__(self) -> str:
+        kind = "half" if self.half else "full"
+        return (f"NeighborList({kind}, atoms={self.num_atoms}, pairs={self.num_pairs}, "
+                f"cutoff={self.cutoff}, backend={self.backend!r})")
+
+    @property
+    def reverse(self) -> Tensor:
+        """int64 [E]: index of each pair's mirror (j, i, -S). Full lists only; computed once."""
+        if self.half:
+            raise ValueError("a half neighbor list has no mirror pairs; build it with half=False")
+        if self._reverse is None:
+            name, _ = _backend.resolve("neighbor_reverse", self.i.device, self.backend)
+            self._reverse = _op.neighbor_reverse(self.i, self.j, self.shifts, self.ptr, name)
+        return self._reverse
+
+    def _cell_for(self, positions: Tensor, cell: Tensor | None) -> Tensor:
+        if positions.shape[0] != self.num_atoms:
+            raise ValueError(f"positions has {positions.shape[0]} atoms but this neighbor list "
+                             f"was built for {self.num_atoms}")
+        if cell is None:
+            return self._cells.to(positions.dtype)
+        cells = cell.unsqueeze(0) if cell.dim() == 2 else cell
+        if cells.shape != self._cells.shape:
+            want = [3, 3] if self._cells.shape[0] == 1 else list(self._cells.shape)
+            raise ValueError(f"cell must have shape {want}, got {list(cell.shape)}")
+        _checks.same_float_dtype("cell", cell, "positions", positions)
+        _checks.same_device("cell", cell, "positions", positions)
+        return cells
+
+    def vectors(self, positions: Tensor, cell: Tensor | None = None) -> Tensor:
+        """r_ij [E, 3] = positions[j] - positions[i] + shifts @ cell.
+
+        Differentiable (to any order) in ``positions`` and ``cell``; ``cell=None`` uses the cell
+        the list was built with (detached). Deterministic on CPU.
+        """
+        cells = self._cell_for(positions, cell)
+        name, _ = _backend.resolve("pair_vectors", positions.device, self.backend)
+        return _op.pair_vectors(positions, cells, self.batch, self.i, self.j, self.shifts, name)
+
+    def distances(self, positions: Tensor, cell: Tensor | None = None) -> Tensor:
+        """|r_ij| [E]; differentiable like :meth:`vectors`.
+
+        When ``positions`` is the unchanged tensor the list was built from and no gradient is
+        needed, the distances the kernel computed while building are returned without new work.
+        """
+        cached = self._cached
+        needs_grad = torch.is_grad_enabled() and (
+            positions.requires_grad or (cell is not None and cell.requires_grad))
+        if (cached is not None and cell is None and not needs_grad
+                and cached[0]() is positions and cached[1] == positions._version):
+            return cached[2]
+        return torch.linalg.vector_norm(self.vectors(positions, cell), dim=1)
+
+    def _remember(self, positions: Tensor, distances: Tensor) -> None:
+        self._cached = (weakref.ref(positions), positions._version, distances)
+
+
+def _normalize_batch(batch: Tensor | None, positions: Tensor):
+    """(batch or None, number of systems implied by batch or None, system_ptr or None)."""
+    if batch is None:
+        return None, None
+    _checks.index_tensor(batch, "batch", positions.shape[0])
+    _checks.same_device("batch", batch, "positions", positions)
+    if batch.numel() == 0:
+        return batch, 0
+    if _checks.checks_enabled():
+        if bool((batch[1:] < batch[:-1]).any()):
+            raise ValueError("batch must be sorted (atoms of one system contiguous, systems in "
+                             "increasing order)")
+        if int(batch[0]) < 0:
+            raise ValueError(f"batch holds a negative system index {int(batch[0])}")
+    return batch, int(batch[-1]) + 1
+
+
+def _normalize_cell(cell: Tensor | None, pbc, positions: Tensor, num_systems: int | None,
+                    batched: bool):
+    """(cells [B,3,3], pbc [B,3] bool) in the dtype and device of positions."""
+    dev, dtype = positions.device, positions.dtype
+    if cell is None:
+        cells = torch.zeros(num_systems if batched else 1, 3, 3, dtype=dtype, device=dev)
+    else:
+        if not isinstance(cell, Tensor):
+            raise TypeError(f"cell must be a torch.Tensor, got {type(cell).__name__}")
+        _checks.same_device("cell", cell, "positions", positions)
+        _checks.same_float_dtype("cell", cell, "positions", positions)
+        if cell.shape == (3, 3):
+            cells = cell.expand(num_systems if batched else 1, 3, 3)
+        elif cell.dim() == 3 and cell.shape[1:] == (3, 3):
+            if not batched and cell.shape[0] != 1:
+                raise ValueError(f"cell has shape {list(cell.shape)} ([B, 3, 3]) but no batch was "
+                                 "given; pass batch, or a [3, 3] cell")
+            if batched and cell.shape[0] < (num_systems or 0):
+                raise ValueError(f"batch refers to {num_systems} systems but cell holds only "
+                                 f"{cell.shape[0]}")
+            cells = cell
+        else:
+            raise ValueError(f"cell must have shape [3, 3] or [B, 3, 3], got {list(cell.shape)}")
+    b = cells.shape[0]
+    if pbc is None:
+        periodic = torch.full((b, 3), cell is not None, dtype=torch.bool, device=dev)
+    else:
+        periodic = torch.as_tensor(pbc, device=dev)
+        if periodic.dtype != torch.bool:
+            raise TypeError(f"pbc must hold bools, got {periodic.dtype}")
+        if periodic.shape == (3,):
+            periodic = periodic.expand(b, 3)
+        elif periodic.shape != (b, 3):
+            raise ValueError(f"pbc must have shape [3] or [{b}, 3], got {list(periodic.shape)}")
+    if bool(periodic.any()):
+        if cell is None:
+            raise ValueError("pbc is True along some axis but no cell was given")
+        _check_periodic_cells(cells, periodic)
+    return cells.contiguous(), periodic.contiguous()
+
+
+def _check_periodic_cells(cells: Tensor, pbc: Tensor) -> None:
+    """Periodic rows must be finite and linearly independent.
+
+    Test: the Gram determinant of the periodic rows over the product of their squared norms
+    (1 for orthogonal rows, 0 for dependent ones); non-periodic rows are ignored.
+    """
+    c = cells.detach().double()
+    if not bool(torch.isfinite(c).all()):
+        raise ValueError("cell contains NaN or inf")
+    aperiodic = (~pbc).double()
+    rows = c * pbc.unsqueeze(-1)
+    gram = rows @ rows.transpose(1, 2) + torch.diag_embed(aperiodic)
+    ratio = torch.linalg.det(gram) / ((rows * rows).sum(-1) + aperiodic).prod(-1)
+    bad = (~(ratio > 1e-12)).nonzero()  # also catches 0/0 from zero rows
+    if bad.numel():
+        s = int(bad[0, 0])
+        axes = [k for k in range(3) if bool(pbc[s, k])]
+        where = "" if cells.shape[0] == 1 else f"[{s}]"
+        raise ValueError(f"cell{where} is singular along its periodic axes {axes}: "
+                         f"lattice vectors {c[s].tolist()}")
+
+
+def neighbor_list(positions: Tensor, cutoff: float, cell: Tensor | None = None, pbc=None,
+                  batch: Tensor | None = None, *, half: bool = False,
+                  backend: str | None = None) -> NeighborList:
+    """All pairs of atoms closer than ``cutoff``, with periodic images.
+
+    Args:
+        positions: [N, 3] float32 or float64, any length unit; need not be wrapped into the cell.
+        cutoff: pairs with distance < cutoff are kept (same unit as positions).
+        cell: [3, 3] (rows are lattice vectors) or [B, 3, 3] with ``batch``; None for no cell.
+        pbc: bool [3] or [B, 3]; default: periodic along every axis when ``cell`` is given.
+            Rows of non-periodic axes may be zero.
+        batch: int64 [N], sorted system index of each atom; pairs never cross systems.
+        half: store each unordered pair once (i < j, or i == j with S lexicographically > 0).
+        backend: "numba", "triton", "reference" or None (``FASTFF_BACKEND``, then by device).
+
+    Returns:
+        A :class:`NeighborList`. Deterministic on CPU (order and values), and the same pair set on
+        every backend. Not differentiable itself: use ``nl.vectors`` / ``nl.distances``.
+    """
+    _checks.positions(positions)
+    c = _checks.cutoff(cutoff)
+    batch, num_systems = _normalize_batch(batch, positions)
+    cells, periodic = _normalize_cell(cell, pbc, positions, num_systems, batch is not None)
+    n = positions.shape[0]
+    if batch is None:
+        system_ptr = torch.tensor([0, n], dtype=torch.int64, device=positions.device)
+    else:
+        system_ptr = torch.searchsorted(
+            batch, torch.arange(cells.shape[0] + 1, device=positions.device))
+    name, _ = _backend.resolve("neighbor_list", positions.device, backend)
+    pos = positions.detach().contiguous()
+    i, j, shifts, ptr, dist = _op.neighbor_list(pos, c, cells.detach(), periodic, system_ptr,
+                                                half, name)
+    nl = NeighborList(i, j, shifts, ptr, cutoff=c, half=half, num_atoms=n, batch=batch,
+                      cells=cells.detach(), pbc=periodic,
+                      cell=None if cell is None else cell.detach(), backend=name)
+    nl._remember(positions, dist)
+    return nl

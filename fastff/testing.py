@@ -1,0 +1,74 @@
+"""Helpers for testing fastff and code built on it: the tolerance table and pair-set comparison.
+
+Every kernel is compared with the float64 torch reference; ``TOLERANCES`` is the one place where
+the allowed differences live, each with the reason for its value.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# (rtol, atol) per dtype of the kernel under test, against the float64 reference.
+TOLERANCES: dict[str, dict[torch.dtype, tuple[float, float]]] = {
+    # Distances: one sqrt of a sum of three products; float32 loses ~1e-7 relative per op, and
+    # wrapped vs unwrapped coordinates differ by up to |S @ cell| * eps.
+    "distances": {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5)},
+    # Pair vectors: differences of coordinates of size ~box length.
+    "vectors": {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5)},
+}
+
+# Pairs whose distance lies this close to the cutoff may be found by one precision and not the
+# other (the cutoff test is a strict comparison of rounded numbers); they are left out of set
+# comparisons. float32 rounding of a distance ~10 A is ~1e-6 A.
+BOUNDARY: dict[torch.dtype, float] = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def tolerance(kind: str, dtype: torch.dtype) -> dict[str, float]:
+    rtol, atol = TOLERANCES[kind][dtype]
+    return {"rtol": rtol, "atol": atol}
+
+
+def pair_keys(i: Tensor, j: Tensor, shifts: Tensor) -> list[tuple[int, ...]]:
+    """Sorted (i, j, sx, sy, sz) tuples: a neighbor list as a set, independent of its order."""
+    rows = torch.cat([i.view(-1, 1).long(), j.view(-1, 1).long(), shifts.long()], dim=1)
+    return sorted(map(tuple, rows.cpu().tolist()))
+
+
+def assert_same_pairs(actual, expected, *, cutoff: float, dtype: torch.dtype,
+                      actual_distances: Tensor | None = None,
+                      expected_distances: Tensor | None = None) -> None:
+    """Assert two neighbor lists hold the same pairs, ignoring pairs within BOUNDARY of cutoff.
+
+    ``actual`` and ``expected`` are (i, j, shifts) triples; the distances, when given, are used
+    both to find boundary pairs and to compare values.
+    """
+    tol = BOUNDARY[dtype]
+
+    def as_dict(ijs, dist):
+        keys = pair_keys(*ijs) if dist is None else None
+        if dist is None:
+            return dict.fromkeys(keys, None)
+        rows = torch.cat([ijs[0].view(-1, 1).long(), ijs[1].view(-1, 1).long(),
+                          ijs[2].long()], dim=1).cpu().tolist()
+        return {tuple(r): float(d) for r, d in zip(rows, dist.detach().cpu().double().tolist())}
+
+    a = as_dict(actual, actual_distances)
+    e = as_dict(expected, expected_distances)
+    if len(a) != len(actual[0]):
+        raise AssertionError(f"actual list holds duplicate pairs ({len(actual[0]) - len(a)})")
+
+    def near_cutoff(key):
+        d = e.get(key) if e.get(key) is not None else a.get(key)
+        return d is not None and abs(d - cutoff) < tol * max(1.0, cutoff)
+
+    missing = [k for k in e if k not in a and not near_cutoff(k)]
+    extra = [k for k in a if k not in e and not near_cutoff(k)]
+    if missing or extra:
+        raise AssertionError(f"pair sets differ: {len(missing)} missing (e.g. {missing[:3]}), "
+                             f"{len(extra)} extra (e.g. {extra[:3]}) of {len(e)} expected")
+    if actual_distances is not None and expected_distances is not None:
+        common = [k for k in e if k in a]
+        da = torch.tensor([a[k] for k in common], dtype=torch.float64)
+        de = torch.tensor([e[k] for k in common], dtype=torch.float64)
+        torch.testing.assert_close(da, de, **tolerance("distances", dtype))

@@ -1,0 +1,1 @@
+"""Neighbor lists: cell lists for periodic (triclinic, small cells), mixed-pbc and batched systems."""

@@ -1,0 +1,113 @@
+"""Custom ops of the neighbor-list family (namespace ``fastff::``), their fake impls and autograd.
+
+* ``neighbor_list``: pairs within a cutoff; integer outputs, data-dependent length E.
+* ``pair_vectors`` and ``pair_vectors_transpose``: r_ij = r_j - r_i + S @ cell and its adjoint.
+  The map is linear in (positions, cell), so each op's backward is the other op: derivatives of
+  any order work.
+* ``neighbor_reverse``: the mirror index of every pair of a full list.
+
+Every op takes the already resolved backend name (see fastff._backend); only this file knows
+all three paths.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastff import _backend
+
+_backend.register("neighbor_list", "neighbors", "neighbor_list")
+_backend.register("pair_vectors", "neighbors", "pair_vectors")
+_backend.register("pair_vectors_transpose", "neighbors", "pair_vectors_transpose")
+_backend.register("neighbor_reverse", "neighbors", "neighbor_reverse")
+
+
+@torch.library.custom_op("fastff::neighbor_list", mutates_args=())
+def neighbor_list(positions: Tensor, cutoff: float, cells: Tensor, pbc: Tensor,
+                  system_ptr: Tensor, half: bool, backend: str
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    launch = _backend.launcher("neighbor_list", backend)
+    return launch(positions, cutoff, cells, pbc, system_ptr, half)
+
+
+@neighbor_list.register_fake
+def _(positions, cutoff, cells, pbc, system_ptr, half, backend):
+    num_pairs = torch.library.get_ctx().new_dynamic_size()
+    i = positions.new_empty(num_pairs, dtype=torch.int64)
+    return (i, torch.empty_like(i), positions.new_empty(num_pairs, 3, dtype=torch.int32),
+            positions.new_empty(positions.shape[0] + 1, dtype=torch.int64),
+            positions.new_empty(num_pairs))
+
+
+@torch.library.custom_op("fastff::pair_vectors", mutates_args=())
+def pair_vectors(positions: Tensor, cells: Tensor, atom_system: Tensor | None, i: Tensor,
+                 j: Tensor, shifts: Tensor, backend: str) -> Tensor:
+    launch = _backend.launcher("pair_vectors", backend)
+    return launch(positions, cells, atom_system, i, j, shifts)
+
+
+@pair_vectors.register_fake
+def _(positions, cells, atom_system, i, j, shifts, backend):
+    return positions.new_empty(i.shape[0], 3)
+
+
+@torch.library.custom_op("fastff::pair_vectors_transpose", mutates_args=())
+def pair_vectors_transpose(grad: Tensor, num_atoms: int, cells: Tensor,
+                           atom_system: Tensor | None, i: Tensor, j: Tensor, shifts: Tensor,
+                           backend: str) -> tuple[Tensor, Tensor]:
+    launch = _backend.launcher("pair_vectors_transpose", backend)
+    return launch(grad, num_atoms, cells, atom_system, i, j, shifts)
+
+
+@pair_vectors_transpose.register_fake
+def _(grad, num_atoms, cells, atom_system, i, j, shifts, backend):
+    return grad.new_empty(num_atoms, 3), grad.new_empty(cells.shape)
+
+
+def _pair_vectors_setup(ctx, inputs, output):
+    positions, cells, atom_system, i, j, shifts, backend = inputs
+    ctx.save_for_backward(cells, atom_system, i, j, shifts)
+    ctx.num_atoms = positions.shape[0]
+    ctx.backend = backend
+
+
+def _pair_vectors_backward(ctx, grad):
+    cells, atom_system, i, j, shifts = ctx.saved_tensors
+    grad_pos, grad_cells = pair_vectors_transpose(grad.contiguous(), ctx.num_atoms, cells,
+                                                  atom_system, i, j, shifts, ctx.backend)
+    return (grad_pos if ctx.needs_input_grad[0] else None,
+            grad_cells if ctx.needs_input_grad[1] else None, None, None, None, None, None)
+
+
+def _transpose_setup(ctx, inputs, output):
+    grad, num_atoms, cells, atom_system, i, j, shifts, backend = inputs
+    ctx.save_for_backward(cells, atom_system, i, j, shifts)
+    ctx.num_atoms = num_atoms
+    ctx.backend = backend
+
+
+def _transpose_backward(ctx, grad_grad_pos, grad_grad_cells):
+    cells, atom_system, i, j, shifts = ctx.saved_tensors
+    if grad_grad_pos is None:
+        grad_grad_pos = cells.new_zeros(ctx.num_atoms, 3)
+    if grad_grad_cells is None:
+        grad_grad_cells = torch.zeros_like(cells)
+    grad = pair_vectors(grad_grad_pos.contiguous(), grad_grad_cells.contiguous(), atom_system,
+                        i, j, shifts, ctx.backend)
+    return grad, None, None, None, None, None, None, None
+
+
+pair_vectors.register_autograd(_pair_vectors_backward, setup_context=_pair_vectors_setup)
+pair_vectors_transpose.register_autograd(_transpose_backward, setup_context=_transpose_setup)
+
+
+@torch.library.custom_op("fastff::neighbor_reverse", mutates_args=())
+def neighbor_reverse(i: Tensor, j: Tensor, shifts: Tensor, ptr: Tensor, backend: str) -> Tensor:
+    launch = _backend.launcher("neighbor_reverse", backend)
+    return launch(i, j, shifts, ptr)
+
+
+@neighbor_reverse.register_fake
+def _(i, j, shifts, ptr, backend):
+    return torch.empty_like(i)

@@ -1,0 +1,184 @@
+"""Neighbor lists in pure torch: an O(N^2 x images) brute force that defines "correct".
+
+Float64-safe and device-agnostic; memory is bounded by processing one periodic image at a time
+(N x N per image), so it is meant for tests and small systems, not production.
+The launchers in this file share their signatures with cpu_numba.py and gpu_triton.py; see
+README.md beside this file for the definitions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch import Tensor
+
+
+def lattice_frame(cell: Tensor, pbc: Tensor) -> Tensor:
+    """A well-conditioned [3,3] frame: the periodic rows of ``cell``, and unit vectors
+    orthogonal to them (and to each other) in place of the non-periodic rows.
+
+    Fractional coordinates in this frame are exact along periodic axes and Cartesian-like
+    (unit length) along the others, so a cell whose non-periodic rows are zero or arbitrary
+    still bins correctly.
+    """
+    frame = cell.clone()
+    periodic = [k for k in range(3) if bool(pbc[k])]
+    if len(periodic) == 3:
+        return frame
+    eye = torch.eye(3, dtype=cell.dtype, device=cell.device)
+    basis: list[Tensor] = []  # orthonormal basis of the periodic span
+    for k in periodic:
+        v = cell[k].clone()
+        for b in basis:
+            v = v - (v @ b) * b
+        basis.append(v / v.norm())
+    for k in range(3):
+        if k in periodic:
+            continue
+        # Gram-Schmidt the standard axis that is least aligned with the basis built so far.
+        best = None
+        for e in eye:
+            v = e.clone()
+            for b in basis:
+                v = v - (v @ b) * b
+            if best is None or v.norm() > best.norm():
+                best = v
+        assert best is not None
+        basis.append(best / best.norm())
+        frame[k] = basis[-1]
+    if torch.linalg.det(frame) < 0:  # keep a right-handed frame; only non-periodic rows flip
+        k = next(k for k in range(3) if k not in periodic)
+        frame[k] = -frame[k]
+    return frame
+
+
+def cell_heights(frame: Tensor) -> Tensor:
+    """Distances between opposite faces of the parallelepiped spanned by ``frame`` rows."""
+    volume = torch.linalg.det(frame).abs()
+    crosses = torch.stack([torch.linalg.cross(frame[(k + 1) % 3], frame[(k + 2) % 3])
+                           for k in range(3)])
+    return volume / crosses.norm(dim=1)
+
+
+def _system_pairs(pos: Tensor, cutoff: float, cell: Tensor, pbc: Tensor, half: bool):
+    n = pos.shape[0]
+    frame = lattice_frame(cell, pbc)
+    frac = pos @ torch.linalg.inv(frame)
+    wrap = torch.where(pbc, torch.floor(frac), torch.zeros_like(frac))  # n_a: pos = w + n_a @ cell
+    wrapped = pos - wrap @ cell
+    heights = cell_heights(frame)
+    # wrapped fractional coordinates differ by less than 1, hence the +1 image
+    reach = [math.ceil(cutoff / float(heights[k])) + 1 if bool(pbc[k]) else 0 for k in range(3)]
+    found = []
+    idx = torch.arange(n, device=pos.device)
+    for image in itertools.product(*(range(-r, r + 1) for r in reach)):
+        s = torch.tensor(image, dtype=pos.dtype, device=pos.device)
+        d = wrapped[None, :, :] + (s @ cell) - wrapped[:, None, :]  # [i, j, 3]
+        close = (d * d).sum(-1) < cutoff * cutoff
+        if image == (0, 0, 0):
+            close &= idx[:, None] != idx[None, :]
+        ii, jj = close.nonzero(as_tuple=True)
+        if ii.numel():
+            shift = torch.tensor(image, dtype=torch.int64, device=pos.device)
+            found.append((ii, jj, shift + wrap[ii].long() - wrap[jj].long()))
+    if not found:
+        empty = torch.empty(0, dtype=torch.int64, device=pos.device)
+        return empty, empty, torch.empty(0, 3, dtype=torch.int64, device=pos.device)
+    i = torch.cat([f[0] for f in found])
+    j = torch.cat([f[1] for f in found])
+    shifts = torch.cat([f[2].expand(f[0].shape[0], 3) if f[2].dim() == 1 else f[2] for f in found])
+    if half:
+        keep = (i < j) | ((i == j) & _lexicographically_positive(shifts))
+        i, j, shifts = i[keep], j[keep], shifts[keep]
+    return i, j, shifts
+
+
+def _lexicographically_positive(s: Tensor) -> Tensor:
+    return (s[:, 0] > 0) | ((s[:, 0] == 0) & ((s[:, 1] > 0) | ((s[:, 1] == 0) & (s[:, 2] > 0))))
+
+
+def sort_pairs(i: Tensor, j: Tensor, shifts: Tensor) -> Tensor:
+    """The permutation that orders pairs by (i, j, shift), as integers; a canonical order."""
+    order = torch.arange(i.shape[0], device=i.device)
+    for key in (shifts[:, 2], shifts[:, 1], shifts[:, 0], j, i):  # least significant first
+        order = order[torch.sort(key[order], stable=True).indices]
+    return order
+
+
+def neighbor_list(positions: Tensor, cutoff: float, cells: Tensor, pbc: Tensor,
+                  system_ptr: Tensor, half: bool):
+    """Launcher: see README.md. Returns (i, j, shifts int32 [E,3], ptr [N+1], distances [E])."""
+    n = positions.shape[0]
+    pos64 = positions.detach().double()
+    cells64 = cells.detach().double()
+    parts = []
+    bounds = system_ptr.tolist()
+    for s in range(cells.shape[0]):
+        lo, hi = bounds[s], bounds[s + 1]
+        if hi - lo == 0:
+            continue
+        i, j, sh = _system_pairs(pos64[lo:hi], cutoff, cells64[s], pbc[s], half)
+        parts.append((i + lo, j + lo, sh))
+    if parts:
+        i = torch.cat([p[0] for p in parts])
+        j = torch.cat([p[1] for p in parts])
+        shifts = torch.cat([p[2] for p in parts])
+    else:
+        i = j = torch.empty(0, dtype=torch.int64, device=positions.device)
+        shifts = torch.empty(0, 3, dtype=torch.int64, device=positions.device)
+    order = sort_pairs(i, j, shifts)
+    i, j, shifts = i[order], j[order], shifts[order]
+    atom_system = _atom_system(system_ptr, n)
+    vec = pair_vectors(pos64, cells64, atom_system, i, j, shifts)
+    distances = vec.norm(dim=1).to(positions.dtype)
+    ptr = torch.zeros(n + 1, dtype=torch.int64, device=positions.device)
+    ptr[1:] = torch.cumsum(torch.bincount(i, minlength=n), 0)
+    return i, j, shifts.to(torch.int32), ptr, distances
+
+
+def _atom_system(system_ptr: Tensor, n: int) -> Tensor:
+    counts = system_ptr[1:] - system_ptr[:-1]
+    return torch.repeat_interleave(torch.arange(counts.shape[0], device=system_ptr.device),
+                                   counts, output_size=n)
+
+
+def pair_vectors(positions: Tensor, cells: Tensor, atom_system: Tensor | None, i: Tensor,
+                 j: Tensor, shifts: Tensor) -> Tensor:
+    """r_ij = r_j - r_i + S @ cell[system(i)], [E,3]; autograd-native."""
+    offset = shifts.to(positions.dtype)
+    if atom_system is None:
+        offset = offset @ cells[0]
+    else:
+        offset = torch.bmm(offset.unsqueeze(1), cells[atom_system[i]]).squeeze(1)
+    return positions.index_select(0, j) - positions.index_select(0, i) + offset
+
+
+def pair_vectors_transpose(grad: Tensor, num_atoms: int, cells: Tensor,
+                           atom_system: Tensor | None, i: Tensor, j: Tensor, shifts: Tensor):
+    """The adjoint of pair_vectors: (grad_positions [N,3], grad_cells [B,3,3])."""
+    grad_pos = grad.new_zeros(num_atoms, 3)
+    grad_pos.index_add_(0, j, grad)
+    grad_pos.index_add_(0, i, -grad)
+    outer = shifts.to(grad.dtype).unsqueeze(2) * grad.unsqueeze(1)  # [E,3,3]: S_a g_b
+    grad_cells = grad.new_zeros(cells.shape)
+    system = (torch.zeros_like(i) if atom_system is None else atom_system[i])
+    grad_cells.index_add_(0, system, outer)
+    return grad_pos, grad_cells
+
+
+def neighbor_reverse(i: Tensor, j: Tensor, shifts: Tensor, ptr: Tensor) -> Tensor:
+    """Index of the mirror (j, i, -S) of every pair of a full list; -1 where none exists."""
+    s = shifts.long()
+    n = ptr.shape[0] - 1
+    span = int(s.abs().max()) * 2 + 1 if s.numel() else 1
+    code = ((s[:, 0] + span // 2) * span + (s[:, 1] + span // 2)) * span + (s[:, 2] + span // 2)
+    mirror_code = ((-s[:, 0] + span // 2) * span + (-s[:, 1] + span // 2)) * span + (
+        -s[:, 2] + span // 2)
+    key = (i * n + j) * span**3 + code
+    mirror_key = (j * n + i) * span**3 + mirror_code
+    sorted_key, order = torch.sort(key)
+    pos = torch.searchsorted(sorted_key, mirror_key).clamp(max=max(key.shape[0] - 1, 0))
+    found = sorted_key[pos] == mirror_key if key.numel() else torch.zeros_like(key, dtype=torch.bool)
+    return torch.where(found, order[pos], torch.full_like(pos, -1))

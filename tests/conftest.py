@@ -1,0 +1,23 @@
+"""Test-wide settings.
+
+Triton reads TRITON_INTERPRET when a kernel is decorated, so it is set here, before any fastff
+module imports Triton: every Triton kernel in this process runs interpreted on CPU tensors.
+Ahead-of-time compilation is tested in a subprocess without it (tests/test_aot.py).
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def rng():
+    """Fresh random inputs each run; the seed is printed on failure for replay."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed: {seed}")
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
