@@ -337,24 +337,47 @@ def _count_full_py(cutoff, cells, pbc, nbins, reach, bin_first, bin_start, order
                         d2 = (sorted_pos[2, q] - xi2) + o2
                         hits += d0 * d0 + d1 * d1 + d2 * d2 < c2
                     found += hits
-        counts[order[p]] = found
+        counts[order[p]] = max(found, 0)  # 0 for a NaN atom (value checks off): not even itself
 
 
 _count_full_parallel = njit(cache=True, parallel=True)(_count_full_py)
-_count_full_serial = njit(cache=True)(_count_full_py)
+
+
+# The same body without threads (prange runs as range outside parallel=True), for small systems.
+_pairs_serial = njit(_pairs_py)
 
 
 @njit(cache=True)
-def _pairs_serial(fill, cutoff, half, cells, pbc, nbins, reach, bin_first, bin_start, order,
-                  sorted_sys, sorted_bin, sorted_pos, sorted_wrap, counts, ptr, out_i, out_j, out_s,
-                  out_d):
-    # Same body as _pairs_py without threads (prange runs as range outside parallel=True).
-    _pairs_inline(fill, cutoff, half, cells, pbc, nbins, reach, bin_first, bin_start, order,
+def _small_neighbor_list(pos, cells, pbc, sys_ptr, cutoff, half, bins_per_cutoff,
+                         max_bins_per_atom, max_pairs, distance_like):
+    """Grid, count, allocation and fill in one serial call: for small systems the cost is the
+    number of launches, not the work. Returns pairs == -1 arrays untouched when the count
+    exceeds max_pairs (the caller reports it)."""
+    (nbins, reach, bin_first, bin_start, order, sorted_sys, sorted_bin, sorted_pos,
+     sorted_wrap) = _build_grid(pos, cells, pbc, sys_ptr, cutoff, bins_per_cutoff,
+                                max_bins_per_atom)
+    n = pos.shape[0]
+    counts = np.zeros(n, np.int64)
+    ptr = np.zeros(n + 1, np.int64)
+    none_i = np.empty(0, np.int64)
+    none_s = np.empty((0, 3), np.int32)
+    none_d = np.empty(0, distance_like.dtype)
+    _pairs_serial(False, cutoff, half, cells, pbc, nbins, reach, bin_first, bin_start, order,
+                  sorted_sys, sorted_bin, sorted_pos, sorted_wrap, counts, ptr, none_i, none_i,
+                  none_s, none_d)
+    for a in range(n):
+        ptr[a + 1] = ptr[a] + counts[a]
+    num_pairs = ptr[n]
+    if num_pairs > max_pairs:
+        return num_pairs, counts, ptr, none_i, none_i, none_s, none_d
+    out_i = np.empty(num_pairs, np.int64)
+    out_j = np.empty(num_pairs, np.int64)
+    out_s = np.empty((num_pairs, 3), np.int32)
+    out_d = np.empty(num_pairs, distance_like.dtype)
+    _pairs_serial(True, cutoff, half, cells, pbc, nbins, reach, bin_first, bin_start, order,
                   sorted_sys, sorted_bin, sorted_pos, sorted_wrap, counts, ptr, out_i, out_j,
                   out_s, out_d)
-
-
-_pairs_inline = njit(inline="always")(_pairs_py)
+    return num_pairs, counts, ptr, out_i, out_j, out_s, out_d
 
 
 def neighbor_list(positions, cutoff, cells, pbc, system_ptr, half):
@@ -365,37 +388,43 @@ def neighbor_list(positions, cutoff, cells, pbc, system_ptr, half):
     pbc_np = pbc.numpy()
     sys_ptr = system_ptr.numpy()
     n = pos.shape[0]
-    grid = _build_grid(pos, cells64, pbc_np, sys_ptr, float(cutoff), float(BINS_PER_CUTOFF),
-                       float(MAX_BINS_PER_ATOM))
-    parallel = n >= SERIAL_BELOW
-    pairs = _pairs_parallel if parallel else _pairs_serial
-    counts = np.zeros(n, np.int64)
     np_dtype = np.float32 if positions.dtype == torch.float32 else np.float64
-    no_i = np.empty(0, np.int64)
-    no_s = np.empty((0, 3), np.int32)
-    no_d = np.empty(0, np_dtype)
-    if half:
-        pairs(False, float(cutoff), half, cells64, pbc_np, *grid, counts, counts, no_i, no_i,
-              no_s, no_d)
-    else:
-        count_full = _count_full_parallel if parallel else _count_full_serial
-        count_full(float(cutoff), cells64, pbc_np, *grid[:-1], counts)
-    ptr = np.zeros(n + 1, np.int64)
-    np.cumsum(counts, out=ptr[1:])
-    num_pairs = int(ptr[-1])
     bytes_per_pair = 8 + 8 + 12 + np.dtype(np_dtype).itemsize
-    _checks.fits_in_memory(num_pairs * bytes_per_pair, f"the neighbor list ({num_pairs} pairs)",
-                           positions.device)
-    out_i = np.empty(num_pairs, np.int64)
-    out_j = np.empty(num_pairs, np.int64)
-    out_s = np.empty((num_pairs, 3), np.int32)
-    out_d = np.empty(num_pairs, np_dtype)
-    pairs(True, float(cutoff), half, cells64, pbc_np, *grid, counts, ptr, out_i, out_j, out_s,
-          out_d)
+    cutoff = float(cutoff)
+    if n < SERIAL_BELOW:
+        free = _checks.free_memory(positions.device)
+        max_pairs = free // bytes_per_pair if free is not None else np.iinfo(np.int64).max
+        num_pairs, counts, ptr, out_i, out_j, out_s, out_d = _small_neighbor_list(
+            pos, cells64, pbc_np, sys_ptr, cutoff, half, float(BINS_PER_CUTOFF),
+            float(MAX_BINS_PER_ATOM), max_pairs, np.empty(0, np_dtype))
+        if num_pairs > max_pairs:
+            _checks.fits_in_memory(num_pairs * bytes_per_pair,
+                                   f"the neighbor list ({num_pairs} pairs)", positions.device)
+    else:
+        grid = _build_grid(pos, cells64, pbc_np, sys_ptr, cutoff, float(BINS_PER_CUTOFF),
+                           float(MAX_BINS_PER_ATOM))
+        counts = np.zeros(n, np.int64)
+        if half:
+            no_i = np.empty(0, np.int64)
+            _pairs_parallel(False, cutoff, half, cells64, pbc_np, *grid, counts, counts, no_i,
+                            no_i, np.empty((0, 3), np.int32), np.empty(0, np_dtype))
+        else:
+            _count_full_parallel(cutoff, cells64, pbc_np, *grid[:-1], counts)
+        ptr = np.zeros(n + 1, np.int64)
+        np.cumsum(counts, out=ptr[1:])
+        num_pairs = int(ptr[-1])
+        _checks.fits_in_memory(num_pairs * bytes_per_pair,
+                               f"the neighbor list ({num_pairs} pairs)", positions.device)
+        out_i = np.empty(num_pairs, np.int64)
+        out_j = np.empty(num_pairs, np.int64)
+        out_s = np.empty((num_pairs, 3), np.int32)
+        out_d = np.empty(num_pairs, np_dtype)
+        _pairs_parallel(True, cutoff, half, cells64, pbc_np, *grid, counts, ptr, out_i, out_j,
+                        out_s, out_d)
     if n and counts.min() < 0:
         raise RuntimeError("fastff internal error: neighbor-list count and fill passes disagree")
-    return (torch.from_numpy(out_i), torch.from_numpy(out_j), torch.from_numpy(out_s), torch.from_numpy(ptr),
-            torch.from_numpy(out_d))
+    return (torch.from_numpy(out_i), torch.from_numpy(out_j), torch.from_numpy(out_s),
+            torch.from_numpy(ptr), torch.from_numpy(out_d))
 
 
 @njit(cache=True, parallel=True)
