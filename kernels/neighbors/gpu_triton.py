@@ -186,7 +186,9 @@ def _cell_list_pass(pos_ptr, cell_ptr, cutoff_ptr, order_ptr, wrap_ptr, bin_star
             tl.store(count_ptr + i64, acc, mask=ma)
 
 
-@triton.jit
+# Integer arguments are not specialised (Triton would otherwise compile separate variants for
+# values equal to 1 or divisible by 16): one compiled kernel per dtype serves every size.
+@triton.jit(do_not_specialize=["half"])
 def neighbor_count_kernel(pos_ptr, cell_ptr, cutoff_ptr, order_ptr, wrap_ptr, bin_start_ptr,
                           bin_system_ptr, sys_bin_offset_ptr, sys_nbins_ptr, sys_reach_ptr,
                           sys_pbc_ptr, half, count_ptr, BLOCK_I: tl.constexpr,
@@ -198,7 +200,7 @@ def neighbor_count_kernel(pos_ptr, cell_ptr, cutoff_ptr, order_ptr, wrap_ptr, bi
                     False, BLOCK_I, BLOCK_J)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["half"])
 def neighbor_fill_kernel(pos_ptr, cell_ptr, cutoff_ptr, order_ptr, wrap_ptr, bin_start_ptr,
                          bin_system_ptr, sys_bin_offset_ptr, sys_nbins_ptr, sys_reach_ptr,
                          sys_pbc_ptr, half, row_ptr, j_out_ptr, shift_out_ptr, dist_out_ptr,
@@ -211,9 +213,9 @@ def neighbor_fill_kernel(pos_ptr, cell_ptr, cutoff_ptr, order_ptr, wrap_ptr, bin
 
 
 @triton.jit
-def _pair_geometry(cell_ptr, system_ptr, i_ptr, j_ptr, shift_ptr, n_pairs, n_atoms, n_systems,
+def _pair_geometry(system_ptr, i_ptr, j_ptr, shift_ptr, n_pairs, n_atoms, n_systems,
                    batched, BLOCK: tl.constexpr):
-    """Indices (clamped into range), shifts and the cell rows of one block of pairs."""
+    """Indices (clamped into range), shifts and system of one block of pairs."""
     p = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = p < n_pairs
     i = tl.minimum(tl.maximum(tl.load(i_ptr + p, mask=m, other=0), 0), n_atoms - 1).to(tl.int64)
@@ -226,12 +228,12 @@ def _pair_geometry(cell_ptr, system_ptr, i_ptr, j_ptr, shift_ptr, n_pairs, n_ato
     return p, m, i, j, sx, sy, sz, s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs", "n_atoms", "n_systems", "batched"])
 def pair_vectors_kernel(pos_ptr, cell_ptr, system_ptr, i_ptr, j_ptr, shift_ptr, out_ptr,
                         n_pairs, n_atoms, n_systems, batched, BLOCK: tl.constexpr):
     """r_ij = x_j - x_i + S @ cell[system(i)] for BLOCK pairs per program."""
-    p, m, i, j, sx, sy, sz, s = _pair_geometry(cell_ptr, system_ptr, i_ptr, j_ptr, shift_ptr,
-                                               n_pairs, n_atoms, n_systems, batched, BLOCK)
+    p, m, i, j, sx, sy, sz, s = _pair_geometry(system_ptr, i_ptr, j_ptr, shift_ptr, n_pairs,
+                                                n_atoms, n_systems, batched, BLOCK)
     c = cell_ptr + 9 * s
     xi = tl.load(pos_ptr + 3 * i, mask=m, other=0.0)
     fx = sx.to(xi.dtype)
@@ -245,13 +247,13 @@ def pair_vectors_kernel(pos_ptr, cell_ptr, system_ptr, i_ptr, j_ptr, shift_ptr, 
         tl.store(out_ptr + 3 * p + b, r, mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs", "n_atoms", "n_systems", "batched"])
 def pair_vectors_transpose_kernel(grad_ptr, cell_ptr, system_ptr, i_ptr, j_ptr, shift_ptr,
                                   grad_pos_ptr, grad_cell_ptr, n_pairs, n_atoms, n_systems,
                                   batched, BLOCK: tl.constexpr):
     """Adjoint of pair_vectors: g to +j and -i, S (x) g to the cell of system(i); atomics."""
-    p, m, i, j, sx, sy, sz, s = _pair_geometry(cell_ptr, system_ptr, i_ptr, j_ptr, shift_ptr,
-                                               n_pairs, n_atoms, n_systems, batched, BLOCK)
+    p, m, i, j, sx, sy, sz, s = _pair_geometry(system_ptr, i_ptr, j_ptr, shift_ptr, n_pairs,
+                                                n_atoms, n_systems, batched, BLOCK)
     # Pairs come sorted by i, hence by system: the block's first system takes one reduced atomic
     # per cell entry; pairs of other systems in the block (batch boundaries) add one by one.
     s0 = tl.min(tl.where(m, s, n_systems), 0)
@@ -273,7 +275,7 @@ def pair_vectors_transpose_kernel(grad_ptr, cell_ptr, system_ptr, i_ptr, j_ptr, 
         tl.atomic_add(grad_cell_ptr + 9 * s + 6 + b, gz, mask=rest)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_pairs", "n_atoms"])
 def neighbor_reverse_kernel(i_ptr, j_ptr, shift_ptr, row_ptr, out_ptr, n_pairs, n_atoms,
                             BLOCK: tl.constexpr):
     """Mirror of each pair: scan row j for (j, i, -S); -1 when absent."""
