@@ -432,6 +432,11 @@ def _bins(positions: Tensor, cutoff: float, cells: Tensor, pbc: Tensor, system_p
 # ------------------------------------------------------------------------------------------
 
 
+def _float_dtype(x: Tensor, name: str) -> None:
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} must be float32 or float64 for the triton backend, got {x.dtype}")
+
+
 def neighbor_list(positions: Tensor, cutoff: float, cells: Tensor, pbc: Tensor,
                   system_ptr: Tensor, half: bool):
     """Cell-list neighbor list: see README.md beside this file.
@@ -449,6 +454,7 @@ def neighbor_list(positions: Tensor, cutoff: float, cells: Tensor, pbc: Tensor,
         positions). Sorted by i; within a row the order is deterministic (bin order). Two host
         synchronisations (the number of bins and of pairs).
     """
+    _float_dtype(positions, "positions")
     dev, dtype = positions.device, positions.dtype
     n = positions.shape[0]
     ptr = torch.zeros(n + 1, dtype=torch.int64, device=dev)
@@ -489,6 +495,7 @@ def _pair_args(cells: Tensor, atom_system: Tensor | None, i: Tensor, j: Tensor, 
 def pair_vectors(positions: Tensor, cells: Tensor, atom_system: Tensor | None, i: Tensor,
                  j: Tensor, shifts: Tensor) -> Tensor:
     """r_ij [E,3] = positions[j] - positions[i] + shifts @ cells[system(i)]; deterministic."""
+    _float_dtype(positions, "positions")
     num_pairs = i.shape[0]
     out = positions.new_empty(num_pairs, 3)
     if num_pairs == 0:
@@ -508,6 +515,7 @@ def pair_vectors_transpose(grad: Tensor, num_atoms: int, cells: Tensor,
     Accumulates with atomics: on a GPU the summation order, hence the last bits of the result,
     may change from run to run (not bitwise deterministic).
     """
+    _float_dtype(grad, "grad")
     grad_pos = grad.new_zeros(num_atoms, 3)
     grad_cells = grad.new_zeros(cells.shape)
     num_pairs = i.shape[0]

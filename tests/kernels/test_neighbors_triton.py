@@ -11,11 +11,10 @@ import os
 
 import pytest
 import torch
+from fastff.kernels.neighbors import gpu_triton, reference
+from fastff.kernels.neighbors import op as nop
 
 import fastff
-from fastff.kernels.neighbors import gpu_triton
-from fastff.kernels.neighbors import op as nop
-from fastff.kernels.neighbors import reference
 from fastff.testing import assert_same_pairs, tolerance
 
 DTYPES = [torch.float32, torch.float64]
@@ -246,3 +245,15 @@ def test_reverse_marks_missing_mirrors(rng):
     rev = gpu_triton.neighbor_reverse(nl.i, nl.j, nl.shifts, nl.ptr)
     assert torch.equal(rev, reference.neighbor_reverse(nl.i, nl.j, nl.shifts, nl.ptr))
     assert bool((rev == -1).all())
+
+
+def test_unsupported_dtype_names_the_argument():
+    positions = torch.rand(4, 3, dtype=torch.float16)
+    with pytest.raises(TypeError, match="positions must be float32 or float64"):
+        fastff.neighbor_list(positions, 1.0, backend="triton")
+    with pytest.raises(TypeError, match="grad must be float32 or float64"):
+        gpu_triton.pair_vectors_transpose(torch.zeros(1, 3, dtype=torch.float16), 2,
+                                          torch.zeros(1, 3, 3, dtype=torch.float16), None,
+                                          torch.zeros(1, dtype=torch.int64),
+                                          torch.ones(1, dtype=torch.int64),
+                                          torch.zeros(1, 3, dtype=torch.int32))
