@@ -7,18 +7,25 @@ torch for all systems of a batch at once; two Triton kernels then visit, for eve
 bins within reach: a count pass sizes every CSR row exactly and a fill pass writes it, so there
 is no capacity to guess and nothing is ever truncated.
 
-Trade-off: one program per bin, a scalar loop over the atoms of that bin and BLOCK candidates at
-a time as a vector. This keeps the two passes identical instruction for instruction (so the fill
-pass writes exactly what the count pass counted) and needs no shared memory, at the price of
-lanes idling on bins holding fewer than BLOCK atoms. Bins are at least one cutoff wide (reach 1,
-27 bins visited) and capped near the number of atoms, so sparse systems do not allocate huge
-grids; cells thinner than the cutoff get one bin and a longer reach, which visits each image of
-that bin once. Aimed at the common range of ML force fields (10^3..10^6 atoms, 10..100
-neighbours per atom); not yet tuned on hardware.
+Trade-off: one program per bin, testing a BLOCK_I x BLOCK_J tile at a time (atoms of the bin x
+candidates of one bin in reach). The two passes run the same code (so the fill pass writes
+exactly what the count pass counted, and its writes are also bounded by the row end) and need
+shared memory only for the tile reductions; the price is idle lanes on bins holding fewer atoms
+than the tile, and the count work done twice. Distances use wrapped positions, so the image
+offset is folded once per visited bin rather than per pair. Bins are at least one cutoff wide
+(reach 1, 27 bins visited) and capped near the number of atoms, so sparse systems do not
+allocate huge grids; cells thinner than the cutoff get one bin and a longer reach, which visits
+each image of that bin once. Aimed at the common range of ML force fields (10^3..10^6 atoms,
+10..100 neighbours per atom); tile sizes were chosen from ptxas register counts, not yet timed
+on hardware.
 
 Determinism: neighbor_list, pair_vectors and neighbor_reverse give bitwise identical results for
 a given input (the order of pairs within a row is fixed by the bin sort). pair_vectors_transpose
 accumulates with atomics on the GPU and is not bitwise deterministic there.
+
+CUDA graphs: neighbor_list reads two sizes back to the host (number of bins, number of pairs), so
+it cannot be captured; pair_vectors, pair_vectors_transpose and neighbor_reverse never
+synchronise and can be.
 
 Every Triton kernel of this file is listed in ``AOT_SPECS`` for ``python -m fastff.aot``.
 Sizes (atom, pair, bin counts) and the cutoff are run-time arguments: a new system size never
