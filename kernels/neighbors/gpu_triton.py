@@ -478,7 +478,10 @@ def neighbor_list(positions: Tensor, cutoff: float, cells: Tensor, pbc: Tensor,
     grid = (b["num_bins"],)
     count = torch.zeros(n, dtype=torch.int64, device=dev)
     tile_i, tile_j = _CELL_TILES.get(dtype, _CELL_TILES[torch.float64])
-    blocks = {"BLOCK_I": tile_i, "BLOCK_J": tile_j, "num_warps": _CELL_WARPS}
+    # No FMA contraction: the count and fill passes must round every distance identically, so
+    # that the fill pass finds exactly the pairs counted (no slot left unwritten).
+    blocks = {"BLOCK_I": tile_i, "BLOCK_J": tile_j, "num_warps": _CELL_WARPS,
+              "enable_fp_fusion": False}
     neighbor_count_kernel[grid](*args, count, **blocks)
     ptr[1:] = torch.cumsum(count, 0)
     num_pairs = int(ptr[-1])
@@ -590,10 +593,10 @@ _CELL_CONSTEXPRS = {fp: {"BLOCK_I": _CELL_TILES[dt][0], "BLOCK_J": _CELL_TILES[d
 AOT_SPECS = [
     *({"kernel": neighbor_count_kernel, "name": f"neighbor_count_kernel[{fp}]",
        "signature": _cell_signature(fp, False), "constexprs": _CELL_CONSTEXPRS[fp],
-       "options": {"num_warps": _CELL_WARPS}} for fp in ("fp32", "fp64")),
+       "options": {"num_warps": _CELL_WARPS, "enable_fp_fusion": False}} for fp in ("fp32", "fp64")),
     *({"kernel": neighbor_fill_kernel, "name": f"neighbor_fill_kernel[{fp}]",
        "signature": _cell_signature(fp, True), "constexprs": _CELL_CONSTEXPRS[fp],
-       "options": {"num_warps": _CELL_WARPS}} for fp in ("fp32", "fp64")),
+       "options": {"num_warps": _CELL_WARPS, "enable_fp_fusion": False}} for fp in ("fp32", "fp64")),
     *({"kernel": pair_vectors_kernel, "name": f"pair_vectors_kernel[{fp}]",
        "signature": _pair_signature(fp, False), "constexprs": {"BLOCK": _PAIR_BLOCK}}
       for fp in ("fp32", "fp64")),
