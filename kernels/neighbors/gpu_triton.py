@@ -590,13 +590,14 @@ def _pair_signature(fp: str, transpose: bool) -> dict[str, str]:
 
 _CELL_CONSTEXPRS = {fp: {"BLOCK_I": _CELL_TILES[dt][0], "BLOCK_J": _CELL_TILES[dt][1]}
                     for fp, dt in (("fp32", torch.float32), ("fp64", torch.float64))}
+_CELL_OPTIONS = {"num_warps": _CELL_WARPS, "enable_fp_fusion": False}  # as launched
 AOT_SPECS = [
     *({"kernel": neighbor_count_kernel, "name": f"neighbor_count_kernel[{fp}]",
        "signature": _cell_signature(fp, False), "constexprs": _CELL_CONSTEXPRS[fp],
-       "options": {"num_warps": _CELL_WARPS, "enable_fp_fusion": False}} for fp in ("fp32", "fp64")),
+       "options": _CELL_OPTIONS} for fp in ("fp32", "fp64")),
     *({"kernel": neighbor_fill_kernel, "name": f"neighbor_fill_kernel[{fp}]",
        "signature": _cell_signature(fp, True), "constexprs": _CELL_CONSTEXPRS[fp],
-       "options": {"num_warps": _CELL_WARPS, "enable_fp_fusion": False}} for fp in ("fp32", "fp64")),
+       "options": _CELL_OPTIONS} for fp in ("fp32", "fp64")),
     *({"kernel": pair_vectors_kernel, "name": f"pair_vectors_kernel[{fp}]",
        "signature": _pair_signature(fp, False), "constexprs": {"BLOCK": _PAIR_BLOCK}}
       for fp in ("fp32", "fp64")),
