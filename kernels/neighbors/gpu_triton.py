@@ -420,9 +420,9 @@ def _bins(positions: Tensor, cutoff: float, cells: Tensor, pbc: Tensor, system_p
     ny, nz = nbins_i[atom_system, 1], nbins_i[atom_system, 2]
     gid = bin_offset[atom_system] + (cell_of[:, 0] * ny + cell_of[:, 1]) * nz + cell_of[:, 2]
     num_bins = int(bins_per_system.sum())
-    order = torch.sort(gid, stable=True).indices
-    bin_start = torch.zeros(num_bins + 1, dtype=torch.int64, device=dev)
-    bin_start[1:] = torch.cumsum(torch.bincount(gid, minlength=num_bins), 0)
+    sorted_gid, order = torch.sort(gid, stable=True)
+    # searchsorted rather than bincount: no hidden host synchronisation on CUDA
+    bin_start = torch.searchsorted(sorted_gid, torch.arange(num_bins + 1, device=dev))
     bin_system = torch.repeat_interleave(torch.arange(nsys, device=dev), bins_per_system,
                                          output_size=num_bins)
     return dict(wrapped=wrapped.contiguous(), order=order.to(torch.int32),

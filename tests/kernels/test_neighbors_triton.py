@@ -138,6 +138,26 @@ def test_batch_of_three(rng, half):
     assert set(batch[nl.i].tolist()) == {0, 1, 2}
 
 
+def test_sparse_system_gets_few_bins(rng):
+    # 12 atoms over ~1000 A with a 2 A cutoff would be 500^3 bins uncapped; a cluster of 6
+    # gives pairs to compare.
+    positions = torch.rand(12, 3, dtype=torch.float64) * 1000.0
+    positions[6:] = positions[0] + torch.rand(6, 3, dtype=torch.float64) * 2.0
+    nl, _ = _check(positions, 2.0)
+    assert len(nl) > 0
+    bins = gpu_triton._bins(positions, 2.0, torch.zeros(1, 3, 3, dtype=torch.float64),
+                            torch.zeros(1, 3, dtype=torch.bool), torch.tensor([0, 12]))
+    assert 1 <= bins["num_bins"] <= 12
+
+
+def test_box_an_exact_multiple_of_the_cutoff(rng):
+    # box / cutoff = 2 exactly: rounding in float32 binning must not lose pairs at the edges.
+    positions = torch.rand(16, 3, dtype=torch.float32) * 10.0
+    positions[:4] = torch.tensor([[0.0, 0.0, 0.0], [4.9999, 0.0, 0.0], [9.9999, 0.0, 0.0],
+                                  [5.0, 5.0, 5.0]])
+    _check(positions, 5.0, torch.eye(3) * 10.0, half=bool(rng.integers(2)))
+
+
 def test_empty_system_in_batch(rng):
     batch = torch.tensor([0, 0, 0, 2, 2, 2])  # system 1 has no atoms
     cells = torch.eye(3, dtype=torch.float64).expand(3, 3, 3) * 3.0
