@@ -91,14 +91,18 @@ def _inverse(m, out):
 def _build_grid(pos, cells, pbc, system_ptr, cutoff, bins_per_cutoff, max_bins_per_atom):
     """Bin every atom. Returns the grid description and atoms in bin order.
 
-    Per system: nbins [B,3], reach [B,3], first global bin [B+1].
-    Per atom in bin order: original index, system, bin coordinates, wrapped position,
-    integer wrap n (position = wrapped + n @ cell).
+    Per system: nbins [B,3], reach [B,3], bin thickness [B,3] (face-to-face, in length
+    units), whether the frame is orthogonal [B], first global bin [B+1].
+    Per atom in bin order: original index, system, bin coordinates, continuous grid
+    coordinates [3,N], wrapped position [3,N], integer wrap n (position = wrapped + n @ cell).
     """
     n_sys = cells.shape[0]
     n = pos.shape[0]
     nbins = np.ones((n_sys, 3), np.int64)
     reach = np.zeros((n_sys, 3), np.int64)
+    thickness = np.zeros((n_sys, 3))
+    orthogonal = np.zeros(n_sys, np.bool_)
+    grid_u = np.empty((n, 3))
     bin_first = np.zeros(n_sys + 1, np.int64)
     frac = np.empty((n, 3))
     wrap = np.zeros((n, 3), np.int64)
@@ -118,6 +122,13 @@ def _build_grid(pos, cells, pbc, system_ptr, cutoff, bins_per_cutoff, max_bins_p
             cy = u[2] * w[0] - u[0] * w[2]
             cz = u[0] * w[1] - u[1] * w[0]
             height[k] = vol / math.sqrt(cx * cx + cy * cy + cz * cz)
+        cos_max = 0.0
+        for k in range(3):
+            u, w = frame[k], frame[(k + 1) % 3]
+            uw = u[0] * w[0] + u[1] * w[1] + u[2] * w[2]
+            cos_max = max(cos_max, abs(uw) / math.sqrt((u[0] * u[0] + u[1] * u[1] + u[2] * u[2])
+                                                       * (w[0] * w[0] + w[1] * w[1] + w[2] * w[2])))
+        orthogonal[s] = cos_max < 1e-12
         for k in range(3):
             lo[k] = np.inf
             hi = -np.inf
@@ -158,15 +169,17 @@ def _build_grid(pos, cells, pbc, system_ptr, cutoff, bins_per_cutoff, max_bins_p
             elif nbins[s, k] > 1:
                 r = math.ceil(cutoff * nbins[s, k] / thick * (1 + 1e-9))
                 reach[s, k] = min(np.int64(r), nbins[s, k] - 1)
+            thickness[s, k] = extent[k] * height[k] / nbins[s, k]
         bin_first[s + 1] = bin_first[s] + nbins[s, 0] * nbins[s, 1] * nbins[s, 2]
         for a in range(a0, a1):
             for k in range(3):
-                b = 0
-                if nbins[s, k] > 1:
+                x = 0.5
+                if extent[k] > 0.0:
                     x = (frac[a, k] - lo[k]) / extent[k] * nbins[s, k]
-                    # clamp (NaN and rounding at the upper face): never index out of bounds
-                    b = np.int64(x) if x >= 0.0 and x < nbins[s, k] else (
-                        nbins[s, k] - 1 if x >= nbins[s, k] else 0)
+                # clamp (NaN and rounding at the upper face): never index out of bounds
+                b = np.int64(x) if x >= 0.0 and x < nbins[s, k] else (
+                    nbins[s, k] - 1 if x >= nbins[s, k] else 0)
+                grid_u[a, k] = min(max(x, b), b + 1.0) if x == x else b + 0.5
                 frac[a, k] = b  # reuse: integer bin coordinate from here on
     # counting sort of atoms by global bin
     n_bins = bin_first[n_sys]
@@ -190,6 +203,7 @@ def _build_grid(pos, cells, pbc, system_ptr, cutoff, bins_per_cutoff, max_bins_p
     sorted_pos = np.empty((3, n))  # structure of arrays: the candidate loop vectorises
     sorted_wrap = np.empty((n, 3), np.int64)
     sorted_bin = np.empty((n, 3), np.int64)
+    sorted_u = np.empty((3, n))
     sorted_sys = np.empty(n, np.int64)
     for p in range(n):
         a = order[p]
@@ -198,11 +212,26 @@ def _build_grid(pos, cells, pbc, system_ptr, cutoff, bins_per_cutoff, max_bins_p
         for k in range(3):
             sorted_wrap[p, k] = wrap[a, k]
             sorted_bin[p, k] = np.int64(frac[a, k])
+            sorted_u[k, p] = grid_u[a, k]
         for k in range(3):
             sorted_pos[k, p] = (pos[a, k] - wrap[a, 0] * cells[s, 0, k]
                                 - wrap[a, 1] * cells[s, 1, k] - wrap[a, 2] * cells[s, 2, k])
-    return (nbins, reach, bin_first, bin_start, order, sorted_sys, sorted_bin, sorted_pos,
-            sorted_wrap)
+    return (nbins, reach, thickness, orthogonal, bin_first, bin_start, order, sorted_sys,
+            sorted_bin, sorted_u, sorted_pos, sorted_wrap)
+
+
+@njit(cache=True, inline="always")
+def _gap2(t, u, thick):
+    """Squared distance from grid coordinate u to the slab [t, t + 1) of bins, in length units."""
+    g = max(0.0, t - u, u - t - 1.0) * thick
+    return g * g
+
+
+@njit(cache=True, inline="always")
+def _combine(acc, g2, orthogonal):
+    """Lower bound on the squared distance to a bin, one axis at a time: exact box distance in
+    an orthogonal frame, the largest single-axis bound otherwise (|df_k| h_k <= |dx|)."""
+    return acc + g2 if orthogonal else max(acc, g2)
 
 
 @njit(cache=True, inline="always")
@@ -217,9 +246,9 @@ def _image(b, d, nb, periodic):
     return t, 0
 
 
-def _pairs_py(fill, cutoff, half, cells, pbc, nbins, reach, bin_first, bin_start, order,
-              sorted_sys, sorted_bin, sorted_pos, sorted_wrap, counts, ptr, out_i, out_j, out_s,
-              out_d):
+def _pairs_py(fill, cutoff, half, cells, pbc, nbins, reach, thickness, orthogonal, bin_first,
+              bin_start, order, sorted_sys, sorted_bin, sorted_u, sorted_pos, sorted_wrap, counts,
+              ptr, out_i, out_j, out_s, out_d):
     """Count (fill=False) or write (fill=True) the pairs of every atom, one atom per iteration.
 
     Candidates of a bin are first compacted without branches (the index is always written, the
@@ -227,6 +256,9 @@ def _pairs_py(fill, cutoff, half, cells, pbc, nbins, reach, bin_first, bin_start
     mispredictions; only the ~15% of candidates inside the cutoff reach the scalar tail.
     """
     c2 = cutoff * cutoff
+    # Bins whose nearest point is farther than the cutoff are skipped; the margin keeps rounding
+    # in the grid coordinates from ever skipping a bin that holds a pair.
+    prune2 = c2 * (1.0 + 1e-8)
     n = order.shape[0]
     max_bin = 0
     for g in range(bin_start.shape[0] - 1):
@@ -245,15 +277,20 @@ def _pairs_py(fill, cutoff, half, cells, pbc, nbins, reach, bin_first, bin_start
             limit = counts[a] if fill else 0
             for dx in range(-reach[s, 0], reach[s, 0] + 1):
                 bx, sx = _image(sorted_bin[p, 0], dx, nb0, pbc[s, 0])
-                if bx < 0:
+                gx = _gap2(sorted_bin[p, 0] + dx, sorted_u[0, p], thickness[s, 0])
+                if bx < 0 or gx > prune2:
                     continue
                 for dy in range(-reach[s, 1], reach[s, 1] + 1):
                     by, sy = _image(sorted_bin[p, 1], dy, nb1, pbc[s, 1])
-                    if by < 0:
+                    gy = _combine(gx, _gap2(sorted_bin[p, 1] + dy, sorted_u[1, p],
+                                            thickness[s, 1]), orthogonal[s])
+                    if by < 0 or gy > prune2:
                         continue
                     for dz in range(-reach[s, 2], reach[s, 2] + 1):
                         bz, sz = _image(sorted_bin[p, 2], dz, nb2, pbc[s, 2])
-                        if bz < 0:
+                        gz = _combine(gy, _gap2(sorted_bin[p, 2] + dz, sorted_u[2, p],
+                                                thickness[s, 2]), orthogonal[s])
+                        if bz < 0 or gz > prune2:
                             continue
                         o0 = sx * cells[s, 0, 0] + sy * cells[s, 1, 0] + sz * cells[s, 2, 0]
                         o1 = sx * cells[s, 0, 1] + sy * cells[s, 1, 1] + sz * cells[s, 2, 1]
@@ -301,11 +338,14 @@ def _pairs_py(fill, cutoff, half, cells, pbc, nbins, reach, bin_first, bin_start
 _pairs_parallel = njit(cache=True, parallel=True)(_pairs_py)
 
 
-def _count_full_py(cutoff, cells, pbc, nbins, reach, bin_first, bin_start, order, sorted_sys,
-                   sorted_bin, sorted_pos, counts):
+def _count_full_py(cutoff, cells, pbc, nbins, reach, thickness, orthogonal, bin_first,
+                   bin_start, order, sorted_sys, sorted_bin, sorted_u, sorted_pos, counts):
     """Pair counts of a full list: the candidate loop is a branch-free reduction (SIMD); the
     atom itself, found at distance 0 in its own image, is subtracted once."""
     c2 = cutoff * cutoff
+    # Bins whose nearest point is farther than the cutoff are skipped; the margin keeps rounding
+    # in the grid coordinates from ever skipping a bin that holds a pair.
+    prune2 = c2 * (1.0 + 1e-8)
     n = order.shape[0]
     for p in prange(n):
         s = sorted_sys[p]
@@ -314,15 +354,20 @@ def _count_full_py(cutoff, cells, pbc, nbins, reach, bin_first, bin_start, order
         found = -1  # the atom itself
         for dx in range(-reach[s, 0], reach[s, 0] + 1):
             bx, sx = _image(sorted_bin[p, 0], dx, nb0, pbc[s, 0])
-            if bx < 0:
+            gx = _gap2(sorted_bin[p, 0] + dx, sorted_u[0, p], thickness[s, 0])
+            if bx < 0 or gx > prune2:
                 continue
             for dy in range(-reach[s, 1], reach[s, 1] + 1):
                 by, sy = _image(sorted_bin[p, 1], dy, nb1, pbc[s, 1])
-                if by < 0:
+                gy = _combine(gx, _gap2(sorted_bin[p, 1] + dy, sorted_u[1, p], thickness[s, 1]),
+                              orthogonal[s])
+                if by < 0 or gy > prune2:
                     continue
                 for dz in range(-reach[s, 2], reach[s, 2] + 1):
                     bz, sz = _image(sorted_bin[p, 2], dz, nb2, pbc[s, 2])
-                    if bz < 0:
+                    gz = _combine(gy, _gap2(sorted_bin[p, 2] + dz, sorted_u[2, p],
+                                            thickness[s, 2]), orthogonal[s])
+                    if bz < 0 or gz > prune2:
                         continue
                     o0 = sx * cells[s, 0, 0] + sy * cells[s, 1, 0] + sz * cells[s, 2, 0]
                     o1 = sx * cells[s, 0, 1] + sy * cells[s, 1, 1] + sz * cells[s, 2, 1]
@@ -341,6 +386,7 @@ def _count_full_py(cutoff, cells, pbc, nbins, reach, bin_first, bin_start, order
 
 
 _count_full_parallel = njit(cache=True, parallel=True)(_count_full_py)
+_count_full_serial = njit(_count_full_py)
 
 
 # The same body without threads (prange runs as range outside parallel=True), for small systems.
@@ -353,18 +399,22 @@ def _small_neighbor_list(pos, cells, pbc, sys_ptr, cutoff, half, bins_per_cutoff
     """Grid, count, allocation and fill in one serial call: for small systems the cost is the
     number of launches, not the work. Returns pairs == -1 arrays untouched when the count
     exceeds max_pairs (the caller reports it)."""
-    (nbins, reach, bin_first, bin_start, order, sorted_sys, sorted_bin, sorted_pos,
-     sorted_wrap) = _build_grid(pos, cells, pbc, sys_ptr, cutoff, bins_per_cutoff,
-                                max_bins_per_atom)
+    grid = _build_grid(pos, cells, pbc, sys_ptr, cutoff, bins_per_cutoff, max_bins_per_atom)
+    (nbins, reach, thickness, orthogonal, bin_first, bin_start, order, sorted_sys, sorted_bin,
+     sorted_u, sorted_pos, sorted_wrap) = grid
     n = pos.shape[0]
     counts = np.zeros(n, np.int64)
     ptr = np.zeros(n + 1, np.int64)
     none_i = np.empty(0, np.int64)
     none_s = np.empty((0, 3), np.int32)
     none_d = np.empty(0, distance_like.dtype)
-    _pairs_serial(False, cutoff, half, cells, pbc, nbins, reach, bin_first, bin_start, order,
-                  sorted_sys, sorted_bin, sorted_pos, sorted_wrap, counts, ptr, none_i, none_i,
-                  none_s, none_d)
+    if half:
+        _pairs_serial(False, cutoff, half, cells, pbc, nbins, reach, thickness, orthogonal,
+                      bin_first, bin_start, order, sorted_sys, sorted_bin, sorted_u, sorted_pos,
+                      sorted_wrap, counts, ptr, none_i, none_i, none_s, none_d)
+    else:
+        _count_full_serial(cutoff, cells, pbc, nbins, reach, thickness, orthogonal, bin_first,
+                           bin_start, order, sorted_sys, sorted_bin, sorted_u, sorted_pos, counts)
     for a in range(n):
         ptr[a + 1] = ptr[a] + counts[a]
     num_pairs = ptr[n]
@@ -374,9 +424,9 @@ def _small_neighbor_list(pos, cells, pbc, sys_ptr, cutoff, half, bins_per_cutoff
     out_j = np.empty(num_pairs, np.int64)
     out_s = np.empty((num_pairs, 3), np.int32)
     out_d = np.empty(num_pairs, distance_like.dtype)
-    _pairs_serial(True, cutoff, half, cells, pbc, nbins, reach, bin_first, bin_start, order,
-                  sorted_sys, sorted_bin, sorted_pos, sorted_wrap, counts, ptr, out_i, out_j,
-                  out_s, out_d)
+    _pairs_serial(True, cutoff, half, cells, pbc, nbins, reach, thickness, orthogonal, bin_first,
+                  bin_start, order, sorted_sys, sorted_bin, sorted_u, sorted_pos, sorted_wrap,
+                  counts, ptr, out_i, out_j, out_s, out_d)
     return num_pairs, counts, ptr, out_i, out_j, out_s, out_d
 
 

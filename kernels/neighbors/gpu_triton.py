@@ -130,12 +130,14 @@ def _cell_list_pass(pos_ptr, cell_ptr, cutoff_ptr, order_ptr, wrap_ptr, bin_star
             tx = bx + ox
             jx = ((tx % nx) + nx) % nx  # the same in C and Python remainder semantics
             swx = (tx - jx) // nx  # exact division: the image shift of the wrapped bin
-            # r_ij = w_j - w_i + S_w @ cell for wrapped positions w: the image part and -w_i
-            # are summed axis by axis, outside the loops that do not change them.
+            # r_ij = (w_j - w_i) + S_w @ cell for wrapped positions w; the image part is summed
+            # axis by axis outside the loops that do not change it. Subtracting w_i first makes
+            # the mirror pair compute exactly the negation: full lists stay symmetric even for
+            # distances that round to the cutoff.
             fx = swx.to(cut.dtype)
-            ex_x = fx * c00 - xi
-            ey_x = fx * c01 - yi
-            ez_x = fx * c02 - zi
+            ex_x = fx * c00
+            ey_x = fx * c01
+            ez_x = fx * c02
             for oy in range(loy, hiy + 1):
                 ty = by + oy
                 jy = ((ty % ny) + ny) % ny
@@ -166,9 +168,9 @@ def _cell_list_pass(pos_ptr, cell_ptr, cutoff_ptr, order_ptr, wrap_ptr, bin_star
                         mb = kb < j1
                         j = tl.load(order_ptr + kb, mask=mb, other=0)
                         j64 = j.to(tl.int64)
-                        dx = tl.load(pos_ptr + 3 * j64, mask=mb, other=0.0)[None, :] + ex
-                        dy = tl.load(pos_ptr + 3 * j64 + 1, mask=mb, other=0.0)[None, :] + ey
-                        dz = tl.load(pos_ptr + 3 * j64 + 2, mask=mb, other=0.0)[None, :] + ez
+                        dx = (tl.load(pos_ptr + 3 * j64, mask=mb, other=0.0)[None, :] - xi) + ex
+                        dy = (tl.load(pos_ptr + 3 * j64 + 1, mask=mb, other=0.0)[None, :] - yi) + ey
+                        dz = (tl.load(pos_ptr + 3 * j64 + 2, mask=mb, other=0.0)[None, :] - zi) + ez
                         d2 = dx * dx + dy * dy + dz * dz
                         # j > i (half) or j != i (full); j == i only for images
                         diff = j[None, :] - ii

@@ -313,3 +313,14 @@ def test_opcheck(rng, backend):
     g = torch.randn(i.shape[0], 3, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(op.pair_vectors_transpose, (g, 8, cells, None, i, j, shifts, backend))
     torch.library.opcheck(op.neighbor_reverse, (i, j, shifts, nptr, backend))
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton", "reference"])
+def test_full_list_symmetric_at_the_cutoff(rng, backend):
+    """Self-images exactly one lattice vector away, with the cutoff equal to that length: the
+    rounded distance may fall on either side, but a pair and its mirror must agree."""
+    edge = float(rng.uniform(3.0, 5.0))
+    cell = torch.diag(torch.tensor([edge, edge * 1.3, edge * 1.7], dtype=torch.float64))
+    pos = random_positions(rng, 10, cell, spread=3.0)
+    nl = fastff.neighbor_list(pos, edge, cell, backend=backend)
+    assert bool((nl.reverse >= 0).all())
