@@ -9,8 +9,6 @@ import json
 import resource
 import sys
 
-import torch
-
 
 def peak_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

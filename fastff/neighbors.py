@@ -176,7 +176,7 @@ def _check_periodic_cells(cells: Tensor, pbc: Tensor) -> None:
         rows, flags = cells[0].tolist(), pbc[0].tolist()
         if not all(math.isfinite(x) for row in rows for x in row):
             raise ValueError("cell contains NaN or inf")
-        ratio = _hadamard_ratio([r for r, p in zip(rows, flags) if p])
+        ratio = _hadamard_ratio([r for r, p in zip(rows, flags, strict=True) if p])
         if not ratio > 1e-12:
             _singular(cells, pbc, 0)
         return

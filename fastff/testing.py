@@ -46,12 +46,12 @@ def assert_same_pairs(actual, expected, *, cutoff: float, dtype: torch.dtype,
     tol = BOUNDARY[dtype]
 
     def as_dict(ijs, dist):
-        keys = pair_keys(*ijs) if dist is None else None
-        if dist is None:
-            return dict.fromkeys(keys, None)
+        """{(i, j, sx, sy, sz): distance or None}."""
         rows = torch.cat([ijs[0].view(-1, 1).long(), ijs[1].view(-1, 1).long(),
                           ijs[2].long()], dim=1).cpu().tolist()
-        return {tuple(r): float(d) for r, d in zip(rows, dist.detach().cpu().double().tolist())}
+        values = ([None] * len(rows) if dist is None
+                  else dist.detach().cpu().double().tolist())
+        return {tuple(r): d for r, d in zip(rows, values, strict=True)}
 
     a = as_dict(actual, actual_distances)
     e = as_dict(expected, expected_distances)

@@ -54,8 +54,8 @@ def test_pbc_without_cell(rng):
 
 @pytest.mark.parametrize("cell, pbc", [
     (torch.zeros(3, 3, dtype=torch.float64), [True, True, True]),
-    (torch.tensor([[1.0, 0, 0], [2.0, 0, 0], [0, 0, 1.0]], dtype=torch.float64), [True, True, False]),
-    (torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 0.0]], dtype=torch.float64), [True, True, True]),
+    (torch.tensor([[1.0, 0, 0], [2.0, 0, 0], [0, 0, 1.0]]).double(), [True, True, False]),
+    (torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 0.0]]).double(), [True, True, True]),
 ])
 def test_singular_cell(rng, cell, pbc):
     with pytest.raises(ValueError, match="cell is singular along its periodic axes"):
@@ -149,14 +149,14 @@ def test_backends_table(capsys):
 
 def test_vectors_wrong_atoms(rng):
     nl = fastff.neighbor_list(random_pos(rng, 6), 2.0, cubic())
-    with pytest.raises(ValueError, match="positions has 5 atoms but this neighbor list was built for 6"):
+    with pytest.raises(ValueError, match="positions has 5 atoms but .* built for 6"):
         nl.vectors(random_pos(rng, 5))
 
 
 def test_half_list_has_no_reverse(rng):
     nl = fastff.neighbor_list(random_pos(rng, 6), 2.0, cubic(), half=True)
     with pytest.raises(ValueError, match="half neighbor list has no mirror"):
-        nl.reverse
+        _ = nl.reverse
 
 
 def test_too_many_pairs_reports_estimate(rng, monkeypatch):

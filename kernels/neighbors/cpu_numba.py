@@ -300,8 +300,9 @@ def _pairs_py(fill, cutoff, half, cells, pbc, nbins, reach, thickness, orthogona
                         q0 = bin_start[g]
                         m = 0
                         for q in range(q0, bin_start[g + 1]):
-                            # (x_j - x_i) + S @ C: the mirror pair computes exactly the negation, so a
-                            # full list is symmetric even for distances that round to the cutoff.
+                            # (x_j - x_i) + S @ C: the mirror pair computes exactly the
+                            # negation, so a full list is symmetric even for distances that
+                            # round to the cutoff.
                             d0 = (sorted_pos[0, q] - xi0) + o0
                             d1 = (sorted_pos[1, q] - xi1) + o1
                             d2 = (sorted_pos[2, q] - xi2) + o2

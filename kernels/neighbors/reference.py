@@ -181,5 +181,6 @@ def neighbor_reverse(i: Tensor, j: Tensor, shifts: Tensor, ptr: Tensor) -> Tenso
     mirror_key = (j * n + i) * span**3 + mirror_code
     sorted_key, order = torch.sort(key)
     pos = torch.searchsorted(sorted_key, mirror_key).clamp(max=max(key.shape[0] - 1, 0))
-    found = sorted_key[pos] == mirror_key if key.numel() else torch.zeros_like(key, dtype=torch.bool)
+    found = (sorted_key[pos] == mirror_key if key.numel()
+             else torch.zeros_like(key, dtype=torch.bool))
     return torch.where(found, order[pos], torch.full_like(pos, -1))

@@ -165,7 +165,8 @@ def test_numba_is_deterministic(rng):
     pos = random_positions(rng, 3000, cell)  # above SERIAL_BELOW: the parallel kernels run
     a = fastff.neighbor_list(pos, 4.0, cell, backend="numba")
     b = fastff.neighbor_list(pos, 4.0, cell, backend="numba")
-    for x, y in ((a.i, b.i), (a.j, b.j), (a.shifts, b.shifts), (a.distances(pos), b.distances(pos))):
+    pairs = ((a.i, b.i), (a.j, b.j), (a.shifts, b.shifts), (a.distances(pos), b.distances(pos)))
+    for x, y in pairs:
         assert torch.equal(x, y)
 
 
@@ -238,7 +239,7 @@ def test_vector_gradients_match_reference(rng, backend):
         return v.detach(), p.grad, c.grad
 
     got, want = grads(backend), grads("reference")
-    for x, y in zip(got, want):
+    for x, y in zip(got, want, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
 
 

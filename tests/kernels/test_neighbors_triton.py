@@ -11,10 +11,10 @@ import os
 
 import pytest
 import torch
-from fastff.kernels.neighbors import gpu_triton, reference
-from fastff.kernels.neighbors import op as nop
 
 import fastff
+from fastff.kernels.neighbors import gpu_triton, reference
+from fastff.kernels.neighbors import op as nop
 from fastff.testing import assert_same_pairs, tolerance
 
 DTYPES = [torch.float32, torch.float64]
