@@ -325,3 +325,27 @@ def test_full_list_symmetric_at_the_cutoff(rng, backend):
     pos = random_positions(rng, 10, cell, spread=3.0)
     nl = fastff.neighbor_list(pos, edge, cell, backend=backend)
     assert bool((nl.reverse >= 0).all())
+
+
+# ---- property test over random geometries ----------------------------------------------------
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is in the test extra
+    given = None
+
+if given is not None:
+
+    @settings(max_examples=30, deadline=None)
+    @given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 25),
+           edge=st.floats(1.5, 9.0), skew=st.floats(0.0, 0.9), cutoff=st.floats(0.5, 6.0),
+           pbc=st.lists(st.booleans(), min_size=3, max_size=3), spread=st.floats(0.5, 4.0),
+           half=st.booleans(), single=st.booleans())
+    def test_random_geometries(seed, n, edge, skew, cutoff, pbc, spread, half, single):
+        """Any cell shape, periodicity, cutoff and atom placement: numba equals the reference."""
+        rng = np.random.default_rng(seed)
+        dtype = torch.float32 if single else torch.float64
+        cell = random_cell(rng, edge, skew=skew)
+        pos = random_positions(rng, n, cell, spread=spread, dtype=dtype)
+        check_against_reference(pos, cutoff, cell.to(dtype), pbc=pbc, half=half, backend="numba")
