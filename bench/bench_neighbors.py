@@ -106,7 +106,7 @@ def test_molecule_batch(benchmark, code):
     benchmark.pedantic(run, rounds=30, warmup_rounds=3)
 
 
-@pytest.mark.parametrize("step", ["rebuild", "reuse"])
+@pytest.mark.parametrize("step", ["fastff rebuild", "fastff reuse"])
 def test_verlet_reuse(benchmark, step):
     """One MD step's pairs and distances: a Verlet list reused vs rebuilt (10^4 atoms)."""
     benchmark.group = "Verlet list, 10^4 atoms, cutoff 5 A + skin 0.5 A"
@@ -116,7 +116,7 @@ def test_verlet_reuse(benchmark, step):
     verlet.update(pos, cell)
 
     def run():
-        if step == "rebuild":
+        if step == "fastff rebuild":
             verlet._nl = None  # force a build, as a changed cell or a large move would
         nl = verlet.update(moved, cell)
         return nl.distances(moved)
