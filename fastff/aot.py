@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import traceback
+from typing import Any
 
 ARCHS = (80, 90)
 
@@ -45,7 +46,7 @@ def _reexec_without_interpreter(argv: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", "fastff.aot", *argv], env=env)
 
 
-def discover() -> tuple[list[tuple[str, object]], list[dict]]:
+def discover() -> tuple[list[tuple[str, Any]], list[dict[str, Any]]]:
     """([(module name, module)], [failure rows]) for every fastff.kernels.*.gpu_triton."""
     import fastff.kernels as kernels
 

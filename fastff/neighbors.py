@@ -128,15 +128,16 @@ def _normalize_cell(cell: Tensor | None, pbc, positions: Tensor, num_systems: in
                     batched: bool):
     """(cells [B,3,3], pbc [B,3] bool) in the dtype and device of positions."""
     dev, dtype = positions.device, positions.dtype
+    b = (num_systems or 0) if batched else 1
     if cell is None:
-        cells = torch.zeros(num_systems if batched else 1, 3, 3, dtype=dtype, device=dev)
+        cells = torch.zeros(b, 3, 3, dtype=dtype, device=dev)
     else:
         if not isinstance(cell, Tensor):
             raise TypeError(f"cell must be a torch.Tensor, got {type(cell).__name__}")
         _checks.same_device("cell", cell, "positions", positions)
         _checks.same_float_dtype("cell", cell, "positions", positions)
         if cell.shape == (3, 3):
-            cells = cell.expand(num_systems if batched else 1, 3, 3)
+            cells = cell.expand(b, 3, 3)
         elif cell.dim() == 3 and cell.shape[1:] == (3, 3):
             if not batched and cell.shape[0] != 1:
                 raise ValueError(f"cell has shape {list(cell.shape)} ([B, 3, 3]) but no batch was "
@@ -173,10 +174,10 @@ def _check_periodic_cells(cells: Tensor, pbc: Tensor) -> None:
     """
     if cells.shape[0] == 1 and cells.device.type == "cpu":
         # one system: plain Python floats cost a few microseconds, torch ops ten times more
-        rows, flags = cells[0].tolist(), pbc[0].tolist()
-        if not all(math.isfinite(x) for row in rows for x in row):
+        lattice, flags = cells[0].tolist(), pbc[0].tolist()
+        if not all(math.isfinite(x) for row in lattice for x in row):
             raise ValueError("cell contains NaN or inf")
-        ratio = _hadamard_ratio([r for r, p in zip(rows, flags, strict=True) if p])
+        ratio = _hadamard_ratio([r for r, p in zip(lattice, flags, strict=True) if p])
         if not ratio > 1e-12:
             _singular(cells, pbc, 0)
         return

@@ -71,4 +71,5 @@ def assert_same_pairs(actual, expected, *, cutoff: float, dtype: torch.dtype,
         common = [k for k in e if k in a]
         da = torch.tensor([a[k] for k in common], dtype=torch.float64)
         de = torch.tensor([e[k] for k in common], dtype=torch.float64)
-        torch.testing.assert_close(da, de, **tolerance("distances", dtype))
+        rtol, atol = TOLERANCES["distances"][dtype]
+        torch.testing.assert_close(da, de, rtol=rtol, atol=atol)

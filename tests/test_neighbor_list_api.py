@@ -230,3 +230,12 @@ def test_verlet_bad_input(rng):
     bad[2, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         verlet.update(bad, cubic())
+
+
+def test_device_mismatch(rng):
+    """Tensors on different devices are named (the meta device stands in for a GPU here)."""
+    pos = random_pos(rng, 4)
+    with pytest.raises(ValueError, match="cell is on meta but positions is on cpu"):
+        fastff.neighbor_list(pos, 2.0, cubic().to("meta"))
+    with pytest.raises(ValueError, match="batch is on meta but positions is on cpu"):
+        fastff.neighbor_list(pos, 2.0, batch=torch.zeros(4, dtype=torch.int64, device="meta"))
