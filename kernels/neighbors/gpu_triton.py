@@ -11,8 +11,9 @@ Trade-off: one program per bin, testing a BLOCK_I x BLOCK_J tile at a time (atom
 candidates of one bin in reach). The two passes run the same code (so the fill pass writes
 exactly what the count pass counted, and its writes are also bounded by the row end) and need
 shared memory only for the tile reductions; the price is idle lanes on bins holding fewer atoms
-than the tile, and the count work done twice. Distances use wrapped positions, so the image
-offset is folded once per visited bin rather than per pair. Bins are at least one cutoff wide
+than the tile, and the count work done twice. Distances use wrapped positions, (w_j - w_i) +
+image offset, with the offset folded once per visited bin; subtracting first keeps a pair and its
+mirror exactly antisymmetric. Bins are at least one cutoff wide
 (reach 1, 27 bins visited) and capped near the number of atoms, so sparse systems do not
 allocate huge grids; cells thinner than the cutoff get one bin and a longer reach, which visits
 each image of that bin once. Aimed at the common range of ML force fields (10^3..10^6 atoms,
