@@ -161,8 +161,8 @@ def test_half_is_full_filtered(rng, backend):
 
 
 def test_numba_is_deterministic(rng):
-    cell = random_cell(rng, 12.0)
-    pos = random_positions(rng, 3000, cell)  # above SERIAL_BELOW: the parallel kernels run
+    cell = random_cell(rng, 30.0)
+    pos = random_positions(rng, 6000, cell)  # above SERIAL_BELOW: the parallel kernels run
     a = fastff.neighbor_list(pos, 4.0, cell, backend="numba")
     b = fastff.neighbor_list(pos, 4.0, cell, backend="numba")
     pairs = ((a.i, b.i), (a.j, b.j), (a.shifts, b.shifts), (a.distances(pos), b.distances(pos)))
