@@ -44,8 +44,10 @@ from fastff import _checks
 
 # Tile of (atoms of the bin) x (candidates of a bin in reach) tested at once, per dtype. Bins are
 # >= 1 cutoff wide: at 0.1 atoms/A^3 and a 5 A cutoff a bin holds ~13 atoms on average. ptxas
-# (python -m fastff.aot): 16 x 32 with 4 warps needs 120-168 registers and no spills in float32
-# but spills 120 bytes in the float64 fill pass on sm_90; 8 x 32 does not (160-164 registers).
+# (python -m fastff.aot), 4 warps: 16 x 32 in float32 and 8 x 32 in float64 keep spills at or
+# below 20 bytes (float64 16 x 32 spilled 120 bytes). Smaller tiles and 8 warps were tried and
+# spilled as much: ptxas caps these kernels near 128 registers since distances are computed as
+# (x_j - x_i) + offset for exact pair/mirror symmetry (the asymmetric form compiled spill-free).
 _CELL_TILES = {torch.float32: (16, 32), torch.float64: (8, 32)}
 _CELL_WARPS = 4
 _PAIR_BLOCK = 128
