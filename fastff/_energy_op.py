@@ -73,7 +73,7 @@ def register_energy_autograd(op, *, diff: Sequence[int], rows: Callable[[list, i
         if any(g is not None for g in grad_grads):
             extra = _reference_vjp(reference, inputs, diff, grad_grads,
                                    [ctx.needs_input_grad[k] for k in diff])
-            for k, g in zip(diff, extra):
+            for k, g in zip(diff, extra, strict=False):
                 if g is not None:
                     result[k] = g if result[k] is None else result[k] + g
         return tuple(result)
@@ -94,19 +94,19 @@ def _reference_vjp(reference, inputs: list, diff: tuple[int, ...], cotangents, n
         energy = reference(*xs)
         grads = torch.autograd.grad(energy.sum(), variables, create_graph=True, allow_unused=True)
         total = None
-        for g, c in zip(grads, cotangents):
+        for g, c in zip(grads, cotangents, strict=False):
             if g is None or c is None or not g.requires_grad:
                 continue  # g does not depend on any input: its derivative is exactly zero
             term = (g * c).sum()
             total = term if total is None else total + term
-        wanted = [v for v, need in zip(variables, needs) if need]
+        wanted = [v for v, need in zip(variables, needs, strict=False) if need]
         if total is None or not wanted:
             found = [None] * len(wanted)
         else:
             found = list(torch.autograd.grad(total, wanted, allow_unused=True, create_graph=create))
     out: list[Tensor | None] = []
     it = iter(found)
-    for v, need in zip(variables, needs):
+    for v, need in zip(variables, needs, strict=False):
         if not need:
             out.append(None)
             continue
@@ -135,13 +135,13 @@ def reference_gradients(energy_fn: Callable[..., Tensor], tensors: Sequence[Tens
     are unspecified); gradients of wanted inputs the energy does not depend on are zeros too.
     """
     with _autograd_inside_op(), torch.enable_grad():
-        xs = [t.detach().requires_grad_(bool(w)) for t, w in zip(tensors, wanted)]
+        xs = [t.detach().requires_grad_(bool(w)) for t, w in zip(tensors, wanted, strict=False)]
         energy = energy_fn(*xs)
-        variables = [x for x, w in zip(xs, wanted) if w]
+        variables = [x for x, w in zip(xs, wanted, strict=False) if w]
         found = iter(torch.autograd.grad(energy.sum(), variables, allow_unused=True)
                      if variables and energy.requires_grad else [None] * len(variables))
     grads = []
-    for x, w in zip(xs, wanted):
+    for x, w in zip(xs, wanted, strict=False):
         g = next(found) if w else None
         grads.append(torch.zeros_like(x) if g is None else g.detach())
     return energy.detach(), grads

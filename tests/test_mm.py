@@ -121,8 +121,8 @@ def test_bad_terms(rng):
     with pytest.raises(ValueError, match=r"angles\[1\] = \[2, 3, 2\] names one atom twice"):
         mm.harmonic_angles(pos, torch.tensor([[0, 1, 2], [2, 3, 2]]), k, k)
     with pytest.raises(ValueError, match=r"torsions must have shape \[T, 4\]"):
-        mm.periodic_torsions(pos, torch.tensor([[0, 1, 2]]), k[:1], torch.ones(1, dtype=torch.int64),
-                             k[:1])
+        mm.periodic_torsions(pos, torch.tensor([[0, 1, 2]]), k[:1],
+                             torch.ones(1, dtype=torch.int64), k[:1])
     with pytest.raises(TypeError, match="bonds must be int64"):
         mm.harmonic_bonds(pos, torch.tensor([[0, 1]], dtype=torch.int32), k[:1], k[:1])
     with pytest.raises(ValueError, match=r"r0 must have shape \[2\]"):

@@ -242,7 +242,7 @@ def test_parameters_learnable_and_second_derivatives_match_reference(villin):
         loss = (g * g).sum()
         names = [n for n, _ in model.named_parameters()]
         found = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
-        grads[backend] = dict(zip(names, found))
+        grads[backend] = dict(zip(names, found, strict=False))
     assert len(grads["numba"]) == 12
     for name, g in grads["numba"].items():
         expected = grads["reference"][name]

@@ -17,29 +17,35 @@ _BLOCK = 128  # terms per program
 
 
 @triton.jit
+def _ld(ptr, mask):
+    """Masked float load, 0 where masked."""
+    return tl.load(ptr, mask=mask, other=0.0)
+
+
+@triton.jit
 def _load_vec(pos_ptr, cells_ptr, inv_ptr, s, a, b, m, periodic):
     """x_b - x_a and, if periodic, its minimum image; returns (r, lattice translation n)."""
-    rx = tl.load(pos_ptr + b * 3 + 0, mask=m, other=0.0) - tl.load(pos_ptr + a * 3 + 0, mask=m, other=0.0)
-    ry = tl.load(pos_ptr + b * 3 + 1, mask=m, other=0.0) - tl.load(pos_ptr + a * 3 + 1, mask=m, other=0.0)
-    rz = tl.load(pos_ptr + b * 3 + 2, mask=m, other=0.0) - tl.load(pos_ptr + a * 3 + 2, mask=m, other=0.0)
+    rx = _ld(pos_ptr + b * 3 + 0, m) - _ld(pos_ptr + a * 3 + 0, m)
+    ry = _ld(pos_ptr + b * 3 + 1, m) - _ld(pos_ptr + a * 3 + 1, m)
+    rz = _ld(pos_ptr + b * 3 + 2, m) - _ld(pos_ptr + a * 3 + 2, m)
     n0 = tl.zeros_like(rx)
     n1 = tl.zeros_like(rx)
     n2 = tl.zeros_like(rx)
     if periodic != 0:
         ib = inv_ptr + s * 9
         cb = cells_ptr + s * 9
-        n0 = tl.floor(rx * tl.load(ib + 0, mask=m, other=0.0) + ry * tl.load(ib + 3, mask=m, other=0.0)
-                      + rz * tl.load(ib + 6, mask=m, other=0.0) + 0.5)
-        n1 = tl.floor(rx * tl.load(ib + 1, mask=m, other=0.0) + ry * tl.load(ib + 4, mask=m, other=0.0)
-                      + rz * tl.load(ib + 7, mask=m, other=0.0) + 0.5)
-        n2 = tl.floor(rx * tl.load(ib + 2, mask=m, other=0.0) + ry * tl.load(ib + 5, mask=m, other=0.0)
-                      + rz * tl.load(ib + 8, mask=m, other=0.0) + 0.5)
-        rx = rx - (n0 * tl.load(cb + 0, mask=m, other=0.0) + n1 * tl.load(cb + 3, mask=m, other=0.0)
-                   + n2 * tl.load(cb + 6, mask=m, other=0.0))
-        ry = ry - (n0 * tl.load(cb + 1, mask=m, other=0.0) + n1 * tl.load(cb + 4, mask=m, other=0.0)
-                   + n2 * tl.load(cb + 7, mask=m, other=0.0))
-        rz = rz - (n0 * tl.load(cb + 2, mask=m, other=0.0) + n1 * tl.load(cb + 5, mask=m, other=0.0)
-                   + n2 * tl.load(cb + 8, mask=m, other=0.0))
+        n0 = tl.floor(rx * _ld(ib + 0, m) + ry * _ld(ib + 3, m)
+                      + rz * _ld(ib + 6, m) + 0.5)
+        n1 = tl.floor(rx * _ld(ib + 1, m) + ry * _ld(ib + 4, m)
+                      + rz * _ld(ib + 7, m) + 0.5)
+        n2 = tl.floor(rx * _ld(ib + 2, m) + ry * _ld(ib + 5, m)
+                      + rz * _ld(ib + 8, m) + 0.5)
+        rx = rx - (n0 * _ld(cb + 0, m) + n1 * _ld(cb + 3, m)
+                   + n2 * _ld(cb + 6, m))
+        ry = ry - (n0 * _ld(cb + 1, m) + n1 * _ld(cb + 4, m)
+                   + n2 * _ld(cb + 7, m))
+        rz = rz - (n0 * _ld(cb + 2, m) + n1 * _ld(cb + 5, m)
+                   + n2 * _ld(cb + 8, m))
     return rx, ry, rz, n0, n1, n2
 
 
@@ -75,8 +81,8 @@ def _bonds_kernel(pos_ptr, cells_ptr, inv_ptr, sys_ptr, idx_ptr, k_ptr, r0_ptr, 
     b = tl.load(idx_ptr + t * 2 + 1, mask=m, other=0)
     s = tl.load(sys_ptr + a, mask=m, other=0)
     rx, ry, rz, n0, n1, n2 = _load_vec(pos_ptr, cells_ptr, inv_ptr, s, a, b, m, periodic)
-    k = tl.load(k_ptr + t, mask=m, other=0.0)
-    r0 = tl.load(r0_ptr + t, mask=m, other=0.0)
+    k = _ld(k_ptr + t, m)
+    r0 = _ld(r0_ptr + t, m)
     d = tl.sqrt(tl.where(m, rx * rx + ry * ry + rz * rz, 1.0))
     dev = d - r0
     f = k * dev / d
@@ -105,8 +111,8 @@ def _angles_kernel(pos_ptr, cells_ptr, inv_ptr, sys_ptr, idx_ptr, k_ptr, t0_ptr,
     cross = tl.sqrt(tl.where(m, cx * cx + cy * cy + cz * cz, 1.0))
     dot = ux * vx + uy * vy + uz * vz
     theta = _atan2(cross, dot)
-    k = tl.load(k_ptr + t, mask=m, other=0.0)
-    dev = theta - tl.load(t0_ptr + t, mask=m, other=0.0)
+    k = _ld(k_ptr + t, m)
+    dev = theta - _ld(t0_ptr + t, m)
     dedt = k * dev
     lu2 = tl.where(m, ux * ux + uy * uy + uz * uz, 1.0)
     lv2 = tl.where(m, vx * vx + vy * vy + vz * vz, 1.0)
@@ -189,9 +195,9 @@ def _torsions_kernel(pos_ptr, cells_ptr, inv_ptr, sys_ptr, idx_ptr, k_ptr, n_ptr
     lb2 = tl.where(m, bx * bx + by * by + bz * bz, 1.0)
     lb = tl.sqrt(lb2)
     phi = _atan2(lb * (ax * qx + ay * qy + az * qz), px * qx + py * qy + pz * qz)
-    k = tl.load(k_ptr + t, mask=m, other=0.0)
+    k = _ld(k_ptr + t, m)
     per = tl.load(n_ptr + t, mask=m, other=0).to(phi.dtype)
-    arg = per * phi - tl.load(ph_ptr + t, mask=m, other=0.0)
+    arg = per * phi - _ld(ph_ptr + t, m)
     cos_arg = tl.cos(arg)
     sin_arg = tl.sin(arg)
     dedphi = -k * per * sin_arg
@@ -237,12 +243,12 @@ def _pairs_kernel(pos_ptr, cells_ptr, inv_ptr, sys_ptr, idx_ptr, qq_ptr, sig_ptr
     rx, ry, rz, n0, n1, n2 = _load_vec(pos_ptr, cells_ptr, inv_ptr, s, a, b, m, periodic)
     kc = tl.load(kc_ptr)
     inv_d = 1.0 / tl.sqrt(tl.where(m, rx * rx + ry * ry + rz * rz, 1.0))
-    sg = tl.load(sig_ptr + t, mask=m, other=0.0)
-    ep = tl.load(eps_ptr + t, mask=m, other=0.0)
+    sg = _ld(sig_ptr + t, m)
+    ep = _ld(eps_ptr + t, m)
     x2 = sg * sg * inv_d * inv_d
     x6 = x2 * x2 * x2
     w = 4.0 * (x6 * x6 - x6)
-    ec = kc * tl.load(qq_ptr + t, mask=m, other=0.0) * inv_d
+    ec = kc * _ld(qq_ptr + t, m) * inv_d
     dedd = -ec * inv_d + ep * 4.0 * (-12.0 * x6 * x6 + 6.0 * x6) * inv_d
     f = dedd * inv_d
     tl.atomic_add(e_ptr + s, ec + ep * w, mask=m)

@@ -19,6 +19,12 @@ _BLOCK = 128  # pairs per program: a full warp-multiple; larger blocks only rais
 
 
 @triton.jit
+def _ld(ptr, mask):
+    """Masked float load, 0 where masked."""
+    return tl.load(ptr, mask=mask, other=0.0)
+
+
+@triton.jit
 def _nonbonded_pairs(pos_ptr, cells_ptr, sys_ptr, i_ptr, j_ptr, shifts_ptr, excl_ptr_ptr,
                      excl_j_ptr, q_ptr, sig_ptr, eps_ptr, scal_ptr, e_ptr, gpos_ptr, vir_ptr,
                      gq_ptr, gs_ptr, ge_ptr, n_pairs, max_excl, coulomb, lj, param_grads,
@@ -38,18 +44,18 @@ def _nonbonded_pairs(pos_ptr, cells_ptr, sys_ptr, i_ptr, j_ptr, shifts_ptr, excl
     s1 = tl.load(shifts_ptr + offs * 3 + 1, mask=valid, other=0).to(cutoff.dtype)
     s2 = tl.load(shifts_ptr + offs * 3 + 2, mask=valid, other=0).to(cutoff.dtype)
     cb = cells_ptr + s * 9
-    rx = (tl.load(pos_ptr + b * 3 + 0, mask=valid, other=0.0)
-          - tl.load(pos_ptr + a * 3 + 0, mask=valid, other=0.0)
-          + s0 * tl.load(cb + 0, mask=valid, other=0.0) + s1 * tl.load(cb + 3, mask=valid, other=0.0)
-          + s2 * tl.load(cb + 6, mask=valid, other=0.0))
-    ry = (tl.load(pos_ptr + b * 3 + 1, mask=valid, other=0.0)
-          - tl.load(pos_ptr + a * 3 + 1, mask=valid, other=0.0)
-          + s0 * tl.load(cb + 1, mask=valid, other=0.0) + s1 * tl.load(cb + 4, mask=valid, other=0.0)
-          + s2 * tl.load(cb + 7, mask=valid, other=0.0))
-    rz = (tl.load(pos_ptr + b * 3 + 2, mask=valid, other=0.0)
-          - tl.load(pos_ptr + a * 3 + 2, mask=valid, other=0.0)
-          + s0 * tl.load(cb + 2, mask=valid, other=0.0) + s1 * tl.load(cb + 5, mask=valid, other=0.0)
-          + s2 * tl.load(cb + 8, mask=valid, other=0.0))
+    rx = (_ld(pos_ptr + b * 3 + 0, valid)
+          - _ld(pos_ptr + a * 3 + 0, valid)
+          + s0 * _ld(cb + 0, valid) + s1 * _ld(cb + 3, valid)
+          + s2 * _ld(cb + 6, valid))
+    ry = (_ld(pos_ptr + b * 3 + 1, valid)
+          - _ld(pos_ptr + a * 3 + 1, valid)
+          + s0 * _ld(cb + 1, valid) + s1 * _ld(cb + 4, valid)
+          + s2 * _ld(cb + 7, valid))
+    rz = (_ld(pos_ptr + b * 3 + 2, valid)
+          - _ld(pos_ptr + a * 3 + 2, valid)
+          + s0 * _ld(cb + 2, valid) + s1 * _ld(cb + 5, valid)
+          + s2 * _ld(cb + 8, valid))
     d2 = rx * rx + ry * ry + rz * rz
     m = valid & (d2 < cutoff * cutoff)
     e0 = tl.load(excl_ptr_ptr + a, mask=m, other=0)
@@ -66,8 +72,8 @@ def _nonbonded_pairs(pos_ptr, cells_ptr, sys_ptr, i_ptr, j_ptr, shifts_ptr, excl
     energy = tl.zeros_like(d)
     dedd = tl.zeros_like(d)
     if coulomb != 0:
-        qa = tl.load(q_ptr + a, mask=m, other=0.0)
-        qb = kc * tl.load(q_ptr + b, mask=m, other=0.0)
+        qa = _ld(q_ptr + a, m)
+        qb = kc * _ld(q_ptr + b, m)
         if coulomb == 1:
             f = inv
             df = -inv * inv
@@ -82,9 +88,9 @@ def _nonbonded_pairs(pos_ptr, cells_ptr, sys_ptr, i_ptr, j_ptr, shifts_ptr, excl
         if param_grads != 0:
             tl.atomic_add(gq_ptr + a, qb * f, mask=m)
     if lj != 0:
-        sg = 0.5 * (tl.load(sig_ptr + a, mask=m, other=0.0) + tl.load(sig_ptr + b, mask=m, other=0.0))
-        eb = tl.load(eps_ptr + b, mask=m, other=0.0)
-        ep = tl.sqrt(tl.load(eps_ptr + a, mask=m, other=0.0) * eb)
+        sg = 0.5 * (_ld(sig_ptr + a, m) + _ld(sig_ptr + b, m))
+        eb = _ld(eps_ptr + b, m)
+        ep = tl.sqrt(_ld(eps_ptr + a, m) * eb)
         x2 = sg * sg * inv * inv
         x6 = x2 * x2 * x2
         w = 4.0 * (x6 * x6 - x6)

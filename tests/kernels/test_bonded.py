@@ -70,7 +70,7 @@ def test_matches_reference(rng, backend, kind, dtype, periodic):
     expected = _call(kind, "reference", pos, cells, system, index, params, periodic)
     cast = [p.to(dtype) if p.is_floating_point() else p for p in params]
     got = _call(kind, backend, pos.to(dtype), cells.to(dtype), system, index, cast, periodic)
-    for k, (a, b) in enumerate(zip(got, expected)):
+    for k, (a, b) in enumerate(zip(got, expected, strict=False)):
         assert a.dtype == dtype
         assert_close_scaled(a, b, "mm", dtype, f"{kind} {backend} output {k}")
 
@@ -85,7 +85,7 @@ def test_gradcheck_and_gradgradcheck(rng, backend, kind):
 
     def energy(pos, cells, *ps):
         full = list(params)
-        for k, p in zip(diff, ps):
+        for k, p in zip(diff, ps, strict=False):
             full[k] = p
         return _call(kind, backend, pos, cells, system, index, full, True)[0]
 

@@ -86,7 +86,7 @@ def test_matches_reference(rng, backend, method, dtype, periodic):
     got = _call(cast, method, backend)
     names = ["energy", "grad_positions", "grad_cells", "grad_charges", "grad_sigma",
              "grad_epsilon"]
-    for name, a, b in zip(names, got, expected):
+    for name, a, b in zip(names, got, expected, strict=False):
         assert a.dtype == dtype, name
         if name == "grad_charges" and METHODS[method]["coulomb"] == 0:
             continue
@@ -107,8 +107,9 @@ def test_batch_matches_separate_calls(rng, backend):
         sl = slice(start, start + k)
         pos = sysd["pos"][sl]
         nl = fastff.neighbor_list(pos, CUTOFF + 0.1, sysd["cells"][b])
-        one = dict(sysd, pos=pos, cells=sysd["cells"][b:b + 1], system=torch.zeros(k, dtype=torch.int64),
-                   nl=nl, q=sysd["q"][sl], s=sysd["s"][sl], e=sysd["e"][sl],
+        one = dict(sysd, pos=pos, cells=sysd["cells"][b:b + 1],
+                   system=torch.zeros(k, dtype=torch.int64), nl=nl, q=sysd["q"][sl],
+                   s=sysd["s"][sl], e=sysd["e"][sl],
                    excl_ptr=torch.zeros(k + 1, dtype=torch.int64), excl_j=sysd["excl_j"][:0])
         assert_close_scaled(energy[b:b + 1], _call(one, "rf_switch", backend)[0], "mm",
                             torch.float64, f"system {b}")
