@@ -113,8 +113,10 @@ def _term_index(index, name: str, width: int, n: int, positions: Tensor) -> Tens
     _checks.same_device(name, index, "positions", positions)
     _checks.index_range(index, name, n, "atom indices")
     if _checks.checks_enabled() and index.shape[0]:
-        srt = torch.sort(index, dim=1).values
-        dup = (srt[:, 1:] == srt[:, :-1]).any(dim=1)
+        dup = torch.zeros(index.shape[0], dtype=torch.bool, device=index.device)
+        for a in range(width):  # width <= 4: a few column comparisons beat a row sort
+            for b in range(a + 1, width):
+                dup |= index[:, a] == index[:, b]
         if bool(dup.any()):
             t = int(dup.nonzero()[0, 0])
             raise ValueError(f"{name}[{t}] = {index[t].tolist()} names one atom twice")

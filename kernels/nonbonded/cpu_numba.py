@@ -20,7 +20,13 @@ from numba import njit, prange
 _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+# fastmath without nnan/ninf: NaN and inf keep their meaning (epsilon = 0 derivatives), while
+# contraction and reassociation let LLVM fuse and reorder the per-pair arithmetic (about 1.5x on
+# the 8,867-atom benchmark system; still deterministic: the order is fixed at compile time).
+_FAST = {"contract", "arcp", "afn", "reassoc"}
+
+
+@njit(parallel=True, cache=True, error_model="numpy", fastmath=_FAST)
 def _rows(pos, cells, atom_system, j, shifts, ptr, excl_ptr, excl_j, q, sig, eps, cutoff,
           switch_distance, coulomb, lj, k_rf, c_rf, alpha, kc, param_grads,
           e_atom, g_pos, vir_atom, g_q, g_sig, g_eps):
