@@ -21,8 +21,9 @@ _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 
 
 # fastmath without nnan/ninf: NaN and inf keep their meaning (epsilon = 0 derivatives), while
-# contraction and reassociation let LLVM fuse and reorder the per-pair arithmetic (about 1.5x on
-# the 8,867-atom benchmark system; still deterministic: the order is fixed at compile time).
+# contraction and reassociation let LLVM fuse and reorder the per-pair arithmetic (still
+# deterministic: the order is fixed at compile time). A two-pass variant (gather accepted pairs,
+# then a branch-free loop) measured no faster on the 8,867-atom system, so the single pass stays.
 _FAST = {"contract", "arcp", "afn", "reassoc"}
 
 
