@@ -9,6 +9,12 @@ Nonbonded terms read a neighbor list from :func:`fastff.neighbor_list` or
 :class:`fastff.VerletList`: it must be a full list built with a cutoff at least ``cutoff`` (pairs
 up to ``cutoff + skin`` may be present; the kernels apply ``cutoff`` themselves). Positions may
 be unwrapped: pair vectors are ``r_j - r_i + shifts @ cell``.
+
+Every kernel is a ``torch.library`` custom op with a fake implementation (``opcheck`` passes,
+including AOT dispatch), so the functions trace under ``make_fx`` / ``torch.compile``. Input
+validation reads values (NaN scans, index ranges) unless ``fastff.no_checks()`` is active, and
+the Triton nonbonded launcher reads the longest exclusion row on the host: neither is CUDA-graph
+capturable as is.
 """
 
 from __future__ import annotations
