@@ -104,7 +104,7 @@ def _nonbonded(model, pos, nl, cell, backend=None, params=False):
         q, s, e = model.charges, model.sigma, model.epsilon
         if not params:
             q, s, e = q.detach(), s.detach(), e.detach()
-            ex = fmm.Exceptions(ex.index, *(t.detach() for t in ex[1:]))
+            ex = fmm.Exceptions(ex.pairs, *(t.detach() for t in ex[1:]))
         energy = fmm.nonbonded(pos, nl, q, s, e, cell=cell, exceptions=ex, backend=backend,
                                **model.nonbonded_kwargs)
         wrt = [pos] + ([q, s, e, *ex[1:]] if params else [])

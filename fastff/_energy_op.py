@@ -34,7 +34,7 @@ def register_energy_autograd(op, *, diff: Sequence[int], rows: Callable[[list, i
         name: the op's public name, for error messages.
     """
     diff = tuple(diff)
-    params = frozenset(params)
+    param_set = frozenset(params)
 
     def setup_context(ctx, inputs, output):
         ctx.set_materialize_grads(False)
@@ -54,7 +54,7 @@ def register_energy_autograd(op, *, diff: Sequence[int], rows: Callable[[list, i
         gradients = saved[len(ctx.tensor_slots):]
         result: list[Tensor | None] = [None] * ctx.num_inputs
         for k in diff:
-            if ctx.needs_input_grad[k] and k in params and not inputs[param_flag]:
+            if ctx.needs_input_grad[k] and k in param_set and not inputs[param_flag]:
                 raise RuntimeError(f"{name}: a parameter needs a gradient but the op ran without "
                                    "parameter gradients (param_grads=False)")
         if grad_energy is not None:
@@ -100,9 +100,8 @@ def _reference_vjp(reference, inputs: list, diff: tuple[int, ...], cotangents, n
             term = (g * c).sum()
             total = term if total is None else total + term
         wanted = [v for v, need in zip(variables, needs, strict=False) if need]
-        if total is None or not wanted:
-            found = [None] * len(wanted)
-        else:
+        found: list[Tensor | None] = [None] * len(wanted)
+        if total is not None and wanted:
             found = list(torch.autograd.grad(total, wanted, allow_unused=True, create_graph=create))
     out: list[Tensor | None] = []
     it = iter(found)
@@ -110,8 +109,8 @@ def _reference_vjp(reference, inputs: list, diff: tuple[int, ...], cotangents, n
         if not need:
             out.append(None)
             continue
-        g = next(it)
-        out.append(torch.zeros_like(v) if g is None else g)
+        found_g = next(it)
+        out.append(torch.zeros_like(v) if found_g is None else found_g)
     return out
 
 

@@ -42,12 +42,12 @@ class Exceptions(NamedTuple):
     """OpenMM-style nonbonded exceptions: pairs whose interaction replaces the combined one.
 
     Attributes:
-        index: int64 [X, 2], the two atoms of each exception (each unordered pair at most once).
+        pairs: int64 [X, 2], the two atoms of each exception (each unordered pair at most once).
         charge_prod: [X] product of charges (e^2); 0 with ``epsilon`` 0 is a pure exclusion.
         sigma: [X] (nm). epsilon: [X] (kJ/mol).
     """
 
-    index: Tensor
+    pairs: Tensor
     charge_prod: Tensor
     sigma: Tensor
     epsilon: Tensor
@@ -136,9 +136,9 @@ def _check_exceptions(exceptions, n: int, positions: Tensor) -> Exceptions:
         try:
             ex = Exceptions(*exceptions)
         except TypeError:
-            raise TypeError("exceptions must be (index [X,2], charge_prod [X], sigma [X], "
+            raise TypeError("exceptions must be (pairs [X,2], charge_prod [X], sigma [X], "
                             f"epsilon [X]), got {type(exceptions).__name__}") from None
-    index = _term_index(ex.index, "exceptions.index", 2, n, positions)
+    index = _term_index(ex.pairs, "exceptions.pairs", 2, n, positions)
     x = index.shape[0]
     if _checks.checks_enabled() and x:
         key = index.min(dim=1).values * n + index.max(dim=1).values
@@ -212,7 +212,7 @@ def _pair_terms(positions: Tensor, nl: NeighborList, charges, sigma, epsilon, *,
                              f"({rc}), got {switch_distance}")
     if exceptions is not None:
         ex = _check_exceptions(exceptions, n, positions)
-        excl_ptr, excl_j = _exclusion_rows(ex.index, n)
+        excl_ptr, excl_j = _exclusion_rows(ex.pairs, n)
     else:
         ex = None
         excl_ptr = torch.zeros(n + 1, dtype=torch.int64, device=positions.device)
@@ -225,11 +225,11 @@ def _pair_terms(positions: Tensor, nl: NeighborList, charges, sigma, epsilon, *,
         positions, cells, atom_system, nl.i, nl.j, nl.shifts, nl.ptr, excl_ptr, excl_j, q, s, e,
         rc, sw, coul, lj, k_rf, c_rf, alpha, float(coulomb_constant),
         _needs_grad(charges, sigma, epsilon), name)[0]
-    if ex is not None and ex.index.shape[0]:
+    if ex is not None and ex.pairs.shape[0]:
         inv = torch.linalg.inv(cells.detach()) if exceptions_use_pbc else cells.detach()
         name, _ = _backend.resolve("lj_coulomb_pairs", positions.device, backend)
         energy = energy + _bonded.lj_coulomb_pairs(
-            positions, cells, inv, atom_system, bool(exceptions_use_pbc), ex.index,
+            positions, cells, inv, atom_system, bool(exceptions_use_pbc), ex.pairs,
             ex.charge_prod, ex.sigma, ex.epsilon, float(coulomb_constant),
             _needs_grad(ex.charge_prod, ex.sigma, ex.epsilon), name)[0]
     return _finish(energy, batched)
@@ -291,7 +291,7 @@ def nonbonded(positions: Tensor, nl: NeighborList, charges: Tensor, sigma: Tenso
     """Lennard-Jones + Coulomb in one pass over the pairs, with OpenMM-style exceptions.
 
     As OpenMM's NonbondedForce: a pair named in ``exceptions`` (:class:`Exceptions` or a tuple
-    (index [X,2], charge_prod [X], sigma [X], epsilon [X])) is removed from the cutoff
+    (pairs [X,2], charge_prod [X], sigma [X], epsilon [X])) is removed from the cutoff
     interaction (every periodic image of it), and instead, when charge_prod or epsilon is
     nonzero, interacts by plain Coulomb + plain Lennard-Jones with the exception's parameters,
     with no cutoff, no switching and no reaction-field terms (exclusions contribute nothing).

@@ -37,6 +37,34 @@ class ForceField(nn.Module):
     pairs. Build it with :meth:`from_openmm`.
     """
 
+    # parameters and buffers set by from_openmm (declared for type checkers)
+    charges: nn.Parameter
+    sigma: nn.Parameter
+    epsilon: nn.Parameter
+    exception_charge_prod: nn.Parameter
+    exception_sigma: nn.Parameter
+    exception_epsilon: nn.Parameter
+    bond_k: nn.Parameter
+    bond_r0: nn.Parameter
+    angle_k: nn.Parameter
+    angle_theta0: nn.Parameter
+    torsion_k: nn.Parameter
+    torsion_phase: nn.Parameter
+    box: Tensor
+    exception_index: Tensor
+    bond_index: Tensor
+    angle_index: Tensor
+    torsion_index: Tensor
+    torsion_periodicity: Tensor
+    lj_class: Tensor
+    lj_class_count: Tensor
+    backend: str | None
+    num_atoms: int
+    cutoff: float
+    bonds_periodic: bool
+    angles_periodic: bool
+    torsions_periodic: bool
+
     def __init__(self):
         super().__init__()
         self.nonbonded_kwargs: dict = {}
@@ -237,6 +265,7 @@ class ForceField(nn.Module):
                                  cell=cell if self.periodic else None, exceptions=exceptions,
                                  backend=be, **self.nonbonded_kwargs)
             if self.dispersion_correction:
+                assert cell is not None  # periodic: the default box at least
                 e = e + self._dispersion(cell)
             out["nonbonded"] = e
         if "harmonic_bonds" in self.terms:
