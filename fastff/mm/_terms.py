@@ -6,9 +6,9 @@ scalars, or [B] per system when a batch is given. Every function is deterministi
 differentiable to any order (forces, virial, parameter gradients, force matching).
 
 Nonbonded terms read a neighbor list from :func:`fastff.neighbor_list` or
-:class:`fastff.VerletList`: it must be a full list built with a cutoff at least ``cutoff`` (pairs
-up to ``cutoff + skin`` may be present; the kernels apply ``cutoff`` themselves). Positions may
-be unwrapped: pair vectors are ``r_j - r_i + shifts @ cell``.
+:class:`fastff.VerletList`, full or half, built with a cutoff at least ``cutoff`` (pairs up to
+``cutoff + skin`` may be present; the kernels apply ``cutoff`` themselves). Half lists do half
+the pair work. Positions may be unwrapped: pair vectors are ``r_j - r_i + shifts @ cell``.
 
 Every kernel is a ``torch.library`` custom op with a fake implementation (``opcheck`` passes,
 including AOT dispatch), so the functions trace under ``make_fx`` / ``torch.compile``. Input
@@ -161,9 +161,6 @@ def _pair_terms(positions: Tensor, nl: NeighborList, charges, sigma, epsilon, *,
     _checks.positions(positions)
     if not isinstance(nl, NeighborList):
         raise TypeError(f"nl must be a fastff.NeighborList, got {type(nl).__name__}")
-    if nl.half:
-        raise ValueError("nl must be a full neighbor list (built with half=False): the kernels "
-                         "reduce over each atom's row")
     n = positions.shape[0]
     rc = math.inf if cutoff is None else _checks.cutoff(cutoff)
     if rc > nl.cutoff * (1 + 1e-12):
@@ -224,7 +221,7 @@ def _pair_terms(positions: Tensor, nl: NeighborList, charges, sigma, epsilon, *,
     energy = _nonbonded.nonbonded(
         positions, cells, atom_system, nl.i, nl.j, nl.shifts, nl.ptr, excl_ptr, excl_j, q, s, e,
         rc, sw, coul, lj, k_rf, c_rf, alpha, float(coulomb_constant),
-        _needs_grad(charges, sigma, epsilon), name)[0]
+        _needs_grad(charges, sigma, epsilon), bool(nl.half), name)[0]
     if ex is not None and ex.pairs.shape[0]:
         inv = torch.linalg.inv(cells.detach()) if exceptions_use_pbc else cells.detach()
         name, _ = _backend.resolve("lj_coulomb_pairs", positions.device, backend)
@@ -242,7 +239,7 @@ def lennard_jones(positions: Tensor, nl: NeighborList, sigma: Tensor, epsilon: T
 
     Args:
         positions: [N, 3] float32/float64 (nm).
-        nl: full neighbor list with cutoff >= ``cutoff``.
+        nl: full or half neighbor list with cutoff >= ``cutoff``.
         sigma, epsilon: [N] per atom (nm, kJ/mol), >= 0, combined by Lorentz-Berthelot
             (s_ij = (s_i + s_j)/2, eps_ij = sqrt(eps_i eps_j)). The gradient with respect to an
             epsilon that is exactly 0 is undefined (square root).

@@ -33,8 +33,8 @@ class ForceField(nn.Module):
 
     Every force-field number is an ``nn.Parameter`` (charges, sigma, epsilon, exception
     charge products / sigma / epsilon, bond k / r0, angle k / theta0, torsion k / phase), so
-    parameters can be learned; the module owns a :class:`fastff.VerletList` for the nonbonded
-    pairs. Build it with :meth:`from_openmm`.
+    parameters can be learned; the module owns a :class:`fastff.VerletList` (half list) for the
+    nonbonded pairs. Build it with :meth:`from_openmm`.
     """
 
     # parameters and buffers set by from_openmm (declared for type checkers)
@@ -181,7 +181,7 @@ class ForceField(nn.Module):
             if force.getUseSwitchingFunction():
                 kwargs["switch_distance"] = _v(force.getSwitchingDistance())
             self.cutoff = rc
-            self.verlet = VerletList(rc, skin, backend=self.backend)
+            self.verlet = VerletList(rc, skin, half=True, backend=self.backend)
         self.nonbonded_kwargs = kwargs
         self.dispersion_correction = self.periodic and force.getUseDispersionCorrection()
         if self.dispersion_correction:
@@ -198,15 +198,12 @@ class ForceField(nn.Module):
         n = positions.shape[0]
         nl = self._all_pairs
         if nl is None or nl.num_atoms != n or nl.i.device != positions.device:
-            i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
-            keep = i != j
-            i, j = i[keep].to(positions.device), j[keep].to(positions.device)
-            ptr = torch.arange(0, n * (n - 1) + 1, max(n - 1, 1), device=positions.device)
-            if n <= 1:
-                ptr = torch.zeros(n + 1, dtype=torch.int64, device=positions.device)
+            i, j = torch.triu_indices(n, n, offset=1, device=positions.device)  # half list
+            ptr = torch.zeros(n + 1, dtype=torch.int64, device=positions.device)
+            ptr[1:] = torch.cumsum(torch.bincount(i, minlength=n), 0)
             nl = NeighborList(i, j, torch.zeros(i.shape[0], 3, dtype=torch.int32,
                                                 device=positions.device), ptr,
-                              cutoff=math.inf, half=False, num_atoms=n, batch=None,
+                              cutoff=math.inf, half=True, num_atoms=n, batch=None,
                               cells=positions.new_zeros(1, 3, 3),
                               pbc=torch.zeros(1, 3, dtype=torch.bool, device=positions.device),
                               cell=None, backend="reference")

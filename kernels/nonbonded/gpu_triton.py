@@ -28,7 +28,7 @@ def _ld(ptr, mask):
 def _nonbonded_pairs(pos_ptr, cells_ptr, sys_ptr, i_ptr, j_ptr, shifts_ptr, excl_ptr_ptr,
                      excl_j_ptr, q_ptr, sig_ptr, eps_ptr, scal_ptr, e_ptr, gpos_ptr, vir_ptr,
                      gq_ptr, gs_ptr, ge_ptr, n_pairs, max_excl, coulomb, lj, param_grads,
-                     use_switch, BLOCK: tl.constexpr):
+                     use_switch, half, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < n_pairs
     a = tl.load(i_ptr + offs, mask=valid, other=0)
@@ -87,10 +87,13 @@ def _nonbonded_pairs(pos_ptr, cells_ptr, sys_ptr, i_ptr, j_ptr, shifts_ptr, excl
         dedd += qa * qb * df
         if param_grads != 0:
             tl.atomic_add(gq_ptr + a, qb * f, mask=m)
+            if half != 0:
+                tl.atomic_add(gq_ptr + b, kc * qa * f, mask=m)
     if lj != 0:
         sg = 0.5 * (_ld(sig_ptr + a, m) + _ld(sig_ptr + b, m))
         eb = _ld(eps_ptr + b, m)
-        ep = tl.sqrt(_ld(eps_ptr + a, m) * eb)
+        ea = _ld(eps_ptr + a, m)
+        ep = tl.sqrt(ea * eb)
         x2 = sg * sg * inv * inv
         x6 = x2 * x2 * x2
         w = 4.0 * (x6 * x6 - x6)
@@ -109,25 +112,33 @@ def _nonbonded_pairs(pos_ptr, cells_ptr, sys_ptr, i_ptr, j_ptr, shifts_ptr, excl
         if param_grads != 0:
             tl.atomic_add(gs_ptr + a, 0.5 * duds, mask=m)
             tl.atomic_add(ge_ptr + a, w * 0.5 * eb / ep, mask=m)
+            if half != 0:
+                tl.atomic_add(gs_ptr + b, 0.5 * duds, mask=m)
+                tl.atomic_add(ge_ptr + b, w * 0.5 * ea / ep, mask=m)
     g = dedd * inv
     fx = g * rx
     fy = g * ry
     fz = g * rz
-    tl.atomic_add(e_ptr + a, 0.5 * energy, mask=m)
+    share = tl.where(half != 0, 1.0, 0.5)  # a full list holds each pair twice
+    tl.atomic_add(e_ptr + a, share * energy, mask=m)
     tl.atomic_add(gpos_ptr + a * 3 + 0, -fx, mask=m)
     tl.atomic_add(gpos_ptr + a * 3 + 1, -fy, mask=m)
     tl.atomic_add(gpos_ptr + a * 3 + 2, -fz, mask=m)
+    mh = m & (half != 0)
+    tl.atomic_add(gpos_ptr + b * 3 + 0, fx, mask=mh)
+    tl.atomic_add(gpos_ptr + b * 3 + 1, fy, mask=mh)
+    tl.atomic_add(gpos_ptr + b * 3 + 2, fz, mask=mh)
     mv = m & ((s0 != 0.0) | (s1 != 0.0) | (s2 != 0.0))
     vb = vir_ptr + a * 9
-    tl.atomic_add(vb + 0, 0.5 * s0 * fx, mask=mv)
-    tl.atomic_add(vb + 1, 0.5 * s0 * fy, mask=mv)
-    tl.atomic_add(vb + 2, 0.5 * s0 * fz, mask=mv)
-    tl.atomic_add(vb + 3, 0.5 * s1 * fx, mask=mv)
-    tl.atomic_add(vb + 4, 0.5 * s1 * fy, mask=mv)
-    tl.atomic_add(vb + 5, 0.5 * s1 * fz, mask=mv)
-    tl.atomic_add(vb + 6, 0.5 * s2 * fx, mask=mv)
-    tl.atomic_add(vb + 7, 0.5 * s2 * fy, mask=mv)
-    tl.atomic_add(vb + 8, 0.5 * s2 * fz, mask=mv)
+    tl.atomic_add(vb + 0, share * s0 * fx, mask=mv)
+    tl.atomic_add(vb + 1, share * s0 * fy, mask=mv)
+    tl.atomic_add(vb + 2, share * s0 * fz, mask=mv)
+    tl.atomic_add(vb + 3, share * s1 * fx, mask=mv)
+    tl.atomic_add(vb + 4, share * s1 * fy, mask=mv)
+    tl.atomic_add(vb + 5, share * s1 * fz, mask=mv)
+    tl.atomic_add(vb + 6, share * s2 * fx, mask=mv)
+    tl.atomic_add(vb + 7, share * s2 * fy, mask=mv)
+    tl.atomic_add(vb + 8, share * s2 * fz, mask=mv)
 
 
 def _signature(ft: str) -> dict:
@@ -138,7 +149,7 @@ def _signature(ft: str) -> dict:
              "excl_ptr_ptr": "*i64", "excl_j_ptr": "*i64"}
     sig = {p: types.get(p, f"*{ft}") for p in ptrs}
     sig.update({"n_pairs": "i32", "max_excl": "i32", "coulomb": "i32", "lj": "i32",
-                "param_grads": "i32", "use_switch": "i32", "BLOCK": "constexpr"})
+                "param_grads": "i32", "use_switch": "i32", "half": "i32", "BLOCK": "constexpr"})
     return sig
 
 
@@ -150,7 +161,7 @@ AOT_SPECS = [
 
 def nonbonded(positions, cells, atom_system, i, j, shifts, ptr, excl_ptr, excl_j, charges,
               sigma, epsilon, cutoff, switch_distance, coulomb, lj, k_rf, c_rf, alpha,
-              coulomb_constant, param_grads):
+              coulomb_constant, param_grads, half):
     """Launcher; see README.md for the signature. Not bitwise deterministic (atomics)."""
     n, nsys, e = positions.shape[0], cells.shape[0], i.shape[0]
     dtype, dev = positions.dtype, positions.device
@@ -171,7 +182,7 @@ def nonbonded(positions, cells, atom_system, i, j, shifts, ptr, excl_ptr, excl_j
             excl_ptr.contiguous(), excl_j.contiguous(), charges.detach().contiguous(),
             sigma.detach().contiguous(), epsilon.detach().contiguous(), scal, e_atom, g_pos, vir,
             g_q, g_s, g_e, e, max_excl, int(coulomb), int(bool(lj)), int(bool(param_grads)),
-            int(switch_distance >= 0.0), BLOCK=_BLOCK)
+            int(switch_distance >= 0.0), int(bool(half)), BLOCK=_BLOCK)
     energy = torch.zeros(nsys, dtype=dtype, device=dev).index_add_(0, atom_system, e_atom)
     g_cells = torch.zeros(nsys, 9, dtype=dtype, device=dev).index_add_(0, atom_system, vir)
     return energy, g_pos, g_cells.view(nsys, 3, 3), g_q, g_s, g_e

@@ -24,18 +24,18 @@ def nonbonded(positions: Tensor, cells: Tensor, atom_system: Tensor, i: Tensor, 
               shifts: Tensor, ptr: Tensor, excl_ptr: Tensor, excl_j: Tensor, charges: Tensor,
               sigma: Tensor, epsilon: Tensor, cutoff: float, switch_distance: float,
               coulomb: int, lj: bool, k_rf: float, c_rf: float, alpha: float,
-              coulomb_constant: float, param_grads: bool, backend: str
+              coulomb_constant: float, param_grads: bool, half: bool, backend: str
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     launch = _backend.launcher("nonbonded", backend)
     return launch(positions, cells, atom_system, i, j, shifts, ptr, excl_ptr, excl_j, charges,
                   sigma, epsilon, cutoff, switch_distance, coulomb, lj, k_rf, c_rf, alpha,
-                  coulomb_constant, param_grads)
+                  coulomb_constant, param_grads, half)
 
 
 @nonbonded.register_fake
 def _(positions, cells, atom_system, i, j, shifts, ptr, excl_ptr, excl_j, charges, sigma,
       epsilon, cutoff, switch_distance, coulomb, lj, k_rf, c_rf, alpha, coulomb_constant,
-      param_grads, backend):
+      param_grads, half, backend):
     return (positions.new_empty(cells.shape[0]), torch.empty_like(positions),
             torch.empty_like(cells), torch.empty_like(charges), torch.empty_like(sigma),
             torch.empty_like(epsilon))
@@ -43,10 +43,10 @@ def _(positions, cells, atom_system, i, j, shifts, ptr, excl_ptr, excl_j, charge
 
 def _reference(positions, cells, atom_system, i, j, shifts, ptr, excl_ptr, excl_j, charges,
                sigma, epsilon, cutoff, switch_distance, coulomb, lj, k_rf, c_rf, alpha,
-               coulomb_constant, param_grads, backend):
+               coulomb_constant, param_grads, half, backend):
     return reference.nonbonded_energy(positions, cells, atom_system, i, j, shifts, excl_ptr,
                                       excl_j, charges, sigma, epsilon, cutoff, switch_distance,
-                                      coulomb, lj, k_rf, c_rf, alpha, coulomb_constant)
+                                      coulomb, lj, k_rf, c_rf, alpha, coulomb_constant, half)
 
 
 def _rows(inputs, k):

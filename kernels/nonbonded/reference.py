@@ -64,8 +64,9 @@ def nonbonded_energy(positions: Tensor, cells: Tensor, atom_system: Tensor, i: T
                      j: Tensor, shifts: Tensor, excl_ptr: Tensor, excl_j: Tensor,
                      charges: Tensor, sigma: Tensor, epsilon: Tensor, cutoff: float,
                      switch_distance: float, coulomb: int, lj: bool, k_rf: float, c_rf: float,
-                     alpha: float, coulomb_constant: float) -> Tensor:
-    """Energy [B] per system: 1/2 sum over a full list of pairs within cutoff, not excluded."""
+                     alpha: float, coulomb_constant: float, half: bool = False) -> Tensor:
+    """Energy [B] per system: sum over the pairs within cutoff, not excluded, of a half list
+    (1/2 of the sum over a full list, which holds each pair twice)."""
     n = positions.shape[0]
     system = atom_system[i]
     r = (positions[j] - positions[i]
@@ -79,19 +80,19 @@ def nonbonded_energy(positions: Tensor, cells: Tensor, atom_system: Tensor, i: T
                     cutoff=cutoff, switch_distance=switch_distance, coulomb=coulomb, lj=lj,
                     k_rf=k_rf, c_rf=c_rf, alpha=alpha, coulomb_constant=coulomb_constant)
     out = torch.zeros(cells.shape[0], dtype=positions.dtype, device=positions.device)
-    return 0.5 * out.index_add(0, system, e)
+    return (1.0 if half else 0.5) * out.index_add(0, system, e)
 
 
 def nonbonded(positions, cells, atom_system, i, j, shifts, ptr, excl_ptr, excl_j, charges,
               sigma, epsilon, cutoff, switch_distance, coulomb, lj, k_rf, c_rf, alpha,
-              coulomb_constant, param_grads):
+              coulomb_constant, param_grads, half):
     """Launcher: energy [B] and its gradients, through autograd on the energy above."""
     from fastff._energy_op import reference_gradients
 
     def energy(p, c, q, s, e):
         return nonbonded_energy(p, c, atom_system, i, j, shifts, excl_ptr, excl_j, q, s, e,
                                 cutoff, switch_distance, coulomb, lj, k_rf, c_rf, alpha,
-                                coulomb_constant)
+                                coulomb_constant, half)
 
     pg = bool(param_grads)
     e, grads = reference_gradients(energy, (positions, cells, charges, sigma, epsilon),

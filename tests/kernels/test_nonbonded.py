@@ -25,19 +25,20 @@ def _positions(rng, n, box, dtype):
     return ((grid + 0.5) * spacing + jitter).to(dtype)
 
 
-def _system(rng, n=12, box=1.5, dtype=torch.float64, periodic=True, batch=None, excl=True):
+def _system(rng, n=12, box=1.5, dtype=torch.float64, periodic=True, batch=None, excl=True,
+            half=False):
     pos = _positions(rng, n, box, dtype)
     cell = torch.eye(3, dtype=dtype) * box + torch.as_tensor(rng.uniform(-0.05, 0.05, (3, 3))
                                                              ).to(dtype) if periodic else None
     if batch is not None:
         cell = cell.expand(int(batch.max()) + 1, 3, 3).contiguous() if periodic else None
-    nl = fastff.neighbor_list(pos, CUTOFF + 0.1, cell, batch=batch)
+    nl = fastff.neighbor_list(pos, CUTOFF + 0.1, cell, batch=batch, half=half)
     q = torch.as_tensor(rng.normal(0, 0.5, n)).to(dtype)
     s = torch.as_tensor(rng.uniform(0.2, 0.3, n)).to(dtype)
     e = torch.as_tensor(rng.uniform(0.1, 1.0, n)).to(dtype)
     if excl and n > 3:  # exclude a few pairs that are within the cutoff
         d = nl.distances(pos)
-        close = ((nl.i < nl.j) & (d < CUTOFF)).nonzero().flatten()[:3]
+        close = ((nl.i != nl.j) & (d < CUTOFF)).nonzero().flatten()[:3]
         pairs = torch.stack([nl.i[close], nl.j[close]], 1)
     else:
         pairs = torch.zeros(0, 2, dtype=torch.int64)
@@ -71,15 +72,16 @@ def _call(sysd, method, backend, pos=None, cells=None, q=None, s=None, e=None, p
         sysd["system"], nl.i, nl.j, nl.shifts, nl.ptr, sysd["excl_ptr"], sysd["excl_j"],
         sysd["q"] if q is None else q, sysd["s"] if s is None else s,
         sysd["e"] if e is None else e, CUTOFF, m["sw"], m["coulomb"], m["lj"], k_rf,
-        1 / CUTOFF + k_rf * CUTOFF ** 2, 3.0, 138.935456, param_grads, backend)
+        1 / CUTOFF + k_rf * CUTOFF ** 2, 3.0, 138.935456, param_grads, nl.half, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("periodic", [True, False])
-def test_matches_reference(rng, backend, method, dtype, periodic):
-    sysd = _system(rng, n=20, dtype=torch.float64, periodic=periodic)
+@pytest.mark.parametrize("half", [False, True])
+def test_matches_reference(rng, backend, method, dtype, periodic, half):
+    sysd = _system(rng, n=20, dtype=torch.float64, periodic=periodic, half=half)
     expected = _call(sysd, method, "reference")
     cast = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
             for k, v in sysd.items()}
@@ -96,17 +98,18 @@ def test_matches_reference(rng, backend, method, dtype, periodic):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_batch_matches_separate_calls(rng, backend):
+@pytest.mark.parametrize("half", [False, True])
+def test_batch_matches_separate_calls(rng, backend, half):
     sizes = [5, 9, 7]
     batch = torch.cat([torch.full((k,), b) for b, k in enumerate(sizes)])
-    sysd = _system(rng, n=sum(sizes), batch=batch, excl=False)
+    sysd = _system(rng, n=sum(sizes), batch=batch, excl=False, half=half)
     energy = _call(sysd, "rf_switch", backend)[0]
     assert energy.shape == (3,)
     start = 0
     for b, k in enumerate(sizes):
         sl = slice(start, start + k)
         pos = sysd["pos"][sl]
-        nl = fastff.neighbor_list(pos, CUTOFF + 0.1, sysd["cells"][b])
+        nl = fastff.neighbor_list(pos, CUTOFF + 0.1, sysd["cells"][b], half=half)
         one = dict(sysd, pos=pos, cells=sysd["cells"][b:b + 1],
                    system=torch.zeros(k, dtype=torch.int64), nl=nl, q=sysd["q"][sl],
                    s=sysd["s"][sl], e=sysd["e"][sl],
@@ -117,9 +120,9 @@ def test_batch_matches_separate_calls(rng, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("method", ["rf_switch", "ewald"])
-def test_gradcheck_and_gradgradcheck(rng, backend, method):
-    sysd = _system(rng, n=8, box=1.3)
+@pytest.mark.parametrize("method,half", [("rf_switch", False), ("ewald", True)])
+def test_gradcheck_and_gradgradcheck(rng, backend, method, half):
+    sysd = _system(rng, n=8, box=1.3, half=half)
     inputs = [sysd[k].clone().requires_grad_(True) for k in ("pos", "cells", "q", "s", "e")]
 
     def energy(pos, cells, q, s, e):
@@ -139,7 +142,7 @@ def test_opcheck(rng, backend):
             nl.i, nl.j, nl.shifts, nl.ptr, sysd["excl_ptr"], sysd["excl_j"],
             sysd["q"].requires_grad_(True), sysd["s"].requires_grad_(True),
             sysd["e"].requires_grad_(True), CUTOFF, 0.45, ref.COULOMB_REACTION_FIELD, True, 0.3,
-            1 / CUTOFF + 0.3 * CUTOFF ** 2, 0.0, 138.935456, True, backend)
+            1 / CUTOFF + 0.3 * CUTOFF ** 2, 0.0, 138.935456, True, nl.half, backend)
     torch.library.opcheck(op.nonbonded, args)
 
 
