@@ -7,7 +7,8 @@ Run:  python -m pytest bench/bench_mm.py --benchmark-group-by=group \
 System: the villin headpiece in TIP3P water shipped with OpenMM (test.pdb, 8,867 atoms, amber14
 + flexible TIP3P), tiled periodically; CutoffPeriodic (reaction field, eps 78.3), cutoff
 0.9 nm, no switching, no dispersion correction; float32 everywhere (OpenMM's CPU platform is
-single precision). Every case computes energy and forces. Targets (issue "MM terms"):
+single precision). Every case computes energy and forces; fastff uses half lists unless a
+case says "full list". Targets (issue "MM terms"):
 nonbonded full step (list rebuild + forces) <= 1.5x OpenMM's NonbondedForce; the Verlet-reuse
 step shown too; bonded <= 1.5x OpenMM's bonded forces; >= 10x faster than the eager torch
 reference; parameter gradients add <= 30%. Peak memory: bench/peak_memory_mm.py.
@@ -85,15 +86,17 @@ def _has_numba_neighbor_list():
     return name == "numba"
 
 
-def _neighbor_list(pos, cell, cutoff):
+def _neighbor_list(pos, cell, cutoff, half=True):
     """fastff's list when its numba kernel is present; else vesin's pairs (labelled)."""
     if _has_numba_neighbor_list():
-        return fastff.neighbor_list(pos, cutoff, cell)
+        return fastff.neighbor_list(pos, cutoff, cell, half=half)
     import vesin
 
-    i, j, s = vesin.NeighborList(cutoff=cutoff, full_list=True).compute(
+    i, j, s = vesin.NeighborList(cutoff=cutoff, full_list=not half).compute(
         pos.double().numpy(), cell.double().numpy(), True, "ijS")
-    return neighbor_list_from_pairs(i, j, s, num_atoms=pos.shape[0], cutoff=cutoff, cell=cell)
+    nl = neighbor_list_from_pairs(i, j, s, num_atoms=pos.shape[0], cutoff=cutoff, cell=cell)
+    nl.half = half
+    return nl
 
 
 def _nonbonded(model, pos, nl, cell, backend=None, params=False):
@@ -139,7 +142,8 @@ NB = f"nonbonded energy+forces, {{n}} atoms, rc {CUTOFF} nm RF, float32"
 
 
 @pytest.mark.parametrize("code", ["openmm", "fastff full step", "fastff verlet reuse",
-                                  "fastff + param grads", "fastff kernel only"])
+                                  "fastff + param grads", "fastff kernel only",
+                                  "fastff kernel only, full list"])
 def test_nonbonded(benchmark, case, code):
     benchmark.group = NB.format(n=case["n"])
     model, pos, cell = case["model"], case["pos"], case["cell"]
@@ -152,7 +156,7 @@ def test_nonbonded(benchmark, case, code):
             nl = _neighbor_list(pos, cell, CUTOFF)
             return _nonbonded(model, pos, nl, cell)
     elif code == "fastff verlet reuse":
-        verlet = fastff.VerletList(CUTOFF, SKIN)
+        verlet = fastff.VerletList(CUTOFF, SKIN, half=True)
         if not _has_numba_neighbor_list():
             pytest.skip("needs fastff's numba neighbor list (VerletList would use the torch "
                         "reference)")
@@ -161,7 +165,7 @@ def test_nonbonded(benchmark, case, code):
         def fn():
             return _nonbonded(model, pos, verlet.update(pos, cell), cell)
     else:
-        nl = _neighbor_list(pos, cell, CUTOFF + SKIN)
+        nl = _neighbor_list(pos, cell, CUTOFF + SKIN, half=not code.endswith("full list"))
         params = code == "fastff + param grads"
 
         def fn():
