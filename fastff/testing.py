@@ -16,6 +16,14 @@ TOLERANCES: dict[str, dict[torch.dtype, tuple[float, float]]] = {
     "distances": {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5)},
     # Pair vectors: differences of coordinates of size ~box length.
     "vectors": {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5)},
+    # MM energies and gradients against the float64 reference, relative to the largest value
+    # (see assert_close_scaled): float64 differs only by summation order over ~1e2-1e5 terms;
+    # float32 positions carry ~6e-8 relative error, amplified up to 12x by r^-12, and sums of
+    # pair energies of both signs cancel by ~10x in a neutral system.
+    "mm": {torch.float64: (1e-10, 0.0), torch.float32: (1e-4, 0.0)},
+    # Against OpenMM's Reference platform (its own float64 code, other summation order); the
+    # bound the library promises: 1e-6 in float64 and 1e-4 in float32.
+    "openmm": {torch.float64: (1e-6, 0.0), torch.float32: (1e-4, 0.0)},
 }
 
 # Pairs whose distance lies this close to the cutoff may be found by one precision and not the
@@ -27,6 +35,24 @@ BOUNDARY: dict[torch.dtype, float] = {torch.float64: 1e-9, torch.float32: 1e-4}
 def tolerance(kind: str, dtype: torch.dtype) -> dict[str, float]:
     rtol, atol = TOLERANCES[kind][dtype]
     return {"rtol": rtol, "atol": atol}
+
+
+def assert_close_scaled(actual: Tensor, expected: Tensor, kind: str, dtype: torch.dtype,
+                        what: str = "") -> None:
+    """max |actual - expected| <= rtol * max(|expected|, tiny): relative to the largest entry, so
+    that near-zero components of forces are not held to a relative bound."""
+    rtol, atol = TOLERANCES[kind][dtype]
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    if a.shape != e.shape:
+        raise AssertionError(f"{what}: shapes differ, {list(a.shape)} vs {list(e.shape)}")
+    if e.numel() == 0:
+        return
+    scale = float(e.abs().max())
+    err = float((a - e).abs().max())
+    if not err <= rtol * max(scale, 1e-30) + atol:
+        raise AssertionError(f"{what}: max error {err:.3e} > {rtol:g} x max |expected| "
+                             f"{scale:.3e} (relative {err / max(scale, 1e-300):.3e})")
 
 
 def pair_keys(i: Tensor, j: Tensor, shifts: Tensor) -> list[tuple[int, ...]]:
@@ -73,3 +99,30 @@ def assert_same_pairs(actual, expected, *, cutoff: float, dtype: torch.dtype,
         de = torch.tensor([e[k] for k in common], dtype=torch.float64)
         rtol, atol = TOLERANCES["distances"][dtype]
         torch.testing.assert_close(da, de, rtol=rtol, atol=atol)
+
+
+def neighbor_list_from_pairs(i, j, shifts, *, num_atoms: int, cutoff: float,
+                             cell: Tensor | None = None, pbc=None):
+    """A full :class:`fastff.NeighborList` from pairs found by any other code (e.g. vesin).
+
+    ``i``, ``j``: [E] integer arrays, ``shifts``: [E, 3] with r_ij = x_j - x_i + shifts @ cell.
+    The pairs are sorted by ``i`` (stable) and the CSR pointer is built; nothing is checked
+    beyond shapes, so this is for tests and benchmarks that bring their own list.
+    """
+    from fastff.neighbors import NeighborList
+
+    i = torch.as_tensor(i, dtype=torch.int64)
+    j = torch.as_tensor(j, dtype=torch.int64)
+    shifts = torch.as_tensor(shifts).to(torch.int32).reshape(-1, 3)
+    order = torch.argsort(i, stable=True)
+    i, j, shifts = i[order], j[order], shifts[order]
+    ptr = torch.zeros(num_atoms + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(torch.bincount(i, minlength=num_atoms), 0)
+    dtype = cell.dtype if cell is not None else torch.float64
+    cells = (cell.detach().reshape(1, 3, 3) if cell is not None
+             else torch.zeros(1, 3, 3, dtype=dtype))
+    periodic = torch.as_tensor(pbc if pbc is not None else [cell is not None] * 3,
+                               dtype=torch.bool).reshape(1, 3)
+    return NeighborList(i, j, shifts, ptr, cutoff=float(cutoff), half=False,
+                        num_atoms=num_atoms, batch=None, cells=cells, pbc=periodic,
+                        cell=None if cell is None else cell.detach(), backend="external")

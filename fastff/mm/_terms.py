@@ -1,0 +1,397 @@
+"""Molecular-mechanics terms with gradients for positions, cell and every parameter.
+
+Units default to OpenMM's: nm, kJ/mol, elementary charge; the Coulomb constant is an argument
+(``coulomb_constant``), so Angstrom/eV users pass theirs (14.399645 eV A e^-2). Energies are
+scalars, or [B] per system when a batch is given. Every function is deterministic on CPU, and
+differentiable to any order (forces, virial, parameter gradients, force matching).
+
+Nonbonded terms read a neighbor list from :func:`fastff.neighbor_list` or
+:class:`fastff.VerletList`, full or half, built with a cutoff at least ``cutoff`` (pairs up to
+``cutoff + skin`` may be present; the kernels apply ``cutoff`` themselves). Half lists do half
+the pair work. Positions may be unwrapped: pair vectors are ``r_j - r_i + shifts @ cell``.
+
+Every kernel is a ``torch.library`` custom op with a fake implementation (``opcheck`` passes,
+including AOT dispatch), so the functions trace under ``make_fx`` / ``torch.compile``. Input
+validation reads values (NaN scans, index ranges) unless ``fastff.no_checks()`` is active, and
+the Triton nonbonded launcher reads the longest exclusion row on the host: neither is CUDA-graph
+capturable as is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from fastff import _backend, _checks
+from fastff.kernels.bonded import op as _bonded
+from fastff.kernels.nonbonded import op as _nonbonded
+from fastff.kernels.nonbonded import reference as _nbref
+from fastff.neighbors import NeighborList
+
+#: 1/(4 pi eps0) in kJ mol^-1 nm e^-2, the default ``coulomb_constant``.
+COULOMB_CONSTANT = 138.935456
+
+_METHODS = {"plain": _nbref.COULOMB_PLAIN, "reaction_field": _nbref.COULOMB_REACTION_FIELD,
+            "ewald_real": _nbref.COULOMB_EWALD_REAL}
+
+
+class Exceptions(NamedTuple):
+    """OpenMM-style nonbonded exceptions: pairs whose interaction replaces the combined one.
+
+    Attributes:
+        pairs: int64 [X, 2], the two atoms of each exception (each unordered pair at most once).
+        charge_prod: [X] product of charges (e^2); 0 with ``epsilon`` 0 is a pure exclusion.
+        sigma: [X] (nm). epsilon: [X] (kJ/mol).
+    """
+
+    pairs: Tensor
+    charge_prod: Tensor
+    sigma: Tensor
+    epsilon: Tensor
+
+
+def _param(x, name: str, length: int, positions: Tensor, *, nonnegative: bool = False) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 1 or x.shape[0] != length:
+        raise ValueError(f"{name} must have shape [{length}], got {list(x.shape)}")
+    _checks.same_float_dtype(name, x, "positions", positions)
+    _checks.same_device(name, x, "positions", positions)
+    if _checks.checks_enabled() and x.numel():
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+        if nonnegative and bool((x < 0).any()):
+            bad = int((x < 0).nonzero()[0, 0])
+            raise ValueError(f"{name} must be >= 0, got {float(x[bad])} at index {bad}")
+    return x
+
+
+def _systems(positions: Tensor, batch: Tensor | None, nl: NeighborList | None):
+    """(atom_system int64 [N], batched?)"""
+    if batch is None and nl is not None and nl.batch is not None:
+        batch = nl.batch
+    if batch is None:
+        return torch.zeros(positions.shape[0], dtype=torch.int64, device=positions.device), False
+    _checks.index_tensor(batch, "batch", positions.shape[0])
+    _checks.same_device("batch", batch, "positions", positions)
+    if nl is not None and nl.batch is not None and not torch.equal(batch, nl.batch):
+        raise ValueError("batch differs from the batch the neighbor list was built with")
+    if _checks.checks_enabled() and batch.numel() and bool((batch[1:] < batch[:-1]).any()):
+        raise ValueError("batch must be sorted (atoms of one system contiguous)")
+    return batch.contiguous(), True
+
+
+def _finish(energy: Tensor, batched: bool) -> Tensor:
+    return energy if batched else energy.sum()
+
+
+def _cell_heights(cells: Tensor) -> Tensor:
+    c = cells.detach()
+    volume = torch.linalg.det(c).abs()
+    cross = torch.stack([torch.linalg.cross(c[:, (k + 1) % 3], c[:, (k + 2) % 3])
+                         for k in range(3)], dim=1)
+    return volume[:, None] / torch.linalg.vector_norm(cross, dim=2)
+
+
+def _exclusion_rows(index: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """CSR of excluded partners per atom (both directions), sorted by atom then partner."""
+    dev = index.device
+    if index.numel() == 0:
+        return torch.zeros(n + 1, dtype=torch.int64, device=dev), index.new_zeros(0)
+    rows = torch.cat([index[:, 0], index[:, 1]])
+    cols = torch.cat([index[:, 1], index[:, 0]])
+    order = torch.argsort(rows * n + cols)
+    ptr = torch.zeros(n + 1, dtype=torch.int64, device=dev)
+    ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
+    return ptr, cols[order].contiguous()
+
+
+def _term_index(index, name: str, width: int, n: int, positions: Tensor) -> Tensor:
+    if not isinstance(index, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(index).__name__}")
+    if index.dtype != torch.int64:
+        raise TypeError(f"{name} must be int64, got {index.dtype}")
+    if index.dim() != 2 or index.shape[1] != width:
+        raise ValueError(f"{name} must have shape [T, {width}], got {list(index.shape)}")
+    _checks.same_device(name, index, "positions", positions)
+    _checks.index_range(index, name, n, "atom indices")
+    if _checks.checks_enabled() and index.shape[0]:
+        dup = torch.zeros(index.shape[0], dtype=torch.bool, device=index.device)
+        for a in range(width):  # width <= 4: a few column comparisons beat a row sort
+            for b in range(a + 1, width):
+                dup |= index[:, a] == index[:, b]
+        if bool(dup.any()):
+            t = int(dup.nonzero()[0, 0])
+            raise ValueError(f"{name}[{t}] = {index[t].tolist()} names one atom twice")
+    return index.contiguous()
+
+
+def _check_exceptions(exceptions, n: int, positions: Tensor) -> Exceptions:
+    if isinstance(exceptions, Exceptions):
+        ex = exceptions
+    else:
+        try:
+            ex = Exceptions(*exceptions)
+        except TypeError:
+            raise TypeError("exceptions must be (pairs [X,2], charge_prod [X], sigma [X], "
+                            f"epsilon [X]), got {type(exceptions).__name__}") from None
+    index = _term_index(ex.pairs, "exceptions.pairs", 2, n, positions)
+    x = index.shape[0]
+    if _checks.checks_enabled() and x:
+        key = index.min(dim=1).values * n + index.max(dim=1).values
+        uniq, counts = torch.unique(key, return_counts=True)
+        if bool((counts > 1).any()):
+            k = int(uniq[counts > 1][0])
+            raise ValueError(f"exceptions name the pair ({k // n}, {k % n}) more than once")
+    return Exceptions(index, _param(ex.charge_prod, "exceptions.charge_prod", x, positions),
+                      _param(ex.sigma, "exceptions.sigma", x, positions, nonnegative=True),
+                      _param(ex.epsilon, "exceptions.epsilon", x, positions, nonnegative=True))
+
+
+def _needs_grad(*xs) -> bool:
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+
+
+def _pair_terms(positions: Tensor, nl: NeighborList, charges, sigma, epsilon, *, cutoff,
+                cell, batch, switch_distance, method, dielectric, ewald_alpha, coulomb_constant,
+                exceptions, exceptions_use_pbc, backend):
+    _checks.positions(positions)
+    if not isinstance(nl, NeighborList):
+        raise TypeError(f"nl must be a fastff.NeighborList, got {type(nl).__name__}")
+    n = positions.shape[0]
+    rc = math.inf if cutoff is None else _checks.cutoff(cutoff)
+    if rc > nl.cutoff * (1 + 1e-12):
+        raise ValueError(f"cutoff={rc} exceeds the neighbor list's cutoff {nl.cutoff}: pairs "
+                         "would be missing")
+    cells = nl._cell_for(positions, cell)
+    atom_system, batched = _systems(positions, batch, nl)
+    coul = _nbref.COULOMB_NONE
+    k_rf = c_rf = alpha = 0.0
+    dummy = positions.new_zeros(n)
+    if charges is not None:
+        charges = _param(charges, "charges", n, positions)
+        if method not in _METHODS:
+            raise ValueError(f"method must be one of {', '.join(_METHODS)}, got {method!r}")
+        coul = _METHODS[method]
+        if coul == _nbref.COULOMB_REACTION_FIELD:
+            if not math.isfinite(rc):
+                raise ValueError("method='reaction_field' needs a finite cutoff")
+            d = float(dielectric)
+            if not d >= 1.0:
+                raise ValueError(f"dielectric must be >= 1, got {dielectric}")
+            k_rf = (d - 1.0) / ((2.0 * d + 1.0) * rc ** 3) if math.isfinite(d) else 0.5 / rc ** 3
+            c_rf = 1.0 / rc + k_rf * rc * rc
+            if bool(nl.pbc.any()):
+                heights = _cell_heights(cells).masked_fill(~nl.pbc, math.inf)
+                limit = 0.5 * float(heights.min())
+                if rc > limit:
+                    raise ValueError(f"cutoff={rc} is larger than half the shortest cell height "
+                                     f"({limit:.6g}): periodic reaction field needs cutoff <= "
+                                     "half the shortest cell height (minimum image)")
+        elif coul == _nbref.COULOMB_EWALD_REAL:
+            if ewald_alpha is None:
+                raise ValueError("method='ewald_real' needs ewald_alpha (1/nm)")
+            alpha = float(ewald_alpha)
+            if not (math.isfinite(alpha) and alpha > 0):
+                raise ValueError(f"ewald_alpha must be finite and positive, got {ewald_alpha}")
+    lj = sigma is not None
+    if lj:
+        sigma = _param(sigma, "sigma", n, positions, nonnegative=True)
+        epsilon = _param(epsilon, "epsilon", n, positions, nonnegative=True)
+    sw = -1.0
+    if switch_distance is not None:
+        sw = float(switch_distance)
+        if not (0.0 <= sw < rc) or not math.isfinite(rc):
+            raise ValueError(f"switch_distance must satisfy 0 <= switch_distance < cutoff "
+                             f"({rc}), got {switch_distance}")
+    if exceptions is not None:
+        ex = _check_exceptions(exceptions, n, positions)
+        excl_ptr, excl_j = _exclusion_rows(ex.pairs, n)
+    else:
+        ex = None
+        excl_ptr = torch.zeros(n + 1, dtype=torch.int64, device=positions.device)
+        excl_j = excl_ptr[:0]
+    name, _ = _backend.resolve("nonbonded", positions.device, backend)
+    q = charges if charges is not None else dummy
+    s = sigma if lj else dummy
+    e = epsilon if lj else dummy
+    energy = _nonbonded.nonbonded(
+        positions, cells, atom_system, nl.i, nl.j, nl.shifts, nl.ptr, excl_ptr, excl_j, q, s, e,
+        rc, sw, coul, lj, k_rf, c_rf, alpha, float(coulomb_constant),
+        _needs_grad(charges, sigma, epsilon), bool(nl.half), name)[0]
+    if ex is not None and ex.pairs.shape[0]:
+        inv = torch.linalg.inv(cells.detach()) if exceptions_use_pbc else cells.detach()
+        name, _ = _backend.resolve("lj_coulomb_pairs", positions.device, backend)
+        energy = energy + _bonded.lj_coulomb_pairs(
+            positions, cells, inv, atom_system, bool(exceptions_use_pbc), ex.pairs,
+            ex.charge_prod, ex.sigma, ex.epsilon, float(coulomb_constant),
+            _needs_grad(ex.charge_prod, ex.sigma, ex.epsilon), name)[0]
+    return _finish(energy, batched)
+
+
+def lennard_jones(positions: Tensor, nl: NeighborList, sigma: Tensor, epsilon: Tensor, *,
+                  cutoff: float | None, cell: Tensor | None = None, batch: Tensor | None = None,
+                  switch_distance: float | None = None, backend: str | None = None) -> Tensor:
+    """Lennard-Jones energy, 1/2 sum over the list of 4 eps_ij ((s_ij/r)^12 - (s_ij/r)^6) S(r).
+
+    Args:
+        positions: [N, 3] float32/float64 (nm).
+        nl: full or half neighbor list with cutoff >= ``cutoff``.
+        sigma, epsilon: [N] per atom (nm, kJ/mol), >= 0, combined by Lorentz-Berthelot
+            (s_ij = (s_i + s_j)/2, eps_ij = sqrt(eps_i eps_j)). The gradient with respect to an
+            epsilon that is exactly 0 is undefined (square root).
+        cutoff: pairs at r >= cutoff contribute 0 (None: no cutoff).
+        cell: [3, 3] or [B, 3, 3]; None uses the list's cell (detached, no virial).
+        batch: int64 [N] system per atom; returns [B] energies.
+        switch_distance: OpenMM's switching function from here to the cutoff.
+        backend: "numba", "triton", "reference" or None.
+
+    Returns:
+        Energy (kJ/mol): scalar, or [B] with batch. Deterministic on CPU.
+    """
+    return _pair_terms(positions, nl, None, sigma, epsilon, cutoff=cutoff, cell=cell,
+                       batch=batch, switch_distance=switch_distance, method="plain",
+                       dielectric=1.0, ewald_alpha=None, coulomb_constant=COULOMB_CONSTANT,
+                       exceptions=None, exceptions_use_pbc=False, backend=backend)
+
+
+def coulomb(positions: Tensor, nl: NeighborList, charges: Tensor, *, cutoff: float | None,
+            cell: Tensor | None = None, batch: Tensor | None = None,
+            method: str = "reaction_field", dielectric: float = 78.3,
+            ewald_alpha: float | None = None, coulomb_constant: float = COULOMB_CONSTANT,
+            backend: str | None = None) -> Tensor:
+    """Coulomb energy, 1/2 sum over the list of kc q_i q_j f(r) for r < cutoff.
+
+    ``method``: "plain" f = 1/r; "reaction_field" (OpenMM) f = 1/r + k_rf r^2 - c_rf with
+    k_rf = (eps - 1)/((2 eps + 1) rc^3), c_rf = 1/rc + k_rf rc^2 (eps = ``dielectric``);
+    "ewald_real" f = erfc(alpha r)/r (the direct-space part of Ewald/PME; ``ewald_alpha`` in
+    1/length). Periodic reaction field needs cutoff <= half the shortest cell height.
+
+    Args and returns as :func:`lennard_jones`, with ``charges`` [N] (e).
+    """
+    return _pair_terms(positions, nl, charges, None, None, cutoff=cutoff, cell=cell,
+                       batch=batch, switch_distance=None, method=method, dielectric=dielectric,
+                       ewald_alpha=ewald_alpha, coulomb_constant=coulomb_constant,
+                       exceptions=None, exceptions_use_pbc=False, backend=backend)
+
+
+def nonbonded(positions: Tensor, nl: NeighborList, charges: Tensor, sigma: Tensor,
+              epsilon: Tensor, *, cutoff: float | None, cell: Tensor | None = None,
+              batch: Tensor | None = None, switch_distance: float | None = None,
+              method: str = "reaction_field", dielectric: float = 78.3,
+              ewald_alpha: float | None = None, coulomb_constant: float = COULOMB_CONSTANT,
+              exceptions=None, exceptions_use_pbc: bool = False,
+              backend: str | None = None) -> Tensor:
+    """Lennard-Jones + Coulomb in one pass over the pairs, with OpenMM-style exceptions.
+
+    As OpenMM's NonbondedForce: a pair named in ``exceptions`` (:class:`Exceptions` or a tuple
+    (pairs [X,2], charge_prod [X], sigma [X], epsilon [X])) is removed from the cutoff
+    interaction (every periodic image of it), and instead, when charge_prod or epsilon is
+    nonzero, interacts by plain Coulomb + plain Lennard-Jones with the exception's parameters,
+    with no cutoff, no switching and no reaction-field terms (exclusions contribute nothing).
+    Exception vectors use the minimum image only when ``exceptions_use_pbc``.
+
+    Args and returns as :func:`lennard_jones` and :func:`coulomb`.
+    """
+    return _pair_terms(positions, nl, charges, sigma, epsilon, cutoff=cutoff, cell=cell,
+                       batch=batch, switch_distance=switch_distance, method=method,
+                       dielectric=dielectric, ewald_alpha=ewald_alpha,
+                       coulomb_constant=coulomb_constant, exceptions=exceptions,
+                       exceptions_use_pbc=exceptions_use_pbc, backend=backend)
+
+
+def _term_setup(positions, cell, batch):
+    _checks.positions(positions)
+    atom_system, batched = _systems(positions, batch, None)
+    nsys = int(atom_system[-1]) + 1 if batched and atom_system.numel() else 1
+    if cell is None:
+        cells = positions.new_zeros(nsys, 3, 3)
+        return cells, cells, atom_system, batched, False
+    if not isinstance(cell, Tensor):
+        raise TypeError(f"cell must be a torch.Tensor, got {type(cell).__name__}")
+    _checks.same_float_dtype("cell", cell, "positions", positions)
+    _checks.same_device("cell", cell, "positions", positions)
+    if cell.shape == (3, 3):
+        cells = cell.unsqueeze(0).expand(nsys, 3, 3)
+    elif cell.dim() == 3 and cell.shape[1:] == (3, 3) and cell.shape[0] == nsys:
+        cells = cell
+    else:
+        raise ValueError(f"cell must have shape [3, 3] or [{nsys}, 3, 3], got {list(cell.shape)}")
+    det = torch.linalg.det(cells.detach())
+    if not bool(torch.isfinite(cells.detach()).all()) or bool((det.abs() < 1e-12).any()):
+        raise ValueError("cell must be finite and non-singular (minimum image needs its inverse)")
+    return cells, torch.linalg.inv(cells.detach()), atom_system, batched, True
+
+
+def harmonic_bonds(positions: Tensor, bonds: Tensor, k: Tensor, r0: Tensor, *,
+                   cell: Tensor | None = None, batch: Tensor | None = None,
+                   backend: str | None = None) -> Tensor:
+    """Harmonic bond energy, sum 1/2 k (|r_ij| - r0)^2 (OpenMM's HarmonicBondForce).
+
+    Args:
+        positions: [N, 3] (nm). bonds: int64 [T, 2]. k: [T] (kJ/mol/nm^2). r0: [T] (nm).
+        cell: [3, 3] or [B, 3, 3]: bond vectors take the minimum image (rounded fractional
+            coordinates, exact for bonds shorter than half the shortest cell height).
+        batch: int64 [N]; a term belongs to the system of its first atom.
+
+    Returns:
+        Energy (kJ/mol), scalar or [B]. Deterministic on CPU.
+    """
+    cells, inv, atom_system, batched, periodic = _term_setup(positions, cell, batch)
+    index = _term_index(bonds, "bonds", 2, positions.shape[0], positions)
+    t = index.shape[0]
+    k = _param(k, "k", t, positions)
+    r0 = _param(r0, "r0", t, positions)
+    name, _ = _backend.resolve("harmonic_bonds", positions.device, backend)
+    e = _bonded.harmonic_bonds(positions, cells, inv, atom_system, periodic, index, k, r0,
+                               _needs_grad(k, r0), name)[0]
+    return _finish(e, batched)
+
+
+def harmonic_angles(positions: Tensor, angles: Tensor, k: Tensor, theta0: Tensor, *,
+                    cell: Tensor | None = None, batch: Tensor | None = None,
+                    backend: str | None = None) -> Tensor:
+    """Harmonic angle energy, sum 1/2 k (theta_ijk - theta0)^2, vertex j (HarmonicAngleForce).
+
+    Args: as :func:`harmonic_bonds`, with angles int64 [T, 3], k [T] (kJ/mol/rad^2),
+    theta0 [T] (rad).
+    """
+    cells, inv, atom_system, batched, periodic = _term_setup(positions, cell, batch)
+    index = _term_index(angles, "angles", 3, positions.shape[0], positions)
+    t = index.shape[0]
+    k = _param(k, "k", t, positions)
+    theta0 = _param(theta0, "theta0", t, positions)
+    name, _ = _backend.resolve("harmonic_angles", positions.device, backend)
+    e = _bonded.harmonic_angles(positions, cells, inv, atom_system, periodic, index, k, theta0,
+                                _needs_grad(k, theta0), name)[0]
+    return _finish(e, batched)
+
+
+def periodic_torsions(positions: Tensor, torsions: Tensor, k: Tensor, periodicity: Tensor,
+                      phase: Tensor, *, cell: Tensor | None = None, batch: Tensor | None = None,
+                      backend: str | None = None) -> Tensor:
+    """Periodic torsion energy, sum k (1 + cos(n phi - phase)) (PeriodicTorsionForce).
+
+    Proper and improper torsions alike: phi is the IUPAC dihedral of atoms (i, j, k, l).
+
+    Args: as :func:`harmonic_bonds`, with torsions int64 [T, 4], k [T] (kJ/mol),
+    periodicity int64 [T] (n >= 0, not differentiable), phase [T] (rad).
+    """
+    cells, inv, atom_system, batched, periodic = _term_setup(positions, cell, batch)
+    index = _term_index(torsions, "torsions", 4, positions.shape[0], positions)
+    t = index.shape[0]
+    k = _param(k, "k", t, positions)
+    phase = _param(phase, "phase", t, positions)
+    if not isinstance(periodicity, Tensor) or periodicity.dtype != torch.int64:
+        raise TypeError("periodicity must be an int64 tensor")
+    if periodicity.shape != (t,):
+        raise ValueError(f"periodicity must have shape [{t}], got {list(periodicity.shape)}")
+    if _checks.checks_enabled() and t and bool((periodicity < 0).any()):
+        raise ValueError("periodicity must be >= 0")
+    name, _ = _backend.resolve("periodic_torsions", positions.device, backend)
+    e = _bonded.periodic_torsions(positions, cells, inv, atom_system, periodic, index, k,
+                                  periodicity.contiguous(), phase, _needs_grad(k, phase), name)[0]
+    return _finish(e, batched)

@@ -1,0 +1,1 @@
+"""Nonbonded pair terms: Lennard-Jones and Coulomb (plain, reaction field, real-space Ewald)."""

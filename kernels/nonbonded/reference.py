@@ -1,0 +1,100 @@
+"""Nonbonded pair energies in pure torch: the definition every other path is tested against.
+
+Autograd-native and float64-safe: derivatives of any order come from torch. It materialises
+per-pair tensors (several [E] and [E, 3] temporaries), so it is meant for tests, small systems
+and the double-backward path of the fused kernels, not for production. The launcher shares its
+signature with cpu_numba.py and gpu_triton.py; README.md beside this file gives the maths.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+COULOMB_NONE, COULOMB_PLAIN, COULOMB_REACTION_FIELD, COULOMB_EWALD_REAL = 0, 1, 2, 3
+
+
+def excluded_pairs(i: Tensor, j: Tensor, excl_ptr: Tensor, excl_j: Tensor,
+                   num_atoms: int) -> Tensor:
+    """bool [E]: pair (i, j) appears in the exclusion rows (any periodic image)."""
+    if excl_j.numel() == 0 or i.numel() == 0:
+        return torch.zeros(i.shape[0], dtype=torch.bool, device=i.device)
+    rows = torch.repeat_interleave(torch.arange(num_atoms, device=i.device),
+                                   excl_ptr[1:] - excl_ptr[:-1])
+    return torch.isin(i * num_atoms + j, rows * num_atoms + excl_j)
+
+
+def switch(d: Tensor, cutoff: float, switch_distance: float) -> Tensor:
+    """OpenMM's switching function: 1 below switch_distance, 1 - 10x^3 + 15x^4 - 6x^5 above."""
+    x = ((d - switch_distance) / (cutoff - switch_distance)).clamp(min=0.0)
+    return torch.where(d > switch_distance, 1.0 - x ** 3 * (10.0 - 15.0 * x + 6.0 * x * x),
+                       torch.ones_like(d))
+
+
+def pair_energy(d: Tensor, qi: Tensor | None, qj: Tensor | None, si: Tensor | None,
+                sj: Tensor | None, ei: Tensor | None, ej: Tensor | None, *, cutoff: float,
+                switch_distance: float, coulomb: int, lj: bool, k_rf: float, c_rf: float,
+                alpha: float, coulomb_constant: float) -> Tensor:
+    """Energy [E] of each pair at distance d (no cutoff test here)."""
+    e = torch.zeros_like(d)
+    if coulomb != COULOMB_NONE:
+        qq = coulomb_constant * qi * qj
+        if coulomb == COULOMB_PLAIN:
+            e = e + qq / d
+        elif coulomb == COULOMB_REACTION_FIELD:
+            e = e + qq * (1.0 / d + k_rf * d * d - c_rf)
+        elif coulomb == COULOMB_EWALD_REAL:
+            e = e + qq * torch.erfc(alpha * d) / d
+        else:
+            raise ValueError(f"unknown coulomb code {coulomb}")
+    if lj:
+        sig = 0.5 * (si + sj)
+        eps = torch.sqrt(ei * ej)
+        x6 = (sig / d) ** 6
+        u = 4.0 * eps * (x6 * x6 - x6)
+        if switch_distance >= 0.0:
+            u = u * switch(d, cutoff, switch_distance)
+        e = e + u
+    return e
+
+
+def nonbonded_energy(positions: Tensor, cells: Tensor, atom_system: Tensor, i: Tensor,
+                     j: Tensor, shifts: Tensor, excl_ptr: Tensor, excl_j: Tensor,
+                     charges: Tensor, sigma: Tensor, epsilon: Tensor, cutoff: float,
+                     switch_distance: float, coulomb: int, lj: bool, k_rf: float, c_rf: float,
+                     alpha: float, coulomb_constant: float, half: bool = False) -> Tensor:
+    """Energy [B] per system: sum over the pairs within cutoff, not excluded, of a half list
+    (1/2 of the sum over a full list, which holds each pair twice)."""
+    n = positions.shape[0]
+    system = atom_system[i]
+    r = (positions[j] - positions[i]
+         + torch.einsum("ea,eab->eb", shifts.to(positions.dtype), cells[system]))
+    d2 = (r * r).sum(dim=1)
+    keep = d2 < cutoff * cutoff if math.isfinite(cutoff) else torch.ones_like(d2, dtype=torch.bool)
+    keep = keep & ~excluded_pairs(i, j, excl_ptr, excl_j, n)
+    i, j, system, d2 = i[keep], j[keep], system[keep], d2[keep]
+    d = torch.sqrt(d2)
+    e = pair_energy(d, charges[i], charges[j], sigma[i], sigma[j], epsilon[i], epsilon[j],
+                    cutoff=cutoff, switch_distance=switch_distance, coulomb=coulomb, lj=lj,
+                    k_rf=k_rf, c_rf=c_rf, alpha=alpha, coulomb_constant=coulomb_constant)
+    out = torch.zeros(cells.shape[0], dtype=positions.dtype, device=positions.device)
+    return (1.0 if half else 0.5) * out.index_add(0, system, e)
+
+
+def nonbonded(positions, cells, atom_system, i, j, shifts, ptr, excl_ptr, excl_j, charges,
+              sigma, epsilon, cutoff, switch_distance, coulomb, lj, k_rf, c_rf, alpha,
+              coulomb_constant, param_grads, half):
+    """Launcher: energy [B] and its gradients, through autograd on the energy above."""
+    from fastff._energy_op import reference_gradients
+
+    def energy(p, c, q, s, e):
+        return nonbonded_energy(p, c, atom_system, i, j, shifts, excl_ptr, excl_j, q, s, e,
+                                cutoff, switch_distance, coulomb, lj, k_rf, c_rf, alpha,
+                                coulomb_constant, half)
+
+    pg = bool(param_grads)
+    e, grads = reference_gradients(energy, (positions, cells, charges, sigma, epsilon),
+                                   (True, True, pg, pg, pg))
+    return (e, *grads)
