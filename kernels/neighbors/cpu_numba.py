@@ -348,10 +348,14 @@ def _pairs_py(fill, cutoff, half, cells, pbc, nbins, reach, thickness, orthogona
 _pairs_parallel = njit(cache=True, parallel=True)(_pairs_py)
 
 
-def _count_full_py(cutoff, cells, pbc, nbins, reach, thickness, orthogonal, bin_first,
-                   bin_start, order, sorted_sys, sorted_bin, sorted_u, sorted_pos, counts):
-    """Pair counts of a full list: the candidate loop is a branch-free reduction (SIMD); the
-    atom itself, found at distance 0 in its own image, is subtracted once."""
+def _count_py(half, cutoff, cells, pbc, nbins, reach, thickness, orthogonal, bin_first,
+              bin_start, order, sorted_sys, sorted_bin, sorted_u, sorted_pos, counts):
+    """Pair counts: the candidate loop is a branch-free reduction (SIMD).
+
+    Full lists: every candidate inside the cutoff, minus the atom itself (found at distance 0 in
+    its own image). Half lists: only j > i, or j == i in an image whose shift is
+    lexicographically positive (for j == i the final shift is the image shift: wraps cancel).
+    """
     c2 = cutoff * cutoff
     # Bins whose nearest point is farther than the cutoff are skipped; the margin keeps rounding
     # in the grid coordinates from ever skipping a bin that holds a pair.
@@ -361,7 +365,8 @@ def _count_full_py(cutoff, cells, pbc, nbins, reach, thickness, orthogonal, bin_
         s = sorted_sys[p]
         xi0, xi1, xi2 = sorted_pos[0, p], sorted_pos[1, p], sorted_pos[2, p]
         nb0, nb1, nb2 = nbins[s, 0], nbins[s, 1], nbins[s, 2]
-        found = -1  # the atom itself
+        a = order[p]
+        found = 0 if half else -1  # a full list finds the atom itself once
         for dx in range(-reach[s, 0], reach[s, 0] + 1):
             bx, sx = _image(sorted_bin[p, 0], dx, nb0, pbc[s, 0])
             gx = _gap2(sorted_bin[p, 0] + dx, sorted_u[0, p], thickness[s, 0])
@@ -384,19 +389,29 @@ def _count_full_py(cutoff, cells, pbc, nbins, reach, thickness, orthogonal, bin_
                     o2 = sx * cells[s, 0, 2] + sy * cells[s, 1, 2] + sz * cells[s, 2, 2]
                     g = bin_first[s] + (bx * nb1 + by) * nb2 + bz
                     hits = 0
-                    for q in range(bin_start[g], bin_start[g + 1]):
-                        # (x_j - x_i) + S @ C: the mirror pair computes exactly the negation, so a
-                        # full list is symmetric even for distances that round to the cutoff.
-                        d0 = (sorted_pos[0, q] - xi0) + o0
-                        d1 = (sorted_pos[1, q] - xi1) + o1
-                        d2 = (sorted_pos[2, q] - xi2) + o2
-                        hits += d0 * d0 + d1 * d1 + d2 * d2 < c2
+                    if half:
+                        positive = sx > 0 or (sx == 0 and (sy > 0 or (sy == 0 and sz > 0)))
+                        for q in range(bin_start[g], bin_start[g + 1]):
+                            d0 = (sorted_pos[0, q] - xi0) + o0
+                            d1 = (sorted_pos[1, q] - xi1) + o1
+                            d2 = (sorted_pos[2, q] - xi2) + o2
+                            b = order[q]
+                            hits += (d0 * d0 + d1 * d1 + d2 * d2 < c2) & (
+                                (b > a) | ((b == a) & positive))
+                    else:
+                        for q in range(bin_start[g], bin_start[g + 1]):
+                            # (x_j - x_i) + S @ C: the mirror pair computes exactly the
+                            # negation, so a full list is symmetric even at the cutoff.
+                            d0 = (sorted_pos[0, q] - xi0) + o0
+                            d1 = (sorted_pos[1, q] - xi1) + o1
+                            d2 = (sorted_pos[2, q] - xi2) + o2
+                            hits += d0 * d0 + d1 * d1 + d2 * d2 < c2
                     found += hits
-        counts[order[p]] = max(found, 0)  # 0 for a NaN atom (value checks off): not even itself
+        counts[a] = max(found, 0)  # 0 for a NaN atom (value checks off): not even itself
 
 
-_count_full_parallel = njit(cache=True, parallel=True)(_count_full_py)
-_count_full_serial = njit(_count_full_py)
+_count_parallel = njit(cache=True, parallel=True)(_count_py)
+_count_serial = njit(_count_py)
 
 
 # The same body without threads (prange runs as range outside parallel=True), for small systems.
@@ -418,13 +433,8 @@ def _small_neighbor_list(pos, cells, pbc, sys_ptr, cutoff, half, bins_per_cutoff
     none_i = np.empty(0, np.int64)
     none_s = np.empty((0, 3), np.int32)
     none_d = np.empty(0, distance_like.dtype)
-    if half:
-        _pairs_serial(False, cutoff, half, cells, pbc, nbins, reach, thickness, orthogonal,
-                      bin_first, bin_start, order, sorted_sys, sorted_bin, sorted_u, sorted_pos,
-                      sorted_wrap, counts, ptr, none_i, none_i, none_s, none_d)
-    else:
-        _count_full_serial(cutoff, cells, pbc, nbins, reach, thickness, orthogonal, bin_first,
-                           bin_start, order, sorted_sys, sorted_bin, sorted_u, sorted_pos, counts)
+    _count_serial(half, cutoff, cells, pbc, nbins, reach, thickness, orthogonal, bin_first,
+                  bin_start, order, sorted_sys, sorted_bin, sorted_u, sorted_pos, counts)
     for a in range(n):
         ptr[a + 1] = ptr[a] + counts[a]
     num_pairs = ptr[n]
@@ -465,12 +475,7 @@ def neighbor_list(positions, cutoff, cells, pbc, system_ptr, half):
         grid = _build_grid(pos, cells64, pbc_np, sys_ptr, cutoff, float(BINS_PER_CUTOFF),
                            float(MAX_BINS_PER_ATOM))
         counts = np.zeros(n, np.int64)
-        if half:
-            no_i = np.empty(0, np.int64)
-            _pairs_parallel(False, cutoff, half, cells64, pbc_np, *grid, counts, counts, no_i,
-                            no_i, np.empty((0, 3), np.int32), np.empty(0, np_dtype))
-        else:
-            _count_full_parallel(cutoff, cells64, pbc_np, *grid[:-1], counts)
+        _count_parallel(half, cutoff, cells64, pbc_np, *grid[:-1], counts)
         ptr = np.zeros(n + 1, np.int64)
         np.cumsum(counts, out=ptr[1:])
         num_pairs = int(ptr[-1])
