@@ -6,11 +6,11 @@ import warnings
 
 import pytest
 import torch
+from fastff.kernels.message import cpu_numba, gpu_triton
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import fastff
 import fastff.nn as fnn
-from fastff.kernels.message import cpu_numba, gpu_triton
 from fastff.testing import tolerance
 
 warnings.filterwarnings("ignore", message="fastff: neighbor_list falls back")
@@ -64,7 +64,7 @@ def test_cfconv_training_chain_float64(rng, backend, filt, monkeypatch):
     target = torch.randn(n, 3, dtype=torch.float64)
     got = chain(lambda x, p, c: m(x, p, nl, c), m, x, pos, cell, target)
     want = chain(lambda x, p, c: reference_cfconv(m, x, p, nl, c), m, x, pos, cell, target)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         _close(a, b, "training", torch.float64)
 
 
@@ -78,7 +78,7 @@ def test_cfconv_float32_numba(rng):
     m64.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
     want = chain(lambda x, p, c: reference_cfconv(m64, x, p, nl, c), m64, x.double(), pos, cell,
                  target.double())
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         _close(a, b, "message", torch.float32)
 
 
@@ -96,7 +96,7 @@ def test_cfconv_deterministic(rng):
         p = pos.clone().requires_grad_(True)
         out = mt(x, p, nl, cell)
         tab.append([out, torch.autograd.grad(out.sum(), p)[0]])
-    for a, b in [*zip(*runs), *zip(*tab)]:
+    for a, b in [*zip(*runs, strict=True), *zip(*tab, strict=True)]:
         assert torch.equal(a, b)
 
 
@@ -108,7 +108,7 @@ def test_compiled_training_matches_eager(rng):
     names = [k for k, _ in m.named_parameters()]
 
     def step(pos, *params):
-        state = dict(zip(names, params))
+        state = dict(zip(names, params, strict=True))
         p = pos.requires_grad_(True)
         out = torch.func.functional_call(m, state, (x, p, nl, cell))
         (grad,) = torch.autograd.grad(out.sum(), p, create_graph=True)
@@ -116,7 +116,7 @@ def test_compiled_training_matches_eager(rng):
         return (loss.detach(), *torch.autograd.grad(loss, params))
 
     params = [p.detach().clone().requires_grad_(True) for p in m.parameters()]
-    nl.reverse  # computed once, eagerly: the lazy property must not be filled by a fake tensor
+    _ = nl.reverse  # computed once, eagerly: the lazy property must not be filled by a fake tensor
     with fastff.no_checks():  # value checks read data, which fake tensors do not have
         graph = make_fx(step, tracing_mode="fake", _allow_non_fake_inputs=True)(
             pos.clone(), *params)
@@ -124,7 +124,7 @@ def test_compiled_training_matches_eager(rng):
     compiled = torch.compile(graph, fullgraph=True)
     got = compiled(pos.clone(), *[p.detach().clone().requires_grad_(True) for p in params])
     want = step(pos.clone(), *params)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         _close(a, b, "training", torch.float64)
 
 
@@ -151,7 +151,7 @@ def test_tabulated_cfconv_matches_mlp(rng, backend):
         p = pos.clone().requires_grad_(True)
         out = mod(x, p, nl, cell)
         results.append([out, *torch.autograd.grad(out.pow(2).sum(), (p, x))])
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         _close(a, b, "message", torch.float32)
     # the table follows parameter updates
     with torch.no_grad():
@@ -193,7 +193,7 @@ def test_painn_matches_reference_and_trains(rng, backend):
     got = chain(energy(lambda s, v, p, c: m(s, v, p, nl, c)), m, s, pos, cell, target)
     want = chain(energy(lambda s, v, p, c: reference_painn(m, s, v, p, nl, c)), m, s, pos, cell,
                  target)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         _close(a, b, "training", torch.float64)
 
 

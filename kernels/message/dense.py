@@ -18,9 +18,8 @@ import math
 
 import torch
 import torch.nn.functional as tf
-from torch import Tensor
-
 from fastff.kernels.radial.reference import envelope_derivatives
+from torch import Tensor
 
 ACTIVATIONS = ("shifted_softplus", "silu")
 LOG2 = math.log(2.0)
@@ -114,7 +113,7 @@ def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, i: Tensor, j: Tensor, params, c
         gd, *gp = filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, act, need_params)
         grad_d[e0:e1] = gd
         if sums is not None:
-            for s, p in zip(sums, gp):
+            for s, p in zip(sums, gp, strict=True):
                 s += p
     if sums is None:
         return (grad_d, *(d.new_empty(0) for _ in range(4)))

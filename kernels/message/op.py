@@ -22,11 +22,11 @@ all three paths.
 from __future__ import annotations
 
 import torch
+from fastff.kernels.message import dense
+from fastff.kernels.radial import op as _radial
 from torch import Tensor
 
 from fastff import _backend
-from fastff.kernels.message import dense
-from fastff.kernels.radial import op as _radial
 
 for _name in ("gms", "ggm", "cfconv_forward", "cfconv_vjp", "spline_conv", "spline_edge_dot"):
     _backend.register(_name, "message", _name)
@@ -168,7 +168,8 @@ def _cfconv_backward(ctx, grad):
         else:
             gd, *gp = cfconv_vjp(grad, x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind,
                                  envelope, activation, need_params, backend)
-    gparams = [p if (need_params and n) else None for p, n in zip(gp or [None] * 4, needs[6:10])]
+    gparams = [p if (need_params and n) else None
+               for p, n in zip(gp or [None] * 4, needs[6:10], strict=True)]
     return (gx, gd if needs[1] else None, None, None, None, None, *gparams,
             None, None, None, None, None)
 

@@ -4,9 +4,9 @@ the ops that must refuse to be differentiated."""
 
 import pytest
 import torch
+from fastff.kernels.message import cpu_numba, gpu_triton, op, reference
 
 import fastff
-from fastff.kernels.message import cpu_numba, gpu_triton, op, reference
 from fastff.testing import tolerance
 
 BACKENDS = ["numba", "triton", "reference"]
@@ -65,7 +65,7 @@ def test_launchers_match_reference(rng, backend, dtype):
         for need in (False, True):
             got = m.cfconv_vjp(g, x, d, i, j, ptr, *p, *args, need)
             want = reference.cfconv_vjp(g64, x64, d64, i, j, ptr, *p64, *args, need)
-            for a, b in zip(got, want):
+            for a, b in zip(got, want, strict=True):
                 assert a.shape == b.shape
                 if b.numel():
                     _close(a, b, dtype)
@@ -117,12 +117,11 @@ def test_gradcheck_every_op(rng, backend):
 
 def test_third_order_cfconv(rng):
     """d^3 through cfconv (composite backward of the composite backward) matches the reference."""
-    nl, a, d, x, g, w, scale, coeffs, p = _ops(rng, "numba", 6, 3, 4)
-    for backend in ("numba", "reference"):
-        assert torch.autograd.gradgradcheck(
-            lambda d: torch.autograd.grad(
-                op.cfconv(x, d, *a, *p, 2.0, "bessel", "polynomial", "silu", backend).pow(2).sum(),
-                d, create_graph=True)[0], (d,))
+    nl, a, d, x, g, w, scale, coeffs, p = _ops(rng, "numba", 4, 2, 2)
+    assert torch.autograd.gradgradcheck(
+        lambda d: torch.autograd.grad(
+            op.cfconv(x, d, *a, *p, 2.0, "bessel", "polynomial", "silu", "numba").pow(2).sum(),
+            d, create_graph=True)[0], (d,))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
