@@ -10,8 +10,8 @@ Algorithms (as cpu_numba.py, so both backends give the same sums in the same ord
   edge loop.
 The dense filter network of ``cfconv_*`` runs as cuBLAS GEMMs on blocks of edges
 (kernels/message/dense.py). Sizes, cutoffs and counts are run-time arguments; only block sizes
-are constexpr. Block sizes: 64 features (F = 64..256 in one to four programs per row) and 64
-edges, chosen to keep register use low (``python -m fastff.aot`` reports it).
+are constexpr. Block sizes: 64 features (F = 64..256 in one to four programs per row) for the row
+kernels, 32 x 32 for the 2-D ones, chosen to keep register use low (``python -m fastff.aot`` reports it).
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ from fastff.kernels.message import dense
 from fastff.kernels.radial.gpu_triton import radial_basis as _basis
 
 BLOCK_F = 64
-BLOCK_E = 64
+# 32 edges x 32 features for the 2-D kernels: 64 x 64 spilled ~2 KB per thread in
+# _spline_edge_dot_kernel and needed 168 registers in _ggm_kernel (ptxas, sm_80 / sm_90).
+BLOCK_E = 32
+BLOCK_F2 = 32
 # Edges per block of the filter GEMMs (GPU memory is not the limit here, launch count is).
 BLOCK = 65536
 
@@ -144,7 +147,7 @@ def _spline_edge_dot_kernel(out_ptr, g_ptr, x_ptr, d_ptr, coeffs_ptr, i_ptr, j_p
 
 
 _F = {"BLOCK_F": BLOCK_F}
-_EF = {"BLOCK_E": BLOCK_E, "BLOCK_F": BLOCK_F}
+_EF = {"BLOCK_E": BLOCK_E, "BLOCK_F": BLOCK_F2}
 AOT_SPECS = [
     {"kernel": _gms_rows_kernel,
      "signature": {"out_ptr": "*fp32", "h_ptr": "*fp32", "w_ptr": "*fp32", "j_ptr": "*i64",
@@ -188,7 +191,7 @@ def _rows(out, h, w, e0, a0, a1, j, ptr):
 def _ggm_block(a, b, i, j, e0, e1):
     out = torch.empty(e1 - e0, a.shape[1], dtype=a.dtype, device=a.device)
     if e1 > e0 and a.shape[1]:
-        grid = (triton.cdiv(e1 - e0, BLOCK_E), triton.cdiv(a.shape[1], BLOCK_F))
+        grid = (triton.cdiv(e1 - e0, BLOCK_E), triton.cdiv(a.shape[1], BLOCK_F2))
         _ggm_kernel[grid](out, _c(a), _c(b), i, j, e0, e1 - e0, a.shape[0], b.shape[0],
                           a.shape[1], **_EF)
     return out
