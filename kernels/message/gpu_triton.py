@@ -11,7 +11,8 @@ Algorithms (as cpu_numba.py, so both backends give the same sums in the same ord
 The dense filter network of ``cfconv_*`` runs as cuBLAS GEMMs on blocks of edges
 (kernels/message/dense.py). Sizes, cutoffs and counts are run-time arguments; only block sizes
 are constexpr. Block sizes: 64 features (F = 64..256 in one to four programs per row) for the row
-kernels, 32 x 32 for the 2-D ones, chosen to keep register use low (``python -m fastff.aot`` reports it).
+kernels, 32 x 32 for the 2-D ones, chosen to keep register use low (``python -m fastff.aot``
+reports it).
 """
 
 from __future__ import annotations

@@ -155,21 +155,43 @@ def _cfconv_backward(ctx, grad):
     cutoff, kind, envelope, activation, backend = ctx.args
     grad = grad.contiguous()
     needs = ctx.needs_input_grad
+    need_params = any(needs[6:10])
+    if torch.is_grad_enabled():  # the backward itself is being differentiated
+        return _cfconv_backward_composite(ctx, grad)
     gx = None
     if needs[0]:  # sum over senders = rows of the mirrored edges, whose distances are d[rev]
         gx = cfconv(grad, _mirror(d, rev), i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind,
                     envelope, activation, backend)
-    need_params = any(needs[6:10])
     gd = gp = None
     if needs[1] or need_params:
-        if torch.is_grad_enabled():  # the backward itself is being differentiated
-            gd, *gp = composite_vjp(grad, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind,
-                                    envelope, activation, need_params, backend)
-        else:
-            gd, *gp = cfconv_vjp(grad, x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind,
-                                 envelope, activation, need_params, backend)
+        gd, *gp = cfconv_vjp(grad, x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope,
+                             activation, need_params, backend)
     gparams = [p if (need_params and n) else None
                for p, n in zip(gp or [None] * 4, needs[6:10], strict=True)]
+    return (gx, gd if needs[1] else None, None, None, None, None, *gparams,
+            None, None, None, None, None)
+
+
+def _cfconv_backward_composite(ctx, grad):
+    """The backward from differentiable ops: the filter of every edge is materialised once and
+    shared by the x-gradient (W(d[rev]) = W(d)[rev]: the filter acts edge by edge) and the
+    (d, parameter) gradients; the second backward is then plain autograd over these ops."""
+    x, d, i, j, ptr, rev, w1, b1, w2, b2 = ctx.saved_tensors
+    cutoff, kind, envelope, activation, backend = ctx.args
+    needs = ctx.needs_input_grad
+    need_params = any(needs[6:10])
+    gx = gd = None
+    gp: list = [None] * 4
+    if needs[0]:
+        basis = _radial.radial_basis(d, w1.shape[1], cutoff, kind, "none", 0, backend)
+        (env,) = dense.envelope(d, cutoff, envelope, 0)
+        w = dense.filter_values(basis, env, w1, b1, w2, b2, activation)
+        gx = gms(grad, _mirror(w, rev), i, j, ptr, rev, backend)
+    if needs[1] or need_params:
+        gd, *gp = composite_vjp(grad, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind,
+                                envelope, activation, need_params, backend)
+    gparams = [p if (need_params and n) else None
+               for p, n in zip(gp, needs[6:10], strict=True)]
     return (gx, gd if needs[1] else None, None, None, None, None, *gparams,
             None, None, None, None, None)
 
