@@ -134,8 +134,8 @@ def backends(device: str | torch.device | None = None, *, file=None) -> dict[str
         for dev in devices:
             try:
                 chosen = requested_backend(None, dev)
-                why = ("FASTFF_BACKEND" if os.environ.get("FASTFF_BACKEND") not in (None, "", "auto")
-                       else f"default for {dev.type}")
+                from_env = os.environ.get("FASTFF_BACKEND") not in (None, "", "auto")
+                why = "FASTFF_BACKEND" if from_env else f"default for {dev.type}"
             except ValueError as exc:
                 chosen, why = "error", str(exc)
             if chosen in BACKENDS and chosen not in op.backends:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 
 import torch
@@ -46,9 +47,13 @@ def positions(x: Tensor, name: str = "positions") -> Tensor:
         raise ValueError(f"{name} must have shape [N, 3], got {list(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating point tensor, got {x.dtype}")
-    if _value_checks and x.numel() and not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).any(dim=1).nonzero()[0, 0])
-        raise ValueError(f"{name} contains NaN or inf (first at atom {bad})")
+    # One reduction finds NaN/inf (they propagate through a sum); the exact scan runs only when
+    # the sum is not finite, which large finite values can also cause.
+    if _value_checks and x.numel() and not math.isfinite(float(x.detach().sum())):
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            bad = int((~finite).any(dim=1).nonzero()[0, 0])
+            raise ValueError(f"{name} contains NaN or inf (first at atom {bad})")
     return x
 
 
@@ -94,19 +99,21 @@ def index_range(x: Tensor, name: str, upper: int, what: str) -> None:
                              f"({what})")
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` (available physical memory for the CPU), or None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
 def fits_in_memory(num_bytes: int, what: str, device: torch.device) -> None:
     """Raise MemoryError, with the estimate, before allocating more than the device has free."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    elif device.type == "cpu":
-        try:
-            import os
-
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return
-    else:
-        return
-    if num_bytes > free:
+    free = free_memory(device)
+    if free is not None and num_bytes > free:
         raise MemoryError(f"{what} would need {num_bytes / 2**30:.2f} GiB but only "
                           f"{free / 2**30:.2f} GiB is free on {device}")

@@ -8,6 +8,7 @@ caller's back). A full list holds both (i, j, S) and (j, i, -S); a half list one
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -127,15 +128,16 @@ def _normalize_cell(cell: Tensor | None, pbc, positions: Tensor, num_systems: in
                     batched: bool):
     """(cells [B,3,3], pbc [B,3] bool) in the dtype and device of positions."""
     dev, dtype = positions.device, positions.dtype
+    b = (num_systems or 0) if batched else 1
     if cell is None:
-        cells = torch.zeros(num_systems if batched else 1, 3, 3, dtype=dtype, device=dev)
+        cells = torch.zeros(b, 3, 3, dtype=dtype, device=dev)
     else:
         if not isinstance(cell, Tensor):
             raise TypeError(f"cell must be a torch.Tensor, got {type(cell).__name__}")
         _checks.same_device("cell", cell, "positions", positions)
         _checks.same_float_dtype("cell", cell, "positions", positions)
         if cell.shape == (3, 3):
-            cells = cell.expand(num_systems if batched else 1, 3, 3)
+            cells = cell.expand(b, 3, 3)
         elif cell.dim() == 3 and cell.shape[1:] == (3, 3):
             if not batched and cell.shape[0] != 1:
                 raise ValueError(f"cell has shape {list(cell.shape)} ([B, 3, 3]) but no batch was "
@@ -170,6 +172,15 @@ def _check_periodic_cells(cells: Tensor, pbc: Tensor) -> None:
     Test: the Gram determinant of the periodic rows over the product of their squared norms
     (1 for orthogonal rows, 0 for dependent ones); non-periodic rows are ignored.
     """
+    if cells.shape[0] == 1 and cells.device.type == "cpu":
+        # one system: plain Python floats cost a few microseconds, torch ops ten times more
+        lattice, flags = cells[0].tolist(), pbc[0].tolist()
+        if not all(math.isfinite(x) for row in lattice for x in row):
+            raise ValueError("cell contains NaN or inf")
+        ratio = _hadamard_ratio([r for r, p in zip(lattice, flags, strict=True) if p])
+        if not ratio > 1e-12:
+            _singular(cells, pbc, 0)
+        return
     c = cells.detach().double()
     if not bool(torch.isfinite(c).all()):
         raise ValueError("cell contains NaN or inf")
@@ -179,11 +190,34 @@ def _check_periodic_cells(cells: Tensor, pbc: Tensor) -> None:
     ratio = torch.linalg.det(gram) / ((rows * rows).sum(-1) + aperiodic).prod(-1)
     bad = (~(ratio > 1e-12)).nonzero()  # also catches 0/0 from zero rows
     if bad.numel():
-        s = int(bad[0, 0])
-        axes = [k for k in range(3) if bool(pbc[s, k])]
-        where = "" if cells.shape[0] == 1 else f"[{s}]"
-        raise ValueError(f"cell{where} is singular along its periodic axes {axes}: "
-                         f"lattice vectors {c[s].tolist()}")
+        _singular(cells, pbc, int(bad[0, 0]))
+
+
+def _hadamard_ratio(rows: list[list[float]]) -> float:
+    """det(Gram) / prod |row|^2 for 1 to 3 rows; 1.0 for none, nan for zero rows."""
+    def dot(a, b):
+        return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+
+    if not rows:
+        return 1.0
+    g = [[dot(a, b) for b in rows] for a in rows]
+    if len(rows) == 1:
+        det = g[0][0]
+    elif len(rows) == 2:
+        det = g[0][0] * g[1][1] - g[0][1] * g[1][0]
+    else:
+        det = (g[0][0] * (g[1][1] * g[2][2] - g[1][2] * g[2][1])
+               - g[0][1] * (g[1][0] * g[2][2] - g[1][2] * g[2][0])
+               + g[0][2] * (g[1][0] * g[2][1] - g[1][1] * g[2][0]))
+    norms = math.prod(dot(r, r) for r in rows)
+    return det / norms if norms > 0 else math.nan
+
+
+def _singular(cells: Tensor, pbc: Tensor, s: int) -> None:
+    axes = [k for k in range(3) if bool(pbc[s, k])]
+    where = "" if cells.shape[0] == 1 else f"[{s}]"
+    raise ValueError(f"cell{where} is singular along its periodic axes {axes}: "
+                     f"lattice vectors {cells[s].tolist()}")
 
 
 def neighbor_list(positions: Tensor, cutoff: float, cell: Tensor | None = None, pbc=None,

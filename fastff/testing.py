@@ -59,12 +59,12 @@ def assert_same_pairs(actual, expected, *, cutoff: float, dtype: torch.dtype,
     tol = BOUNDARY[dtype]
 
     def as_dict(ijs, dist):
-        keys = pair_keys(*ijs) if dist is None else None
-        if dist is None:
-            return dict.fromkeys(keys, None)
+        """{(i, j, sx, sy, sz): distance or None}."""
         rows = torch.cat([ijs[0].view(-1, 1).long(), ijs[1].view(-1, 1).long(),
                           ijs[2].long()], dim=1).cpu().tolist()
-        return {tuple(r): float(d) for r, d in zip(rows, dist.detach().cpu().double().tolist())}
+        values = ([None] * len(rows) if dist is None
+                  else dist.detach().cpu().double().tolist())
+        return {tuple(r): d for r, d in zip(rows, values, strict=True)}
 
     a = as_dict(actual, actual_distances)
     e = as_dict(expected, expected_distances)
@@ -84,4 +84,5 @@ def assert_same_pairs(actual, expected, *, cutoff: float, dtype: torch.dtype,
         common = [k for k in e if k in a]
         da = torch.tensor([a[k] for k in common], dtype=torch.float64)
         de = torch.tensor([e[k] for k in common], dtype=torch.float64)
-        torch.testing.assert_close(da, de, **tolerance("distances", dtype))
+        rtol, atol = TOLERANCES["distances"][dtype]
+        torch.testing.assert_close(da, de, rtol=rtol, atol=atol)

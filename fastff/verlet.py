@@ -50,7 +50,8 @@ class VerletList:
         if self._nl is None or self._reference is None:
             return True
         ref = self._reference
-        if positions.shape != ref.shape or positions.dtype != ref.dtype or positions.device != ref.device:
+        if (positions.shape != ref.shape or positions.dtype != ref.dtype
+                or positions.device != ref.device):
             return True
         key = self._key
         assert key is not None
@@ -85,4 +86,5 @@ def _same(x, saved) -> bool:
     if x is None or saved is None:
         return x is None and saved is None
     x = torch.as_tensor(x)
-    return x.shape == saved.shape and x.device == saved.device and bool(torch.equal(x.detach(), saved))
+    return (x.shape == saved.shape and x.device == saved.device
+            and bool(torch.equal(x.detach(), saved)))

@@ -1,1 +1,2 @@
-"""Neighbor lists: cell lists for periodic (triclinic, small cells), mixed-pbc and batched systems."""
+"""Neighbor lists: cell lists for periodic (triclinic, small cells), mixed-pbc and batched
+systems."""

@@ -69,13 +69,14 @@ def _system_pairs(pos: Tensor, cutoff: float, cell: Tensor, pbc: Tensor, half: b
     wrap = torch.where(pbc, torch.floor(frac), torch.zeros_like(frac))  # n_a: pos = w + n_a @ cell
     wrapped = pos - wrap @ cell
     heights = cell_heights(frame)
-    # wrapped fractional coordinates differ by less than 1, hence the +1 image
-    reach = [math.ceil(cutoff / float(heights[k])) + 1 if bool(pbc[k]) else 0 for k in range(3)]
+    # Wrapped fractional coordinates differ by less than 1, so image S_k can hold a pair only if
+    # (|S_k| - 1) * h_k < cutoff, i.e. |S_k| <= ceil(cutoff / h_k).
+    reach = [math.ceil(cutoff / float(heights[k])) if bool(pbc[k]) else 0 for k in range(3)]
     found = []
     idx = torch.arange(n, device=pos.device)
     for image in itertools.product(*(range(-r, r + 1) for r in reach)):
         s = torch.tensor(image, dtype=pos.dtype, device=pos.device)
-        d = wrapped[None, :, :] + (s @ cell) - wrapped[:, None, :]  # [i, j, 3]
+        d = (wrapped[None, :, :] - wrapped[:, None, :]) + s @ cell  # [i, j, 3], antisymmetric
         close = (d * d).sum(-1) < cutoff * cutoff
         if image == (0, 0, 0):
             close &= idx[:, None] != idx[None, :]
@@ -180,5 +181,6 @@ def neighbor_reverse(i: Tensor, j: Tensor, shifts: Tensor, ptr: Tensor) -> Tenso
     mirror_key = (j * n + i) * span**3 + mirror_code
     sorted_key, order = torch.sort(key)
     pos = torch.searchsorted(sorted_key, mirror_key).clamp(max=max(key.shape[0] - 1, 0))
-    found = sorted_key[pos] == mirror_key if key.numel() else torch.zeros_like(key, dtype=torch.bool)
+    found = (sorted_key[pos] == mirror_key if key.numel()
+             else torch.zeros_like(key, dtype=torch.bool))
     return torch.where(found, order[pos], torch.full_like(pos, -1))

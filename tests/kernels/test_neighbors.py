@@ -1,0 +1,350 @@
+"""Neighbor lists: every CPU backend against the float64 brute force, and the brute force
+against ASE and vesin. Fresh random systems each run (the `rng` fixture prints its seed)."""
+
+import numpy as np
+import pytest
+import torch
+
+import fastff
+from fastff.testing import assert_same_pairs
+
+BACKENDS = ["numba", "reference"]
+
+
+def random_cell(rng, edge, skew=0.3, dtype=torch.float64):
+    """A triclinic cell with rows of length ~edge, lower-triangular with random tilts."""
+    cell = np.diag(edge * (1 + 0.2 * rng.random(3)))
+    cell[1, 0], cell[2, 0], cell[2, 1] = skew * edge * (rng.random(3) - 0.5) * 2
+    return torch.tensor(cell, dtype=dtype)
+
+
+def random_positions(rng, n, cell, spread=1.0, dtype=torch.float64):
+    """Positions inside (spread=1) or around (spread>1) the cell."""
+    frac = (rng.random((n, 3)) - 0.5) * spread + 0.5
+    return torch.tensor(frac, dtype=dtype) @ cell.to(dtype)
+
+
+def check_against_reference(positions, cutoff, cell=None, pbc=None, batch=None, *, half=False,
+                            backend="numba"):
+    nl = fastff.neighbor_list(positions, cutoff, cell, pbc, batch, half=half, backend=backend)
+    ref = fastff.neighbor_list(positions.double(), cutoff,
+                               None if cell is None else cell.double(), pbc, batch, half=half,
+                               backend="reference")
+    assert_same_pairs((nl.i, nl.j, nl.shifts), (ref.i, ref.j, ref.shifts), cutoff=cutoff,
+                      dtype=positions.dtype, actual_distances=nl.distances(positions),
+                      expected_distances=ref.distances(positions.double()))
+    check_structure(nl, positions, cell)
+    return nl, ref
+
+
+def check_structure(nl, positions, cell):
+    n = positions.shape[0]
+    assert nl.i.dtype == nl.j.dtype == nl.ptr.dtype == torch.int64
+    assert nl.shifts.dtype == torch.int32 and nl.shifts.shape == (len(nl), 3)
+    assert nl.ptr.shape == (n + 1,) and int(nl.ptr[-1]) == len(nl)
+    assert bool((nl.i[1:] >= nl.i[:-1]).all()), "pairs must be sorted by i"
+    counts = torch.bincount(nl.i, minlength=n)
+    assert torch.equal(nl.ptr[1:] - nl.ptr[:-1], counts)
+    # distances returned by the kernel equal those recomputed from positions and shifts
+    recomputed = torch.linalg.vector_norm(nl.vectors(positions, cell), dim=1)
+    torch.testing.assert_close(nl.distances(positions), recomputed,
+                               **fastff.testing.tolerance("distances", positions.dtype))
+    assert bool((recomputed < nl.cutoff * (1 + 1e-5)).all())
+    if not nl.half and len(nl):
+        r = nl.reverse
+        assert bool((r >= 0).all()), "every pair of a full list has a mirror"
+        assert torch.equal(nl.i[r], nl.j) and torch.equal(nl.j[r], nl.i)
+        assert torch.equal(nl.shifts[r], -nl.shifts)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("half", [False, True])
+@pytest.mark.parametrize("n", [0, 1, 2, 3])
+def test_tiny_systems(rng, backend, half, n):
+    cell = random_cell(rng, 3.0)
+    pos = random_positions(rng, n, cell)
+    check_against_reference(pos, 4.0, cell, half=half, backend=backend)  # images of itself
+    check_against_reference(pos, 2.0, None, half=half, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("half", [False, True])
+def test_periodic_triclinic(rng, backend, dtype, half):
+    cell = random_cell(rng, 9.0, skew=0.5)
+    pos = random_positions(rng, 60, cell, dtype=dtype)
+    check_against_reference(pos, 3.5, cell.to(dtype), half=half, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("half", [False, True])
+def test_cell_smaller_than_cutoff(rng, backend, half):
+    """Edges ~4 A with a 6 A cutoff: many images, including each atom's own."""
+    cell = random_cell(rng, 4.0, skew=0.6)
+    pos = random_positions(rng, 8, cell)
+    nl, _ = check_against_reference(pos, 6.0, cell, half=half, backend=backend)
+    assert bool(((nl.i == nl.j) & (nl.shifts != 0).any(dim=1)).any()), "self images expected"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_thin_cell_one_axis(rng, backend):
+    """A slab-like cell with one height far below the cutoff."""
+    cell = torch.diag(torch.tensor([8.0, 8.0, 1.3], dtype=torch.float64))
+    cell[2, 0] = 0.4
+    pos = random_positions(rng, 20, cell)
+    check_against_reference(pos, 3.0, cell, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pbc", [[True, True, False], [False, True, False], [True, False, True]])
+def test_mixed_pbc(rng, backend, pbc):
+    cell = random_cell(rng, 6.0)
+    for k in range(3):
+        if not pbc[k]:
+            cell[k] = 0.0  # rows of non-periodic axes may be zero
+    pos = random_positions(rng, 40, random_cell(rng, 6.0), spread=1.5)
+    check_against_reference(pos, 3.0, cell, pbc=pbc, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("half", [False, True])
+def test_no_cell(rng, backend, half):
+    pos = torch.tensor(rng.normal(size=(70, 3)) * 4)
+    nl, _ = check_against_reference(pos, 3.0, None, half=half, backend=backend)
+    assert not bool(nl.shifts.any())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_positions_outside_cell(rng, backend):
+    """Unwrapped positions: shifts stay consistent with the positions given."""
+    cell = random_cell(rng, 7.0, skew=0.4)
+    pos = random_positions(rng, 30, cell, spread=5.0)  # up to two cells away
+    check_against_reference(pos, 3.0, cell, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("half", [False, True])
+def test_batch(rng, backend, half):
+    sizes = [7, 0, 12, 5]
+    cells = torch.stack([random_cell(rng, 5.0), random_cell(rng, 5.0),
+                         random_cell(rng, 3.0), torch.zeros(3, 3, dtype=torch.float64)])
+    pbc = torch.tensor([[True, True, True], [True, True, True], [True, False, True],
+                        [False, False, False]])
+    cells[2, 1] = 0.0
+    pos = torch.cat([random_positions(rng, n, random_cell(rng, 5.0)) for n in sizes])
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    nl, _ = check_against_reference(pos, 3.5, cells, pbc, batch, half=half, backend=backend)
+    assert torch.equal(batch[nl.i], batch[nl.j]), "no pair may cross systems"
+    # each system alone gives the same pairs
+    start = 0
+    for s, n in enumerate(sizes):
+        alone = fastff.neighbor_list(pos[start:start + n], 3.5, cells[s], pbc[s], half=half,
+                                     backend=backend)
+        mine = (nl.i >= start) & (nl.i < start + n)
+        assert_same_pairs((nl.i[mine] - start, nl.j[mine] - start, nl.shifts[mine]),
+                          (alone.i, alone.j, alone.shifts), cutoff=3.5, dtype=torch.float64)
+        start += n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_is_full_filtered(rng, backend):
+    cell = random_cell(rng, 5.0)
+    pos = random_positions(rng, 25, cell)
+    full = fastff.neighbor_list(pos, 4.0, cell, backend=backend)
+    half = fastff.neighbor_list(pos, 4.0, cell, half=True, backend=backend)
+    assert 2 * len(half) == len(full)
+    s = full.shifts.long()
+    positive = (s[:, 0] > 0) | ((s[:, 0] == 0) & ((s[:, 1] > 0) | ((s[:, 1] == 0) & (s[:, 2] > 0))))
+    keep = (full.i < full.j) | ((full.i == full.j) & positive)
+    assert fastff.testing.pair_keys(full.i[keep], full.j[keep], full.shifts[keep]) == \
+        fastff.testing.pair_keys(half.i, half.j, half.shifts)
+
+
+def test_numba_is_deterministic(rng):
+    cell = random_cell(rng, 12.0)
+    pos = random_positions(rng, 3000, cell)  # above SERIAL_BELOW: the parallel kernels run
+    a = fastff.neighbor_list(pos, 4.0, cell, backend="numba")
+    b = fastff.neighbor_list(pos, 4.0, cell, backend="numba")
+    pairs = ((a.i, b.i), (a.j, b.j), (a.shifts, b.shifts), (a.distances(pos), b.distances(pos)))
+    for x, y in pairs:
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_numba_parallel_matches_reference(rng, half, monkeypatch):
+    """Small systems run the serial kernels; force the parallel ones here."""
+    from fastff.kernels.neighbors import cpu_numba
+
+    monkeypatch.setattr(cpu_numba, "SERIAL_BELOW", 0)
+    cell = random_cell(rng, 10.0)
+    pos = random_positions(rng, 400, cell, dtype=torch.float32)
+    check_against_reference(pos, 3.0, cell.float(), half=half, backend="numba")
+
+
+# ---- outside references -----------------------------------------------------------------------
+
+def _ase_atoms(pos, cell, pbc):
+    ase = pytest.importorskip("ase")
+    return ase.Atoms(positions=pos.numpy(), cell=cell.numpy(), pbc=pbc)
+
+
+@pytest.mark.parametrize("pbc", [[True, True, True], [True, False, True]])
+def test_reference_matches_ase(rng, pbc):
+    from ase.neighborlist import neighbor_list as ase_neighbor_list
+
+    cell = random_cell(rng, 4.5, skew=0.5)
+    pos = random_positions(rng, 15, cell, spread=2.0)
+    i, j, S, d = ase_neighbor_list("ijSd", _ase_atoms(pos, cell, pbc), 5.0)
+    nl = fastff.neighbor_list(pos, 5.0, cell, pbc=pbc, backend="reference")
+    assert_same_pairs((nl.i, nl.j, nl.shifts),
+                      (torch.from_numpy(i), torch.from_numpy(j), torch.from_numpy(S)),
+                      cutoff=5.0, dtype=torch.float64, actual_distances=nl.distances(pos),
+                      expected_distances=torch.from_numpy(d))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pbc", [True, False, [True, True, False]])
+def test_matches_vesin(rng, backend, pbc):
+    vesin = pytest.importorskip("vesin")
+    cell = random_cell(rng, 10.0, skew=0.4)
+    pos = random_positions(rng, 200, cell)
+    i, j, S, d = vesin.NeighborList(cutoff=3.0, full_list=True).compute(
+        pos.numpy(), cell.numpy(), pbc, "ijSd")
+    nl = fastff.neighbor_list(pos, 3.0, cell, pbc=torch.tensor(pbc).expand(3),
+                              backend=backend)
+    assert_same_pairs((nl.i, nl.j, nl.shifts),
+                      (torch.from_numpy(i.astype(np.int64)), torch.from_numpy(j.astype(np.int64)),
+                       torch.from_numpy(S)),
+                      cutoff=3.0, dtype=torch.float64, actual_distances=nl.distances(pos),
+                      expected_distances=torch.from_numpy(d))
+
+
+# ---- vectors, distances and their derivatives -------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vector_gradients_match_reference(rng, backend):
+    cell = random_cell(rng, 5.0)
+    pos = random_positions(rng, 20, cell, spread=1.5)
+    batch = torch.tensor([0] * 12 + [1] * 8)
+    cells = torch.stack([cell, random_cell(rng, 6.0)])
+    nl = fastff.neighbor_list(pos, 4.0, cells, batch=batch, backend=backend)
+    weights = torch.tensor(rng.normal(size=(len(nl), 3)))
+
+    def grads(be):
+        p = pos.clone().requires_grad_(True)
+        c = cells.clone().requires_grad_(True)
+        nl.backend = be
+        v = nl.vectors(p, c)
+        (v * weights).sum().backward()
+        return v.detach(), p.grad, c.grad
+
+    got, want = grads(backend), grads("reference")
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_vectors_and_distances(rng, backend):
+    cell = random_cell(rng, 4.0)
+    pos = random_positions(rng, 6, cell)
+    nl = fastff.neighbor_list(pos, 3.5, cell, backend=backend)
+    assert len(nl) > 0
+    p = pos.clone().requires_grad_(True)
+    c = cell.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(nl.vectors, (p, c))
+    assert torch.autograd.gradgradcheck(nl.vectors, (p, c))
+    assert torch.autograd.gradcheck(nl.distances, (p, c))
+    assert torch.autograd.gradgradcheck(nl.distances, (p, c))
+
+
+def test_stress_from_cell_gradient(rng):
+    """dE/dcell of a pair energy equals the virial sum_ij S (x) dE/dr_ij the ASE way (finite
+    differences of the energy under a strain of cell and positions)."""
+    cell = random_cell(rng, 5.0)
+    pos = random_positions(rng, 10, cell)
+    nl = fastff.neighbor_list(pos, 3.0, cell)
+
+    def energy(p, c):
+        d = nl.distances(p, c)
+        return (torch.exp(-d) * (1 - d / 3.0) ** 2).sum()
+
+    strain = torch.zeros(3, 3, dtype=torch.float64, requires_grad=True)
+    deform = torch.eye(3, dtype=torch.float64) + strain
+    e = energy(pos @ deform, cell @ deform)
+    (virial,) = torch.autograd.grad(e, strain)
+    h = 1e-6
+    fd = torch.zeros(3, 3, dtype=torch.float64)
+    for a in range(3):
+        for b in range(3):
+            eps = torch.zeros(3, 3, dtype=torch.float64)
+            eps[a, b] = h
+            fd[a, b] = (energy(pos @ (torch.eye(3, dtype=torch.float64) + eps),
+                               cell @ (torch.eye(3, dtype=torch.float64) + eps))
+                        - energy(pos @ (torch.eye(3, dtype=torch.float64) - eps),
+                                 cell @ (torch.eye(3, dtype=torch.float64) - eps))) / (2 * h)
+    torch.testing.assert_close(virial, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_cached_distances_are_not_stale(rng):
+    cell = random_cell(rng, 5.0)
+    pos = random_positions(rng, 10, cell)
+    nl = fastff.neighbor_list(pos, 3.0, cell)
+    before = nl.distances(pos).clone()
+    pos += 0.01  # in place: the version counter changes
+    after = nl.distances(pos)
+    torch.testing.assert_close(after, torch.linalg.vector_norm(nl.vectors(pos), dim=1))
+    assert not torch.equal(before, after)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(rng, backend):
+    from fastff.kernels.neighbors import op
+
+    cell = random_cell(rng, 4.0)
+    pos = random_positions(rng, 8, cell)
+    cells = cell.unsqueeze(0)
+    pbc = torch.ones(1, 3, dtype=torch.bool)
+    ptr = torch.tensor([0, 8])
+    torch.library.opcheck(op.neighbor_list, (pos, 3.0, cells, pbc, ptr, False, backend))
+    i, j, shifts, nptr, _ = op.neighbor_list(pos, 3.0, cells, pbc, ptr, False, backend)
+    p = pos.clone().requires_grad_(True)
+    c = cells.clone().requires_grad_(True)
+    torch.library.opcheck(op.pair_vectors, (p, c, None, i, j, shifts, backend))
+    g = torch.randn(i.shape[0], 3, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(op.pair_vectors_transpose, (g, 8, cells, None, i, j, shifts, backend))
+    torch.library.opcheck(op.neighbor_reverse, (i, j, shifts, nptr, backend))
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton", "reference"])
+def test_full_list_symmetric_at_the_cutoff(rng, backend):
+    """Self-images exactly one lattice vector away, with the cutoff equal to that length: the
+    rounded distance may fall on either side, but a pair and its mirror must agree."""
+    edge = float(rng.uniform(3.0, 5.0))
+    cell = torch.diag(torch.tensor([edge, edge * 1.3, edge * 1.7], dtype=torch.float64))
+    pos = random_positions(rng, 10, cell, spread=3.0)
+    nl = fastff.neighbor_list(pos, edge, cell, backend=backend)
+    assert bool((nl.reverse >= 0).all())
+
+
+# ---- property test over random geometries ----------------------------------------------------
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is in the test extra
+    given = None
+
+if given is not None:
+
+    @settings(max_examples=30, deadline=None)
+    @given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 25),
+           edge=st.floats(1.5, 9.0), skew=st.floats(0.0, 0.9), cutoff=st.floats(0.5, 6.0),
+           pbc=st.lists(st.booleans(), min_size=3, max_size=3), spread=st.floats(0.5, 4.0),
+           half=st.booleans(), single=st.booleans())
+    def test_random_geometries(seed, n, edge, skew, cutoff, pbc, spread, half, single):
+        """Any cell shape, periodicity, cutoff and atom placement: numba equals the reference."""
+        rng = np.random.default_rng(seed)
+        dtype = torch.float32 if single else torch.float64
+        cell = random_cell(rng, edge, skew=skew)
+        pos = random_positions(rng, n, cell, spread=spread, dtype=dtype)
+        check_against_reference(pos, cutoff, cell.to(dtype), pbc=pbc, half=half, backend="numba")

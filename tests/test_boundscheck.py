@@ -1,0 +1,23 @@
+"""The numba kernels never index out of bounds: rerun neighbor tests with NUMBA_BOUNDSCHECK=1.
+
+Bounds checking is a compile-time flag that numba's on-disk cache does not key on, so the
+subprocess compiles into its own cache directory.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+def test_neighbor_kernels_pass_with_boundscheck(tmp_path):
+    env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+           str(ROOT / "kernels" / "test_neighbors.py"), "-k",
+           "numba and (tiny or triclinic or smaller or mixed or batch or outside or parallel"
+           " or gradcheck or opcheck)"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout

@@ -1,0 +1,241 @@
+"""The public neighbor-list surface: bad input, VerletList reuse, memory guard, checks switch."""
+
+import numpy as np
+import pytest
+import torch
+
+import fastff
+from fastff.testing import assert_same_pairs
+
+
+def cubic(edge=5.0, dtype=torch.float64):
+    return torch.eye(3, dtype=dtype) * edge
+
+
+def random_pos(rng, n, edge=5.0, dtype=torch.float64):
+    return torch.tensor(rng.random((n, 3)) * edge, dtype=dtype)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad, error, words", [
+    (torch.zeros(4, 2), ValueError, "positions must have shape [N, 3]"),
+    (torch.zeros(4, 3, dtype=torch.int64), TypeError, "positions must be a floating point"),
+    (np.zeros((4, 3)), TypeError, "positions must be a torch.Tensor"),
+])
+def test_bad_positions(bad, error, words):
+    with pytest.raises(error, match=words.replace("[", r"\[").replace("]", r"\]")):
+        fastff.neighbor_list(bad, 2.0)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_positions(rng, value):
+    pos = random_pos(rng, 6)
+    pos[3, 1] = value
+    with pytest.raises(ValueError, match="positions contains NaN or inf .*atom 3"):
+        fastff.neighbor_list(pos, 2.0, cubic())
+
+
+@pytest.mark.parametrize("cutoff", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_cutoff(rng, cutoff):
+    with pytest.raises(ValueError, match="cutoff must be finite and positive"):
+        fastff.neighbor_list(random_pos(rng, 4), cutoff)
+
+
+def test_cutoff_not_a_number(rng):
+    with pytest.raises(TypeError, match="cutoff must be a number"):
+        fastff.neighbor_list(random_pos(rng, 4), "far")
+
+
+def test_pbc_without_cell(rng):
+    with pytest.raises(ValueError, match="pbc is True along some axis but no cell"):
+        fastff.neighbor_list(random_pos(rng, 4), 2.0, pbc=[True, False, False])
+
+
+@pytest.mark.parametrize("cell, pbc", [
+    (torch.zeros(3, 3, dtype=torch.float64), [True, True, True]),
+    (torch.tensor([[1.0, 0, 0], [2.0, 0, 0], [0, 0, 1.0]]).double(), [True, True, False]),
+    (torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 0.0]]).double(), [True, True, True]),
+])
+def test_singular_cell(rng, cell, pbc):
+    with pytest.raises(ValueError, match="cell is singular along its periodic axes"):
+        fastff.neighbor_list(random_pos(rng, 4), 2.0, cell, pbc)
+
+
+def test_singular_rows_fine_when_not_periodic(rng):
+    cell = torch.tensor([[4.0, 0, 0], [0, 0, 0], [0, 0, 0]], dtype=torch.float64)
+    nl = fastff.neighbor_list(random_pos(rng, 10), 2.0, cell, [True, False, False])
+    assert nl.num_atoms == 10
+
+
+def test_bad_cell_shape_and_dtype(rng):
+    pos = random_pos(rng, 4)
+    with pytest.raises(ValueError, match=r"cell must have shape \[3, 3\] or \[B, 3, 3\]"):
+        fastff.neighbor_list(pos, 2.0, torch.eye(2, dtype=torch.float64))
+    with pytest.raises(TypeError, match="cell has dtype torch.float32 but positions"):
+        fastff.neighbor_list(pos, 2.0, cubic(dtype=torch.float32))
+    with pytest.raises(ValueError, match="no batch was given"):
+        fastff.neighbor_list(pos, 2.0, cubic().expand(2, 3, 3))
+    with pytest.raises(ValueError, match="cell contains NaN"):
+        fastff.neighbor_list(pos, 2.0, cubic() * float("nan"))
+
+
+def test_bad_pbc(rng):
+    pos = random_pos(rng, 4)
+    with pytest.raises(ValueError, match=r"pbc must have shape \[3\]"):
+        fastff.neighbor_list(pos, 2.0, cubic(), pbc=[True, True])
+    with pytest.raises(TypeError, match="pbc must hold bools"):
+        fastff.neighbor_list(pos, 2.0, cubic(), pbc=torch.ones(3))
+
+
+def test_bad_batch(rng):
+    pos = random_pos(rng, 6)
+    with pytest.raises(ValueError, match="batch must be sorted"):
+        fastff.neighbor_list(pos, 2.0, batch=torch.tensor([0, 1, 0, 1, 1, 1]))
+    with pytest.raises(ValueError, match=r"batch must have shape \[6\]"):
+        fastff.neighbor_list(pos, 2.0, batch=torch.tensor([0, 0, 1]))
+    with pytest.raises(TypeError, match="batch must be int64"):
+        fastff.neighbor_list(pos, 2.0, batch=torch.zeros(6, dtype=torch.int32))
+    with pytest.raises(ValueError, match="negative system index"):
+        fastff.neighbor_list(pos, 2.0, batch=torch.tensor([-1, 0, 0, 0, 0, 0]))
+    with pytest.raises(ValueError, match="batch refers to 3 systems but cell holds only 2"):
+        fastff.neighbor_list(pos, 2.0, cubic().expand(2, 3, 3).clone(),
+                             batch=torch.tensor([0, 0, 1, 1, 2, 2]))
+
+
+def test_unknown_backend(rng):
+    with pytest.raises(ValueError, match="backend='cuda' is not a fastff backend"):
+        fastff.neighbor_list(random_pos(rng, 4), 2.0, backend="cuda")
+
+
+def test_backend_device_mismatch(rng, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        fastff._backend.requested_backend("triton", torch.device("cpu"))
+    with pytest.raises(ValueError, match="backend='numba' runs on CPU tensors only"):
+        fastff._backend.requested_backend("numba", torch.device("cuda"))
+
+
+def test_environment_backend(rng, monkeypatch):
+    monkeypatch.setenv("FASTFF_BACKEND", "reference")
+    assert fastff.neighbor_list(random_pos(rng, 5), 2.0).backend == "reference"
+    monkeypatch.setenv("FASTFF_BACKEND", "fortran")
+    with pytest.raises(ValueError, match="FASTFF_BACKEND='fortran' is not a fastff backend"):
+        fastff.neighbor_list(random_pos(rng, 5), 2.0)
+
+
+def test_missing_toolchain_falls_back_once(rng, monkeypatch):
+    """An op whose backend cannot be imported runs the reference, with one warning."""
+    from fastff import _backend
+
+    _backend.register("_test_missing", "neighbors", "neighbor_list")
+    monkeypatch.setitem(_backend._MODULES, "numba", "no_such_module")
+    with pytest.warns(RuntimeWarning, match="falls back to the torch reference"):
+        name, _ = _backend.resolve("_test_missing", torch.device("cpu"))
+    assert name == "reference"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.resolve("_test_missing", torch.device("cpu"))[0] == "reference"
+    del _backend._OPS["_test_missing"]
+
+
+def test_backends_table(capsys):
+    table = fastff.backends("cpu")
+    out = capsys.readouterr().out
+    assert "neighbor_list" in out and table["neighbor_list"]["cpu"][0] == "numba"
+
+
+def test_vectors_wrong_atoms(rng):
+    nl = fastff.neighbor_list(random_pos(rng, 6), 2.0, cubic())
+    with pytest.raises(ValueError, match="positions has 5 atoms but .* built for 6"):
+        nl.vectors(random_pos(rng, 5))
+
+
+def test_half_list_has_no_reverse(rng):
+    nl = fastff.neighbor_list(random_pos(rng, 6), 2.0, cubic(), half=True)
+    with pytest.raises(ValueError, match="half neighbor list has no mirror"):
+        _ = nl.reverse
+
+
+def test_too_many_pairs_reports_estimate(rng, monkeypatch):
+    """The output size is checked against free memory before it is allocated."""
+    monkeypatch.setattr("os.sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else 4096)
+    with pytest.raises(MemoryError, match=r"neighbor list \(\d+ pairs\) would need .* GiB"):
+        fastff.neighbor_list(random_pos(rng, 50), 3.0, cubic(), backend="numba")
+
+
+def test_no_checks_skips_value_scans(rng):
+    pos = random_pos(rng, 30)
+    pos[0, 0] = float("nan")
+    with fastff.no_checks():
+        nl = fastff.neighbor_list(pos, 2.0, cubic(), backend="numba")  # memory-safe, no error
+    assert nl.ptr.shape == (31,)
+    with pytest.raises(ValueError, match="NaN"):
+        fastff.neighbor_list(pos, 2.0, cubic())
+
+
+# ---- VerletList -------------------------------------------------------------------------------
+
+def test_verlet_reuses_then_rebuilds(rng):
+    cell = cubic(8.0)
+    pos = random_pos(rng, 80, 8.0)
+    verlet = fastff.VerletList(cutoff=2.5, skin=0.6)
+    first = verlet.update(pos, cell)
+    assert verlet.rebuilds == 1 and first.cutoff == pytest.approx(3.1)
+    for _ in range(5):
+        step = torch.tensor(rng.normal(size=pos.shape)) * 0.02
+        step *= torch.clamp(0.29 / step.norm(dim=1, keepdim=True), max=1.0) * 0.2
+        moved = pos + step
+        nl = verlet.update(moved, cell)
+        assert nl is first and verlet.rebuilds == 1
+        # the reused list holds every pair within the cutoff of the new positions
+        d = nl.distances(moved)
+        exact = fastff.neighbor_list(moved, 2.5, cell, backend="reference")
+        inside = d < 2.5
+        assert_same_pairs((nl.i[inside], nl.j[inside], nl.shifts[inside]),
+                          (exact.i, exact.j, exact.shifts), cutoff=2.5, dtype=torch.float64)
+    far = pos.clone()
+    far[7] += torch.tensor([0.31, 0.0, 0.0], dtype=torch.float64)  # beyond skin / 2
+    assert verlet.update(far, cell) is not first and verlet.rebuilds == 2
+
+
+def test_verlet_rebuilds_on_cell_and_wrap(rng):
+    cell = cubic(8.0)
+    pos = random_pos(rng, 40, 8.0)
+    verlet = fastff.VerletList(2.0, 0.4)
+    verlet.update(pos, cell)
+    verlet.update(pos, cell * 1.01)
+    assert verlet.rebuilds == 2
+    wrapped = pos.clone()
+    wrapped[0] += cell[0]  # the caller wrapped an atom: the old shifts would be wrong
+    nl = verlet.update(wrapped, cell * 1.01)
+    assert verlet.rebuilds == 3
+    exact = fastff.neighbor_list(wrapped, 2.0, cell * 1.01, backend="reference")
+    inside = nl.distances(wrapped) < 2.0
+    assert_same_pairs((nl.i[inside], nl.j[inside], nl.shifts[inside]),
+                      (exact.i, exact.j, exact.shifts), cutoff=2.0, dtype=torch.float64)
+
+
+def test_verlet_bad_input(rng):
+    with pytest.raises(ValueError, match="skin must be finite and >= 0"):
+        fastff.VerletList(2.0, -0.1)
+    with pytest.raises(ValueError, match="cutoff must be finite and positive"):
+        fastff.VerletList(0.0, 0.1)
+    verlet = fastff.VerletList(2.0, 0.5)
+    pos = random_pos(rng, 10)
+    verlet.update(pos, cubic())
+    bad = pos.clone()
+    bad[2, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        verlet.update(bad, cubic())
+
+
+def test_device_mismatch(rng):
+    """Tensors on different devices are named (the meta device stands in for a GPU here)."""
+    pos = random_pos(rng, 4)
+    with pytest.raises(ValueError, match="cell is on meta but positions is on cpu"):
+        fastff.neighbor_list(pos, 2.0, cubic().to("meta"))
+    with pytest.raises(ValueError, match="batch is on meta but positions is on cpu"):
+        fastff.neighbor_list(pos, 2.0, batch=torch.zeros(4, dtype=torch.int64, device="meta"))
