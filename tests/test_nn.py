@@ -6,11 +6,11 @@ import warnings
 
 import pytest
 import torch
-from fastff.kernels.message import cpu_numba, gpu_triton
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import fastff
 import fastff.nn as fnn
+from fastff.kernels.message import cpu_numba, gpu_triton
 from fastff.testing import tolerance
 
 warnings.filterwarnings("ignore", message="fastff: neighbor_list falls back")

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from numba import njit, prange
+
 from fastff.kernels.message import dense
 from fastff.kernels.radial.cpu_numba import radial_basis as _basis
-from numba import njit, prange
 
 # Edges per block of the filter GEMMs: 2048 x 128 float32 = 1 MiB per [block, F] temporary,
 # which keeps the handful of them inside L2 + L3 (measured: 1024..4096 within 5% at F = 128).

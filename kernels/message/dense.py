@@ -18,8 +18,9 @@ import math
 
 import torch
 import torch.nn.functional as tf
-from fastff.kernels.radial.reference import envelope_derivatives
 from torch import Tensor
+
+from fastff.kernels.radial.reference import envelope_derivatives
 
 ACTIVATIONS = ("shifted_softplus", "silu")
 LOG2 = math.log(2.0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from fastff.kernels.message import dense
 from fastff.kernels.radial.gpu_triton import radial_basis as _basis
 

@@ -22,11 +22,11 @@ all three paths.
 from __future__ import annotations
 
 import torch
-from fastff.kernels.message import dense
-from fastff.kernels.radial import op as _radial
 from torch import Tensor
 
 from fastff import _backend
+from fastff.kernels.message import dense
+from fastff.kernels.radial import op as _radial
 
 for _name in ("gms", "ggm", "cfconv_forward", "cfconv_vjp", "spline_conv", "spline_edge_dot"):
     _backend.register(_name, "message", _name)

@@ -6,9 +6,10 @@ small systems.
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+
 from fastff.kernels.message import dense
 from fastff.kernels.radial.reference import radial_basis as _basis
-from torch import Tensor
 
 
 def gms(h: Tensor, w: Tensor, i: Tensor, j: Tensor, ptr: Tensor) -> Tensor:

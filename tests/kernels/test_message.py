@@ -4,9 +4,9 @@ the ops that must refuse to be differentiated."""
 
 import pytest
 import torch
-from fastff.kernels.message import cpu_numba, gpu_triton, op, reference
 
 import fastff
+from fastff.kernels.message import cpu_numba, gpu_triton, op, reference
 from fastff.testing import tolerance
 
 BACKENDS = ["numba", "triton", "reference"]

@@ -3,9 +3,9 @@ against torch autograd, gradcheck / gradgradcheck / opcheck, and bad input."""
 
 import pytest
 import torch
-from fastff.kernels.radial import cpu_numba, gpu_triton, op, reference
 
 import fastff.mp as mp
+from fastff.kernels.radial import cpu_numba, gpu_triton, op, reference
 from fastff.testing import tolerance
 
 KINDS = ["gaussian", "bessel"]
