@@ -13,6 +13,7 @@ import weakref
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from fastff import _backend, _checks
 from fastff.kernels.neighbors import op as _op
@@ -62,7 +63,10 @@ class NeighborList:
             raise ValueError("a half neighbor list has no mirror pairs; build it with half=False")
         if self._reverse is None:
             name, _ = _backend.resolve("neighbor_reverse", self.i.device, self.backend)
-            self._reverse = _op.neighbor_reverse(self.i, self.j, self.shifts, self.ptr, name)
+            reverse = _op.neighbor_reverse(self.i, self.j, self.shifts, self.ptr, name)
+            if is_fake(reverse):  # computed while tracing (make_fx, export): do not keep it
+                return reverse
+            self._reverse = reverse
         return self._reverse
 
     def _cell_for(self, positions: Tensor, cell: Tensor | None) -> Tensor:

@@ -239,3 +239,16 @@ def test_device_mismatch(rng):
         fastff.neighbor_list(pos, 2.0, cubic().to("meta"))
     with pytest.raises(ValueError, match="batch is on meta but positions is on cpu"):
         fastff.neighbor_list(pos, 2.0, batch=torch.zeros(4, dtype=torch.int64, device="meta"))
+
+
+def test_reverse_traced_first_is_not_cached(rng):
+    """Reading nl.reverse first under fake tensors (tracing) must not leave a fake behind."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    pos = random_pos(rng, 12)
+    nl = fastff.neighbor_list(pos, 2.5, cubic())
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert fastff.neighbors.is_fake(nl.reverse)
+    r = nl.reverse
+    assert not fastff.neighbors.is_fake(r)
+    assert torch.equal(nl.i[r], nl.j)

@@ -1,0 +1,272 @@
+"""Drop-in message-passing modules: ``RadialFilter``, ``CFConv`` (SchNet) and ``PaiNNMessage``.
+
+Every module works on a FULL neighbor list (``fastff.neighbor_list(..., half=False)``), sorted by
+receiver; gradients flow to positions (forces), the cell (stress), features and parameters, to
+any order (force-matching training needs the second).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastff import _backend, _checks
+from fastff.kernels.message import dense
+from fastff.kernels.message import op as _mop
+from fastff.kernels.message import reference as _mref
+from fastff.kernels.radial import op as _rop
+from fastff.kernels.radial import reference as _rref
+from fastff.mp import check_basis_args
+from fastff.neighbors import NeighborList
+
+__all__ = ["CFConv", "PaiNNMessage", "RadialFilter", "TabulatedFilter"]
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _graph(module: nn.Module, positions: Tensor, nl, cutoff: float,
+           features: dict[str, tuple[Tensor, tuple]]) -> None:
+    """Shared input checks of the modules: shapes, dtypes, devices and the neighbor list."""
+    _checks.positions(positions)
+    if not isinstance(nl, NeighborList):
+        raise TypeError(f"nl must be a fastff.NeighborList, got {type(nl).__name__}")
+    if nl.half:
+        raise ValueError("nl must be a full neighbor list (half=False): message passing sums over "
+                         "both directions of every pair")
+    if nl.num_atoms != positions.shape[0]:
+        raise ValueError(f"nl was built for {nl.num_atoms} atoms but positions has "
+                         f"{positions.shape[0]}; rebuild the neighbor list for these positions")
+    if cutoff > nl.cutoff:
+        raise ValueError(f"the module's cutoff {cutoff} is larger than the neighbor list's cutoff "
+                         f"{nl.cutoff}: pairs in between would be missing")
+    if nl.i.device != positions.device:
+        raise ValueError(f"nl is on {nl.i.device} but positions is on {positions.device}")
+    for name, (x, shape) in features.items():
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        want = (positions.shape[0], *shape)
+        if tuple(x.shape) != want:
+            raise ValueError(f"{name} must have shape {list(want)} (atoms first, as positions), "
+                             f"got {list(x.shape)}")
+        _checks.same_device(name, x, "positions", positions)
+        _checks.same_float_dtype(name, x, "positions", positions)
+    for pname, p in module.named_parameters():
+        if p.dtype != positions.dtype:
+            raise TypeError(f"{type(module).__name__} parameter {pname} is {p.dtype} but positions "
+                            f"is {positions.dtype}; convert the module (.to(dtype))")
+        if p.device != positions.device:
+            raise ValueError(f"{type(module).__name__} parameter {pname} is on {p.device} but "
+                             f"positions is on {positions.device}")
+    if _checks.checks_enabled() and len(nl) and bool((nl.reverse < 0).any()):
+        raise ValueError("nl has pairs without a mirror pair; build it with fastff.neighbor_list")
+
+
+class RadialFilter(nn.Module):
+    """SchNet's filter network: ``W(r) = u(r) * Dense2(act(Dense1(basis(r))))``.
+
+    Args:
+        num_basis: K radial basis functions (> 0).
+        num_features: F outputs (> 0).
+        cutoff: where the envelope u reaches zero (length unit of the distances).
+        kind: "gaussian" or "bessel" (see :func:`fastff.mp.radial_basis`).
+        envelope: "cosine", "polynomial" or None.
+        activation: "shifted_softplus" (SchNet) or "silu".
+
+    Calling it on distances [E] returns W [E, F] (materialised: the reference semantics that
+    :class:`CFConv` computes in fused blocks).
+    """
+
+    def __init__(self, num_basis: int, num_features: int, cutoff: float, *,
+                 kind: str = "gaussian", envelope: str | None = "cosine",
+                 activation: str = "shifted_softplus"):
+        super().__init__()
+        _positive_int(num_features, "num_features")
+        self.num_basis, self.cutoff, self.kind, self.envelope = check_basis_args(
+            num_basis, cutoff, kind, envelope)
+        if activation not in dense.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {dense.ACTIVATIONS}, got {activation!r}")
+        self.num_features, self.activation = num_features, activation
+        self.dense1 = nn.Linear(num_basis, num_features)
+        self.dense2 = nn.Linear(num_features, num_features)
+
+    def params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.dense1.weight, self.dense1.bias, self.dense2.weight, self.dense2.bias
+
+    def forward(self, distances: Tensor, *, backend: str | None = None) -> Tensor:
+        """W(r) [E, F] for distances [E]; differentiable to any order."""
+        if not isinstance(distances, Tensor) or distances.dim() != 1:
+            raise ValueError("distances must be a 1-D tensor [E]")
+        name, _ = _backend.resolve("radial_basis", distances.device, backend)
+        basis = _rop.radial_basis(distances.contiguous(), self.num_basis, self.cutoff, self.kind,
+                                  "none", 0, name)
+        (env,) = dense.envelope(distances, self.cutoff, self.envelope, 0)
+        return dense.filter_values(basis, env, *self.params(), self.activation)
+
+    @torch.no_grad()
+    def tabulate(self, num_points: int = 1000) -> TabulatedFilter:
+        """A cubic (Hermite) table of W over [0, cutoff] with ``num_points`` knots.
+
+        Values and exact slopes at the knots come from the MLP in float64; the table's maximum
+        error relative to max|W| over 3 points per interval is stored in ``max_rel_error``.
+        """
+        _positive_int(num_points, "num_points")
+        if num_points < 2:
+            raise ValueError(f"num_points must be >= 2, got {num_points}")
+        p = [t.detach().double() for t in self.params()]
+        knots = torch.linspace(0.0, self.cutoff, num_points, dtype=torch.float64,
+                               device=p[0].device)
+        values, slopes = self._values_and_slopes(knots, p)
+        h = self.cutoff / (num_points - 1)
+        y0, y1, m0, m1 = values[:-1], values[1:], slopes[:-1] * h, slopes[1:] * h
+        coeffs = torch.stack([y0, m0, 3 * (y1 - y0) - 2 * m0 - m1, 2 * (y0 - y1) + m0 + m1], 1)
+        table = TabulatedFilter(coeffs, self.cutoff)
+        fractions = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64, device=knots.device)
+        probe = (knots[:-1, None] + h * fractions).reshape(-1)
+        exact, _ = self._values_and_slopes(probe, p)
+        err = (_mref.spline_matrix(probe, coeffs, self.cutoff, 0) - exact).abs().max()
+        table.max_rel_error = float(err / exact.abs().max().clamp_min(1e-300))
+        return table
+
+    def _values_and_slopes(self, r: Tensor, p) -> tuple[Tensor, Tensor]:
+        w1, b1, w2, b2 = p
+        basis = _rref.radial_basis(r, self.num_basis, self.cutoff, self.kind, "none", 0)
+        slope = _rref.radial_basis(r, self.num_basis, self.cutoff, self.kind, "none", 1)
+        env, env_slope = dense.envelope(r, self.cutoff, self.envelope, 1)
+        h = basis @ w1.t() + b1
+        y = dense.activation(h, self.activation) @ w2.t() + b2
+        dy = (dense.activation_slope(h, self.activation) * (slope @ w1.t())) @ w2.t()
+        return env[:, None] * y, env_slope[:, None] * y + env[:, None] * dy
+
+
+class TabulatedFilter(nn.Module):
+    """A filter W(r) stored as a cubic table: coeffs [P-1, 4, F] over [0, cutoff).
+
+    Calling it on distances [E] returns W [E, F] (zero at and beyond the cutoff). The table is a
+    constant: it has no gradient with respect to the filter parameters it came from.
+    """
+
+    max_rel_error: float
+
+    def __init__(self, coeffs: Tensor, cutoff: float):
+        super().__init__()
+        self.register_buffer("coeffs", coeffs.contiguous())
+        self.cutoff = float(cutoff)
+        self.max_rel_error = float("nan")
+
+    def forward(self, distances: Tensor) -> Tensor:
+        return _mref.spline_matrix(distances, self.coeffs.to(distances.dtype), self.cutoff, 0)
+
+
+class CFConv(nn.Module):
+    """Continuous-filter convolution (SchNet): ``out_i = sum_j x_j * W(r_ij)``.
+
+    Args:
+        num_features: F, width of x and of the filter.
+        num_basis: K radial basis functions of the filter network.
+        cutoff: interaction cutoff (<= the neighbor list's cutoff).
+        kind, envelope, activation: of the :class:`RadialFilter` (``self.filter``).
+        tabulate: evaluate W from a cubic table (``filter.tabulate(num_points)``, rebuilt when
+            the filter's parameters change) instead of the MLP. Inference only: the filter
+            parameters receive no gradient on this path (forces and x-gradients do).
+        num_points: knots of that table.
+        backend: "numba", "triton", "reference" or None (``FASTFF_BACKEND``, then by device).
+
+    The fused path computes W for blocks of edges inside the kernel and recomputes it in the
+    backward; no [E, F] tensor is kept. Deterministic on CPU (receiver-sorted sums, no atomics).
+    """
+
+    def __init__(self, num_features: int, num_basis: int, cutoff: float, *,
+                 kind: str = "gaussian", envelope: str | None = "cosine",
+                 activation: str = "shifted_softplus", tabulate: bool = False,
+                 num_points: int = 1000, backend: str | None = None):
+        super().__init__()
+        self.filter = RadialFilter(num_basis, num_features, cutoff, kind=kind, envelope=envelope,
+                                   activation=activation)
+        self.num_features, self.cutoff = num_features, self.filter.cutoff
+        self.tabulate, self.num_points, self.backend = bool(tabulate), num_points, backend
+        if self.tabulate:
+            _positive_int(num_points, "num_points")
+        self._table: tuple | None = None
+
+    def table(self) -> TabulatedFilter:
+        """The current table of ``filter`` (rebuilt when its parameters changed)."""
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.filter.params())
+        if self._table is None or self._table[0] != key:
+            self._table = (key, self.filter.tabulate(self.num_points))
+        return self._table[1]
+
+    def forward(self, x: Tensor, positions: Tensor, nl: NeighborList,
+                cell: Tensor | None = None) -> Tensor:
+        """x [N, F], positions [N, 3], nl full list, cell [3, 3] or None -> out [N, F]."""
+        _graph(self, positions, nl, self.cutoff, {"x": (x, (self.num_features,))})
+        d = nl.distances(positions, cell).contiguous()
+        args = (nl.i, nl.j, nl.ptr, nl.reverse)
+        if self.tabulate:
+            name, _ = _backend.resolve("spline_conv", x.device, self.backend)
+            coeffs = self.table().coeffs.to(x.dtype)
+            return _mop.spline_conv(x.contiguous(), d, None, coeffs, *args, self.cutoff, 0, name)
+        name, _ = _backend.resolve("cfconv_forward", x.device, self.backend)
+        f = self.filter
+        return _mop.cfconv(x.contiguous(), d, *args, *f.params(), self.cutoff, f.kind, f.envelope,
+                           f.activation, name)
+
+
+class PaiNNMessage(nn.Module):
+    """PaiNN's message block (Schütt et al. 2021, eq. 7-8), l <= 1.
+
+    ``phi = Dense(act(Dense(s)))`` [N, 3F] and ``W(r) = u(r) (Dense(bessel(r)))`` [E, 3F] give
+    ``ds_i = sum_j (phi_j W_ij)_s`` and
+    ``dv_i = sum_j (phi_j W_ij)_vv * v_j + (phi_j W_ij)_vs * r_ij / |r_ij|``.
+
+    Args:
+        num_features: F.
+        num_basis: K Bessel functions (PaiNN uses 20).
+        cutoff: cosine-envelope cutoff (<= the neighbor list's).
+        backend: as for :class:`CFConv`.
+
+    forward(s [N, F], v [N, 3, F], positions [N, 3], nl, cell=None) -> (ds [N, F], dv [N, 3, F]).
+    Rotation equivariant: rotating positions and v rotates dv and leaves ds unchanged. The sums
+    are the fused, deterministic ``gms`` segment sums; the per-edge filter and its products are
+    [E, 7F] temporaries (this block is not fused further yet).
+    """
+
+    def __init__(self, num_features: int, num_basis: int = 20, cutoff: float = 5.0, *,
+                 backend: str | None = None):
+        super().__init__()
+        _positive_int(num_features, "num_features")
+        self.num_basis, self.cutoff, _, _ = check_basis_args(num_basis, cutoff, "bessel",
+                                                             "cosine")
+        self.num_features, self.backend = num_features, backend
+        self.context = nn.Sequential(nn.Linear(num_features, num_features), nn.SiLU(),
+                                     nn.Linear(num_features, 3 * num_features))
+        self.filter = nn.Linear(num_basis, 3 * num_features)
+
+    def forward(self, s: Tensor, v: Tensor, positions: Tensor, nl: NeighborList,
+                cell: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        nf = self.num_features
+        _graph(self, positions, nl, self.cutoff, {"s": (s, (nf,)), "v": (v, (3, nf))})
+        vec = nl.vectors(positions, cell)
+        d = torch.linalg.vector_norm(vec, dim=1)
+        name, _ = _backend.resolve("gms", s.device, self.backend)
+        rname, _ = _backend.resolve("radial_basis", s.device, self.backend)
+        basis = _rop.radial_basis(d.contiguous(), self.num_basis, self.cutoff, "bessel", "none",
+                                  0, rname)
+        (env,) = dense.envelope(d, self.cutoff, "cosine", 0)
+        w = self.filter(basis) * env.unsqueeze(1)  # [E, 3F]
+        phi = self.context(s)
+        unit = vec / d.clamp_min(torch.finfo(d.dtype).tiny).unsqueeze(1)
+        w_s, w_vs, w_vv = w.split(nf, dim=1)
+        p_s, p_vs, p_vv = phi.split(nf, dim=1)
+        # one segment sum over [N, 7F] x [E, 7F]: (ds | vv-messages per axis | vs-messages per axis)
+        h = torch.cat([p_s, (p_vv.unsqueeze(1) * v).flatten(1), p_vs.repeat(1, 3)], 1)
+        we = torch.cat([w_s, w_vv.repeat(1, 3), (unit.unsqueeze(2) * w_vs.unsqueeze(1)).flatten(1)],
+                       1)
+        out = _mop.gms(h.contiguous(), we.contiguous(), nl.i, nl.j, nl.ptr, nl.reverse, name)
+        ds = out[:, :nf]
+        dv = (out[:, nf:4 * nf] + out[:, 4 * nf:]).view(-1, 3, nf)
+        return ds, dv
+

@@ -1,0 +1,195 @@
+"""Message passing on CPU with numba: receiver-sorted segment sums, fused gathers, spline tables.
+
+Algorithms:
+* ``gms`` (gather-multiply-segment-sum) walks the CSR rows of a full neighbor list sorted by
+  receiver, one row per ``prange`` iteration, so each output row has exactly one writer: no
+  atomics, bitwise deterministic. ``ggm`` (its edge-product partner) is one edge per iteration.
+* ``cfconv_forward`` / ``cfconv_vjp`` run SchNet's filter network as BLAS GEMMs on blocks of
+  ``BLOCK`` edges (kernels/message/dense.py) and fuse the gather, the product with x_j and the
+  segment sum into ``_gms_rows``; no [E, F] tensor is ever held, and the backward recomputes the
+  filter. A scalar per-edge MLP loop in numba would lose to BLAS by ~10x at F = 128.
+* ``spline_conv`` / ``spline_edge_dot`` evaluate a cubic table of W(r) (F values per knot) inside
+  the edge loop: a few multiply-adds per feature, no GEMM at all (inference path).
+
+Tuned for F = 64..256 and 30..60 neighbours per atom on 2..16 cores. Out-of-range neighbour
+indices (possible only with value checks disabled) are skipped, never read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from fastff.kernels.message import dense
+from fastff.kernels.radial.cpu_numba import radial_basis as _basis
+
+# Edges per block of the filter GEMMs: 2048 x 128 float32 = 1 MiB per [block, F] temporary,
+# which keeps the handful of them inside L2 + L3 (measured: 1024..4096 within 5% at F = 128).
+BLOCK = 2048
+
+
+@njit(cache=True, parallel=True)
+def _gms_rows(out, h, w, j, ptr, e0, a0, a1):
+    """out[a] += sum over edges e of row a inside [e0, e0 + len(w)) of h[j_e] * w[e - e0]."""
+    e1 = e0 + w.shape[0]
+    n_h = h.shape[0]
+    nf = h.shape[1]
+    for a in prange(a0, a1 + 1):
+        lo = max(ptr[a], e0)
+        hi = min(ptr[a + 1], e1)
+        for e in range(lo, hi):
+            src = j[e]
+            if src < 0 or src >= n_h:
+                continue
+            for f in range(nf):
+                out[a, f] += h[src, f] * w[e - e0, f]
+
+
+@njit(cache=True, parallel=True)
+def _ggm(a, b, i, j, e0, out):
+    nf = a.shape[1]
+    for k in prange(out.shape[0]):
+        e = e0 + k
+        ia, jb = i[e], j[e]
+        if ia < 0 or ia >= a.shape[0] or jb < 0 or jb >= b.shape[0]:
+            for f in range(nf):
+                out[k, f] = 0.0
+            continue
+        for f in range(nf):
+            out[k, f] = a[ia, f] * b[jb, f]
+
+
+def _np(t: torch.Tensor):
+    return t.detach().contiguous().numpy()
+
+
+def _rows(out, h, w, e0, a0, a1, j, ptr):
+    _gms_rows(out.numpy(), _np(h), _np(w), j, ptr, e0, a0, a1)
+
+
+def gms(h, w, i, j, ptr):
+    """Launcher: out[a] = sum_{e in row a} h[j_e] * w_e, [N, F]."""
+    out = h.new_zeros(ptr.shape[0] - 1, h.shape[1])
+    if w.shape[0]:
+        _rows(out, h, w, 0, 0, ptr.shape[0] - 2, _np(j), _np(ptr))
+    return out
+
+
+def ggm(a, b, i, j):
+    """Launcher: out[e] = a[i_e] * b[j_e], [E, F]."""
+    out = a.new_empty(i.shape[0], a.shape[1])
+    if i.shape[0]:
+        _ggm(_np(a), _np(b), _np(i), _np(j), 0, out.numpy())
+    return out
+
+
+def cfconv_forward(x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act):
+    """Launcher: out[a] = sum_{e in row a} x[j_e] * W(d_e), [N, F]; see README.md."""
+    if d.shape[0] == 0:
+        return x.new_zeros(ptr.shape[0] - 1, x.shape[1])
+    jn, pn = _np(j), _np(ptr)
+    xc = x.detach().contiguous()
+    with torch.no_grad():
+        return dense.blocked_forward(
+            xc, d.detach(), i, ptr, (w1.detach(), b1.detach(), w2.detach(), b2.detach()),
+            cutoff, kind, envelope, act, _basis,
+            lambda out, h, w, e0, a0, a1: _rows(out, h, w, e0, a0, a1, jn, pn), BLOCK)
+
+
+def cfconv_vjp(g, x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act, need_params):
+    """Launcher: (grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of sum <g, out>."""
+    i_n, j_n = _np(i), _np(j)
+    gc, xc = _np(g), _np(x)
+
+    def product(g_, x_, e0, e1):
+        out = torch.empty(e1 - e0, g_.shape[1], dtype=g_.dtype)
+        _ggm(gc, xc, i_n, j_n, e0, out.numpy())
+        return out
+
+    with torch.no_grad():
+        return dense.blocked_vjp(
+            g, x, d.detach(), i, j, (w1.detach(), b1.detach(), w2.detach(), b2.detach()),
+            cutoff, kind, envelope, act, need_params, _basis, product, BLOCK)
+
+
+@njit(cache=True, inline="always")
+def _spline_poly(t, order, inv_h):
+    """(p0, p1, p2, p3): W^(order) = sum_q p_q c_q at fractional position t."""
+    if order == 0:
+        return 1.0, t, t * t, t * t * t
+    if order == 1:
+        return 0.0, inv_h, 2.0 * t * inv_h, 3.0 * t * t * inv_h
+    if order == 2:
+        s = inv_h * inv_h
+        return 0.0, 0.0, 2.0 * s, 6.0 * t * s
+    if order == 3:
+        return 0.0, 0.0, 0.0, 6.0 * inv_h * inv_h * inv_h
+    return 0.0, 0.0, 0.0, 0.0
+
+
+@njit(cache=True, parallel=True)
+def _spline_conv(x, d, scale, has_scale, coeffs, j, ptr, cutoff, order, out):
+    n_x = x.shape[0]
+    nf = x.shape[1]
+    nint = coeffs.shape[0]
+    inv_h = nint / cutoff
+    for a in prange(ptr.shape[0] - 1):
+        for e in range(ptr[a], ptr[a + 1]):
+            r = d[e]
+            src = j[e]
+            if not r < cutoff or src < 0 or src >= n_x:
+                continue
+            s = r * inv_h
+            k = min(max(int(s), 0), nint - 1)
+            t = s - k
+            p0, p1, p2, p3 = _spline_poly(t, order, inv_h)
+            if has_scale:
+                sc = scale[e]
+                p0, p1, p2, p3 = p0 * sc, p1 * sc, p2 * sc, p3 * sc
+            for f in range(nf):
+                w = p0 * coeffs[k, 0, f] + p1 * coeffs[k, 1, f] + p2 * coeffs[k, 2, f] \
+                    + p3 * coeffs[k, 3, f]
+                out[a, f] += x[src, f] * w
+
+
+@njit(cache=True, parallel=True)
+def _spline_edge_dot(g, x, d, coeffs, i, j, cutoff, order, out):
+    nf = x.shape[1]
+    nint = coeffs.shape[0]
+    inv_h = nint / cutoff
+    for e in prange(d.shape[0]):
+        r = d[e]
+        dst, src = i[e], j[e]
+        out[e] = 0.0
+        if not r < cutoff or src < 0 or src >= x.shape[0] or dst < 0 or dst >= g.shape[0]:
+            continue
+        s = r * inv_h
+        k = min(max(int(s), 0), nint - 1)
+        t = s - k
+        p0, p1, p2, p3 = _spline_poly(t, order, inv_h)
+        acc = 0.0
+        for f in range(nf):
+            w = p0 * coeffs[k, 0, f] + p1 * coeffs[k, 1, f] + p2 * coeffs[k, 2, f] \
+                + p3 * coeffs[k, 3, f]
+            acc += g[dst, f] * x[src, f] * w
+        out[e] = acc
+
+
+def spline_conv(x, d, scale, coeffs, i, j, ptr, cutoff, order):
+    """Launcher: out[a] = sum_{e in row a} scale_e x[j_e] W^(order)(d_e), [N, F]."""
+    out = x.new_zeros(ptr.shape[0] - 1, x.shape[1])
+    if d.shape[0]:
+        sc = _np(scale) if scale is not None else np.zeros(1, dtype=_np(d).dtype)
+        _spline_conv(_np(x), _np(d), sc, scale is not None, _np(coeffs), _np(j), _np(ptr),
+                     float(cutoff), int(order), out.numpy())
+    return out
+
+
+def spline_edge_dot(g, x, d, coeffs, i, j, cutoff, order):
+    """Launcher: out[e] = <g[i_e] * x[j_e], W^(order)(d_e)>, [E]."""
+    out = d.new_empty(d.shape[0])
+    if d.shape[0]:
+        _spline_edge_dot(_np(g), _np(x), _np(d), _np(coeffs), _np(i), _np(j), float(cutoff),
+                         int(order), out.numpy())
+    return out

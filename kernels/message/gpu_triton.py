@@ -1,0 +1,262 @@
+"""Message passing on CUDA with Triton: receiver-row segment sums, edge products, spline tables.
+
+Algorithms (as cpu_numba.py, so both backends give the same sums in the same order):
+* ``_gms_rows_kernel``: one program per (receiver row, block of features) walks the row's edges
+  and accumulates in registers; each output row has one writer, so no atomics are needed and the
+  result is deterministic (at the price of load imbalance for very uneven rows, which MLFF
+  graphs at liquid density do not have).
+* ``_ggm_kernel``: one program per block of edges x features.
+* ``_spline_conv_kernel`` / ``_spline_edge_dot_kernel``: the cubic table evaluated inside the
+  edge loop.
+The dense filter network of ``cfconv_*`` runs as cuBLAS GEMMs on blocks of edges
+(kernels/message/dense.py). Sizes, cutoffs and counts are run-time arguments; only block sizes
+are constexpr. Block sizes: 64 features (F = 64..256 in one to four programs per row) for the row
+kernels, 32 x 32 for the 2-D ones, chosen to keep register use low (``python -m fastff.aot``
+reports it).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastff.kernels.message import dense
+from fastff.kernels.radial.gpu_triton import radial_basis as _basis
+
+BLOCK_F = 64
+# 32 edges x 32 features for the 2-D kernels: 64 x 64 spilled ~2 KB per thread in
+# _spline_edge_dot_kernel and needed 168 registers in _ggm_kernel (ptxas, sm_80 / sm_90).
+BLOCK_E = 32
+BLOCK_F2 = 32
+# Edges per block of the filter GEMMs (GPU memory is not the limit here, launch count is).
+BLOCK = 65536
+
+
+@triton.jit
+def _gms_rows_kernel(out_ptr, h_ptr, w_ptr, j_ptr, ptr_ptr, e0, e1, a0, n_h, nf,
+                     BLOCK_F: tl.constexpr):
+    a = a0 + tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    fmask = offs < nf
+    lo = tl.maximum(tl.load(ptr_ptr + a), e0)
+    hi = tl.minimum(tl.load(ptr_ptr + a + 1), e1)
+    acc = tl.zeros((BLOCK_F,), dtype=tl.float32).to(out_ptr.dtype.element_ty)
+    for e in range(lo, hi):
+        src = tl.load(j_ptr + e)
+        ok = (src >= 0) & (src < n_h)
+        src = tl.where(ok, src, 0)
+        hv = tl.load(h_ptr + src * nf + offs, mask=fmask & ok, other=0.0)
+        wv = tl.load(w_ptr + (e - e0) * nf + offs, mask=fmask, other=0.0)
+        acc += hv * wv
+    row = out_ptr + a * nf + offs
+    tl.store(row, tl.load(row, mask=fmask, other=0.0) + acc, mask=fmask)
+
+
+@triton.jit
+def _ggm_kernel(out_ptr, a_ptr, b_ptr, i_ptr, j_ptr, e0, num, n_a, n_b, nf,
+                BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr):
+    k = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    emask = k < num
+    ia = tl.load(i_ptr + e0 + k, mask=emask, other=0)
+    jb = tl.load(j_ptr + e0 + k, mask=emask, other=0)
+    ok = emask & (ia >= 0) & (ia < n_a) & (jb >= 0) & (jb < n_b)
+    ia = tl.where(ok, ia, 0)
+    jb = tl.where(ok, jb, 0)
+    m = ok[:, None] & (offs[None, :] < nf)
+    av = tl.load(a_ptr + ia[:, None] * nf + offs[None, :], mask=m, other=0.0)
+    bv = tl.load(b_ptr + jb[:, None] * nf + offs[None, :], mask=m, other=0.0)
+    tl.store(out_ptr + k[:, None] * nf + offs[None, :], av * bv,
+             mask=emask[:, None] & (offs[None, :] < nf))
+
+
+@triton.jit
+def _spline_weights(r, cutoff, nint, order):
+    inv_h = nint / cutoff
+    s = r * inv_h
+    k = tl.minimum(tl.maximum(s.to(tl.int32), 0), nint - 1)
+    t = s - k
+    one = t * 0.0 + 1.0
+    zero = t * 0.0
+    p0 = tl.where(order == 0, one, zero)
+    p1 = tl.where(order == 0, t, tl.where(order == 1, inv_h * one, zero))
+    p2 = tl.where(order == 0, t * t, tl.where(order == 1, 2.0 * t * inv_h,
+                  tl.where(order == 2, 2.0 * inv_h * inv_h * one, zero)))
+    p3 = tl.where(order == 0, t * t * t, tl.where(order == 1, 3.0 * t * t * inv_h,
+                  tl.where(order == 2, 6.0 * t * inv_h * inv_h,
+                           tl.where(order == 3, 6.0 * inv_h * inv_h * inv_h * one, zero))))
+    inside = r < cutoff
+    return (k, tl.where(inside, p0, 0.0), tl.where(inside, p1, 0.0), tl.where(inside, p2, 0.0),
+            tl.where(inside, p3, 0.0))
+
+
+@triton.jit
+def _spline_conv_kernel(out_ptr, x_ptr, d_ptr, scale_ptr, coeffs_ptr, j_ptr, ptr_ptr, cutoff_ptr,
+                        has_scale, n_x, nf, nint, order, BLOCK_F: tl.constexpr):
+    a = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    fmask = offs < nf
+    cutoff = tl.load(cutoff_ptr)
+    lo = tl.load(ptr_ptr + a)
+    hi = tl.load(ptr_ptr + a + 1)
+    acc = tl.zeros((BLOCK_F,), dtype=tl.float32).to(out_ptr.dtype.element_ty)
+    for e in range(lo, hi):
+        r = tl.load(d_ptr + e)
+        src = tl.load(j_ptr + e)
+        ok = (src >= 0) & (src < n_x)
+        src = tl.where(ok, src, 0)
+        k, p0, p1, p2, p3 = _spline_weights(r, cutoff, nint, order)
+        sc = tl.load(scale_ptr + e * has_scale)
+        sc = tl.where(has_scale != 0, sc, 1.0)
+        base = coeffs_ptr + k * 4 * nf + offs
+        w = (p0 * tl.load(base, mask=fmask, other=0.0)
+             + p1 * tl.load(base + nf, mask=fmask, other=0.0)
+             + p2 * tl.load(base + 2 * nf, mask=fmask, other=0.0)
+             + p3 * tl.load(base + 3 * nf, mask=fmask, other=0.0))
+        xv = tl.load(x_ptr + src * nf + offs, mask=fmask & ok, other=0.0)
+        acc += xv * w * sc
+    tl.store(out_ptr + a * nf + offs, acc, mask=fmask)
+
+
+@triton.jit
+def _spline_edge_dot_kernel(out_ptr, g_ptr, x_ptr, d_ptr, coeffs_ptr, i_ptr, j_ptr, cutoff_ptr,
+                            num_edges, n_g, n_x, nf, nint, order,
+                            BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr):
+    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    emask = e < num_edges
+    cutoff = tl.load(cutoff_ptr)
+    r = tl.load(d_ptr + e, mask=emask, other=0.0)
+    dst = tl.load(i_ptr + e, mask=emask, other=0)
+    src = tl.load(j_ptr + e, mask=emask, other=0)
+    ok = emask & (dst >= 0) & (dst < n_g) & (src >= 0) & (src < n_x)
+    dst = tl.where(ok, dst, 0)
+    src = tl.where(ok, src, 0)
+    k, p0, p1, p2, p3 = _spline_weights(r, cutoff, nint, order)
+    acc = r * 0.0
+    for f0 in range(0, nf, BLOCK_F):
+        offs = f0 + tl.arange(0, BLOCK_F)
+        m = ok[:, None] & (offs[None, :] < nf)
+        base = coeffs_ptr + k[:, None] * 4 * nf + offs[None, :]
+        w = (p0[:, None] * tl.load(base, mask=m, other=0.0)
+             + p1[:, None] * tl.load(base + nf, mask=m, other=0.0)
+             + p2[:, None] * tl.load(base + 2 * nf, mask=m, other=0.0)
+             + p3[:, None] * tl.load(base + 3 * nf, mask=m, other=0.0))
+        gv = tl.load(g_ptr + dst[:, None] * nf + offs[None, :], mask=m, other=0.0)
+        xv = tl.load(x_ptr + src[:, None] * nf + offs[None, :], mask=m, other=0.0)
+        acc += tl.sum(gv * xv * w, axis=1)
+    tl.store(out_ptr + e, acc, mask=emask)
+
+
+_F = {"BLOCK_F": BLOCK_F}
+_EF = {"BLOCK_E": BLOCK_E, "BLOCK_F": BLOCK_F2}
+AOT_SPECS = [
+    {"kernel": _gms_rows_kernel,
+     "signature": {"out_ptr": "*fp32", "h_ptr": "*fp32", "w_ptr": "*fp32", "j_ptr": "*i64",
+                   "ptr_ptr": "*i64", "e0": "i64", "e1": "i64", "a0": "i64", "n_h": "i64",
+                   "nf": "i32", "BLOCK_F": "constexpr"},
+     "constexprs": _F},
+    {"kernel": _ggm_kernel,
+     "signature": {"out_ptr": "*fp32", "a_ptr": "*fp32", "b_ptr": "*fp32", "i_ptr": "*i64",
+                   "j_ptr": "*i64", "e0": "i64", "num": "i32", "n_a": "i64", "n_b": "i64",
+                   "nf": "i32", "BLOCK_E": "constexpr", "BLOCK_F": "constexpr"},
+     "constexprs": _EF},
+    {"kernel": _spline_conv_kernel,
+     "signature": {"out_ptr": "*fp32", "x_ptr": "*fp32", "d_ptr": "*fp32", "scale_ptr": "*fp32",
+                   "coeffs_ptr": "*fp32", "j_ptr": "*i64", "ptr_ptr": "*i64",
+                   "cutoff_ptr": "*fp32", "has_scale": "i32", "n_x": "i64", "nf": "i32",
+                   "nint": "i32", "order": "i32", "BLOCK_F": "constexpr"},
+     "constexprs": _F},
+    {"kernel": _spline_edge_dot_kernel,
+     "signature": {"out_ptr": "*fp32", "g_ptr": "*fp32", "x_ptr": "*fp32", "d_ptr": "*fp32",
+                   "coeffs_ptr": "*fp32", "i_ptr": "*i64", "j_ptr": "*i64",
+                   "cutoff_ptr": "*fp32", "num_edges": "i32", "n_g": "i64", "n_x": "i64",
+                   "nf": "i32", "nint": "i32", "order": "i32", "BLOCK_E": "constexpr",
+                   "BLOCK_F": "constexpr"},
+     "constexprs": _EF},
+]
+
+
+def _c(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous()
+
+
+def _rows(out, h, w, e0, a0, a1, j, ptr):
+    nf = h.shape[1]
+    if a1 < a0 or nf == 0:
+        return
+    grid = (a1 - a0 + 1, triton.cdiv(nf, BLOCK_F))
+    _gms_rows_kernel[grid](out, _c(h), _c(w), j, ptr, e0, e0 + w.shape[0], a0, h.shape[0], nf,
+                           BLOCK_F=BLOCK_F)
+
+
+def _ggm_block(a, b, i, j, e0, e1):
+    out = torch.empty(e1 - e0, a.shape[1], dtype=a.dtype, device=a.device)
+    if e1 > e0 and a.shape[1]:
+        grid = (triton.cdiv(e1 - e0, BLOCK_E), triton.cdiv(a.shape[1], BLOCK_F2))
+        _ggm_kernel[grid](out, _c(a), _c(b), i, j, e0, e1 - e0, a.shape[0], b.shape[0],
+                          a.shape[1], **_EF)
+    return out
+
+
+def gms(h, w, i, j, ptr):
+    """Launcher: out[a] = sum_{e in row a} h[j_e] * w_e, [N, F]."""
+    out = h.new_zeros(ptr.shape[0] - 1, h.shape[1])
+    if w.shape[0]:
+        _rows(out, h, w, 0, 0, ptr.shape[0] - 2, _c(j), _c(ptr))
+    return out
+
+
+def ggm(a, b, i, j):
+    """Launcher: out[e] = a[i_e] * b[j_e], [E, F]."""
+    return _ggm_block(a, b, _c(i), _c(j), 0, i.shape[0])
+
+
+def cfconv_forward(x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act):
+    """Launcher: out[a] = sum_{e in row a} x[j_e] * W(d_e), [N, F]; see README.md."""
+    if d.shape[0] == 0:
+        return x.new_zeros(ptr.shape[0] - 1, x.shape[1])
+    jc, pc = _c(j), _c(ptr)
+    with torch.no_grad():
+        return dense.blocked_forward(
+            _c(x), d.detach(), i, ptr, (w1.detach(), b1.detach(), w2.detach(), b2.detach()),
+            cutoff, kind, envelope, act, _basis,
+            lambda out, h, w, e0, a0, a1: _rows(out, h, w, e0, a0, a1, jc, pc), BLOCK)
+
+
+def cfconv_vjp(g, x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act, need_params):
+    """Launcher: (grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of sum <g, out>."""
+    ic, jc = _c(i), _c(j)
+    with torch.no_grad():
+        return dense.blocked_vjp(
+            _c(g), _c(x), d.detach(), i, j, (w1.detach(), b1.detach(), w2.detach(), b2.detach()),
+            cutoff, kind, envelope, act, need_params, _basis,
+            lambda g_, x_, e0, e1: _ggm_block(g_, x_, ic, jc, e0, e1), BLOCK)
+
+
+def _cut(cutoff, like):
+    return torch.full((1,), float(cutoff), dtype=like.dtype, device=like.device)
+
+
+def spline_conv(x, d, scale, coeffs, i, j, ptr, cutoff, order):
+    """Launcher: out[a] = sum_{e in row a} scale_e x[j_e] W^(order)(d_e), [N, F]."""
+    n = ptr.shape[0] - 1
+    out = x.new_zeros(n, x.shape[1])
+    if d.shape[0] and n and x.shape[1]:
+        sc = _c(scale) if scale is not None else d.new_zeros(1)
+        grid = (n, triton.cdiv(x.shape[1], BLOCK_F))
+        _spline_conv_kernel[grid](out, _c(x), _c(d), sc, _c(coeffs), _c(j), _c(ptr),
+                                  _cut(cutoff, d), int(scale is not None), x.shape[0],
+                                  x.shape[1], coeffs.shape[0], int(order), BLOCK_F=BLOCK_F)
+    return out
+
+
+def spline_edge_dot(g, x, d, coeffs, i, j, cutoff, order):
+    """Launcher: out[e] = <g[i_e] * x[j_e], W^(order)(d_e)>, [E]."""
+    out = d.new_zeros(d.shape[0])
+    if d.shape[0]:
+        grid = (triton.cdiv(d.shape[0], BLOCK_E),)
+        _spline_edge_dot_kernel[grid](out, _c(g), _c(x), _c(d), _c(coeffs), _c(i), _c(j),
+                                      _cut(cutoff, d), d.shape[0], g.shape[0], x.shape[0],
+                                      x.shape[1], coeffs.shape[0], int(order), **_EF)
+    return out

@@ -1,0 +1,281 @@
+"""Custom ops of the message-passing family (namespace ``fastff::``), fake impls and autograd.
+
+Primitives, all over a FULL neighbor list sorted by receiver (CSR ``ptr``) with its mirror index
+``rev`` (sender-side sums become receiver-side sums over mirrored edges: no atomics on CPU):
+
+* ``gms(h, w)``: out[a] = sum_{e in row a} h[j_e] w_e (gather-multiply-segment-sum) and
+  ``ggm(a, b)``: out[e] = a[i_e] b[j_e] (its edge-product partner). The backward of each is
+  built from the two: closed under differentiation.
+* ``cfconv``: gms with SchNet's filter network W(d_e) computed inside, a block of edges at a
+  time. Its x-gradient is ``cfconv`` again on mirrored distances; its (d, parameter) gradient is
+  the fused ``cfconv_vjp`` when no graph is needed (forces at inference) and, when the backward
+  itself must be differentiable (force training, create_graph=True), the same formulas
+  written with ``ggm``, ``radial_basis`` and torch ops (kernels/message/dense.py), which are
+  differentiable to any order.
+* ``spline_conv`` / ``spline_edge_dot``: the tabulated filter; the derivative of each at order
+  n is the pair at orders n and n + 1, so every order works.
+
+Every op takes the already resolved backend name (see fastff._backend); only this file knows
+all three paths.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastff import _backend
+from fastff.kernels.message import dense
+from fastff.kernels.radial import op as _radial
+
+for _name in ("gms", "ggm", "cfconv_forward", "cfconv_vjp", "spline_conv", "spline_edge_dot"):
+    _backend.register(_name, "message", _name)
+
+
+# ---------------------------------------------------------------- gms / ggm
+@torch.library.custom_op("fastff::gms", mutates_args=())
+def gms(h: Tensor, w: Tensor, i: Tensor, j: Tensor, ptr: Tensor, rev: Tensor,
+        backend: str) -> Tensor:
+    return _backend.launcher("gms", backend)(h, w, i, j, ptr)
+
+
+@gms.register_fake
+def _(h, w, i, j, ptr, rev, backend):
+    return h.new_empty(ptr.shape[0] - 1, h.shape[1])
+
+
+@torch.library.custom_op("fastff::ggm", mutates_args=())
+def ggm(a: Tensor, b: Tensor, i: Tensor, j: Tensor, ptr: Tensor, rev: Tensor,
+        backend: str) -> Tensor:
+    return _backend.launcher("ggm", backend)(a, b, i, j)
+
+
+@ggm.register_fake
+def _(a, b, i, j, ptr, rev, backend):
+    return a.new_empty(i.shape[0], a.shape[1])
+
+
+def _graph_setup(ctx, inputs, output):
+    first, second, i, j, ptr, rev, backend = inputs
+    ctx.save_for_backward(first, second, i, j, ptr, rev)
+    ctx.backend = backend
+
+
+def _mirror(t: Tensor, rev: Tensor) -> Tensor:
+    return t.index_select(0, rev)
+
+
+def _gms_backward(ctx, grad):
+    h, w, i, j, ptr, rev = ctx.saved_tensors
+    grad = grad.contiguous()
+    gh = gw = None
+    if ctx.needs_input_grad[0]:  # sender side: rows of the mirrored edges
+        gh = gms(grad, _mirror(w, rev), i, j, ptr, rev, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        gw = ggm(grad, h, i, j, ptr, rev, ctx.backend)
+    return gh, gw, None, None, None, None, None
+
+
+def _ggm_backward(ctx, grad):
+    a, b, i, j, ptr, rev = ctx.saved_tensors
+    grad = grad.contiguous()
+    ga = gb = None
+    if ctx.needs_input_grad[0]:
+        ga = gms(b, grad, i, j, ptr, rev, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        gb = gms(a, _mirror(grad, rev), i, j, ptr, rev, ctx.backend)
+    return ga, gb, None, None, None, None, None
+
+
+gms.register_autograd(_gms_backward, setup_context=_graph_setup)
+ggm.register_autograd(_ggm_backward, setup_context=_graph_setup)
+
+
+# ---------------------------------------------------------------- cfconv
+@torch.library.custom_op("fastff::cfconv", mutates_args=())
+def cfconv(x: Tensor, d: Tensor, i: Tensor, j: Tensor, ptr: Tensor, rev: Tensor, w1: Tensor,
+           b1: Tensor, w2: Tensor, b2: Tensor, cutoff: float, kind: str, envelope: str,
+           activation: str, backend: str) -> Tensor:
+    return _backend.launcher("cfconv_forward", backend)(x, d, i, j, ptr, w1, b1, w2, b2, cutoff,
+                                                         kind, envelope, activation)
+
+
+@cfconv.register_fake
+def _(x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, activation, backend):
+    return x.new_empty(ptr.shape[0] - 1, x.shape[1])
+
+
+@torch.library.custom_op("fastff::cfconv_vjp", mutates_args=())
+def cfconv_vjp(g: Tensor, x: Tensor, d: Tensor, i: Tensor, j: Tensor, ptr: Tensor, w1: Tensor,
+               b1: Tensor, w2: Tensor, b2: Tensor, cutoff: float, kind: str, envelope: str,
+               activation: str, need_params: bool, backend: str
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _backend.launcher("cfconv_vjp", backend)(g, x, d, i, j, ptr, w1, b1, w2, b2, cutoff,
+                                                     kind, envelope, activation, need_params)
+
+
+@cfconv_vjp.register_fake
+def _(g, x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, activation, need_params,
+      backend):
+    if need_params:
+        return (d.new_empty(d.shape[0]), torch.empty_like(w1), torch.empty_like(b1),
+                torch.empty_like(w2), torch.empty_like(b2))
+    return (d.new_empty(d.shape[0]), *(d.new_empty(0) for _ in range(4)))
+
+
+def _cfconv_vjp_backward(ctx, *grads):
+    raise RuntimeError("fastff::cfconv_vjp is the no-graph fast path of cfconv's backward and "
+                       "has no derivative; differentiate cfconv with create_graph=True instead "
+                       "(that backward is built from differentiable ops)")
+
+
+cfconv_vjp.register_autograd(_cfconv_vjp_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def _cfconv_setup(ctx, inputs, output):
+    x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, activation, backend = inputs
+    ctx.save_for_backward(x, d, i, j, ptr, rev, w1, b1, w2, b2)
+    ctx.args = (cutoff, kind, envelope, activation, backend)
+
+
+def composite_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, activation,
+                  need_params, backend):
+    """The (d, parameter) gradients of cfconv from differentiable ops (materialises [E, F])."""
+    num_basis = w1.shape[1]
+    basis = _radial.radial_basis(d, num_basis, cutoff, kind, "none", 0, backend)
+    slope = _radial.radial_basis(d, num_basis, cutoff, kind, "none", 1, backend)
+    env, env_slope = dense.envelope(d, cutoff, envelope, 1)
+    u = ggm(g, x, i, j, ptr, rev, backend)
+    return dense.filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, activation,
+                            need_params)
+
+
+def _cfconv_backward(ctx, grad):
+    x, d, i, j, ptr, rev, w1, b1, w2, b2 = ctx.saved_tensors
+    cutoff, kind, envelope, activation, backend = ctx.args
+    grad = grad.contiguous()
+    needs = ctx.needs_input_grad
+    need_params = any(needs[6:10])
+    if torch.is_grad_enabled():  # the backward itself is being differentiated
+        return _cfconv_backward_composite(ctx, grad)
+    gx = None
+    if needs[0]:  # sum over senders = rows of the mirrored edges, whose distances are d[rev]
+        gx = cfconv(grad, _mirror(d, rev), i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind,
+                    envelope, activation, backend)
+    gd = gp = None
+    if needs[1] or need_params:
+        gd, *gp = cfconv_vjp(grad, x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope,
+                             activation, need_params, backend)
+    gparams = [p if (need_params and n) else None
+               for p, n in zip(gp or [None] * 4, needs[6:10], strict=True)]
+    return (gx, gd if needs[1] else None, None, None, None, None, *gparams,
+            None, None, None, None, None)
+
+
+def _cfconv_backward_composite(ctx, grad):
+    """The backward from differentiable ops: the filter of every edge is materialised once and
+    shared by the x-gradient (W(d[rev]) = W(d)[rev]: the filter acts edge by edge) and the
+    (d, parameter) gradients; the second backward is then plain autograd over these ops."""
+    x, d, i, j, ptr, rev, w1, b1, w2, b2 = ctx.saved_tensors
+    cutoff, kind, envelope, activation, backend = ctx.args
+    needs = ctx.needs_input_grad
+    need_params = any(needs[6:10])
+    gx = gd = None
+    gp: list = [None] * 4
+    if needs[0]:
+        basis = _radial.radial_basis(d, w1.shape[1], cutoff, kind, "none", 0, backend)
+        (env,) = dense.envelope(d, cutoff, envelope, 0)
+        w = dense.filter_values(basis, env, w1, b1, w2, b2, activation)
+        gx = gms(grad, _mirror(w, rev), i, j, ptr, rev, backend)
+    if needs[1] or need_params:
+        gd, *gp = composite_vjp(grad, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind,
+                                envelope, activation, need_params, backend)
+    gparams = [p if (need_params and n) else None
+               for p, n in zip(gp, needs[6:10], strict=True)]
+    return (gx, gd if needs[1] else None, None, None, None, None, *gparams,
+            None, None, None, None, None)
+
+
+cfconv.register_autograd(_cfconv_backward, setup_context=_cfconv_setup)
+
+
+# ---------------------------------------------------------------- tabulated filter
+@torch.library.custom_op("fastff::spline_conv", mutates_args=())
+def spline_conv(x: Tensor, d: Tensor, scale: Tensor | None, coeffs: Tensor, i: Tensor, j: Tensor,
+                ptr: Tensor, rev: Tensor, cutoff: float, order: int, backend: str) -> Tensor:
+    return _backend.launcher("spline_conv", backend)(x, d, scale, coeffs, i, j, ptr, cutoff,
+                                                      order)
+
+
+@spline_conv.register_fake
+def _(x, d, scale, coeffs, i, j, ptr, rev, cutoff, order, backend):
+    return x.new_empty(ptr.shape[0] - 1, x.shape[1])
+
+
+@torch.library.custom_op("fastff::spline_edge_dot", mutates_args=())
+def spline_edge_dot(g: Tensor, x: Tensor, d: Tensor, coeffs: Tensor, i: Tensor, j: Tensor,
+                    ptr: Tensor, rev: Tensor, cutoff: float, order: int, backend: str) -> Tensor:
+    return _backend.launcher("spline_edge_dot", backend)(g, x, d, coeffs, i, j, cutoff, order)
+
+
+@spline_edge_dot.register_fake
+def _(g, x, d, coeffs, i, j, ptr, rev, cutoff, order, backend):
+    return d.new_empty(d.shape[0])
+
+
+def _no_table_grad(needs_coeffs: bool) -> None:
+    if needs_coeffs:
+        raise RuntimeError("a tabulated filter (spline coeffs) has no gradient: tables are for "
+                           "inference; train with the MLP filter")
+
+
+def _spline_conv_setup(ctx, inputs, output):
+    x, d, scale, coeffs, i, j, ptr, rev, cutoff, order, backend = inputs
+    ctx.save_for_backward(x, d, scale, coeffs, i, j, ptr, rev)
+    ctx.args = (cutoff, order, backend)
+
+
+def _spline_conv_backward(ctx, grad):
+    x, d, scale, coeffs, i, j, ptr, rev = ctx.saved_tensors
+    cutoff, order, backend = ctx.args
+    needs = ctx.needs_input_grad
+    _no_table_grad(needs[3])
+    grad = grad.contiguous()
+    gx = gd = gs = None
+    if needs[0]:
+        gx = spline_conv(grad, _mirror(d, rev), None if scale is None else _mirror(scale, rev),
+                         coeffs, i, j, ptr, rev, cutoff, order, backend)
+    if needs[1]:
+        gd = spline_edge_dot(grad, x, d, coeffs, i, j, ptr, rev, cutoff, order + 1, backend)
+        if scale is not None:
+            gd = gd * scale
+    if scale is not None and needs[2]:
+        gs = spline_edge_dot(grad, x, d, coeffs, i, j, ptr, rev, cutoff, order, backend)
+    return gx, gd, gs, None, None, None, None, None, None, None, None
+
+
+def _edge_dot_setup(ctx, inputs, output):
+    g, x, d, coeffs, i, j, ptr, rev, cutoff, order, backend = inputs
+    ctx.save_for_backward(g, x, d, coeffs, i, j, ptr, rev)
+    ctx.args = (cutoff, order, backend)
+
+
+def _edge_dot_backward(ctx, grad):
+    g, x, d, coeffs, i, j, ptr, rev = ctx.saved_tensors
+    cutoff, order, backend = ctx.args
+    needs = ctx.needs_input_grad
+    _no_table_grad(needs[3])
+    grad = grad.contiguous()
+    gg = gx = gd = None
+    if needs[0]:
+        gg = spline_conv(x, d, grad, coeffs, i, j, ptr, rev, cutoff, order, backend)
+    if needs[1]:
+        gx = spline_conv(g, _mirror(d, rev), _mirror(grad, rev), coeffs, i, j, ptr, rev, cutoff,
+                         order, backend)
+    if needs[2]:
+        gd = grad * spline_edge_dot(g, x, d, coeffs, i, j, ptr, rev, cutoff, order + 1, backend)
+    return gg, gx, gd, None, None, None, None, None, None, None, None
+
+
+spline_conv.register_autograd(_spline_conv_backward, setup_context=_spline_conv_setup)
+spline_edge_dot.register_autograd(_edge_dot_backward, setup_context=_edge_dot_setup)

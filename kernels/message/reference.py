@@ -1,0 +1,78 @@
+"""Message passing in pure torch: the float64-safe definition of "correct" for every op of
+kernels/message (README.md beside this file). Materialises [E, F] tensors; meant for tests and
+small systems.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastff.kernels.message import dense
+from fastff.kernels.radial.reference import radial_basis as _basis
+
+
+def gms(h: Tensor, w: Tensor, i: Tensor, j: Tensor, ptr: Tensor) -> Tensor:
+    """out[a] = sum_{e in row a} h[j_e] * w_e, [N, F]."""
+    out = h.new_zeros(ptr.shape[0] - 1, h.shape[1])
+    return out.index_add_(0, i, h.index_select(0, j) * w)
+
+
+def ggm(a: Tensor, b: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    """out[e] = a[i_e] * b[j_e], [E, F]."""
+    return a.index_select(0, i) * b.index_select(0, j)
+
+
+def filter_matrix(d: Tensor, w1, b1, w2, b2, cutoff: float, kind: str, envelope: str,
+                  act: str) -> Tensor:
+    """W(d) [E, F]: SchNet's filter network times the envelope."""
+    basis = _basis(d, w1.shape[1], cutoff, kind, "none", 0)
+    (env,) = dense.envelope(d, cutoff, envelope, 0)
+    return dense.filter_values(basis, env, w1, b1, w2, b2, act)
+
+
+def cfconv_forward(x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act):
+    return gms(x, filter_matrix(d, w1, b1, w2, b2, cutoff, kind, envelope, act), i, j, ptr)
+
+
+def cfconv_vjp(g, x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act, need_params):
+    num_basis = w1.shape[1]
+    basis = _basis(d, num_basis, cutoff, kind, "none", 0)
+    slope = _basis(d, num_basis, cutoff, kind, "none", 1)
+    env, env_slope = dense.envelope(d, cutoff, envelope, 1)
+    out = dense.filter_vjp(ggm(g, x, i, j), basis, slope, env, env_slope, w1, b1, w2, b2, act,
+                           need_params)
+    if not need_params:
+        return (out[0], *(d.new_empty(0) for _ in range(4)))
+    return out
+
+
+def spline_weights(d: Tensor, num_intervals: int, cutoff: float, order: int):
+    """(interval k [E], weights p [E, 4]) with W^(order)(d) = sum_q p_q coeffs[k, q]."""
+    h = cutoff / num_intervals
+    s = d / h
+    k = torch.clamp(s.floor(), 0, num_intervals - 1)
+    t = s - k
+    one, zero = torch.ones_like(t), torch.zeros_like(t)
+    rows = {0: (one, t, t * t, t * t * t), 1: (zero, one, 2 * t, 3 * t * t),
+            2: (zero, zero, 2 * one, 6 * t), 3: (zero, zero, zero, 6 * one)}
+    p = torch.stack(rows.get(order, (zero,) * 4), 1) / h**order
+    p = torch.where((d < cutoff).unsqueeze(1), p, torch.zeros_like(p))
+    return k.long(), p
+
+
+def spline_matrix(d: Tensor, coeffs: Tensor, cutoff: float, order: int) -> Tensor:
+    """W^(order)(d) [E, F] from a cubic table coeffs [P-1, 4, F]."""
+    k, p = spline_weights(d, coeffs.shape[0], cutoff, order)
+    return torch.einsum("eq,eqf->ef", p, coeffs[k])
+
+
+def spline_conv(x, d, scale, coeffs, i, j, ptr, cutoff, order):
+    w = spline_matrix(d, coeffs, cutoff, order)
+    if scale is not None:
+        w = w * scale.unsqueeze(1)
+    return gms(x, w, i, j, ptr)
+
+
+def spline_edge_dot(g, x, d, coeffs, i, j, cutoff, order):
+    return (ggm(g, x, i, j) * spline_matrix(d, coeffs, cutoff, order)).sum(1)

@@ -1,0 +1,172 @@
+"""Radial bases and envelopes on CPU with numba: one pass over the edges, no temporaries.
+
+Algorithm: the closed forms of README.md evaluated per edge (Hermite recurrence for gaussians,
+Leibniz sums for the Bessel functions and for the envelope product), parallel over edges with
+``prange``. Each output element is written by exactly one thread: deterministic. Tuned for the
+sizes of MLFF edge lists (1e4..1e7 edges, K <= 128, order <= 2); the per-edge scratch is
+O(order) so any order works.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+KINDS = {"gaussian": 0, "bessel": 1}
+ENVELOPES = {"none": 0, "cosine": 1, "polynomial": 2}
+
+
+@njit(cache=True, inline="always")
+def _comb(n, m):
+    c = 1.0
+    for t in range(m):
+        c = c * (n - t) / (t + 1)
+    return c
+
+
+@njit(cache=True)
+def envelope_derivs(r, cutoff, env, order, out):
+    """out[m] = u^(m)(r) for m = 0..order."""
+    for m in range(order + 1):
+        out[m] = 0.0
+    if env == 0:
+        out[0] = 1.0
+        return
+    if r >= cutoff:
+        return
+    if env == 1:
+        w = math.pi / cutoff
+        p = 0.5
+        for m in range(order + 1):
+            out[m] = p * math.cos(w * r + m * (math.pi / 2))
+            p *= w
+        out[0] += 0.5
+    else:
+        x = r / cutoff
+        out[0] = 1.0
+        for m in range(order + 1):
+            for q, coef in ((6, -28.0), (7, 48.0), (8, -21.0)):
+                if m <= q:
+                    f = 1.0
+                    for t in range(m):
+                        f *= q - t
+                    out[m] += coef * f * x ** (q - m) / cutoff**m
+
+
+@njit(cache=True)
+def basis_derivs(r, k, num_basis, cutoff, kind, order, out):
+    """out[n] = b_k^(n)(r) for n = 0..order (k counts from 0)."""
+    if kind == 0:
+        delta = cutoff / (num_basis - 1) if num_basis > 1 else cutoff
+        s = math.sqrt(0.5) / delta
+        z = s * (r - k * delta)
+        e = math.exp(-z * z)
+        h_prev, h = 1.0, 2.0 * z
+        out[0] = e
+        p = -s
+        if order >= 1:
+            out[1] = p * h * e
+        for n in range(1, order):
+            h_prev, h = h, 2.0 * z * h - 2.0 * n * h_prev
+            p *= -s
+            out[n + 1] = p * h * e
+    else:
+        a = (k + 1) * math.pi / cutoff
+        norm = math.sqrt(2.0 / cutoff)
+        if abs(r) < 1e-12:
+            for n in range(order + 1):
+                if n % 2 == 0:
+                    sign = 1.0 if (n // 2) % 2 == 0 else -1.0
+                    out[n] = norm * a ** (n + 1) * sign / (n + 1)
+                else:
+                    out[n] = 0.0
+            return
+        for n in range(order + 1):
+            acc = 0.0
+            for m in range(n + 1):
+                f = 1.0
+                for t in range(1, n - m + 1):
+                    f *= t
+                sign = 1.0 if (n - m) % 2 == 0 else -1.0
+                acc += (_comb(n, m) * a**m * math.sin(a * r + m * (math.pi / 2)) * sign * f
+                        / r ** (n - m + 1))
+            out[n] = norm * acc
+
+
+@njit(cache=True, parallel=True)
+def _radial_fast(d, num_basis, cutoff, kind, env, order, out):
+    """Orders 0 and 1 by recurrences over k: 3 exp (gaussian) or 2 trig (bessel) calls per edge
+    instead of K, so the cost is ~2K multiply-adds per edge. Computed in float64 whatever the
+    storage dtype; the recurrences lose ~K ulp of float64, far below float32 rounding."""
+    for e in prange(d.shape[0]):
+        r = float(d[e])
+        uu = np.empty(2)
+        envelope_derivs(r, cutoff, env, 1, uu)
+        u0, u1 = uu[0], uu[1]
+        if kind == 0:
+            delta = cutoff / (num_basis - 1) if num_basis > 1 else cutoff
+            x = r / delta  # b_k = exp(-(x - k)^2 / 2), so b_{k+1} / b_k = exp(x - k - 1/2)
+            kc = min(max(int(math.floor(x + 0.5)), 0), num_basis - 1)
+            bc = math.exp(-0.5 * (x - kc) ** 2)
+            for direction in (1, -1):
+                b = bc
+                k = kc
+                step = math.exp(direction * (x - kc) - 0.5)
+                while True:
+                    if order == 0:
+                        out[e, k] = u0 * b
+                    else:
+                        out[e, k] = u1 * b + u0 * (k - x) / delta * b
+                    k += direction
+                    if k < 0 or k >= num_basis:
+                        break
+                    b *= step
+                    step *= 0.36787944117144233  # e^-1
+        else:
+            norm = math.sqrt(2.0 / cutoff)
+            th = math.pi * r / cutoff
+            if abs(r) < 1e-12:
+                for k in range(num_basis):
+                    a = (k + 1) * math.pi / cutoff
+                    out[e, k] = norm * a * u0 if order == 0 else norm * a * u1
+                continue
+            c1 = math.cos(th)
+            s_prev, s_cur = 0.0, math.sin(th)  # sin(k th), k = 0, 1
+            co_prev, co_cur = 1.0, c1  # cos(k th)
+            for k in range(num_basis):
+                a = (k + 1) * math.pi / cutoff
+                b = norm * s_cur / r
+                if order == 0:
+                    out[e, k] = u0 * b
+                else:
+                    out[e, k] = u1 * b + u0 * norm * (a * co_cur * r - s_cur) / (r * r)
+                s_prev, s_cur = s_cur, 2.0 * c1 * s_cur - s_prev
+                co_prev, co_cur = co_cur, 2.0 * c1 * co_cur - co_prev
+
+
+@njit(cache=True, parallel=True)
+def _radial_basis(d, num_basis, cutoff, kind, env, order, out):
+    for e in prange(d.shape[0]):
+        r = float(d[e])
+        u = np.empty(order + 1)
+        b = np.empty(order + 1)
+        envelope_derivs(r, cutoff, env, order, u)
+        for k in range(num_basis):
+            basis_derivs(r, k, num_basis, cutoff, kind, order, b)
+            acc = 0.0
+            for m in range(order + 1):
+                acc += _comb(order, m) * u[m] * b[order - m]
+            out[e, k] = acc
+
+
+def radial_basis(distances, num_basis: int, cutoff: float, kind: str, envelope: str, order: int):
+    """Launcher: see README.md."""
+    out = torch.empty(distances.shape[0], num_basis, dtype=distances.dtype)
+    if distances.shape[0]:
+        kernel = _radial_fast if order <= 1 else _radial_basis
+        kernel(distances.detach().contiguous().numpy(), num_basis, float(cutoff), KINDS[kind],
+               ENVELOPES[envelope], int(order), out.numpy())
+    return out

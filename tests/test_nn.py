@@ -1,0 +1,245 @@
+"""fastff.nn modules: every path against a float64 reference written with plain torch autograd
+(materialised filter, index_add), forces and force-matching training, determinism, rotation
+equivariance, the make_fx + torch.compile training route, the tabulated filter, and bad input."""
+
+import warnings
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import fastff
+import fastff.nn as fnn
+from fastff.kernels.message import cpu_numba, gpu_triton
+from fastff.testing import tolerance
+
+warnings.filterwarnings("ignore", message="fastff: neighbor_list falls back")
+
+
+def system(n, cutoff=2.5, density=0.6, dtype=torch.float64):
+    box = (n / density) ** (1 / 3)
+    pos = torch.rand(n, 3, dtype=torch.float64) * box
+    cell = (torch.eye(3, dtype=torch.float64) * box
+            + 0.2 * torch.rand(3, 3, dtype=torch.float64)).to(dtype)
+    pos = pos.to(dtype)
+    return pos, cell, fastff.neighbor_list(pos, cutoff, cell)
+
+
+def reference_cfconv(m, x, pos, nl, cell):
+    """out_i = sum_j x_j W(r_ij) with torch autograd only (no fastff backward formula)."""
+    d = torch.linalg.vector_norm(pos[nl.j] - pos[nl.i] + nl.shifts.to(pos.dtype) @ cell, dim=1)
+    w = m.filter(d, backend="reference")
+    return torch.zeros_like(x).index_add(0, nl.i, x[nl.j] * w)
+
+
+def chain(fn, m, x, pos, cell, target):
+    """(outputs, forces, d sum(out)/d params, force-loss, d loss / d params)."""
+    p = pos.clone().requires_grad_(True)
+    out = fn(x, p, cell)
+    (grad,) = torch.autograd.grad(out.sum(), p, create_graph=True)
+    forces = -grad
+    gp = torch.autograd.grad(out.sum(), list(m.parameters()), retain_graph=True)
+    loss = (forces - target).pow(2).sum()
+    gl = torch.autograd.grad(loss, list(m.parameters()))
+    return [out, forces, *gp, loss, *gl]
+
+
+def _close(got, want, kind, dtype):
+    scale = want.detach().abs().max().clamp_min(1e-30)
+    torch.testing.assert_close(got.detach().double() / scale, want.detach().double() / scale,
+                               **tolerance(kind, dtype))
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton", "reference"])
+@pytest.mark.parametrize("filt", [("gaussian", "cosine", "shifted_softplus"),
+                                  ("bessel", "polynomial", "silu")])
+def test_cfconv_training_chain_float64(rng, backend, filt, monkeypatch):
+    monkeypatch.setattr(cpu_numba, "BLOCK", 11)
+    monkeypatch.setattr(gpu_triton, "BLOCK", 11)
+    n, nf, nb = (6, 3, 4) if backend == "triton" else (24, 8, 6)
+    kind, env, act = filt
+    pos, cell, nl = system(n)
+    m = fnn.CFConv(nf, nb, 2.5, kind=kind, envelope=env, activation=act, backend=backend).double()
+    x = torch.randn(n, nf, dtype=torch.float64)
+    target = torch.randn(n, 3, dtype=torch.float64)
+    got = chain(lambda x, p, c: m(x, p, nl, c), m, x, pos, cell, target)
+    want = chain(lambda x, p, c: reference_cfconv(m, x, p, nl, c), m, x, pos, cell, target)
+    for a, b in zip(got, want, strict=True):
+        _close(a, b, "training", torch.float64)
+
+
+def test_cfconv_float32_numba(rng):
+    pos, cell, nl = system(60)
+    m = fnn.CFConv(32, 12, 2.5)
+    x = torch.randn(60, 32)
+    target = torch.randn(60, 3)
+    got = chain(lambda x, p, c: m(x, p, nl, c), m, x, pos.float(), cell.float(), target)
+    m64 = fnn.CFConv(32, 12, 2.5).double()
+    m64.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+    want = chain(lambda x, p, c: reference_cfconv(m64, x, p, nl, c), m64, x.double(), pos, cell,
+                 target.double())
+    for a, b in zip(got, want, strict=True):
+        _close(a, b, "message", torch.float32)
+
+
+def test_cfconv_deterministic(rng):
+    pos, cell, nl = system(300, density=1.0)
+    pos, cell = pos.float(), cell.float()
+    m = fnn.CFConv(32, 10, 2.5)
+    x = torch.randn(300, 32)
+    target = torch.randn(300, 3)
+    runs = [chain(lambda x, p, c: m(x, p, nl, c), m, x, pos, cell, target) for _ in range(2)]
+    mt = fnn.CFConv(32, 10, 2.5, tabulate=True)
+    mt.load_state_dict(m.state_dict())
+    tab = []
+    for _ in range(2):
+        p = pos.clone().requires_grad_(True)
+        out = mt(x, p, nl, cell)
+        tab.append([out, torch.autograd.grad(out.sum(), p)[0]])
+    for a, b in [*zip(*runs, strict=True), *zip(*tab, strict=True)]:
+        assert torch.equal(a, b)
+
+
+def test_compiled_training_matches_eager(rng):
+    pos, cell, nl = system(16)
+    m = fnn.CFConv(6, 5, 2.5).double()
+    x = torch.randn(16, 6, dtype=torch.float64)
+    target = torch.randn(16, 3, dtype=torch.float64)
+    names = [k for k, _ in m.named_parameters()]
+
+    def step(pos, *params):
+        state = dict(zip(names, params, strict=True))
+        p = pos.requires_grad_(True)
+        out = torch.func.functional_call(m, state, (x, p, nl, cell))
+        (grad,) = torch.autograd.grad(out.sum(), p, create_graph=True)
+        loss = (-grad - target).pow(2).sum()
+        return (loss.detach(), *torch.autograd.grad(loss, params))
+
+    params = [p.detach().clone().requires_grad_(True) for p in m.parameters()]
+    _ = nl.reverse  # computed once, eagerly: the lazy property must not be filled by a fake tensor
+    with fastff.no_checks():  # value checks read data, which fake tensors do not have
+        graph = make_fx(step, tracing_mode="fake", _allow_non_fake_inputs=True)(
+            pos.clone(), *params)
+    assert any("cfconv" in str(node.target) for node in graph.graph.nodes)
+    compiled = torch.compile(graph, fullgraph=True)
+    got = compiled(pos.clone(), *[p.detach().clone().requires_grad_(True) for p in params])
+    want = step(pos.clone(), *params)
+    for a, b in zip(got, want, strict=True):
+        _close(a, b, "training", torch.float64)
+
+
+def test_tabulated_filter_error_at_default_size(rng):
+    """K = 50 gaussians (width 0.1 A over 5 A), F = 32: the default table is within 1e-5."""
+    f = fnn.RadialFilter(50, 32, 5.0)
+    table = f.tabulate()
+    assert table.max_rel_error <= 1e-5
+    r = torch.rand(2000, dtype=torch.float64) * 5.5
+    want = f.double()(r)
+    _close(table(r), want, "message", torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton", "reference"])
+def test_tabulated_cfconv_matches_mlp(rng, backend):
+    n, nf = (6, 3) if backend == "triton" else (30, 16)
+    pos, cell, nl = system(n)
+    m = fnn.CFConv(nf, 8, 2.5, backend=backend).double()
+    mt = fnn.CFConv(nf, 8, 2.5, tabulate=True, num_points=2000, backend=backend).double()
+    mt.load_state_dict(m.state_dict())
+    x = torch.randn(n, nf, dtype=torch.float64, requires_grad=True)
+    results = []
+    for mod in (m, mt):
+        p = pos.clone().requires_grad_(True)
+        out = mod(x, p, nl, cell)
+        results.append([out, *torch.autograd.grad(out.pow(2).sum(), (p, x))])
+    for a, b in zip(*results, strict=True):
+        _close(a, b, "message", torch.float32)
+    # the table follows parameter updates
+    with torch.no_grad():
+        m.filter.dense2.bias.add_(1.0)
+    mt.load_state_dict(m.state_dict())
+    _close(mt(x, pos, nl, cell), m(x, pos, nl, cell), "message", torch.float32)
+
+
+def reference_painn(m, s, v, pos, nl, cell):
+    vec = pos[nl.j] - pos[nl.i] + nl.shifts.to(pos.dtype) @ cell
+    d = torch.linalg.vector_norm(vec, dim=1)
+    basis = fastff.mp.radial_basis(d, num_basis=m.num_basis, cutoff=m.cutoff, kind="bessel",
+                                   envelope="cosine", backend="reference")
+    w = basis @ m.filter.weight.t() + torch.where(d < m.cutoff, 0.5 * torch.cos(
+        torch.pi * d / m.cutoff) + 0.5, torch.zeros_like(d)).unsqueeze(1) * m.filter.bias
+    x = m.context(s)[nl.j] * w
+    nf = m.num_features
+    ds = torch.zeros_like(s).index_add(0, nl.i, x[:, :nf])
+    msg = x[:, nf:2 * nf].unsqueeze(1) * (vec / d.unsqueeze(1)).unsqueeze(2) \
+        + x[:, 2 * nf:].unsqueeze(1) * v[nl.j]
+    return ds, torch.zeros_like(v).index_add(0, nl.i, msg)
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton", "reference"])
+def test_painn_matches_reference_and_trains(rng, backend):
+    n, nf = (6, 2) if backend == "triton" else (20, 6)
+    pos, cell, nl = system(n)
+    m = fnn.PaiNNMessage(nf, 5, 2.5, backend=backend).double()
+    s = torch.randn(n, nf, dtype=torch.float64)
+    v = torch.randn(n, 3, nf, dtype=torch.float64)
+    target = torch.randn(n, 3, dtype=torch.float64)
+
+    def energy(fn):
+        def f(x, p, c):
+            ds, dv = fn(s, v, p, c)
+            return ds.pow(2) + dv.pow(2).sum(1)
+        return f
+
+    got = chain(energy(lambda s, v, p, c: m(s, v, p, nl, c)), m, s, pos, cell, target)
+    want = chain(energy(lambda s, v, p, c: reference_painn(m, s, v, p, nl, c)), m, s, pos, cell,
+                 target)
+    for a, b in zip(got, want, strict=True):
+        _close(a, b, "training", torch.float64)
+
+
+def test_painn_rotation_equivariant(rng):
+    pos, cell, nl = system(30)
+    m = fnn.PaiNNMessage(8, 6, 2.5).double()
+    s = torch.randn(30, 8, dtype=torch.float64)
+    v = torch.randn(30, 3, 8, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))
+    ds, dv = m(s, v, pos, nl, cell)
+    ds_r, dv_r = m(s, torch.einsum("ab,nbf->naf", q, v), pos @ q.T, nl, cell @ q.T)
+    torch.testing.assert_close(ds_r, ds, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dv_r, torch.einsum("ab,nbf->naf", q, dv), rtol=1e-10, atol=1e-12)
+
+
+def test_bad_input():
+    pos, cell, nl = system(12)
+    m = fnn.CFConv(4, 3, 2.5).double()
+    x = torch.randn(12, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="x must have shape"):
+        m(x[:11], pos, nl, cell)
+    with pytest.raises(ValueError, match="x must have shape"):
+        m(x[:, :3], pos, nl, cell)
+    with pytest.raises(ValueError, match="nl was built for 12 atoms"):
+        m(x[:10], pos[:10], nl, cell)
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="num_basis"):
+            fnn.CFConv(4, bad, 2.5)
+        with pytest.raises(ValueError, match="num_features"):
+            fnn.CFConv(bad, 3, 2.5)
+        with pytest.raises(ValueError, match="num_features"):
+            fnn.PaiNNMessage(bad, 3, 2.5)
+        with pytest.raises(ValueError, match="num_basis"):
+            fnn.RadialFilter(bad, 3, 2.5)
+    with pytest.raises(ValueError, match="cutoff 3.0 is larger than the neighbor list's"):
+        fnn.CFConv(4, 3, 3.0).double()(x, pos, nl, cell)
+    with pytest.raises(TypeError, match="x has dtype torch.float32"):
+        m(x.float(), pos, nl, cell)
+    with pytest.raises(TypeError, match="parameter filter.dense1.weight is torch.float32"):
+        fnn.CFConv(4, 3, 2.5)(x, pos, nl, cell)
+    with pytest.raises(ValueError, match="x is on meta"):
+        m(x.to("meta"), pos, nl, cell)
+    with pytest.raises(ValueError, match="full neighbor list"):
+        m(x, pos, fastff.neighbor_list(pos, 2.5, cell, half=True), cell)
+    p = fnn.PaiNNMessage(4, 3, 2.5).double()
+    with pytest.raises(ValueError, match="v must have shape"):
+        p(x, x, pos, nl, cell)
+    with pytest.raises(ValueError, match="s must have shape"):
+        p(x[:5], torch.zeros(12, 3, 4, dtype=torch.float64), pos, nl, cell)
