@@ -252,3 +252,27 @@ def test_reverse_traced_first_is_not_cached(rng):
     r = nl.reverse
     assert not fastff.neighbors.is_fake(r)
     assert torch.equal(nl.i[r], nl.j)
+
+
+def test_custom_op_visible_to_profiler_and_dispatch_modes(rng):
+    """Eager calls may skip the dispatcher, but profilers and dispatch modes (the machinery of
+    make_fx, export and fake tensors) must see fastff::neighbor_list."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    pos = random_pos(rng, 10)
+    with torch.profiler.profile() as prof:
+        fastff.neighbor_list(pos, 2.0, cubic())
+    assert any("fastff::neighbor_list" in e.key for e in prof.key_averages())
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as mode:
+        fastff.neighbor_list(pos, 2.0, cubic())
+    assert any("fastff.neighbor_list" in name for name in mode.seen), mode.seen

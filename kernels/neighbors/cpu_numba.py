@@ -461,7 +461,7 @@ def neighbor_list(positions, cutoff, cells, pbc, system_ptr, half):
     np_dtype = np.float32 if positions.dtype == torch.float32 else np.float64
     bytes_per_pair = 8 + 8 + 12 + np.dtype(np_dtype).itemsize
     cutoff = float(cutoff)
-    sizes = np.diff(sys_ptr)
+    sizes = sys_ptr[1:] - sys_ptr[:-1]
     if int((sizes * np.minimum(sizes, 400)).sum()) < SERIAL_BELOW:
         free = _checks.free_memory(positions.device)
         max_pairs = free // bytes_per_pair if free is not None else np.iinfo(np.int64).max
