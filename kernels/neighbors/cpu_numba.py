@@ -421,9 +421,9 @@ _pairs_serial = njit(_pairs_py)
 @njit(cache=True)
 def _small_neighbor_list(pos, cells, pbc, sys_ptr, cutoff, half, bins_per_cutoff,
                          max_bins_per_atom, max_pairs, distance_like):
-    """Grid, count, allocation and fill in one serial call: for small systems the cost is the
-    number of launches, not the work. Returns pairs == -1 arrays untouched when the count
-    exceeds max_pairs (the caller reports it)."""
+    """Grid, count, allocation and fill in one serial call: for small work the cost is the
+    number of launches, not the work. When the count exceeds ``max_pairs`` nothing is allocated
+    and empty pair arrays come back with the count, which the caller reports."""
     grid = _build_grid(pos, cells, pbc, sys_ptr, cutoff, bins_per_cutoff, max_bins_per_atom)
     (nbins, reach, thickness, orthogonal, bin_first, bin_start, order, sorted_sys, sorted_bin,
      sorted_u, sorted_pos, sorted_wrap) = grid
