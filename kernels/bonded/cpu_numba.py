@@ -60,6 +60,19 @@ def _virial(vir, t, n0, n1, n2, gx, gy, gz):
     vir[t, 2, 2] -= n2 * gz
 
 
+@njit(cache=True, inline="always")
+def _pair_gradient(g_t, vir, t, gx, gy, gz, periodic, n0, n1, n2):
+    """dE/dx of a two-atom term with dE/dr_01 = (gx, gy, gz): +g on atom 1, -g on atom 0."""
+    g_t[t, 1, 0] = gx
+    g_t[t, 1, 1] = gy
+    g_t[t, 1, 2] = gz
+    g_t[t, 0, 0] = -gx
+    g_t[t, 0, 1] = -gy
+    g_t[t, 0, 2] = -gz
+    if periodic:
+        _virial(vir, t, n0, n1, n2, gx, gy, gz)
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def _bonds(pos, cells, inv, atom_system, periodic, index, k, r0, e_t, g_t, vir, gp0, gp1):
     for t in prange(index.shape[0]):
@@ -71,14 +84,7 @@ def _bonds(pos, cells, inv, atom_system, periodic, index, k, r0, e_t, g_t, vir, 
         dev = d - r0[t]
         e_t[t] = 0.5 * k[t] * dev * dev
         f = k[t] * dev / d
-        g_t[t, 1, 0] = f * rx
-        g_t[t, 1, 1] = f * ry
-        g_t[t, 1, 2] = f * rz
-        g_t[t, 0, 0] = -f * rx
-        g_t[t, 0, 1] = -f * ry
-        g_t[t, 0, 2] = -f * rz
-        if periodic:
-            _virial(vir, t, n0, n1, n2, f * rx, f * ry, f * rz)
+        _pair_gradient(g_t, vir, t, f * rx, f * ry, f * rz, periodic, n0, n1, n2)
         gp0[t] = 0.5 * dev * dev
         gp1[t] = -k[t] * dev
 
@@ -212,14 +218,7 @@ def _pairs(pos, cells, inv, atom_system, periodic, index, qq, sig, eps, kc, e_t,
         e_t[t] = ec + eps[t] * w
         dedd = -ec * inv_d + eps[t] * 4.0 * (-12.0 * x6 * x6 + 6.0 * x6) * inv_d
         f = dedd * inv_d
-        g_t[t, 1, 0] = f * rx
-        g_t[t, 1, 1] = f * ry
-        g_t[t, 1, 2] = f * rz
-        g_t[t, 0, 0] = -f * rx
-        g_t[t, 0, 1] = -f * ry
-        g_t[t, 0, 2] = -f * rz
-        if periodic:
-            _virial(vir, t, n0, n1, n2, f * rx, f * ry, f * rz)
+        _pair_gradient(g_t, vir, t, f * rx, f * ry, f * rz, periodic, n0, n1, n2)
         gp0[t] = kc * inv_d
         gp1[t] = eps[t] * 4.0 * (12.0 * x6 * x6 - 6.0 * x6) / sig[t] if sig[t] != 0.0 else 0.0
         gp2[t] = w
