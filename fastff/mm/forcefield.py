@@ -1,8 +1,15 @@
-"""``ForceField``: the energy of an OpenMM System as a torch module with learnable parameters."""
+"""``ForceField``: a molecular-mechanics energy as a torch module with learnable parameters.
+
+Built from tensors with :meth:`ForceField.from_parameters` (one parameter group per term:
+:class:`NonbondedParameters`, :class:`BondParameters`, :class:`AngleParameters`,
+:class:`TorsionParameters`) or from an OpenMM System with :meth:`ForceField.from_openmm`, which
+reads the System's parameters into those groups and takes the same path.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +24,80 @@ OPENMM_COULOMB_CONSTANT = 138.93545764438198
 _SUPPORTED = ("NonbondedForce", "HarmonicBondForce", "HarmonicAngleForce", "PeriodicTorsionForce",
               "CMMotionRemover")
 
+_NONBONDED_METHODS = ("plain", "reaction_field")
+
+
+@dataclass
+class NonbondedParameters:
+    """Lennard-Jones + Coulomb over all pairs within ``cutoff``, with OpenMM-style exceptions.
+
+    Attributes:
+        charges: [N] (e). sigma: [N] (nm), >= 0. epsilon: [N] (kJ/mol), >= 0; combined by
+            Lorentz-Berthelot.
+        exceptions: :class:`fastff.mm.Exceptions` or a tuple (pairs int64 [X, 2], charge_prod
+            [X] (e^2), sigma [X] (nm), epsilon [X] (kJ/mol)); charge_prod = epsilon = 0 is a
+            pure exclusion. None: no exceptions.
+        cutoff: nm; None means every pair interacts (then ``method`` must be "plain" and the
+            system is not periodic).
+        method: Coulomb form within the cutoff, "reaction_field" (OpenMM's CutoffNonPeriodic /
+            CutoffPeriodic) or "plain" (1/r, OpenMM's NoCutoff when ``cutoff`` is None).
+        dielectric: reaction-field dielectric constant (>= 1; inf for a conductor).
+        switch_distance: nm, start of OpenMM's Lennard-Jones switching function; None: none.
+        dispersion_correction: add OpenMM's long-range Lennard-Jones correction (periodic only).
+        periodic: minimum-image pairs in the force field's box; None: periodic exactly when the
+            force field has a box and ``cutoff`` is finite.
+        exceptions_use_pbc: exception pair vectors take the minimum image.
+        coulomb_constant: kJ mol^-1 nm e^-2; the default is OpenMM's value.
+    """
+
+    charges: Tensor
+    sigma: Tensor
+    epsilon: Tensor
+    exceptions: _terms.Exceptions | tuple | None = None
+    cutoff: float | None = None
+    method: str = "reaction_field"
+    dielectric: float = 78.3
+    switch_distance: float | None = None
+    dispersion_correction: bool = False
+    periodic: bool | None = None
+    exceptions_use_pbc: bool = False
+    coulomb_constant: float = OPENMM_COULOMB_CONSTANT
+
+
+@dataclass
+class BondParameters:
+    """Harmonic bonds 1/2 k (r - r0)^2: index int64 [T, 2], k [T] (kJ/mol/nm^2), r0 [T] (nm);
+    ``periodic``: bond vectors take the minimum image in the force field's box."""
+
+    index: Tensor
+    k: Tensor
+    r0: Tensor
+    periodic: bool = False
+
+
+@dataclass
+class AngleParameters:
+    """Harmonic angles 1/2 k (theta - theta0)^2: index int64 [T, 3] (vertex in the middle),
+    k [T] (kJ/mol/rad^2), theta0 [T] (rad); ``periodic`` as for :class:`BondParameters`."""
+
+    index: Tensor
+    k: Tensor
+    theta0: Tensor
+    periodic: bool = False
+
+
+@dataclass
+class TorsionParameters:
+    """Periodic torsions k (1 + cos(n phi - phase)): index int64 [T, 4], k [T] (kJ/mol),
+    periodicity int64 [T] (n >= 0), phase [T] (rad); ``periodic`` as for
+    :class:`BondParameters`."""
+
+    index: Tensor
+    k: Tensor
+    periodicity: Tensor
+    phase: Tensor
+    periodic: bool = False
+
 
 def _gauss_legendre(a: float, b: float, n: int, dtype) -> tuple[Tensor, Tensor]:
     import numpy as np
@@ -26,18 +107,52 @@ def _gauss_legendre(a: float, b: float, n: int, dtype) -> tuple[Tensor, Tensor]:
     return (torch.tensor(mid + half * x, dtype=dtype), torch.tensor(half * w, dtype=dtype))
 
 
+def _parameter(values, name: str, length: int, dtype: torch.dtype) -> nn.Parameter:
+    """A fresh float parameter [length] (a copy: the module never aliases the caller's data)."""
+    t = torch.as_tensor(values).detach()
+    if t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"ForceField.from_parameters: {name} must be real numbers, got {t.dtype}")
+    t = t.to(dtype).reshape(-1)
+    if t.shape[0] != length:
+        raise ValueError(f"ForceField.from_parameters: {name} must have {length} entries, got "
+                         f"{t.shape[0]}")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"ForceField.from_parameters: {name} contains NaN or inf")
+    return nn.Parameter(t.clone())
+
+
+def _index(values, name: str, width: int, num_atoms: int) -> Tensor:
+    """int64 [T, width] atom indices, each in [0, num_atoms)."""
+    t = torch.as_tensor(values).detach()
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"ForceField.from_parameters: {name} must hold integer atom indices, got "
+                        f"{t.dtype}")
+    t = t.to(torch.int64)
+    if t.numel() == 0:
+        t = t.reshape(0, width)
+    if t.dim() != 2 or t.shape[1] != width:
+        raise ValueError(f"ForceField.from_parameters: {name} must have shape [T, {width}], got "
+                         f"{list(t.shape)}")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_atoms):
+        raise ValueError(f"ForceField.from_parameters: {name} holds atom indices outside "
+                         f"[0, {num_atoms})")
+    return t.contiguous().clone()
+
+
 class ForceField(nn.Module):
-    """Total energy of an OpenMM ``System`` (NonbondedForce with NoCutoff, CutoffNonPeriodic or
-    CutoffPeriodic, optional switching and dispersion correction; HarmonicBondForce,
-    HarmonicAngleForce, PeriodicTorsionForce; CMMotionRemover is ignored).
+    """Total MM energy: nonbonded (LJ + Coulomb with cutoff, reaction field or none; optional
+    switching and dispersion correction; exceptions), harmonic bonds, harmonic angles and
+    periodic torsions, the terms of OpenMM's NonbondedForce (NoCutoff, CutoffNonPeriodic,
+    CutoffPeriodic), HarmonicBondForce, HarmonicAngleForce and PeriodicTorsionForce.
 
     Every force-field number is an ``nn.Parameter`` (charges, sigma, epsilon, exception
     charge products / sigma / epsilon, bond k / r0, angle k / theta0, torsion k / phase), so
     parameters can be learned; the module owns a :class:`fastff.VerletList` (half list) for the
-    nonbonded pairs. Build it with :meth:`from_openmm`.
+    nonbonded pairs when there is a cutoff. Build it with :meth:`from_parameters` or
+    :meth:`from_openmm`.
     """
 
-    # parameters and buffers set by from_openmm (declared for type checkers)
+    # parameters and buffers set by from_parameters (declared for type checkers)
     charges: nn.Parameter
     sigma: nn.Parameter
     epsilon: nn.Parameter
@@ -76,114 +191,143 @@ class ForceField(nn.Module):
         self.terms: list[str] = []
 
     @classmethod
-    def from_openmm(cls, system, *, dtype: torch.dtype = torch.float64, skin: float = 0.1,
-                    backend: str | None = None) -> ForceField:
-        """Build from an ``openmm.System``.
+    def from_parameters(cls, num_atoms: int, *, box: Tensor | None = None,
+                        nonbonded: NonbondedParameters | None = None,
+                        bonds: BondParameters | None = None,
+                        angles: AngleParameters | None = None,
+                        torsions: TorsionParameters | None = None,
+                        dtype: torch.dtype = torch.float64, skin: float = 0.1,
+                        backend: str | None = None) -> ForceField:
+        """Build from parameter tensors; a term given as None is absent.
 
         Args:
-            system: the OpenMM System.
+            num_atoms: N, the number of atoms.
+            box: [3, 3] default periodic box (nm, rows are lattice vectors), used when the
+                module is called without a cell; needed by any periodic term.
+            nonbonded, bonds, angles, torsions: the terms' parameters (see their classes).
+                Values are copied into ``nn.Parameter`` objects of ``dtype``.
             dtype: float64 or float32 for parameters (and expected positions).
             skin: Verlet skin (nm) of the owned neighbor list.
             backend: kernel path for every term (None: by device).
 
         Raises:
-            ValueError: for any force or method not listed above (PME, Ewald, LJPME, custom
-                forces, ...), naming it.
+            ValueError / TypeError: naming the argument, for wrong shapes, out-of-range atom
+                indices, unknown methods, or a periodic term without a box.
         """
-        import openmm
-
+        if isinstance(num_atoms, bool) or not isinstance(num_atoms, int) or num_atoms < 0:
+            raise ValueError(f"ForceField.from_parameters: num_atoms must be an int >= 0, got "
+                             f"{num_atoms!r}")
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"ForceField.from_parameters: dtype must be torch.float32 or "
+                            f"torch.float64, got {dtype}")
         ff = cls()
         ff.backend = backend
-        ff.num_atoms = system.getNumParticles()
-        box = system.getDefaultPeriodicBoxVectors()
-        ff.register_buffer("box", torch.tensor([[v.x, v.y, v.z] for v in
-                                                [b.value_in_unit(openmm.unit.nanometer)
-                                                 for b in box]], dtype=dtype))
-        names = [f.__class__.__name__ for f in system.getForces()]
-        unsupported = [n for n in names if n not in _SUPPORTED]
-        if unsupported:
-            raise ValueError(f"ForceField.from_openmm: unsupported force(s) {unsupported}; "
-                             f"supported: {', '.join(_SUPPORTED)}")
-        if names.count("NonbondedForce") > 1:
-            raise ValueError("ForceField.from_openmm: more than one NonbondedForce")
-
-        def p(values):
-            return nn.Parameter(torch.tensor(values, dtype=dtype).reshape(-1))
-
-        def idx(values, width):
-            return torch.tensor(values, dtype=torch.int64).reshape(-1, width)
-
-        for force in system.getForces():
-            name = force.__class__.__name__
-            if name == "NonbondedForce":
-                ff._add_nonbonded(force, p, idx, dtype, skin)
-            elif name == "HarmonicBondForce":
-                rows = [force.getBondParameters(k) for k in range(force.getNumBonds())]
-                ff.register_buffer("bond_index", idx([r[:2] for r in rows], 2))
-                ff.bond_r0 = p([_v(r[2]) for r in rows])
-                ff.bond_k = p([_v(r[3]) for r in rows])
-                ff.bonds_periodic = force.usesPeriodicBoundaryConditions()
-                ff.terms.append("harmonic_bonds")
-            elif name == "HarmonicAngleForce":
-                rows = [force.getAngleParameters(k) for k in range(force.getNumAngles())]
-                ff.register_buffer("angle_index", idx([r[:3] for r in rows], 3))
-                ff.angle_theta0 = p([_v(r[3]) for r in rows])
-                ff.angle_k = p([_v(r[4]) for r in rows])
-                ff.angles_periodic = force.usesPeriodicBoundaryConditions()
-                ff.terms.append("harmonic_angles")
-            elif name == "PeriodicTorsionForce":
-                rows = [force.getTorsionParameters(k) for k in range(force.getNumTorsions())]
-                ff.register_buffer("torsion_index", idx([r[:4] for r in rows], 4))
-                ff.register_buffer("torsion_periodicity",
-                                   torch.tensor([r[4] for r in rows], dtype=torch.int64))
-                ff.torsion_phase = p([_v(r[5]) for r in rows])
-                ff.torsion_k = p([_v(r[6]) for r in rows])
-                ff.torsions_periodic = force.usesPeriodicBoundaryConditions()
-                ff.terms.append("periodic_torsions")
+        ff.num_atoms = num_atoms
+        ff.cutoff = math.inf
+        if box is None:
+            ff.register_buffer("box", torch.zeros(3, 3, dtype=dtype))
+        else:
+            b = torch.as_tensor(box).detach().to(dtype)
+            if b.shape != (3, 3) or not bool(torch.isfinite(b).all()):
+                raise ValueError(f"ForceField.from_parameters: box must be a finite [3, 3] "
+                                 f"tensor (nm), got shape {list(b.shape)}")
+            if abs(float(torch.linalg.det(b.double()))) < 1e-12:
+                raise ValueError("ForceField.from_parameters: box is singular")
+            ff.register_buffer("box", b.clone())
+        if nonbonded is not None:
+            ff._set_nonbonded(nonbonded, box is not None, dtype, skin)
+        for spec, kind in ((bonds, BondParameters), (angles, AngleParameters),
+                           (torsions, TorsionParameters)):
+            if spec is not None and not isinstance(spec, kind):
+                raise TypeError(f"ForceField.from_parameters: expected {kind.__name__}, got "
+                                f"{type(spec).__name__}")
+            if spec is not None and spec.periodic and box is None:
+                raise ValueError(f"ForceField.from_parameters: periodic {kind.__name__} need a "
+                                 "box")
+        if bonds is not None:
+            ff.register_buffer("bond_index", _index(bonds.index, "bonds.index", 2, num_atoms))
+            t = ff.bond_index.shape[0]
+            ff.bond_k = _parameter(bonds.k, "bonds.k", t, dtype)
+            ff.bond_r0 = _parameter(bonds.r0, "bonds.r0", t, dtype)
+            ff.bonds_periodic = bool(bonds.periodic)
+            ff.terms.append("harmonic_bonds")
+        if angles is not None:
+            ff.register_buffer("angle_index", _index(angles.index, "angles.index", 3, num_atoms))
+            t = ff.angle_index.shape[0]
+            ff.angle_k = _parameter(angles.k, "angles.k", t, dtype)
+            ff.angle_theta0 = _parameter(angles.theta0, "angles.theta0", t, dtype)
+            ff.angles_periodic = bool(angles.periodic)
+            ff.terms.append("harmonic_angles")
+        if torsions is not None:
+            ff.register_buffer("torsion_index",
+                               _index(torsions.index, "torsions.index", 4, num_atoms))
+            t = ff.torsion_index.shape[0]
+            periodicity = torch.as_tensor(torsions.periodicity).detach()
+            if periodicity.is_floating_point() or periodicity.numel() != t:
+                raise ValueError(f"ForceField.from_parameters: torsions.periodicity must hold {t} "
+                                 "integers")
+            ff.register_buffer("torsion_periodicity",
+                               periodicity.to(torch.int64).reshape(-1).clone())
+            ff.torsion_k = _parameter(torsions.k, "torsions.k", t, dtype)
+            ff.torsion_phase = _parameter(torsions.phase, "torsions.phase", t, dtype)
+            ff.torsions_periodic = bool(torsions.periodic)
+            ff.terms.append("periodic_torsions")
         return ff
 
-    def _add_nonbonded(self, force, p, idx, dtype, skin):
-        import openmm
-
-        nb = openmm.NonbondedForce
-        method = force.getNonbondedMethod()
-        method_names = {nb.NoCutoff: "NoCutoff", nb.CutoffNonPeriodic: "CutoffNonPeriodic",
-                        nb.CutoffPeriodic: "CutoffPeriodic", nb.Ewald: "Ewald", nb.PME: "PME",
-                        nb.LJPME: "LJPME"}
-        if method not in (nb.NoCutoff, nb.CutoffNonPeriodic, nb.CutoffPeriodic):
-            raise ValueError(f"ForceField.from_openmm: NonbondedForce method "
-                             f"{method_names.get(method, method)} is not supported (supported: "
-                             "NoCutoff, CutoffNonPeriodic, CutoffPeriodic)")
-        if force.getNumParticleParameterOffsets() or force.getNumExceptionParameterOffsets():
-            raise ValueError("ForceField.from_openmm: NonbondedForce parameter offsets are not "
-                             "supported")
-        rows = [force.getParticleParameters(k) for k in range(force.getNumParticles())]
-        self.charges = p([_v(r[0]) for r in rows])
-        self.sigma = p([_v(r[1]) for r in rows])
-        self.epsilon = p([_v(r[2]) for r in rows])
-        ex = [force.getExceptionParameters(k) for k in range(force.getNumExceptions())]
-        self.register_buffer("exception_index", idx([r[:2] for r in ex], 2))
-        self.exception_charge_prod = p([_v(r[2]) for r in ex])
-        self.exception_sigma = p([_v(r[3]) for r in ex])
-        self.exception_epsilon = p([_v(r[4]) for r in ex])
+    def _set_nonbonded(self, spec: NonbondedParameters, has_box: bool, dtype: torch.dtype,
+                       skin: float) -> None:
+        if not isinstance(spec, NonbondedParameters):
+            raise TypeError(f"ForceField.from_parameters: nonbonded must be NonbondedParameters, "
+                            f"got {type(spec).__name__}")
+        n = self.num_atoms
+        where = "ForceField.from_parameters: nonbonded"
+        if spec.method not in _NONBONDED_METHODS:
+            raise ValueError(f"{where}.method must be one of {', '.join(_NONBONDED_METHODS)}, got "
+                             f"{spec.method!r}")
+        rc = spec.cutoff
+        if rc is not None and not (math.isfinite(float(rc)) and float(rc) > 0):
+            raise ValueError(f"{where}.cutoff must be positive and finite (or None), got {rc}")
+        periodic = has_box and rc is not None if spec.periodic is None else bool(spec.periodic)
+        if rc is None and (spec.method != "plain" or periodic or spec.switch_distance is not None
+                           or spec.dispersion_correction):
+            raise ValueError(f"{where}.cutoff=None (every pair) needs method='plain', no "
+                             "switching, no dispersion correction and periodic=False")
+        if periodic and not has_box:
+            raise ValueError(f"{where}.periodic needs a box")
+        if spec.dispersion_correction and not periodic:
+            raise ValueError(f"{where}.dispersion_correction needs a periodic system")
+        self.charges = _parameter(spec.charges, "nonbonded.charges", n, dtype)
+        self.sigma = _parameter(spec.sigma, "nonbonded.sigma", n, dtype)
+        self.epsilon = _parameter(spec.epsilon, "nonbonded.epsilon", n, dtype)
+        if spec.exceptions is None:
+            none = torch.zeros(0, dtype=torch.float64)
+            ex = _terms.Exceptions(torch.zeros(0, 2, dtype=torch.int64), none, none, none)
+        else:
+            ex = _terms.Exceptions(*spec.exceptions)
+        self.register_buffer("exception_index",
+                             _index(ex.pairs, "nonbonded.exceptions.pairs", 2, n))
+        x = self.exception_index.shape[0]
+        self.exception_charge_prod = _parameter(ex.charge_prod,
+                                                "nonbonded.exceptions.charge_prod", x, dtype)
+        self.exception_sigma = _parameter(ex.sigma, "nonbonded.exceptions.sigma", x, dtype)
+        self.exception_epsilon = _parameter(ex.epsilon, "nonbonded.exceptions.epsilon", x, dtype)
         self.has_nonbonded = True
         self.terms.insert(0, "nonbonded")
-        self.periodic = method == nb.CutoffPeriodic
-        kwargs = dict(coulomb_constant=OPENMM_COULOMB_CONSTANT,
-                      exceptions_use_pbc=force.getExceptionsUsePeriodicBoundaryConditions())
-        if method == nb.NoCutoff:
+        self.periodic = periodic
+        kwargs: dict = dict(coulomb_constant=float(spec.coulomb_constant),
+                            exceptions_use_pbc=bool(spec.exceptions_use_pbc))
+        if rc is None:
             kwargs.update(cutoff=None, method="plain")
-            self.cutoff = math.inf
         else:
-            rc = _v(force.getCutoffDistance())
-            kwargs.update(cutoff=rc, method="reaction_field",
-                          dielectric=force.getReactionFieldDielectric())
-            if force.getUseSwitchingFunction():
-                kwargs["switch_distance"] = _v(force.getSwitchingDistance())
-            self.cutoff = rc
-            self.verlet = VerletList(rc, skin, half=True, backend=self.backend)
+            kwargs.update(cutoff=float(rc), method=spec.method)
+            if spec.method == "reaction_field":
+                kwargs["dielectric"] = float(spec.dielectric)
+            if spec.switch_distance is not None:
+                kwargs["switch_distance"] = float(spec.switch_distance)
+            self.cutoff = float(rc)
+            self.verlet = VerletList(float(rc), skin, half=True, backend=self.backend)
         self.nonbonded_kwargs = kwargs
-        self.dispersion_correction = self.periodic and force.getUseDispersionCorrection()
+        self.dispersion_correction = bool(spec.dispersion_correction)
         if self.dispersion_correction:
             # atoms with identical (sigma, epsilon) form a class, as in OpenMM
             keys = torch.stack([self.sigma.detach().double(), self.epsilon.detach().double()], 1)
@@ -191,6 +335,61 @@ class ForceField(nn.Module):
                                                   return_counts=True)
             self.register_buffer("lj_class", cls_of_atom)
             self.register_buffer("lj_class_count", counts.to(dtype))
+
+    @classmethod
+    def from_openmm(cls, system, *, dtype: torch.dtype = torch.float64, skin: float = 0.1,
+                    backend: str | None = None) -> ForceField:
+        """Build from an ``openmm.System`` (read into parameter groups, then
+        :meth:`from_parameters`).
+
+        Args:
+            system: the OpenMM System (CMMotionRemover is ignored).
+            dtype: float64 or float32 for parameters (and expected positions).
+            skin: Verlet skin (nm) of the owned neighbor list.
+            backend: kernel path for every term (None: by device).
+
+        Raises:
+            ValueError: for any force or method not listed above (PME, Ewald, LJPME, custom
+                forces, ...), or more than one force of a kind, naming it.
+        """
+        import openmm
+
+        names = [f.__class__.__name__ for f in system.getForces()]
+        unsupported = [n for n in names if n not in _SUPPORTED]
+        if unsupported:
+            raise ValueError(f"ForceField.from_openmm: unsupported force(s) {unsupported}; "
+                             f"supported: {', '.join(_SUPPORTED)}")
+        for name in _SUPPORTED[:-1]:
+            if names.count(name) > 1:
+                raise ValueError(f"ForceField.from_openmm: more than one {name}")
+        nm = openmm.unit.nanometer
+        box = torch.tensor([[v.x, v.y, v.z] for v in
+                            [b.value_in_unit(nm) for b in system.getDefaultPeriodicBoxVectors()]],
+                           dtype=torch.float64)
+        groups: dict = {}
+        for force in system.getForces():
+            name = force.__class__.__name__
+            if name == "NonbondedForce":
+                groups["nonbonded"] = _openmm_nonbonded(force)
+            elif name == "HarmonicBondForce":
+                rows = [force.getBondParameters(k) for k in range(force.getNumBonds())]
+                groups["bonds"] = BondParameters(
+                    _rows([r[:2] for r in rows], 2), _floats([_v(r[3]) for r in rows]),
+                    _floats([_v(r[2]) for r in rows]), force.usesPeriodicBoundaryConditions())
+            elif name == "HarmonicAngleForce":
+                rows = [force.getAngleParameters(k) for k in range(force.getNumAngles())]
+                groups["angles"] = AngleParameters(
+                    _rows([r[:3] for r in rows], 3), _floats([_v(r[4]) for r in rows]),
+                    _floats([_v(r[3]) for r in rows]), force.usesPeriodicBoundaryConditions())
+            elif name == "PeriodicTorsionForce":
+                rows = [force.getTorsionParameters(k) for k in range(force.getNumTorsions())]
+                groups["torsions"] = TorsionParameters(
+                    _rows([r[:4] for r in rows], 4), _floats([_v(r[6]) for r in rows]),
+                    torch.tensor([int(r[4]) for r in rows], dtype=torch.int64),
+                    _floats([_v(r[5]) for r in rows]),
+                    force.usesPeriodicBoundaryConditions())
+        return cls.from_parameters(system.getNumParticles(), box=box, dtype=dtype, skin=skin,
+                                   backend=backend, **groups)
 
     def _neighbor_list(self, positions: Tensor, cell: Tensor | None) -> NeighborList:
         if self.verlet is not None:
@@ -287,6 +486,52 @@ class ForceField(nn.Module):
         for e in terms.values():
             total = total + e
         return total
+
+
+
+
+def _floats(values) -> Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def _rows(values, width: int) -> Tensor:
+    return torch.tensor(values, dtype=torch.int64).reshape(-1, width)
+
+
+def _openmm_nonbonded(force) -> NonbondedParameters:
+    """An ``openmm.NonbondedForce`` as :class:`NonbondedParameters`."""
+    import openmm
+
+    nb = openmm.NonbondedForce
+    method = force.getNonbondedMethod()
+    method_names = {nb.NoCutoff: "NoCutoff", nb.CutoffNonPeriodic: "CutoffNonPeriodic",
+                    nb.CutoffPeriodic: "CutoffPeriodic", nb.Ewald: "Ewald", nb.PME: "PME",
+                    nb.LJPME: "LJPME"}
+    if method not in (nb.NoCutoff, nb.CutoffNonPeriodic, nb.CutoffPeriodic):
+        raise ValueError(f"ForceField.from_openmm: NonbondedForce method "
+                         f"{method_names.get(method, method)} is not supported (supported: "
+                         "NoCutoff, CutoffNonPeriodic, CutoffPeriodic)")
+    if force.getNumParticleParameterOffsets() or force.getNumExceptionParameterOffsets():
+        raise ValueError("ForceField.from_openmm: NonbondedForce parameter offsets are not "
+                         "supported")
+    rows = [force.getParticleParameters(k) for k in range(force.getNumParticles())]
+    ex = [force.getExceptionParameters(k) for k in range(force.getNumExceptions())]
+    exceptions = _terms.Exceptions(_rows([r[:2] for r in ex], 2), _floats([_v(r[2]) for r in ex]),
+                                   _floats([_v(r[3]) for r in ex]), _floats([_v(r[4]) for r in ex]))
+    periodic = method == nb.CutoffPeriodic
+    cutoff = None if method == nb.NoCutoff else _v(force.getCutoffDistance())
+    switch = (_v(force.getSwitchingDistance())
+              if cutoff is not None and force.getUseSwitchingFunction() else None)
+    return NonbondedParameters(
+        _floats([_v(r[0]) for r in rows]), _floats([_v(r[1]) for r in rows]),
+        _floats([_v(r[2]) for r in rows]),
+        exceptions=exceptions, cutoff=cutoff,
+        method="plain" if cutoff is None else "reaction_field",
+        dielectric=force.getReactionFieldDielectric(), switch_distance=switch,
+        dispersion_correction=periodic and force.getUseDispersionCorrection(),
+        periodic=periodic,
+        exceptions_use_pbc=force.getExceptionsUsePeriodicBoundaryConditions(),
+        coulomb_constant=OPENMM_COULOMB_CONSTANT)
 
 
 def _v(quantity) -> float:
