@@ -20,6 +20,7 @@ capturable as is.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -96,6 +97,29 @@ def _cell_heights(cells: Tensor) -> Tensor:
     return volume[:, None] / torch.linalg.vector_norm(cross, dim=2)
 
 
+_TOPOLOGY: dict[int, tuple] = {}
+
+
+def _per_topology(index: Tensor, extra, compute):
+    """``compute()`` once per (index tensor, its version, ``extra``).
+
+    Term indices (bonds, angles, exceptions) are the same tensors step after step, so their
+    value checks and derived layouts (the exclusion CSR) are kept instead of redone every MD
+    step; an in-place change bumps the tensor's version and is seen. Off while tracing.
+    """
+    if type(index) is not Tensor or torch.compiler.is_compiling():
+        return compute()
+    key = id(index)
+    hit = _TOPOLOGY.get(key)
+    if (hit is not None and hit[0]() is index and hit[1] == index._version
+            and hit[2] == (extra, _checks.checks_enabled())):
+        return hit[3]
+    value = compute()
+    ref = weakref.ref(index, lambda _, k=key: _TOPOLOGY.pop(k, None))
+    _TOPOLOGY[key] = (ref, index._version, (extra, _checks.checks_enabled()), value)
+    return value
+
+
 def _exclusion_rows(index: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """CSR of excluded partners per atom (both directions), sorted by atom then partner."""
     dev = index.device
@@ -117,6 +141,11 @@ def _term_index(index, name: str, width: int, n: int, positions: Tensor) -> Tens
     if index.dim() != 2 or index.shape[1] != width:
         raise ValueError(f"{name} must have shape [T, {width}], got {list(index.shape)}")
     _checks.same_device(name, index, "positions", positions)
+    _per_topology(index, (name, n), lambda: _term_values(index, name, width, n))
+    return index.contiguous()
+
+
+def _term_values(index: Tensor, name: str, width: int, n: int) -> None:
     _checks.index_range(index, name, n, "atom indices")
     if _checks.checks_enabled() and index.shape[0]:
         dup = torch.zeros(index.shape[0], dtype=torch.bool, device=index.device)
@@ -126,7 +155,6 @@ def _term_index(index, name: str, width: int, n: int, positions: Tensor) -> Tens
         if bool(dup.any()):
             t = int(dup.nonzero()[0, 0])
             raise ValueError(f"{name}[{t}] = {index[t].tolist()} names one atom twice")
-    return index.contiguous()
 
 
 def _check_exceptions(exceptions, n: int, positions: Tensor) -> Exceptions:
@@ -140,15 +168,19 @@ def _check_exceptions(exceptions, n: int, positions: Tensor) -> Exceptions:
                             f"epsilon [X]), got {type(exceptions).__name__}") from None
     index = _term_index(ex.pairs, "exceptions.pairs", 2, n, positions)
     x = index.shape[0]
-    if _checks.checks_enabled() and x:
+    _per_topology(index, ("unique pairs", n), lambda: _unique_pairs(index, n))
+    return Exceptions(index, _param(ex.charge_prod, "exceptions.charge_prod", x, positions),
+                      _param(ex.sigma, "exceptions.sigma", x, positions, nonnegative=True),
+                      _param(ex.epsilon, "exceptions.epsilon", x, positions, nonnegative=True))
+
+
+def _unique_pairs(index: Tensor, n: int) -> None:
+    if _checks.checks_enabled() and index.shape[0]:
         key = index.min(dim=1).values * n + index.max(dim=1).values
         uniq, counts = torch.unique(key, return_counts=True)
         if bool((counts > 1).any()):
             k = int(uniq[counts > 1][0])
             raise ValueError(f"exceptions name the pair ({k // n}, {k % n}) more than once")
-    return Exceptions(index, _param(ex.charge_prod, "exceptions.charge_prod", x, positions),
-                      _param(ex.sigma, "exceptions.sigma", x, positions, nonnegative=True),
-                      _param(ex.epsilon, "exceptions.epsilon", x, positions, nonnegative=True))
 
 
 def _needs_grad(*xs) -> bool:
@@ -209,7 +241,8 @@ def _pair_terms(positions: Tensor, nl: NeighborList, charges, sigma, epsilon, *,
                              f"({rc}), got {switch_distance}")
     if exceptions is not None:
         ex = _check_exceptions(exceptions, n, positions)
-        excl_ptr, excl_j = _exclusion_rows(ex.pairs, n)
+        excl_ptr, excl_j = _per_topology(ex.pairs, ("exclusion rows", n),
+                                         lambda: _exclusion_rows(ex.pairs, n))
     else:
         ex = None
         excl_ptr = torch.zeros(n + 1, dtype=torch.int64, device=positions.device)

@@ -115,7 +115,7 @@ def cfconv_vjp(g, x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act, 
 
 @njit(cache=True, inline="always")
 def _spline_poly(t, order, inv_h):
-    """(p0, p1, p2, p3): W^(order) = sum_q p_q c_q at fractional position t."""
+    """(p0, p1, p2, p3): W^(order) = sum_q p_q c_q at fractional position t (float64)."""
     if order == 0:
         return 1.0, t, t * t, t * t * t
     if order == 1:
@@ -128,52 +128,71 @@ def _spline_poly(t, order, inv_h):
     return 0.0, 0.0, 0.0, 0.0
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, inline="always")
+def _spline_setup(r, inv_h, nint, order, scale, p):
+    """Interval k of distance r; writes the weights of W^(order), times ``scale``, into p[0:4]
+    (an array of the table's dtype: the feature loops then run in that precision)."""
+    s = r * inv_h
+    k = min(max(int(s), 0), nint - 1)
+    p0, p1, p2, p3 = _spline_poly(s - k, order, inv_h)
+    p[0], p[1], p[2], p[3] = p0 * scale, p1 * scale, p2 * scale, p3 * scale
+    return k
+
+
+# Feature loops: "reassoc" lets LLVM vectorise the per-edge dot products (a fixed order for a
+# given build: still bitwise reproducible run to run); "contract" allows FMAs. NaN and inf keep
+# their IEEE meaning (no "nnan"/"ninf"), so bad values still show. Measured at F = 64, E = 157k
+# float32: spline_edge_dot 4.6x faster than the scalar float64 accumulation it replaces.
+_FEATURE_MATH = {"reassoc", "contract"}
+
+
+@njit(cache=True, parallel=True, fastmath=_FEATURE_MATH)
 def _spline_conv(x, d, scale, has_scale, coeffs, j, ptr, cutoff, order, out):
     n_x = x.shape[0]
     nf = x.shape[1]
     nint = coeffs.shape[0]
     inv_h = nint / cutoff
     for a in prange(ptr.shape[0] - 1):
+        p = np.empty(4, dtype=coeffs.dtype)
         for e in range(ptr[a], ptr[a + 1]):
             r = d[e]
             src = j[e]
             if not r < cutoff or src < 0 or src >= n_x:
                 continue
-            s = r * inv_h
-            k = min(max(int(s), 0), nint - 1)
-            t = s - k
-            p0, p1, p2, p3 = _spline_poly(t, order, inv_h)
-            if has_scale:
-                sc = scale[e]
-                p0, p1, p2, p3 = p0 * sc, p1 * sc, p2 * sc, p3 * sc
+            k = _spline_setup(r, inv_h, nint, order, scale[e] if has_scale else 1.0, p)
+            p0, p1, p2, p3 = p[0], p[1], p[2], p[3]
             for f in range(nf):
                 w = p0 * coeffs[k, 0, f] + p1 * coeffs[k, 1, f] + p2 * coeffs[k, 2, f] \
                     + p3 * coeffs[k, 3, f]
                 out[a, f] += x[src, f] * w
 
 
-@njit(cache=True, parallel=True)
+# Edges per prange chunk of _spline_edge_dot: enough work per task to hide scheduling.
+_EDGE_CHUNK = 256
+
+
+@njit(cache=True, parallel=True, fastmath=_FEATURE_MATH)
 def _spline_edge_dot(g, x, d, coeffs, i, j, cutoff, order, out):
     nf = x.shape[1]
     nint = coeffs.shape[0]
     inv_h = nint / cutoff
-    for e in prange(d.shape[0]):
-        r = d[e]
-        dst, src = i[e], j[e]
-        out[e] = 0.0
-        if not r < cutoff or src < 0 or src >= x.shape[0] or dst < 0 or dst >= g.shape[0]:
-            continue
-        s = r * inv_h
-        k = min(max(int(s), 0), nint - 1)
-        t = s - k
-        p0, p1, p2, p3 = _spline_poly(t, order, inv_h)
-        acc = 0.0
-        for f in range(nf):
-            w = p0 * coeffs[k, 0, f] + p1 * coeffs[k, 1, f] + p2 * coeffs[k, 2, f] \
-                + p3 * coeffs[k, 3, f]
-            acc += g[dst, f] * x[src, f] * w
-        out[e] = acc
+    n_edges = d.shape[0]
+    for chunk in prange((n_edges + _EDGE_CHUNK - 1) // _EDGE_CHUNK):
+        p = np.empty(4, dtype=coeffs.dtype)
+        for e in range(chunk * _EDGE_CHUNK, min((chunk + 1) * _EDGE_CHUNK, n_edges)):
+            r = d[e]
+            dst, src = i[e], j[e]
+            out[e] = 0.0
+            if not r < cutoff or src < 0 or src >= x.shape[0] or dst < 0 or dst >= g.shape[0]:
+                continue
+            k = _spline_setup(r, inv_h, nint, order, 1.0, p)
+            p0, p1, p2, p3 = p[0], p[1], p[2], p[3]
+            acc = p0 - p0
+            for f in range(nf):
+                w = p0 * coeffs[k, 0, f] + p1 * coeffs[k, 1, f] + p2 * coeffs[k, 2, f] \
+                    + p3 * coeffs[k, 3, f]
+                acc += g[dst, f] * x[src, f] * w
+            out[e] = acc
 
 
 def spline_conv(x, d, scale, coeffs, i, j, ptr, cutoff, order):
@@ -193,3 +212,4 @@ def spline_edge_dot(g, x, d, coeffs, i, j, cutoff, order):
         _spline_edge_dot(_np(g), _np(x), _np(d), _np(coeffs), _np(i), _np(j), float(cutoff),
                          int(order), out.numpy())
     return out
+
