@@ -1,0 +1,291 @@
+"""How far is an MLFF from MM cost? The measurements behind ``fastff bench``.
+
+Every component computes energy and forces (``-dE/dpositions``) on the built-in TIP3P water box
+(:func:`fastff.systems.water_box`), and is timed over the same MD-like trajectory: each step
+moves every coordinate by a Gaussian random walk of ``STEP_NM`` nm, so Verlet lists rebuild at a
+realistic rate (every ~10-30 steps with a 0.1 nm skin) and list costs are amortized as in MD.
+A *sample* is ``steps`` consecutive steps timed together; a component runs one warm-up sample
+(JIT compilation, first list build, OpenMM context set-up) and then ``repeat`` samples. The
+figure is the median over samples of time per atom-step, with the interquartile range.
+
+Components:
+    neighbor list   a full list at the model cutoff, rebuilt every step (what an MLFF pays
+                    without reuse)
+    MM (fastff)     LJ + reaction-field Coulomb (cutoff 0.9 nm, Verlet skin 0.1 nm) + bonds +
+                    angles (:func:`fastff.mm.water_force_field`)
+    MM (OpenMM)     the same System on OpenMM's CPU platform (mixed precision)
+    SchNet / PaiNN  :mod:`fastff.models` on fastff kernels, the same weights on the torch
+                    reference backend ("eager"), and SchNet with tabulated filters
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+#: Random-walk step per coordinate (nm): about the distance a water atom travels in 1-2 fs.
+STEP_NM = 0.002
+#: Model rows on the reference backend are skipped above this estimated peak memory (bytes):
+#: the eager path keeps several [pairs, features] float tensors alive for the backward.
+REFERENCE_MEMORY_LIMIT = 8e9
+#: Sizes of ``--sweep`` (atoms; rounded to whole water molecules).
+SWEEP_ATOMS = (300, 1000, 3000, 10000, 30000, 100000)
+MODELS = ("schnet", "painn")
+#: The MM cutoff (nm) of the water box's force field: reaction field, as in the MM benchmarks.
+MM_CUTOFF = 0.9
+
+
+@dataclass
+class Row:
+    """One component's timing: seconds per atom-step over samples."""
+
+    component: str
+    backend: str
+    atoms: int
+    per_atom_step: list[float] = field(default_factory=list)
+    steps: int = 0
+    skipped: str | None = None  # why the component did not run
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.per_atom_step) if self.per_atom_step else math.nan
+
+    @property
+    def iqr(self) -> float:
+        xs = sorted(self.per_atom_step)
+        if len(xs) < 2:
+            return 0.0
+        q = statistics.quantiles(xs, n=4, method="inclusive")
+        return q[2] - q[0]
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(median_s=self.median, iqr_s=self.iqr)
+        return d
+
+
+@dataclass
+class Settings:
+    atoms: int = 3000
+    models: tuple[str, ...] = MODELS
+    backend: str | None = None  # fastff kernels; None = by device
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    threads: int | None = None
+    repeat: int = 5
+    steps: int = 10
+    seed: int = 0
+    openmm: bool = True
+    reference: bool = True
+
+
+def trajectory(positions: torch.Tensor, steps: int, seed: int) -> list[torch.Tensor]:
+    """``steps`` positions along a seeded random walk of ``STEP_NM`` per coordinate."""
+    g = torch.Generator().manual_seed(seed)
+    out, x = [], positions.detach().clone()
+    for _ in range(steps):
+        x = x + STEP_NM * torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype)
+        out.append(x)
+    return out
+
+
+def _time_samples(step: Callable[[torch.Tensor], None], frames: list[torch.Tensor],
+                  settings: Settings, row: Row, on_sample: Callable[[], None] | None) -> Row:
+    """Warm-up sample, then ``repeat`` samples of ``steps`` steps along ``frames``."""
+    n = settings.steps
+    cuda = settings.device.startswith("cuda")
+    for sample in range(settings.repeat + 1):
+        chunk = frames[sample * n:(sample + 1) * n]
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for x in chunk:
+            step(x)
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        if sample > 0:  # sample 0 is the warm-up
+            row.per_atom_step.append(elapsed / (len(chunk) * row.atoms))
+        if on_sample is not None:
+            on_sample()
+    row.steps = settings.repeat * n
+    return row
+
+
+def _energy_forces_step(energy: Callable[[torch.Tensor], torch.Tensor]):
+    def step(x: torch.Tensor) -> None:
+        x = x.detach().requires_grad_(True)
+        e = energy(x).sum()
+        torch.autograd.grad(e, x)
+    return step
+
+
+def reference_memory_estimate(model_name: str, atoms: int, num_features: int,
+                              dtype: torch.dtype) -> float:
+    """Rough peak bytes of a model's energy+forces on the reference backend (~52 neighbours at
+    0.5 nm in water; the eager graph keeps ~10 [E, F] tensors per interaction)."""
+    width = num_features * (3 if model_name == "painn" else 1)
+    per_interaction = 10 * 52 * atoms * width * torch.finfo(dtype).bits / 8
+    return 3 * per_interaction
+
+
+def run(settings: Settings, *, on_sample: Callable[[], None] | None = None) -> list[Row]:
+    """Measure every component at ``settings.atoms``; returns one :class:`Row` each."""
+    from fastff import mm, models, neighbor_list, systems
+
+    if settings.threads:
+        set_threads(settings.threads)
+    box = systems.water_box(max(1, round(settings.atoms / 3)), seed=settings.seed,
+                            dtype=settings.dtype)
+    n = box.num_atoms
+    dev = torch.device(settings.device)
+    frames = [f.to(dev) for f in trajectory(box.positions, (settings.repeat + 1) * settings.steps,
+                                            settings.seed + 1)]
+    cell, species = box.cell.to(dev), box.species.to(dev)
+    rows: list[Row] = []
+    be = settings.backend
+
+    def timed(component: str, backend: str, step) -> None:
+        row = Row(component, backend, n)
+        rows.append(_time_samples(step, frames, settings, row, on_sample))
+
+    model_cutoff = models.SchNet().cutoff
+    timed("neighbor list", be or "auto",
+          lambda x: neighbor_list(x, model_cutoff, cell, backend=be))
+    edge = float(box.cell[0, 0])
+    if edge < 2 * MM_CUTOFF:  # reaction field under the minimum image (as OpenMM requires)
+        why = f"box {edge:.2f} nm < 2 x cutoff {MM_CUTOFF} nm"
+        for component, backend in (("MM (fastff)", be or "auto"), ("MM (OpenMM)", "OpenMM CPU")):
+            if component == "MM (fastff)" or settings.openmm:
+                rows.append(_skipped(component, backend, n, why, settings, on_sample))
+    else:
+        ff = mm.water_force_field(box, cutoff=MM_CUTOFF, backend=be).to(dev)
+        timed("MM (fastff)", be or "auto", _energy_forces_step(lambda x: ff(x, cell)))
+        if settings.openmm:
+            rows.append(_openmm_row(box, frames, settings, on_sample))
+
+    built = {"schnet": models.SchNet, "painn": models.PaiNN}
+    for name in settings.models:
+        torch.manual_seed(settings.seed)
+        model = built[name]().to(dev, settings.dtype)
+        label = "SchNet" if name == "schnet" else "PaiNN"
+        model.set_backend(be)
+        timed(f"{label} (fastff)", be or "auto",
+              _energy_forces_step(lambda x, m=model: m(species, x, cell)))
+        if name == "schnet":
+            tab = models.SchNet(tabulate=True).to(dev, settings.dtype)
+            tab.load_state_dict(model.state_dict())
+            tab.set_backend(be)
+            timed("SchNet (fastff, tabulated)", be or "auto",
+                  _energy_forces_step(lambda x, m=tab: m(species, x, cell)))
+        if settings.reference:
+            need = reference_memory_estimate(name, n, model.num_features, settings.dtype)
+            if need > REFERENCE_MEMORY_LIMIT:
+                rows.append(_skipped(f"{label} (reference)", "reference", n,
+                                     f"needs ~{need / 1e9:.0f} GB", settings, on_sample))
+                continue
+            model.set_backend("reference")
+            timed(f"{label} (reference)", "reference",
+                  _energy_forces_step(lambda x, m=model: m(species, x, cell)))
+    return rows
+
+
+def _skipped(component: str, backend: str, atoms: int, why: str, settings: Settings,
+             on_sample) -> Row:
+    """A row that did not run, and the progress it would have made."""
+    for _ in range(settings.repeat + 1):
+        if on_sample is not None:
+            on_sample()
+    return Row(component, backend, atoms, skipped=why)
+
+
+def samples_per_size(settings: Settings) -> int:
+    """Progress units of one :func:`run` (one per sample, warm-ups included)."""
+    per_component = settings.repeat + 1
+    components = 2 + int(settings.openmm) + sum(
+        (2 if m == "schnet" else 1) + int(settings.reference) for m in settings.models)
+    return components * per_component
+
+
+def _openmm_row(box, frames, settings: Settings, on_sample) -> Row:
+    try:
+        import openmm
+    except ImportError:
+        return _skipped("MM (OpenMM)", "OpenMM CPU", box.num_atoms, "openmm not installed",
+                        settings, on_sample)
+    row = Row("MM (OpenMM)", "OpenMM CPU", box.num_atoms)
+    system = box.to_openmm(cutoff=MM_CUTOFF)
+    threads = settings.threads or torch.get_num_threads()
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001),
+                         openmm.Platform.getPlatformByName("CPU"), {"Threads": str(threads)})
+
+    def step(x: torch.Tensor) -> None:
+        ctx.setPositions(x.detach().double().cpu().numpy())
+        ctx.getState(getEnergy=True, getForces=True)
+
+    return _time_samples(step, frames, settings, row, on_sample)
+
+
+def set_threads(threads: int) -> None:
+    """Threads for torch and numba (numba cannot exceed the count it started with)."""
+    torch.set_num_threads(threads)
+    try:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
+
+
+def headline(rows: list[Row]) -> dict[str, float]:
+    """Ratios of medians: MLFF / MM (fastff), fastff speed-up over reference, MM vs OpenMM."""
+    by = {r.component: r.median for r in rows if not r.skipped}
+    out: dict[str, float] = {}
+    mm = by.get("MM (fastff)")
+    for label in ("SchNet", "PaiNN"):
+        for kind in ("fastff", "fastff, tabulated", "reference"):
+            t = by.get(f"{label} ({kind})")
+            if t is not None and mm:
+                out[f"{label} ({kind}) / MM (fastff)"] = t / mm
+        fast, ref = by.get(f"{label} (fastff)"), by.get(f"{label} (reference)")
+        if fast and ref:
+            out[f"{label}: reference / fastff"] = ref / fast
+    if mm and by.get("MM (OpenMM)"):
+        out["MM (fastff) / MM (OpenMM)"] = mm / by["MM (OpenMM)"]
+    return out
+
+
+def environment(settings: Settings) -> dict:
+    """Machine, versions and settings recorded with every JSON result."""
+    import fastff
+
+    versions = {"fastff": fastff.__version__, "torch": torch.__version__}
+    for mod in ("numba", "triton", "openmm", "numpy"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:  # not installed, or a broken install: record it as absent
+            versions[mod] = None
+    s = asdict(settings)
+    s["dtype"] = str(settings.dtype).replace("torch.", "")
+    s["threads"] = settings.threads or torch.get_num_threads()
+    return {"machine": {"platform": platform.platform(), "processor": _cpu_name(),
+                        "cpu_count": os.cpu_count(), "python": platform.python_version()},
+            "versions": versions, "settings": s, "step_nm": STEP_NM}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

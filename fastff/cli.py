@@ -1,0 +1,352 @@
+"""The ``fastff`` command: ``fastff bench`` (MLFF cost against MM cost) and ``fastff profile``.
+
+Bad options end with one line on stderr (``fastff: error: ...``) and exit status 2; every check
+that can fail (options, backends, output paths, optional packages) runs before any measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+BACKEND_CHOICES = ("auto", "numba", "triton", "reference")
+DTYPES = ("float32", "float64")
+
+
+class UsageError(Exception):
+    """A bad option: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        raise UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _atoms(text: str) -> int:
+    value = _positive_int(text)
+    if value < 3:
+        raise argparse.ArgumentTypeError(f"the water box needs at least 3 atoms, got {value}")
+    return value
+
+
+def _sizes(text: str) -> list[int]:
+    if text == "default":
+        from fastff.benchmark import SWEEP_ATOMS
+
+        return list(SWEEP_ATOMS)
+    try:
+        return [_atoms(t) for t in text.split(",") if t.strip()] or [_atoms("")]
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"sizes must be comma-separated atom counts: {e}"
+                                         ) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fastff", description="fused kernels for machine-learning force fields")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    b = sub.add_parser("bench", help="MLFF cost against MM cost on the built-in water box",
+                       description="Time energy + forces per atom-step of the neighbor list, MM "
+                       "(fastff and OpenMM), and SchNet / PaiNN on fastff kernels and on the "
+                       "torch reference backend, on a TIP3P water box.")
+    b.add_argument("--atoms", type=_atoms, default=3000,
+                   help="atoms in the water box (rounded to whole molecules; default 3000)")
+    b.add_argument("--model", choices=("schnet", "painn", "all"), default="all")
+    b.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                   help="fastff kernel path (default: by device)")
+    b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where fastff and the models run (default: cuda if present)")
+    b.add_argument("--dtype", choices=DTYPES, default="float32")
+    b.add_argument("--threads", type=_positive_int, default=None,
+                   help="threads for torch, numba and OpenMM (default: torch's)")
+    b.add_argument("--repeat", type=_positive_int, default=5,
+                   help="timed samples per component after one warm-up sample (default 5)")
+    b.add_argument("--steps", type=_positive_int, default=10,
+                   help="MD-like steps per sample (default 10)")
+    b.add_argument("--no-reference", action="store_true",
+                   help="skip the models on the torch reference backend")
+    b.add_argument("--no-openmm", action="store_true", help="skip the OpenMM row")
+    b.add_argument("--json", metavar="FILE", help="write all figures, machine and settings")
+    b.add_argument("--sweep", nargs="?", const="default", metavar="N,N,...", type=_sizes,
+                   help="several sizes instead of --atoms (default 300,1000,3000,10000,30000,"
+                   "100000)")
+    b.add_argument("--plot", metavar="FILE.png", help="time per atom-step against atoms")
+
+    f = sub.add_parser("profile", help="profile energy + forces of a model on the water box",
+                       description="Profile energy + forces with torch.profiler; prints the top "
+                       "ops (fastff ops under their own names) and writes a Chrome trace.")
+    f.add_argument("--model", choices=("schnet", "painn", "mm"), default="schnet")
+    f.add_argument("--atoms", type=_atoms, default=3000)
+    f.add_argument("--tabulate", action="store_true", help="SchNet with tabulated filters")
+    f.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
+    f.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    f.add_argument("--dtype", choices=DTYPES, default="float32")
+    f.add_argument("--threads", type=_positive_int, default=None)
+    f.add_argument("--steps", type=_positive_int, default=3, help="profiled steps (default 3)")
+    f.add_argument("--top", type=_positive_int, default=15, help="rows of the table")
+    f.add_argument("--trace", metavar="FILE.json", help="write a Chrome trace here")
+    return p
+
+
+def _check_writable(path: str, option: str) -> None:
+    """Fail before measuring: create (then remove) or append-open the file."""
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot write ({e.strerror})") from None
+    if not existed:
+        os.remove(path)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here")
+    return name
+
+
+def _check_backend(name: str, device: str) -> str | None:
+    """The backend to pass to fastff (None for auto), or a UsageError if it cannot run here."""
+    if name == "auto":
+        return None
+    import torch
+
+    from fastff import _backend
+
+    try:
+        _backend.requested_backend(name, torch.device(device))
+    except ValueError as e:
+        raise UsageError(f"--backend {name} cannot run on {device} here: {e}") from None
+    missing = _backend._availability(name)
+    if missing is not None:
+        raise UsageError(f"--backend {name} is not available: {missing}")
+    return name
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "bench":
+            return _bench(args)
+        return _profile(args)
+    except UsageError as e:
+        print(f"fastff: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastff: interrupted", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------------------------- bench
+
+def _bench(args) -> int:
+    if args.json:
+        _check_writable(args.json, "--json")
+    if args.plot:
+        _check_writable(args.plot, "--plot")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib (pip install matplotlib)") from None
+    device = _device(args.device)
+    backend = _check_backend(args.backend, device)
+
+    from fastff import benchmark
+
+    openmm = not args.no_openmm
+    if openmm:
+        try:
+            import openmm as _  # noqa: F401
+        except ImportError:
+            openmm = False  # the row then says why
+    settings = benchmark.Settings(
+        atoms=args.atoms, models=benchmark.MODELS if args.model == "all" else (args.model,),
+        backend=backend, device=device, dtype=_dtype(args.dtype), threads=args.threads,
+        repeat=args.repeat, steps=args.steps, openmm=openmm, reference=not args.no_reference)
+    sizes = args.sweep or [args.atoms]
+    bar = _Progress(len(sizes) * benchmark.samples_per_size(settings),
+                    enabled=bool(args.sweep) or sys.stderr.isatty())
+    results = []
+    for atoms in sizes:
+        settings.atoms = atoms
+        bar.label = f"{atoms} atoms"
+        t0 = time.perf_counter()
+        rows = benchmark.run(settings, on_sample=bar.advance)
+        results.append({"atoms": rows[0].atoms, "seconds": time.perf_counter() - t0,
+                        "rows": rows, "headline": benchmark.headline(rows)})
+    bar.close()
+    for res in results:
+        print(_table(res, settings))
+    if args.json:
+        doc = benchmark.environment(settings)
+        doc["settings"].pop("atoms")
+        doc["results"] = [{"atoms": r["atoms"], "seconds": r["seconds"],
+                           "rows": [row.as_dict() for row in r["rows"]],
+                           "headline": r["headline"]} for r in results]
+        with open(args.json, "w") as fh:
+            json.dump(doc, fh, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+TARGETS = {"SchNet (fastff) / MM (fastff)": "<= 10x",
+           "SchNet: reference / fastff": ">= 10x",
+           "PaiNN: reference / fastff": ">= 10x",
+           "MM (fastff) / MM (OpenMM)": "<= 1.5x"}
+
+
+def _table(res: dict, settings) -> str:
+    import torch
+
+    rows = res["rows"]
+    threads = settings.threads or torch.get_num_threads()
+    dtype = str(settings.dtype).replace("torch.", "")
+    lines = [f"fastff bench: {res['atoms']} atoms ({res['atoms'] // 3} TIP3P waters), {dtype} "
+             f"on {settings.device}, {threads} threads, backend {settings.backend or 'auto'}",
+             f"energy + forces per atom-step: median (IQR) over {settings.repeat} samples of "
+             f"{settings.steps} MD-like steps",
+             "",
+             f"{'component':<28} {'backend':<12} {'us/atom-step':>22} {'ms/step':>10}"]
+    for r in rows:
+        if r.skipped:
+            lines.append(f"{r.component:<28} {r.backend:<12} {'skipped: ' + r.skipped:>22}")
+            continue
+        us, iqr = r.median * 1e6, r.iqr * 1e6
+        lines.append(f"{r.component:<28} {r.backend:<12} {us:>12.3g} ({iqr:>7.2g}) "
+                     f"{r.median * r.atoms * 1e3:>10.3g}")
+    lines += ["", "headline (ratios of medians)"]
+    for key, value in res["headline"].items():
+        target = TARGETS.get(key)
+        lines.append(f"  {key:<44} {value:>8.3g}x" + (f"   target {target}" if target else ""))
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: str) -> None:
+    """Time per atom-step against atoms, log-log, one line per component; MM marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[int, float]]] = {}
+    for res in results:
+        for r in res["rows"]:
+            if not r.skipped:
+                series.setdefault(r.component, []).append((r.atoms, r.median * 1e6))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in series.items():
+        xs, ys = zip(*pts, strict=True)
+        mm = name.startswith("MM")
+        ax.plot(xs, ys, marker="o", label=name, linewidth=3 if mm else 1.5,
+                linestyle="--" if name == "MM (OpenMM)" else "-",
+                color="black" if name == "MM (fastff)" else None)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("atoms (TIP3P water box)")
+    ax.set_ylabel("energy + forces, us per atom-step")
+    ax.set_title("fastff bench: MLFF cost against MM cost")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class _Progress:
+    """A one-line progress bar on stderr (a line per update when stderr is not a terminal)."""
+
+    def __init__(self, total: int, *, enabled: bool):
+        self.total, self.done, self.enabled = max(total, 1), 0, enabled
+        self.label = ""
+        self.tty = sys.stderr.isatty()
+        self._last_pct = -1
+
+    def advance(self) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        pct = int(100 * self.done / self.total)
+        if not self.tty and pct // 10 == self._last_pct // 10:
+            return
+        self._last_pct = pct
+        filled = int(30 * self.done / self.total)
+        text = f"[{'#' * filled}{'.' * (30 - filled)}] {pct:3d}% {self.label}"
+        sys.stderr.write(("\r" + text) if self.tty else (text + "\n"))
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+# -------------------------------------------------------------------------------------- profile
+
+def _profile(args) -> int:
+    if args.trace:
+        _check_writable(args.trace, "--trace")
+    device = _device(args.device)
+    backend = _check_backend(args.backend, device)
+    import torch
+
+    from fastff import benchmark, models, profiling, systems
+    from fastff import mm as fmm
+
+    if args.threads:
+        benchmark.set_threads(args.threads)
+    dtype = _dtype(args.dtype)
+    box = systems.water_box(max(1, round(args.atoms / 3)), dtype=dtype)
+    cell, species = box.cell.to(device), box.species.to(device)
+    if args.model == "mm":
+        ff = fmm.water_force_field(box, backend=backend).to(device)
+
+        def energy(x):
+            return ff(x, cell)
+    else:
+        torch.manual_seed(0)
+        model = (models.SchNet(tabulate=args.tabulate) if args.model == "schnet"
+                 else models.PaiNN()).to(device, dtype)
+        model.set_backend(backend)
+
+        def energy(x):
+            return model(species, x, cell).sum()
+    frames = benchmark.trajectory(box.positions.to(device), args.steps + 1, seed=1)
+    step = benchmark._energy_forces_step(energy)
+    step(frames[0])  # warm-up: JIT compilation and first list build stay out of the profile
+    with profiling.profile(trace=args.trace, device=device) as prof:
+        for x in frames[1:]:
+            step(x)
+    print(f"fastff profile: {args.model}, {box.num_atoms} atoms, {args.dtype} on {device}, "
+          f"{args.steps} steps of energy + forces, backend {backend or 'auto'}")
+    print(prof.summary(top=args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

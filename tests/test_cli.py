@@ -1,0 +1,125 @@
+"""The ``fastff`` command: bad options fail in one line before measuring; a small real run of
+``fastff bench`` and ``fastff profile`` writes what it promises."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastff import benchmark, cli, profiling
+
+
+def _run(argv, capsys):
+    threads = torch.get_num_threads()
+    try:
+        code = cli.main(argv)
+    finally:  # --threads changes the process; keep the rest of the suite as it was
+        benchmark.set_threads(threads)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--atoms", "-5"], "--atoms"),
+    (["bench", "--atoms", "2"], "at least 3 atoms"),
+    (["bench", "--model", "mace"], "--model"),
+    (["bench", "--backend", "cuda"], "--backend"),
+    (["bench", "--dtype", "float16"], "--dtype"),
+    (["bench", "--repeat", "0"], "--repeat"),
+    (["bench", "--threads", "x"], "--threads"),
+    (["bench", "--sweep", "300,-1"], "--sweep"),
+    (["bench", "--json", "/nonexistent-dir/out.json"], "--json"),
+    (["bench", "--plot", "/nonexistent-dir/out.png"], "--plot"),
+    (["profile", "--model", "dimenet"], "--model"),
+    (["profile", "--trace", "/nonexistent-dir/t.json"], "--trace"),
+    ([], "command"),
+])
+def test_bad_options_fail_in_one_line_before_measuring(argv, message, capsys, monkeypatch):
+    def no_measurement(*args, **kwargs):
+        raise AssertionError("measured despite a bad option")
+
+    monkeypatch.setattr(benchmark, "run", no_measurement)
+    code, out, err = _run(argv, capsys)
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastff: error:"), err
+    assert message in lines[0]
+
+
+def test_unavailable_backend_is_a_usage_error(capsys, monkeypatch):
+    # Triton on CPU tensors needs the interpreter; without it the backend cannot run here
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device makes the triton backend available")
+    code, _, err = _run(["bench", "--backend", "triton", "--device", "cpu"], capsys)
+    assert code == 2 and "--backend triton" in err and len(err.strip().splitlines()) == 1
+
+
+def test_command_line_entry_point_exits_nonzero_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "fastff", "bench", "--atoms", "-1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("fastff: error:")
+
+
+def test_bench_small_run_writes_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    code, out, _ = _run(["bench", "--sweep", "300,600", "--model", "schnet", "--repeat", "2",
+                         "--steps", "1", "--threads", "1", "--json", str(out_json),
+                         "--plot", str(out_png)], capsys)
+    assert code == 0
+    assert "SchNet (fastff)" in out and "headline" in out
+    doc = json.loads(out_json.read_text())
+    assert doc["versions"]["torch"] == torch.__version__
+    assert doc["settings"]["threads"] == 1 and doc["settings"]["dtype"] == "float32"
+    assert [r["atoms"] for r in doc["results"]] == [300, 600]
+    small, large = doc["results"]
+    by_name = {r["component"]: r for r in large["rows"]}
+    for name in ("neighbor list", "MM (fastff)", "SchNet (fastff)",
+                 "SchNet (fastff, tabulated)", "SchNet (reference)"):
+        row = by_name[name]
+        assert row["skipped"] is None, name
+        assert len(row["per_atom_step"]) == 2 and row["median_s"] > 0, name
+    # the 300-atom box (1.45 nm) is too small for the 0.9 nm MM cutoff: said, not measured
+    mm_small = next(r for r in small["rows"] if r["component"] == "MM (fastff)")
+    assert mm_small["skipped"] and "cutoff" in mm_small["skipped"]
+    head = large["headline"]
+    ratio = by_name["SchNet (fastff)"]["median_s"] / by_name["MM (fastff)"]["median_s"]
+    assert head["SchNet (fastff) / MM (fastff)"] == pytest.approx(ratio)
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profile_command_writes_a_chrome_trace_with_fastff_ops(tmp_path, capsys):
+    trace = tmp_path / "trace.json"
+    code, out, _ = _run(["profile", "--model", "schnet", "--atoms", "300", "--steps", "1",
+                         "--trace", str(trace)], capsys)
+    assert code == 0
+    assert "fastff::cfconv" in out and "peak memory" in out
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert "fastff::cfconv" in names and "fastff.SchNet.interaction" in names
+
+
+def test_profile_context_names_every_fastff_op():
+    from fastff import models, systems
+
+    box = systems.water_box(40, dtype=torch.float64)
+    model = models.SchNet(num_features=8, num_interactions=1).double()
+    with profiling.profile() as prof:
+        models.energy_and_forces(model, box.species, box.positions, box.cell)
+    names = {r["name"] for r in prof.rows()}
+    for op in ("fastff::neighbor_list", "fastff::cfconv", "fastff::cfconv_vjp",
+               "fastff.SchNet.interaction"):
+        assert op in names, op
+    assert all(r["self_s"] >= 0 for r in prof.rows())
+    if os.path.exists("/proc/self/clear_refs"):
+        assert prof.memory.extra is not None and prof.memory.extra >= 0
+    assert "fastff ops" in prof.summary()
