@@ -113,23 +113,9 @@ class RadialFilter(nn.Module):
         Values and exact slopes at the knots come from the MLP in float64; the table's maximum
         error relative to max|W| over 3 points per interval is stored in ``max_rel_error``.
         """
-        _positive_int(num_points, "num_points")
-        if num_points < 2:
-            raise ValueError(f"num_points must be >= 2, got {num_points}")
         p = [t.detach().double() for t in self.params()]
-        knots = torch.linspace(0.0, self.cutoff, num_points, dtype=torch.float64,
-                               device=p[0].device)
-        values, slopes = self._values_and_slopes(knots, p)
-        h = self.cutoff / (num_points - 1)
-        y0, y1, m0, m1 = values[:-1], values[1:], slopes[:-1] * h, slopes[1:] * h
-        coeffs = torch.stack([y0, m0, 3 * (y1 - y0) - 2 * m0 - m1, 2 * (y0 - y1) + m0 + m1], 1)
-        table = TabulatedFilter(coeffs, self.cutoff)
-        fractions = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64, device=knots.device)
-        probe = (knots[:-1, None] + h * fractions).reshape(-1)
-        exact, _ = self._values_and_slopes(probe, p)
-        err = (_mref.spline_matrix(probe, coeffs, self.cutoff, 0) - exact).abs().max()
-        table.max_rel_error = float(err / exact.abs().max().clamp_min(1e-300))
-        return table
+        return hermite_table(lambda r: self._values_and_slopes(r, p), self.cutoff, num_points,
+                             p[0].device)
 
     def _values_and_slopes(self, r: Tensor, p) -> tuple[Tensor, Tensor]:
         w1, b1, w2, b2 = p
@@ -140,6 +126,41 @@ class RadialFilter(nn.Module):
         y = dense.activation(h, self.activation) @ w2.t() + b2
         dy = (dense.activation_slope(h, self.activation) * (slope @ w1.t())) @ w2.t()
         return env[:, None] * y, env_slope[:, None] * y + env[:, None] * dy
+
+
+def hermite_table(values_and_slopes, cutoff: float, num_points: int,
+                  device: torch.device) -> TabulatedFilter:
+    """A cubic Hermite table over [0, cutoff] of a function r -> [F] given in float64 by
+    ``values_and_slopes(r [M]) -> (W [M, F], dW/dr [M, F])``, with its measured error."""
+    _positive_int(num_points, "num_points")
+    if num_points < 2:
+        raise ValueError(f"num_points must be >= 2, got {num_points}")
+    knots = torch.linspace(0.0, cutoff, num_points, dtype=torch.float64, device=device)
+    values, slopes = values_and_slopes(knots)
+    h = cutoff / (num_points - 1)
+    y0, y1, m0, m1 = values[:-1], values[1:], slopes[:-1] * h, slopes[1:] * h
+    coeffs = torch.stack([y0, m0, 3 * (y1 - y0) - 2 * m0 - m1, 2 * (y0 - y1) + m0 + m1], 1)
+    table = TabulatedFilter(coeffs, cutoff)
+    fractions = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64, device=device)
+    probe = (knots[:-1, None] + h * fractions).reshape(-1)
+    exact, _ = values_and_slopes(probe)
+    err = (_mref.spline_matrix(probe, coeffs, cutoff, 0) - exact).abs().max()
+    table.max_rel_error = float(err / exact.abs().max().clamp_min(1e-300))
+    return table
+
+
+class _TableCache:
+    """The table of a filter, rebuilt when the filter's parameters change (new data or an
+    in-place update, e.g. an optimizer step)."""
+
+    def __init__(self):
+        self._entry: tuple | None = None
+
+    def get(self, params, build) -> TabulatedFilter:
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._entry is None or self._entry[0] != key:
+            self._entry = (key, build())
+        return self._entry[1]
 
 
 class TabulatedFilter(nn.Module):
@@ -190,14 +211,12 @@ class CFConv(nn.Module):
         self.tabulate, self.num_points, self.backend = bool(tabulate), num_points, backend
         if self.tabulate:
             _positive_int(num_points, "num_points")
-        self._table: tuple | None = None
+        self._tables = _TableCache()
 
     def table(self) -> TabulatedFilter:
         """The current table of ``filter`` (rebuilt when its parameters changed)."""
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.filter.params())
-        if self._table is None or self._table[0] != key:
-            self._table = (key, self.filter.tabulate(self.num_points))
-        return self._table[1]
+        return self._tables.get(self.filter.params(),
+                                lambda: self.filter.tabulate(self.num_points))
 
     def forward(self, x: Tensor, positions: Tensor, nl: NeighborList,
                 cell: Tensor | None = None) -> Tensor:
@@ -226,24 +245,49 @@ class PaiNNMessage(nn.Module):
         num_features: F.
         num_basis: K Bessel functions (PaiNN uses 20).
         cutoff: cosine-envelope cutoff (<= the neighbor list's).
+        tabulate: read the filter from a cubic table (:meth:`table`, ``num_points`` knots);
+            inference only, as for :class:`CFConv`.
+        num_points: knots of that table.
         backend: as for :class:`CFConv`.
 
     forward(s [N, F], v [N, 3, F], positions [N, 3], nl, cell=None) -> (ds [N, F], dv [N, 3, F]).
     Rotation equivariant: rotating positions and v rotates dv and leaves ds unchanged. The sums
     are the fused, deterministic ``gms`` segment sums; the per-edge filter and its products are
-    [E, 7F] temporaries (this block is not fused further yet).
+    [E, 7F] temporaries on the MLP path. With ``tabulate=True`` (inference: the filter
+    parameters get no gradient) the filter is read from a cubic table (:meth:`table`) inside
+    four spline convolutions, and no edge x feature tensor exists.
     """
 
     def __init__(self, num_features: int, num_basis: int = 20, cutoff: float = 5.0, *,
-                 backend: str | None = None):
+                 tabulate: bool = False, num_points: int = 1000, backend: str | None = None):
         super().__init__()
         _positive_int(num_features, "num_features")
         self.num_basis, self.cutoff, _, _ = check_basis_args(num_basis, cutoff, "bessel",
                                                              "cosine")
         self.num_features, self.backend = num_features, backend
+        self.tabulate, self.num_points = bool(tabulate), _positive_int(num_points, "num_points")
         self.context = nn.Sequential(nn.Linear(num_features, num_features), nn.SiLU(),
                                      nn.Linear(num_features, 3 * num_features))
         self.filter = nn.Linear(num_basis, 3 * num_features)
+        self._tables = _TableCache()
+
+    @torch.no_grad()
+    def table(self) -> TabulatedFilter:
+        """The filter ``u(r) (W_f b(r) + b_f)`` [3F] as a cubic table over [0, cutoff] (values
+        and slopes from float64; rebuilt when the filter's parameters change)."""
+        def build() -> TabulatedFilter:
+            w, b = self.filter.weight.detach().double(), self.filter.bias.detach().double()
+
+            def values_and_slopes(r: Tensor) -> tuple[Tensor, Tensor]:
+                basis = _rref.radial_basis(r, self.num_basis, self.cutoff, "bessel", "none", 0)
+                slope = _rref.radial_basis(r, self.num_basis, self.cutoff, "bessel", "none", 1)
+                env, env_slope = dense.envelope(r, self.cutoff, "cosine", 1)
+                y = basis @ w.t() + b
+                return env[:, None] * y, env_slope[:, None] * y + env[:, None] * (slope @ w.t())
+
+            return hermite_table(values_and_slopes, self.cutoff, self.num_points, w.device)
+
+        return self._tables.get((self.filter.weight, self.filter.bias), build)
 
     def forward(self, s: Tensor, v: Tensor, positions: Tensor, nl: NeighborList,
                 cell: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -251,6 +295,8 @@ class PaiNNMessage(nn.Module):
         _graph(self, positions, nl, self.cutoff, {"s": (s, (nf,)), "v": (v, (3, nf))})
         vec = nl.vectors(positions, cell)
         d = torch.linalg.vector_norm(vec, dim=1)
+        if self.tabulate:
+            return self._tabulated(s, v, vec, d, nl)
         name, _ = _backend.resolve("gms", s.device, self.backend)
         rname, _ = _backend.resolve("radial_basis", s.device, self.backend)
         basis = _rop.radial_basis(d.contiguous(), self.num_basis, self.cutoff, "bessel", "none",
@@ -269,4 +315,23 @@ class PaiNNMessage(nn.Module):
         ds = out[:, :nf]
         dv = (out[:, nf:4 * nf] + out[:, 4 * nf:]).view(-1, 3, nf)
         return ds, dv
+
+    def _tabulated(self, s: Tensor, v: Tensor, vec: Tensor, d: Tensor,
+                   nl: NeighborList) -> tuple[Tensor, Tensor]:
+        """The message with the filter read from its table: spline convolutions only, no
+        per-edge tensor wider than 3 (the unit vectors)."""
+        nf = self.num_features
+        name, _ = _backend.resolve("spline_conv", s.device, self.backend)
+        coeffs = self.table().coeffs.to(s.dtype)
+        c_s, c_vs, c_vv = coeffs.split(nf, dim=2)
+        p_s, p_vs, p_vv = self.context(s).split(nf, dim=1)
+        args = (nl.i, nl.j, nl.ptr, nl.reverse, self.cutoff, 0, name)
+        # (ds | vv-messages per axis) share one pass: x = [phi_s | phi_vv v_x | phi_vv v_y | ...]
+        x = torch.cat([p_s, (p_vv.unsqueeze(1) * v).flatten(1)], 1).contiguous()
+        out = _mop.spline_conv(x, d, None, torch.cat([c_s, c_vv, c_vv, c_vv], 2).contiguous(),
+                               *args)
+        unit = vec / d.clamp_min(torch.finfo(d.dtype).tiny).unsqueeze(1)
+        c_vs, p_vs = c_vs.contiguous(), p_vs.contiguous()
+        vs = [_mop.spline_conv(p_vs, d, unit[:, k].contiguous(), c_vs, *args) for k in range(3)]
+        return out[:, :nf], out[:, nf:].view(-1, 3, nf) + torch.stack(vs, 1)
 

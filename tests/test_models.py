@@ -254,9 +254,10 @@ def test_verlet_skin_matches_fresh_lists(rng, name):
     assert_close_scaled(f, want[1], "message", F64, "forces with a given list")
 
 
-def test_tabulated_schnet_close_to_mlp(rng):
-    mlp = make("schnet")
-    table = make("schnet", tabulate=True)
+@pytest.mark.parametrize("name", MODELS)
+def test_tabulated_close_to_mlp(rng, name):
+    mlp = make(name)
+    table = make(name, tabulate=True)
     table.load_state_dict(mlp.state_dict())
     species, pos, cell = periodic_system(40)
     got = fm.energy_and_forces(table, species, pos, cell, stress=True)

@@ -197,16 +197,48 @@ def test_painn_matches_reference_and_trains(rng, backend):
         _close(a, b, "training", torch.float64)
 
 
+@pytest.mark.parametrize("backend", ["numba", "triton", "reference"])
+def test_tabulated_painn_matches_mlp(rng, backend):
+    n, nf = (6, 2) if backend == "triton" else (30, 8)
+    pos, cell, nl = system(n)
+    m = fnn.PaiNNMessage(nf, 6, 2.5, backend=backend).double()
+    mt = fnn.PaiNNMessage(nf, 6, 2.5, tabulate=True, backend=backend).double()
+    mt.load_state_dict(m.state_dict())
+    assert mt.table().max_rel_error <= 1e-5
+    s = torch.randn(n, nf, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(n, 3, nf, dtype=torch.float64, requires_grad=True)
+    results = []
+    for mod in (m, mt):
+        p = pos.clone().requires_grad_(True)
+        ds, dv = mod(s, v, p, nl, cell)
+        loss = ds.pow(2).sum() + dv.pow(3).sum()
+        results.append([ds, dv, *torch.autograd.grad(loss, (p, s, v))])
+    for a, b in zip(*results, strict=True):
+        _close(a, b, "message", torch.float32)
+    # the table follows parameter updates; the filter parameters get no gradient from it
+    with torch.no_grad():
+        m.filter.bias.add_(0.5)
+    mt.load_state_dict(m.state_dict())
+    ds_t, dv_t = mt(s, v, pos, nl, cell)
+    ds, dv = m(s, v, pos, nl, cell)
+    _close(ds_t, ds, "message", torch.float32)
+    _close(dv_t, dv, "message", torch.float32)
+    assert torch.autograd.grad(ds_t.sum(), mt.filter.weight, allow_unused=True)[0] is None
+
+
 def test_painn_rotation_equivariant(rng):
     pos, cell, nl = system(30)
     m = fnn.PaiNNMessage(8, 6, 2.5).double()
     s = torch.randn(30, 8, dtype=torch.float64)
     v = torch.randn(30, 3, 8, dtype=torch.float64)
     q, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))
-    ds, dv = m(s, v, pos, nl, cell)
-    ds_r, dv_r = m(s, torch.einsum("ab,nbf->naf", q, v), pos @ q.T, nl, cell @ q.T)
-    torch.testing.assert_close(ds_r, ds, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(dv_r, torch.einsum("ab,nbf->naf", q, dv), rtol=1e-10, atol=1e-12)
+    for tabulate in (False, True):
+        m.tabulate = tabulate
+        ds, dv = m(s, v, pos, nl, cell)
+        ds_r, dv_r = m(s, torch.einsum("ab,nbf->naf", q, v), pos @ q.T, nl, cell @ q.T)
+        torch.testing.assert_close(ds_r, ds, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(dv_r, torch.einsum("ab,nbf->naf", q, dv), rtol=1e-10,
+                                   atol=1e-12)
 
 
 def test_bad_input():
