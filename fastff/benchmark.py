@@ -4,8 +4,9 @@ Every component computes energy and forces (``-dE/dpositions``) on the built-in 
 (:func:`fastff.systems.water_box`), and is timed over the same MD-like trajectory: each step
 moves every coordinate by a Gaussian random walk of ``STEP_NM`` nm, so Verlet lists rebuild at a
 realistic rate (every ~10-30 steps with a 0.1 nm skin) and list costs are amortized as in MD.
-A *sample* is ``steps`` consecutive steps timed together; a component runs one warm-up sample
-(JIT compilation, first list build, OpenMM context set-up) and then ``repeat`` samples. The
+A *sample* is ``steps`` consecutive steps timed together; a component runs two warm-up steps
+(JIT compilation, first list build, OpenMM context set-up) and then ``repeat`` samples, fewer and
+shorter ones for a component that would exceed its time ``budget`` (see ``_time_samples``). The
 figure is the median over samples of time per atom-step, with the interquartile range.
 
 Components:
@@ -14,8 +15,11 @@ Components:
     MM (fastff)     LJ + reaction-field Coulomb (cutoff 0.9 nm, Verlet skin 0.1 nm) + bonds +
                     angles (:func:`fastff.mm.water_force_field`)
     MM (OpenMM)     the same System on OpenMM's CPU platform (mixed precision)
-    SchNet / PaiNN  :mod:`fastff.models` on fastff kernels, the same weights on the torch
-                    reference backend ("eager"), and SchNet with tabulated filters
+    SchNet / PaiNN  :mod:`fastff.models` on fastff kernels with the exact filter networks and
+                    with tabulated filters (inference), and the same weights on the torch
+                    reference backend ("eager"). Every model row builds the same full list
+                    at the model cutoff each step with fastff's cell list (the reference
+                    backend's own list is an O(N^2) oracle, not an eager baseline).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ REFERENCE_MEMORY_LIMIT = 8e9
 #: Sizes of ``--sweep`` (atoms; rounded to whole water molecules).
 SWEEP_ATOMS = (300, 1000, 3000, 10000, 30000, 100000)
 MODELS = ("schnet", "painn")
+#: Fewest timed samples of a component, however slow (a median with a spread needs a few).
+MIN_SAMPLES = 3
 #: The MM cutoff (nm) of the water box's force field: reaction field, as in the MM benchmarks.
 MM_CUTOFF = 0.9
 
@@ -50,7 +56,8 @@ class Row:
     backend: str
     atoms: int
     per_atom_step: list[float] = field(default_factory=list)
-    steps: int = 0
+    steps: int = 0  # MD-like steps per sample
+    samples: int = 0
     skipped: str | None = None  # why the component did not run
 
     @property
@@ -81,6 +88,7 @@ class Settings:
     threads: int | None = None
     repeat: int = 5
     steps: int = 10
+    budget: float = 20.0  # seconds per component, see _time_samples
     seed: int = 0
     openmm: bool = True
     reference: bool = True
@@ -98,11 +106,16 @@ def trajectory(positions: torch.Tensor, steps: int, seed: int) -> list[torch.Ten
 
 def _time_samples(step: Callable[[torch.Tensor], None], frames: list[torch.Tensor],
                   settings: Settings, row: Row, on_sample: Callable[[], None] | None) -> Row:
-    """Warm-up sample, then ``repeat`` samples of ``steps`` steps along ``frames``."""
-    n = settings.steps
+    """Two warm-up steps (JIT compilation, first list build; the second gives the step time),
+    then up to ``repeat`` samples of up to ``steps`` consecutive steps along ``frames``.
+
+    A component slower than ``settings.budget`` seconds for the whole row gets fewer steps per
+    sample (at least 1), then fewer samples (at least ``MIN_SAMPLES``), so one slow path (an
+    eager baseline) does not hold the run for minutes; the row records what it ran.
+    """
     cuda = settings.device.startswith("cuda")
-    for sample in range(settings.repeat + 1):
-        chunk = frames[sample * n:(sample + 1) * n]
+
+    def run(chunk: list[torch.Tensor]) -> float:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -110,12 +123,25 @@ def _time_samples(step: Callable[[torch.Tensor], None], frames: list[torch.Tenso
             step(x)
         if cuda:
             torch.cuda.synchronize()
-        elapsed = time.perf_counter() - t0
-        if sample > 0:  # sample 0 is the warm-up
-            row.per_atom_step.append(elapsed / (len(chunk) * row.atoms))
+        return time.perf_counter() - t0
+
+    run(frames[:1])
+    one = max(run(frames[1:2]), 1e-9)
+    if on_sample is not None:
+        on_sample()
+    steps = min(settings.steps, max(1, int(settings.budget / (settings.repeat * one))))
+    samples = settings.repeat
+    if steps == 1:
+        samples = min(settings.repeat, max(MIN_SAMPLES, int(settings.budget / one)))
+    for sample in range(samples):
+        chunk = frames[2 + sample * steps:2 + (sample + 1) * steps]
+        row.per_atom_step.append(run(chunk) / (len(chunk) * row.atoms))
         if on_sample is not None:
             on_sample()
-    row.steps = settings.repeat * n
+    for _ in range(settings.repeat - samples):  # progress the samples not taken
+        if on_sample is not None:
+            on_sample()
+    row.steps, row.samples = steps, samples
     return row
 
 
@@ -146,7 +172,7 @@ def run(settings: Settings, *, on_sample: Callable[[], None] | None = None) -> l
                             dtype=settings.dtype)
     n = box.num_atoms
     dev = torch.device(settings.device)
-    frames = [f.to(dev) for f in trajectory(box.positions, (settings.repeat + 1) * settings.steps,
+    frames = [f.to(dev) for f in trajectory(box.positions, settings.repeat * settings.steps + 2,
                                             settings.seed + 1)]
     cell, species = box.cell.to(dev), box.species.to(dev)
     rows: list[Row] = []
@@ -174,17 +200,17 @@ def run(settings: Settings, *, on_sample: Callable[[], None] | None = None) -> l
     built = {"schnet": models.SchNet, "painn": models.PaiNN}
     for name in settings.models:
         torch.manual_seed(settings.seed)
-        model = built[name]().to(dev, settings.dtype)
+        model = built[name]().to(dev, settings.dtype).set_backend(be)
         label = "SchNet" if name == "schnet" else "PaiNN"
-        model.set_backend(be)
-        timed(f"{label} (fastff)", be or "auto",
-              _energy_forces_step(lambda x, m=model: m(species, x, cell)))
-        if name == "schnet":
-            tab = models.SchNet(tabulate=True).to(dev, settings.dtype)
-            tab.load_state_dict(model.state_dict())
-            tab.set_backend(be)
-            timed("SchNet (fastff, tabulated)", be or "auto",
-                  _energy_forces_step(lambda x, m=tab: m(species, x, cell)))
+
+        def energy(x, m=model):
+            nl = neighbor_list(x, m.cutoff, cell, backend=be)
+            return m(species, x, cell, nl=nl)
+
+        timed(f"{label} (fastff)", be or "auto", _energy_forces_step(energy))
+        model.set_tabulate(True)
+        timed(f"{label} (fastff, tabulated)", be or "auto", _energy_forces_step(energy))
+        model.set_tabulate(False)
         if settings.reference:
             need = reference_memory_estimate(name, n, model.num_features, settings.dtype)
             if need > REFERENCE_MEMORY_LIMIT:
@@ -192,8 +218,7 @@ def run(settings: Settings, *, on_sample: Callable[[], None] | None = None) -> l
                                      f"needs ~{need / 1e9:.0f} GB", settings, on_sample))
                 continue
             model.set_backend("reference")
-            timed(f"{label} (reference)", "reference",
-                  _energy_forces_step(lambda x, m=model: m(species, x, cell)))
+            timed(f"{label} (reference)", "reference", _energy_forces_step(energy))
     return rows
 
 
@@ -209,8 +234,7 @@ def _skipped(component: str, backend: str, atoms: int, why: str, settings: Setti
 def samples_per_size(settings: Settings) -> int:
     """Progress units of one :func:`run` (one per sample, warm-ups included)."""
     per_component = settings.repeat + 1
-    components = 2 + int(settings.openmm) + sum(
-        (2 if m == "schnet" else 1) + int(settings.reference) for m in settings.models)
+    components = 2 + int(settings.openmm) + len(settings.models) * (2 + int(settings.reference))
     return components * per_component
 
 
@@ -254,9 +278,11 @@ def headline(rows: list[Row]) -> dict[str, float]:
             t = by.get(f"{label} ({kind})")
             if t is not None and mm:
                 out[f"{label} ({kind}) / MM (fastff)"] = t / mm
-        fast, ref = by.get(f"{label} (fastff)"), by.get(f"{label} (reference)")
-        if fast and ref:
-            out[f"{label}: reference / fastff"] = ref / fast
+        ref = by.get(f"{label} (reference)")
+        for kind in ("fastff", "fastff, tabulated"):
+            fast = by.get(f"{label} ({kind})")
+            if fast and ref:
+                out[f"{label}: reference / {kind}"] = ref / fast
     if mm and by.get("MM (OpenMM)"):
         out["MM (fastff) / MM (OpenMM)"] = mm / by["MM (OpenMM)"]
     return out

@@ -35,6 +35,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
 def _atoms(text: str) -> int:
     value = _positive_int(text)
     if value < 3:
@@ -76,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed samples per component after one warm-up sample (default 5)")
     b.add_argument("--steps", type=_positive_int, default=10,
                    help="MD-like steps per sample (default 10)")
+    b.add_argument("--budget", type=_positive_float, default=20.0, metavar="SECONDS",
+                   help="time per component; slower ones get fewer, shorter samples (default 20)")
     b.add_argument("--no-reference", action="store_true",
                    help="skip the models on the torch reference backend")
     b.add_argument("--no-openmm", action="store_true", help="skip the OpenMM row")
@@ -186,7 +198,8 @@ def _bench(args) -> int:
     settings = benchmark.Settings(
         atoms=args.atoms, models=benchmark.MODELS if args.model == "all" else (args.model,),
         backend=backend, device=device, dtype=_dtype(args.dtype), threads=args.threads,
-        repeat=args.repeat, steps=args.steps, openmm=openmm, reference=not args.no_reference)
+        repeat=args.repeat, steps=args.steps, budget=args.budget, openmm=openmm,
+        reference=not args.no_reference)
     sizes = args.sweep or [args.atoms]
     bar = _Progress(len(sizes) * benchmark.samples_per_size(settings),
                     enabled=bool(args.sweep) or sys.stderr.isatty())
@@ -217,8 +230,11 @@ def _bench(args) -> int:
 
 
 TARGETS = {"SchNet (fastff) / MM (fastff)": "<= 10x",
+           "SchNet (fastff, tabulated) / MM (fastff)": "<= 10x",
            "SchNet: reference / fastff": ">= 10x",
+           "SchNet: reference / fastff, tabulated": ">= 10x",
            "PaiNN: reference / fastff": ">= 10x",
+           "PaiNN: reference / fastff, tabulated": ">= 10x",
            "MM (fastff) / MM (OpenMM)": "<= 1.5x"}
 
 
@@ -230,17 +246,18 @@ def _table(res: dict, settings) -> str:
     dtype = str(settings.dtype).replace("torch.", "")
     lines = [f"fastff bench: {res['atoms']} atoms ({res['atoms'] // 3} TIP3P waters), {dtype} "
              f"on {settings.device}, {threads} threads, backend {settings.backend or 'auto'}",
-             f"energy + forces per atom-step: median (IQR) over {settings.repeat} samples of "
-             f"{settings.steps} MD-like steps",
+             "energy + forces per atom-step: median (IQR) over samples of consecutive MD-like "
+             "steps",
              "",
-             f"{'component':<28} {'backend':<12} {'us/atom-step':>22} {'ms/step':>10}"]
+             f"{'component':<28} {'backend':<12} {'us/atom-step':>22} {'ms/step':>10} "
+             f"{'samples x steps':>16}"]
     for r in rows:
         if r.skipped:
-            lines.append(f"{r.component:<28} {r.backend:<12} {'skipped: ' + r.skipped:>22}")
+            lines.append(f"{r.component:<28} {r.backend:<12} skipped: {r.skipped}")
             continue
         us, iqr = r.median * 1e6, r.iqr * 1e6
         lines.append(f"{r.component:<28} {r.backend:<12} {us:>12.3g} ({iqr:>7.2g}) "
-                     f"{r.median * r.atoms * 1e3:>10.3g}")
+                     f"{r.median * r.atoms * 1e3:>10.3g} {f'{r.samples} x {r.steps}':>16}")
     lines += ["", "headline (ratios of medians)"]
     for key, value in res["headline"].items():
         target = TARGETS.get(key)

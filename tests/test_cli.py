@@ -31,6 +31,7 @@ def _run(argv, capsys):
     (["bench", "--backend", "cuda"], "--backend"),
     (["bench", "--dtype", "float16"], "--dtype"),
     (["bench", "--repeat", "0"], "--repeat"),
+    (["bench", "--budget", "-1"], "--budget"),
     (["bench", "--threads", "x"], "--threads"),
     (["bench", "--sweep", "300,-1"], "--sweep"),
     (["bench", "--json", "/nonexistent-dir/out.json"], "--json"),
@@ -83,11 +84,11 @@ def test_bench_small_run_writes_json_and_plot(tmp_path, capsys):
     assert [r["atoms"] for r in doc["results"]] == [300, 600]
     small, large = doc["results"]
     by_name = {r["component"]: r for r in large["rows"]}
-    for name in ("neighbor list", "MM (fastff)", "SchNet (fastff)",
+    for name in ("neighbor list", "MM (fastff)", "MM (OpenMM)", "SchNet (fastff)",
                  "SchNet (fastff, tabulated)", "SchNet (reference)"):
         row = by_name[name]
         assert row["skipped"] is None, name
-        assert len(row["per_atom_step"]) == 2 and row["median_s"] > 0, name
+        assert row["samples"] == len(row["per_atom_step"]) >= 2 and row["median_s"] > 0, name
     # the 300-atom box (1.45 nm) is too small for the 0.9 nm MM cutoff: said, not measured
     mm_small = next(r for r in small["rows"] if r["component"] == "MM (fastff)")
     assert mm_small["skipped"] and "cutoff" in mm_small["skipped"]
