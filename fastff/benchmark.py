@@ -44,6 +44,8 @@ SWEEP_ATOMS = (300, 1000, 3000, 10000, 30000, 100000)
 MODELS = ("schnet", "painn")
 #: Fewest timed samples of a component, however slow (a median with a spread needs a few).
 MIN_SAMPLES = 3
+#: A sweep skips a component predicted to need more than this many budgets at the next size.
+OVER_BUDGET = 5
 #: The MM cutoff (nm) of the water box's force field: reaction field, as in the MM benchmarks.
 MM_CUTOFF = 0.9
 
@@ -59,6 +61,7 @@ class Row:
     steps: int = 0  # MD-like steps per sample
     samples: int = 0
     skipped: str | None = None  # why the component did not run
+    estimate: float | None = None  # predicted s per atom-step of a row skipped for time
 
     @property
     def median(self) -> float:
@@ -162,8 +165,14 @@ def reference_memory_estimate(model_name: str, atoms: int, num_features: int,
     return 3 * per_interaction
 
 
-def run(settings: Settings, *, on_sample: Callable[[], None] | None = None) -> list[Row]:
-    """Measure every component at ``settings.atoms``; returns one :class:`Row` each."""
+def run(settings: Settings, *, on_sample: Callable[[], None] | None = None,
+        previous: list[Row] | None = None) -> list[Row]:
+    """Measure every component at ``settings.atoms``; returns one :class:`Row` each.
+
+    ``previous``: rows of a smaller size (a sweep). A component whose time per atom-step there,
+    scaled to this size, predicts more than ``OVER_BUDGET`` budgets for its warm-up and fewest
+    samples is skipped, with the prediction as the reason.
+    """
     from fastff import mm, models, neighbor_list, systems
 
     if settings.threads:
@@ -178,7 +187,17 @@ def run(settings: Settings, *, on_sample: Callable[[], None] | None = None) -> l
     rows: list[Row] = []
     be = settings.backend
 
+    before = {r.component: r.median if not r.skipped else r.estimate for r in previous or []}
+
     def timed(component: str, backend: str, step) -> None:
+        per_atom = before.get(component) or 0.0
+        predicted = per_atom * n
+        if predicted * (2 + MIN_SAMPLES) > OVER_BUDGET * settings.budget:
+            row = _skipped(component, backend, n, f"over the time budget (~{predicted:.0f} s "
+                           "per step predicted)", settings, on_sample)
+            row.estimate = per_atom
+            rows.append(row)
+            return
         row = Row(component, backend, n)
         rows.append(_time_samples(step, frames, settings, row, on_sample))
 

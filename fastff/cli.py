@@ -208,7 +208,8 @@ def _bench(args) -> int:
         settings.atoms = atoms
         bar.label = f"{atoms} atoms"
         t0 = time.perf_counter()
-        rows = benchmark.run(settings, on_sample=bar.advance)
+        rows = benchmark.run(settings, on_sample=bar.advance,
+                             previous=results[-1]["rows"] if results else None)
         results.append({"atoms": rows[0].atoms, "seconds": time.perf_counter() - t0,
                         "rows": rows, "headline": benchmark.headline(rows)})
     bar.close()

@@ -124,3 +124,20 @@ def test_profile_context_names_every_fastff_op():
     if os.path.exists("/proc/self/clear_refs"):
         assert prof.memory.extra is not None and prof.memory.extra >= 0
     assert "fastff ops" in prof.summary()
+
+
+def test_sweep_skips_a_component_predicted_over_budget():
+    """A component that was slow at the previous size is not started at a larger one, and
+    stays skipped at the sizes after (its estimate carries over)."""
+    slow = benchmark.Row("neighbor list", "auto", 300, per_atom_step=[1.0])  # 1 s per atom
+    settings = benchmark.Settings(atoms=600, models=(), openmm=False, reference=False,
+                                  repeat=2, steps=1, budget=1.0)
+    rows = benchmark.run(settings, previous=[slow])
+    by_name = {r.component: r for r in rows}
+    skipped = by_name["neighbor list"]
+    assert skipped.skipped and "time budget" in skipped.skipped and skipped.estimate == 1.0
+    assert by_name["MM (fastff)"].skipped is None and by_name["MM (fastff)"].samples >= 2
+    again = benchmark.run(benchmark.Settings(atoms=900, models=(), openmm=False,
+                                             reference=False, repeat=2, steps=1, budget=1.0),
+                          previous=rows)
+    assert next(r for r in again if r.component == "neighbor list").skipped
