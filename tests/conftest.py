@@ -8,6 +8,10 @@ Ahead-of-time compilation is tested in a subprocess without it (tests/test_aot.p
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Idle OpenMP threads sleep instead of spinning: the suite's many small parallel regions (numba
+# and torch) otherwise burn the cores that other processes on a small machine need; read by
+# libgomp when torch loads it, so set before the import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
