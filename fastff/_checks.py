@@ -3,7 +3,9 @@
 Structural checks (shapes, dtypes, devices) always run. Checks that read tensor values (NaN
 scans, sortedness, index ranges) can be switched off on hot paths with ``fastff.set_checks(False)``
 or ``with fastff.no_checks(): ...``; kernels stay memory-safe without them (indices are clamped
-or bounds-checked), but garbage in then gives garbage out.
+or bounds-checked), but garbage in then gives garbage out. They are also skipped while
+``torch.compile`` or ``torch.export`` traces (``torch.compiler.is_compiling()``): reading a
+value would break the graph, and the compiled graph runs no Python checks anyway.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def set_checks(enabled: bool) -> None:
 
 
 def checks_enabled() -> bool:
-    return _value_checks
+    """True when value checks run: enabled, and not inside torch.compile / torch.export tracing."""
+    return _value_checks and not torch.compiler.is_compiling()
 
 
 @contextlib.contextmanager
@@ -49,7 +52,7 @@ def positions(x: Tensor, name: str = "positions") -> Tensor:
         raise TypeError(f"{name} must be a floating point tensor, got {x.dtype}")
     # One reduction finds NaN/inf (they propagate through a sum); the exact scan runs only when
     # the sum is not finite, which large finite values can also cause.
-    if _value_checks and x.numel() and not math.isfinite(float(x.detach().sum())):
+    if checks_enabled() and x.numel() and not math.isfinite(float(x.detach().sum())):
         finite = torch.isfinite(x)
         if not bool(finite.all()):
             bad = int((~finite).any(dim=1).nonzero()[0, 0])
@@ -92,7 +95,7 @@ def index_tensor(x: Tensor, name: str, length: int | None = None) -> Tensor:
 
 def index_range(x: Tensor, name: str, upper: int, what: str) -> None:
     """Value check: 0 <= x < upper."""
-    if _value_checks and x.numel():
+    if checks_enabled() and x.numel():
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi >= upper:
             raise IndexError(f"{name} holds index {lo if lo < 0 else hi}, outside [0, {upper}) "

@@ -282,7 +282,7 @@ def set_threads(threads: int) -> None:
     try:
         import numba
 
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore
     except ImportError:
         pass
 
@@ -311,7 +311,7 @@ def environment(settings: Settings) -> dict:
     """Machine, versions and settings recorded with every JSON result."""
     import fastff
 
-    versions = {"fastff": fastff.__version__, "torch": torch.__version__}
+    versions: dict[str, str | None] = {"fastff": fastff.__version__, "torch": torch.__version__}
     for mod in ("numba", "triton", "openmm", "numpy"):
         try:
             versions[mod] = __import__(mod).__version__

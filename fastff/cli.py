@@ -203,7 +203,7 @@ def _bench(args) -> int:
     sizes = args.sweep or [args.atoms]
     bar = _Progress(len(sizes) * benchmark.samples_per_size(settings),
                     enabled=bool(args.sweep) or sys.stderr.isatty())
-    results = []
+    results: list[dict] = []
     for atoms in sizes:
         settings.atoms = atoms
         bar.label = f"{atoms} atoms"

@@ -171,6 +171,7 @@ class TabulatedFilter(nn.Module):
     """
 
     max_rel_error: float
+    coeffs: Tensor
 
     def __init__(self, coeffs: Tensor, cutoff: float):
         super().__init__()

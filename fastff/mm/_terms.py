@@ -115,7 +115,10 @@ def _per_topology(index: Tensor, extra, compute):
             and hit[2] == (extra, _checks.checks_enabled())):
         return hit[3]
     value = compute()
-    ref = weakref.ref(index, lambda _, k=key: _TOPOLOGY.pop(k, None))
+    def forget(_ref, k: int = key) -> None:
+        _TOPOLOGY.pop(k, None)
+
+    ref = weakref.ref(index, forget)
     _TOPOLOGY[key] = (ref, index._version, (extra, _checks.checks_enabled()), value)
     return value
 
