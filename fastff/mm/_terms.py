@@ -131,8 +131,10 @@ def _exclusion_rows(index: Tensor, n: int) -> tuple[Tensor, Tensor]:
     rows = torch.cat([index[:, 0], index[:, 1]])
     cols = torch.cat([index[:, 1], index[:, 0]])
     order = torch.argsort(rows * n + cols)
-    ptr = torch.zeros(n + 1, dtype=torch.int64, device=dev)
-    ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=n), 0)
+    # index_add, not bincount: its output size does not depend on the data (torch.compile)
+    counts = torch.zeros(n, dtype=torch.int64, device=dev).index_add_(0, rows,
+                                                                      torch.ones_like(rows))
+    ptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
     return ptr, cols[order].contiguous()
 
 
@@ -219,7 +221,7 @@ def _pair_terms(positions: Tensor, nl: NeighborList, charges, sigma, epsilon, *,
                 raise ValueError(f"dielectric must be >= 1, got {dielectric}")
             k_rf = (d - 1.0) / ((2.0 * d + 1.0) * rc ** 3) if math.isfinite(d) else 0.5 / rc ** 3
             c_rf = 1.0 / rc + k_rf * rc * rc
-            if bool(nl.pbc.any()):
+            if _checks.checks_enabled() and bool(nl.pbc.any()):
                 heights = _cell_heights(cells).masked_fill(~nl.pbc, math.inf)
                 limit = 0.5 * float(heights.min())
                 if rc > limit:
@@ -356,9 +358,11 @@ def _term_setup(positions, cell, batch):
         cells = cell
     else:
         raise ValueError(f"cell must have shape [3, 3] or [{nsys}, 3, 3], got {list(cell.shape)}")
-    det = torch.linalg.det(cells.detach())
-    if not bool(torch.isfinite(cells.detach()).all()) or bool((det.abs() < 1e-12).any()):
-        raise ValueError("cell must be finite and non-singular (minimum image needs its inverse)")
+    if _checks.checks_enabled():
+        det = torch.linalg.det(cells.detach())
+        if not bool(torch.isfinite(cells.detach()).all()) or bool((det.abs() < 1e-12).any()):
+            raise ValueError("cell must be finite and non-singular (minimum image needs its "
+                             "inverse)")
     return cells, torch.linalg.inv(cells.detach()), atom_system, batched, True
 
 
