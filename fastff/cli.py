@@ -1,4 +1,5 @@
-"""The ``fastff`` command: ``fastff bench`` (MLFF cost against MM cost) and ``fastff profile``.
+"""The ``fastff`` command: ``fastff bench`` (MLFF cost against MM cost), ``fastff profile`` and
+``fastff train`` (:mod:`fastff.train`).
 
 Bad options end with one line on stderr (``fastff: error: ...``) and exit status 2; every check
 that can fail (options, backends, output paths, optional packages) runs before any measurement.
@@ -11,6 +12,8 @@ import json
 import os
 import sys
 import time
+
+from fastff._cliargs import ProgressBar, positive_float, positive_int
 
 BACKEND_CHOICES = ("auto", "numba", "triton", "reference")
 DTYPES = ("float32", "float64")
@@ -25,28 +28,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
 def _atoms(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value < 3:
         raise argparse.ArgumentTypeError(f"the water box needs at least 3 atoms, got {value}")
     return value
@@ -80,13 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where fastff and the models run (default: cuda if present)")
     b.add_argument("--dtype", choices=DTYPES, default="float32")
-    b.add_argument("--threads", type=_positive_int, default=None,
+    b.add_argument("--threads", type=positive_int, default=None,
                    help="threads for torch, numba and OpenMM (default: torch's)")
-    b.add_argument("--repeat", type=_positive_int, default=5,
+    b.add_argument("--repeat", type=positive_int, default=5,
                    help="timed samples per component after one warm-up sample (default 5)")
-    b.add_argument("--steps", type=_positive_int, default=10,
+    b.add_argument("--steps", type=positive_int, default=10,
                    help="MD-like steps per sample (default 10)")
-    b.add_argument("--budget", type=_positive_float, default=20.0, metavar="SECONDS",
+    b.add_argument("--budget", type=positive_float, default=20.0, metavar="SECONDS",
                    help="time per component; slower ones get fewer, shorter samples (default 20)")
     b.add_argument("--no-reference", action="store_true",
                    help="skip the models on the torch reference backend")
@@ -97,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "100000)")
     b.add_argument("--plot", metavar="FILE.png", help="time per atom-step against atoms")
 
+    sub.add_parser("train", help="force-matching training on MM-labelled water (fastff.train; "
+                   "fastff train --help)", add_help=False)
+
     f = sub.add_parser("profile", help="profile energy + forces of a model on the water box",
                        description="Profile energy + forces with torch.profiler; prints the top "
                        "ops (fastff ops under their own names) and writes a Chrome trace.")
@@ -106,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     f.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     f.add_argument("--dtype", choices=DTYPES, default="float32")
-    f.add_argument("--threads", type=_positive_int, default=None)
-    f.add_argument("--steps", type=_positive_int, default=3, help="profiled steps (default 3)")
-    f.add_argument("--top", type=_positive_int, default=15, help="rows of the table")
+    f.add_argument("--threads", type=positive_int, default=None)
+    f.add_argument("--steps", type=positive_int, default=3, help="profiled steps (default 3)")
+    f.add_argument("--top", type=positive_int, default=15, help="rows of the table")
     f.add_argument("--trace", metavar="FILE.json", help="write a Chrome trace here")
     return p
 
@@ -160,6 +146,11 @@ def _dtype(name: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # its own options: fastff.train owns them
+        from fastff import train
+
+        return train.main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
         if args.command == "bench":
@@ -201,14 +192,14 @@ def _bench(args) -> int:
         repeat=args.repeat, steps=args.steps, budget=args.budget, openmm=openmm,
         reference=not args.no_reference)
     sizes = args.sweep or [args.atoms]
-    bar = _Progress(len(sizes) * benchmark.samples_per_size(settings),
-                    enabled=bool(args.sweep) or sys.stderr.isatty())
+    bar = ProgressBar(len(sizes) * benchmark.samples_per_size(settings), "fastff bench",
+                      enabled=bool(args.sweep) or sys.stderr.isatty())
     results: list[dict] = []
     for atoms in sizes:
         settings.atoms = atoms
-        bar.label = f"{atoms} atoms"
+        bar.label = f"fastff bench, {atoms} atoms"
         t0 = time.perf_counter()
-        rows = benchmark.run(settings, on_sample=bar.advance,
+        rows = benchmark.run(settings, on_sample=bar.update,
                              previous=results[-1]["rows"] if results else None)
         results.append({"atoms": rows[0].atoms, "seconds": time.perf_counter() - t0,
                         "rows": rows, "headline": benchmark.headline(rows)})
@@ -295,33 +286,6 @@ def plot(results: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-class _Progress:
-    """A one-line progress bar on stderr (a line per update when stderr is not a terminal)."""
-
-    def __init__(self, total: int, *, enabled: bool):
-        self.total, self.done, self.enabled = max(total, 1), 0, enabled
-        self.label = ""
-        self.tty = sys.stderr.isatty()
-        self._last_pct = -1
-
-    def advance(self) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        pct = int(100 * self.done / self.total)
-        if not self.tty and pct // 10 == self._last_pct // 10:
-            return
-        self._last_pct = pct
-        filled = int(30 * self.done / self.total)
-        text = f"[{'#' * filled}{'.' * (30 - filled)}] {pct:3d}% {self.label}"
-        sys.stderr.write(("\r" + text) if self.tty else (text + "\n"))
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
 
 
 # -------------------------------------------------------------------------------------- profile
