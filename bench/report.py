@@ -1,8 +1,12 @@
-"""Turn pytest-benchmark JSON into a markdown table: one row per case, grouped, with the ratio
-to the fastest peer of the group measured in the same run (to the slowest case of a group
-without peers, e.g. reuse vs rebuild).
+"""Turn saved benchmark JSON into markdown tables (and, for ``fastff bench``, a plot).
 
-Run: python bench/report.py bench-results.json [more.json ...]
+* pytest-benchmark JSON: one row per case, grouped, with the ratio to the fastest peer of the
+  group measured in the same run (to the slowest case of a group without peers, e.g. reuse vs
+  rebuild).
+* ``fastff bench --json`` output: one row per component, one column per size (us per
+  atom-step, median), then the headline ratios; ``--plot FILE.png`` redraws the plot.
+
+Run: python bench/report.py results.json [more.json ...] [--plot FILE.png]
 """
 
 import json
@@ -35,12 +39,68 @@ def rows(data):
             yield group, case, f"{_fmt(median)} ± {_fmt(iqr)}", ratio, note
 
 
-def main(paths):
+def fastff_bench_table(doc) -> str:
+    """Markdown of a ``fastff bench --json`` document: us per atom-step per component and size."""
+    results = doc["results"]
+    sizes = [r["atoms"] for r in results]
+    names = list(dict.fromkeys(row["component"] for r in results for row in r["rows"]))
+    lines = ["| component | " + " | ".join(f"{n:,} atoms" for n in sizes) + " |",
+             "|---|" + "---|" * len(sizes)]
+    for name in names:
+        cells = []
+        for r in results:
+            row = next((x for x in r["rows"] if x["component"] == name), None)
+            if row is None or row["skipped"]:
+                cells.append("skipped" if row is None else f"({row['skipped']})")
+            else:
+                cells.append(f"{row['median_s'] * 1e6:.3g} ± {row['iqr_s'] * 1e6:.2g}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    keys = list(dict.fromkeys(k for r in results for k in r["headline"]))
+    lines += ["", "| ratio | " + " | ".join(f"{n:,}" for n in sizes) + " |",
+              "|---|" + "---|" * len(sizes)]
+    for key in keys:
+        cells = [f"{r['headline'][key]:.3g}x" if key in r["headline"] else "" for r in results]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    s, m = doc["settings"], doc["machine"]
+    lines.append(f"\n{m['processor']}, {s['threads']} threads, {s['dtype']}, fastff "
+                 f"{doc['versions']['fastff']}, torch {doc['versions']['torch']}")
+    return "\n".join(lines)
+
+
+def _plot(doc, path):
+    """Redraw the ``fastff bench --plot`` figure from saved JSON."""
+    from fastff import benchmark, cli
+
+    results = [{"rows": [benchmark.Row(**{k: v for k, v in row.items()
+                                          if k not in ("median_s", "iqr_s")})
+                         for row in r["rows"]]} for r in doc["results"]]
+    cli.plot(results, path)
+
+
+def main(argv):
+    plot = None
+    if "--plot" in argv:
+        k = argv.index("--plot")
+        plot, argv = argv[k + 1], argv[:k] + argv[k + 2:]
+    docs = []
+    for path in argv:
+        with open(path) as f:
+            docs.append(json.load(f))
+    for doc in docs:
+        if "results" in doc:  # fastff bench --json
+            print(fastff_bench_table(doc))
+            if plot:
+                _plot(doc, plot)
+                print(f"wrote {plot}")
+    bench = [d for d in docs if "benchmarks" in d]
+    if bench:
+        _pytest_benchmark_tables(bench)
+
+
+def _pytest_benchmark_tables(docs):
     print("| benchmark | case | median ± IQR | ratio | notes |")
     print("|---|---|---|---|---|")
-    for path in paths:
-        with open(path) as f:
-            data = json.load(f)
+    for data in docs:
         for row in rows(data):
             print("| " + " | ".join(row) + " |")
     machine = data.get("machine_info", {})

@@ -269,7 +269,7 @@ def plot(results: list[dict], path: str) -> None:
         for r in res["rows"]:
             if not r.skipped:
                 series.setdefault(r.component, []).append((r.atoms, r.median * 1e6))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for name, pts in series.items():
         xs, ys = zip(*pts, strict=True)
         mm = name.startswith("MM")
@@ -282,7 +282,7 @@ def plot(results: list[dict], path: str) -> None:
     ax.set_ylabel("energy + forces, us per atom-step")
     ax.set_title("fastff bench: MLFF cost against MM cost")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

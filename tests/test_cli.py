@@ -96,6 +96,15 @@ def test_bench_small_run_writes_json_and_plot(tmp_path, capsys):
     ratio = by_name["SchNet (fastff)"]["median_s"] / by_name["MM (fastff)"]["median_s"]
     assert head["SchNet (fastff) / MM (fastff)"] == pytest.approx(ratio)
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # bench/report.py turns the saved JSON into the README's table and redraws the plot
+    report = os.path.join(os.path.dirname(__file__), "..", "bench", "report.py")
+    again = tmp_path / "again.png"
+    proc = subprocess.run([sys.executable, report, str(out_json), "--plot", str(again)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "| SchNet (fastff) |" in proc.stdout
+    assert "| component | 300 atoms | 600 atoms |" in proc.stdout
+    assert again.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_profile_command_writes_a_chrome_trace_with_fastff_ops(tmp_path, capsys):
