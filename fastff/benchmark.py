@@ -3,7 +3,8 @@
 Every component computes energy and forces (``-dE/dpositions``) on the built-in TIP3P water box
 (:func:`fastff.systems.water_box`), and is timed over the same MD-like trajectory: each step
 moves every coordinate by a Gaussian random walk of ``STEP_NM`` nm, so Verlet lists rebuild at a
-realistic rate (every ~10-30 steps with a 0.1 nm skin) and list costs are amortized as in MD.
+realistic rate (every ~30 steps at 3,000 atoms with a 0.1 nm skin, as with a 1-2 fs MD step and
+a short list interval) and list costs are amortized as in MD.
 A *sample* is ``steps`` consecutive steps timed together; a component runs two warm-up steps
 (JIT compilation, first list build, OpenMM context set-up) and then ``repeat`` samples, fewer and
 shorter ones for a component that would exceed its time ``budget`` (see ``_time_samples``). The
