@@ -62,12 +62,17 @@ def _param(x, name: str, length: int, positions: Tensor, *, nonnegative: bool = 
     _checks.same_float_dtype(name, x, "positions", positions)
     _checks.same_device(name, x, "positions", positions)
     if _checks.checks_enabled() and x.numel():
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{name} contains NaN or inf")
-        if nonnegative and bool((x < 0).any()):
-            bad = int((x < 0).nonzero()[0, 0])
-            raise ValueError(f"{name} must be >= 0, got {float(x[bad])} at index {bad}")
+        _once_per_version(x, ("parameter values", name, nonnegative),
+                          lambda: _param_values(x.detach(), name, nonnegative))
     return x
+
+
+def _param_values(x: Tensor, name: str, nonnegative: bool) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    if nonnegative and bool((x < 0).any()):
+        bad = int((x < 0).nonzero()[0, 0])
+        raise ValueError(f"{name} must be >= 0, got {float(x[bad])} at index {bad}")
 
 
 def _systems(positions: Tensor, batch: Tensor | None, nl: NeighborList | None):
@@ -97,29 +102,30 @@ def _cell_heights(cells: Tensor) -> Tensor:
     return volume[:, None] / torch.linalg.vector_norm(cross, dim=2)
 
 
-_TOPOLOGY: dict[int, tuple] = {}
+_TOPOLOGY: dict[tuple, tuple] = {}
 
 
-def _per_topology(index: Tensor, extra, compute):
-    """``compute()`` once per (index tensor, its version, ``extra``).
+def _once_per_version(index: Tensor, extra, compute):
+    """``compute()`` once per (tensor, its version, ``extra``).
 
-    Term indices (bonds, angles, exceptions) are the same tensors step after step, so their
-    value checks and derived layouts (the exclusion CSR) are kept instead of redone every MD
-    step; an in-place change bumps the tensor's version and is seen. Off while tracing.
+    Term indices, parameters and the box are the same tensors step after step, so their value
+    checks and derived data (the exclusion CSR, the cell inverse) are kept instead of redone
+    every MD step; an in-place change (an optimizer step) bumps the tensor's version and is
+    seen. Off while tracing.
     """
-    if type(index) is not Tensor or torch.compiler.is_compiling():
+    if type(index) not in (Tensor, torch.nn.Parameter) or torch.compiler.is_compiling():
         return compute()
-    key = id(index)
+    # one index tensor serves several computations (exceptions: checks, uniqueness, CSR)
+    key = (id(index), extra, _checks.checks_enabled())
     hit = _TOPOLOGY.get(key)
-    if (hit is not None and hit[0]() is index and hit[1] == index._version
-            and hit[2] == (extra, _checks.checks_enabled())):
-        return hit[3]
+    if hit is not None and hit[0]() is index and hit[1] == index._version:
+        return hit[2]
     value = compute()
-    def forget(_ref, k: int = key) -> None:
+
+    def forget(_ref, k=key) -> None:
         _TOPOLOGY.pop(k, None)
 
-    ref = weakref.ref(index, forget)
-    _TOPOLOGY[key] = (ref, index._version, (extra, _checks.checks_enabled()), value)
+    _TOPOLOGY[key] = (weakref.ref(index, forget), index._version, value)
     return value
 
 
@@ -146,7 +152,7 @@ def _term_index(index, name: str, width: int, n: int, positions: Tensor) -> Tens
     if index.dim() != 2 or index.shape[1] != width:
         raise ValueError(f"{name} must have shape [T, {width}], got {list(index.shape)}")
     _checks.same_device(name, index, "positions", positions)
-    _per_topology(index, (name, n), lambda: _term_values(index, name, width, n))
+    _once_per_version(index, (name, n), lambda: _term_values(index, name, width, n))
     return index.contiguous()
 
 
@@ -173,7 +179,7 @@ def _check_exceptions(exceptions, n: int, positions: Tensor) -> Exceptions:
                             f"epsilon [X]), got {type(exceptions).__name__}") from None
     index = _term_index(ex.pairs, "exceptions.pairs", 2, n, positions)
     x = index.shape[0]
-    _per_topology(index, ("unique pairs", n), lambda: _unique_pairs(index, n))
+    _once_per_version(index, ("unique pairs", n), lambda: _unique_pairs(index, n))
     return Exceptions(index, _param(ex.charge_prod, "exceptions.charge_prod", x, positions),
                       _param(ex.sigma, "exceptions.sigma", x, positions, nonnegative=True),
                       _param(ex.epsilon, "exceptions.epsilon", x, positions, nonnegative=True))
@@ -222,8 +228,11 @@ def _pair_terms(positions: Tensor, nl: NeighborList, charges, sigma, epsilon, *,
             k_rf = (d - 1.0) / ((2.0 * d + 1.0) * rc ** 3) if math.isfinite(d) else 0.5 / rc ** 3
             c_rf = 1.0 / rc + k_rf * rc * rc
             if _checks.checks_enabled() and bool(nl.pbc.any()):
-                heights = _cell_heights(cells).masked_fill(~nl.pbc, math.inf)
-                limit = 0.5 * float(heights.min())
+                pbc = nl.pbc
+                key = cell if isinstance(cell, Tensor) else cells
+                limit = _once_per_version(
+                    key, ("half height", tuple(pbc.flatten().tolist())),
+                    lambda: 0.5 * float(_cell_heights(cells).masked_fill(~pbc, math.inf).min()))
                 if rc > limit:
                     raise ValueError(f"cutoff={rc} is larger than half the shortest cell height "
                                      f"({limit:.6g}): periodic reaction field needs cutoff <= "
@@ -246,7 +255,7 @@ def _pair_terms(positions: Tensor, nl: NeighborList, charges, sigma, epsilon, *,
                              f"({rc}), got {switch_distance}")
     if exceptions is not None:
         ex = _check_exceptions(exceptions, n, positions)
-        excl_ptr, excl_j = _per_topology(ex.pairs, ("exclusion rows", n),
+        excl_ptr, excl_j = _once_per_version(ex.pairs, ("exclusion rows", n),
                                          lambda: _exclusion_rows(ex.pairs, n))
     else:
         ex = None
@@ -261,7 +270,11 @@ def _pair_terms(positions: Tensor, nl: NeighborList, charges, sigma, epsilon, *,
         rc, sw, coul, lj, k_rf, c_rf, alpha, float(coulomb_constant),
         _needs_grad(charges, sigma, epsilon), bool(nl.half), name)[0]
     if ex is not None and ex.pairs.shape[0]:
-        inv = torch.linalg.inv(cells.detach()) if exceptions_use_pbc else cells.detach()
+        inv = cells.detach()
+        if exceptions_use_pbc:
+            inv = _once_per_version(cell if isinstance(cell, Tensor) else cells,
+                                    ("inverse", cells.shape[0]),
+                                    lambda: torch.linalg.inv(cells.detach()))
         name, _ = _backend.resolve("lj_coulomb_pairs", positions.device, backend)
         energy = energy + _bonded.lj_coulomb_pairs(
             positions, cells, inv, atom_system, bool(exceptions_use_pbc), ex.pairs,
@@ -358,12 +371,18 @@ def _term_setup(positions, cell, batch):
         cells = cell
     else:
         raise ValueError(f"cell must have shape [3, 3] or [{nsys}, 3, 3], got {list(cell.shape)}")
+    inverse = _once_per_version(cell, ("checked inverse", nsys),
+                                lambda: _checked_inverse(cells.detach()))
+    return cells, inverse, atom_system, batched, True
+
+
+def _checked_inverse(cells: Tensor) -> Tensor:
     if _checks.checks_enabled():
-        det = torch.linalg.det(cells.detach())
-        if not bool(torch.isfinite(cells.detach()).all()) or bool((det.abs() < 1e-12).any()):
+        det = torch.linalg.det(cells)
+        if not bool(torch.isfinite(cells).all()) or bool((det.abs() < 1e-12).any()):
             raise ValueError("cell must be finite and non-singular (minimum image needs its "
                              "inverse)")
-    return cells, torch.linalg.inv(cells.detach()), atom_system, batched, True
+    return torch.linalg.inv(cells)
 
 
 def harmonic_bonds(positions: Tensor, bonds: Tensor, k: Tensor, r0: Tensor, *,

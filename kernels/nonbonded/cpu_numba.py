@@ -8,6 +8,12 @@ private [N, 3] buffer of the row's chunk, the buffers being added in chunk order
 (the scheme of per-thread force buffers in GROMACS and OpenMM's CPU kernels). Either way no
 atomics, bitwise deterministic for any thread count, and no per-pair temporaries: memory beyond
 the list is O(N) (O(16 N) with a half list). Half lists do about half the work.
+
+Each row runs in three loops: a gather of the partners' records (position, charge, sigma,
+epsilon: one packed 32-byte record per atom) and shifts into contiguous per-chunk scratch, a
+branch-free arithmetic loop over that scratch which LLVM vectorizes (8 pairs per AVX2 float32
+instruction; it does not vectorize the gathers themselves), and the senders' scatter. On the
+3,000-atom water box this is about 1.4x faster than one scalar loop doing all three.
 Tuned for liquid-density systems (a few hundred pairs per row at a 1 nm cutoff).
 """
 
@@ -23,154 +29,219 @@ _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 
 
 # fastmath without nnan/ninf: NaN and inf keep their meaning (epsilon = 0 derivatives), while
-# contraction and reassociation let LLVM fuse and reorder the per-pair arithmetic (still
-# deterministic: the order is fixed at compile time). A two-pass variant (gather accepted pairs,
-# then a branch-free loop) measured no faster on the 8,867-atom system, so the single pass stays.
+# contraction and reassociation let LLVM fuse, reorder and vectorize the per-pair arithmetic
+# (still deterministic: the order is fixed at compile time).
 _FAST = {"contract", "arcp", "afn", "reassoc"}
+
+# Rows of per-chunk scratch (each max_row long): what one row gathers, then its pair forces and
+# the sender's parameter shares.
+_XB, _YB, _ZB, _OK, _QB, _SB, _EB, _FX, _FY, _FZ, _SX, _SY, _SZ, _PQ, _PS, _PE = range(16)
+_SCRATCH_ROWS = 16
+
+
+@njit(inline="always")
+def _gather(atoms, j, shifts, p0, m, excl_j, e0, e1, w):
+    """Copy what the pairs of one row read at random (the partner's record, the shift) into
+    contiguous scratch, and mark excluded partners (skipped in every image). On this data the
+    arithmetic loop vectorizes: LLVM does not vectorize gathers on x86 CPUs."""
+    for k in range(m):
+        p = p0 + k
+        b = j[p]
+        w[_XB, k] = atoms[b, 0]
+        w[_YB, k] = atoms[b, 1]
+        w[_ZB, k] = atoms[b, 2]
+        w[_QB, k] = atoms[b, 3]
+        w[_SB, k] = atoms[b, 4]
+        w[_EB, k] = atoms[b, 5]
+        w[_SX, k] = shifts[p, 0]
+        w[_SY, k] = shifts[p, 1]
+        w[_SZ, k] = shifts[p, 2]
+        w[_OK, k] = 1.0
+    for e in range(e0, e1):
+        eb = excl_j[e]
+        for k in range(m):  # a select, so that it vectorizes
+            w[_OK, k] = 0.0 if j[p0 + k] == eb else w[_OK, k]
+
+
+@njit(parallel=True, cache=True)
+def _pack_atoms(pos, q, sig, eps, atoms):
+    """One 32-byte record per atom (x, y, z, q, sigma, epsilon): a partner costs one cache
+    line instead of four."""
+    for a in prange(pos.shape[0]):
+        atoms[a, 0] = pos[a, 0]
+        atoms[a, 1] = pos[a, 1]
+        atoms[a, 2] = pos[a, 2]
+        atoms[a, 3] = q[a]
+        atoms[a, 4] = sig[a]
+        atoms[a, 5] = eps[a]
+
+
+@njit(inline="always", fastmath=_FAST)
+def _coulomb_polynomial(d, d2, inv, krf, crf, unused):
+    """Plain (krf = crf = 0) and reaction-field Coulomb: f(d) and f'(d)."""
+    return inv + krf * d2 - crf, (krf + krf) * d - inv * inv
+
+
+@njit(inline="always", fastmath=_FAST)
+def _coulomb_ewald_real(d, d2, inv, alpha, alpha2, two_alpha_over_sqrt_pi):
+    """erfc-screened Coulomb (direct-space Ewald): f(d) and f'(d)."""
+    f = math.erfc(alpha * d) * inv
+    return f, -(f + two_alpha_over_sqrt_pi * math.exp(-alpha2 * d2)) * inv
+
+
+def _make_pair_loop(coulomb_terms):
+    """The arithmetic of one row over gathered scratch, for one Coulomb form
+    (``coulomb_terms(d, d2, inv, c1, c2, c3)`` -> f(d), f'(d), from the method's constants
+    c1-c3), compiled into the loop so that it vectorizes."""
+
+    @njit(fastmath=_FAST, error_model="numpy")
+    def pair_loop(w, m, cell, xa, ya, za, qa, sa, ea, cut2, masked_d2, kq, kc, c1, c2, c3, rs,
+                  inv_width, lj, param_grads):
+        """Branch-free (masked pairs are computed at d^2 = masked_d2 with weight 0). Writes each
+        pair's force (and parameter shares) for the sender; returns the row's sums."""
+        dt = w.dtype
+        zero = dt.type(0.0)
+        one = dt.type(1.0)
+        half = dt.type(0.5)
+        four = dt.type(4.0)
+        six = dt.type(6.0)
+        ten = dt.type(10.0)
+        twelve = dt.type(12.0)
+        fifteen = dt.type(15.0)
+        thirty = dt.type(30.0)
+        lj_on = one if lj else zero  # no LJ: epsilon counts as 0
+        c00, c01, c02 = cell[0, 0], cell[0, 1], cell[0, 2]
+        c10, c11, c12 = cell[1, 0], cell[1, 1], cell[1, 2]
+        c20, c21, c22 = cell[2, 0], cell[2, 1], cell[2, 2]
+        acc_e = gx = gy = gz = zero
+        v00 = v01 = v02 = v10 = v11 = v12 = v20 = v21 = v22 = zero
+        acc_q = acc_s = acc_eps = zero
+        for k in range(m):
+            s0 = w[_SX, k]
+            s1 = w[_SY, k]
+            s2 = w[_SZ, k]
+            rx = w[_XB, k] - xa + s0 * c00 + s1 * c10 + s2 * c20
+            ry = w[_YB, k] - ya + s0 * c01 + s1 * c11 + s2 * c21
+            rz = w[_ZB, k] - za + s0 * c02 + s1 * c12 + s2 * c22
+            d2 = rx * rx + ry * ry + rz * rz
+            inside = d2 < cut2 and w[_OK, k] != zero
+            ok = one if inside else zero
+            d2 = d2 if inside else masked_d2
+            inv = one / math.sqrt(d2)
+            d = d2 * inv
+            qb = kq * w[_QB, k]
+            f, df = coulomb_terms(d, d2, inv, c1, c2, c3)
+            sg = half * (sa + w[_SB, k])
+            ep = lj_on * math.sqrt(ea * w[_EB, k])
+            x2 = sg * sg * inv * inv
+            x6 = x2 * x2 * x2
+            x12 = x6 * x6
+            lw = four * (x12 - x6)  # LJ energy per unit epsilon
+            x = min(max(d - rs, zero) * inv_width, one)  # switch (inv_width = 0: none)
+            sw = one - x * x * x * (ten - fifteen * x + six * x * x)
+            dsw = -thirty * x * x * (one - x) * (one - x) * inv_width
+            u = ep * lw
+            acc_e += ok * (qa * qb * f + u * sw)
+            dudd = ep * four * (six * x6 - twelve * x12) * inv * sw + u * dsw
+            g = ok * (qa * qb * df + dudd) * inv
+            fx = g * rx  # dE/dr_ij; the receiver moves with -r_ij
+            fy = g * ry
+            fz = g * rz
+            w[_FX, k] = fx
+            w[_FY, k] = fy
+            w[_FZ, k] = fz
+            gx -= fx
+            gy -= fy
+            gz -= fz
+            v00 += s0 * fx
+            v01 += s0 * fy
+            v02 += s0 * fz
+            v10 += s1 * fx
+            v11 += s1 * fy
+            v12 += s1 * fz
+            v20 += s2 * fx
+            v21 += s2 * fy
+            v22 += s2 * fz
+            if param_grads:
+                # selects, not products: epsilon = 0 gives NaN on purpose (sqrt rule), but only
+                # for pairs that count
+                ds = (half * ep * four * (twelve * x12 - six * x6) / sg * sw
+                      if inside and lj and sg != zero else zero)
+                de = lw * sw * half / ep if inside and lj else zero
+                acc_q += qb * f if inside else zero
+                acc_s += ds
+                acc_eps += de * w[_EB, k]
+                w[_PQ, k] = kc * qa * f if inside else zero
+                w[_PS, k] = ds
+                w[_PE, k] = de * ea
+        return (acc_e, gx, gy, gz, v00, v01, v02, v10, v11, v12, v20, v21, v22, acc_q, acc_s,
+                acc_eps)
+
+    return pair_loop
+
+
+_pair_loop_polynomial = _make_pair_loop(_coulomb_polynomial)
+_pair_loop_ewald_real = _make_pair_loop(_coulomb_ewald_real)
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=_FAST)
-def _rows(pos, cells, atom_system, j, shifts, ptr, excl_ptr, excl_j, q, sig, eps, cutoff,
+def _rows(pos, atoms, cells, atom_system, j, shifts, ptr, excl_ptr, excl_j, q, sig, eps, cutoff,
           switch_distance, coulomb, lj, k_rf, c_rf, alpha, kc, param_grads, half, chunk_ptr,
-          gbuf, pbuf, e_atom, g_pos, vir_atom, g_q, g_sig, g_eps):
+          max_row, gbuf, pbuf, e_atom, g_pos, vir_atom, g_q, g_sig, g_eps):
+    """Rows of receivers, chunk by chunk: gather, arithmetic, then (half lists) the senders'
+    shares into the chunk's buffer."""
+    dt = pos.dtype
+    zero = dt.type(0.0)
+    one = dt.type(1.0)
     cut2 = cutoff * cutoff
-    use_switch = switch_distance >= 0.0
-    inv_width = 1.0 / (cutoff - switch_distance) if use_switch else 0.0
-    share = 1.0 if half else 0.5  # a full list holds each pair twice
+    masked_d2 = cut2 if cut2 < np.inf else one  # any finite distance: its weight is 0
+    inv_width = one / (cutoff - switch_distance) if switch_distance >= zero else zero
+    rs = switch_distance if switch_distance >= zero else zero
+    share = one if half else dt.type(0.5)  # a full list holds each pair twice
+    kq = kc if coulomb != 0 else zero  # no Coulomb: charges count as 0
+    krf = k_rf if coulomb == 2 else zero  # plain Coulomb is the polynomial with krf = crf = 0
+    crf = c_rf if coulomb == 2 else zero
+    alpha2 = alpha * alpha
+    two_alpha_over_sqrt_pi = dt.type(_TWO_OVER_SQRT_PI) * alpha
     for c in prange(chunk_ptr.shape[0] - 1):
+        w = np.empty((_SCRATCH_ROWS, max_row), dt)
         for a in range(chunk_ptr[c], chunk_ptr[c + 1]):
-            s = atom_system[a]
-            xa = pos[a, 0]
-            ya = pos[a, 1]
-            za = pos[a, 2]
-            qa = q[a]
-            sa = sig[a]
-            ea = eps[a]
-            acc_e = 0.0
-            gx = 0.0
-            gy = 0.0
-            gz = 0.0
-            v00 = 0.0
-            v01 = 0.0
-            v02 = 0.0
-            v10 = 0.0
-            v11 = 0.0
-            v12 = 0.0
-            v20 = 0.0
-            v21 = 0.0
-            v22 = 0.0
-            acc_q = 0.0
-            acc_s = 0.0
-            acc_eps = 0.0
-            e0 = excl_ptr[a]
-            e1 = excl_ptr[a + 1]
-            for p in range(ptr[a], ptr[a + 1]):
-                b = j[p]
-                s0 = shifts[p, 0]
-                s1 = shifts[p, 1]
-                s2 = shifts[p, 2]
-                rx = pos[b, 0] - xa
-                ry = pos[b, 1] - ya
-                rz = pos[b, 2] - za
-                if s0 != 0 or s1 != 0 or s2 != 0:
-                    rx += s0 * cells[s, 0, 0] + s1 * cells[s, 1, 0] + s2 * cells[s, 2, 0]
-                    ry += s0 * cells[s, 0, 1] + s1 * cells[s, 1, 1] + s2 * cells[s, 2, 1]
-                    rz += s0 * cells[s, 0, 2] + s1 * cells[s, 1, 2] + s2 * cells[s, 2, 2]
-                d2 = rx * rx + ry * ry + rz * rz
-                if d2 >= cut2:
-                    continue
-                skip = False
-                for k in range(e0, e1):
-                    if excl_j[k] == b:
-                        skip = True
-                        break
-                if skip:
-                    continue
-                inv = 1.0 / math.sqrt(d2)
-                d = d2 * inv
-                energy = 0.0
-                dedd = 0.0
-                if coulomb != 0:
-                    qb = kc * q[b]
-                    if coulomb == 1:
-                        f = inv
-                        df = -inv * inv
-                    elif coulomb == 2:
-                        f = inv + k_rf * d2 - c_rf
-                        df = -inv * inv + 2.0 * k_rf * d
-                    else:
-                        erfc_ad = math.erfc(alpha * d)
-                        f = erfc_ad * inv
-                        df = -(f + _TWO_OVER_SQRT_PI * alpha * math.exp(-alpha * alpha * d2)) * inv
-                    energy += qa * qb * f
-                    dedd += qa * qb * df
-                    acc_q += qb * f
-                    if half and param_grads:
-                        pbuf[c, b, 0] += kc * qa * f
-                if lj:
-                    sg = 0.5 * (sa + sig[b])
-                    ep = math.sqrt(ea * eps[b])
-                    x2 = sg * sg * inv * inv
-                    x6 = x2 * x2 * x2
-                    w = 4.0 * (x6 * x6 - x6)  # energy per unit epsilon
-                    u = ep * w
-                    dudd = ep * 4.0 * (-12.0 * x6 * x6 + 6.0 * x6) * inv
-                    duds = ep * 4.0 * (12.0 * x6 * x6 - 6.0 * x6) / sg if sg != 0.0 else 0.0
-                    if use_switch and d > switch_distance:
-                        x = (d - switch_distance) * inv_width
-                        sw = 1.0 - x * x * x * (10.0 - 15.0 * x + 6.0 * x * x)
-                        dsw = -30.0 * x * x * (1.0 - x) * (1.0 - x) * inv_width
-                        dudd = dudd * sw + u * dsw
-                        duds *= sw
-                        w *= sw
-                        u *= sw
-                    energy += u
-                    dedd += dudd
-                    if param_grads:
-                        acc_s += 0.5 * duds
-                        acc_eps += w * 0.5 * eps[b] / ep
-                        if half:
-                            pbuf[c, b, 1] += 0.5 * duds
-                            pbuf[c, b, 2] += w * 0.5 * ea / ep
-                acc_e += energy
-                g = dedd * inv  # dE/dr_ij = g * r_ij; the receiver moves with -r_ij
-                fx = g * rx
-                fy = g * ry
-                fz = g * rz
-                gx -= fx
-                gy -= fy
-                gz -= fz
-                if half:  # the sender's share goes to this chunk's private buffer
-                    gbuf[c, b, 0] += fx
-                    gbuf[c, b, 1] += fy
-                    gbuf[c, b, 2] += fz
-                if s0 != 0 or s1 != 0 or s2 != 0:
-                    v00 += s0 * fx
-                    v01 += s0 * fy
-                    v02 += s0 * fz
-                    v10 += s1 * fx
-                    v11 += s1 * fy
-                    v12 += s1 * fz
-                    v20 += s2 * fx
-                    v21 += s2 * fy
-                    v22 += s2 * fz
-            e_atom[a] = share * acc_e
-            g_pos[a, 0] = gx
-            g_pos[a, 1] = gy
-            g_pos[a, 2] = gz
-            vir_atom[a, 0, 0] = share * v00
-            vir_atom[a, 0, 1] = share * v01
-            vir_atom[a, 0, 2] = share * v02
-            vir_atom[a, 1, 0] = share * v10
-            vir_atom[a, 1, 1] = share * v11
-            vir_atom[a, 1, 2] = share * v12
-            vir_atom[a, 2, 0] = share * v20
-            vir_atom[a, 2, 1] = share * v21
-            vir_atom[a, 2, 2] = share * v22
+            p0 = ptr[a]
+            m = ptr[a + 1] - p0
+            _gather(atoms, j, shifts, p0, m, excl_j, excl_ptr[a], excl_ptr[a + 1], w)
+            cell = cells[atom_system[a]]
+            if coulomb == 3:
+                acc = _pair_loop_ewald_real(
+                    w, m, cell, pos[a, 0], pos[a, 1], pos[a, 2], q[a], sig[a], eps[a], cut2,
+                    masked_d2, kq, kc, alpha, alpha2, two_alpha_over_sqrt_pi, rs, inv_width, lj,
+                    param_grads)
+            else:
+                acc = _pair_loop_polynomial(
+                    w, m, cell, pos[a, 0], pos[a, 1], pos[a, 2], q[a], sig[a], eps[a], cut2,
+                    masked_d2, kq, kc, krf, crf, zero, rs, inv_width, lj, param_grads)
+            if half:  # the sender's share goes to this chunk's private buffer
+                for k in range(m):
+                    b = j[p0 + k]
+                    gbuf[c, b, 0] += w[_FX, k]
+                    gbuf[c, b, 1] += w[_FY, k]
+                    gbuf[c, b, 2] += w[_FZ, k]
+                if param_grads:
+                    for k in range(m):
+                        b = j[p0 + k]
+                        pbuf[c, b, 0] += w[_PQ, k] if coulomb != 0 else zero
+                        pbuf[c, b, 1] += w[_PS, k]
+                        pbuf[c, b, 2] += w[_PE, k]
+            e_atom[a] = share * acc[0]
+            g_pos[a, 0] = acc[1]
+            g_pos[a, 1] = acc[2]
+            g_pos[a, 2] = acc[3]
+            for u in range(3):
+                for v in range(3):
+                    vir_atom[a, u, v] = share * acc[4 + 3 * u + v]
             if param_grads:
-                g_q[a] = acc_q
-                g_sig[a] = acc_s
-                g_eps[a] = acc_eps
+                g_q[a] = acc[13] if coulomb != 0 else zero
+                g_sig[a] = acc[14]
+                g_eps[a] = acc[15]
 
 
 @njit(parallel=True, cache=True)
@@ -226,13 +297,18 @@ def nonbonded(positions, cells, atom_system, i, j, shifts, ptr, excl_ptr, excl_j
     gbuf = np.zeros((nchunks if half else 0, n, 3), dt)
     pbuf = np.zeros((nchunks if half and param_grads else 0, n, 3), dt)
     if n:
-        _rows(pos, cells.detach().contiguous().numpy(), atom_system.contiguous().numpy(),
+        q = charges.detach().contiguous().numpy()
+        sig = sigma.detach().contiguous().numpy()
+        eps = epsilon.detach().contiguous().numpy()
+        atoms = np.empty((n, 8), dt)
+        _pack_atoms(pos, q, sig, eps, atoms)
+        _rows(pos, atoms, cells.detach().contiguous().numpy(), atom_system.contiguous().numpy(),
               j.contiguous().numpy(), shifts.contiguous().numpy(), ptr_np,
-              excl_ptr.contiguous().numpy(), excl_j.contiguous().numpy(),
-              charges.detach().contiguous().numpy(), sigma.detach().contiguous().numpy(),
-              epsilon.detach().contiguous().numpy(), dt.type(cutoff), dt.type(switch_distance),
+              excl_ptr.contiguous().numpy(), excl_j.contiguous().numpy(), q, sig, eps,
+              dt.type(cutoff), dt.type(switch_distance),
               int(coulomb), bool(lj), dt.type(k_rf), dt.type(c_rf), dt.type(alpha),
-              dt.type(coulomb_constant), bool(param_grads), bool(half), chunk_ptr, gbuf, pbuf,
+              dt.type(coulomb_constant), bool(param_grads), bool(half), chunk_ptr,
+              max(1, int((ptr_np[1:] - ptr_np[:-1]).max())), gbuf, pbuf,
               e_atom, g_pos, vir, g_q, g_s, g_e)
         if half:
             _add_chunks(gbuf, pbuf, bool(param_grads), g_pos, g_q, g_s, g_e)
