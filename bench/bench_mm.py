@@ -8,10 +8,10 @@ System: the villin headpiece in TIP3P water shipped with OpenMM (test.pdb, 8,867
 + flexible TIP3P), tiled periodically; CutoffPeriodic (reaction field, eps 78.3), cutoff
 0.9 nm, no switching, no dispersion correction; float32 everywhere (OpenMM's CPU platform is
 single precision). Every case computes energy and forces; fastff uses half lists unless a
-case says "full list". Targets (issue "MM terms"):
-nonbonded full step (list rebuild + forces) <= 1.5x OpenMM's NonbondedForce; the Verlet-reuse
-step shown too; bonded <= 1.5x OpenMM's bonded forces; >= 10x faster than the eager torch
-reference; parameter gradients add <= 30%. Peak memory: bench/peak_memory_mm.py.
+case says "full list" or "clusters" (the cluster-pair layout ForceField runs on CPU for MD).
+Targets: nonbonded full step (list rebuild + forces) <= 1.5x OpenMM's NonbondedForce; the
+Verlet-reuse step shown too; bonded <= 1.5x OpenMM's bonded forces; >= 10x faster than the
+eager torch reference; parameter gradients add <= 30%. Peak memory: bench/peak_memory_mm.py.
 """
 
 import os
@@ -26,6 +26,8 @@ import torch  # noqa: E402
 import fastff  # noqa: E402
 import fastff.mm as fmm  # noqa: E402
 from fastff import _backend  # noqa: E402
+from fastff.mm import _terms  # noqa: E402
+from fastff.mm._clusters import ClusterVerletList  # noqa: E402
 from fastff.testing import neighbor_list_from_pairs  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -141,9 +143,19 @@ def _openmm(ctx, pos, group):
 NB = f"nonbonded energy+forces, {{n}} atoms, rc {CUTOFF} nm RF, float32"
 
 
+def _cluster_list(model, pos, cell, verlet=None):
+    """The cluster-pair list of ForceField's CPU path (a fresh build unless ``verlet``)."""
+    verlet = verlet or ClusterVerletList(CUTOFF, SKIN)
+    excl_ptr, excl_j = _terms.exclusion_rows(model.exception_index, pos.shape[0])
+    cl = verlet.update(pos, cell, excl_ptr, excl_j)
+    assert cl is not None, "this box does not take the cluster layout"
+    return cl
+
+
 @pytest.mark.parametrize("code", ["openmm", "fastff full step", "fastff verlet reuse",
                                   "fastff + param grads", "fastff kernel only",
-                                  "fastff kernel only, full list"])
+                                  "fastff kernel only, full list", "fastff clusters full step",
+                                  "fastff clusters verlet reuse", "fastff clusters kernel only"])
 def test_nonbonded(benchmark, case, code):
     benchmark.group = NB.format(n=case["n"])
     model, pos, cell = case["model"], case["pos"], case["cell"]
@@ -155,6 +167,20 @@ def test_nonbonded(benchmark, case, code):
         def fn():
             nl = _neighbor_list(pos, cell, CUTOFF)
             return _nonbonded(model, pos, nl, cell)
+    elif code.startswith("fastff clusters"):
+        if not _has_numba_neighbor_list():
+            pytest.skip("the cluster path is numba's")
+        verlet = ClusterVerletList(CUTOFF, SKIN)
+        cl = _cluster_list(model, pos, cell, verlet)
+        if code == "fastff clusters full step":
+            def fn():
+                return _nonbonded(model, pos, _cluster_list(model, pos, cell), cell)
+        elif code == "fastff clusters verlet reuse":
+            def fn():
+                return _nonbonded(model, pos, _cluster_list(model, pos, cell, verlet), cell)
+        else:
+            def fn():
+                return _nonbonded(model, pos, cl, cell)
     elif code == "fastff verlet reuse":
         verlet = fastff.VerletList(CUTOFF, SKIN, half=True)
         if not _has_numba_neighbor_list():

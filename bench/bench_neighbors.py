@@ -2,7 +2,7 @@
 
 Run: python -m pytest bench/bench_neighbors.py --benchmark-group-by=group
 Every case builds a full list with shifts and distances ("ijSd"), float64, 2 threads.
-Targets (issue 'Foundation and neighbor lists'): 10^4 atoms <= 1.0x vesin, 10^5 atoms <= 0.7x
+Targets: 10^4 atoms <= 1.0x vesin, 10^5 atoms <= 0.7x
 vesin, 8-atom small triclinic cell <= 2x vesin, 256 molecules batched >= 10x faster than vesin
 per molecule, a Verlet-list reuse step <= 30% of a rebuild, peak memory <= 1.5x the output.
 """

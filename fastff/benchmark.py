@@ -14,7 +14,8 @@ Components:
     neighbor list   a full list at the model cutoff, rebuilt every step (what an MLFF pays
                     without reuse)
     MM (fastff)     LJ + reaction-field Coulomb (cutoff 0.9 nm, Verlet skin 0.1 nm) + bonds +
-                    angles (:func:`fastff.mm.water_force_field`)
+                    angles (:func:`fastff.mm.water_force_field`), parameters frozen (forces
+                    only, as in MD): on CPU the cluster-pair nonbonded path
     MM (OpenMM)     the same System on OpenMM's CPU platform (mixed precision)
     SchNet / PaiNN  :mod:`fastff.models` on fastff kernels with the exact filter networks and
                     with tabulated filters (inference), and the same weights on the torch
@@ -212,7 +213,8 @@ def run(settings: Settings, *, on_sample: Callable[[], None] | None = None,
             if component == "MM (fastff)" or settings.openmm:
                 rows.append(_skipped(component, backend, n, why, settings, on_sample))
     else:
-        ff = mm.water_force_field(box, cutoff=MM_CUTOFF, backend=be).to(dev)
+        # forces only, as in MD and as OpenMM computes them: no parameter gradients
+        ff = mm.water_force_field(box, cutoff=MM_CUTOFF, backend=be).to(dev).requires_grad_(False)
         timed("MM (fastff)", be or "auto", _energy_forces_step(lambda x: ff(x, cell)))
         if settings.openmm:
             rows.append(_openmm_row(box, frames, settings, on_sample))

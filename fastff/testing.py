@@ -35,7 +35,7 @@ TOLERANCES: dict[str, dict[torch.dtype, tuple[float, float]]] = {
     # ~sqrt(K + F) * 6e-8 per GEMM and again in the segment sum, measured < 2e-6 relative.
     "message": {torch.float64: (1e-10, 1e-12), torch.float32: (2e-5, 1e-5)},
     # The force-matching chain (outputs -> forces -> loss -> parameter gradients) in float64: the
-    # issue's bar, 1e-8 relative to the largest entry.
+    # required bar, 1e-8 relative to the largest entry.
     "training": {torch.float64: (1e-8, 1e-10)},
 }
 

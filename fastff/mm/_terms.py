@@ -30,6 +30,7 @@ from fastff import _backend, _checks
 from fastff.kernels.bonded import op as _bonded
 from fastff.kernels.nonbonded import op as _nonbonded
 from fastff.kernels.nonbonded import reference as _nbref
+from fastff.mm._clusters import ClusterList
 from fastff.neighbors import NeighborList
 
 #: 1/(4 pi eps0) in kJ mol^-1 nm e^-2, the default ``coulomb_constant``.
@@ -117,7 +118,10 @@ def _once_per_version(index: Tensor, extra, compute):
         return compute()
     # one index tensor serves several computations (exceptions: checks, uniqueness, CSR)
     key = (id(index), extra, _checks.checks_enabled())
-    hit = _TOPOLOGY.get(key)
+    try:
+        hit = _TOPOLOGY.get(key)
+    except TypeError:  # symbolic sizes in ``extra`` (torch.export): not cached
+        return compute()
     if hit is not None and hit[0]() is index and hit[1] == index._version:
         return hit[2]
     value = compute()
@@ -127,6 +131,11 @@ def _once_per_version(index: Tensor, extra, compute):
 
     _TOPOLOGY[key] = (weakref.ref(index, forget), index._version, value)
     return value
+
+
+def exclusion_rows(pairs: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The exclusion CSR of exception pairs (kept per tensor version)."""
+    return _once_per_version(pairs, ("exclusion rows", n), lambda: _exclusion_rows(pairs, n))
 
 
 def _exclusion_rows(index: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -185,6 +194,23 @@ def _check_exceptions(exceptions, n: int, positions: Tensor) -> Exceptions:
                       _param(ex.epsilon, "exceptions.epsilon", x, positions, nonnegative=True))
 
 
+def _active_exceptions(ex: Exceptions) -> Exceptions:
+    """Without parameter gradients, pure exclusions (charge product 0 and epsilon 0) add
+    exactly nothing: drop them (water's every exception is one). Not while tracing (the kept
+    count depends on the values)."""
+    if torch.compiler.is_compiling() or type(ex.charge_prod) not in (Tensor, torch.nn.Parameter):
+        return ex
+    def active() -> Tensor | None:
+        keep = (ex.charge_prod != 0) | (ex.epsilon != 0)
+        return None if bool(keep.all()) else keep.nonzero().flatten()
+
+    keep = _once_per_version(ex.charge_prod, ("active", id(ex.epsilon), ex.epsilon._version),
+                             active)
+    if keep is None:
+        return ex
+    return Exceptions(ex.pairs[keep], ex.charge_prod[keep], ex.sigma[keep], ex.epsilon[keep])
+
+
 def _unique_pairs(index: Tensor, n: int) -> None:
     if _checks.checks_enabled() and index.shape[0]:
         key = index.min(dim=1).values * n + index.max(dim=1).values
@@ -202,7 +228,7 @@ def _pair_terms(positions: Tensor, nl: NeighborList, charges, sigma, epsilon, *,
                 cell, batch, switch_distance, method, dielectric, ewald_alpha, coulomb_constant,
                 exceptions, exceptions_use_pbc, backend):
     _checks.positions(positions)
-    if not isinstance(nl, NeighborList):
+    if not isinstance(nl, (NeighborList, ClusterList)):
         raise TypeError(f"nl must be a fastff.NeighborList, got {type(nl).__name__}")
     n = positions.shape[0]
     rc = math.inf if cutoff is None else _checks.cutoff(cutoff)
@@ -255,8 +281,7 @@ def _pair_terms(positions: Tensor, nl: NeighborList, charges, sigma, epsilon, *,
                              f"({rc}), got {switch_distance}")
     if exceptions is not None:
         ex = _check_exceptions(exceptions, n, positions)
-        excl_ptr, excl_j = _once_per_version(ex.pairs, ("exclusion rows", n),
-                                         lambda: _exclusion_rows(ex.pairs, n))
+        excl_ptr, excl_j = exclusion_rows(ex.pairs, n)
     else:
         ex = None
         excl_ptr = torch.zeros(n + 1, dtype=torch.int64, device=positions.device)
@@ -265,10 +290,23 @@ def _pair_terms(positions: Tensor, nl: NeighborList, charges, sigma, epsilon, *,
     q = charges if charges is not None else dummy
     s = sigma if lj else dummy
     e = epsilon if lj else dummy
-    energy = _nonbonded.nonbonded(
-        positions, cells, atom_system, nl.i, nl.j, nl.shifts, nl.ptr, excl_ptr, excl_j, q, s, e,
-        rc, sw, coul, lj, k_rf, c_rf, alpha, float(coulomb_constant),
-        _needs_grad(charges, sigma, epsilon), bool(nl.half), name)[0]
+    param_grads = _needs_grad(charges, sigma, epsilon)
+    if isinstance(nl, ClusterList):  # exclusions are in the clusters' lane masks
+        if param_grads:
+            raise ValueError("a ClusterList computes no parameter gradients: use a "
+                             "NeighborList when charges, sigma or epsilon need gradients")
+        name, _ = _backend.resolve("nonbonded_clusters", positions.device, backend)
+        energy = _nonbonded.nonbonded_clusters(
+            positions, cells, nl.slot_atom, nl.slot_wrap, nl.cluster_ptr, nl.entry_j,
+            nl.entry_shift, nl.entry_mask, q.detach(), s.detach(), e.detach(), rc, sw, coul, lj,
+            k_rf, c_rf, alpha, float(coulomb_constant), name)[0]
+    else:
+        energy = _nonbonded.nonbonded(
+            positions, cells, atom_system, nl.i, nl.j, nl.shifts, nl.ptr, excl_ptr, excl_j, q,
+            s, e, rc, sw, coul, lj, k_rf, c_rf, alpha, float(coulomb_constant), param_grads,
+            bool(nl.half), name)[0]
+    if ex is not None and not _needs_grad(ex.charge_prod, ex.sigma, ex.epsilon):
+        ex = _active_exceptions(ex)
     if ex is not None and ex.pairs.shape[0]:
         inv = cells.detach()
         if exceptions_use_pbc:

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fastff import _backend, _checks
 from fastff.mm import _terms
+from fastff.mm._clusters import ClusterList, ClusterVerletList
 from fastff.neighbors import NeighborList
 from fastff.verlet import VerletList
 
@@ -150,6 +152,12 @@ class ForceField(nn.Module):
     parameters can be learned; the module owns a :class:`fastff.VerletList` (half list) for the
     nonbonded pairs when there is a cutoff. Build it with :meth:`from_parameters` or
     :meth:`from_openmm`.
+
+    On CPU (numba backend), when no parameter needs a gradient (MD: ``ff.requires_grad_(False)``
+    or under ``torch.no_grad``), the nonbonded term runs on a cluster-pair list instead (8-atom
+    clusters with partner lists, OpenMM's CPU layout; about 2x faster), for orthorhombic boxes
+    longer than 2 (cutoff + skin + ~0.35 nm) and non-periodic systems. Set
+    ``use_clusters = False`` to always use the pair list. Both give the same energy and forces.
     """
 
     # parameters and buffers set by from_parameters (declared for type checkers)
@@ -186,6 +194,8 @@ class ForceField(nn.Module):
         self.periodic = False
         self.has_nonbonded = False
         self.verlet: VerletList | None = None
+        self.clusters: ClusterVerletList | None = None
+        self.use_clusters = True
         self._all_pairs: NeighborList | None = None
         self.dispersion_correction = False
         self.terms: list[str] = []
@@ -326,6 +336,7 @@ class ForceField(nn.Module):
                 kwargs["switch_distance"] = float(spec.switch_distance)
             self.cutoff = float(rc)
             self.verlet = VerletList(float(rc), skin, half=True, backend=self.backend)
+            self.clusters = ClusterVerletList(float(rc), skin)
         self.nonbonded_kwargs = kwargs
         self.dispersion_correction = bool(spec.dispersion_correction)
         if self.dispersion_correction:
@@ -391,6 +402,21 @@ class ForceField(nn.Module):
         return cls.from_parameters(system.getNumParticles(), box=box, dtype=dtype, skin=skin,
                                    backend=backend, **groups)
 
+    def _cluster_list(self, positions: Tensor, cell: Tensor | None) -> ClusterList | None:
+        """The cluster-pair list of the CPU fast path, when it applies: numba backend, no
+        parameter gradients needed, not tracing, a box the layout handles (else None)."""
+        if (self.clusters is None or not self.use_clusters or positions.device.type != "cpu"
+                or torch.compiler.is_compiling() or positions.dim() != 2
+                or _terms._needs_grad(self.charges, self.sigma, self.epsilon)
+                or _backend.resolve("nonbonded", positions.device, self.backend)[0] != "numba"):
+            return None
+        if self.periodic and (cell is None or cell.shape != (3, 3)):
+            return None
+        _checks.positions(positions)
+        excl_ptr, excl_j = _terms.exclusion_rows(self.exception_index, self.num_atoms)
+        return self.clusters.update(positions, cell if self.periodic else None, excl_ptr,
+                                    excl_j)
+
     def _neighbor_list(self, positions: Tensor, cell: Tensor | None) -> NeighborList:
         if self.verlet is not None:
             return self.verlet.update(positions, cell if self.periodic else None)
@@ -454,7 +480,7 @@ class ForceField(nn.Module):
         be = self.backend
         if self.has_nonbonded:
             if nl is None:
-                nl = self._neighbor_list(positions, cell)
+                nl = self._cluster_list(positions, cell) or self._neighbor_list(positions, cell)
             exceptions = _terms.Exceptions(self.exception_index, self.exception_charge_prod,
                                            self.exception_sigma, self.exception_epsilon)
             e = _terms.nonbonded(positions, nl, self.charges, self.sigma, self.epsilon,

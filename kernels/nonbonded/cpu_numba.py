@@ -317,3 +317,10 @@ def nonbonded(positions, cells, atom_system, i, j, shifts, ptr, excl_ptr, excl_j
     _per_system(atom_system.contiguous().numpy(), e_atom, vir, energy, g_cells)
     out = (energy, g_pos, g_cells, g_q, g_s, g_e)
     return tuple(torch.from_numpy(x).to(dtype) for x in out)
+
+
+def nonbonded_clusters(*args):
+    """Launcher of the cluster-pair path (cpu_clusters.py)."""
+    from fastff.kernels.nonbonded.cpu_clusters import nonbonded_clusters as launch
+
+    return launch(*args)

@@ -55,3 +55,50 @@ def _rows(inputs, k):
 
 register_energy_autograd(nonbonded, diff=(0, 1, 9, 10, 11), rows=_rows, reference=_reference,
                          param_flag=20, params=(9, 10, 11), name="fastff.mm.nonbonded")
+
+
+# The cluster-pair layout (cpu_clusters.py) is a CPU optimization of the same energy for one
+# system: numba and the reference (which expands the clusters into pairs); no Triton path (CUDA
+# runs the pair list). Forces, energy and cell gradient only.
+_backend.register("nonbonded_clusters", "nonbonded", "nonbonded_clusters",
+                  backends=("numba", "reference"))
+
+
+@torch.library.custom_op("fastff::nonbonded_clusters", mutates_args=())
+def nonbonded_clusters(positions: Tensor, cells: Tensor, slot_atom: Tensor, slot_wrap: Tensor,
+                       cluster_ptr: Tensor, entry_j: Tensor, entry_shift: Tensor,
+                       entry_mask: Tensor, charges: Tensor, sigma: Tensor, epsilon: Tensor,
+                       cutoff: float, switch_distance: float, coulomb: int, lj: bool,
+                       k_rf: float, c_rf: float, alpha: float, coulomb_constant: float,
+                       backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    launch = _backend.launcher("nonbonded_clusters", backend)
+    return launch(positions, cells, slot_atom, slot_wrap, cluster_ptr, entry_j, entry_shift,
+                  entry_mask, charges, sigma, epsilon, cutoff, switch_distance, coulomb, lj,
+                  k_rf, c_rf, alpha, coulomb_constant)
+
+
+@nonbonded_clusters.register_fake
+def _(positions, cells, slot_atom, slot_wrap, cluster_ptr, entry_j, entry_shift, entry_mask,
+      charges, sigma, epsilon, cutoff, switch_distance, coulomb, lj, k_rf, c_rf, alpha,
+      coulomb_constant, backend):
+    return positions.new_empty(1), torch.empty_like(positions), torch.empty_like(cells)
+
+
+def _cluster_reference(positions, cells, slot_atom, slot_wrap, cluster_ptr, entry_j,
+                       entry_shift, entry_mask, charges, sigma, epsilon, cutoff,
+                       switch_distance, coulomb, lj, k_rf, c_rf, alpha, coulomb_constant,
+                       backend):
+    i, j, shifts = reference.cluster_pairs(slot_atom, slot_wrap, cluster_ptr, entry_j,
+                                           entry_shift, entry_mask, 8)
+    n = positions.shape[0]
+    system = torch.zeros(n, dtype=torch.int64, device=positions.device)
+    no_excl = torch.zeros(n + 1, dtype=torch.int64, device=positions.device)
+    return reference.nonbonded_energy(positions, cells, system, i, j, shifts, no_excl,
+                                      no_excl[:0], charges, sigma, epsilon, cutoff,
+                                      switch_distance, coulomb, lj, k_rf, c_rf, alpha,
+                                      coulomb_constant, half=True)
+
+
+register_energy_autograd(nonbonded_clusters, diff=(0, 1), rows=lambda inputs, k: None,
+                         reference=_cluster_reference, param_flag=0, params=(),
+                         name="fastff.mm.nonbonded (clusters)")

@@ -98,3 +98,44 @@ def nonbonded(positions, cells, atom_system, i, j, shifts, ptr, excl_ptr, excl_j
     e, grads = reference_gradients(energy, (positions, cells, charges, sigma, epsilon),
                                    (True, True, pg, pg, pg))
     return (e, *grads)
+
+
+def cluster_pairs(slot_atom: Tensor, slot_wrap: Tensor, cluster_ptr: Tensor, entry_j: Tensor,
+                  entry_shift: Tensor, entry_mask: Tensor, lanes: int
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """The half pair list (i, j, shifts) that a cluster list stands for: lane l of cluster c
+    pairs with entry e's partner when bit l of its mask is set. A slot's position is its atom's
+    minus ``slot_wrap`` box vectors and a partner's image adds ``entry_shift``, so the pair's
+    shift in atom positions is ``entry_shift + wrap(i) - wrap(j)``."""
+    dev = slot_atom.device
+    counts = cluster_ptr[1:] - cluster_ptr[:-1]
+    cluster = torch.repeat_interleave(torch.arange(counts.shape[0], device=dev), counts)
+    lane = torch.arange(lanes, device=dev)
+    on = ((entry_mask.to(torch.int64)[:, None] >> lane) & 1).bool()  # [E, lanes]
+    e_idx, l_idx = on.nonzero(as_tuple=True)
+    si = cluster[e_idx] * lanes + l_idx
+    sj = entry_j[e_idx].to(torch.int64)
+    shifts = (entry_shift[e_idx].to(torch.int64) + slot_wrap[si].to(torch.int64)
+              - slot_wrap[sj].to(torch.int64))
+    return slot_atom[si], slot_atom[sj], shifts.to(torch.int32)
+
+
+def nonbonded_clusters(positions, cells, slot_atom, slot_wrap, cluster_ptr, entry_j, entry_shift,
+                       entry_mask, charges, sigma, epsilon, cutoff, switch_distance, coulomb, lj,
+                       k_rf, c_rf, alpha, coulomb_constant):
+    """Launcher: energy [1] and its gradients for positions and cell, over the expanded pairs
+    (no parameter gradients; see cpu_clusters.py)."""
+    from fastff._energy_op import reference_gradients
+
+    i, j, shifts = cluster_pairs(slot_atom, slot_wrap, cluster_ptr, entry_j, entry_shift,
+                                 entry_mask, 8)
+    system = torch.zeros(positions.shape[0], dtype=torch.int64, device=positions.device)
+    no_excl = torch.zeros(positions.shape[0] + 1, dtype=torch.int64, device=positions.device)
+
+    def energy(p, c):
+        return nonbonded_energy(p, c, system, i, j, shifts, no_excl, no_excl[:0], charges,
+                                sigma, epsilon, cutoff, switch_distance, coulomb, lj, k_rf,
+                                c_rf, alpha, coulomb_constant, half=True)
+
+    e, grads = reference_gradients(energy, (positions, cells), (True, True))
+    return (e, *grads)
