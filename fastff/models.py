@@ -207,8 +207,9 @@ class SchNetInteraction(nn.Module):
                                    nn.Linear(num_features, num_features))
 
     def forward(self, x: Tensor, positions: Tensor, nl: NeighborList,
-                cell: Tensor | None) -> Tensor:
-        return x + self.f2out(self.conv(self.in2f(x), positions, nl, cell))
+                cell: Tensor | None, distances: Tensor | None = None) -> Tensor:
+        return x + self.f2out(self.conv(self.in2f(x), positions, nl, cell,
+                                        distances=distances))
 
 
 class SchNet(AtomisticModel):
@@ -255,9 +256,10 @@ class SchNet(AtomisticModel):
     def atomic_features(self, species: Tensor, positions: Tensor, nl: NeighborList,
                         cell: Tensor | None) -> Tensor:
         x = self.embedding(species)
+        d = nl.distances(positions, cell)  # once, for every interaction
         for block in self.interactions:
             with record_function("fastff.SchNet.interaction"):
-                x = block(x, positions, nl, cell)
+                x = block(x, positions, nl, cell, d)
         return x
 
 
@@ -322,9 +324,10 @@ class PaiNN(AtomisticModel):
                         cell: Tensor | None) -> Tensor:
         s = self.embedding(species)
         v = s.new_zeros(s.shape[0], 3, s.shape[1])
+        vec = nl.vectors(positions, cell)  # once, for every message
         for message, update in zip(self.messages, self.updates, strict=True):
             with record_function("fastff.PaiNN.message"):
-                ds, dv = message(s, v, positions, nl, cell)
+                ds, dv = message(s, v, positions, nl, cell, vectors=vec)
             with record_function("fastff.PaiNN.update"):
                 s, v = update(s + ds, v + dv)
         return s

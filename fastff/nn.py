@@ -220,10 +220,14 @@ class CFConv(nn.Module):
                                 lambda: self.filter.tabulate(self.num_points))
 
     def forward(self, x: Tensor, positions: Tensor, nl: NeighborList,
-                cell: Tensor | None = None) -> Tensor:
-        """x [N, F], positions [N, 3], nl full list, cell [3, 3] or None -> out [N, F]."""
+                cell: Tensor | None = None, *, distances: Tensor | None = None) -> Tensor:
+        """x [N, F], positions [N, 3], nl full list, cell [3, 3] or None -> out [N, F].
+
+        ``distances``: ``nl.distances(positions, cell)`` when the caller already has them
+        (a model's interactions share one set instead of recomputing it per layer)."""
         _graph(self, positions, nl, self.cutoff, {"x": (x, (self.num_features,))})
-        d = nl.distances(positions, cell).contiguous()
+        d = (nl.distances(positions, cell) if distances is None
+             else _edge_tensor(distances, nl, "distances", ())).contiguous()
         args = (nl.i, nl.j, nl.ptr, nl.reverse)
         if self.tabulate:
             name, _ = _backend.resolve("spline_conv", x.device, self.backend)
@@ -233,6 +237,15 @@ class CFConv(nn.Module):
         f = self.filter
         return _mop.cfconv(x.contiguous(), d, *args, *f.params(), self.cutoff, f.kind, f.envelope,
                            f.activation, name)
+
+
+def _edge_tensor(t: Tensor, nl: NeighborList, name: str, trailing: tuple) -> Tensor:
+    """A per-pair tensor given by the caller: [E, *trailing]."""
+    if not isinstance(t, Tensor) or tuple(t.shape) != (nl.i.shape[0], *trailing):
+        shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{name} must have shape {[nl.i.shape[0], *trailing]} (one row per "
+                         f"pair of the neighbor list), got {shape}")
+    return t
 
 
 class PaiNNMessage(nn.Module):
@@ -291,10 +304,13 @@ class PaiNNMessage(nn.Module):
         return self._tables.get((self.filter.weight, self.filter.bias), build)
 
     def forward(self, s: Tensor, v: Tensor, positions: Tensor, nl: NeighborList,
-                cell: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                cell: Tensor | None = None, *, vectors: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """``vectors``: ``nl.vectors(positions, cell)`` when the caller already has them."""
         nf = self.num_features
         _graph(self, positions, nl, self.cutoff, {"s": (s, (nf,)), "v": (v, (3, nf))})
-        vec = nl.vectors(positions, cell)
+        vec = (nl.vectors(positions, cell) if vectors is None
+               else _edge_tensor(vectors, nl, "vectors", (3,)))
         d = torch.linalg.vector_norm(vec, dim=1)
         if self.tabulate:
             return self._tabulated(s, v, vec, d, nl)

@@ -547,20 +547,30 @@ def pair_vectors_transpose(grad, num_atoms, cells, atom_system, i, j, shifts):
 
 @njit(cache=True, parallel=True)
 def _reverse(i, j, shifts, ptr, out):
+    """Each unordered pair is looked up once, from the end that comes first (a < b, or a == b
+    with the first non-zero shift component positive), and both ends are written: the mirror
+    pair (b -> a) belongs to that one lookup, so no two threads write one entry."""
     for a in prange(ptr.shape[0] - 1):
         for e in range(ptr[a], ptr[a + 1]):
             b = j[e]
-            out[e] = -1
+            if b < a:
+                continue
+            s0 = shifts[e, 0]
+            s1 = shifts[e, 1]
+            s2 = shifts[e, 2]
+            if b == a and not (s0 > 0 or (s0 == 0 and (s1 > 0 or (s1 == 0 and s2 > 0)))):
+                continue
             for f in range(ptr[b], ptr[b + 1]):  # rows hold ~50 pairs: a scan beats a sort
-                if (j[f] == a and shifts[f, 0] == -shifts[e, 0] and shifts[f, 1] == -shifts[e, 1]
-                        and shifts[f, 2] == -shifts[e, 2]):
+                if j[f] == a and shifts[f, 0] == -s0 and shifts[f, 1] == -s1 and \
+                        shifts[f, 2] == -s2:
                     out[e] = f
+                    out[f] = e
                     break
 
 
 def neighbor_reverse(i, j, shifts, ptr):
     """Launcher: index of each pair's mirror (j, i, -S); -1 where none exists."""
-    out = np.empty(i.shape[0], np.int64)
+    out = np.full(i.shape[0], -1, np.int64)
     _reverse(_as_numpy(i), _as_numpy(j), _as_numpy(shifts), _as_numpy(ptr), out)
     return torch.from_numpy(out)
 
