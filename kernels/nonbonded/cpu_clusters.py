@@ -264,7 +264,8 @@ def build(positions: np.ndarray, box: np.ndarray | None, rlist: float, excl_ptr:
 
 @njit(parallel=True, cache=True)
 def _pack_slots(pos, cell, q, sig, eps, slot_atom, slot_wrap, rec):
-    """Per slot (x, y, z, q, sigma, epsilon) with the build's wrap applied; padding is zero."""
+    """Per slot (x, y, z, q, sigma / 2, sqrt(epsilon)) with the build's wrap applied; padding
+    is zero."""
     for s in prange(slot_atom.shape[0]):
         a = slot_atom[s]
         if a < 0:
@@ -277,8 +278,8 @@ def _pack_slots(pos, cell, q, sig, eps, slot_atom, slot_wrap, rec):
         for d in range(3):
             rec[s, d] = pos[a, d] - (w0 * cell[0, d] + w1 * cell[1, d] + w2 * cell[2, d])
         rec[s, 3] = q[a]
-        rec[s, 4] = sig[a]
-        rec[s, 5] = eps[a]
+        rec[s, 4] = 0.5 * sig[a]  # combining rules become a sum and a product per pair
+        rec[s, 5] = math.sqrt(eps[a])
         rec[s, 6] = 0.0
         rec[s, 7] = 0.0
 
@@ -301,7 +302,6 @@ def _make_cluster_loop(coulomb_terms):
         dt = rec.dtype
         zero = dt.type(0.0)
         one = dt.type(1.0)
-        half = dt.type(0.5)
         four = dt.type(4.0)
         six = dt.type(6.0)
         ten = dt.type(10.0)
@@ -353,8 +353,8 @@ def _make_cluster_loop(coulomb_terms):
                 d = d2 * inv
                 qq = qi * w[_QJ, k]
                 f, df = coulomb_terms(d, d2, inv, c1, c2, c3)
-                sg = half * (sgi + w[_SJ, k])
-                ep = math.sqrt(epi * w[_EJ, k])
+                sg = sgi + w[_SJ, k]
+                ep = epi * w[_EJ, k]
                 x2 = sg * sg * inv * inv
                 x6 = x2 * x2 * x2
                 x12 = x6 * x6
