@@ -1,6 +1,7 @@
 """Peak memory of one nonbonded energy+forces call, measured in a fresh process (resident set).
 
-Run: python bench/peak_memory_mm.py [numba|reference]   (prints one JSON line)
+Run: python bench/peak_memory_mm.py [numba|reference|clusters]   (prints one JSON line)
+"clusters" measures the cluster-pair path against the bytes of its cluster list.
 The baseline is taken after building the system, the neighbor list and a warm-up call on the
 same inputs (JIT compiled, allocator warm), so the difference is what one call allocates at its
 peak; it is compared with the bytes of the neighbor list (i, j, shifts, ptr).
@@ -54,15 +55,23 @@ def main(backend):
     model = fmm.ForceField.from_openmm(system, dtype=torch.float32)
     p = torch.tensor(pos, dtype=torch.float32)
     cell = torch.tensor(box, dtype=torch.float32)
-    nl = bench_mm._neighbor_list(p, cell, bench_mm.CUTOFF + bench_mm.SKIN)
-    be = None if backend == "numba" else backend
+    if backend == "clusters":
+        nl = bench_mm._cluster_list(model, p, cell)
+        arrays = (nl.slot_atom, nl.slot_wrap, nl.cluster_ptr, nl.entry_j, nl.entry_shift,
+                  nl.entry_mask)
+    else:
+        nl = bench_mm._neighbor_list(p, cell, bench_mm.CUTOFF + bench_mm.SKIN)
+        arrays = (nl.i, nl.j, nl.shifts, nl.ptr)
+    be = None if backend in ("numba", "clusters") else backend
     bench_mm._nonbonded(model, p, nl, cell, be)  # warm-up
     reset = _reset_peak()
     base = _rss()
     bench_mm._nonbonded(model, p, nl, cell, be)
     peak = _peak_rss() - base
-    list_bytes = sum(t.numel() * t.element_size() for t in (nl.i, nl.j, nl.shifts, nl.ptr))
-    return {"backend": backend, "atoms": len(pos), "pairs": len(nl), "peak_extra_bytes": peak,
+    list_bytes = sum(t.numel() * t.element_size() for t in arrays)
+    size = nl.num_entries if backend == "clusters" else len(nl)
+    return {"backend": backend, "atoms": len(pos), "pairs or entries": size,
+            "peak_extra_bytes": peak,
             "neighbor_list_bytes": list_bytes, "ratio": peak / list_bytes,
             "peak_reset": reset}
 

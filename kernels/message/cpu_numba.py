@@ -154,6 +154,7 @@ def _spline_conv(x, d, scale, has_scale, coeffs, j, ptr, cutoff, order, out):
     inv_h = nint / cutoff
     for a in prange(ptr.shape[0] - 1):
         p = np.empty(4, dtype=coeffs.dtype)
+        acc = np.zeros(nf, dtype=out.dtype)  # the row's sum stays in cache, then one write
         for e in range(ptr[a], ptr[a + 1]):
             r = d[e]
             src = j[e]
@@ -161,10 +162,15 @@ def _spline_conv(x, d, scale, has_scale, coeffs, j, ptr, cutoff, order, out):
                 continue
             k = _spline_setup(r, inv_h, nint, order, scale[e] if has_scale else 1.0, p)
             p0, p1, p2, p3 = p[0], p[1], p[2], p[3]
+            c0 = coeffs[k, 0]
+            c1 = coeffs[k, 1]
+            c2 = coeffs[k, 2]
+            c3 = coeffs[k, 3]
+            xs = x[src]
             for f in range(nf):
-                w = p0 * coeffs[k, 0, f] + p1 * coeffs[k, 1, f] + p2 * coeffs[k, 2, f] \
-                    + p3 * coeffs[k, 3, f]
-                out[a, f] += x[src, f] * w
+                acc[f] += xs[f] * (p0 * c0[f] + p1 * c1[f] + p2 * c2[f] + p3 * c3[f])
+        for f in range(nf):
+            out[a, f] += acc[f]
 
 
 # Edges per prange chunk of _spline_edge_dot: enough work per task to hide scheduling.

@@ -30,8 +30,10 @@ from numba import njit, prange
 from fastff.kernels.nonbonded.cpu_numba import (
     _FAST,
     NUM_CHUNKS,
+    _constants,
     _coulomb_ewald_real,
     _coulomb_polynomial,
+    _pair_energy,
 )
 
 LANES = 8
@@ -300,14 +302,8 @@ def _make_cluster_loop(coulomb_terms):
     def cluster_loop(rec, w, wm, ci, e0, e1, entry_j, entry_shift, entry_mask, cell, cut2,
                      masked_d2, kq, c1, c2, c3, rs, inv_width, lj, c, gbuf, g_slot, slot_atom):
         dt = rec.dtype
-        zero = dt.type(0.0)
-        one = dt.type(1.0)
-        four = dt.type(4.0)
-        six = dt.type(6.0)
-        ten = dt.type(10.0)
-        twelve = dt.type(12.0)
-        fifteen = dt.type(15.0)
-        thirty = dt.type(30.0)
+        lit = _constants(dt)
+        zero, one = lit[0], lit[1]
         lj_on = one if lj else zero
         m = e1 - e0
         for k in range(m):
@@ -353,18 +349,9 @@ def _make_cluster_loop(coulomb_terms):
                 d = d2 * inv
                 qq = qi * w[_QJ, k]
                 f, df = coulomb_terms(d, d2, inv, c1, c2, c3)
-                sg = sgi + w[_SJ, k]
-                ep = epi * w[_EJ, k]
-                x2 = sg * sg * inv * inv
-                x6 = x2 * x2 * x2
-                x12 = x6 * x6
-                x = min(max(d - rs, zero) * inv_width, one)
-                sw = one - x * x * x * (ten - fifteen * x + six * x * x)
-                dsw = -thirty * x * x * (one - x) * (one - x) * inv_width
-                u = ep * four * (x12 - x6)
-                acc_e += ok * (qq * f + u * sw)
-                dudd = ep * four * (six * x6 - twelve * x12) * inv * sw + u * dsw
-                g = ok * (qq * df + dudd) * inv  # dE/dr_ij = g r_ij
+                energy, g, _, _, _ = _pair_energy(ok, qq, sgi + w[_SJ, k], epi * w[_EJ, k], f,
+                                                  df, inv, d, rs, inv_width, lit)
+                acc_e += energy
                 fx = g * rx
                 fy = g * ry
                 fz = g * rz

@@ -89,6 +89,34 @@ def _coulomb_ewald_real(d, d2, inv, alpha, alpha2, two_alpha_over_sqrt_pi):
     return f, -(f + two_alpha_over_sqrt_pi * math.exp(-alpha2 * d2)) * inv
 
 
+@njit(inline="always")
+def _constants(dt):
+    """The literals of :func:`_pair_energy` in float type ``dt`` (Python literals are float64
+    in numba and would promote float32 arithmetic)."""
+    return (dt.type(0.0), dt.type(1.0), dt.type(4.0), dt.type(6.0), dt.type(10.0),
+            dt.type(12.0), dt.type(15.0), dt.type(30.0))
+
+
+@njit(inline="always", fastmath=_FAST)
+def _pair_energy(ok, qq, sg, ep, f, df, inv, d, rs, inv_width, k):
+    """One pair's energy and g = (dE/dd) / d (so dE/dr_ij = g r_ij), weighted by ok (0 or 1):
+    Coulomb ``qq f(d)`` plus switched Lennard-Jones with combined sigma ``sg`` and epsilon
+    ``ep``. Also returns (s/d)^6, (s/d)^12 and the switch for parameter derivatives. Shared
+    by the pair-list and cluster loops; straight-line code, so their loops vectorize. ``k``:
+    the constants (0, 1, 4, 6, 10, 12, 15, 30) in the kernel's float type (:func:`_constants`)."""
+    zero, one, four, six, ten, twelve, fifteen, thirty = k
+    x2 = sg * sg * inv * inv
+    x6 = x2 * x2 * x2
+    x12 = x6 * x6
+    x = min(max(d - rs, zero) * inv_width, one)  # switch (inv_width = 0: none)
+    sw = one - x * x * x * (ten - fifteen * x + six * x * x)
+    dsw = -thirty * x * x * (one - x) * (one - x) * inv_width
+    u = ep * four * (x12 - x6)
+    energy = ok * (qq * f + u * sw)
+    dudd = ep * four * (six * x6 - twelve * x12) * inv * sw + u * dsw
+    return energy, ok * (qq * df + dudd) * inv, x6, x12, sw
+
+
 def _make_pair_loop(coulomb_terms):
     """The arithmetic of one row over gathered scratch, for one Coulomb form
     (``coulomb_terms(d, d2, inv, c1, c2, c3)`` -> f(d), f'(d), from the method's constants
@@ -100,15 +128,9 @@ def _make_pair_loop(coulomb_terms):
         """Branch-free (masked pairs are computed at d^2 = masked_d2 with weight 0). Writes each
         pair's force (and parameter shares) for the sender; returns the row's sums."""
         dt = w.dtype
-        zero = dt.type(0.0)
-        one = dt.type(1.0)
+        lit = _constants(dt)
+        zero, one, four, six, twelve = lit[0], lit[1], lit[2], lit[3], lit[5]
         half = dt.type(0.5)
-        four = dt.type(4.0)
-        six = dt.type(6.0)
-        ten = dt.type(10.0)
-        twelve = dt.type(12.0)
-        fifteen = dt.type(15.0)
-        thirty = dt.type(30.0)
         lj_on = one if lj else zero  # no LJ: epsilon counts as 0
         c00, c01, c02 = cell[0, 0], cell[0, 1], cell[0, 2]
         c10, c11, c12 = cell[1, 0], cell[1, 1], cell[1, 2]
@@ -133,17 +155,9 @@ def _make_pair_loop(coulomb_terms):
             f, df = coulomb_terms(d, d2, inv, c1, c2, c3)
             sg = half * (sa + w[_SB, k])
             ep = lj_on * math.sqrt(ea * w[_EB, k])
-            x2 = sg * sg * inv * inv
-            x6 = x2 * x2 * x2
-            x12 = x6 * x6
-            lw = four * (x12 - x6)  # LJ energy per unit epsilon
-            x = min(max(d - rs, zero) * inv_width, one)  # switch (inv_width = 0: none)
-            sw = one - x * x * x * (ten - fifteen * x + six * x * x)
-            dsw = -thirty * x * x * (one - x) * (one - x) * inv_width
-            u = ep * lw
-            acc_e += ok * (qa * qb * f + u * sw)
-            dudd = ep * four * (six * x6 - twelve * x12) * inv * sw + u * dsw
-            g = ok * (qa * qb * df + dudd) * inv
+            energy, g, x6, x12, sw = _pair_energy(ok, qa * qb, sg, ep, f, df, inv, d, rs,
+                                                  inv_width, lit)
+            acc_e += energy
             fx = g * rx  # dE/dr_ij; the receiver moves with -r_ij
             fy = g * ry
             fz = g * rz
@@ -167,7 +181,7 @@ def _make_pair_loop(coulomb_terms):
                 # for pairs that count
                 ds = (half * ep * four * (twelve * x12 - six * x6) / sg * sw
                       if inside and lj and sg != zero else zero)
-                de = lw * sw * half / ep if inside and lj else zero
+                de = four * (x12 - x6) * sw * half / ep if inside and lj else zero
                 acc_q += qb * f if inside else zero
                 acc_s += ds
                 acc_eps += de * w[_EB, k]
