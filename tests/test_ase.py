@@ -260,7 +260,9 @@ def test_nve_mm_plus_schnet_conserves_energy(rng, water):
     atoms.calc = SumCalculator([mm, ml])
     total, kinetic = run_nve(atoms, rng, 300)
     assert_energy_conserved(total, kinetic, len(atoms))
-    assert ml.verlet is not None and ml.verlet.rebuilds < 30
+    # the list is reused: its 0.5 A skin rebuilds every ~10-20 steps here (up to 30 seen);
+    # rebuilding at every call would give 300
+    assert ml.verlet is not None and ml.verlet.rebuilds < 60
 
 
 def scale_forces_to(model, ml, mm, atoms, ratio: float) -> None:
