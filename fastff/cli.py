@@ -306,7 +306,8 @@ def _profile(args) -> int:
     box = systems.water_box(max(1, round(args.atoms / 3)), dtype=dtype)
     cell, species = box.cell.to(device), box.species.to(device)
     if args.model == "mm":
-        ff = fmm.water_force_field(box, backend=backend).to(device)
+        # forces only, as in MD and in `fastff bench` (on CPU: the cluster-pair path)
+        ff = fmm.water_force_field(box, backend=backend).to(device).requires_grad_(False)
 
         def energy(x):
             return ff(x, cell)
