@@ -78,6 +78,7 @@ class ClusterVerletList:
             moved2 = (positions.detach() - self._reference).square().sum(1).max()
             if not bool(moved2 > (0.5 * self.skin) ** 2):
                 return self._list
+        _checks.positions(positions)  # before binning (the nonbonded term checks each call)
         arrays = cpu_clusters.build(
             positions.detach().double().numpy(),
             None if cell is None else cell.detach().double().numpy(),

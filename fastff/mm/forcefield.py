@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fastff import _backend, _checks
+from fastff import _backend
 from fastff.mm import _terms
 from fastff.mm._clusters import ClusterList, ClusterVerletList
 from fastff.neighbors import NeighborList
@@ -412,7 +412,6 @@ class ForceField(nn.Module):
             return None
         if self.periodic and (cell is None or cell.shape != (3, 3)):
             return None
-        _checks.positions(positions)
         excl_ptr, excl_j = _terms.exclusion_rows(self.exception_index, self.num_atoms)
         return self.clusters.update(positions, cell if self.periodic else None, excl_ptr,
                                     excl_j)
