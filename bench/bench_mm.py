@@ -9,7 +9,8 @@ System: the villin headpiece in TIP3P water shipped with OpenMM (test.pdb, 8,867
 0.9 nm, no switching, no dispersion correction; float32 everywhere (OpenMM's CPU platform is
 single precision). Every case computes energy and forces; fastff uses half lists unless a
 case says "full list" or "clusters" (the cluster-pair layout ForceField runs on CPU for MD).
-Targets: nonbonded full step (list rebuild + forces) <= 1.5x OpenMM's NonbondedForce; the
+Targets: nonbonded full step (list rebuild + forces) <= 1.5x OpenMM's NonbondedForce with its
+own list rebuilt ("openmm full step"; "openmm" alone reuses OpenMM's padded list); the
 Verlet-reuse step shown too; bonded <= 1.5x OpenMM's bonded forces; >= 10x faster than the
 eager torch reference; parameter gradients add <= 30%. Peak memory: bench/peak_memory_mm.py.
 """
@@ -117,25 +118,55 @@ def _nonbonded(model, pos, nl, cell, backend=None, params=False):
     return energy.detach(), grads
 
 
-def _bonded(model, pos, params=False):
+def _bonded_kinds(model, params):
+    """(bonds, angles, torsions) of the model: its parameters when they need gradients, else
+    copies detached once (frozen parameters are the same tensors step after step, as in MD)."""
+    def own(*ts):
+        return tuple(t if params or not t.is_floating_point() else t.detach() for t in ts)
+    return (own(model.bond_index, model.bond_k, model.bond_r0),
+            own(model.angle_index, model.angle_k, model.angle_theta0),
+            own(model.torsion_index, model.torsion_k, model.torsion_periodicity,
+                model.torsion_phase))
+
+
+def _bonded(kinds, pos, params=False, fused=True):
+    """Energy and gradients of the bonded terms: one fused op (what ForceField runs) or the
+    three functional calls."""
     pos = pos.detach().requires_grad_(True)
+    bonds, angles, torsions = kinds
     with torch.set_grad_enabled(True):
-        k_b, r0 = (model.bond_k, model.bond_r0)
-        k_a, t0 = (model.angle_k, model.angle_theta0)
-        k_t, ph = (model.torsion_k, model.torsion_phase)
-        if not params:
-            k_b, r0, k_a, t0, k_t, ph = (t.detach() for t in (k_b, r0, k_a, t0, k_t, ph))
-        energy = (fmm.harmonic_bonds(pos, model.bond_index, k_b, r0)
-                  + fmm.harmonic_angles(pos, model.angle_index, k_a, t0)
-                  + fmm.periodic_torsions(pos, model.torsion_index, k_t,
-                                          model.torsion_periodicity, ph))
-        grads = torch.autograd.grad(energy, [pos] + ([k_b, r0, k_a, t0, k_t, ph] if params else []))
+        if fused:
+            energy = fmm.bonded(pos, bonds=bonds, angles=angles, torsions=torsions)
+        else:
+            energy = (fmm.harmonic_bonds(pos, *bonds) + fmm.harmonic_angles(pos, *angles)
+                      + fmm.periodic_torsions(pos, *torsions))
+        wanted = [t for kind in kinds for t in kind if t.requires_grad] if params else []
+        grads = torch.autograd.grad(energy, [pos] + wanted)
     return energy.detach(), grads
 
 
 def _openmm(ctx, pos, group):
     def run():
         ctx.setPositions(pos)
+        return ctx.getState(getEnergy=True, getForces=True, groups={group})
+    return run
+
+
+# OpenMM's CPU platform keeps a list padded by a fraction of the cutoff and rebuilds it when an
+# atom has moved more than padding / sqrt(2) since the last build (CpuKernels.cpp,
+# beginComputation). Alternating between the positions and a copy translated by 0.3 nm (more
+# than any such padding at a 0.9 nm cutoff; the periodic energy does not change) makes every
+# call a full step: list rebuild + nonbonded.
+REBUILD_SHIFT = np.array([0.3, 0.0, 0.0])
+
+
+def _openmm_full_step(ctx, pos, group):
+    frames = [pos, pos + REBUILD_SHIFT]
+    calls = [0]
+
+    def run():
+        calls[0] += 1
+        ctx.setPositions(frames[calls[0] % 2])
         return ctx.getState(getEnergy=True, getForces=True, groups={group})
     return run
 
@@ -152,9 +183,9 @@ def _cluster_list(model, pos, cell, verlet=None):
     return cl
 
 
-@pytest.mark.parametrize("code", ["openmm", "fastff full step", "fastff verlet reuse",
-                                  "fastff + param grads", "fastff kernel only",
-                                  "fastff kernel only, full list", "fastff clusters full step",
+@pytest.mark.parametrize("code", ["openmm", "openmm full step", "fastff full step",
+                                  "fastff verlet reuse", "fastff + param grads",
+                                  "fastff kernel only", "fastff kernel only, full list", "fastff clusters full step",
                                   "fastff clusters verlet reuse", "fastff clusters kernel only"])
 def test_nonbonded(benchmark, case, code):
     benchmark.group = NB.format(n=case["n"])
@@ -163,6 +194,8 @@ def test_nonbonded(benchmark, case, code):
                                              else "vesin (fastff numba list unavailable)")
     if code == "openmm":
         fn = _openmm(case["ctx"], pos.double().numpy(), NONBONDED_GROUP)
+    elif code == "openmm full step":
+        fn = _openmm_full_step(case["ctx"], pos.double().numpy(), NONBONDED_GROUP)
     elif code == "fastff full step":
         def fn():
             nl = _neighbor_list(pos, cell, CUTOFF)
@@ -210,7 +243,8 @@ def test_nonbonded_reference(benchmark, case):
                                          "reference"), rounds=1, warmup_rounds=0)
 
 
-@pytest.mark.parametrize("code", ["openmm", "fastff", "fastff + param grads", "reference"])
+@pytest.mark.parametrize("code", ["openmm", "fastff", "fastff, three ops",
+                                  "fastff + param grads", "reference"])
 def test_bonded(benchmark, case, code):
     benchmark.group = f"bonded (bonds, angles, torsions) energy+forces, {case['n']} atoms, float32"
     model, pos = case["model"], case["pos"]
@@ -220,7 +254,8 @@ def test_bonded(benchmark, case, code):
         prev = os.environ.get("FASTFF_BACKEND")
         os.environ["FASTFF_BACKEND"] = "reference"
         try:
-            benchmark.pedantic(_bonded, args=(model, pos), rounds=3, warmup_rounds=1)
+            benchmark.pedantic(_bonded, args=(_bonded_kinds(model, False), pos), rounds=3,
+                               warmup_rounds=1)
         finally:
             if prev is None:
                 del os.environ["FASTFF_BACKEND"]
@@ -229,7 +264,9 @@ def test_bonded(benchmark, case, code):
         return
     else:
         params = code == "fastff + param grads"
+        kinds = _bonded_kinds(model, params)
+        fused = code != "fastff, three ops"
 
         def fn():
-            return _bonded(model, pos, params=params)
+            return _bonded(kinds, pos, params=params, fused=fused)
     benchmark.pedantic(fn, rounds=10, warmup_rounds=2)

@@ -165,3 +165,58 @@ def test_minimum_image_bonds_with_unwrapped_and_wrapped_positions(rng):
     moved[1] += cell[0] - 2 * cell[2]  # a periodic image of atom 1
     assert_close_scaled(mm.harmonic_bonds(moved, bonds, k, r0, cell=cell), e, "mm",
                         torch.float64, "image")
+
+
+def _molecule_terms(rng, n=12):
+    pos = torch.cumsum(torch.as_tensor(rng.uniform(-0.1, 0.1, (n, 3))), 0) + 0.7
+    bonds = torch.stack([torch.arange(n - 1), torch.arange(1, n)], 1)
+    angles = torch.stack([torch.arange(n - 2), torch.arange(1, n - 1), torch.arange(2, n)], 1)
+    torsions = torch.stack([torch.arange(n - 3) + k for k in range(4)], 1)
+
+    def floats(t, lo, hi):
+        return torch.as_tensor(rng.uniform(lo, hi, t))
+
+    return pos, dict(
+        bonds=(bonds, floats(n - 1, 100, 500), floats(n - 1, 0.1, 0.2)),
+        angles=(angles, floats(n - 2, 50, 300), floats(n - 2, 1.5, 2.2)),
+        torsions=(torsions, floats(n - 3, 0.5, 5), torch.as_tensor(rng.integers(1, 5, n - 3)),
+                  floats(n - 3, -3, 3)))
+
+
+@pytest.mark.parametrize("periodic", [None, (True, False, True)])
+def test_bonded_equals_the_three_terms(rng, periodic):
+    pos, terms = _molecule_terms(rng)
+    cell = torch.eye(3, dtype=torch.float64) * 1.3
+    batch = (torch.arange(pos.shape[0]) >= 6).long()  # terms belong to their first atom
+    flags = periodic or (True, True, True)
+    expected = (mm.harmonic_bonds(pos, *terms["bonds"], cell=cell if flags[0] else None,
+                                  batch=batch)
+                + mm.harmonic_angles(pos, *terms["angles"], cell=cell if flags[1] else None,
+                                     batch=batch)
+                + mm.periodic_torsions(pos, *terms["torsions"],
+                                       cell=cell if flags[2] else None, batch=batch))
+    got = mm.bonded(pos, **terms, cell=cell, batch=batch, periodic=periodic)
+    assert got.shape == (2,)
+    assert_close_scaled(got, expected, "mm", torch.float64, "bonded")
+    # absent kinds contribute nothing
+    only = mm.bonded(pos, angles=terms["angles"])
+    assert_close_scaled(only, mm.harmonic_angles(pos, *terms["angles"]), "mm", torch.float64,
+                        "angles only")
+
+
+def test_bonded_bad_input(rng):
+    pos, terms = _molecule_terms(rng)
+    index, k, theta0 = terms["angles"]
+    with pytest.raises(ValueError, match=r"angles.theta0 must have shape \[10\]"):
+        mm.bonded(pos, angles=(index, k, theta0[:3]))
+    with pytest.raises(ValueError, match=r"torsions must be \(index, k, periodicity, phase\)"):
+        mm.bonded(pos, torsions=terms["torsions"][:3])
+    with pytest.raises(IndexError, match="bonds.index holds index 12"):
+        mm.bonded(pos, bonds=(terms["bonds"][0] + 1, *terms["bonds"][1:]))
+    with pytest.raises(ValueError, match="periodicity must be >= 0"):
+        t_index, t_k, t_n, t_phase = terms["torsions"]
+        mm.bonded(pos, torsions=(t_index, t_k, -t_n, t_phase))
+    with pytest.raises(ValueError, match="periodic terms need a cell"):
+        mm.bonded(pos, **terms, periodic=(True, False, False))
+    with pytest.raises(ValueError, match="periodic must be 3 bools"):
+        mm.bonded(pos, **terms, cell=torch.eye(3, dtype=torch.float64), periodic=(True,))

@@ -69,6 +69,12 @@ def _compare(model, positions, expected, dtype, cell=None, nl=None):
         rtol = TOLERANCES["openmm"][dtype][0]
         assert abs(float(e) - e_ref) <= rtol * max(abs(e_ref), 1e-8), (name, float(e), e_ref)
         assert_close_scaled(-g, torch.as_tensor(f_ref), "openmm", dtype, f"{name} forces")
+    # forward: the same total with the bonded terms in one fused op
+    e = model(pos, cell, nl=nl)
+    (g,) = torch.autograd.grad(e, pos)
+    e_ref, f_ref = expected["total"]
+    assert abs(float(e) - e_ref) <= TOLERANCES["openmm"][dtype][0] * max(abs(e_ref), 1e-8)
+    assert_close_scaled(-g, torch.as_tensor(f_ref), "openmm", dtype, "forward forces")
 
 
 @pytest.fixture(scope="module")

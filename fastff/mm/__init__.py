@@ -8,6 +8,7 @@ Units default to OpenMM's (nm, kJ/mol, e); see :mod:`fastff.mm._terms` for the c
 from fastff.mm._terms import (
     COULOMB_CONSTANT,
     Exceptions,
+    bonded,
     coulomb,
     harmonic_angles,
     harmonic_bonds,
@@ -25,6 +26,6 @@ from fastff.mm.forcefield import (
 from fastff.mm.water import water_force_field
 
 __all__ = ["COULOMB_CONSTANT", "AngleParameters", "BondParameters", "Exceptions", "ForceField",
-           "NonbondedParameters", "TorsionParameters", "coulomb", "harmonic_angles",
+           "NonbondedParameters", "TorsionParameters", "bonded", "coulomb", "harmonic_angles",
            "harmonic_bonds", "lennard_jones", "nonbonded", "periodic_torsions",
            "water_force_field"]

@@ -482,13 +482,90 @@ def periodic_torsions(positions: Tensor, torsions: Tensor, k: Tensor, periodicit
     t = index.shape[0]
     k = _param(k, "k", t, positions)
     phase = _param(phase, "phase", t, positions)
+    periodicity = _periodicity(periodicity, t)
+    name, _ = _backend.resolve("periodic_torsions", positions.device, backend)
+    e = _bonded.periodic_torsions(positions, cells, inv, atom_system, periodic, index, k,
+                                  periodicity, phase, _needs_grad(k, phase), name)[0]
+    return _finish(e, batched)
+
+
+def _periodicity(periodicity, t: int) -> Tensor:
     if not isinstance(periodicity, Tensor) or periodicity.dtype != torch.int64:
         raise TypeError("periodicity must be an int64 tensor")
     if periodicity.shape != (t,):
         raise ValueError(f"periodicity must have shape [{t}], got {list(periodicity.shape)}")
-    if _checks.checks_enabled() and t and bool((periodicity < 0).any()):
+    if _checks.checks_enabled() and t:
+        _once_per_version(periodicity, ("periodicity values",),
+                          lambda: _nonnegative_periodicity(periodicity))
+    return periodicity.contiguous()
+
+
+def _nonnegative_periodicity(periodicity: Tensor) -> None:
+    if bool((periodicity < 0).any()):
         raise ValueError("periodicity must be >= 0")
-    name, _ = _backend.resolve("periodic_torsions", positions.device, backend)
-    e = _bonded.periodic_torsions(positions, cells, inv, atom_system, periodic, index, k,
-                                  periodicity.contiguous(), phase, _needs_grad(k, phase), name)[0]
+
+
+def bonded(positions: Tensor, *, bonds=None, angles=None, torsions=None,
+           cell: Tensor | None = None, batch: Tensor | None = None,
+           periodic: tuple[bool, bool, bool] | None = None,
+           backend: str | None = None) -> Tensor:
+    """Harmonic bonds, harmonic angles and periodic torsions in one fused op.
+
+    The same energy as :func:`harmonic_bonds` + :func:`harmonic_angles` +
+    :func:`periodic_torsions`, with one launch, one pass of input checks and one autograd node
+    for all three (what :class:`ForceField` runs: on CPU the three separate calls cost about
+    twice as much at 35,000 atoms, mostly in per-call overhead).
+
+    Args:
+        positions: [N, 3] (nm).
+        bonds: (index int64 [T, 2], k [T], r0 [T]) or None.
+        angles: (index int64 [T, 3], k [T], theta0 [T]) or None.
+        torsions: (index int64 [T, 4], k [T], periodicity int64 [T], phase [T]) or None.
+        cell, batch: as :func:`harmonic_bonds`.
+        periodic: (bonds, angles, torsions): which kinds take the minimum image in ``cell``
+            (OpenMM sets this per force); default: all of them when a cell is given.
+
+    Returns:
+        Energy (kJ/mol), scalar or [B]. Deterministic on CPU; differentiable to any order in
+        positions, cell and every parameter.
+    """
+    cells, inv, atom_system, batched, has_cell = _term_setup(positions, cell, batch)
+    if periodic is None:
+        periodic = (has_cell,) * 3
+    periodic = tuple(bool(p) for p in periodic)
+    if len(periodic) != 3:
+        raise ValueError(f"periodic must be 3 bools (bonds, angles, torsions), got {periodic}")
+    if any(periodic) and not has_cell:
+        raise ValueError("periodic terms need a cell")
+    n = positions.shape[0]
+    b_index, b_k, b_r0 = _kind(bonds, "bonds", ("index", "k", "r0"), 2, n, positions)
+    a_index, a_k, a_t0 = _kind(angles, "angles", ("index", "k", "theta0"), 3, n, positions)
+    t_index, t_k, t_n, t_phase = _kind(torsions, "torsions", ("index", "k", "periodicity",
+                                                              "phase"), 4, n, positions)
+    name, _ = _backend.resolve("bonded_terms", positions.device, backend)
+    e = _bonded.bonded_terms(positions, cells, inv, atom_system, b_index, b_k, b_r0, periodic[0],
+                             a_index, a_k, a_t0, periodic[1], t_index, t_k, t_n, t_phase,
+                             periodic[2], _needs_grad(b_k, b_r0, a_k, a_t0, t_k, t_phase), name)[0]
     return _finish(e, batched)
+
+
+def _kind(spec, name: str, fields: tuple[str, ...], width: int, n: int,
+          positions: Tensor) -> tuple[Tensor, ...]:
+    """One term kind of :func:`bonded`, checked: (index, parameters...); empty when None."""
+    if spec is None:
+        empty = positions.new_zeros(0)
+        integer = torch.zeros(0, dtype=torch.int64, device=positions.device)
+        return (integer.view(0, width),) + tuple(
+            integer if f == "periodicity" else empty for f in fields[1:])
+    spec = tuple(spec)
+    if len(spec) != len(fields):
+        raise ValueError(f"{name} must be ({', '.join(fields)}), got {len(spec)} items")
+    index = _term_index(spec[0], f"{name}.index", width, n, positions)
+    t = index.shape[0]
+    out = [index]
+    for field, x in zip(fields[1:], spec[1:], strict=True):
+        if field == "periodicity":
+            out.append(_periodicity(x, t))
+        else:
+            out.append(_param(x, f"{name}.{field}", t, positions))
+    return tuple(out)

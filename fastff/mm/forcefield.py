@@ -472,23 +472,11 @@ class ForceField(nn.Module):
             cell: [3, 3] box (rows are vectors, nm); default: the System's default box.
             nl: a full neighbor list to use instead of the owned Verlet list.
         """
-        if cell is None and (self.periodic or any(getattr(self, f"{t}_periodic", False)
-                                                  for t in ("bonds", "angles", "torsions"))):
-            cell = self.box
+        cell = self._cell(cell)
         out: dict[str, Tensor] = {}
         be = self.backend
         if self.has_nonbonded:
-            if nl is None:
-                nl = self._cluster_list(positions, cell) or self._neighbor_list(positions, cell)
-            exceptions = _terms.Exceptions(self.exception_index, self.exception_charge_prod,
-                                           self.exception_sigma, self.exception_epsilon)
-            e = _terms.nonbonded(positions, nl, self.charges, self.sigma, self.epsilon,
-                                 cell=cell if self.periodic else None, exceptions=exceptions,
-                                 backend=be, **self.nonbonded_kwargs)
-            if self.dispersion_correction:
-                assert cell is not None  # periodic: the default box at least
-                e = e + self._dispersion(cell)
-            out["nonbonded"] = e
+            out["nonbonded"] = self._nonbonded_energy(positions, cell, nl)
         if "harmonic_bonds" in self.terms:
             out["harmonic_bonds"] = _terms.harmonic_bonds(
                 positions, self.bond_index, self.bond_k, self.bond_r0,
@@ -505,14 +493,55 @@ class ForceField(nn.Module):
 
     def forward(self, positions: Tensor, cell: Tensor | None = None,
                 nl: NeighborList | None = None) -> Tensor:
-        """Total potential energy (kJ/mol, scalar); forces are ``-d energy / d positions``."""
-        terms = self.energies(positions, cell, nl)
+        """Total potential energy (kJ/mol, scalar); forces are ``-d energy / d positions``.
+
+        The same sum as :meth:`energies`, with every bonded term in one fused op."""
+        cell = self._cell(cell)
         total = positions.new_zeros(())
-        for e in terms.values():
-            total = total + e
+        if self.has_nonbonded:
+            total = total + self._nonbonded_energy(positions, cell, nl)
+        if any(t != "nonbonded" for t in self.terms):
+            total = total + self.bonded_energy(positions, cell)
         return total
 
+    def bonded_energy(self, positions: Tensor, cell: Tensor | None = None) -> Tensor:
+        """Bonds + angles + torsions (kJ/mol, scalar) in one fused op (:func:`fastff.mm.bonded`).
+        """
+        cell = self._cell(cell)
+        specs = {}
+        if "harmonic_bonds" in self.terms:
+            specs["bonds"] = (self.bond_index, self.bond_k, self.bond_r0)
+        if "harmonic_angles" in self.terms:
+            specs["angles"] = (self.angle_index, self.angle_k, self.angle_theta0)
+        if "periodic_torsions" in self.terms:
+            specs["torsions"] = (self.torsion_index, self.torsion_k, self.torsion_periodicity,
+                                 self.torsion_phase)
+        periodic = tuple(arg in specs and getattr(self, f"{arg}_periodic")
+                         for arg in ("bonds", "angles", "torsions"))
+        return _terms.bonded(positions, cell=cell if any(periodic) else None,
+                             periodic=periodic, backend=self.backend, **specs)
 
+    def _cell(self, cell: Tensor | None) -> Tensor | None:
+        """The box to use: the one given, else the System's default box when any term is
+        periodic."""
+        if cell is None and (self.periodic or any(getattr(self, f"{t}_periodic", False)
+                                                  for t in ("bonds", "angles", "torsions"))):
+            return self.box
+        return cell
+
+    def _nonbonded_energy(self, positions: Tensor, cell: Tensor | None,
+                          nl: NeighborList | None) -> Tensor:
+        if nl is None:
+            nl = self._cluster_list(positions, cell) or self._neighbor_list(positions, cell)
+        exceptions = _terms.Exceptions(self.exception_index, self.exception_charge_prod,
+                                       self.exception_sigma, self.exception_epsilon)
+        e = _terms.nonbonded(positions, nl, self.charges, self.sigma, self.epsilon,
+                             cell=cell if self.periodic else None, exceptions=exceptions,
+                             backend=self.backend, **self.nonbonded_kwargs)
+        if self.dispersion_correction:
+            assert cell is not None  # periodic: the default box at least
+            e = e + self._dispersion(cell)
+        return e
 
 
 def _floats(values) -> Tensor:

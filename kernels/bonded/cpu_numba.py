@@ -11,6 +11,7 @@ atomics, at the price of O(terms) scratch memory (terms are O(atoms)).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numba
@@ -240,35 +241,64 @@ def _scatter(index, atom_system, e_t, g_t, vir, periodic, energy, g_pos, g_cells
                     g_cells[s, u, v] += vir[t, u, v]
 
 
+def _np(x):
+    return x.detach().contiguous().numpy()
+
+
+def _slots(kernel, pos, c, inv, systems, periodic, index, params, extra, num_param_grads):
+    """One kernel's per-term slots: (energy [T], gradient [T, M, 3], virial [T or 0, 3, 3],
+    parameter gradients [T] each). The kernel writes every other slot."""
+    dt = pos.dtype
+    t, m = index.shape[0], index.shape[1]
+    e_t = np.empty(t, dt)
+    g_t = np.empty((t, m, 3), dt)
+    vir = np.zeros((t if periodic else 0, 3, 3), dt)  # accumulated over the term's vectors
+    gp = [np.empty(t, dt) for _ in range(num_param_grads)]
+    if t:
+        kernel(pos, c, inv, systems, bool(periodic), index, *params, *extra, e_t, g_t, vir, *gp)
+    return e_t, g_t, vir, gp
+
+
+@contextlib.contextmanager
+def _threads_for(num_terms):
+    """Run small workloads on the calling thread only (see SERIAL_BELOW)."""
+    threads = numba.get_num_threads()
+    if num_terms < SERIAL_BELOW:
+        numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(threads)
+
+
+def _run_kinds(positions, cells, inv_cells, atom_system, kinds):
+    """Evaluate several term kinds, then add all their slots to atoms and systems in order
+    (kind after kind, term after term): one output, deterministic.
+
+    ``kinds``: (kernel, index, params, extra, num_param_grads, periodic) per kind. Returns
+    (energy [B], grad_positions [N, 3], grad_cells [B, 3, 3], parameter gradients of every
+    kind in order)."""
+    dtype = positions.dtype
+    pos, c, inv, systems = _np(positions), _np(cells), _np(inv_cells), _np(atom_system)
+    indices = [_np(index) for _, index, *_ in kinds]
+    with _threads_for(sum(i.shape[0] for i in indices)):
+        slots = [_slots(kernel, pos, c, inv, systems, periodic, idx, [_np(p) for p in params],
+                        extra, num_grads)
+                 for (kernel, _, params, extra, num_grads, periodic), idx
+                 in zip(kinds, indices, strict=True)]
+    energy = np.zeros(cells.shape[0], pos.dtype)
+    g_pos = np.zeros(pos.shape, pos.dtype)
+    g_cells = np.zeros((cells.shape[0], 3, 3), pos.dtype)
+    for (*_, periodic), idx, (e_t, g_t, vir, _) in zip(kinds, indices, slots, strict=True):
+        _scatter(idx, systems, e_t, g_t, vir, bool(periodic), energy, g_pos, g_cells)
+    grads = [g for *_, gp in slots for g in gp]
+    return tuple(torch.from_numpy(x).to(dtype) for x in (energy, g_pos, g_cells, *grads))
+
+
 def _run(kernel, positions, cells, inv_cells, atom_system, periodic, index, params, extra,
          num_param_grads):
-    dtype = positions.dtype
-    pos = positions.detach().contiguous().numpy()
-    dt = pos.dtype
-    n, t, m = pos.shape[0], index.shape[0], index.shape[1]
-    nsys = cells.shape[0]
-    e_t = np.zeros(t, dt)
-    g_t = np.zeros((t, m, 3), dt)
-    vir = np.zeros((t if periodic else 0, 3, 3), dt)
-    gp = [np.zeros(t, dt) for _ in range(num_param_grads)]
-    idx = index.contiguous().numpy()
-    systems = atom_system.contiguous().numpy()
-    c = cells.detach().contiguous().numpy()
-    if t:
-        threads = numba.get_num_threads()
-        if t < SERIAL_BELOW:
-            numba.set_num_threads(1)
-        try:
-            kernel(pos, c, inv_cells.detach().contiguous().numpy(), systems, bool(periodic), idx,
-                   *(p.detach().contiguous().numpy() for p in params), *extra, e_t, g_t, vir,
-                   *gp)
-        finally:
-            numba.set_num_threads(threads)
-    energy = np.zeros(nsys, dt)
-    g_pos = np.zeros((n, 3), dt)
-    g_cells = np.zeros((nsys, 3, 3), dt)
-    _scatter(idx, systems, e_t, g_t, vir, bool(periodic), energy, g_pos, g_cells)
-    return tuple(torch.from_numpy(x).to(dtype) for x in (energy, g_pos, g_cells, *gp))
+    return _run_kinds(positions, cells, inv_cells, atom_system,
+                      [(kernel, index, params, extra, num_param_grads, periodic)])
 
 
 def harmonic_bonds(positions, cells, inv_cells, atom_system, periodic, index, k, r0, param_grads):
@@ -292,3 +322,16 @@ def lj_coulomb_pairs(positions, cells, inv_cells, atom_system, periodic, index, 
     dt = positions.detach().numpy().dtype
     return _run(_pairs, positions, cells, inv_cells, atom_system, periodic, index,
                 (charge_prod, sigma, epsilon), (dt.type(coulomb_constant),), 3)
+
+
+def bonded_terms(positions, cells, inv_cells, atom_system, bond_index, bond_k, bond_r0,
+                 bonds_periodic, angle_index, angle_k, angle_theta0, angles_periodic,
+                 torsion_index, torsion_k, torsion_periodicity, torsion_phase, torsions_periodic,
+                 param_grads):
+    """Bonds, angles and torsions in one launch: one thread decision for all terms together
+    and one set of outputs (fastff.mm.bonded, ForceField)."""
+    return _run_kinds(positions, cells, inv_cells, atom_system, [
+        (_bonds, bond_index, (bond_k, bond_r0), (), 2, bonds_periodic),
+        (_angles, angle_index, (angle_k, angle_theta0), (), 2, angles_periodic),
+        (_torsions, torsion_index, (torsion_k, torsion_periodicity, torsion_phase), (), 2,
+         torsions_periodic)])

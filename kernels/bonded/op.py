@@ -15,7 +15,8 @@ from fastff import _backend
 from fastff._energy_op import register_energy_autograd
 from fastff.kernels.bonded import reference
 
-for _name in ("harmonic_bonds", "harmonic_angles", "periodic_torsions", "lj_coulomb_pairs"):
+for _name in ("harmonic_bonds", "harmonic_angles", "periodic_torsions", "lj_coulomb_pairs",
+              "bonded_terms"):
     _backend.register(_name, "bonded", _name)
 
 
@@ -117,3 +118,51 @@ register_energy_autograd(
     reference=lambda p, c, inv, s, per, idx, qq, sg, ep, kc, pg, be: (
         reference.lj_coulomb_pairs_energy(p, c, inv, s, per, idx, qq, sg, ep, kc)),
     name="fastff.mm.nonbonded (exceptions)")
+
+
+# ------------------------------------------------------------ all bonded kinds in one op
+# Inputs: 0 positions, 1 cells, 2 inv_cells, 3 atom_system, 4-7 bonds (index, k, r0, periodic),
+# 8-11 angles (index, k, theta0, periodic), 12-16 torsions (index, k, periodicity, phase,
+# periodic), 17 param_grads, 18 backend.
+_KIND_INDEX = {5: 4, 6: 4, 9: 8, 10: 8, 13: 12, 15: 12}
+
+
+def _bonded_rows(inputs, k):
+    if k == 1:
+        return None
+    if k == 0:
+        return inputs[3]
+    return inputs[3][inputs[_KIND_INDEX[k]][:, 0]]
+
+
+@torch.library.custom_op("fastff::bonded_terms", mutates_args=())
+def bonded_terms(positions: Tensor, cells: Tensor, inv_cells: Tensor, atom_system: Tensor,
+                 bond_index: Tensor, bond_k: Tensor, bond_r0: Tensor, bonds_periodic: bool,
+                 angle_index: Tensor, angle_k: Tensor, angle_theta0: Tensor,
+                 angles_periodic: bool, torsion_index: Tensor, torsion_k: Tensor,
+                 torsion_periodicity: Tensor, torsion_phase: Tensor, torsions_periodic: bool,
+                 param_grads: bool, backend: str
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                            Tensor]:
+    launch = _backend.launcher("bonded_terms", backend)
+    return launch(positions, cells, inv_cells, atom_system, bond_index, bond_k, bond_r0,
+                  bonds_periodic, angle_index, angle_k, angle_theta0, angles_periodic,
+                  torsion_index, torsion_k, torsion_periodicity, torsion_phase,
+                  torsions_periodic, param_grads)
+
+
+@bonded_terms.register_fake
+def _(positions, cells, inv_cells, atom_system, bond_index, bond_k, bond_r0, bonds_periodic,
+      angle_index, angle_k, angle_theta0, angles_periodic, torsion_index, torsion_k,
+      torsion_periodicity, torsion_phase, torsions_periodic, param_grads, backend):
+    return (positions.new_empty(cells.shape[0]), torch.empty_like(positions),
+            torch.empty_like(cells), torch.empty_like(bond_k), torch.empty_like(bond_r0),
+            torch.empty_like(angle_k), torch.empty_like(angle_theta0),
+            torch.empty_like(torsion_k), torch.empty_like(torsion_phase))
+
+
+register_energy_autograd(
+    bonded_terms, diff=(0, 1, 5, 6, 9, 10, 13, 15), rows=_bonded_rows, param_flag=17,
+    params=(5, 6, 9, 10, 13, 15),
+    reference=lambda *inputs: reference.bonded_terms_energy(*inputs[:17]),
+    name="fastff.mm.bonded")

@@ -115,3 +115,39 @@ def lj_coulomb_pairs(positions, cells, inv_cells, atom_system, periodic, index, 
                      sigma, epsilon, coulomb_constant, param_grads):
     return _launch(lj_coulomb_pairs_energy, positions, cells, inv_cells, atom_system, periodic,
                    index, (charge_prod, sigma, epsilon), (coulomb_constant,), param_grads)
+
+
+def bonded_terms_energy(positions, cells, inv_cells, atom_system, bond_index, bond_k, bond_r0,
+                        bonds_periodic, angle_index, angle_k, angle_theta0, angles_periodic,
+                        torsion_index, torsion_k, torsion_periodicity, torsion_phase,
+                        torsions_periodic):
+    """Bonds + angles + torsions per system [B]: the energy of the fused op."""
+    return (harmonic_bonds_energy(positions, cells, inv_cells, atom_system, bonds_periodic,
+                                  bond_index, bond_k, bond_r0)
+            + harmonic_angles_energy(positions, cells, inv_cells, atom_system, angles_periodic,
+                                     angle_index, angle_k, angle_theta0)
+            + periodic_torsions_energy(positions, cells, inv_cells, atom_system,
+                                       torsions_periodic, torsion_index, torsion_k,
+                                       torsion_periodicity, torsion_phase))
+
+
+def combine_kinds(*outputs):
+    """The outputs of the fused op from those of one launcher per kind: energies, position and
+    cell gradients add; parameter gradients follow in kind order."""
+    energy = sum(out[0] for out in outputs)
+    g_pos = sum(out[1] for out in outputs)
+    g_cells = sum(out[2] for out in outputs)
+    return (energy, g_pos, g_cells, *(g for out in outputs for g in out[3:]))
+
+
+def bonded_terms(positions, cells, inv_cells, atom_system, bond_index, bond_k, bond_r0,
+                 bonds_periodic, angle_index, angle_k, angle_theta0, angles_periodic,
+                 torsion_index, torsion_k, torsion_periodicity, torsion_phase, torsions_periodic,
+                 param_grads):
+    common = (positions, cells, inv_cells, atom_system)
+    return combine_kinds(
+        harmonic_bonds(*common, bonds_periodic, bond_index, bond_k, bond_r0, param_grads),
+        harmonic_angles(*common, angles_periodic, angle_index, angle_k, angle_theta0,
+                        param_grads),
+        periodic_torsions(*common, torsions_periodic, torsion_index, torsion_k,
+                          torsion_periodicity, torsion_phase, param_grads))

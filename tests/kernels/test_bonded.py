@@ -129,3 +129,87 @@ def test_opcheck(rng, backend, kind):
     args = (pos.requires_grad_(True), cells.requires_grad_(True), inv, system, True, index,
             *params, *extra, True, backend)
     torch.library.opcheck(getattr(op, kind), args)
+
+
+# ------------------------------------------------------------ fastff::bonded_terms (fused)
+def _all_kinds(rng, dtype=torch.float64, nsys=1, periodic=(True, False, True)):
+    """Bonds, angles and torsions on one set of chains (shared positions and cells)."""
+    pos, cells, system, b_index, b_params = _terms(rng, "harmonic_bonds", n=30, t=20,
+                                                   dtype=dtype, nsys=nsys)
+    kinds = [(b_index, *b_params)]
+    for kind, t in (("harmonic_angles", 15), ("periodic_torsions", 10)):
+        _, _, _, index, params = _terms(rng, kind, n=30, t=t, dtype=dtype, nsys=nsys)
+        kinds.append((index, *params))
+    return pos, cells, system, kinds, periodic
+
+
+def _fused(backend, pos, cells, system, kinds, periodic, param_grads=True):
+    inv = torch.linalg.inv(cells.detach())
+    (bi, bk, br), (ai, ak, at), (ti, tk, tn, tp) = kinds
+    return op.bonded_terms(pos, cells, inv, system, bi, bk, br, periodic[0], ai, ak, at,
+                           periodic[1], ti, tk, tn, tp, periodic[2], param_grads, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bonded_terms_is_the_sum_of_the_kinds(rng, backend, dtype):
+    pos, cells, system, kinds, periodic = _all_kinds(rng, nsys=2)
+    # as in test_matches_reference: the reference sees the inputs rounded to dtype
+    pos, cells = pos.to(dtype).double(), cells.to(dtype).double()
+    kinds = [tuple(x.to(dtype).double() if x.is_floating_point() else x for x in kind)
+             for kind in kinds]
+    separate = [_call(kind, "reference", pos, cells, system, k[0], list(k[1:]), per)
+                for kind, k, per in zip(("harmonic_bonds", "harmonic_angles",
+                                         "periodic_torsions"), kinds, periodic, strict=True)]
+    expected = (sum(s[0] for s in separate), sum(s[1] for s in separate),
+                sum(s[2] for s in separate), *(g for s in separate for g in s[3:]))
+    cast = [tuple(x.to(dtype) if x.is_floating_point() else x for x in kind) for kind in kinds]
+    got = _fused(backend, pos.to(dtype), cells.to(dtype), system, cast, periodic)
+    assert len(got) == len(expected) == 9
+    for k, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert a.dtype == dtype
+        assert_close_scaled(a, b, "mm", dtype, f"bonded_terms {backend} output {k}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bonded_terms_with_absent_kinds(rng, backend):
+    pos, cells, system, kinds, periodic = _all_kinds(rng)
+    empty = (torch.zeros(0, 3, dtype=torch.int64), pos.new_zeros(0), pos.new_zeros(0))
+    got = _fused(backend, pos, cells, system, [kinds[0], empty, kinds[2]], periodic)
+    bonds = _call("harmonic_bonds", "reference", pos, cells, system, kinds[0][0],
+                  list(kinds[0][1:]), periodic[0])
+    torsions = _call("periodic_torsions", "reference", pos, cells, system, kinds[2][0],
+                     list(kinds[2][1:]), periodic[2])
+    assert_close_scaled(got[0], bonds[0] + torsions[0], "mm", torch.float64, "energy")
+    assert_close_scaled(got[1], bonds[1] + torsions[1], "mm", torch.float64, "forces")
+    assert got[5].shape == got[6].shape == (0,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bonded_terms_gradcheck_and_gradgradcheck(rng, backend):
+    pos, cells, system, kinds, periodic = _all_kinds(rng)
+    kinds = [tuple(x[:3] for x in kind) for kind in kinds]  # 3 terms per kind: fast enough
+    floats = [(kind, k) for kind in range(3) for k in range(1, len(kinds[kind]))
+              if kinds[kind][k].is_floating_point()]
+    inputs = [pos.requires_grad_(True), cells.requires_grad_(True)]
+    inputs += [kinds[kind][k].clone().requires_grad_(True) for kind, k in floats]
+
+    def energy(pos, cells, *ps):
+        full = [list(kind) for kind in kinds]
+        for (kind, k), p in zip(floats, ps, strict=True):
+            full[kind][k] = p
+        return _fused(backend, pos, cells, system, full, periodic)[0]
+
+    assert torch.autograd.gradcheck(energy, inputs, fast_mode=True)
+    assert torch.autograd.gradgradcheck(energy, inputs, fast_mode=True)
+
+
+def test_bonded_terms_opcheck(rng):
+    pos, cells, system, kinds, periodic = _all_kinds(rng)
+    kinds = [tuple(x.requires_grad_(True) if x.is_floating_point() else x for x in kind)
+             for kind in kinds]
+    inv = torch.linalg.inv(cells)
+    (bi, bk, br), (ai, ak, at), (ti, tk, tn, tp) = kinds
+    args = (pos.requires_grad_(True), cells.requires_grad_(True), inv, system, bi, bk, br,
+            periodic[0], ai, ak, at, periodic[1], ti, tk, tn, tp, periodic[2], True, "numba")
+    torch.library.opcheck(op.bonded_terms, args)
