@@ -185,7 +185,8 @@ def _cluster_list(model, pos, cell, verlet=None):
 
 @pytest.mark.parametrize("code", ["openmm", "openmm full step", "fastff full step",
                                   "fastff verlet reuse", "fastff + param grads",
-                                  "fastff kernel only", "fastff kernel only, full list", "fastff clusters full step",
+                                  "fastff kernel only", "fastff kernel only, full list",
+                                  "fastff clusters full step",
                                   "fastff clusters verlet reuse", "fastff clusters kernel only"])
 def test_nonbonded(benchmark, case, code):
     benchmark.group = NB.format(n=case["n"])
