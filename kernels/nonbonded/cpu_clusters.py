@@ -111,18 +111,49 @@ def _gap(a0, a1, b0, b1, length, periodic):
     return g
 
 
+@njit(inline="always")
+def _atom_image(x, centre, length, periodic):
+    """The lattice shift (in box lengths) that brings coordinate x nearest to ``centre``."""
+    if not periodic:
+        return 0
+    return -int(math.floor((x - centre) / length + 0.5))
+
+
+@njit(inline="always")
+def _cluster_image(lo, hi, cj, d, centre, lengths, periodic):
+    """(shift, uniform) along axis d for cluster cj seen from ``centre``: the shift of its
+    centre, and whether every atom of cj has that same nearest image (cj lies inside the open
+    half-box around ``centre`` with a margin, so _atom_image agrees for all of them)."""
+    if not periodic[d]:
+        return 0, True
+    mid = 0.5 * (lo[cj, d] + hi[cj, d])
+    shift = _atom_image(mid, centre, lengths[d], True)
+    reach = abs(mid + shift * lengths[d] - centre) + 0.5 * (hi[cj, d] - lo[cj, d])
+    return shift, reach < (0.5 - 1e-9) * lengths[d]
+
+
 @njit(parallel=True, cache=True)
-def _entries(fill, xw, slot_atom, col_cluster, cluster_col, nx, ny, reach_x, reach_y, lengths,
+def _entries(fill, xs, slot_atom, col_cluster, cluster_col, nx, ny, reach_x, reach_y, lengths,
              periodic, rlist, lo, hi, excl_ptr, excl_j, chunk_ptr, count, entry_ptr, entry_j,
              entry_shift, entry_mask):
-    """Count (fill = False) or write (fill = True) every cluster's entries: partner slots j of
-    clusters J >= I within rlist of I's box, with their nearest image and lane mask. Both passes
-    visit the same entries (an entry whose lanes are all excluded keeps mask 0); exclusions are
-    looked up only for partners stamped as excluded by some lane of the cluster."""
+    """Bound (fill = False) or write (fill = True) every cluster's entries: partner slots j of
+    clusters J >= I within rlist of I's box, with their nearest image and lane mask.
+
+    The bound pass tests clusters only: count[I] = the atoms of the clusters J whose boxes come
+    within rlist of I's (a cheap upper bound on I's entries). The fill pass tests atoms and
+    writes the entries of chunk c's clusters one after another from entry_ptr[c] (the prefix
+    sums of the chunks' bounds), setting count[I] to the number of I's; build() then joins the
+    chunks' runs. An entry whose lanes are all excluded keeps mask 0;
+    exclusions are looked up only for partners stamped as excluded by some lane of the
+    cluster."""
     r2 = rlist * rlist
     for c in prange(chunk_ptr.shape[0] - 1):
-        stamp = np.zeros(xw.shape[0], np.int64)  # stamp[b] = ci + 1: some lane excludes b
+        stamp = np.zeros(excl_ptr.shape[0] - 1, np.int64)  # ci + 1: some lane of ci excludes b
+        k = entry_ptr[c] if fill else 0
         for ci in range(chunk_ptr[c], chunk_ptr[c + 1]):
+            start = k if fill else 0
+            k = start
+            count[ci] = 0
             if slot_atom[ci * LANES] < 0:
                 continue
             real = 0
@@ -141,7 +172,6 @@ def _entries(fill, xw, slot_atom, col_cluster, cluster_col, nx, ny, reach_x, rea
             cen0 = 0.5 * (lo[ci, 0] + hi[ci, 0])
             cen1 = 0.5 * (lo[ci, 1] + hi[ci, 1])
             cen2 = 0.5 * (lo[ci, 2] + hi[ci, 2])
-            k = entry_ptr[ci] if fill else 0
             for ox in range(mx):
                 gx = gx0 - reach_x + ox if mx < nx else ox
                 if not periodic[0] and (gx < 0 or gx >= nx):
@@ -161,44 +191,51 @@ def _entries(fill, xw, slot_atom, col_cluster, cluster_col, nx, ny, reach_x, rea
                             gap2 += g * g
                         if gap2 >= r2:
                             continue
+                        if not fill:
+                            for lj in range(1 if cj == ci else 0, LANES):
+                                if slot_atom[cj * LANES + lj] < 0:
+                                    break
+                                k += 1
+                            continue
+                        # one image for all of J's atoms unless J straddles half a box length
+                        # from I's centre (then each atom finds its own)
+                        c0, u0 = _cluster_image(lo, hi, cj, 0, cen0, lengths, periodic)
+                        c1, u1 = _cluster_image(lo, hi, cj, 1, cen1, lengths, periodic)
+                        c2, u2 = _cluster_image(lo, hi, cj, 2, cen2, lengths, periodic)
+                        uniform = u0 and u1 and u2
                         for lj in range(1 if cj == ci else 0, LANES):  # lane 0 pairs with none
                             sj = cj * LANES + lj
                             b = slot_atom[sj]
                             if b < 0:
                                 break
-                            s0 = 0
-                            s1 = 0
-                            s2 = 0
-                            if periodic[0]:
-                                s0 = -int(math.floor((xw[b, 0] - cen0) / lengths[0] + 0.5))
-                            if periodic[1]:
-                                s1 = -int(math.floor((xw[b, 1] - cen1) / lengths[1] + 0.5))
-                            if periodic[2]:
-                                s2 = -int(math.floor((xw[b, 2] - cen2) / lengths[2] + 0.5))
-                            x = xw[b, 0] + s0 * lengths[0]
-                            y = xw[b, 1] + s1 * lengths[1]
-                            z = xw[b, 2] + s2 * lengths[2]
+                            if uniform:
+                                s0, s1, s2 = c0, c1, c2
+                            else:
+                                s0 = _atom_image(xs[sj, 0], cen0, lengths[0], periodic[0])
+                                s1 = _atom_image(xs[sj, 1], cen1, lengths[1], periodic[1])
+                                s2 = _atom_image(xs[sj, 2], cen2, lengths[2], periodic[2])
+                            x = xs[sj, 0] + s0 * lengths[0]
+                            y = xs[sj, 1] + s1 * lengths[1]
+                            z = xs[sj, 2] + s2 * lengths[2]
                             if _box_distance2(lo, hi, ci, x, y, z) >= r2:
                                 continue
-                            if fill:
-                                # lanes before j in its own cluster; all lanes of later clusters
-                                mask = real & ((1 << lj) - 1) if cj == ci else real
-                                if stamp[b] == ci + 1:
-                                    for li in range(LANES):
-                                        a = slot_atom[ci * LANES + li]
-                                        if (mask >> li) & 1:
-                                            for e in range(excl_ptr[a], excl_ptr[a + 1]):
-                                                if excl_j[e] == b:
-                                                    mask &= ~(1 << li)
-                                                    break
-                                entry_j[k] = sj
-                                entry_shift[k, 0] = s0
-                                entry_shift[k, 1] = s1
-                                entry_shift[k, 2] = s2
-                                entry_mask[k] = mask
+                            # lanes before j in its own cluster; all lanes of later clusters
+                            mask = real & ((1 << lj) - 1) if cj == ci else real
+                            if stamp[b] == ci + 1:
+                                for li in range(LANES):
+                                    a = slot_atom[ci * LANES + li]
+                                    if (mask >> li) & 1:
+                                        for e in range(excl_ptr[a], excl_ptr[a + 1]):
+                                            if excl_j[e] == b:
+                                                mask &= ~(1 << li)
+                                                break
+                            entry_j[k] = sj
+                            entry_shift[k, 0] = s0
+                            entry_shift[k, 1] = s1
+                            entry_shift[k, 2] = s2
+                            entry_mask[k] = mask
                             k += 1
-            if not fill:
-                count[ci] = k
+            count[ci] = k - start
 
 
 def build(positions: np.ndarray, box: np.ndarray | None, rlist: float, excl_ptr: np.ndarray,
@@ -243,18 +280,30 @@ def build(positions: np.ndarray, box: np.ndarray | None, rlist: float, excl_ptr:
     empty_i = np.zeros(0, np.int32)
     chunks = np.linspace(0, num_clusters, min(NUM_CHUNKS, max(1, num_clusters)) + 1
                          ).astype(np.int64)
-    args = (xw, slot_atom, col_cluster, cluster_col, nx, ny, reach_x, reach_y, lengths, periodic,
+    # positions in slot order: a cluster's partners are read as contiguous runs of 8 atoms
+    xs = np.zeros((slot_atom.shape[0], 3))
+    real = slot_atom >= 0
+    xs[real] = xw[slot_atom[real]]
+    args = (xs, slot_atom, col_cluster, cluster_col, nx, ny, reach_x, reach_y, lengths, periodic,
             float(rlist), blo, bhi, excl_ptr, excl_j, chunks)
+    # one pass over atoms: fill within cluster-level bounds per chunk, then join the chunks'
+    # runs (a count pass over atoms before the fill cost as much as the fill itself)
     _entries(False, *args, count, ptr, empty_i, np.zeros((0, 3), np.int32),
              np.zeros(0, np.int32))
+    bounds = np.cumsum(count)
+    chunk_base = np.concatenate([[0], bounds[chunks[1:] - 1]]) if num_clusters else chunks * 0
+    bound = int(chunk_base[-1])
+    tmp_j = np.empty(bound, np.int32)
+    tmp_shift = np.empty((bound, 3), np.int32)
+    tmp_mask = np.empty(bound, np.int32)
+    _entries(True, *args, count, chunk_base, tmp_j, tmp_shift, tmp_mask)
     ptr[1:] = np.cumsum(count)
-    e = int(ptr[-1])
-    entry_j = np.empty(e, np.int32)
-    entry_shift = np.empty((e, 3), np.int32)
-    entry_mask = np.empty(e, np.int32)
-    _entries(True, *args, count, ptr, entry_j, entry_shift, entry_mask)
+    runs = [slice(chunk_base[c], chunk_base[c] + ptr[chunks[c + 1]] - ptr[chunks[c]])
+            for c in range(len(chunks) - 1)]
+    entry_j = np.concatenate([tmp_j[r] for r in runs])
+    entry_shift = np.concatenate([tmp_shift[r] for r in runs])
+    entry_mask = np.concatenate([tmp_mask[r] for r in runs])
     slot_wrap = np.zeros((slot_atom.shape[0], 3), np.int32)
-    real = slot_atom >= 0
     slot_wrap[real] = wrap[slot_atom[real]]
     return dict(slot_atom=slot_atom, slot_wrap=slot_wrap, cluster_ptr=ptr, entry_j=entry_j,
                 entry_shift=entry_shift, entry_mask=entry_mask)
