@@ -26,6 +26,8 @@ def test_aot_compiles_every_neighbor_kernel(tmp_path):
     for name in kernels:
         for arch in ("sm_80", "sm_90"):
             assert (module, name, arch) in compiled, (name, arch)
+    for arch in ("sm_80", "sm_90"):  # the fused spline backward (kernels/message)
+        assert ("fastff.kernels.message.gpu_triton", "_spline_conv_vjp_kernel", arch) in compiled
     for row in rows:  # the printed table names every compiled row
         assert row["name"] in done.stdout
 

@@ -10,6 +10,8 @@ Algorithms:
   filter. A scalar per-edge MLP loop in numba would lose to BLAS by ~10x at F = 128.
 * ``spline_conv`` / ``spline_edge_dot`` evaluate a cubic table of W(r) (F values per knot) inside
   the edge loop: a few multiply-adds per feature, no GEMM at all (inference path).
+* ``spline_conv_vjp`` is spline_conv's backward (dL/dx and dL/dd) in one pass over the receiver
+  rows: each edge's table interval and gathered rows are read once for both gradients.
 
 Tuned for F = 64..256 and 30..60 neighbours per atom on 2..16 cores. Out-of-range neighbour
 indices (possible only with value checks disabled) are skipped, never read.
@@ -201,6 +203,98 @@ def _spline_edge_dot(g, x, d, coeffs, i, j, cutoff, order, out):
             out[e] = acc
 
 
+# spline_conv's backward needs, per edge, W^(n)(d_rev) for dL/dx and W^(n+1)(d) for dL/dd. As two
+# passes, each edge's 1 KB table interval (F = 64 float32) is read twice and the feature loops
+# do 11 operations per feature; fused, mirrored pairs (bitwise equal distances) read it once,
+# and the dot product is taken against the interval's rows (below): 9 operations. Measured at
+# 30,000 atoms (water box, 1.5M edges, 2 cores, interleaved runs): 50.6 -> 37.5 ns/edge (median),
+# 1.38x; on 1 core 70.5 -> 55.6 (1.27x). Software prefetch of the next interval did not help.
+@njit(cache=True, inline="always")
+def _partial_dots(ga, xs, c):
+    """m_q = <ga * xs, c[q]> for q = 1, 2, 3, summed in the table's precision. W^(n+1) =
+    sum_q w_q c[q] has w_0 = 0 for every n >= 0, so <ga * xs, W^(n+1)> = sum_q w_q m_q: four
+    operations per feature instead of the six of forming W^(n+1), and three independent sums."""
+    c1, c2, c3 = c[1], c[2], c[3]
+    m1 = m2 = m3 = c1[0] - c1[0]
+    for f in range(xs.shape[0]):
+        u = ga[f] * xs[f]
+        m1 += u * c1[f]
+        m2 += u * c2[f]
+        m3 += u * c3[f]
+    return m1, m2, m3
+
+
+@njit(cache=True, inline="always")
+def _conv_and_partial_dots(gs, xs, ga, c, p, acc):
+    """acc += gs * W^(n) (weights p) and _partial_dots(ga, xs, c), in one read of c."""
+    p0, p1, p2, p3 = p[0], p[1], p[2], p[3]
+    c0, c1, c2, c3 = c[0], c[1], c[2], c[3]
+    m1 = m2 = m3 = p0 - p0
+    for f in range(acc.shape[0]):
+        a1, a2, a3 = c1[f], c2[f], c3[f]
+        acc[f] += gs[f] * (p0 * c0[f] + p1 * a1 + p2 * a2 + p3 * a3)
+        u = ga[f] * xs[f]
+        m1 += u * a1
+        m2 += u * a2
+        m3 += u * a3
+    return m1, m2, m3
+
+
+@njit(cache=True, inline="always")
+def _conv_row(gs, c, p, acc):
+    """acc += gs * W^(n) (weights p): the dL/dx half alone."""
+    p0, p1, p2, p3 = p[0], p[1], p[2], p[3]
+    c0, c1, c2, c3 = c[0], c[1], c[2], c[3]
+    for f in range(acc.shape[0]):
+        acc[f] += gs[f] * (p0 * c0[f] + p1 * c1[f] + p2 * c2[f] + p3 * c3[f])
+
+
+@njit(cache=True, inline="always")
+def _interval(r, inv_h, nint):
+    return min(max(int(r * inv_h), 0), nint - 1)
+
+
+@njit(cache=True, inline="always")
+def _combine_dots(r, k, inv_h, order, m1, m2, m3):
+    """<g * x, W^(order)> from the partial dots m_q (w_0 = 0 for order >= 1)."""
+    _, w1, w2, w3 = _spline_poly(r * inv_h - k, order, inv_h)
+    return w1 * m1 + w2 * m2 + w3 * m3
+
+
+@njit(cache=True, parallel=True, fastmath=_FEATURE_MATH)
+def _spline_conv_vjp(grad, x, d, d_rev, coeffs, j, ptr, cutoff, order, grad_x, grad_d):
+    """grad_x[a] = sum_{e in row a} grad[j_e] W^(n)(d_rev_e);
+    grad_d[e] = <grad[a] * x[j_e], W^(n+1)(d_e)>, one writer per row."""
+    n_g, n_x = grad.shape[0], x.shape[0]
+    nf = grad.shape[1]
+    nint = coeffs.shape[0]
+    inv_h = nint / cutoff
+    for a in prange(ptr.shape[0] - 1):
+        p = np.empty(4, dtype=coeffs.dtype)  # weights of W^(n) at d_rev
+        acc = np.zeros(nf, dtype=grad_x.dtype)
+        ga = grad[min(np.int64(a), n_g - 1)]  # read only when a < n_g (dot_ok)
+        for e in range(ptr[a], ptr[a + 1]):
+            src = j[e]
+            r, r_rev = d[e], d_rev[e]
+            conv_ok = r_rev < cutoff and src >= 0 and src < n_g
+            dot_ok = r < cutoff and src >= 0 and src < n_x and a < n_g
+            grad_d[e] = 0.0
+            if conv_ok and dot_ok and r_rev == r:  # the normal case: one interval for both
+                k = _spline_setup(r, inv_h, nint, order, 1.0, p)
+                m1, m2, m3 = _conv_and_partial_dots(grad[src], x[src], ga, coeffs[k], p, acc)
+                grad_d[e] = _combine_dots(r, k, inv_h, order + 1, m1, m2, m3)
+                continue
+            if conv_ok:
+                k = _spline_setup(r_rev, inv_h, nint, order, 1.0, p)
+                _conv_row(grad[src], coeffs[k], p, acc)
+            if dot_ok:
+                k = _interval(r, inv_h, nint)
+                m1, m2, m3 = _partial_dots(ga, x[src], coeffs[k])
+                grad_d[e] = _combine_dots(r, k, inv_h, order + 1, m1, m2, m3)
+        for f in range(nf):
+            grad_x[a, f] += acc[f]
+
+
 def spline_conv(x, d, scale, coeffs, i, j, ptr, cutoff, order):
     """Launcher: out[a] = sum_{e in row a} scale_e x[j_e] W^(order)(d_e), [N, F]."""
     out = x.new_zeros(ptr.shape[0] - 1, x.shape[1])
@@ -219,3 +313,13 @@ def spline_edge_dot(g, x, d, coeffs, i, j, cutoff, order):
                          int(order), out.numpy())
     return out
 
+
+def spline_conv_vjp(grad, x, d, d_rev, coeffs, i, j, ptr, cutoff, order):
+    """Launcher: (grad_x [N, F], grad_d [E]) = (spline_conv(grad, d_rev, order),
+    spline_edge_dot(grad, x, d, order + 1)) in one pass over the rows."""
+    grad_x = grad.new_zeros(ptr.shape[0] - 1, grad.shape[1])
+    grad_d = d.new_zeros(d.shape[0])
+    if d.shape[0] and grad.shape[0]:
+        _spline_conv_vjp(_np(grad), _np(x), _np(d), _np(d_rev), _np(coeffs), _np(j), _np(ptr),
+                         float(cutoff), int(order), grad_x.numpy(), grad_d.numpy())
+    return grad_x, grad_d

@@ -7,7 +7,10 @@ Algorithms (as cpu_numba.py, so both backends give the same sums in the same ord
   graphs at liquid density do not have).
 * ``_ggm_kernel``: one program per block of edges x features.
 * ``_spline_conv_kernel`` / ``_spline_edge_dot_kernel``: the cubic table evaluated inside the
-  edge loop.
+  edge loop. ``_spline_conv_vjp_kernel``: spline_conv's backward, both halves in one walk of a
+  row (one program per row and block of features; the table interval is read once when the
+  mirrored distance equals the distance, and each block's partial dot products go to their own
+  row of a [blocks, E] buffer, summed afterwards: still one writer per value, no atomics).
 The dense filter network of ``cfconv_*`` runs as cuBLAS GEMMs on blocks of edges
 (kernels/message/dense.py). Sizes, cutoffs and counts are run-time arguments; only block sizes
 are constexpr. Block sizes: 64 features (F = 64..256 in one to four programs per row) for the row
@@ -31,6 +34,10 @@ BLOCK_E = 32
 BLOCK_F2 = 32
 # Edges per block of the filter GEMMs (GPU memory is not the limit here, launch count is).
 BLOCK = 65536
+# Warps of _spline_conv_vjp_kernel: 64 threads for its 64 features. With the default 4, half the
+# lanes hold copies (same 40 registers, same 8 B of shared memory for the per-edge dot: ptxas,
+# sm_80 / sm_90); not timed on a GPU yet.
+VJP_WARPS = 2
 
 
 @triton.jit
@@ -148,6 +155,57 @@ def _spline_edge_dot_kernel(out_ptr, g_ptr, x_ptr, d_ptr, coeffs_ptr, i_ptr, j_p
     tl.store(out_ptr + e, acc, mask=emask)
 
 
+@triton.jit
+def _interval_rows(coeffs_ptr, k, nf, offs, fmask):
+    """The four coefficient rows of table interval k (one block of features)."""
+    base = coeffs_ptr + k * 4 * nf + offs
+    return (tl.load(base, mask=fmask, other=0.0), tl.load(base + nf, mask=fmask, other=0.0),
+            tl.load(base + 2 * nf, mask=fmask, other=0.0),
+            tl.load(base + 3 * nf, mask=fmask, other=0.0))
+
+
+@triton.jit
+def _spline_conv_vjp_kernel(gx_ptr, gd_part_ptr, g_ptr, x_ptr, d_ptr, d_rev_ptr, coeffs_ptr,
+                            j_ptr, ptr_ptr, cutoff_ptr, num_edges, n_g, n_x, nf, nint, order,
+                            BLOCK_F: tl.constexpr):
+    a = tl.program_id(0)
+    fb = tl.program_id(1)
+    offs = fb * BLOCK_F + tl.arange(0, BLOCK_F)
+    fmask = offs < nf
+    cutoff = tl.load(cutoff_ptr)
+    lo = tl.load(ptr_ptr + a)
+    hi = tl.load(ptr_ptr + a + 1)
+    row_ok = a < n_g
+    ga = tl.load(g_ptr + a * nf + offs, mask=fmask & row_ok, other=0.0)
+    acc = tl.zeros((BLOCK_F,), dtype=tl.float32).to(gx_ptr.dtype.element_ty)
+    for e in range(lo, hi):
+        r = tl.load(d_ptr + e)
+        r_rev = tl.load(d_rev_ptr + e)
+        src = tl.load(j_ptr + e)
+        conv_ok = (src >= 0) & (src < n_g)
+        dot_ok = (src >= 0) & (src < n_x) & row_ok
+        k, p0, p1, p2, p3 = _spline_weights(r_rev, cutoff, nint, order)
+        k2, q0, q1, q2, q3 = _spline_weights(r, cutoff, nint, order + 1)
+        c0, c1, c2, c3 = _interval_rows(coeffs_ptr, k, nf, offs, fmask)
+        # a second interval only for a pair whose mirror has another distance (masked off,
+        # the load reads nothing); tl.where, not `fmask & (r_rev != r)`: the interpreter
+        # cannot `&` a block with a scalar float comparison
+        same = r_rev == r
+        b0, b1, b2, b3 = _interval_rows(coeffs_ptr, k2, nf, offs, tl.where(same, False, fmask))
+        b0 = tl.where(same, c0, b0)
+        b1 = tl.where(same, c1, b1)
+        b2 = tl.where(same, c2, b2)
+        b3 = tl.where(same, c3, b3)
+        gs = tl.load(g_ptr + tl.where(conv_ok, src, 0) * nf + offs, mask=fmask & conv_ok,
+                     other=0.0)
+        xs = tl.load(x_ptr + tl.where(dot_ok, src, 0) * nf + offs, mask=fmask & dot_ok,
+                     other=0.0)
+        acc += gs * (p0 * c0 + p1 * c1 + p2 * c2 + p3 * c3)
+        dot = tl.sum(ga * xs * (q0 * b0 + q1 * b1 + q2 * b2 + q3 * b3), axis=0)
+        tl.store(gd_part_ptr + fb * num_edges + e, dot)
+    tl.store(gx_ptr + a * nf + offs, acc, mask=fmask)
+
+
 _F = {"BLOCK_F": BLOCK_F}
 _EF = {"BLOCK_E": BLOCK_E, "BLOCK_F": BLOCK_F2}
 AOT_SPECS = [
@@ -174,6 +232,13 @@ AOT_SPECS = [
                    "nf": "i32", "nint": "i32", "order": "i32", "BLOCK_E": "constexpr",
                    "BLOCK_F": "constexpr"},
      "constexprs": _EF},
+    {"kernel": _spline_conv_vjp_kernel,
+     "signature": {"gx_ptr": "*fp32", "gd_part_ptr": "*fp32", "g_ptr": "*fp32", "x_ptr": "*fp32",
+                   "d_ptr": "*fp32", "d_rev_ptr": "*fp32", "coeffs_ptr": "*fp32",
+                   "j_ptr": "*i64", "ptr_ptr": "*i64", "cutoff_ptr": "*fp32", "num_edges": "i64",
+                   "n_g": "i64", "n_x": "i64", "nf": "i32", "nint": "i32", "order": "i32",
+                   "BLOCK_F": "constexpr"},
+     "constexprs": _F, "options": {"num_warps": VJP_WARPS}},
 ]
 
 
@@ -260,3 +325,18 @@ def spline_edge_dot(g, x, d, coeffs, i, j, cutoff, order):
                                       _cut(cutoff, d), d.shape[0], g.shape[0], x.shape[0],
                                       x.shape[1], coeffs.shape[0], int(order), **_EF)
     return out
+
+
+def spline_conv_vjp(grad, x, d, d_rev, coeffs, i, j, ptr, cutoff, order):
+    """Launcher: (grad_x [N, F], grad_d [E]) = (spline_conv(grad, d_rev, order),
+    spline_edge_dot(grad, x, d, order + 1)) in one pass over the rows."""
+    n, nf, num_edges = ptr.shape[0] - 1, grad.shape[1], d.shape[0]
+    grad_x = grad.new_zeros(n, nf)
+    blocks = triton.cdiv(nf, BLOCK_F)
+    parts = d.new_zeros(max(blocks, 1), num_edges)
+    if num_edges and n and nf:
+        _spline_conv_vjp_kernel[(n, blocks)](
+            grad_x, parts, _c(grad), _c(x), _c(d), _c(d_rev), _c(coeffs), _c(j), _c(ptr),
+            _cut(cutoff, d), num_edges, grad.shape[0], x.shape[0], nf, coeffs.shape[0],
+            int(order), BLOCK_F=BLOCK_F, num_warps=VJP_WARPS)
+    return grad_x, parts[0] if blocks == 1 else parts.sum(0)

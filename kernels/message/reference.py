@@ -76,3 +76,9 @@ def spline_conv(x, d, scale, coeffs, i, j, ptr, cutoff, order):
 
 def spline_edge_dot(g, x, d, coeffs, i, j, cutoff, order):
     return (ggm(g, x, i, j) * spline_matrix(d, coeffs, cutoff, order)).sum(1)
+
+
+def spline_conv_vjp(grad, x, d, d_rev, coeffs, i, j, ptr, cutoff, order):
+    """(grad_x, grad_d) of spline_conv without scale: the two unfused expressions."""
+    return (spline_conv(grad, d_rev, None, coeffs, i, j, ptr, cutoff, order),
+            spline_edge_dot(grad, x, d, coeffs, i, j, cutoff, order + 1))

@@ -154,3 +154,108 @@ def test_no_silent_zero_gradients(rng):
     y = op.spline_conv(x, d, None, table, *a, 2.0, 0, "numba")
     with pytest.raises(RuntimeError, match="tabulated"):
         y.sum().backward()
+
+
+# ---------------------------------------------------------------- fused spline_conv backward
+def _vjp_inputs(rng, n, dtype, cutoff=2.0):
+    """A full list whose mirrored distances are bitwise equal except for planted edges: one
+    whose mirror has another distance (d_rev != d), one beyond the cutoff on both sides, one
+    beyond it only for d_rev and one only for d."""
+    nl, d = graph(rng, n, cutoff, dtype=dtype)
+    assert torch.equal(d[nl.reverse], d) and len(nl) >= 6  # the one-interval case is the norm
+    d = d.clone()
+    d_rev = d[nl.reverse].clone()
+    d_rev[0] = d_rev[0] * 0.37  # another interval of the table
+    d[1] = d_rev[1] = cutoff + 0.25
+    d_rev[2] = cutoff
+    d[3] = cutoff * 1.5
+    return nl, d, d_rev
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_spline_conv_vjp_matches_reference(rng, backend, dtype):
+    """Both halves against the float64 reference (the unfused pair), orders 0..3."""
+    # Triton, interpreted: small; F = 70 is two feature blocks (partial dots summed)
+    n, nf = (40, 24) if backend == "numba" else (10, 70 if dtype == torch.float64 else 5)
+    orders = range(4) if backend == "numba" else (0, 2)
+    m = MODULES[backend]
+    nl, d, d_rev = _vjp_inputs(rng, n, dtype)
+    i, j, ptr = nl.i, nl.j, nl.ptr
+    x, g = torch.randn(n, nf, dtype=dtype), torch.randn(n, nf, dtype=dtype)
+    coeffs = torch.randn(9, 4, nf, dtype=dtype)
+    wide = [t.double() for t in (g, x, d, d_rev, coeffs)]
+    for order in orders:
+        gx, gd = m.spline_conv_vjp(g, x, d, d_rev, coeffs, i, j, ptr, 2.0, order)
+        want_x, want_d = reference.spline_conv_vjp(*wide, i, j, ptr, 2.0, order)
+        assert gx.dtype == gd.dtype == dtype
+        _close(gx, want_x, dtype)
+        _close(gd, want_d, dtype)
+        assert gd[1] == 0 and gd[3] == 0  # beyond the cutoff: exactly zero
+    # an out-of-range sender is skipped: as if its edge were beyond the cutoff on both sides
+    bad_j = j.clone()
+    bad_j[5] = n
+    far, far_rev = d.clone(), d_rev.clone()
+    far[5] = far_rev[5] = 3.0
+    gx, gd = m.spline_conv_vjp(g, x, d, d_rev, coeffs, i, bad_j, ptr, 2.0, 1)
+    want_x, want_d = m.spline_conv_vjp(g, x, far, far_rev, coeffs, i, j, ptr, 2.0, 1)
+    assert gd[5] == 0
+    torch.testing.assert_close(gx, want_x, rtol=0, atol=0)
+    torch.testing.assert_close(gd, want_d, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_spline_conv_vjp_empty_edge_set(backend):
+    n, nf = 5, 3
+    empty = torch.zeros(0, dtype=torch.int64)
+    ptr = torch.zeros(n + 1, dtype=torch.int64)
+    d = torch.zeros(0, dtype=torch.float64)
+    g, x = torch.randn(n, nf, dtype=torch.float64), torch.randn(n, nf, dtype=torch.float64)
+    coeffs = torch.randn(6, 4, nf, dtype=torch.float64)
+    gx, gd = op.spline_conv_vjp(g, x, d, d, coeffs, empty, empty, ptr, empty, 2.0, 0, backend)
+    assert gx.shape == (n, nf) and not gx.any() and gd.shape == (0,)
+
+
+def _fused_node(t):
+    return "spline_conv_vjp" in t.grad_fn.name()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_spline_conv_fused_backward_any_order(rng, backend):
+    """spline_conv without scale, x and d both wanted: its backward is the fused op. gradcheck
+    and gradgradcheck through spline_conv (the fused op and its own backward); then the fused op
+    alone with an independent d_rev (its second-interval branch), and a third order (the fused
+    op's backward differentiated again: it must stay connected to the inputs)."""
+    n, nf = (4, 2) if backend == "triton" else (7, 3)
+    nl, a, d, x, g, w, scale, coeffs, p = _ops(rng, backend, n, nf, 3)
+
+    def conv(x, d):
+        return op.spline_conv(x, d, None, coeffs, *a, 2.0, 0, backend)
+
+    gx, gd = torch.autograd.grad(conv(x, d).pow(2).sum(), (x, d), create_graph=True)
+    assert _fused_node(gx) and _fused_node(gd)
+    assert torch.autograd.gradcheck(conv, (x, d))
+    assert torch.autograd.gradgradcheck(conv, (x, d))
+    if backend == "triton":  # interpreted, the rest takes minutes (numba runs the same checks)
+        return
+    d_rev = (d.detach()[nl.reverse] + 0.05 * torch.rand(len(nl), dtype=d.dtype))
+
+    def fused(g, x, d, d_rev):
+        return op.spline_conv_vjp(g, x, d, d_rev, coeffs, *a, 2.0, 1, backend)
+
+    inputs = (g, x, d, d_rev.requires_grad_(True))
+    assert torch.autograd.gradcheck(fused, inputs)
+    assert torch.autograd.gradgradcheck(fused, inputs)
+    assert torch.autograd.gradgradcheck(
+        lambda x, d: torch.autograd.grad(conv(x, d).pow(2).sum(), (x, d), create_graph=True),
+        (x, d))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_spline_conv_vjp(rng, backend):
+    n, nf = (4, 2) if backend == "triton" else (7, 3)
+    nl, a, d, x, g, w, scale, coeffs, p = _ops(rng, backend, n, nf, 3)
+    d_rev = d.detach()[a[3]].clone().requires_grad_(True)
+    torch.library.opcheck(op.spline_conv_vjp, (g, x, d, d_rev, coeffs, *a, 2.0, 0, backend))
+    torch.library.opcheck(op.spline_conv_vjp, (g.detach(), x.detach(), d.detach(),
+                                               d_rev.detach(), coeffs, *a, 2.0, 2, backend))
