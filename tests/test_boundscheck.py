@@ -1,5 +1,5 @@
-"""The numba kernels never index out of bounds: rerun neighbor tests (and the fused spline
-backward's) with NUMBA_BOUNDSCHECK=1.
+"""The numba kernels never index out of bounds: rerun neighbor tests, the fused spline
+backward's and the cluster-pair builder's with NUMBA_BOUNDSCHECK=1.
 
 Bounds checking is a compile-time flag that numba's on-disk cache does not key on, so the
 subprocess compiles into its own cache directory.
@@ -30,6 +30,17 @@ def test_fused_spline_backward_passes_with_boundscheck(tmp_path):
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
            str(ROOT / "kernels" / "test_message.py"), "-k",
            "numba and (spline_conv_vjp or fused_backward)"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout
+
+
+def test_cluster_build_and_kernel_pass_with_boundscheck(tmp_path):
+    # the builder writes each chunk's entries within cluster-level bounds: checked here
+    env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+           str(ROOT / "kernels" / "test_nonbonded_clusters.py"), "-k",
+           "(matches and numba) or listed_once"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout
