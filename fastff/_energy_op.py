@@ -61,12 +61,10 @@ def register_energy_autograd(op, *, diff: Sequence[int], rows: Callable[[list, i
             for slot, k in enumerate(diff):
                 if not ctx.needs_input_grad[k]:
                     continue
-                idx = rows(inputs, k)
                 g = gradients[slot]
+                idx = rows(inputs, k) if grad_energy.shape[0] > 1 else None  # one system: none
                 if idx is None:
                     scale = grad_energy.view(-1, *([1] * (g.dim() - 1)))
-                elif grad_energy.shape[0] == 1:
-                    scale = grad_energy
                 else:
                     scale = grad_energy[idx].view(-1, *([1] * (g.dim() - 1)))
                 result[k] = scale * g
