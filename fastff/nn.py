@@ -179,8 +179,20 @@ class TabulatedFilter(nn.Module):
         self.cutoff = float(cutoff)
         self.max_rel_error = float("nan")
 
+    def coeffs_as(self, dtype: torch.dtype) -> Tensor:
+        """``coeffs`` in ``dtype``, converted once and kept (the table is built in float64; a
+        float32 model would otherwise convert it on every call)."""
+        if self.coeffs.dtype == dtype:
+            return self.coeffs
+        key = (dtype, self.coeffs.data_ptr(), self.coeffs.device)
+        cached = self.__dict__.get("_converted")
+        if cached is None or cached[0] != key:
+            cached = (key, self.coeffs.to(dtype))
+            self.__dict__["_converted"] = cached
+        return cached[1]
+
     def forward(self, distances: Tensor) -> Tensor:
-        return _mref.spline_matrix(distances, self.coeffs.to(distances.dtype), self.cutoff, 0)
+        return _mref.spline_matrix(distances, self.coeffs_as(distances.dtype), self.cutoff, 0)
 
 
 class CFConv(nn.Module):
@@ -231,7 +243,7 @@ class CFConv(nn.Module):
         args = (nl.i, nl.j, nl.ptr, nl.reverse)
         if self.tabulate:
             name, _ = _backend.resolve("spline_conv", x.device, self.backend)
-            coeffs = self.table().coeffs.to(x.dtype)
+            coeffs = self.table().coeffs_as(x.dtype)
             return _mop.spline_conv(x.contiguous(), d, None, coeffs, *args, self.cutoff, 0, name)
         name, _ = _backend.resolve("cfconv_forward", x.device, self.backend)
         f = self.filter
@@ -339,7 +351,7 @@ class PaiNNMessage(nn.Module):
         per-edge tensor wider than 3 (the unit vectors)."""
         nf = self.num_features
         name, _ = _backend.resolve("spline_conv", s.device, self.backend)
-        coeffs = self.table().coeffs.to(s.dtype)
+        coeffs = self.table().coeffs_as(s.dtype)
         c_s, c_vs, c_vv = coeffs.split(nf, dim=2)
         p_s, p_vs, p_vv = self.context(s).split(nf, dim=1)
         args = (nl.i, nl.j, nl.ptr, nl.reverse, self.cutoff, 0, name)

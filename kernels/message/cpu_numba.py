@@ -193,6 +193,11 @@ def _spline_edge_dot(g, x, d, coeffs, i, j, cutoff, order, out):
             out[e] = 0.0
             if not r < cutoff or src < 0 or src >= x.shape[0] or dst < 0 or dst >= g.shape[0]:
                 continue
+            if order >= 1:  # the forces' case: W^(n) has no c_0 term, see _partial_dots
+                k = _interval(r, inv_h, nint)
+                m1, m2, m3 = _partial_dots(g[dst], x[src], coeffs[k])
+                out[e] = _combine_dots(r, k, inv_h, order, m1, m2, m3)
+                continue
             k = _spline_setup(r, inv_h, nint, order, 1.0, p)
             p0, p1, p2, p3 = p[0], p[1], p[2], p[3]
             acc = p0 - p0
