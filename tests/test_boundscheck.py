@@ -13,34 +13,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 
 
-def test_neighbor_kernels_pass_with_boundscheck(tmp_path):
+def _bounds_checked(tmp_path, test_file: str, selection: str) -> None:
+    """Run tests/kernels/<test_file> -k <selection> with NUMBA_BOUNDSCHECK=1; they must pass."""
     env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-           str(ROOT / "kernels" / "test_neighbors.py"), "-k",
-           "numba and (tiny or triclinic or smaller or mixed or batch or outside or parallel"
-           " or gradcheck or opcheck)"]
+           str(ROOT / "kernels" / test_file), "-k", selection]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout
+
+
+def test_neighbor_kernels_pass_with_boundscheck(tmp_path):
+    _bounds_checked(tmp_path, "test_neighbors.py",
+                    "numba and (tiny or triclinic or smaller or mixed or batch or outside or "
+                    "parallel or gradcheck or opcheck)")
 
 
 def test_fused_spline_backward_passes_with_boundscheck(tmp_path):
     # planted edges beyond the cutoff, d_rev != d, an out-of-range sender, an empty edge set
-    env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-           str(ROOT / "kernels" / "test_message.py"), "-k",
-           "numba and (spline_conv_vjp or fused_backward)"]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout
+    _bounds_checked(tmp_path, "test_message.py", "numba and (spline_conv_vjp or fused_backward)")
 
 
 def test_cluster_build_and_kernel_pass_with_boundscheck(tmp_path):
     # the builder writes each chunk's entries within cluster-level bounds: checked here
-    env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-           str(ROOT / "kernels" / "test_nonbonded_clusters.py"), "-k",
-           "(matches and numba) or listed_once"]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout
+    _bounds_checked(tmp_path, "test_nonbonded_clusters.py", "(matches and numba) or listed_once")

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastff.kernels.bonded.reference import combine_kinds
+from fastff.kernels.bonded.reference import bonded_terms_by_kind
 
 _BLOCK = 128  # terms per program
 
@@ -328,16 +328,7 @@ def lj_coulomb_pairs(positions, cells, inv_cells, atom_system, periodic, index, 
                 (charge_prod, sigma, epsilon, kc), 3)
 
 
-def bonded_terms(positions, cells, inv_cells, atom_system, bond_index, bond_k, bond_r0,
-                 bonds_periodic, angle_index, angle_k, angle_theta0, angles_periodic,
-                 torsion_index, torsion_k, torsion_periodicity, torsion_phase, torsions_periodic,
-                 param_grads):
+def bonded_terms(*args):
     """The three kernels back to back: on a GPU a launch costs microseconds, so fusing the
     kinds into one kernel would save little next to the host-side overhead it shares."""
-    common = (positions, cells, inv_cells, atom_system)
-    return combine_kinds(
-        harmonic_bonds(*common, bonds_periodic, bond_index, bond_k, bond_r0, param_grads),
-        harmonic_angles(*common, angles_periodic, angle_index, angle_k, angle_theta0,
-                        param_grads),
-        periodic_torsions(*common, torsions_periodic, torsion_index, torsion_k,
-                          torsion_periodicity, torsion_phase, param_grads))
+    return bonded_terms_by_kind(harmonic_bonds, harmonic_angles, periodic_torsions, *args)

@@ -131,23 +131,22 @@ def bonded_terms_energy(positions, cells, inv_cells, atom_system, bond_index, bo
                                        torsion_periodicity, torsion_phase))
 
 
-def combine_kinds(*outputs):
-    """The outputs of the fused op from those of one launcher per kind: energies, position and
-    cell gradients add; parameter gradients follow in kind order."""
+def bonded_terms_by_kind(bonds, angles, torsions, positions, cells, inv_cells, atom_system,
+                         bond_index, bond_k, bond_r0, bonds_periodic, angle_index, angle_k,
+                         angle_theta0, angles_periodic, torsion_index, torsion_k,
+                         torsion_periodicity, torsion_phase, torsions_periodic, param_grads):
+    """The fused op's outputs from one launcher per kind (``bonds``, ``angles``, ``torsions``):
+    energies, position and cell gradients add; parameter gradients follow in kind order."""
+    common = (positions, cells, inv_cells, atom_system)
+    outputs = (bonds(*common, bonds_periodic, bond_index, bond_k, bond_r0, param_grads),
+               angles(*common, angles_periodic, angle_index, angle_k, angle_theta0, param_grads),
+               torsions(*common, torsions_periodic, torsion_index, torsion_k, torsion_periodicity,
+                        torsion_phase, param_grads))
     energy = sum(out[0] for out in outputs)
     g_pos = sum(out[1] for out in outputs)
     g_cells = sum(out[2] for out in outputs)
     return (energy, g_pos, g_cells, *(g for out in outputs for g in out[3:]))
 
 
-def bonded_terms(positions, cells, inv_cells, atom_system, bond_index, bond_k, bond_r0,
-                 bonds_periodic, angle_index, angle_k, angle_theta0, angles_periodic,
-                 torsion_index, torsion_k, torsion_periodicity, torsion_phase, torsions_periodic,
-                 param_grads):
-    common = (positions, cells, inv_cells, atom_system)
-    return combine_kinds(
-        harmonic_bonds(*common, bonds_periodic, bond_index, bond_k, bond_r0, param_grads),
-        harmonic_angles(*common, angles_periodic, angle_index, angle_k, angle_theta0,
-                        param_grads),
-        periodic_torsions(*common, torsions_periodic, torsion_index, torsion_k,
-                          torsion_periodicity, torsion_phase, param_grads))
+def bonded_terms(*args):
+    return bonded_terms_by_kind(harmonic_bonds, harmonic_angles, periodic_torsions, *args)

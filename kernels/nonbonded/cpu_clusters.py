@@ -11,8 +11,9 @@ pair; the partner's force is summed over lanes and scattered once.
 Periodic images: positions are wrapped into the box once per build (``slot_wrap``, fixed until
 the next build) and every entry stores the image nearest to its cluster. This is exact when the
 box is orthorhombic and every box length exceeds ``2 (rlist + cluster radius)`` (then a partner
-has one image within reach of a cluster); :func:`build` reports False otherwise, and callers
-use the general pair list.
+has one image within reach of a cluster); :func:`build` returns None otherwise, and callers
+use the general pair list. The build makes one pass over atoms within cluster-level bounds
+(kernels/nonbonded/README.md, "Build").
 
 Deterministic: clusters are split into a fixed number of chunks with private partner-force
 buffers, added in chunk order (as in cpu_numba.py). Parameter gradients are not computed here
