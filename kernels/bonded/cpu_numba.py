@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-# Below this many terms the kernels run on the calling thread only. Measured on the shared
-# 2-core machine: 2,000 torsions take 0.3 ms on one thread, while a 2-thread parallel region
-# cost ~10 ms whenever another process held a core (load ~5); unloaded, the parallel gain
-# below this size is under 1 ms.
+# Below this many terms (all kinds of one call together) the kernels run on the calling thread
+# only. Measured on the shared 2-core machine: 2,000 torsions take 0.3 ms on one thread, while
+# a 2-thread parallel region cost ~10 ms whenever another process held a core (load ~5);
+# unloaded, the parallel gain below this size is under 1 ms.
 SERIAL_BELOW = 32768
 
 
