@@ -131,12 +131,17 @@ def _spline_poly(t, order, inv_h):
 
 
 @njit(cache=True, inline="always")
+def _interval(r, inv_h, nint):
+    """The table interval of distance r (clamped to the table)."""
+    return min(max(int(r * inv_h), 0), nint - 1)
+
+
+@njit(cache=True, inline="always")
 def _spline_setup(r, inv_h, nint, order, scale, p):
     """Interval k of distance r; writes the weights of W^(order), times ``scale``, into p[0:4]
     (an array of the table's dtype: the feature loops then run in that precision)."""
-    s = r * inv_h
-    k = min(max(int(s), 0), nint - 1)
-    p0, p1, p2, p3 = _spline_poly(s - k, order, inv_h)
+    k = _interval(r, inv_h, nint)
+    p0, p1, p2, p3 = _spline_poly(r * inv_h - k, order, inv_h)
     p[0], p[1], p[2], p[3] = p0 * scale, p1 * scale, p2 * scale, p3 * scale
     return k
 
@@ -252,11 +257,6 @@ def _conv_row(gs, c, p, acc):
     c0, c1, c2, c3 = c[0], c[1], c[2], c[3]
     for f in range(acc.shape[0]):
         acc[f] += gs[f] * (p0 * c0[f] + p1 * c1[f] + p2 * c2[f] + p3 * c3[f])
-
-
-@njit(cache=True, inline="always")
-def _interval(r, inv_h, nint):
-    return min(max(int(r * inv_h), 0), nint - 1)
 
 
 @njit(cache=True, inline="always")

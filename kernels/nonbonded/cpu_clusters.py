@@ -34,6 +34,7 @@ from fastff.kernels.nonbonded.cpu_numba import (
     _constants,
     _coulomb_ewald_real,
     _coulomb_polynomial,
+    _masked_distance,
     _pair_energy,
 )
 
@@ -393,10 +394,7 @@ def _make_cluster_loop(coulomb_terms):
                 rz = w[_ZJ, k] - zi
                 d2 = rx * rx + ry * ry + rz * rz
                 inside = d2 < cut2 and ((wm[k] >> li) & 1) != 0
-                ok = one if inside else zero
-                d2 = d2 if inside else masked_d2
-                inv = one / math.sqrt(d2)
-                d = d2 * inv
+                ok, inv, d = _masked_distance(d2, inside, masked_d2, one, zero)
                 qq = qi * w[_QJ, k]
                 f, df = coulomb_terms(d, d2, inv, c1, c2, c3)
                 energy, g, _, _, _ = _pair_energy(ok, qq, sgi + w[_SJ, k], epi * w[_EJ, k], f,

@@ -98,6 +98,16 @@ def _constants(dt):
 
 
 @njit(inline="always", fastmath=_FAST)
+def _masked_distance(d2, inside, masked_d2, one, zero):
+    """(ok, 1/d, d) of a pair that counts when ``inside``; one that does not is evaluated at
+    d^2 = masked_d2 (finite) with weight ok = 0, so the loops stay branch-free."""
+    ok = one if inside else zero
+    d2 = d2 if inside else masked_d2
+    inv = one / math.sqrt(d2)
+    return ok, inv, d2 * inv
+
+
+@njit(inline="always", fastmath=_FAST)
 def _pair_energy(ok, qq, sg, ep, f, df, inv, d, rs, inv_width, k):
     """One pair's energy and g = (dE/dd) / d (so dE/dr_ij = g r_ij), weighted by ok (0 or 1):
     Coulomb ``qq f(d)`` plus switched Lennard-Jones with combined sigma ``sg`` and epsilon
@@ -147,10 +157,7 @@ def _make_pair_loop(coulomb_terms):
             rz = w[_ZB, k] - za + s0 * c02 + s1 * c12 + s2 * c22
             d2 = rx * rx + ry * ry + rz * rz
             inside = d2 < cut2 and w[_OK, k] != zero
-            ok = one if inside else zero
-            d2 = d2 if inside else masked_d2
-            inv = one / math.sqrt(d2)
-            d = d2 * inv
+            ok, inv, d = _masked_distance(d2, inside, masked_d2, one, zero)
             qb = kq * w[_QB, k]
             f, df = coulomb_terms(d, d2, inv, c1, c2, c3)
             sg = half * (sa + w[_SB, k])
