@@ -278,8 +278,10 @@ class PaiNNMessage(nn.Module):
 
     forward(s [N, F], v [N, 3, F], positions [N, 3], nl, cell=None) -> (ds [N, F], dv [N, 3, F]).
     Rotation equivariant: rotating positions and v rotates dv and leaves ds unchanged. The sums
-    are the fused, deterministic ``gms`` segment sums; the per-edge filter and its products are
-    [E, 7F] temporaries on the MLP path. With ``tabulate=True`` (inference: the filter
+    are fused, deterministic receiver-row sums (``fastff::painn_message``): the filter is
+    computed for blocks of edges inside the op and recomputed in its backward, so no edge x
+    feature tensor is kept (force training, which differentiates the backward, materialises it
+    once, as for :class:`CFConv`). With ``tabulate=True`` (inference: the filter
     parameters get no gradient) the filter is read from a cubic table (:meth:`table`) inside
     four spline convolutions, and no edge x feature tensor exists.
     """
@@ -326,24 +328,13 @@ class PaiNNMessage(nn.Module):
         d = torch.linalg.vector_norm(vec, dim=1)
         if self.tabulate:
             return self._tabulated(s, v, vec, d, nl)
-        name, _ = _backend.resolve("gms", s.device, self.backend)
-        rname, _ = _backend.resolve("radial_basis", s.device, self.backend)
-        basis = _rop.radial_basis(d.contiguous(), self.num_basis, self.cutoff, "bessel", "none",
-                                  0, rname)
-        (env,) = dense.envelope(d, self.cutoff, "cosine", 0)
-        w = self.filter(basis) * env.unsqueeze(1)  # [E, 3F]
+        name, _ = _backend.resolve("painn_forward", s.device, self.backend)
         phi = self.context(s)
         unit = vec / d.clamp_min(torch.finfo(d.dtype).tiny).unsqueeze(1)
-        w_s, w_vs, w_vv = w.split(nf, dim=1)
-        p_s, p_vs, p_vv = phi.split(nf, dim=1)
-        # one segment sum over [N, 7F] x [E, 7F]: (ds | vv-messages per axis | vs-messages per axis)
-        h = torch.cat([p_s, (p_vv.unsqueeze(1) * v).flatten(1), p_vs.repeat(1, 3)], 1)
-        we = torch.cat([w_s, w_vv.repeat(1, 3), (unit.unsqueeze(2) * w_vs.unsqueeze(1)).flatten(1)],
-                       1)
-        out = _mop.gms(h.contiguous(), we.contiguous(), nl.i, nl.j, nl.ptr, nl.reverse, name)
-        ds = out[:, :nf]
-        dv = (out[:, nf:4 * nf] + out[:, 4 * nf:]).view(-1, 3, nf)
-        return ds, dv
+        return _mop.painn_message(phi.contiguous(), v.contiguous(), d.contiguous(),
+                                  unit.contiguous(), nl.i, nl.j, nl.ptr, nl.reverse,
+                                  self.filter.weight, self.filter.bias, self.cutoff, "bessel",
+                                  "cosine", name)
 
     def _tabulated(self, s: Tensor, v: Tensor, vec: Tensor, d: Tensor,
                    nl: NeighborList) -> tuple[Tensor, Tensor]:

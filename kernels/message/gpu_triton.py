@@ -11,8 +11,11 @@ Algorithms (as cpu_numba.py, so both backends give the same sums in the same ord
   row (one program per row and block of features; the table interval is read once when the
   mirrored distance equals the distance, and each block's partial dot products go to their own
   row of a [blocks, E] buffer, summed afterwards: still one writer per value, no atomics).
-The dense filter network of ``cfconv_*`` runs as cuBLAS GEMMs on blocks of edges
-(kernels/message/dense.py). Sizes, cutoffs and counts are run-time arguments; only block sizes
+* ``_painn_rows_kernel`` / ``_painn_vjp_rows_kernel``: PaiNN's message and its backward, one
+  program per (row, block of features); the per-edge d/d unit of each feature block goes to its
+  own row of a [blocks, E, 3] buffer, summed afterwards.
+The dense filter networks of ``cfconv_*`` and ``painn_*`` run as cuBLAS GEMMs on blocks of
+edges (kernels/message/dense.py). Sizes, cutoffs and counts are run-time arguments; only block sizes
 are constexpr. Block sizes: 64 features (F = 64..256 in one to four programs per row) for the row
 kernels, 32 x 32 for the 2-D ones, chosen to keep register use low (``python -m fastff.aot``
 reports it).
@@ -34,7 +37,7 @@ BLOCK_E = 32
 BLOCK_F2 = 32
 # Edges per block of the filter GEMMs (GPU memory is not the limit here, launch count is).
 BLOCK = 65536
-# Warps of _spline_conv_vjp_kernel: 64 threads for its 64 features. With the default 4, half the
+# Warps of _spline_conv_vjp_kernel and the PaiNN row kernels: 64 threads for their 64 features. With the default 4, half the
 # lanes hold copies (same 40 registers, same 8 B of shared memory for the per-edge dot: ptxas,
 # sm_80 / sm_90); not timed on a GPU yet.
 VJP_WARPS = 2
@@ -206,6 +209,113 @@ def _spline_conv_vjp_kernel(gx_ptr, gd_part_ptr, g_ptr, x_ptr, d_ptr, d_rev_ptr,
     tl.store(gx_ptr + a * nf + offs, acc, mask=fmask)
 
 
+@triton.jit
+def _painn_rows_kernel(ds_ptr, dv_ptr, phi_ptr, v_ptr, unit_ptr, w_ptr, j_ptr, ptr_ptr, e0, e1,
+                       a0, n_phi, nf, BLOCK_F: tl.constexpr):
+    """One program per (receiver row, block of features): the PaiNN message of the row's edges
+    inside [e0, e1), accumulated in registers and added to ds [N, F], dv [N, 3, F]."""
+    a = a0 + tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    fmask = offs < nf
+    lo = tl.maximum(tl.load(ptr_ptr + a), e0)
+    hi = tl.minimum(tl.load(ptr_ptr + a + 1), e1)
+    zero = tl.zeros((BLOCK_F,), dtype=tl.float32).to(ds_ptr.dtype.element_ty)
+    acc_s, acc_x, acc_y, acc_z = zero, zero, zero, zero
+    for e in range(lo, hi):
+        src = tl.load(j_ptr + e)
+        ok = (src >= 0) & (src < n_phi)
+        src = tl.where(ok, src, 0)
+        m = fmask & ok
+        prow = phi_ptr + src * 3 * nf + offs
+        wrow = w_ptr + (e - e0) * 3 * nf + offs
+        vrow = v_ptr + src * 3 * nf + offs
+        ws = tl.load(prow, mask=m, other=0.0) * tl.load(wrow, mask=m, other=0.0)
+        pvs = tl.load(prow + nf, mask=m, other=0.0) * tl.load(wrow + nf, mask=m, other=0.0)
+        pvv = tl.load(prow + 2 * nf, mask=m, other=0.0) * tl.load(wrow + 2 * nf, mask=m,
+                                                                   other=0.0)
+        acc_s += ws
+        acc_x += pvs * tl.load(unit_ptr + e * 3) + pvv * tl.load(vrow, mask=m, other=0.0)
+        acc_y += pvs * tl.load(unit_ptr + e * 3 + 1) + pvv * tl.load(vrow + nf, mask=m, other=0.0)
+        acc_z += pvs * tl.load(unit_ptr + e * 3 + 2) + pvv * tl.load(vrow + 2 * nf, mask=m,
+                                                                     other=0.0)
+    srow = ds_ptr + a * nf + offs
+    tl.store(srow, tl.load(srow, mask=fmask, other=0.0) + acc_s, mask=fmask)
+    vout = dv_ptr + a * 3 * nf + offs
+    tl.store(vout, tl.load(vout, mask=fmask, other=0.0) + acc_x, mask=fmask)
+    tl.store(vout + nf, tl.load(vout + nf, mask=fmask, other=0.0) + acc_y, mask=fmask)
+    tl.store(vout + 2 * nf, tl.load(vout + 2 * nf, mask=fmask, other=0.0) + acc_z, mask=fmask)
+
+
+@triton.jit
+def _painn_vjp_rows_kernel(gphi_ptr, r_ptr, gunit_part_ptr, gw_ptr, gs_ptr, gv_ptr, phi_ptr,
+                           v_ptr, unit_ptr, unit_rev_ptr, w_ptr, w_rev_ptr, j_ptr, ptr_ptr, e0,
+                           e1, a0, n_phi, num_edges, nf, BLOCK_F: tl.constexpr):
+    """One program per (receiver row a, block of features): for the row's edges inside
+    [e0, e1), the filter gradient gw, this block's partial d/d unit (its own row of
+    gunit_part [blocks, E, 3]: one writer per value), and the sender-side gradients of atom a
+    through the mirrored edges, added to gphi[a, :2F] and r[a] at the end."""
+    a = a0 + tl.program_id(0)
+    fb = tl.program_id(1)
+    offs = fb * BLOCK_F + tl.arange(0, BLOCK_F)
+    fmask = offs < nf
+    lo = tl.maximum(tl.load(ptr_ptr + a), e0)
+    hi = tl.minimum(tl.load(ptr_ptr + a + 1), e1)
+    ga = tl.load(gs_ptr + a * nf + offs, mask=fmask, other=0.0)
+    gvrow = gv_ptr + a * 3 * nf + offs
+    g0 = tl.load(gvrow, mask=fmask, other=0.0)
+    g1 = tl.load(gvrow + nf, mask=fmask, other=0.0)
+    g2 = tl.load(gvrow + 2 * nf, mask=fmask, other=0.0)
+    zero = tl.zeros((BLOCK_F,), dtype=tl.float32).to(gphi_ptr.dtype.element_ty)
+    acc_s, acc_vs, acc_x, acc_y, acc_z = zero, zero, zero, zero, zero
+    for e in range(lo, hi):
+        src = tl.load(j_ptr + e)
+        ok = (src >= 0) & (src < n_phi)
+        src = tl.where(ok, src, 0)
+        m = fmask & ok
+        prow = phi_ptr + src * 3 * nf + offs
+        vrow = v_ptr + src * 3 * nf + offs
+        p_s = tl.load(prow, mask=m, other=0.0)
+        p_vs = tl.load(prow + nf, mask=m, other=0.0)
+        p_vv = tl.load(prow + 2 * nf, mask=m, other=0.0)
+        ux = tl.load(unit_ptr + e * 3)
+        uy = tl.load(unit_ptr + e * 3 + 1)
+        uz = tl.load(unit_ptr + e * 3 + 2)
+        dot_v = (g0 * tl.load(vrow, mask=m, other=0.0) + g1 * tl.load(vrow + nf, mask=m, other=0.0)
+                 + g2 * tl.load(vrow + 2 * nf, mask=m, other=0.0))
+        grow = gw_ptr + (e - e0) * 3 * nf + offs
+        tl.store(grow, ga * p_s, mask=fmask)
+        tl.store(grow + nf, p_vs * (g0 * ux + g1 * uy + g2 * uz), mask=fmask)
+        tl.store(grow + 2 * nf, p_vv * dot_v, mask=fmask)
+        wrow = w_ptr + (e - e0) * 3 * nf + offs
+        pw = p_vs * tl.load(wrow + nf, mask=m, other=0.0)
+        part = gunit_part_ptr + (fb * num_edges + e) * 3
+        tl.store(part, tl.sum(g0 * pw, axis=0))
+        tl.store(part + 1, tl.sum(g1 * pw, axis=0))
+        tl.store(part + 2, tl.sum(g2 * pw, axis=0))
+        # sender side: atom a sends along the mirrored edge (src <- a)
+        rrow = w_rev_ptr + (e - e0) * 3 * nf + offs
+        hrow = gv_ptr + src * 3 * nf + offs
+        h0 = tl.load(hrow, mask=m, other=0.0)
+        h1 = tl.load(hrow + nf, mask=m, other=0.0)
+        h2 = tl.load(hrow + 2 * nf, mask=m, other=0.0)
+        wvv = tl.load(rrow + 2 * nf, mask=m, other=0.0)
+        acc_s += tl.load(gs_ptr + src * nf + offs, mask=m, other=0.0) * tl.load(rrow, mask=m,
+                                                                               other=0.0)
+        acc_vs += (h0 * tl.load(unit_rev_ptr + e * 3) + h1 * tl.load(unit_rev_ptr + e * 3 + 1)
+                   + h2 * tl.load(unit_rev_ptr + e * 3 + 2)) * tl.load(rrow + nf, mask=m,
+                                                                        other=0.0)
+        acc_x += h0 * wvv
+        acc_y += h1 * wvv
+        acc_z += h2 * wvv
+    out = gphi_ptr + a * 3 * nf + offs
+    tl.store(out, tl.load(out, mask=fmask, other=0.0) + acc_s, mask=fmask)
+    tl.store(out + nf, tl.load(out + nf, mask=fmask, other=0.0) + acc_vs, mask=fmask)
+    rout = r_ptr + a * 3 * nf + offs
+    tl.store(rout, tl.load(rout, mask=fmask, other=0.0) + acc_x, mask=fmask)
+    tl.store(rout + nf, tl.load(rout + nf, mask=fmask, other=0.0) + acc_y, mask=fmask)
+    tl.store(rout + 2 * nf, tl.load(rout + 2 * nf, mask=fmask, other=0.0) + acc_z, mask=fmask)
+
+
 _F = {"BLOCK_F": BLOCK_F}
 _EF = {"BLOCK_E": BLOCK_E, "BLOCK_F": BLOCK_F2}
 AOT_SPECS = [
@@ -238,6 +348,20 @@ AOT_SPECS = [
                    "j_ptr": "*i64", "ptr_ptr": "*i64", "cutoff_ptr": "*fp32", "num_edges": "i64",
                    "n_g": "i64", "n_x": "i64", "nf": "i32", "nint": "i32", "order": "i32",
                    "BLOCK_F": "constexpr"},
+     "constexprs": _F, "options": {"num_warps": VJP_WARPS}},
+    {"kernel": _painn_rows_kernel,
+     "signature": {"ds_ptr": "*fp32", "dv_ptr": "*fp32", "phi_ptr": "*fp32", "v_ptr": "*fp32",
+                   "unit_ptr": "*fp32", "w_ptr": "*fp32", "j_ptr": "*i64", "ptr_ptr": "*i64",
+                   "e0": "i64", "e1": "i64", "a0": "i64", "n_phi": "i64", "nf": "i32",
+                   "BLOCK_F": "constexpr"},
+     "constexprs": _F, "options": {"num_warps": VJP_WARPS}},
+    {"kernel": _painn_vjp_rows_kernel,
+     "signature": {"gphi_ptr": "*fp32", "r_ptr": "*fp32", "gunit_part_ptr": "*fp32",
+                   "gw_ptr": "*fp32", "gs_ptr": "*fp32", "gv_ptr": "*fp32", "phi_ptr": "*fp32",
+                   "v_ptr": "*fp32", "unit_ptr": "*fp32", "unit_rev_ptr": "*fp32",
+                   "w_ptr": "*fp32", "w_rev_ptr": "*fp32", "j_ptr": "*i64", "ptr_ptr": "*i64",
+                   "e0": "i64", "e1": "i64", "a0": "i64", "n_phi": "i64", "num_edges": "i64",
+                   "nf": "i32", "BLOCK_F": "constexpr"},
      "constexprs": _F, "options": {"num_warps": VJP_WARPS}},
 ]
 
@@ -340,3 +464,45 @@ def spline_conv_vjp(grad, x, d, d_rev, coeffs, i, j, ptr, cutoff, order):
             _cut(cutoff, d), num_edges, grad.shape[0], x.shape[0], nf, coeffs.shape[0],
             int(order), BLOCK_F=BLOCK_F, num_warps=VJP_WARPS)
     return grad_x, parts[0] if blocks == 1 else parts.sum(0)
+
+
+def painn_forward(phi, v, d, unit, i, j, ptr, wf, bf, cutoff, kind, envelope):
+    """Launcher: (ds [N, F], dv [N, 3, F]) of the PaiNN message; see README.md."""
+    jc, pc, phic, vc, uc = _c(j), _c(ptr), _c(phi), _c(v), _c(unit)
+    nf = v.shape[2]
+
+    def rows(ds, dv, w, e0, a0, a1):
+        if a1 >= a0 and nf:
+            _painn_rows_kernel[(a1 - a0 + 1, triton.cdiv(nf, BLOCK_F))](
+                ds, dv, phic, vc, uc, _c(w), jc, pc, e0, e0 + w.shape[0], a0, phi.shape[0], nf,
+                BLOCK_F=BLOCK_F, num_warps=VJP_WARPS)
+
+    with torch.no_grad():
+        return dense.blocked_painn_forward(phi.detach(), v.detach(), d.detach(), i, ptr,
+                                           wf.detach(), bf.detach(), cutoff, kind, envelope,
+                                           _basis, rows, BLOCK)
+
+
+def painn_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope,
+              need_params):
+    """Launcher: gradients (phi, v, d, unit, wf, bf) of <gs, ds> + <gv, dv>; see README.md."""
+    nf, num_edges = v.shape[2], d.shape[0]
+    blocks = max(triton.cdiv(nf, BLOCK_F), 1)
+    parts = d.new_zeros(blocks, num_edges, 3)
+    tensors = [_c(t) for t in (gs, gv, phi, v, unit, unit.index_select(0, rev))]
+    jc, pc = _c(j), _c(ptr)
+
+    def rows(gphi, r, gunit, w, w_rev, e0, a0, a1):
+        gw = torch.zeros_like(w)
+        if a1 >= a0 and nf:
+            _painn_vjp_rows_kernel[(a1 - a0 + 1, blocks)](
+                gphi, r, parts, gw, *tensors, _c(w), _c(w_rev), jc, pc, e0, e0 + w.shape[0], a0,
+                phi.shape[0], num_edges, nf, BLOCK_F=BLOCK_F, num_warps=VJP_WARPS)
+        return gw
+
+    with torch.no_grad():
+        out = list(dense.blocked_painn_vjp(
+            phi.detach(), v.detach(), d.detach(), d.detach().index_select(0, rev), i, ptr,
+            wf.detach(), bf.detach(), cutoff, kind, envelope, need_params, _basis, rows, BLOCK))
+    out[3] = parts.sum(0)
+    return dense.params_or_empty(tuple(out), d)

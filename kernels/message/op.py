@@ -16,6 +16,10 @@ Primitives, all over a FULL neighbor list sorted by receiver (CSR ``ptr``) with 
   n is the pair at orders n and n + 1, so every order works. ``spline_conv_vjp`` is
   spline_conv's backward (no scale) with both halves in one pass over the edges; its own
   backward is autograd through the unfused pair.
+* ``painn_message``: PaiNN's message block with its linear radial filter computed inside, a
+  block of edges at a time (the structure of ``cfconv``). Its backward is the fused
+  ``painn_message_vjp`` when no graph is needed and, when it must be differentiable, autograd
+  through the same message written with ``gms`` (``painn_composite``), recomputed.
 
 Every op takes the already resolved backend name (see fastff._backend); only this file knows
 all three paths.
@@ -31,7 +35,7 @@ from fastff.kernels.message import dense
 from fastff.kernels.radial import op as _radial
 
 for _name in ("gms", "ggm", "cfconv_forward", "cfconv_vjp", "spline_conv", "spline_edge_dot",
-              "spline_conv_vjp"):
+              "spline_conv_vjp", "painn_forward", "painn_vjp"):
     _backend.register(_name, "message", _name)
 
 
@@ -350,3 +354,101 @@ def _edge_dot_backward(ctx, grad):
 
 spline_conv.register_autograd(_spline_conv_backward, setup_context=_spline_conv_setup)
 spline_edge_dot.register_autograd(_edge_dot_backward, setup_context=_edge_dot_setup)
+
+
+# ---------------------------------------------------------------- PaiNN message
+@torch.library.custom_op("fastff::painn_message", mutates_args=())
+def painn_message(phi: Tensor, v: Tensor, d: Tensor, unit: Tensor, i: Tensor, j: Tensor,
+                  ptr: Tensor, rev: Tensor, wf: Tensor, bf: Tensor, cutoff: float, kind: str,
+                  envelope: str, backend: str) -> tuple[Tensor, Tensor]:
+    """(ds [N, F], dv [N, 3, F]) for phi [N, 3F] (s | vs | vv blocks), v [N, 3, F], d [E],
+    unit [E, 3] and the filter W(d) = u(d) (wf b(d) + bf), wf [3F, K]."""
+    return _backend.launcher("painn_forward", backend)(phi, v, d, unit, i, j, ptr, wf, bf, cutoff,
+                                                        kind, envelope)
+
+
+@painn_message.register_fake
+def _(phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope, backend):
+    n = ptr.shape[0] - 1
+    return phi.new_empty(n, v.shape[2]), v.new_empty(n, 3, v.shape[2])
+
+
+@torch.library.custom_op("fastff::painn_message_vjp", mutates_args=())
+def painn_message_vjp(gs: Tensor, gv: Tensor, phi: Tensor, v: Tensor, d: Tensor, unit: Tensor,
+                      i: Tensor, j: Tensor, ptr: Tensor, rev: Tensor, wf: Tensor, bf: Tensor,
+                      cutoff: float, kind: str, envelope: str, need_params: bool,
+                      backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (phi, v, d, unit, wf, bf) of <gs, ds> + <gv, dv>; the last two are empty [0]
+    tensors unless need_params."""
+    return _backend.launcher("painn_vjp", backend)(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf,
+                                                    bf, cutoff, kind, envelope, need_params)
+
+
+@painn_message_vjp.register_fake
+def _(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope, need_params,
+      backend):
+    return (torch.empty_like(phi), torch.empty_like(v), torch.empty_like(d),
+            torch.empty_like(unit), wf.new_empty(wf.shape if need_params else (0,)),
+            bf.new_empty(bf.shape if need_params else (0,)))
+
+
+def _painn_vjp_backward(ctx, *grads):
+    raise RuntimeError("fastff::painn_message_vjp is the no-graph fast path of painn_message's "
+                       "backward and has no derivative; differentiate painn_message with "
+                       "create_graph=True instead")
+
+
+painn_message_vjp.register_autograd(_painn_vjp_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
+def painn_composite(phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope, backend):
+    """painn_message from differentiable ops (materialises the [E, 7F] filter products): one
+    ``gms`` over [N, 7F] x [E, 7F] gives (ds | vv-messages per axis | vs-messages per axis)."""
+    nf = v.shape[2]
+    basis = _radial.radial_basis(d, wf.shape[1], cutoff, kind, "none", 0, backend)
+    (env,) = dense.envelope(d, cutoff, envelope, 0)
+    w_s, w_vs, w_vv = dense.painn_filter(basis, env, wf, bf).split(nf, dim=1)
+    p_s, p_vs, p_vv = phi.split(nf, dim=1)
+    h = torch.cat([p_s, (p_vv.unsqueeze(1) * v).flatten(1), p_vs.repeat(1, 3)], 1)
+    we = torch.cat([w_s, w_vv.repeat(1, 3), (unit.unsqueeze(2) * w_vs.unsqueeze(1)).flatten(1)],
+                   1)
+    out = gms(h.contiguous(), we.contiguous(), i, j, ptr, rev, backend)
+    return out[:, :nf], (out[:, nf:4 * nf] + out[:, 4 * nf:]).view(-1, 3, nf)
+
+
+def _painn_setup(ctx, inputs, output):
+    phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope, backend = inputs
+    ctx.save_for_backward(phi, v, d, unit, i, j, ptr, rev, wf, bf)
+    ctx.args = (cutoff, kind, envelope, backend)
+
+
+def _painn_backward(ctx, gs, gv):
+    phi, v, d, unit, i, j, ptr, rev, wf, bf = ctx.saved_tensors
+    cutoff, kind, envelope, backend = ctx.args
+    needs = ctx.needs_input_grad
+    differentiable = (0, 1, 2, 3, 8, 9)
+    result: list = [None] * 14
+    gs = torch.zeros_like(phi[:, :v.shape[2]]) if gs is None else gs.contiguous()
+    gv = torch.zeros_like(v) if gv is None else gv.contiguous()
+    if torch.is_grad_enabled():  # the backward itself is being differentiated
+        wanted = [k for k in differentiable if needs[k]]
+        with torch.enable_grad():
+            inputs = list(ctx.saved_tensors)
+            for k in wanted:
+                inputs[k] = _alias(inputs[k])
+            outs = painn_composite(*inputs, cutoff, kind, envelope, backend)
+            found = torch.autograd.grad(outs, [inputs[k] for k in wanted], (gs, gv),
+                                        create_graph=True, allow_unused=True)
+        for k, g in zip(wanted, found, strict=True):
+            result[k] = g
+        return tuple(result)
+    need_params = needs[8] or needs[9]
+    grads = painn_message_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind,
+                              envelope, need_params, backend)
+    for k, g in zip(differentiable, grads, strict=True):
+        result[k] = g if needs[k] else None
+    return tuple(result)
+
+
+painn_message.register_autograd(_painn_backward, setup_context=_painn_setup)

@@ -82,3 +82,48 @@ def spline_conv_vjp(grad, x, d, d_rev, coeffs, i, j, ptr, cutoff, order):
     """(grad_x, grad_d) of spline_conv without scale: the two unfused expressions."""
     return (spline_conv(grad, d_rev, None, coeffs, i, j, ptr, cutoff, order),
             spline_edge_dot(grad, x, d, coeffs, i, j, cutoff, order + 1))
+
+
+def painn_filter_matrix(d: Tensor, wf: Tensor, bf: Tensor, cutoff: float, kind: str,
+                        envelope: str) -> Tensor:
+    """PaiNN's filter W(d) = u(d) (wf b(d) + bf), [E, 3F]."""
+    (env,) = dense.envelope(d, cutoff, envelope, 0)
+    return dense.painn_filter(_basis(d, wf.shape[1], cutoff, kind, "none", 0), env, wf, bf)
+
+
+def painn_forward(phi, v, d, unit, i, j, ptr, wf, bf, cutoff, kind, envelope):
+    """(ds [N, F], dv [N, 3, F]): ds_a = sum_e (phi_j W_e)_s,
+    dv_a = sum_e (phi_j W_e)_vs unit_e + (phi_j W_e)_vv v_j."""
+    nf, n = v.shape[2], ptr.shape[0] - 1
+    x = phi.index_select(0, j) * painn_filter_matrix(d, wf, bf, cutoff, kind, envelope)
+    ds = phi.new_zeros(n, nf).index_add_(0, i, x[:, :nf])
+    msg = (x[:, nf:2 * nf].unsqueeze(1) * unit.unsqueeze(2)
+           + x[:, 2 * nf:].unsqueeze(1) * v.index_select(0, j))
+    return ds, v.new_zeros(n, 3, nf).index_add_(0, i, msg)
+
+
+def painn_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope,
+              need_params):
+    """Gradients (phi, v, d, unit, wf, bf) of <gs, ds> + <gv, dv>, edge by edge (sender sums by
+    index_add over j; ``rev`` is not used)."""
+    nf, n, num_basis = v.shape[2], phi.shape[0], wf.shape[1]
+    basis = _basis(d, num_basis, cutoff, kind, "none", 0)
+    slope = _basis(d, num_basis, cutoff, kind, "none", 1)
+    env, env_slope = dense.envelope(d, cutoff, envelope, 1)
+    y = torch.addmm(bf, basis, wf.t())  # W = env * y
+    w = y * env.unsqueeze(1)
+    p, vj = phi.index_select(0, j), v.index_select(0, j)
+    gvi = gv.index_select(0, i)
+    x_vs, x_vv = p[:, nf:2 * nf] * w[:, nf:2 * nf], p[:, 2 * nf:] * w[:, 2 * nf:]
+    gx = torch.cat([gs.index_select(0, i), (gvi * unit.unsqueeze(2)).sum(1), (gvi * vj).sum(1)],
+                   1)  # d<g, message>/d(phi_j W) per edge, [E, 3F]
+    grad_phi = torch.zeros_like(phi).index_add_(0, j, gx * w)
+    grad_v = torch.zeros_like(v).index_add_(0, j, gvi * x_vv.unsqueeze(1))
+    grad_unit = (gvi * x_vs.unsqueeze(1)).sum(2)
+    gw = gx * p
+    grad_d = env_slope * (gw * y).sum(1) + env * (gw * (slope @ wf.t())).sum(1)
+    grads = (grad_phi[:n], grad_v, grad_d, grad_unit)
+    if not need_params:
+        return dense.params_or_empty((*grads, None, None), d)
+    ge = gw * env.unsqueeze(1)
+    return (*grads, ge.t() @ basis, ge.sum(0))

@@ -259,3 +259,141 @@ def test_opcheck_spline_conv_vjp(rng, backend):
     torch.library.opcheck(op.spline_conv_vjp, (g, x, d, d_rev, coeffs, *a, 2.0, 0, backend))
     torch.library.opcheck(op.spline_conv_vjp, (g.detach(), x.detach(), d.detach(),
                                                d_rev.detach(), coeffs, *a, 2.0, 2, backend))
+
+
+# ---------------------------------------------------------------- PaiNN message
+PAINN_FILTER = (2.0, "bessel", "cosine")
+
+
+def _painn_inputs(n, nf, num_basis, dtype=torch.float64, grad=False):
+    phi = torch.randn(n, 3 * nf, dtype=dtype)
+    v = torch.randn(n, 3, nf, dtype=dtype)
+    wf, bf = torch.randn(3 * nf, num_basis, dtype=dtype), torch.randn(3 * nf, dtype=dtype)
+    return [t.requires_grad_(grad) for t in (phi, v, wf, bf)]
+
+
+def _units(nl, dtype=torch.float64):
+    """Random unit vectors, exactly negated on mirrored edges (as nl.vectors gives them)."""
+    u = torch.nn.functional.normalize(torch.randn(len(nl), 3, dtype=dtype), dim=1)
+    upper = torch.arange(len(nl)) < nl.reverse
+    u[nl.reverse[upper]] = -u[upper]
+    return u
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_painn_launchers_match_reference(rng, backend, dtype):
+    """Forward and fused backward against the edge-by-edge reference, with mirrored distances
+    (one filter per block) and with distances whose mirror differs (a second filter)."""
+    n, nf, num_basis = (9, 3, 4) if backend == "triton" else (40, 12, 6)
+    nl, d = graph(rng, n, dtype=dtype)
+    m = MODULES[backend]
+    phi, v, wf, bf = _painn_inputs(n, nf, num_basis, dtype)
+    gs, gv = torch.randn(n, nf, dtype=dtype), torch.randn(n, 3, nf, dtype=dtype)
+    unit = _units(nl, dtype)
+    a = (nl.i, nl.j, nl.ptr)
+    skewed = d * (1 + 0.05 * torch.rand(len(nl), dtype=dtype))
+    for dist in (d, skewed):
+        t64 = [t.double() for t in (phi, v, dist, unit)]
+        p64 = [t.double() for t in (wf, bf)]
+        got = m.painn_forward(phi, v, dist, unit, *a, wf, bf, *PAINN_FILTER)
+        want = reference.painn_forward(*t64, *a, *p64, *PAINN_FILTER)
+        for x, y in zip(got, want, strict=True):
+            _close(x, y, dtype)
+        for need in (False, True):
+            got = m.painn_vjp(gs, gv, phi, v, dist, unit, *a, nl.reverse, wf, bf, *PAINN_FILTER,
+                              need)
+            want = reference.painn_vjp(gs.double(), gv.double(), *t64, *a, nl.reverse, *p64,
+                                       *PAINN_FILTER, need)
+            for x, y in zip(got, want, strict=True):
+                assert x.shape == y.shape
+                if y.numel():
+                    _close(x, y, dtype)
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+def test_painn_out_of_range_sender_is_skipped(rng, backend):
+    """An out-of-range sender (possible only with value checks off) contributes nothing and is
+    never read: the forward equals the reference without that edge, its gradients are zero."""
+    n, nf = 9, 3
+    nl, d = graph(rng, n)
+    m = MODULES[backend]
+    phi, v, wf, bf = _painn_inputs(n, nf, 4)
+    unit = _units(nl)
+    bad_j = nl.j.clone()
+    bad_j[5] = n + 3
+    keep = torch.arange(len(nl)) != 5
+    ptr = torch.zeros(n + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(torch.bincount(nl.i[keep], minlength=n), 0)
+    got = m.painn_forward(phi, v, d, unit, nl.i, bad_j, nl.ptr, wf, bf, *PAINN_FILTER)
+    want = reference.painn_forward(phi, v, d[keep], unit[keep], nl.i[keep], nl.j[keep], ptr, wf,
+                                   bf, *PAINN_FILTER)
+    for x, y in zip(got, want, strict=True):
+        _close(x, y, torch.float64)
+    gs, gv = torch.randn(n, nf, dtype=torch.float64), torch.randn(n, 3, nf, dtype=torch.float64)
+    grads = m.painn_vjp(gs, gv, phi, v, d, unit, nl.i, bad_j, nl.ptr, nl.reverse, wf, bf,
+                        *PAINN_FILTER, True)
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert grads[2][5] == 0 and not grads[3][5].any()
+
+
+def _painn_op(a, backend):
+    def f(phi, v, d, unit, wf, bf):
+        return op.painn_message(phi, v, d, unit, *a, wf, bf, *PAINN_FILTER, backend)
+    return f
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_painn_gradcheck_and_opcheck(rng, backend, monkeypatch):
+    """First order runs the fused painn_message_vjp, second order the composite backward."""
+    n, nf = (4, 2) if backend == "triton" else (7, 3)
+    nl, a, d, *_ = _ops(rng, backend, n, nf, 3)
+    phi, v, wf, bf = _painn_inputs(n, nf, 3, grad=True)
+    unit = _units(nl).requires_grad_(True)
+    f = _painn_op(a, backend)
+    inputs = (phi, v, d, unit, wf, bf)
+    calls = []
+    fused = op.painn_message_vjp
+    monkeypatch.setattr(op, "painn_message_vjp", lambda *args: calls.append(1) or fused(*args))
+    ds, dv = f(*inputs)
+    torch.autograd.grad(ds.sum() + dv.pow(2).sum(), phi)
+    assert calls  # no graph asked for: the fused op
+    ds, dv = f(*inputs)
+    calls.clear()
+    torch.autograd.grad(ds.sum() + dv.pow(2).sum(), phi, create_graph=True)
+    assert not calls  # a graph: the composite backward
+    monkeypatch.undo()
+    assert torch.autograd.gradcheck(f, inputs)
+    torch.library.opcheck(op.painn_message, (*inputs[:4], *a, wf, bf, *PAINN_FILTER, backend))
+    if backend == "triton":  # interpreted; the composite backward is gms's, gradgradchecked above
+        return
+    assert torch.autograd.gradgradcheck(f, inputs)
+    g = [torch.randn(n, nf, dtype=torch.float64), torch.randn(n, 3, nf, dtype=torch.float64)]
+    detached = [t.detach() for t in inputs]
+    for need in (False, True):
+        torch.library.opcheck(op.painn_message_vjp, (*g, *detached[:4], *a, *detached[4:],
+                                                     *PAINN_FILTER, need, backend))
+
+
+def test_painn_vjp_refuses_differentiation(rng):
+    nl, a, d, *_ = _ops(rng, "numba", 6, 3, 4)
+    phi, v, wf, bf = _painn_inputs(6, 3, 4, grad=True)
+    g = [torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, 3, dtype=torch.float64)]
+    out = op.painn_message_vjp(*g, phi, v, d, _units(nl), *a, wf, bf, *PAINN_FILTER, True,
+                               "numba")
+    with pytest.raises(RuntimeError, match="no derivative"):
+        out[0].sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_painn_empty_edge_set(backend):
+    n, nf = 5, 3
+    empty = torch.zeros(0, dtype=torch.int64)
+    ptr = torch.zeros(n + 1, dtype=torch.int64)
+    d, unit = torch.zeros(0, dtype=torch.float64), torch.zeros(0, 3, dtype=torch.float64)
+    phi, v, wf, bf = _painn_inputs(n, nf, 4, grad=True)
+    ds, dv = op.painn_message(phi, v, d, unit, empty, empty, ptr, empty, wf, bf, *PAINN_FILTER,
+                              backend)
+    assert ds.shape == (n, nf) and dv.shape == (n, 3, nf) and not ds.any() and not dv.any()
+    gphi, gwf = torch.autograd.grad(ds.sum() + dv.sum(), (phi, wf))
+    assert not gphi.any() and not gwf.any()
