@@ -151,13 +151,13 @@ def hermite_table(values_and_slopes, cutoff: float, num_points: int,
 
 class _TableCache:
     """The table of a filter, rebuilt when the filter's parameters change (new data or an
-    in-place update, e.g. an optimizer step)."""
+    in-place update, e.g. an optimizer step) or when its number of knots does."""
 
     def __init__(self):
         self._entry: tuple | None = None
 
-    def get(self, params, build) -> TabulatedFilter:
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    def get(self, params, build, num_points: int) -> TabulatedFilter:
+        key = (num_points, *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
         if self._entry is None or self._entry[0] != key:
             self._entry = (key, build())
         return self._entry[1]
@@ -229,7 +229,7 @@ class CFConv(nn.Module):
     def table(self) -> TabulatedFilter:
         """The current table of ``filter`` (rebuilt when its parameters changed)."""
         return self._tables.get(self.filter.params(),
-                                lambda: self.filter.tabulate(self.num_points))
+                                lambda: self.filter.tabulate(self.num_points), self.num_points)
 
     def forward(self, x: Tensor, positions: Tensor, nl: NeighborList,
                 cell: Tensor | None = None, *, distances: Tensor | None = None) -> Tensor:
@@ -315,7 +315,7 @@ class PaiNNMessage(nn.Module):
 
             return hermite_table(values_and_slopes, self.cutoff, self.num_points, w.device)
 
-        return self._tables.get((self.filter.weight, self.filter.bias), build)
+        return self._tables.get((self.filter.weight, self.filter.bias), build, self.num_points)
 
     def forward(self, s: Tensor, v: Tensor, positions: Tensor, nl: NeighborList,
                 cell: Tensor | None = None, *, vectors: Tensor | None = None

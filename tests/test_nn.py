@@ -139,6 +139,15 @@ def test_tabulated_filter_error_at_default_size(rng):
     _close(table(r), want, "message", torch.float32)
 
 
+def test_table_follows_num_points(rng):
+    """Changing a module's num_points rebuilds its table (the cache keys on it)."""
+    for m in (fnn.CFConv(4, 3, 2.5, tabulate=True), fnn.PaiNNMessage(4, 3, 2.5, tabulate=True)):
+        first = m.table()
+        assert m.table() is first and first.coeffs.shape[0] == 999
+        m.num_points = 120
+        assert m.table().coeffs.shape[0] == 119
+
+
 @pytest.mark.parametrize("backend", ["numba", "triton", "reference"])
 def test_tabulated_cfconv_matches_mlp(rng, backend):
     n, nf = (6, 3) if backend == "triton" else (30, 16)
