@@ -1,5 +1,5 @@
 """The numba kernels never index out of bounds: rerun neighbor tests, the fused spline
-backward's and the cluster-pair builder's with NUMBA_BOUNDSCHECK=1.
+backward's, the PaiNN message's and the cluster-pair builder's with NUMBA_BOUNDSCHECK=1.
 
 Bounds checking is a compile-time flag that numba's on-disk cache does not key on, so the
 subprocess compiles into its own cache directory.
@@ -32,6 +32,12 @@ def test_neighbor_kernels_pass_with_boundscheck(tmp_path):
 def test_fused_spline_backward_passes_with_boundscheck(tmp_path):
     # planted edges beyond the cutoff, d_rev != d, an out-of-range sender, an empty edge set
     _bounds_checked(tmp_path, "test_message.py", "numba and (spline_conv_vjp or fused_backward)")
+
+
+def test_painn_message_passes_with_boundscheck(tmp_path):
+    # rows split across blocks, d_rev != d, an out-of-range sender
+    _bounds_checked(tmp_path, "test_message.py",
+                    "numba and (painn_launchers or painn_out_of_range)")
 
 
 def test_cluster_build_and_kernel_pass_with_boundscheck(tmp_path):
