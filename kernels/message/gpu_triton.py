@@ -37,9 +37,10 @@ BLOCK_E = 32
 BLOCK_F2 = 32
 # Edges per block of the filter GEMMs (GPU memory is not the limit here, launch count is).
 BLOCK = 65536
-# Warps of _spline_conv_vjp_kernel and the PaiNN row kernels: 64 threads for their 64 features. With the default 4, half the
-# lanes hold copies (same 40 registers, same 8 B of shared memory for the per-edge dot: ptxas,
-# sm_80 / sm_90); not timed on a GPU yet.
+# Warps of _spline_conv_vjp_kernel and the PaiNN row kernels: 64 threads for their 64
+# features. With the default 4, half the lanes hold copies (_spline_conv_vjp_kernel: same 40
+# registers, same 8 B of shared memory for the per-edge dot: ptxas, sm_80 / sm_90); not timed
+# on a GPU yet.
 VJP_WARPS = 2
 
 
