@@ -416,10 +416,8 @@ def painn_forward(phi, v, d, unit, i, j, ptr, wf, bf, cutoff, kind, envelope):
     def rows(ds, dv, w, e0, a0, a1):
         _painn_rows(ds.numpy(), dv.numpy(), phin, vn, un, _np(w), jn, pn, e0, a0, a1)
 
-    with torch.no_grad():
-        return dense.blocked_painn_forward(phi.detach(), v.detach(), d.detach(), i, ptr,
-                                           wf.detach(), bf.detach(), cutoff, kind, envelope,
-                                           _basis, rows, BLOCK)
+    return dense.blocked_painn_forward(phi, v, d, i, ptr, wf, bf, cutoff, kind, envelope, _basis,
+                                       rows, BLOCK)
 
 
 def painn_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope,
@@ -434,9 +432,6 @@ def painn_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, env
                         gunit.numpy(), gw.numpy())
         return gw
 
-    with torch.no_grad():
-        out = dense.blocked_painn_vjp(phi.detach(), v.detach(), d.detach(),
-                                      d.detach().index_select(0, rev), i, ptr, wf.detach(),
-                                      bf.detach(), cutoff, kind, envelope, need_params, _basis,
-                                      rows, BLOCK)
+    out = dense.blocked_painn_vjp(phi, v, d, d.index_select(0, rev), i, ptr, wf, bf, cutoff,
+                                  kind, envelope, need_params, _basis, rows, BLOCK)
     return dense.params_or_empty(out, d)

@@ -142,6 +142,7 @@ def _augmented_basis(d: Tensor, cutoff: float, kind: str, env_kind: str, num_bas
     return aug, basis, slope, env, (env_slope[0] if order else None)
 
 
+@torch.no_grad()
 def blocked_painn_forward(phi: Tensor, v: Tensor, d: Tensor, i: Tensor, ptr: Tensor, wf: Tensor,
                           bf: Tensor, cutoff: float, kind: str, env_kind: str, basis_fn,
                           rows_fn, block: int) -> tuple[Tensor, Tensor]:
@@ -152,7 +153,8 @@ def blocked_painn_forward(phi: Tensor, v: Tensor, d: Tensor, i: Tensor, ptr: Ten
     """
     n, nf = ptr.shape[0] - 1, v.shape[2]
     ds, dv = phi.new_zeros(n, nf), phi.new_zeros(n, 3, nf)
-    weight = torch.cat([wf, bf.unsqueeze(1)], 1).t().contiguous()  # [K + 1, 3F]
+    d = d.detach()
+    weight = torch.cat([wf.detach(), bf.detach().unsqueeze(1)], 1).t().contiguous()  # [K+1, 3F]
     for e0 in range(0, d.shape[0], block):
         e1 = min(e0 + block, d.shape[0])
         aug, *_ = _augmented_basis(d[e0:e1], cutoff, kind, env_kind, wf.shape[1], basis_fn, 0)
@@ -160,6 +162,7 @@ def blocked_painn_forward(phi: Tensor, v: Tensor, d: Tensor, i: Tensor, ptr: Ten
     return ds, dv
 
 
+@torch.no_grad()
 def blocked_painn_vjp(phi: Tensor, v: Tensor, d: Tensor, d_rev: Tensor, i: Tensor, ptr: Tensor,
                       wf: Tensor, bf: Tensor, cutoff: float, kind: str, env_kind: str,
                       need_params: bool, basis_fn, rows_fn, block: int):
@@ -176,9 +179,10 @@ def blocked_painn_vjp(phi: Tensor, v: Tensor, d: Tensor, d_rev: Tensor, i: Tenso
     grad_bf [3F]); the last two are None unless ``need_params``.
     """
     n, nf, num_basis = ptr.shape[0] - 1, v.shape[2], wf.shape[1]
+    phi, v, d, d_rev = phi.detach(), v.detach(), d.detach(), d_rev.detach()
     gphi, r = phi.new_zeros(n, 3 * nf), phi.new_zeros(n, 3, nf)
     grad_d, gunit = d.new_zeros(d.shape[0]), d.new_zeros(d.shape[0], 3)
-    weight_t = torch.cat([wf, bf.unsqueeze(1)], 1)  # [3F, K + 1]
+    weight_t = torch.cat([wf.detach(), bf.detach().unsqueeze(1)], 1)  # [3F, K + 1]
     weight = weight_t.t().contiguous()
     gweight = torch.zeros_like(weight_t) if need_params else None
     for e0 in range(0, d.shape[0], block):

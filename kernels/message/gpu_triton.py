@@ -45,13 +45,18 @@ VJP_WARPS = 2
 
 
 @triton.jit
+def _row_edges(ptr_ptr, a, e0, e1):
+    """The edges of receiver row a inside the block [e0, e1)."""
+    return tl.maximum(tl.load(ptr_ptr + a), e0), tl.minimum(tl.load(ptr_ptr + a + 1), e1)
+
+
+@triton.jit
 def _gms_rows_kernel(out_ptr, h_ptr, w_ptr, j_ptr, ptr_ptr, e0, e1, a0, n_h, nf,
                      BLOCK_F: tl.constexpr):
     a = a0 + tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = offs < nf
-    lo = tl.maximum(tl.load(ptr_ptr + a), e0)
-    hi = tl.minimum(tl.load(ptr_ptr + a + 1), e1)
+    lo, hi = _row_edges(ptr_ptr, a, e0, e1)
     acc = tl.zeros((BLOCK_F,), dtype=tl.float32).to(out_ptr.dtype.element_ty)
     for e in range(lo, hi):
         src = tl.load(j_ptr + e)
@@ -218,8 +223,7 @@ def _painn_rows_kernel(ds_ptr, dv_ptr, phi_ptr, v_ptr, unit_ptr, w_ptr, j_ptr, p
     a = a0 + tl.program_id(0)
     offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = offs < nf
-    lo = tl.maximum(tl.load(ptr_ptr + a), e0)
-    hi = tl.minimum(tl.load(ptr_ptr + a + 1), e1)
+    lo, hi = _row_edges(ptr_ptr, a, e0, e1)
     zero = tl.zeros((BLOCK_F,), dtype=tl.float32).to(ds_ptr.dtype.element_ty)
     acc_s, acc_x, acc_y, acc_z = zero, zero, zero, zero
     for e in range(lo, hi):
@@ -259,8 +263,7 @@ def _painn_vjp_rows_kernel(gphi_ptr, r_ptr, gunit_part_ptr, gw_ptr, gs_ptr, gv_p
     fb = tl.program_id(1)
     offs = fb * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = offs < nf
-    lo = tl.maximum(tl.load(ptr_ptr + a), e0)
-    hi = tl.minimum(tl.load(ptr_ptr + a + 1), e1)
+    lo, hi = _row_edges(ptr_ptr, a, e0, e1)
     ga = tl.load(gs_ptr + a * nf + offs, mask=fmask, other=0.0)
     gvrow = gv_ptr + a * 3 * nf + offs
     g0 = tl.load(gvrow, mask=fmask, other=0.0)
@@ -478,10 +481,8 @@ def painn_forward(phi, v, d, unit, i, j, ptr, wf, bf, cutoff, kind, envelope):
                 ds, dv, phic, vc, uc, _c(w), jc, pc, e0, e0 + w.shape[0], a0, phi.shape[0], nf,
                 BLOCK_F=BLOCK_F, num_warps=VJP_WARPS)
 
-    with torch.no_grad():
-        return dense.blocked_painn_forward(phi.detach(), v.detach(), d.detach(), i, ptr,
-                                           wf.detach(), bf.detach(), cutoff, kind, envelope,
-                                           _basis, rows, BLOCK)
+    return dense.blocked_painn_forward(phi, v, d, i, ptr, wf, bf, cutoff, kind, envelope, _basis,
+                                       rows, BLOCK)
 
 
 def painn_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope,
@@ -501,9 +502,7 @@ def painn_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, env
                 phi.shape[0], num_edges, nf, BLOCK_F=BLOCK_F, num_warps=VJP_WARPS)
         return gw
 
-    with torch.no_grad():
-        out = list(dense.blocked_painn_vjp(
-            phi.detach(), v.detach(), d.detach(), d.detach().index_select(0, rev), i, ptr,
-            wf.detach(), bf.detach(), cutoff, kind, envelope, need_params, _basis, rows, BLOCK))
+    out = list(dense.blocked_painn_vjp(phi, v, d, d.index_select(0, rev), i, ptr, wf, bf, cutoff,
+                                       kind, envelope, need_params, _basis, rows, BLOCK))
     out[3] = parts.sum(0)
     return dense.params_or_empty(tuple(out), d)
