@@ -216,6 +216,14 @@ def _spline_conv_vjp_kernel(gx_ptr, gd_part_ptr, g_ptr, x_ptr, d_ptr, d_rev_ptr,
 
 
 @triton.jit
+def _sender(j_ptr, e, n, fmask):
+    """The sender of edge e (0 when out of range, read nothing) and its loads' feature mask."""
+    src = tl.load(j_ptr + e)
+    ok = (src >= 0) & (src < n)
+    return tl.where(ok, src, 0), fmask & ok
+
+
+@triton.jit
 def _painn_rows_kernel(ds_ptr, dv_ptr, phi_ptr, v_ptr, unit_ptr, w_ptr, j_ptr, ptr_ptr, e0, e1,
                        a0, n_phi, nf, BLOCK_F: tl.constexpr):
     """One program per (receiver row, block of features): the PaiNN message of the row's edges
@@ -227,10 +235,7 @@ def _painn_rows_kernel(ds_ptr, dv_ptr, phi_ptr, v_ptr, unit_ptr, w_ptr, j_ptr, p
     zero = tl.zeros((BLOCK_F,), dtype=tl.float32).to(ds_ptr.dtype.element_ty)
     acc_s, acc_x, acc_y, acc_z = zero, zero, zero, zero
     for e in range(lo, hi):
-        src = tl.load(j_ptr + e)
-        ok = (src >= 0) & (src < n_phi)
-        src = tl.where(ok, src, 0)
-        m = fmask & ok
+        src, m = _sender(j_ptr, e, n_phi, fmask)
         prow = phi_ptr + src * 3 * nf + offs
         wrow = w_ptr + (e - e0) * 3 * nf + offs
         vrow = v_ptr + src * 3 * nf + offs
@@ -272,10 +277,7 @@ def _painn_vjp_rows_kernel(gphi_ptr, r_ptr, gunit_part_ptr, gw_ptr, gs_ptr, gv_p
     zero = tl.zeros((BLOCK_F,), dtype=tl.float32).to(gphi_ptr.dtype.element_ty)
     acc_s, acc_vs, acc_x, acc_y, acc_z = zero, zero, zero, zero, zero
     for e in range(lo, hi):
-        src = tl.load(j_ptr + e)
-        ok = (src >= 0) & (src < n_phi)
-        src = tl.where(ok, src, 0)
-        m = fmask & ok
+        src, m = _sender(j_ptr, e, n_phi, fmask)
         prow = phi_ptr + src * 3 * nf + offs
         vrow = v_ptr + src * 3 * nf + offs
         p_s = tl.load(prow, mask=m, other=0.0)
