@@ -222,7 +222,10 @@ def run(settings: Settings, *, on_sample: Callable[[], None] | None = None,
     built = {"schnet": models.SchNet, "painn": models.PaiNN}
     for name in settings.models:
         torch.manual_seed(settings.seed)
-        model = built[name]().to(dev, settings.dtype).set_backend(be)
+        # parameters frozen, as for the force field above and as fastff.ase.Calculator runs a
+        # model in MD: custom ops see only which inputs require grad, so trainable parameters
+        # would make every fused backward compute parameter gradients that no one asked for
+        model = built[name]().to(dev, settings.dtype).set_backend(be).requires_grad_(False)
         label = "SchNet" if name == "schnet" else "PaiNN"
 
         def energy(x, m=model):

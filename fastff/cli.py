@@ -313,8 +313,9 @@ def _profile(args) -> int:
             return ff(x, cell)
     else:
         torch.manual_seed(0)
+        # frozen like the force field: forces only, as in MD and in `fastff bench`
         model = (models.SchNet(tabulate=args.tabulate) if args.model == "schnet"
-                 else models.PaiNN()).to(device, dtype)
+                 else models.PaiNN()).to(device, dtype).requires_grad_(False)
         model.set_backend(backend)
 
         def energy(x):
