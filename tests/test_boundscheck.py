@@ -29,15 +29,12 @@ def test_neighbor_kernels_pass_with_boundscheck(tmp_path):
                     "parallel or gradcheck or opcheck)")
 
 
-def test_fused_spline_backward_passes_with_boundscheck(tmp_path):
-    # planted edges beyond the cutoff, d_rev != d, an out-of-range sender, an empty edge set
-    _bounds_checked(tmp_path, "test_message.py", "numba and (spline_conv_vjp or fused_backward)")
-
-
-def test_painn_message_passes_with_boundscheck(tmp_path):
-    # rows split across blocks, d_rev != d, an out-of-range sender
+def test_fused_message_kernels_pass_with_boundscheck(tmp_path):
+    # spline backward: planted edges beyond the cutoff, d_rev != d, an out-of-range sender, an
+    # empty edge set; PaiNN message: rows split across blocks, d_rev != d, an out-of-range sender
     _bounds_checked(tmp_path, "test_message.py",
-                    "numba and (painn_launchers or painn_out_of_range)")
+                    "numba and (spline_conv_vjp or fused_backward or painn_launchers or "
+                    "painn_out_of_range)")
 
 
 def test_cluster_build_and_kernel_pass_with_boundscheck(tmp_path):
