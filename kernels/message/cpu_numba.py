@@ -99,9 +99,10 @@ def cfconv_forward(x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act)
             lambda out, h, w, e0, a0, a1: _rows(out, h, w, e0, a0, a1, jn, pn), BLOCK)
 
 
-def cfconv_vjp(g, x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act, need_params):
-    """Launcher: (grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of sum <g, out>."""
-    i_n, j_n = _np(i), _np(j)
+def cfconv_vjp(g, x, d, d_rev, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act,
+               need_params, need_x):
+    """Launcher: (grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of sum <g, out>."""
+    i_n, j_n, pn = _np(i), _np(j), _np(ptr)
     gc, xc = _np(g), _np(x)
 
     def product(g_, x_, e0, e1):
@@ -110,9 +111,12 @@ def cfconv_vjp(g, x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act, 
         return out
 
     with torch.no_grad():
-        return dense.blocked_vjp(
-            g, x, d.detach(), i, j, (w1.detach(), b1.detach(), w2.detach(), b2.detach()),
-            cutoff, kind, envelope, act, need_params, _basis, product, BLOCK)
+        out = dense.blocked_vjp(
+            g.detach(), x.detach(), d.detach(), d_rev.detach(), i, j,
+            (w1.detach(), b1.detach(), w2.detach(), b2.detach()), cutoff, kind, envelope, act,
+            need_params, need_x, _basis, product,
+            lambda out, h, w, e0, a0, a1: _rows(out, h, w, e0, a0, a1, j_n, pn), BLOCK)
+    return dense.params_or_empty(out, d)
 
 
 @njit(cache=True, inline="always")

@@ -59,16 +59,25 @@ def filter_vjp(u: Tensor, basis: Tensor, basis_slope: Tensor, env: Tensor, env_s
     Returns (grad_d [b], grad_w1 [F, K], grad_b1 [F], grad_w2 [F, F], grad_b2 [F]); the four
     parameter gradients are None unless ``need_params``.
     """
+    return _filter_vjp(u, basis, basis_slope, env, env_slope, w1, b1, w2, b2, act, need_params,
+                       False)[:5]
+
+
+def _filter_vjp(u, basis, basis_slope, env, env_slope, w1, b1, w2, b2, act, need_params,
+                need_values):
+    """filter_vjp, and W itself [b, F] as a sixth output when ``need_values`` (the hidden
+    layer is then computed once for both)."""
     h = torch.addmm(b1, basis, w1.t())
     a = activation(h, act)
     t = u @ w2  # d<u, a w2^T>/da
     uy = (t * a).sum(1) + u @ b2
     g = t * activation_slope(h, act) * env.unsqueeze(1)  # dL/dh
     grad_d = env_slope * uy + ((g @ w1) * basis_slope).sum(1)
+    values = torch.addmm(b2, a, w2.t()) * env.unsqueeze(1) if need_values else None
     if not need_params:
-        return grad_d, None, None, None, None
+        return grad_d, None, None, None, None, values
     eu = u * env.unsqueeze(1)
-    return grad_d, g.t() @ basis, g.sum(0), eu.t() @ a, eu.sum(0)
+    return grad_d, g.t() @ basis, g.sum(0), eu.t() @ a, eu.sum(0), values
 
 
 def blocked_forward(x: Tensor, d: Tensor, i: Tensor, ptr: Tensor, params, cutoff: float,
@@ -92,17 +101,25 @@ def blocked_forward(x: Tensor, d: Tensor, i: Tensor, ptr: Tensor, params, cutoff
     return out
 
 
-def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, i: Tensor, j: Tensor, params, cutoff: float,
-                kind: str, env_kind: str, act: str, need_params: bool, basis_fn, product_fn,
-                block: int):
-    """Gradients of sum_a <g_a, out_a> in d and the filter parameters, a block at a time.
+def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, d_rev: Tensor, i: Tensor, j: Tensor, params,
+                cutoff: float, kind: str, env_kind: str, act: str, need_params: bool,
+                need_x: bool, basis_fn, product_fn, rows_fn, block: int):
+    """Gradients of sum_a <g_a, out_a> in x, d and the filter parameters, a block at a time.
 
-    ``product_fn(g, x, e0, e1)`` returns g[i_e] * x[j_e] for the block. Parameter gradients are
-    summed over blocks in a fixed order: deterministic.
+    ``product_fn(g, x, e0, e1)`` returns g[i_e] * x[j_e] for the block; ``rows_fn`` is the
+    forward's segment sum, which gives the x-gradient ``sum_{e in row a} g[j_e] W(d_rev_e)``
+    (sender side, over the mirrored edges) from the filter the block already has: its hidden
+    layer is shared with the d-gradient, and mirrored pairs have bitwise equal distances (a
+    block whose d_rev differs gets its own filter). Parameter gradients are summed over blocks
+    in a fixed order: deterministic.
+
+    Returns (grad_x [N, F] or None, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2), the
+    parameter gradients None unless ``need_params``.
     """
     w1, b1, w2, b2 = params
     num_basis = w1.shape[1]
     grad_d = d.new_zeros(d.shape[0])
+    grad_x = torch.zeros_like(x) if need_x else None
     sums = [torch.zeros_like(p) for p in params] if need_params else None
     for e0 in range(0, d.shape[0], block):
         e1 = min(e0 + block, d.shape[0])
@@ -111,14 +128,21 @@ def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, i: Tensor, j: Tensor, params, c
         slope = basis_fn(db, num_basis, cutoff, kind, "none", 1)
         env, env_slope = envelope(db, cutoff, env_kind, 1)
         u = product_fn(g, x, e0, e1)
-        gd, *gp = filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, act, need_params)
+        shared = need_x and torch.equal(db, d_rev[e0:e1])
+        gd, *gp, w = _filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, act,
+                                 need_params, shared)
         grad_d[e0:e1] = gd
+        if need_x:
+            if not shared:
+                drb = d_rev[e0:e1]
+                (env_rev,) = envelope(drb, cutoff, env_kind, 0)
+                w = filter_values(basis_fn(drb, num_basis, cutoff, kind, "none", 0), env_rev,
+                                  w1, b1, w2, b2, act)
+            rows_fn(grad_x, g, w, e0, int(i[e0]), int(i[e1 - 1]))
         if sums is not None:
             for s, p in zip(sums, gp, strict=True):
                 s += p
-    if sums is None:
-        return (grad_d, *(d.new_empty(0) for _ in range(4)))
-    return (grad_d, *sums)
+    return (grad_x, grad_d, *(sums if sums is not None else [None] * 4))
 
 
 # ---------------------------------------------------------------- PaiNN message (README.md)

@@ -419,14 +419,17 @@ def cfconv_forward(x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act)
             lambda out, h, w, e0, a0, a1: _rows(out, h, w, e0, a0, a1, jc, pc), BLOCK)
 
 
-def cfconv_vjp(g, x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act, need_params):
-    """Launcher: (grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of sum <g, out>."""
-    ic, jc = _c(i), _c(j)
+def cfconv_vjp(g, x, d, d_rev, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act,
+               need_params, need_x):
+    """Launcher: (grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of sum <g, out>."""
+    ic, jc, pc = _c(i), _c(j), _c(ptr)
     with torch.no_grad():
-        return dense.blocked_vjp(
-            _c(g), _c(x), d.detach(), i, j, (w1.detach(), b1.detach(), w2.detach(), b2.detach()),
-            cutoff, kind, envelope, act, need_params, _basis,
-            lambda g_, x_, e0, e1: _ggm_block(g_, x_, ic, jc, e0, e1), BLOCK)
+        out = dense.blocked_vjp(
+            _c(g), _c(x), d.detach(), d_rev.detach(), i, j,
+            (w1.detach(), b1.detach(), w2.detach(), b2.detach()), cutoff, kind, envelope, act,
+            need_params, need_x, _basis, lambda g_, x_, e0, e1: _ggm_block(g_, x_, ic, jc, e0, e1),
+            lambda out, h, w, e0, a0, a1: _rows(out, h, w, e0, a0, a1, jc, pc), BLOCK)
+    return dense.params_or_empty(out, d)
 
 
 def _cut(cutoff, like):

@@ -7,8 +7,9 @@ Primitives, all over a FULL neighbor list sorted by receiver (CSR ``ptr``) with 
   ``ggm(a, b)``: out[e] = a[i_e] b[j_e] (its edge-product partner). The backward of each is
   built from the two: closed under differentiation.
 * ``cfconv``: gms with SchNet's filter network W(d_e) computed inside, a block of edges at a
-  time. Its x-gradient is ``cfconv`` again on mirrored distances; its (d, parameter) gradient is
-  the fused ``cfconv_vjp`` when no graph is needed (forces at inference) and, when the backward
+  time. Its backward is the fused ``cfconv_vjp`` when no graph is needed (forces at
+  inference: x, d and parameter gradients in one pass; the x-gradient alone is ``cfconv`` on
+  mirrored distances) and, when the backward
   itself must be differentiable (force training, create_graph=True), the same formulas
   written with ``ggm``, ``radial_basis`` and torch ops (kernels/message/dense.py), which are
   differentiable to any order.
@@ -113,21 +114,25 @@ def _(x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, activation, 
 
 
 @torch.library.custom_op("fastff::cfconv_vjp", mutates_args=())
-def cfconv_vjp(g: Tensor, x: Tensor, d: Tensor, i: Tensor, j: Tensor, ptr: Tensor, w1: Tensor,
-               b1: Tensor, w2: Tensor, b2: Tensor, cutoff: float, kind: str, envelope: str,
-               activation: str, need_params: bool, backend: str
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _backend.launcher("cfconv_vjp", backend)(g, x, d, i, j, ptr, w1, b1, w2, b2, cutoff,
-                                                     kind, envelope, activation, need_params)
+def cfconv_vjp(g: Tensor, x: Tensor, d: Tensor, d_rev: Tensor, i: Tensor, j: Tensor,
+               ptr: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, cutoff: float,
+               kind: str, envelope: str, activation: str, need_params: bool, need_x: bool,
+               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_d, grad_w1, grad_b1, grad_w2, grad_b2) of sum <g, cfconv(x, d)>: grad_x
+    (= cfconv(g, d_rev)) empty [0] unless need_x, the parameters' unless need_params."""
+    return _backend.launcher("cfconv_vjp", backend)(g, x, d, d_rev, i, j, ptr, w1, b1, w2, b2,
+                                                     cutoff, kind, envelope, activation,
+                                                     need_params, need_x)
 
 
 @cfconv_vjp.register_fake
-def _(g, x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, activation, need_params,
-      backend):
+def _(g, x, d, d_rev, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, activation,
+      need_params, need_x, backend):
+    grad_x = torch.empty_like(x) if need_x else x.new_empty(0)
     if need_params:
-        return (d.new_empty(d.shape[0]), torch.empty_like(w1), torch.empty_like(b1),
+        return (grad_x, d.new_empty(d.shape[0]), torch.empty_like(w1), torch.empty_like(b1),
                 torch.empty_like(w2), torch.empty_like(b2))
-    return (d.new_empty(d.shape[0]), *(d.new_empty(0) for _ in range(4)))
+    return (grad_x, d.new_empty(d.shape[0]), *(d.new_empty(0) for _ in range(4)))
 
 
 def _cfconv_vjp_backward(ctx, *grads):
@@ -165,18 +170,18 @@ def _cfconv_backward(ctx, grad):
     need_params = any(needs[6:10])
     if torch.is_grad_enabled():  # the backward itself is being differentiated
         return _cfconv_backward_composite(ctx, grad)
-    gx = None
-    if needs[0]:  # sum over senders = rows of the mirrored edges, whose distances are d[rev]
+    gx = gd = gp = None
+    # the x-gradient sums over senders = rows of the mirrored edges, whose distances are d[rev]
+    if needs[1] or need_params:  # one pass: the hidden layer serves the x- and d-gradients
+        gx, gd, *gp = cfconv_vjp(grad, x, d, _mirror(d, rev), i, j, ptr, w1, b1, w2, b2, cutoff,
+                                 kind, envelope, activation, need_params, needs[0], backend)
+    elif needs[0]:
         gx = cfconv(grad, _mirror(d, rev), i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind,
                     envelope, activation, backend)
-    gd = gp = None
-    if needs[1] or need_params:
-        gd, *gp = cfconv_vjp(grad, x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope,
-                             activation, need_params, backend)
     gparams = [p if (need_params and n) else None
                for p, n in zip(gp or [None] * 4, needs[6:10], strict=True)]
-    return (gx, gd if needs[1] else None, None, None, None, None, *gparams,
-            None, None, None, None, None)
+    return (gx if needs[0] else None, gd if needs[1] else None, None, None, None, None,
+            *gparams, None, None, None, None, None)
 
 
 def _cfconv_backward_composite(ctx, grad):

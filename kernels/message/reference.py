@@ -35,16 +35,17 @@ def cfconv_forward(x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act)
     return gms(x, filter_matrix(d, w1, b1, w2, b2, cutoff, kind, envelope, act), i, j, ptr)
 
 
-def cfconv_vjp(g, x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act, need_params):
+def cfconv_vjp(g, x, d, d_rev, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act,
+               need_params, need_x):
     num_basis = w1.shape[1]
     basis = _basis(d, num_basis, cutoff, kind, "none", 0)
     slope = _basis(d, num_basis, cutoff, kind, "none", 1)
     env, env_slope = dense.envelope(d, cutoff, envelope, 1)
     out = dense.filter_vjp(ggm(g, x, i, j), basis, slope, env, env_slope, w1, b1, w2, b2, act,
                            need_params)
-    if not need_params:
-        return (out[0], *(d.new_empty(0) for _ in range(4)))
-    return out
+    grad_x = cfconv_forward(g, d_rev, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope,
+                            act) if need_x else None
+    return dense.params_or_empty((grad_x, *out), d)
 
 
 def spline_weights(d: Tensor, num_intervals: int, cutoff: float, order: int):

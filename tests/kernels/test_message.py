@@ -65,9 +65,14 @@ def test_launchers_match_reference(rng, backend, dtype):
         args = (2.0, kind, env, act)
         _close(m.cfconv_forward(x, d, i, j, ptr, *p, *args),
                reference.cfconv_forward(x64, d64, i, j, ptr, *p64, *args), dtype)
-        for need in (False, True):
-            got = m.cfconv_vjp(g, x, d, i, j, ptr, *p, *args, need)
-            want = reference.cfconv_vjp(g64, x64, d64, i, j, ptr, *p64, *args, need)
+        # the x-gradient from the block's own filter (mirrored distances) or a second one
+        mirrored = d[nl.reverse]
+        skewed = mirrored * (1 + 0.05 * torch.rand(len(nl), dtype=dtype))
+        for need, need_x, d_rev in ((False, False, mirrored), (True, True, mirrored),
+                                    (False, True, skewed)):
+            got = m.cfconv_vjp(g, x, d, d_rev, i, j, ptr, *p, *args, need, need_x)
+            want = reference.cfconv_vjp(g64, x64, d64, d_rev.double(), i, j, ptr, *p64, *args,
+                                        need, need_x)
             for a, b in zip(got, want, strict=True):
                 assert a.shape == b.shape
                 if b.numel():
@@ -137,8 +142,9 @@ def test_opcheck_every_op(rng, backend):
     torch.library.opcheck(op.ggm, (x, g, *a, backend))
     torch.library.opcheck(op.cfconv, (x, d, *a, *p, *filt, backend))
     detached = [t.detach() for t in (g, x, d, *p)]
-    torch.library.opcheck(op.cfconv_vjp, (*detached[:3], i, j, ptr, *detached[3:], *filt, True,
-                                          backend))
+    d_rev = detached[2][rev].clone()
+    torch.library.opcheck(op.cfconv_vjp, (*detached[:3], d_rev, i, j, ptr, *detached[3:], *filt,
+                                          True, True, backend))
     torch.library.opcheck(op.spline_conv, (x, d, scale, coeffs, *a, 2.0, 1, backend))
     torch.library.opcheck(op.spline_conv, (x, d, None, coeffs, *a, 2.0, 0, backend))
     torch.library.opcheck(op.spline_edge_dot, (g, x, d, coeffs, *a, 2.0, 2, backend))
@@ -147,7 +153,8 @@ def test_opcheck_every_op(rng, backend):
 def test_no_silent_zero_gradients(rng):
     nl, a, d, x, g, w, scale, coeffs, p = _ops(rng, "numba", 6, 3, 4)
     i, j, ptr, rev = a
-    out = op.cfconv_vjp(g, x, d, i, j, ptr, *p, 2.0, "gaussian", "cosine", "silu", True, "numba")
+    out = op.cfconv_vjp(g, x, d, d[rev], i, j, ptr, *p, 2.0, "gaussian", "cosine", "silu", True,
+                        True, "numba")
     with pytest.raises(RuntimeError, match="no derivative"):
         out[0].sum().backward()
     table = coeffs.clone().requires_grad_(True)
