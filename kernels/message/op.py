@@ -173,8 +173,9 @@ def _cfconv_backward(ctx, grad):
     gx = gd = gp = None
     # the x-gradient sums over senders = rows of the mirrored edges, whose distances are d[rev]
     if needs[1] or need_params:  # one pass: the hidden layer serves the x- and d-gradients
-        gx, gd, *gp = cfconv_vjp(grad, x, d, _mirror(d, rev), i, j, ptr, w1, b1, w2, b2, cutoff,
-                                 kind, envelope, activation, need_params, needs[0], backend)
+        d_rev = _mirror(d, rev) if needs[0] else d  # read only for the x-gradient
+        gx, gd, *gp = cfconv_vjp(grad, x, d, d_rev, i, j, ptr, w1, b1, w2, b2, cutoff, kind,
+                                 envelope, activation, need_params, needs[0], backend)
     elif needs[0]:
         gx = cfconv(grad, _mirror(d, rev), i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind,
                     envelope, activation, backend)

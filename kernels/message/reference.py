@@ -107,7 +107,7 @@ def painn_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, env
               need_params):
     """Gradients (phi, v, d, unit, wf, bf) of <gs, ds> + <gv, dv>, edge by edge (sender sums by
     index_add over j; ``rev`` is not used)."""
-    nf, n, num_basis = v.shape[2], phi.shape[0], wf.shape[1]
+    nf, num_basis = v.shape[2], wf.shape[1]
     basis = _basis(d, num_basis, cutoff, kind, "none", 0)
     slope = _basis(d, num_basis, cutoff, kind, "none", 1)
     env, env_slope = dense.envelope(d, cutoff, envelope, 1)
@@ -123,7 +123,7 @@ def painn_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, env
     grad_unit = (gvi * x_vs.unsqueeze(1)).sum(2)
     gw = gx * p
     grad_d = env_slope * (gw * y).sum(1) + env * (gw * (slope @ wf.t())).sum(1)
-    grads = (grad_phi[:n], grad_v, grad_d, grad_unit)
+    grads = (grad_phi, grad_v, grad_d, grad_unit)
     if not need_params:
         return dense.params_or_empty((*grads, None, None), d)
     ge = gw * env.unsqueeze(1)
