@@ -256,7 +256,9 @@ class SchNet(AtomisticModel):
     def atomic_features(self, species: Tensor, positions: Tensor, nl: NeighborList,
                         cell: Tensor | None) -> Tensor:
         x = self.embedding(species)
-        d = nl.distances(positions, cell)  # once, for every interaction
+        # once, for every interaction; tabulated filters compute them inside their kernel
+        d = None if all(b.conv.tabulate for b in self.interactions) else \
+            nl.distances(positions, cell)
         for block in self.interactions:
             with record_function("fastff.SchNet.interaction"):
                 x = block(x, positions, nl, cell, d)

@@ -32,6 +32,9 @@ class NeighborList:
         cell: the cell given at build time ([3, 3], [B, 3, 3]) or None; detached.
         pbc: bool [B, 3] periodicity per system.
         backend: the kernel path that built it.
+        symmetric: True when every pair (i, j, S) is known to have its mirror (j, i, -S) in the
+            list: full lists built by :func:`neighbor_list` (their pair test is exactly
+            antisymmetric). Message-passing modules check other full lists for mirrors.
     """
 
     def __init__(self, i: Tensor, j: Tensor, shifts: Tensor, ptr: Tensor, *, cutoff: float,
@@ -41,6 +44,7 @@ class NeighborList:
         self.cutoff, self.half, self.num_atoms = cutoff, half, num_atoms
         self.batch, self.pbc, self.cell, self.backend = batch, pbc, cell, backend
         self._cells = cells  # [B, 3, 3], zeros where no cell was given
+        self.symmetric = False
         self._reverse: Tensor | None = None
         self._cached: tuple | None = None  # (weakref to positions, version, distances)
 
@@ -271,5 +275,6 @@ def neighbor_list(positions: Tensor, cutoff: float, cell: Tensor | None = None, 
     nl = NeighborList(i, j, shifts, ptr, cutoff=c, half=half, num_atoms=n, batch=batch,
                       cells=cells.detach(), pbc=periodic,
                       cell=None if cell is None else cell.detach(), backend=name)
+    nl.symmetric = not half
     nl._remember(positions, dist)
     return nl

@@ -61,7 +61,7 @@ def _graph(module: nn.Module, positions: Tensor, nl, cutoff: float,
         if p.device != positions.device:
             raise ValueError(f"{type(module).__name__} parameter {pname} is on {p.device} but "
                              f"positions is on {positions.device}")
-    if _checks.checks_enabled() and len(nl) and bool((nl.reverse < 0).any()):
+    if _checks.checks_enabled() and len(nl) and not nl.symmetric and bool((nl.reverse < 0).any()):
         raise ValueError("nl has pairs without a mirror pair; build it with fastff.neighbor_list")
 
 
@@ -210,7 +210,10 @@ class CFConv(nn.Module):
         backend: "numba", "triton", "reference" or None (``FASTFF_BACKEND``, then by device).
 
     The fused path computes W for blocks of edges inside the kernel and recomputes it in the
-    backward; no [E, F] tensor is kept. Deterministic on CPU (receiver-sorted sums, no atomics).
+    backward; no [E, F] tensor is kept. The tabulated path without given ``distances`` also
+    computes each distance from positions inside its kernel (``fastff::spline_conv_positions``):
+    forces and stress then need no [E] tensor at all. Deterministic on CPU (receiver-sorted
+    sums, no atomics).
     """
 
     def __init__(self, num_features: int, num_basis: int, cutoff: float, *,
@@ -238,6 +241,13 @@ class CFConv(nn.Module):
         ``distances``: ``nl.distances(positions, cell)`` when the caller already has them
         (a model's interactions share one set instead of recomputing it per layer)."""
         _graph(self, positions, nl, self.cutoff, {"x": (x, (self.num_features,))})
+        if self.tabulate and distances is None:
+            # distances from positions inside the kernel: no [E] tensor, no mirror index
+            name, _ = _backend.resolve("spline_conv_positions", x.device, self.backend)
+            coeffs = self.table().coeffs_as(x.dtype)
+            return _mop.spline_conv_positions(
+                x.contiguous(), positions.contiguous(), nl._cell_for(positions, cell), nl.batch,
+                nl.i, nl.j, nl.shifts, nl.ptr, coeffs, self.cutoff, name)
         d = (nl.distances(positions, cell) if distances is None
              else _edge_tensor(distances, nl, "distances", ())).contiguous()
         args = (nl.i, nl.j, nl.ptr, nl.reverse)

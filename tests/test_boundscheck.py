@@ -1,5 +1,6 @@
 """The numba kernels never index out of bounds: rerun neighbor tests, the fused spline
-backward's, the PaiNN message's and the cluster-pair builder's with NUMBA_BOUNDSCHECK=1.
+backward's, the PaiNN message's, the positions-based spline kernels' and the cluster-pair
+builder's with NUMBA_BOUNDSCHECK=1.
 
 Bounds checking is a compile-time flag that numba's on-disk cache does not key on, so the
 subprocess compiles into its own cache directory.
@@ -35,6 +36,13 @@ def test_fused_message_kernels_pass_with_boundscheck(tmp_path):
     _bounds_checked(tmp_path, "test_message.py",
                     "numba and (spline_conv_vjp or fused_backward or painn_launchers or "
                     "painn_out_of_range)")
+
+
+def test_positions_spline_kernels_pass_with_boundscheck(tmp_path):
+    # per-row geometry buffers, cells smaller than twice the cutoff, batches, an out-of-range
+    # sender
+    _bounds_checked(tmp_path, "test_message_positions.py",
+                    "numba and (launchers or out_of_range)")
 
 
 def test_cluster_build_and_kernel_pass_with_boundscheck(tmp_path):

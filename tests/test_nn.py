@@ -201,6 +201,52 @@ def test_tabulated_cfconv_forces_through_fused_backward(rng, backend, dtype):
         _close(a, b, "message", dtype)
 
 
+@pytest.mark.parametrize("backend,dtype", [("numba", torch.float64), ("numba", torch.float32),
+                                           ("triton", torch.float64),
+                                           ("reference", torch.float64)])
+def test_tabulated_cfconv_distances_inside_the_kernel(rng, backend, dtype):
+    """Without given distances, CFConv(tabulate=True) runs spline_conv_positions: x-gradient,
+    forces and the cell gradient (first order, the fused row-owned backward) against torch
+    autograd through the same table in float64, without ever building the mirror index."""
+    n, nf = (6, 3) if backend == "triton" else (40, 16)
+    pos, cell, nl = system(n)
+    mt = fnn.CFConv(nf, 8, 2.5, tabulate=True, backend=backend).to(dtype)
+    coeffs = mt.table().coeffs.double()
+    x = torch.randn(n, nf, dtype=torch.float64)
+    weights = torch.randn(n, nf, dtype=torch.float64)
+
+    def reference(x, p, cell):
+        d = torch.linalg.vector_norm(p[nl.j] - p[nl.i] + nl.shifts.to(p.dtype) @ cell, dim=1)
+        w = message_reference.spline_matrix(d, coeffs, mt.cutoff, 0)
+        return torch.zeros_like(x).index_add(0, nl.i, x[nl.j] * w)
+
+    results = []
+    for fn, dt in ((lambda x, p, c: mt(x, p, nl, c), dtype), (reference, torch.float64)):
+        inputs = [t.to(dt).requires_grad_(True) for t in (x, pos, cell)]
+        out = fn(*inputs)
+        results.append([out, *torch.autograd.grad((out * weights.to(dt)).sum(), inputs)])
+    assert "spline_conv_positions" in results[0][0].grad_fn.name()
+    assert nl._reverse is None  # the mirror index was never needed
+    for a, b in zip(*results, strict=True):
+        _close(a, b, "message", dtype)
+
+
+def test_unverified_neighbor_list_is_checked_for_mirrors(rng):
+    """A NeighborList not built by fastff.neighbor_list is checked for mirror pairs (the
+    row-owned backwards rely on them): a list missing one is refused."""
+    pos, cell, nl = system(12)
+    keep = torch.arange(len(nl)) != 3
+    ptr = torch.zeros(13, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(torch.bincount(nl.i[keep], minlength=12), 0)
+    broken = fastff.NeighborList(nl.i[keep], nl.j[keep], nl.shifts[keep], ptr, cutoff=nl.cutoff,
+                                 half=False, num_atoms=12, batch=None, cells=nl._cells,
+                                 pbc=nl.pbc, cell=cell, backend=nl.backend)
+    assert not broken.symmetric
+    m = fnn.CFConv(4, 8, 2.5, tabulate=True).double()
+    with pytest.raises(ValueError, match="mirror"):
+        m(torch.randn(12, 4, dtype=torch.float64), pos, broken, cell)
+
+
 def reference_painn(m, s, v, pos, nl, cell):
     vec = pos[nl.j] - pos[nl.i] + nl.shifts.to(pos.dtype) @ cell
     d = torch.linalg.vector_norm(vec, dim=1)

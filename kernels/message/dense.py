@@ -237,3 +237,14 @@ def params_or_empty(grads: tuple, like: Tensor) -> tuple:
     """The launchers' return convention: parameter gradients not asked for (None) become
     empty [0] tensors."""
     return tuple(like.new_empty(0) if t is None else t for t in grads)
+
+
+def cell_sums(cell_rows: Tensor, atom_system: Tensor | None, cells: Tensor) -> Tensor:
+    """[B, 3, 3] cell gradients from per-atom rows [N, 9], summed over each system's atoms
+    (in atom order on CPU: deterministic)."""
+    num_systems = cells.shape[0]
+    if atom_system is None:
+        sums = cell_rows.sum(0, keepdim=True)
+    else:
+        sums = cell_rows.new_zeros(num_systems, 9).index_add_(0, atom_system, cell_rows)
+    return sums.view(num_systems, 3, 3)

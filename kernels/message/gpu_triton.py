@@ -11,6 +11,9 @@ Algorithms (as cpu_numba.py, so both backends give the same sums in the same ord
   row (one program per row and block of features; the table interval is read once when the
   mirrored distance equals the distance, and each block's partial dot products go to their own
   row of a [blocks, E] buffer, summed afterwards: still one writer per value, no atomics).
+* ``_spline_conv_positions_kernel`` / ``_spline_conv_positions_vjp_kernel``: the same with each
+  distance computed from positions in the kernel; the backward's position and cell gradients of
+  each feature block go to their own row of a [blocks, N, 3 | 9] buffer, summed afterwards.
 * ``_painn_rows_kernel`` / ``_painn_vjp_rows_kernel``: PaiNN's message and its backward, one
   program per (row, block of features); the per-edge d/d unit of each feature block goes to its
   own row of a [blocks, E, 3] buffer, summed afterwards.
@@ -324,6 +327,112 @@ def _painn_vjp_rows_kernel(gphi_ptr, r_ptr, gunit_part_ptr, gw_ptr, gs_ptr, gv_p
 
 _F = {"BLOCK_F": BLOCK_F}
 _EF = {"BLOCK_E": BLOCK_E, "BLOCK_F": BLOCK_F2}
+@triton.jit
+def _pair_geometry(pos_ptr, cells_ptr, system_ptr, batched, a, b, shifts_ptr, e):
+    """r_ab = (x_b - x_a) + S @ cell and |r_ab|: the mirror pair computes exactly the negated
+    vector (every step is sign-symmetric, fused or not) and so the same distance."""
+    s = tl.load(system_ptr + a * batched)
+    cb = cells_ptr + s * 9
+    ty = pos_ptr.dtype.element_ty
+    sh0 = tl.load(shifts_ptr + e * 3).to(ty)
+    sh1 = tl.load(shifts_ptr + e * 3 + 1).to(ty)
+    sh2 = tl.load(shifts_ptr + e * 3 + 2).to(ty)
+    v0 = (tl.load(pos_ptr + b * 3) - tl.load(pos_ptr + a * 3)) + (
+        (sh0 * tl.load(cb) + sh1 * tl.load(cb + 3)) + sh2 * tl.load(cb + 6))
+    v1 = (tl.load(pos_ptr + b * 3 + 1) - tl.load(pos_ptr + a * 3 + 1)) + (
+        (sh0 * tl.load(cb + 1) + sh1 * tl.load(cb + 4)) + sh2 * tl.load(cb + 7))
+    v2 = (tl.load(pos_ptr + b * 3 + 2) - tl.load(pos_ptr + a * 3 + 2)) + (
+        (sh0 * tl.load(cb + 2) + sh1 * tl.load(cb + 5)) + sh2 * tl.load(cb + 8))
+    return v0, v1, v2, tl.sqrt((v0 * v0 + v1 * v1) + v2 * v2)
+
+
+@triton.jit
+def _spline_conv_positions_kernel(out_ptr, x_ptr, pos_ptr, cells_ptr, system_ptr, coeffs_ptr,
+                                  j_ptr, shifts_ptr, ptr_ptr, cutoff_ptr, batched, n, nf, nint,
+                                  BLOCK_F: tl.constexpr):
+    a = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    fmask = offs < nf
+    cutoff = tl.load(cutoff_ptr)
+    lo, hi = _row_edges(ptr_ptr, a, 0, tl.load(ptr_ptr + a + 1))
+    acc = tl.zeros((BLOCK_F,), dtype=tl.float32).to(out_ptr.dtype.element_ty)
+    for e in range(lo, hi):
+        b, m = _sender(j_ptr, e, n, fmask)
+        _, _, _, r = _pair_geometry(pos_ptr, cells_ptr, system_ptr, batched, a, b, shifts_ptr, e)
+        k, p0, p1, p2, p3 = _spline_weights(r, cutoff, nint, 0)
+        c0, c1, c2, c3 = _interval_rows(coeffs_ptr, k, nf, offs, fmask)
+        xv = tl.load(x_ptr + b * nf + offs, mask=m, other=0.0)
+        acc += xv * (p0 * c0 + p1 * c1 + p2 * c2 + p3 * c3)
+    tl.store(out_ptr + a * nf + offs, acc, mask=fmask)
+
+
+@triton.jit
+def _spline_conv_positions_vjp_kernel(gx_ptr, gpos_part_ptr, cell_part_ptr, g_ptr, x_ptr, pos_ptr,
+                                      cells_ptr, system_ptr, coeffs_ptr, j_ptr, shifts_ptr,
+                                      ptr_ptr, cutoff_ptr, batched, need_x, need_cell, n, rows,
+                                      nf, nint, BLOCK_F: tl.constexpr):
+    """Row a, one block of features: grad_x[a] (need_x) and this block's share of
+    grad_pos[a] and of the row's cell gradient, each in its own row of a [blocks, N, .] buffer."""
+    a = tl.program_id(0)
+    fb = tl.program_id(1)
+    offs = fb * BLOCK_F + tl.arange(0, BLOCK_F)
+    fmask = offs < nf
+    cutoff = tl.load(cutoff_ptr)
+    lo, hi = _row_edges(ptr_ptr, a, 0, tl.load(ptr_ptr + a + 1))
+    ga = tl.load(g_ptr + a * nf + offs, mask=fmask, other=0.0)
+    xa = tl.load(x_ptr + a * nf + offs, mask=fmask, other=0.0)
+    acc = tl.zeros((BLOCK_F,), dtype=tl.float32).to(gx_ptr.dtype.element_ty)
+    zero = cutoff * 0.0
+    f0, f1, f2 = zero, zero, zero
+    c00, c01, c02, c10, c11, c12, c20, c21, c22 = (zero, zero, zero, zero, zero, zero, zero,
+                                                   zero, zero)
+    for e in range(lo, hi):
+        b, m = _sender(j_ptr, e, n, fmask)
+        v0, v1, v2, r = _pair_geometry(pos_ptr, cells_ptr, system_ptr, batched, a, b,
+                                       shifts_ptr, e)
+        k, p0, p1, p2, p3 = _spline_weights(r, cutoff, nint, 0)
+        _, q0, q1, q2, q3 = _spline_weights(r, cutoff, nint, 1)
+        c0, c1, c2, c3 = _interval_rows(coeffs_ptr, k, nf, offs, fmask)
+        xb = tl.load(x_ptr + b * nf + offs, mask=m, other=0.0)
+        gb = tl.load(g_ptr + b * nf + offs, mask=m, other=0.0)
+        acc += gb * (p0 * c0 + p1 * c1 + p2 * c2 + p3 * c3)
+        # t_e + t'_e: this pair's slope seen from both ends (README.md)
+        dot = tl.sum((ga * xb + gb * xa) * (q1 * c1 + q2 * c2 + q3 * c3), axis=0)
+        w = tl.where(r > 0.0, dot / tl.where(r > 0.0, r, 1.0), 0.0)
+        f0 -= w * v0
+        f1 -= w * v1
+        f2 -= w * v2
+        h = 0.5 * w
+        sh0 = tl.load(shifts_ptr + e * 3).to(zero.dtype) * h
+        sh1 = tl.load(shifts_ptr + e * 3 + 1).to(zero.dtype) * h
+        sh2 = tl.load(shifts_ptr + e * 3 + 2).to(zero.dtype) * h
+        c00 += sh0 * v0
+        c01 += sh0 * v1
+        c02 += sh0 * v2
+        c10 += sh1 * v0
+        c11 += sh1 * v1
+        c12 += sh1 * v2
+        c20 += sh2 * v0
+        c21 += sh2 * v1
+        c22 += sh2 * v2
+    tl.store(gx_ptr + a * nf + offs, acc, mask=fmask & (need_x != 0))
+    part = gpos_part_ptr + (fb * rows + a) * 3
+    tl.store(part, f0)
+    tl.store(part + 1, f1)
+    tl.store(part + 2, f2)
+    if need_cell != 0:
+        cp = cell_part_ptr + (fb * rows + a) * 9
+        tl.store(cp, c00)
+        tl.store(cp + 1, c01)
+        tl.store(cp + 2, c02)
+        tl.store(cp + 3, c10)
+        tl.store(cp + 4, c11)
+        tl.store(cp + 5, c12)
+        tl.store(cp + 6, c20)
+        tl.store(cp + 7, c21)
+        tl.store(cp + 8, c22)
+
+
 AOT_SPECS = [
     {"kernel": _gms_rows_kernel,
      "signature": {"out_ptr": "*fp32", "h_ptr": "*fp32", "w_ptr": "*fp32", "j_ptr": "*i64",
@@ -354,6 +463,21 @@ AOT_SPECS = [
                    "j_ptr": "*i64", "ptr_ptr": "*i64", "cutoff_ptr": "*fp32", "num_edges": "i64",
                    "n_g": "i64", "n_x": "i64", "nf": "i32", "nint": "i32", "order": "i32",
                    "BLOCK_F": "constexpr"},
+     "constexprs": _F, "options": {"num_warps": VJP_WARPS}},
+    {"kernel": _spline_conv_positions_kernel,
+     "signature": {"out_ptr": "*fp32", "x_ptr": "*fp32", "pos_ptr": "*fp32", "cells_ptr": "*fp32",
+                   "system_ptr": "*i64", "coeffs_ptr": "*fp32", "j_ptr": "*i64",
+                   "shifts_ptr": "*i32", "ptr_ptr": "*i64", "cutoff_ptr": "*fp32",
+                   "batched": "i32", "n": "i64", "nf": "i32", "nint": "i32",
+                   "BLOCK_F": "constexpr"},
+     "constexprs": _F},
+    {"kernel": _spline_conv_positions_vjp_kernel,
+     "signature": {"gx_ptr": "*fp32", "gpos_part_ptr": "*fp32", "cell_part_ptr": "*fp32",
+                   "g_ptr": "*fp32", "x_ptr": "*fp32", "pos_ptr": "*fp32", "cells_ptr": "*fp32",
+                   "system_ptr": "*i64", "coeffs_ptr": "*fp32", "j_ptr": "*i64",
+                   "shifts_ptr": "*i32", "ptr_ptr": "*i64", "cutoff_ptr": "*fp32",
+                   "batched": "i32", "need_x": "i32", "need_cell": "i32", "n": "i64",
+                   "rows": "i64", "nf": "i32", "nint": "i32", "BLOCK_F": "constexpr"},
      "constexprs": _F, "options": {"num_warps": VJP_WARPS}},
     {"kernel": _painn_rows_kernel,
      "signature": {"ds_ptr": "*fp32", "dv_ptr": "*fp32", "phi_ptr": "*fp32", "v_ptr": "*fp32",
@@ -473,6 +597,48 @@ def spline_conv_vjp(grad, x, d, d_rev, coeffs, i, j, ptr, cutoff, order):
             _cut(cutoff, d), num_edges, grad.shape[0], x.shape[0], nf, coeffs.shape[0],
             int(order), BLOCK_F=BLOCK_F, num_warps=VJP_WARPS)
     return grad_x, parts[0] if blocks == 1 else parts.sum(0)
+
+
+def _system(atom_system, like):
+    """(system index per atom, batched flag): a one-element zero for a single system."""
+    if atom_system is None:
+        return torch.zeros(1, dtype=torch.int64, device=like.device), 0
+    return _c(atom_system), 1
+
+
+def spline_conv_positions(x, positions, cells, atom_system, i, j, shifts, ptr, coeffs, cutoff):
+    """Launcher: out[a] = sum_{e in row a} x[j_e] W(|r_e|), r_e from positions, [N, F]."""
+    n, nf = ptr.shape[0] - 1, x.shape[1]
+    out = x.new_zeros(n, nf)
+    valid = min(n, positions.shape[0])  # rows whose atom exists (all, for checked inputs)
+    if j.shape[0] and valid and nf:
+        system, batched = _system(atom_system, positions)
+        _spline_conv_positions_kernel[(valid, triton.cdiv(nf, BLOCK_F))](
+            out, _c(x), _c(positions), _c(cells.to(positions.dtype)), system, _c(coeffs), _c(j),
+            _c(shifts), _c(ptr), _cut(cutoff, positions), batched,
+            min(x.shape[0], positions.shape[0]), nf, coeffs.shape[0], BLOCK_F=BLOCK_F)
+    return out
+
+
+def spline_conv_positions_vjp(grad, x, positions, cells, atom_system, i, j, shifts, ptr, coeffs,
+                              cutoff, need_x, need_cell):
+    """Launcher: (grad_x [N, F] or [0], grad_positions [N, 3], grad_cells [B, 3, 3] or [0]) of
+    sum <grad, spline_conv_positions(...)> over a mirror-symmetric full list."""
+    n, nf = ptr.shape[0] - 1, grad.shape[1]
+    blocks = max(triton.cdiv(nf, BLOCK_F), 1)
+    grad_x = grad.new_zeros(n, nf)
+    gpos = positions.new_zeros(blocks, n, 3)
+    cell_rows = positions.new_zeros(blocks, n if need_cell else 0, 9)
+    valid = min(n, grad.shape[0], x.shape[0], positions.shape[0])
+    if j.shape[0] and valid and nf:
+        system, batched = _system(atom_system, positions)
+        _spline_conv_positions_vjp_kernel[(valid, blocks)](
+            grad_x, gpos, cell_rows if need_cell else gpos, _c(grad), _c(x), _c(positions),
+            _c(cells.to(positions.dtype)), system, _c(coeffs), _c(j), _c(shifts), _c(ptr),
+            _cut(cutoff, positions), batched, int(bool(need_x)), int(bool(need_cell)),
+            valid, n, nf, coeffs.shape[0], BLOCK_F=BLOCK_F, num_warps=VJP_WARPS)
+    cell = dense.cell_sums(cell_rows.sum(0), atom_system, cells) if need_cell else None
+    return dense.params_or_empty((grad_x if need_x else None, gpos.sum(0), cell), positions)
 
 
 def painn_forward(phi, v, d, unit, i, j, ptr, wf, bf, cutoff, kind, envelope):

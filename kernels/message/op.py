@@ -17,6 +17,11 @@ Primitives, all over a FULL neighbor list sorted by receiver (CSR ``ptr``) with 
   n is the pair at orders n and n + 1, so every order works. ``spline_conv_vjp`` is
   spline_conv's backward (no scale) with both halves in one pass over the edges; its own
   backward is autograd through the unfused pair.
+* ``spline_conv_positions``: spline_conv with the distances computed inside from positions,
+  over a mirror-symmetric full list. Its backward is the fused, row-owned
+  ``spline_conv_positions_vjp`` (x, position and cell gradients; no mirror index, no [E]
+  tensor) when no graph is needed and, when it must be differentiable, autograd through
+  ``pair_vectors``, the norm and ``spline_conv``, recomputed.
 * ``painn_message``: PaiNN's message block with its linear radial filter computed inside, a
   block of edges at a time (the structure of ``cfconv``). Its backward is the fused
   ``painn_message_vjp`` when no graph is needed and, when it must be differentiable, autograd
@@ -33,10 +38,12 @@ from torch import Tensor
 
 from fastff import _backend
 from fastff.kernels.message import dense
+from fastff.kernels.neighbors import op as _neighbors
 from fastff.kernels.radial import op as _radial
 
 for _name in ("gms", "ggm", "cfconv_forward", "cfconv_vjp", "spline_conv", "spline_edge_dot",
-              "spline_conv_vjp", "painn_forward", "painn_vjp"):
+              "spline_conv_vjp", "spline_conv_positions", "spline_conv_positions_vjp",
+              "painn_forward", "painn_vjp"):
     _backend.register(_name, "message", _name)
 
 
@@ -360,6 +367,100 @@ def _edge_dot_backward(ctx, grad):
 
 spline_conv.register_autograd(_spline_conv_backward, setup_context=_spline_conv_setup)
 spline_edge_dot.register_autograd(_edge_dot_backward, setup_context=_edge_dot_setup)
+
+
+# ---------------------------------------------------------------- tabulated filter from positions
+@torch.library.custom_op("fastff::spline_conv_positions", mutates_args=())
+def spline_conv_positions(x: Tensor, positions: Tensor, cells: Tensor, atom_system: Tensor | None,
+                          i: Tensor, j: Tensor, shifts: Tensor, ptr: Tensor, coeffs: Tensor,
+                          cutoff: float, backend: str) -> Tensor:
+    """out[a] = sum_{e in row a} x[j_e] W(|r_e|), r_e = positions[j] - positions[i] + S @ cell,
+    over a full list in which every pair has its mirror (fastff.neighbor_list's)."""
+    return _backend.launcher("spline_conv_positions", backend)(
+        x, positions, cells, atom_system, i, j, shifts, ptr, coeffs, cutoff)
+
+
+@spline_conv_positions.register_fake
+def _(x, positions, cells, atom_system, i, j, shifts, ptr, coeffs, cutoff, backend):
+    return x.new_empty(ptr.shape[0] - 1, x.shape[1])
+
+
+@torch.library.custom_op("fastff::spline_conv_positions_vjp", mutates_args=())
+def spline_conv_positions_vjp(grad: Tensor, x: Tensor, positions: Tensor, cells: Tensor,
+                              atom_system: Tensor | None, i: Tensor, j: Tensor, shifts: Tensor,
+                              ptr: Tensor, coeffs: Tensor, cutoff: float, need_x: bool,
+                              need_cell: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (x, positions, cells) of <grad, spline_conv_positions(...)>; the x and cell
+    gradients are empty [0] tensors unless need_x / need_cell."""
+    return _backend.launcher("spline_conv_positions_vjp", backend)(
+        grad, x, positions, cells, atom_system, i, j, shifts, ptr, coeffs, cutoff, need_x,
+        need_cell)
+
+
+@spline_conv_positions_vjp.register_fake
+def _(grad, x, positions, cells, atom_system, i, j, shifts, ptr, coeffs, cutoff, need_x,
+      need_cell, backend):
+    return (x.new_empty(x.shape if need_x else (0,)), torch.empty_like(positions),
+            cells.new_empty(cells.shape if need_cell else (0,)))
+
+
+def _positions_vjp_backward(ctx, *grads):
+    raise RuntimeError("fastff::spline_conv_positions_vjp is the no-graph fast path of "
+                       "spline_conv_positions' backward and has no derivative; differentiate "
+                       "spline_conv_positions with create_graph=True instead")
+
+
+spline_conv_positions_vjp.register_autograd(_positions_vjp_backward,
+                                            setup_context=lambda ctx, inputs, output: None)
+
+
+def spline_conv_positions_composite(x, positions, cells, atom_system, i, j, shifts, ptr, coeffs,
+                                    cutoff, backend):
+    """spline_conv_positions from differentiable ops (pair_vectors, the norm, spline_conv)."""
+    vectors = _neighbors.pair_vectors(positions, cells, atom_system, i, j, shifts, backend)
+    d = torch.linalg.vector_norm(vectors, dim=1)
+    rev = _neighbors.neighbor_reverse(i, j, shifts, ptr, backend)
+    return spline_conv(x, d, None, coeffs, i, j, ptr, rev, cutoff, 0, backend)
+
+
+def _positions_setup(ctx, inputs, output):
+    x, positions, cells, atom_system, i, j, shifts, ptr, coeffs, cutoff, backend = inputs
+    ctx.save_for_backward(x, positions, cells, atom_system, i, j, shifts, ptr, coeffs)
+    ctx.args = (cutoff, backend)
+
+
+def _positions_backward(ctx, grad):
+    x, positions, cells, atom_system, i, j, shifts, ptr, coeffs = ctx.saved_tensors
+    cutoff, backend = ctx.args
+    needs = ctx.needs_input_grad
+    _no_table_grad(needs[8])
+    grad = grad.contiguous()
+    result: list = [None] * 11
+    geometry = (i, j, shifts, ptr, coeffs, cutoff, backend)
+    if torch.is_grad_enabled():  # the backward itself is being differentiated
+        wanted = [k for k in (0, 1, 2) if needs[k]]
+        with torch.enable_grad():
+            inputs = [_alias(t) if k in wanted else t
+                      for k, t in enumerate((x, positions, cells))]
+            out = spline_conv_positions_composite(*inputs, atom_system, *geometry)
+            found = torch.autograd.grad(out, [inputs[k] for k in wanted], grad,
+                                        create_graph=True, allow_unused=True)
+        for k, g in zip(wanted, found, strict=True):
+            result[k] = g
+        return tuple(result)
+    if not (needs[1] or needs[2]):  # the x-gradient alone: the same op (mirrored pairs)
+        result[0] = spline_conv_positions(grad, positions, cells, atom_system, *geometry)
+        return tuple(result)
+    gx, gpos, gcell = spline_conv_positions_vjp(grad, x, positions, cells, atom_system, i, j,
+                                                shifts, ptr, coeffs, cutoff, needs[0], needs[2],
+                                                backend)
+    result[0] = gx if needs[0] else None
+    result[1] = gpos if needs[1] else None
+    result[2] = gcell if needs[2] else None
+    return tuple(result)
+
+
+spline_conv_positions.register_autograd(_positions_backward, setup_context=_positions_setup)
 
 
 # ---------------------------------------------------------------- PaiNN message

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 
 from fastff.kernels.message import dense
+from fastff.kernels.neighbors.reference import pair_vectors as _pair_vectors
+from fastff.kernels.neighbors.reference import pair_vectors_transpose as _pair_vectors_transpose
 from fastff.kernels.radial.reference import radial_basis as _basis
 
 
@@ -83,6 +85,32 @@ def spline_conv_vjp(grad, x, d, d_rev, coeffs, i, j, ptr, cutoff, order):
     """(grad_x, grad_d) of spline_conv without scale: the two unfused expressions."""
     return (spline_conv(grad, d_rev, None, coeffs, i, j, ptr, cutoff, order),
             spline_edge_dot(grad, x, d, coeffs, i, j, cutoff, order + 1))
+
+
+def spline_conv_positions(x, positions, cells, atom_system, i, j, shifts, ptr, coeffs, cutoff):
+    """spline_conv of the distances |r_ij| computed from positions."""
+    vectors = _pair_vectors(positions, cells, atom_system, i, j, shifts)
+    d = torch.linalg.vector_norm(vectors, dim=1)
+    return spline_conv(x, d, None, coeffs, i, j, ptr, cutoff, 0)
+
+
+def spline_conv_positions_vjp(grad, x, positions, cells, atom_system, i, j, shifts, ptr, coeffs,
+                              cutoff, need_x, need_cell):
+    """(grad_x or [0], grad_positions, grad_cells or [0]): the chain rule through the
+    distances, written out (custom ops run below autograd)."""
+    vectors = _pair_vectors(positions, cells, atom_system, i, j, shifts)
+    d = torch.linalg.vector_norm(vectors, dim=1)
+    slope = spline_edge_dot(grad, x, d, coeffs, i, j, cutoff, 1)  # dL/dd_e
+    unit = torch.where((d > 0).unsqueeze(1), vectors / d.unsqueeze(1), torch.zeros_like(vectors))
+    grad_pos, grad_cells = _pair_vectors_transpose(slope.unsqueeze(1) * unit,
+                                                   positions.shape[0], cells, atom_system, i, j,
+                                                   shifts)
+    grad_x = None
+    if need_x:  # sender side: sum over the edges that read x[b]
+        w = spline_matrix(d, coeffs, cutoff, 0)
+        grad_x = x.new_zeros(x.shape).index_add_(0, j, grad.index_select(0, i) * w)
+    return dense.params_or_empty((grad_x, grad_pos, grad_cells if need_cell else None),
+                                 positions)
 
 
 def painn_filter_matrix(d: Tensor, wf: Tensor, bf: Tensor, cutoff: float, kind: str,
