@@ -537,7 +537,9 @@ def spline_conv_positions_vjp(grad, x, positions, cells, atom_system, i, j, shif
     """Launcher: (grad_x [N, F] or [0], grad_positions [N, 3], grad_cells [B, 3, 3] or [0]) of
     sum <grad, spline_conv_positions(...)> over a mirror-symmetric full list."""
     n = ptr.shape[0] - 1
-    grad_x = grad.new_zeros(n if need_x else 0, grad.shape[1])
+    # the kernel runs and writes every row
+    every_row = j.shape[0] > 0 and min(grad.shape[0], x.shape[0], positions.shape[0]) >= n
+    grad_x = (grad.new_empty if every_row else grad.new_zeros)(n if need_x else 0, grad.shape[1])
     grad_pos = positions.new_zeros(n, 3)
     cell_rows = positions.new_zeros(n if need_cell else 0, 9)
     if j.shape[0]:
