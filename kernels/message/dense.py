@@ -28,7 +28,8 @@ LOG2 = math.log(2.0)
 
 def activation(h: Tensor, kind: str) -> Tensor:
     if kind == "shifted_softplus":
-        return tf.softplus(h) - LOG2
+        # in place on softplus' fresh output (its backward reads only h): one [N, F] tensor less
+        return tf.softplus(h).sub_(LOG2)
     if kind == "silu":
         return tf.silu(h)
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {kind!r}")
