@@ -170,65 +170,43 @@ def test_tabulated_cfconv_matches_mlp(rng, backend):
     _close(mt(x, pos, nl, cell), m(x, pos, nl, cell), "message", torch.float32)
 
 
-@pytest.mark.parametrize("backend,dtype", [("numba", torch.float64), ("numba", torch.float32),
-                                           ("triton", torch.float64),
-                                           ("reference", torch.float64)])
-def test_tabulated_cfconv_forces_through_fused_backward(rng, backend, dtype):
-    """Forces and x-gradients of CFConv(tabulate=True), whose backward is the fused
-    spline_conv_vjp, against plain torch autograd through the same table (materialised
-    W(d) [E, F], index_add) in float64."""
-    n, nf = (6, 3) if backend == "triton" else (40, 16)
-    pos, cell, nl = system(n)
-    mt = fnn.CFConv(nf, 8, 2.5, tabulate=True, backend=backend).to(dtype)
-    coeffs = mt.table().coeffs.double()
-    x = torch.randn(n, nf, dtype=torch.float64)
-    weights = torch.randn(n, nf, dtype=torch.float64)
-
-    def reference(x, p, cell):
+def table_reference(nl, coeffs, cutoff):
+    """CFConv through a spline table with plain torch autograd: W(d) [E, F] materialised."""
+    def conv(x, p, cell):
         d = torch.linalg.vector_norm(p[nl.j] - p[nl.i] + nl.shifts.to(p.dtype) @ cell, dim=1)
-        w = message_reference.spline_matrix(d, coeffs, mt.cutoff, 0)
+        w = message_reference.spline_matrix(d, coeffs, cutoff, 0)
         return torch.zeros_like(x).index_add(0, nl.i, x[nl.j] * w)
-
-    results = []
-    for fn, dt in ((lambda x, p, c: mt(x, p, nl, c), dtype), (reference, torch.float64)):
-        xs = x.to(dt).requires_grad_(True)
-        p = pos.to(dt).requires_grad_(True)
-        out = fn(xs, p, cell.to(dt))
-        gx, gp = torch.autograd.grad((out * weights.to(dt)).sum(), (xs, p), create_graph=True)
-        results.append([out, gx, -gp])
-    assert "spline_conv_vjp" in results[0][1].grad_fn.name()
-    for a, b in zip(*results, strict=True):
-        _close(a, b, "message", dtype)
+    return conv
 
 
 @pytest.mark.parametrize("backend,dtype", [("numba", torch.float64), ("numba", torch.float32),
                                            ("triton", torch.float64),
                                            ("reference", torch.float64)])
-def test_tabulated_cfconv_distances_inside_the_kernel(rng, backend, dtype):
-    """Without given distances, CFConv(tabulate=True) runs spline_conv_positions: x-gradient,
-    forces and the cell gradient (first order, the fused row-owned backward) against torch
-    autograd through the same table in float64, without ever building the mirror index."""
+def test_tabulated_cfconv_forces(rng, backend, dtype):
+    """CFConv(tabulate=True) computes distances inside spline_conv_positions. First order: its
+    fused row-owned backward (x, position and cell gradients) without ever building the mirror
+    index. With create_graph=True: the composite backward (spline_conv and its fused
+    spline_conv_vjp). Both against plain torch autograd through the same table in float64."""
     n, nf = (6, 3) if backend == "triton" else (40, 16)
     pos, cell, nl = system(n)
     mt = fnn.CFConv(nf, 8, 2.5, tabulate=True, backend=backend).to(dtype)
-    coeffs = mt.table().coeffs.double()
+    reference = table_reference(nl, mt.table().coeffs.double(), mt.cutoff)
     x = torch.randn(n, nf, dtype=torch.float64)
     weights = torch.randn(n, nf, dtype=torch.float64)
-
-    def reference(x, p, cell):
-        d = torch.linalg.vector_norm(p[nl.j] - p[nl.i] + nl.shifts.to(p.dtype) @ cell, dim=1)
-        w = message_reference.spline_matrix(d, coeffs, mt.cutoff, 0)
-        return torch.zeros_like(x).index_add(0, nl.i, x[nl.j] * w)
-
-    results = []
-    for fn, dt in ((lambda x, p, c: mt(x, p, nl, c), dtype), (reference, torch.float64)):
-        inputs = [t.to(dt).requires_grad_(True) for t in (x, pos, cell)]
-        out = fn(*inputs)
-        results.append([out, *torch.autograd.grad((out * weights.to(dt)).sum(), inputs)])
-    assert "spline_conv_positions" in results[0][0].grad_fn.name()
-    assert nl._reverse is None  # the mirror index was never needed
-    for a, b in zip(*results, strict=True):
-        _close(a, b, "message", dtype)
+    for create_graph in (False, True):
+        results = []
+        for fn, dt in ((lambda x, p, c: mt(x, p, nl, c), dtype), (reference, torch.float64)):
+            inputs = [t.to(dt).requires_grad_(True) for t in (x, pos, cell)]
+            out = fn(*inputs)
+            results.append([out, *torch.autograd.grad((out * weights.to(dt)).sum(), inputs,
+                                                      create_graph=create_graph)])
+        assert "spline_conv_positions" in results[0][0].grad_fn.name()
+        if create_graph:
+            assert "spline_conv_vjp" in results[0][1].grad_fn.name()
+        else:
+            assert nl._reverse is None  # the mirror index was never needed
+        for a, b in zip(*results, strict=True):
+            _close(a, b, "message", dtype)
 
 
 def test_unverified_neighbor_list_is_checked_for_mirrors(rng):

@@ -142,13 +142,18 @@ def _(g, x, d, d_rev, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, activat
     return (grad_x, d.new_empty(d.shape[0]), *(d.new_empty(0) for _ in range(4)))
 
 
-def _cfconv_vjp_backward(ctx, *grads):
-    raise RuntimeError("fastff::cfconv_vjp is the no-graph fast path of cfconv's backward and "
-                       "has no derivative; differentiate cfconv with create_graph=True instead "
-                       "(that backward is built from differentiable ops)")
+def _refuse_derivative(vjp_op, parent: str) -> None:
+    """A fused no-graph backward raises when differentiated (it never returns zeros): with
+    create_graph=True its parent's backward takes a differentiable path instead."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"fastff::{vjp_op._name} is the no-graph fast path of {parent}'s "
+                           f"backward and has no derivative; differentiate {parent} with "
+                           "create_graph=True instead (that backward is built from "
+                           "differentiable ops)")
+    vjp_op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
 
 
-cfconv_vjp.register_autograd(_cfconv_vjp_backward, setup_context=lambda ctx, inputs, output: None)
+_refuse_derivative(cfconv_vjp, "cfconv")
 
 
 def _cfconv_setup(ctx, inputs, output):
@@ -404,14 +409,7 @@ def _(grad, x, positions, cells, atom_system, i, j, shifts, ptr, coeffs, cutoff,
             cells.new_empty(cells.shape if need_cell else (0,)))
 
 
-def _positions_vjp_backward(ctx, *grads):
-    raise RuntimeError("fastff::spline_conv_positions_vjp is the no-graph fast path of "
-                       "spline_conv_positions' backward and has no derivative; differentiate "
-                       "spline_conv_positions with create_graph=True instead")
-
-
-spline_conv_positions_vjp.register_autograd(_positions_vjp_backward,
-                                            setup_context=lambda ctx, inputs, output: None)
+_refuse_derivative(spline_conv_positions_vjp, "spline_conv_positions")
 
 
 def spline_conv_positions_composite(x, positions, cells, atom_system, i, j, shifts, ptr, coeffs,
@@ -499,14 +497,7 @@ def _(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope, n
             bf.new_empty(bf.shape if need_params else (0,)))
 
 
-def _painn_vjp_backward(ctx, *grads):
-    raise RuntimeError("fastff::painn_message_vjp is the no-graph fast path of painn_message's "
-                       "backward and has no derivative; differentiate painn_message with "
-                       "create_graph=True instead")
-
-
-painn_message_vjp.register_autograd(_painn_vjp_backward,
-                                    setup_context=lambda ctx, inputs, output: None)
+_refuse_derivative(painn_message_vjp, "painn_message")
 
 
 def painn_composite(phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope, backend):
