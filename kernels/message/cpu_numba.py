@@ -28,6 +28,7 @@ import torch
 from numba import njit, prange
 
 from fastff.kernels.message import dense
+from fastff.kernels.neighbors.cpu_numba import _system_index
 from fastff.kernels.radial.cpu_numba import radial_basis as _basis
 
 # Edges per block of the filter GEMMs: 2048 x 128 float32 = 1 MiB per [block, F] temporary,
@@ -515,10 +516,6 @@ def _spline_conv_positions_vjp(grad, x, pos, cells, atom_system, j, shifts, ptr,
 
 def _max_row(ptr):
     return int((ptr[1:] - ptr[:-1]).max()) if ptr.shape[0] > 1 else 0
-
-
-def _system_index(atom_system):
-    return np.empty(0, np.int64) if atom_system is None else _np(atom_system)
 
 
 def spline_conv_positions(x, positions, cells, atom_system, i, j, shifts, ptr, coeffs, cutoff):
