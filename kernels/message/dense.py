@@ -54,20 +54,14 @@ def filter_values(basis: Tensor, env: Tensor, w1: Tensor, b1: Tensor, w2: Tensor
 
 
 def filter_vjp(u: Tensor, basis: Tensor, basis_slope: Tensor, env: Tensor, env_slope: Tensor,
-               w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: str, need_params: bool):
+               w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: str, need_params: bool,
+               need_values: bool = False):
     """Gradients of sum_e <u_e, W(d_e)> for u [b, F].
 
-    Returns (grad_d [b], grad_w1 [F, K], grad_b1 [F], grad_w2 [F, F], grad_b2 [F]); the four
-    parameter gradients are None unless ``need_params``.
+    Returns (grad_d [b], grad_w1 [F, K], grad_b1 [F], grad_w2 [F, F], grad_b2 [F], W [b, F]);
+    the four parameter gradients are None unless ``need_params``, and W (from the same hidden
+    layer, computed once for both) is None unless ``need_values``.
     """
-    return _filter_vjp(u, basis, basis_slope, env, env_slope, w1, b1, w2, b2, act, need_params,
-                       False)[:5]
-
-
-def _filter_vjp(u, basis, basis_slope, env, env_slope, w1, b1, w2, b2, act, need_params,
-                need_values):
-    """filter_vjp, and W itself [b, F] as a sixth output when ``need_values`` (the hidden
-    layer is then computed once for both)."""
     h = torch.addmm(b1, basis, w1.t())
     a = activation(h, act)
     t = u @ w2  # d<u, a w2^T>/da
@@ -130,7 +124,7 @@ def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, d_rev: Tensor, i: Tensor, j: Te
         env, env_slope = envelope(db, cutoff, env_kind, 1)
         u = product_fn(g, x, e0, e1)
         shared = need_x and torch.equal(db, d_rev[e0:e1])
-        gd, *gp, w = _filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, act,
+        gd, *gp, w = filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, act,
                                  need_params, shared)
         grad_d[e0:e1] = gd
         if need_x:

@@ -44,7 +44,7 @@ def cfconv_vjp(g, x, d, d_rev, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope
     slope = _basis(d, num_basis, cutoff, kind, "none", 1)
     env, env_slope = dense.envelope(d, cutoff, envelope, 1)
     out = dense.filter_vjp(ggm(g, x, i, j), basis, slope, env, env_slope, w1, b1, w2, b2, act,
-                           need_params)
+                           need_params)[:5]
     grad_x = cfconv_forward(g, d_rev, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope,
                             act) if need_x else None
     return dense.params_or_empty((grad_x, *out), d)
