@@ -241,6 +241,16 @@ CASES = {  # (molecules range, to_openmm / water_force_field arguments); cutoff 
 }
 
 
+def _atoms_at_the_cutoff(pos: torch.Tensor, edge: float, cutoff: float,
+                         band: float) -> torch.Tensor:
+    """Bool [N]: atoms of a pair whose minimum-image distance (float64, cubic box) is within
+    ``band`` of ``cutoff``."""
+    p = pos.double()
+    v = p[None] - p[:, None]
+    v -= edge * torch.round(v / edge)
+    return ((v.norm(dim=2) - cutoff).abs() < band).any(1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", list(CASES))
 def test_water_force_field_matches_openmm(rng, case, dtype):
@@ -256,11 +266,20 @@ def test_water_force_field_matches_openmm(rng, case, dtype):
     energies["total"] = sum(energies.values())
     assert set(energies) == set(expected)
     rtol = TOLERANCES["openmm"][dtype][0]
+    # The reaction-field force jumps at the cutoff (by q_i q_j k 3 / ((2 eps + 1) rc^2), 0.57
+    # kJ/mol/nm for two hydrogens at 0.9 nm): a pair closer to it than float32 resolves
+    # distances (~2e-7 nm for coordinates up to 2 nm) falls on either side, in fastff's float32
+    # arithmetic as against OpenMM's float64 (seen: r - rc = -5e-8 nm, force error 0.57). The
+    # forces of such a pair's two atoms are not compared; the energy, continuous there, is.
+    keep = torch.ones(box.num_atoms, dtype=torch.bool)
+    if dtype == torch.float32:
+        keep = ~_atoms_at_the_cutoff(pos, float(box.cell[0, 0]), kwargs["cutoff"], 1e-6)
     for name, energy in energies.items():
         (grad,) = torch.autograd.grad(energy, x, retain_graph=True)
         e_ref, f_ref = expected[name]
         assert abs(energy.item() - e_ref) <= rtol * abs(e_ref), (name, energy.item(), e_ref)
-        assert_close_scaled(-grad, torch.as_tensor(f_ref), "openmm", dtype, f"{name} forces")
+        assert_close_scaled(-grad[keep], torch.as_tensor(f_ref)[keep], "openmm", dtype,
+                            f"{name} forces")
 
 
 def test_from_parameters_and_from_openmm_agree(rng):
