@@ -125,7 +125,7 @@ def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, d_rev: Tensor, i: Tensor, j: Te
         u = product_fn(g, x, e0, e1)
         shared = need_x and torch.equal(db, d_rev[e0:e1])
         gd, *gp, w = filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, act,
-                                 need_params, shared)
+                                need_params, shared)
         grad_d[e0:e1] = gd
         if need_x:
             if not shared:
