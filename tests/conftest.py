@@ -20,8 +20,9 @@ import torch  # noqa: E402
 
 @pytest.fixture
 def rng():
-    """Fresh random inputs each run; the seed is printed on failure for replay."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    """Fresh random inputs each run; the seed is printed on failure, and FASTFF_TEST_SEED=<seed>
+    replays it."""
+    seed = int(os.environ.get("FASTFF_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
     print(f"random seed: {seed}")
     torch.manual_seed(seed)
     return np.random.default_rng(seed)
