@@ -102,7 +102,7 @@ def _radial_fast(d, num_basis, cutoff, kind, env, order, out):
     instead of K, so the cost is ~2K multiply-adds per edge. Computed in float64 whatever the
     storage dtype; the recurrences lose ~K ulp of float64, far below float32 rounding."""
     for e in prange(d.shape[0]):
-        r = float(d[e])
+        r = np.float64(d[e])  # float() keeps a float32 a float32 in numba
         uu = np.empty(2)
         envelope_derivs(r, cutoff, env, 1, uu)
         u0, u1 = uu[0], uu[1]
@@ -150,7 +150,7 @@ def _radial_fast(d, num_basis, cutoff, kind, env, order, out):
 @njit(cache=True, parallel=True)
 def _radial_basis(d, num_basis, cutoff, kind, env, order, out):
     for e in prange(d.shape[0]):
-        r = float(d[e])
+        r = np.float64(d[e])  # float() keeps a float32 a float32 in numba
         u = np.empty(order + 1)
         b = np.empty(order + 1)
         envelope_derivs(r, cutoff, env, order, u)
