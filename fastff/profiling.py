@@ -42,8 +42,8 @@ class PeakMemory:
     """Peak memory of a block above the level at its start (bytes), from :func:`peak_memory`.
 
     ``extra`` is the CUDA allocator's peak on a GPU, else the peak resident set size (Linux:
-    the high-water mark is reset at entry through /proc/self/clear_refs). ``None`` where
-    neither can be read (e.g. macOS without CUDA).
+    the high-water mark is reset at entry through /proc/self/clear_refs; resolution ~tens of
+    KiB). ``None`` where neither can be read (e.g. macOS without CUDA).
     """
 
     device: str = "cpu"
@@ -73,7 +73,9 @@ def peak_memory(device: str | torch.device = "cpu") -> Iterator[PeakMemory]:
     yield mem
     peak = _status_kib("VmHWM")
     if mem._start is not None and peak is not None:
-        mem.extra = (peak - mem._start) * 1024
+        # Linux keeps RSS in per-CPU counters, read approximately (to ~tens of KiB): a block
+        # that allocates nothing may read a peak just below its start
+        mem.extra = max(peak - mem._start, 0) * 1024
 
 
 @dataclass
