@@ -209,11 +209,14 @@ class CFConv(nn.Module):
         num_points: knots of that table.
         backend: "numba", "triton", "reference" or None (``FASTFF_BACKEND``, then by device).
 
-    The fused path computes W for blocks of edges inside the kernel and recomputes it in the
-    backward; no [E, F] tensor is kept. The tabulated path without given ``distances`` also
+    The fused path computes W once per unordered pair (both edges of a pair have the same
+    distance) for blocks of pairs inside the kernel and recomputes it in the backward; no
+    [E, F] tensor is kept. Given ``distances`` must therefore be the list's own (mirror pairs
+    equal, as ``nl.distances`` gives them); where a pair's two distances differ, its edges share
+    the mean of their two filters. The tabulated path without given ``distances`` also
     computes each distance from positions inside its kernel (``fastff::spline_conv_positions``):
-    forces and stress then need no [E] tensor at all. Deterministic on CPU (receiver-sorted
-    sums, no atomics).
+    forces and stress then need no [E] tensor at all. Deterministic on CPU (fixed summation
+    order, no atomics).
     """
 
     def __init__(self, num_features: int, num_basis: int, cutoff: float, *,

@@ -5,9 +5,10 @@ Algorithms:
   receiver, one row per ``prange`` iteration, so each output row has exactly one writer: no
   atomics, bitwise deterministic. ``ggm`` (its edge-product partner) is one edge per iteration.
 * ``cfconv_forward`` / ``cfconv_vjp`` run SchNet's filter network as BLAS GEMMs on blocks of
-  ``BLOCK`` edges (kernels/message/dense.py) and fuse the gather, the product with x_j and the
-  segment sum into ``_gms_rows``; no [E, F] tensor is ever held, and the backward recomputes the
-  filter. A scalar per-edge MLP loop in numba would lose to BLAS by ~10x at F = 128.
+  ``BLOCK`` unordered pairs (kernels/message/dense.py: one filter serves both edges of a pair)
+  and fuse the gathers, products and sums of both ends into ``_pair_scatter`` and
+  ``_pair_product``; no [E, F] tensor is ever held, and the backward recomputes the filter. A
+  scalar per-pair MLP loop in numba would lose to BLAS by ~10x at F = 128.
 * ``spline_conv`` / ``spline_edge_dot`` evaluate a cubic table of W(r) (F values per knot) inside
   the edge loop: a few multiply-adds per feature, no GEMM at all (inference path).
 * ``spline_conv_vjp`` is spline_conv's backward (dL/dx and dL/dd) in one pass over the receiver
@@ -23,6 +24,7 @@ indices (possible only with value checks disabled) are skipped, never read.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import torch
 from numba import njit, prange
@@ -31,9 +33,13 @@ from fastff.kernels.message import dense
 from fastff.kernels.neighbors.cpu_numba import _system_index
 from fastff.kernels.radial.cpu_numba import radial_basis as _basis
 
-# Edges per block of the filter GEMMs: 2048 x 128 float32 = 1 MiB per [block, F] temporary,
-# which keeps the handful of them inside L2 + L3 (measured: 1024..4096 within 5% at F = 128).
-BLOCK = 2048
+# Pairs per block of cfconv's filter GEMMs: 4096 x 128 float32 = 2 MiB per [block, F]
+# temporary, which keeps the handful of them in L3. cfconv energy + forces at F = 128,
+# K = 50, 1,000 atoms (2 cores): 190 ms at 1024 pairs, 150-170 ms at 2048 and 4096, 143-148 ms
+# at 8192; at 10,000 atoms 4096 and 8192 were within the noise of each other.
+BLOCK = 4096
+# Edges per block of PaiNN's filter GEMM ([block, 3F] temporaries; 1024..4096 within 5%).
+PAINN_BLOCK = 2048
 
 
 @njit(cache=True, parallel=True)
@@ -91,36 +97,88 @@ def ggm(a, b, i, j):
     return out
 
 
-def cfconv_forward(x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act):
-    """Launcher: out[a] = sum_{e in row a} x[j_e] * W(d_e), [N, F]; see README.md."""
-    if d.shape[0] == 0:
-        return x.new_zeros(ptr.shape[0] - 1, x.shape[1])
-    jn, pn = _np(j), _np(ptr)
-    xc = x.detach().contiguous()
+# Features per task of _pair_scatter: at least 16 (one 64-byte line of float32), and about one
+# task per thread for F = 64..256.
+_MIN_FEATURE_CHUNK = 16
+
+
+@njit(cache=True, parallel=True)
+def _pair_scatter(out, h, w, a, b, p0, chunk):
+    """out[a_p] += h[b_p] * w_p and out[b_p] += h[a_p] * w_p for the pairs p0..p0+len(w).
+
+    Both ends of a pair are written, so rows have many writers: the tasks split the features
+    instead, and each walks every pair of the block in order. Each output value therefore has
+    one writer and a fixed order of additions: bitwise deterministic, whatever the threads."""
+    nf = w.shape[1]
+    n_out, n_h = out.shape[0], h.shape[0]
+    for t in prange((nf + chunk - 1) // chunk):
+        f0 = t * chunk
+        f1 = min(f0 + chunk, nf)
+        for k in range(w.shape[0]):
+            pa, pb = a[p0 + k], b[p0 + k]
+            if pa < 0 or pb < 0 or pa >= n_out or pb >= n_out or pa >= n_h or pb >= n_h:
+                continue
+            for f in range(f0, f1):
+                out[pa, f] += h[pb, f] * w[k, f]
+            for f in range(f0, f1):
+                out[pb, f] += h[pa, f] * w[k, f]
+
+
+@njit(cache=True, parallel=True)
+def _pair_product(g, x, a, b, p0, out):
+    """out[k] = g[a_p] * x[b_p] + g[b_p] * x[a_p] for p = p0 + k (0 for out-of-range ends)."""
+    nf = out.shape[1]
+    n = min(g.shape[0], x.shape[0])
+    for k in prange(out.shape[0]):
+        pa, pb = a[p0 + k], b[p0 + k]
+        if pa < 0 or pb < 0 or pa >= n or pb >= n:
+            for f in range(nf):
+                out[k, f] = 0.0
+            continue
+        for f in range(nf):
+            out[k, f] = g[pa, f] * x[pb, f] + g[pb, f] * x[pa, f]
+
+
+def _scatter_fn(pairs):
+    a, b = _np(pairs.a), _np(pairs.b)
+
+    def scatter(out, h, w, p0):
+        nf = w.shape[1]
+        chunk = max(_MIN_FEATURE_CHUNK, -(-nf // numba.get_num_threads()))
+        _pair_scatter(out.numpy(), _np(h), _np(w), a, b, p0, chunk)
+
+    return scatter
+
+
+def _params(w1, b1, w2, b2):
+    return w1.detach(), b1.detach(), w2.detach(), b2.detach()
+
+
+def cfconv_forward(x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act):
+    """Launcher: out[a] = sum_{e in row a} x[j_e] (W(d_e) + W(d_rev e)) / 2, [N, F]; one filter
+    per unordered pair (README.md)."""
     with torch.no_grad():
-        return dense.blocked_forward(
-            xc, d.detach(), i, ptr, (w1.detach(), b1.detach(), w2.detach(), b2.detach()),
-            cutoff, kind, envelope, act, _basis,
-            lambda out, h, w, e0, a0, a1: _rows(out, h, w, e0, a0, a1, jn, pn), BLOCK)
+        pairs = dense.MirrorPairs(i, j, rev)
+        return dense.blocked_forward(x.detach().contiguous(), d.detach(), ptr.shape[0] - 1, pairs,
+                                     _params(w1, b1, w2, b2), cutoff, kind, envelope, act, _basis,
+                                     _scatter_fn(pairs), BLOCK)
 
 
-def cfconv_vjp(g, x, d, d_rev, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act,
+def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act,
                need_params, need_x):
     """Launcher: (grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of sum <g, out>."""
-    i_n, j_n, pn = _np(i), _np(j), _np(ptr)
-    gc, xc = _np(g), _np(x)
-
-    def product(g_, x_, e0, e1):
-        out = torch.empty(e1 - e0, g_.shape[1], dtype=g_.dtype)
-        _ggm(gc, xc, i_n, j_n, e0, out.numpy())
-        return out
-
     with torch.no_grad():
-        out = dense.blocked_vjp(
-            g.detach(), x.detach(), d.detach(), d_rev.detach(), i, j,
-            (w1.detach(), b1.detach(), w2.detach(), b2.detach()), cutoff, kind, envelope, act,
-            need_params, need_x, _basis, product,
-            lambda out, h, w, e0, a0, a1: _rows(out, h, w, e0, a0, a1, j_n, pn), BLOCK)
+        pairs = dense.MirrorPairs(i, j, rev)
+        a, b, gc, xc = _np(pairs.a), _np(pairs.b), _np(g), _np(x)
+
+        def product(g_, x_, p0, p1):
+            out = torch.empty(p1 - p0, g_.shape[1], dtype=g_.dtype)
+            _pair_product(gc, xc, a, b, p0, out.numpy())
+            return out
+
+        out = dense.blocked_vjp(g.detach(), x.detach(), d.detach(), pairs,
+                                _params(w1, b1, w2, b2), cutoff, kind, envelope, act,
+                                need_params, need_x, _basis, product, _scatter_fn(pairs), BLOCK)
     return dense.params_or_empty(out, d)
 
 
@@ -635,7 +693,7 @@ def painn_forward(phi, v, d, unit, i, j, ptr, wf, bf, cutoff, kind, envelope):
         _painn_rows(ds.numpy(), dv.numpy(), phin, vn, un, _np(w), jn, pn, e0, a0, a1)
 
     return dense.blocked_painn_forward(phi, v, d, i, ptr, wf, bf, cutoff, kind, envelope, _basis,
-                                       rows, BLOCK)
+                                       rows, PAINN_BLOCK)
 
 
 def painn_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope,
@@ -651,5 +709,5 @@ def painn_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, env
         return gw
 
     out = dense.blocked_painn_vjp(phi, v, d, d.index_select(0, rev), i, ptr, wf, bf, cutoff,
-                                  kind, envelope, need_params, _basis, rows, BLOCK)
+                                  kind, envelope, need_params, _basis, rows, PAINN_BLOCK)
     return dense.params_or_empty(out, d)

@@ -2,10 +2,11 @@
 
 SchNet's filter network ``W(r) = u(r) (act(b(r) W1^T + b1) W2^T + b2)`` costs K*F + F*F
 multiply-adds per edge: that is GEMM work, so every backend runs it as small GEMMs (BLAS on CPU,
-cuBLAS on CUDA) over blocks of edges that stay in cache, and fuses only the gathers and the
-receiver-sorted segment sums into its own kernels. ``blocked_forward`` and ``blocked_vjp`` are
-those drivers: they never hold more than ``block`` edges x F features, and the backward
-recomputes the filter instead of storing it.
+cuBLAS on CUDA) over blocks that stay in cache, and fuses only the gathers and sums into its own
+kernels. The filter depends on the distance alone, so ``blocked_forward`` and ``blocked_vjp``
+evaluate it once per unordered pair of the full list (``MirrorPairs``) and let it serve both
+edges: half the GEMM work of one filter per edge. They never hold more than ``block`` pairs x F
+features, and the backward recomputes the filter instead of storing it.
 
 The formulas (README.md beside this file) are plain torch ops, so ``filter_vjp`` on tensors that
 require grad is itself differentiable to any order: the custom ops use it that way when a
@@ -75,65 +76,106 @@ def filter_vjp(u: Tensor, basis: Tensor, basis_slope: Tensor, env: Tensor, env_s
     return grad_d, g.t() @ basis, g.sum(0), eu.t() @ a, eu.sum(0), values
 
 
-def blocked_forward(x: Tensor, d: Tensor, i: Tensor, ptr: Tensor, params, cutoff: float,
-                    kind: str, env_kind: str, act: str, basis_fn, rows_fn, block: int) -> Tensor:
-    """out_a = sum_{e in row a} x[j_e] W(d_e), a block of edges at a time.
+class MirrorPairs:
+    """The unordered pairs of a full list: each pair once, as its canonical edge ``c`` (the one
+    with ``c < rev[c]``) and its mirror ``m = rev[c]``, with ends ``a = i[c]``, ``b = j[c]``
+    (int64 [P] each, P = E / 2 for a list whose ``rev`` is its mirror index). Edges whose ``rev``
+    is themselves or out of range (possible only with value checks disabled) belong to no pair;
+    an out-of-range ``rev`` raises in the index gathers, never reads out of bounds."""
 
-    ``basis_fn(d_block, K, cutoff, kind, "none", order)`` is the backend's radial kernel and
-    ``rows_fn(out, x, w_block, e0, a0, a1)`` its in-place gather-multiply-segment-sum over the
-    rows a0..a1 touched by edges e0..e0+len(w_block).
-    """
+    def __init__(self, i: Tensor, j: Tensor, rev: Tensor):
+        edges = torch.arange(rev.shape[0], device=rev.device)
+        self.c = torch.nonzero(edges < rev).squeeze(1)
+        self.m = rev.index_select(0, self.c)
+        self.a, self.b = i.index_select(0, self.c), j.index_select(0, self.c)
+
+    def __len__(self) -> int:
+        return int(self.c.shape[0])
+
+
+def _pair_filter(dc: Tensor, dm: Tensor, params, cutoff: float, kind: str, env_kind: str,
+                 act: str, basis_fn) -> Tensor:
+    """(W(dc) + W(dm)) / 2 [b, F]: one filter per pair when the mirrored distances are equal."""
     w1, b1, w2, b2 = params
-    num_basis = w1.shape[1]
-    out = x.new_zeros(ptr.shape[0] - 1, x.shape[1])
-    for e0 in range(0, d.shape[0], block):
-        e1 = min(e0 + block, d.shape[0])
-        db = d[e0:e1]
-        basis = basis_fn(db, num_basis, cutoff, kind, "none", 0)
-        (env,) = envelope(db, cutoff, env_kind, 0)
-        wb = filter_values(basis, env, w1, b1, w2, b2, act)
-        rows_fn(out, x, wb, e0, int(i[e0]), int(i[e1 - 1]))
+
+    def values(d):
+        (env,) = envelope(d, cutoff, env_kind, 0)
+        return filter_values(basis_fn(d, w1.shape[1], cutoff, kind, "none", 0), env, w1, b1, w2,
+                             b2, act)
+
+    w = values(dc)
+    return w if torch.equal(dc, dm) else 0.5 * (w + values(dm))
+
+
+def blocked_forward(x: Tensor, d: Tensor, num_atoms: int, pairs: MirrorPairs, params,
+                    cutoff: float, kind: str, env_kind: str, act: str, basis_fn, scatter_fn,
+                    block: int) -> Tensor:
+    """out_a = sum_{e in row a} x[j_e] (W(d_e) + W(d_rev e)) / 2, a block of pairs at a time.
+
+    Each pair's filter serves both of its edges: ``scatter_fn(out, x, w_block, p0)`` is the
+    backend's ``out[a_p] += x[b_p] w_p; out[b_p] += x[a_p] w_p`` over the pairs p0..p0+len(w)
+    (deterministic on CPU: see cpu_numba.py). ``basis_fn(d_block, K, cutoff, kind, "none",
+    order)`` is the backend's radial kernel.
+    """
+    out = x.new_zeros(num_atoms, x.shape[1])
+    for p0 in range(0, len(pairs), block):
+        p1 = min(p0 + block, len(pairs))
+        dc, dm = d.index_select(0, pairs.c[p0:p1]), d.index_select(0, pairs.m[p0:p1])
+        w = _pair_filter(dc, dm, params, cutoff, kind, env_kind, act, basis_fn)
+        scatter_fn(out, x, w, p0)
     return out
 
 
-def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, d_rev: Tensor, i: Tensor, j: Tensor, params,
-                cutoff: float, kind: str, env_kind: str, act: str, need_params: bool,
-                need_x: bool, basis_fn, product_fn, rows_fn, block: int):
-    """Gradients of sum_a <g_a, out_a> in x, d and the filter parameters, a block at a time.
+def _pair_filter_vjp(u: Tensor, d: Tensor, params, cutoff: float, kind: str, env_kind: str,
+                     act: str, need_params: bool, need_values: bool, basis_fn):
+    w1, b1, w2, b2 = params
+    basis = basis_fn(d, w1.shape[1], cutoff, kind, "none", 0)
+    slope = basis_fn(d, w1.shape[1], cutoff, kind, "none", 1)
+    env, env_slope = envelope(d, cutoff, env_kind, 1)
+    return filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, act, need_params,
+                      need_values)
 
-    ``product_fn(g, x, e0, e1)`` returns g[i_e] * x[j_e] for the block; ``rows_fn`` is the
-    forward's segment sum, which gives the x-gradient ``sum_{e in row a} g[j_e] W(d_rev_e)``
-    (sender side, over the mirrored edges) from the filter the block already has: its hidden
-    layer is shared with the d-gradient, and mirrored pairs have bitwise equal distances (a
-    block whose d_rev differs gets its own filter). Parameter gradients are summed over blocks
-    in a fixed order: deterministic.
+
+def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params, cutoff: float,
+                kind: str, env_kind: str, act: str, need_params: bool, need_x: bool, basis_fn,
+                product_fn, scatter_fn, block: int):
+    """Gradients of sum_a <g_a, out_a> (``blocked_forward``) in x, d and the filter parameters.
+
+    With ``u_p = g[a] x[b] + g[b] x[a]`` (``product_fn(g, x, p0, p1)``) the pair's share of the
+    loss is ``<u_p, (W(d_c) + W(d_m)) / 2>``: one backward through the filter network per pair,
+    whose hidden layer also gives W for the x-gradient (``scatter_fn(grad_x, g, w, p0)``: the
+    op is symmetric in its pair ends). Parameter gradients are summed over blocks in a fixed
+    order: deterministic.
 
     Returns (grad_x [N, F] or None, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2), the
     parameter gradients None unless ``need_params``.
     """
-    w1, b1, w2, b2 = params
-    num_basis = w1.shape[1]
     grad_d = d.new_zeros(d.shape[0])
     grad_x = torch.zeros_like(x) if need_x else None
     sums = [torch.zeros_like(p) for p in params] if need_params else None
-    for e0 in range(0, d.shape[0], block):
-        e1 = min(e0 + block, d.shape[0])
-        db = d[e0:e1]
-        basis = basis_fn(db, num_basis, cutoff, kind, "none", 0)
-        slope = basis_fn(db, num_basis, cutoff, kind, "none", 1)
-        env, env_slope = envelope(db, cutoff, env_kind, 1)
-        u = product_fn(g, x, e0, e1)
-        shared = need_x and torch.equal(db, d_rev[e0:e1])
-        gd, *gp, w = filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, act,
-                                need_params, shared)
-        grad_d[e0:e1] = gd
+    args = (params, cutoff, kind, env_kind, act, need_params, need_x, basis_fn)
+    for p0 in range(0, len(pairs), block):
+        p1 = min(p0 + block, len(pairs))
+        c, m = pairs.c[p0:p1], pairs.m[p0:p1]
+        dc, dm = d.index_select(0, c), d.index_select(0, m)
+        u = product_fn(g, x, p0, p1)
+        if torch.equal(dc, dm):  # the normal case: one filter, half the gradient to each edge
+            gd, *gp, w = _pair_filter_vjp(u, dc, *args)
+            gd = 0.5 * gd
+            grad_d.index_copy_(0, c, gd)
+            grad_d.index_copy_(0, m, gd)
+        else:
+            u = 0.5 * u
+            gd, *gp, w = _pair_filter_vjp(u, dc, *args)
+            gd_m, *gp_m, w_m = _pair_filter_vjp(u, dm, *args)
+            grad_d.index_copy_(0, c, gd)
+            grad_d.index_copy_(0, m, gd_m)
+            if need_params:
+                gp = [s + t for s, t in zip(gp, gp_m, strict=True)]
+            if need_x:
+                w = 0.5 * (w + w_m)
         if need_x:
-            if not shared:
-                drb = d_rev[e0:e1]
-                (env_rev,) = envelope(drb, cutoff, env_kind, 0)
-                w = filter_values(basis_fn(drb, num_basis, cutoff, kind, "none", 0), env_rev,
-                                  w1, b1, w2, b2, act)
-            rows_fn(grad_x, g, w, e0, int(i[e0]), int(i[e1 - 1]))
+            scatter_fn(grad_x, g, w, p0)
         if sums is not None:
             for s, p in zip(sums, gp, strict=True):
                 s += p

@@ -6,6 +6,9 @@ Algorithms (as cpu_numba.py, so both backends give the same sums in the same ord
   result is deterministic (at the price of load imbalance for very uneven rows, which MLFF
   graphs at liquid density do not have).
 * ``_ggm_kernel``: one program per block of edges x features.
+* ``_pair_product_kernel`` / ``_pair_scatter_kernel``: cfconv's pair kernels (one filter per
+  unordered pair serves both edges), one program per block of pairs x features; the scatter
+  writes both ends of a pair with atomic adds, so its sums are not bitwise reproducible.
 * ``_spline_conv_kernel`` / ``_spline_edge_dot_kernel``: the cubic table evaluated inside the
   edge loop. ``_spline_conv_vjp_kernel``: spline_conv's backward, both halves in one walk of a
   row (one program per row and block of features; the table interval is read once when the
@@ -18,10 +21,10 @@ Algorithms (as cpu_numba.py, so both backends give the same sums in the same ord
   program per (row, block of features); the per-edge d/d unit of each feature block goes to its
   own row of a [blocks, E, 3] buffer, summed afterwards.
 The dense filter networks of ``cfconv_*`` and ``painn_*`` run as cuBLAS GEMMs on blocks of
-edges (kernels/message/dense.py). Sizes, cutoffs and counts are run-time arguments; only block sizes
-are constexpr. Block sizes: 64 features (F = 64..256 in one to four programs per row) for the row
-kernels, 32 x 32 for the 2-D ones, chosen to keep register use low (``python -m fastff.aot``
-reports it).
+pairs or edges (kernels/message/dense.py). Sizes, cutoffs and counts are run-time arguments;
+only block sizes are constexpr. Block sizes: 64 features (F = 64..256 in one to four programs
+per row) for the row kernels, 32 x 32 for the 2-D ones, chosen to keep register use low
+(``python -m fastff.aot`` reports it).
 """
 
 from __future__ import annotations
@@ -88,6 +91,49 @@ def _ggm_kernel(out_ptr, a_ptr, b_ptr, i_ptr, j_ptr, e0, num, n_a, n_b, nf,
     bv = tl.load(b_ptr + jb[:, None] * nf + offs[None, :], mask=m, other=0.0)
     tl.store(out_ptr + k[:, None] * nf + offs[None, :], av * bv,
              mask=emask[:, None] & (offs[None, :] < nf))
+
+
+@triton.jit
+def _pair_ends(a_ptr, b_ptr, p0, num, n, BLOCK_E: tl.constexpr):
+    """Ends (a, b) of the pairs p0 + k, k < BLOCK_E, with the mask of those in range."""
+    k = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    pmask = k < num
+    pa = tl.load(a_ptr + p0 + k, mask=pmask, other=0)
+    pb = tl.load(b_ptr + p0 + k, mask=pmask, other=0)
+    ok = pmask & (pa >= 0) & (pa < n) & (pb >= 0) & (pb < n)
+    return k, pmask, tl.where(ok, pa, 0), tl.where(ok, pb, 0), ok
+
+
+@triton.jit
+def _pair_product_kernel(out_ptr, g_ptr, x_ptr, a_ptr, b_ptr, p0, num, n, nf,
+                         BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr):
+    """out[k] = g[a] * x[b] + g[b] * x[a] for the pairs p0 + k (0 for out-of-range ends)."""
+    k, pmask, pa, pb, ok = _pair_ends(a_ptr, b_ptr, p0, num, n, BLOCK_E)
+    offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    fm = offs[None, :] < nf
+    m = ok[:, None] & fm
+    ga = tl.load(g_ptr + pa[:, None] * nf + offs[None, :], mask=m, other=0.0)
+    gb = tl.load(g_ptr + pb[:, None] * nf + offs[None, :], mask=m, other=0.0)
+    xa = tl.load(x_ptr + pa[:, None] * nf + offs[None, :], mask=m, other=0.0)
+    xb = tl.load(x_ptr + pb[:, None] * nf + offs[None, :], mask=m, other=0.0)
+    tl.store(out_ptr + k[:, None] * nf + offs[None, :], ga * xb + gb * xa,
+             mask=pmask[:, None] & fm)
+
+
+@triton.jit
+def _pair_scatter_kernel(out_ptr, h_ptr, w_ptr, a_ptr, b_ptr, p0, num, n, nf,
+                         BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr):
+    """out[a] += h[b] * w_k and out[b] += h[a] * w_k for the pairs p0 + k. Both ends of a pair
+    are written, so rows have many writers: atomic adds (the sums' order, and so their last
+    bits, vary from run to run on a GPU)."""
+    k, pmask, pa, pb, ok = _pair_ends(a_ptr, b_ptr, p0, num, n, BLOCK_E)
+    offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    m = ok[:, None] & (offs[None, :] < nf)
+    w = tl.load(w_ptr + k[:, None] * nf + offs[None, :], mask=m, other=0.0)
+    ha = tl.load(h_ptr + pa[:, None] * nf + offs[None, :], mask=m, other=0.0)
+    hb = tl.load(h_ptr + pb[:, None] * nf + offs[None, :], mask=m, other=0.0)
+    tl.atomic_add(out_ptr + pa[:, None] * nf + offs[None, :], hb * w, mask=m)
+    tl.atomic_add(out_ptr + pb[:, None] * nf + offs[None, :], ha * w, mask=m)
 
 
 @triton.jit
@@ -433,6 +479,15 @@ def _spline_conv_positions_vjp_kernel(gx_ptr, gpos_part_ptr, cell_part_ptr, g_pt
         tl.store(cp + 8, c22)
 
 
+def _pair_kernel_spec(kernel, inputs: tuple[str, str]) -> dict:
+    """The AOT spec of a pair kernel: (out, two float inputs, ends a and b, p0, num, n, nf)."""
+    return {"kernel": kernel,
+            "signature": {"out_ptr": "*fp32", **dict.fromkeys(inputs, "*fp32"), "a_ptr": "*i64",
+                          "b_ptr": "*i64", "p0": "i64", "num": "i32", "n": "i64", "nf": "i32",
+                          "BLOCK_E": "constexpr", "BLOCK_F": "constexpr"},
+            "constexprs": _EF}
+
+
 AOT_SPECS = [
     {"kernel": _gms_rows_kernel,
      "signature": {"out_ptr": "*fp32", "h_ptr": "*fp32", "w_ptr": "*fp32", "j_ptr": "*i64",
@@ -444,6 +499,8 @@ AOT_SPECS = [
                    "j_ptr": "*i64", "e0": "i64", "num": "i32", "n_a": "i64", "n_b": "i64",
                    "nf": "i32", "BLOCK_E": "constexpr", "BLOCK_F": "constexpr"},
      "constexprs": _EF},
+    *(_pair_kernel_spec(kernel, inputs) for kernel, inputs in (
+        (_pair_product_kernel, ("g_ptr", "x_ptr")), (_pair_scatter_kernel, ("h_ptr", "w_ptr")))),
     {"kernel": _spline_conv_kernel,
      "signature": {"out_ptr": "*fp32", "x_ptr": "*fp32", "d_ptr": "*fp32", "scale_ptr": "*fp32",
                    "coeffs_ptr": "*fp32", "j_ptr": "*i64", "ptr_ptr": "*i64",
@@ -531,28 +588,54 @@ def ggm(a, b, i, j):
     return _ggm_block(a, b, _c(i), _c(j), 0, i.shape[0])
 
 
-def cfconv_forward(x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act):
-    """Launcher: out[a] = sum_{e in row a} x[j_e] * W(d_e), [N, F]; see README.md."""
-    if d.shape[0] == 0:
-        return x.new_zeros(ptr.shape[0] - 1, x.shape[1])
-    jc, pc = _c(j), _c(ptr)
+def _pair_grid(num, nf):
+    return (triton.cdiv(num, BLOCK_E), triton.cdiv(nf, BLOCK_F2))
+
+
+def _scatter_fn(pairs):
+    a, b = _c(pairs.a), _c(pairs.b)
+
+    def scatter(out, h, w, p0):
+        num, nf = w.shape
+        if num and nf:
+            _pair_scatter_kernel[_pair_grid(num, nf)](out, _c(h), _c(w), a, b, p0, num,
+                                                      min(out.shape[0], h.shape[0]), nf, **_EF)
+
+    return scatter
+
+
+def _params(w1, b1, w2, b2):
+    return w1.detach(), b1.detach(), w2.detach(), b2.detach()
+
+
+def cfconv_forward(x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act):
+    """Launcher: out[a] = sum_{e in row a} x[j_e] (W(d_e) + W(d_rev e)) / 2, [N, F]; one filter
+    per unordered pair (README.md)."""
     with torch.no_grad():
-        return dense.blocked_forward(
-            _c(x), d.detach(), i, ptr, (w1.detach(), b1.detach(), w2.detach(), b2.detach()),
-            cutoff, kind, envelope, act, _basis,
-            lambda out, h, w, e0, a0, a1: _rows(out, h, w, e0, a0, a1, jc, pc), BLOCK)
+        pairs = dense.MirrorPairs(i, j, rev)
+        return dense.blocked_forward(_c(x), d.detach(), ptr.shape[0] - 1, pairs,
+                                     _params(w1, b1, w2, b2), cutoff, kind, envelope, act, _basis,
+                                     _scatter_fn(pairs), BLOCK)
 
 
-def cfconv_vjp(g, x, d, d_rev, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act,
+def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act,
                need_params, need_x):
     """Launcher: (grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of sum <g, out>."""
-    ic, jc, pc = _c(i), _c(j), _c(ptr)
     with torch.no_grad():
-        out = dense.blocked_vjp(
-            _c(g), _c(x), d.detach(), d_rev.detach(), i, j,
-            (w1.detach(), b1.detach(), w2.detach(), b2.detach()), cutoff, kind, envelope, act,
-            need_params, need_x, _basis, lambda g_, x_, e0, e1: _ggm_block(g_, x_, ic, jc, e0, e1),
-            lambda out, h, w, e0, a0, a1: _rows(out, h, w, e0, a0, a1, jc, pc), BLOCK)
+        pairs = dense.MirrorPairs(i, j, rev)
+        gc, xc, a, b = _c(g), _c(x), _c(pairs.a), _c(pairs.b)
+
+        def product(g_, x_, p0, p1):
+            out = torch.empty(p1 - p0, gc.shape[1], dtype=gc.dtype, device=gc.device)
+            if p1 > p0 and gc.shape[1]:
+                _pair_product_kernel[_pair_grid(p1 - p0, gc.shape[1])](
+                    out, gc, xc, a, b, p0, p1 - p0, min(gc.shape[0], xc.shape[0]), gc.shape[1],
+                    **_EF)
+            return out
+
+        out = dense.blocked_vjp(gc, xc, d.detach(), pairs, _params(w1, b1, w2, b2), cutoff, kind,
+                                envelope, act, need_params, need_x, _basis, product,
+                                _scatter_fn(pairs), BLOCK)
     return dense.params_or_empty(out, d)
 
 

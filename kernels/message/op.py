@@ -6,13 +6,14 @@ Primitives, all over a FULL neighbor list sorted by receiver (CSR ``ptr``) with 
 * ``gms(h, w)``: out[a] = sum_{e in row a} h[j_e] w_e (gather-multiply-segment-sum) and
   ``ggm(a, b)``: out[e] = a[i_e] b[j_e] (its edge-product partner). The backward of each is
   built from the two: closed under differentiation.
-* ``cfconv``: gms with SchNet's filter network W(d_e) computed inside, a block of edges at a
-  time. Its backward is the fused ``cfconv_vjp`` when no graph is needed (forces at
-  inference: x, d and parameter gradients in one pass; the x-gradient alone is ``cfconv`` on
-  mirrored distances) and, when the backward
-  itself must be differentiable (force training, create_graph=True), the same formulas
-  written with ``ggm``, ``radial_basis`` and torch ops (kernels/message/dense.py), which are
-  differentiable to any order.
+* ``cfconv``: gms with SchNet's filter network computed inside, once per unordered pair
+  (the pair's two edges share ``(W(d_e) + W(d_rev e)) / 2``, which is W(d_e) for the mirrored
+  distances of any geometry), a block of pairs at a time. Its backward is the fused
+  ``cfconv_vjp`` when no graph is needed (forces at inference: x, d and parameter gradients in
+  one pass; the x-gradient alone is ``cfconv`` on the gradient: the pair filter is symmetric)
+  and, when the backward itself must be differentiable (force training, create_graph=True),
+  the same formulas written with ``ggm``, ``radial_basis`` and torch ops
+  (kernels/message/dense.py), which are differentiable to any order.
 * ``spline_conv`` / ``spline_edge_dot``: the tabulated filter; the derivative of each at order
   n is the pair at orders n and n + 1, so every order works. ``spline_conv_vjp`` is
   spline_conv's backward (no scale) with both halves in one pass over the edges; its own
@@ -111,8 +112,8 @@ ggm.register_autograd(_ggm_backward, setup_context=_graph_setup)
 def cfconv(x: Tensor, d: Tensor, i: Tensor, j: Tensor, ptr: Tensor, rev: Tensor, w1: Tensor,
            b1: Tensor, w2: Tensor, b2: Tensor, cutoff: float, kind: str, envelope: str,
            activation: str, backend: str) -> Tensor:
-    return _backend.launcher("cfconv_forward", backend)(x, d, i, j, ptr, w1, b1, w2, b2, cutoff,
-                                                         kind, envelope, activation)
+    return _backend.launcher("cfconv_forward", backend)(x, d, i, j, ptr, rev, w1, b1, w2, b2,
+                                                         cutoff, kind, envelope, activation)
 
 
 @cfconv.register_fake
@@ -121,19 +122,19 @@ def _(x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, activation, 
 
 
 @torch.library.custom_op("fastff::cfconv_vjp", mutates_args=())
-def cfconv_vjp(g: Tensor, x: Tensor, d: Tensor, d_rev: Tensor, i: Tensor, j: Tensor,
-               ptr: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, cutoff: float,
-               kind: str, envelope: str, activation: str, need_params: bool, need_x: bool,
+def cfconv_vjp(g: Tensor, x: Tensor, d: Tensor, i: Tensor, j: Tensor, ptr: Tensor, rev: Tensor,
+               w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, cutoff: float, kind: str,
+               envelope: str, activation: str, need_params: bool, need_x: bool,
                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_d, grad_w1, grad_b1, grad_w2, grad_b2) of sum <g, cfconv(x, d)>: grad_x
-    (= cfconv(g, d_rev)) empty [0] unless need_x, the parameters' unless need_params."""
-    return _backend.launcher("cfconv_vjp", backend)(g, x, d, d_rev, i, j, ptr, w1, b1, w2, b2,
+    (= cfconv(g, d)) empty [0] unless need_x, the parameters' unless need_params."""
+    return _backend.launcher("cfconv_vjp", backend)(g, x, d, i, j, ptr, rev, w1, b1, w2, b2,
                                                      cutoff, kind, envelope, activation,
                                                      need_params, need_x)
 
 
 @cfconv_vjp.register_fake
-def _(g, x, d, d_rev, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, activation,
+def _(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, activation,
       need_params, need_x, backend):
     grad_x = torch.empty_like(x) if need_x else x.new_empty(0)
     if need_params:
@@ -166,13 +167,14 @@ def composite_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelop
                   need_params, need_values, backend):
     """The (d, parameter) gradients of cfconv from differentiable ops (materialises [E, F]):
     (grad_d, grad_w1, grad_b1, grad_w2, grad_b2, W), the parameter gradients None unless
-    ``need_params`` and the filter W [E, F] (from the same hidden layer) None unless
-    ``need_values``."""
+    ``need_params`` and the per-edge filter W(d) [E, F] (from the same hidden layer) None unless
+    ``need_values``. cfconv's filter is the mirror mean (W(d_e) + W(d_rev e)) / 2, so its loss
+    is sum_e <(u_e + u_rev(e)) / 2, W(d_e)> with u = ggm(g, x), and u_rev(e) = ggm(x, g)_e."""
     num_basis = w1.shape[1]
     basis = _radial.radial_basis(d, num_basis, cutoff, kind, "none", 0, backend)
     slope = _radial.radial_basis(d, num_basis, cutoff, kind, "none", 1, backend)
     env, env_slope = dense.envelope(d, cutoff, envelope, 1)
-    u = ggm(g, x, i, j, ptr, rev, backend)
+    u = 0.5 * (ggm(g, x, i, j, ptr, rev, backend) + ggm(x, g, i, j, ptr, rev, backend))
     return dense.filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, activation,
                             need_params, need_values)
 
@@ -186,14 +188,13 @@ def _cfconv_backward(ctx, grad):
     if torch.is_grad_enabled():  # the backward itself is being differentiated
         return _cfconv_backward_composite(ctx, grad)
     gx = gd = gp = None
-    # the x-gradient sums over senders = rows of the mirrored edges, whose distances are d[rev]
+    # the pair filter is symmetric, so the x-gradient (a sum over senders) is the op on grad
     if needs[1] or need_params:  # one pass: the hidden layer serves the x- and d-gradients
-        d_rev = _mirror(d, rev) if needs[0] else d  # read only for the x-gradient
-        gx, gd, *gp = cfconv_vjp(grad, x, d, d_rev, i, j, ptr, w1, b1, w2, b2, cutoff, kind,
+        gx, gd, *gp = cfconv_vjp(grad, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind,
                                  envelope, activation, need_params, needs[0], backend)
     elif needs[0]:
-        gx = cfconv(grad, _mirror(d, rev), i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind,
-                    envelope, activation, backend)
+        gx = cfconv(grad, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, activation,
+                    backend)
     gparams = [p if (need_params and n) else None
                for p, n in zip(gp or [None] * 4, needs[6:10], strict=True)]
     return (gx if needs[0] else None, gd if needs[1] else None, None, None, None, None,
@@ -221,7 +222,8 @@ def _cfconv_backward_composite(ctx, grad):
             basis = _radial.radial_basis(d, w1.shape[1], cutoff, kind, "none", 0, backend)
             (env,) = dense.envelope(d, cutoff, envelope, 0)
             w = dense.filter_values(basis, env, w1, b1, w2, b2, activation)
-        gx = gms(grad, _mirror(w, rev), i, j, ptr, rev, backend)
+        # the pair filter (W + W[rev]) / 2 is symmetric: the sender-side sum is a row sum
+        gx = gms(grad, 0.5 * (w + _mirror(w, rev)), i, j, ptr, rev, backend)
     gparams = [p if (need_params and n) else None
                for p, n in zip(gp, needs[6:10], strict=True)]
     return (gx, gd if needs[1] else None, None, None, None, None, *gparams,

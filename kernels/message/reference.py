@@ -33,19 +33,28 @@ def filter_matrix(d: Tensor, w1, b1, w2, b2, cutoff: float, kind: str, envelope:
     return dense.filter_values(basis, env, w1, b1, w2, b2, act)
 
 
-def cfconv_forward(x, d, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act):
-    return gms(x, filter_matrix(d, w1, b1, w2, b2, cutoff, kind, envelope, act), i, j, ptr)
+def mirror_mean(w: Tensor, rev: Tensor) -> Tensor:
+    """(w_e + w_rev(e)) / 2: the filter a pair shares between its two edges."""
+    return 0.5 * (w + w.index_select(0, rev))
 
 
-def cfconv_vjp(g, x, d, d_rev, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope, act,
+def cfconv_forward(x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act):
+    w = filter_matrix(d, w1, b1, w2, b2, cutoff, kind, envelope, act)
+    return gms(x, mirror_mean(w, rev), i, j, ptr)
+
+
+def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act,
                need_params, need_x):
+    # sum_e <u_e, (W(d_e) + W(d_rev e)) / 2> = sum_e <(u_e + u_rev(e)) / 2, W(d_e)>
     num_basis = w1.shape[1]
     basis = _basis(d, num_basis, cutoff, kind, "none", 0)
     slope = _basis(d, num_basis, cutoff, kind, "none", 1)
     env, env_slope = dense.envelope(d, cutoff, envelope, 1)
-    out = dense.filter_vjp(ggm(g, x, i, j), basis, slope, env, env_slope, w1, b1, w2, b2, act,
+    u = mirror_mean(ggm(g, x, i, j), rev)
+    out = dense.filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, act,
                            need_params)[:5]
-    grad_x = cfconv_forward(g, d_rev, i, j, ptr, w1, b1, w2, b2, cutoff, kind, envelope,
+    # the shared filter is symmetric, so the sender-side sum is the op itself on g
+    grad_x = cfconv_forward(g, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope,
                             act) if need_x else None
     return dense.params_or_empty((grad_x, *out), d)
 

@@ -34,6 +34,7 @@ def params(num_basis, nf, dtype=torch.float64, grad=False):
 def small_blocks(monkeypatch):
     # blocks of 7 edges split rows of ~15 edges: the row-accumulation across blocks is exercised
     monkeypatch.setattr(cpu_numba, "BLOCK", 7)
+    monkeypatch.setattr(cpu_numba, "PAINN_BLOCK", 7)
     monkeypatch.setattr(gpu_triton, "BLOCK", 7)
 
 
@@ -63,20 +64,23 @@ def test_launchers_match_reference(rng, backend, dtype):
         variants = variants[:1] if dtype == torch.float64 else variants[1:]
     for kind, env, act in variants:
         args = (2.0, kind, env, act)
-        _close(m.cfconv_forward(x, d, i, j, ptr, *p, *args),
-               reference.cfconv_forward(x64, d64, i, j, ptr, *p64, *args), dtype)
-        # the x-gradient from the block's own filter (mirrored distances) or a second one
-        mirrored = d[nl.reverse]
-        skewed = mirrored * (1 + 0.05 * torch.rand(len(nl), dtype=dtype))
-        for need, need_x, d_rev in ((False, False, mirrored), (True, True, mirrored),
-                                    (False, True, skewed)):
-            got = m.cfconv_vjp(g, x, d, d_rev, i, j, ptr, *p, *args, need, need_x)
-            want = reference.cfconv_vjp(g64, x64, d64, d_rev.double(), i, j, ptr, *p64, *args,
-                                        need, need_x)
-            for a, b in zip(got, want, strict=True):
-                assert a.shape == b.shape
-                if b.numel():
-                    _close(a, b, dtype)
+        rev = nl.reverse
+        # one filter per pair (mirrored distances equal, as from positions), or two per pair
+        # where they differ (here: every edge, independently skewed)
+        skewed = d * (1 + 0.05 * torch.rand(len(nl), dtype=dtype))
+        for dd in (d, skewed):
+            assert torch.equal(dd, dd[rev]) == (dd is d)
+            dd64 = dd.double()
+            _close(m.cfconv_forward(x, dd, i, j, ptr, rev, *p, *args),
+                   reference.cfconv_forward(x64, dd64, i, j, ptr, rev, *p64, *args), dtype)
+            for need, need_x in ((False, False), (True, True), (False, True)):
+                got = m.cfconv_vjp(g, x, dd, i, j, ptr, rev, *p, *args, need, need_x)
+                want = reference.cfconv_vjp(g64, x64, dd64, i, j, ptr, rev, *p64, *args, need,
+                                            need_x)
+                for a, b in zip(got, want, strict=True):
+                    assert a.shape == b.shape
+                    if b.numel():
+                        _close(a, b, dtype)
     coeffs = torch.randn(9, 4, nf, dtype=dtype)
     scale = torch.randn(len(nl), dtype=dtype)
     for order in range(5):
@@ -143,8 +147,7 @@ def test_opcheck_every_op(rng, backend):
     torch.library.opcheck(op.ggm, (x, g, *a, backend))
     torch.library.opcheck(op.cfconv, (x, d, *a, *p, *filt, backend))
     detached = [t.detach() for t in (g, x, d, *p)]
-    d_rev = detached[2][rev].clone()
-    torch.library.opcheck(op.cfconv_vjp, (*detached[:3], d_rev, i, j, ptr, *detached[3:], *filt,
+    torch.library.opcheck(op.cfconv_vjp, (*detached[:3], i, j, ptr, rev, *detached[3:], *filt,
                                           True, True, backend))
     torch.library.opcheck(op.spline_conv, (x, d, scale, coeffs, *a, 2.0, 1, backend))
     torch.library.opcheck(op.spline_conv, (x, d, None, coeffs, *a, 2.0, 0, backend))
@@ -154,7 +157,7 @@ def test_opcheck_every_op(rng, backend):
 def test_no_silent_zero_gradients(rng):
     nl, a, d, x, g, w, scale, coeffs, p = _ops(rng, "numba", 6, 3, 4)
     i, j, ptr, rev = a
-    out = op.cfconv_vjp(g, x, d, d[rev], i, j, ptr, *p, 2.0, "gaussian", "cosine", "silu", True,
+    out = op.cfconv_vjp(g, x, d, i, j, ptr, rev, *p, 2.0, "gaussian", "cosine", "silu", True,
                         True, "numba")
     with pytest.raises(RuntimeError, match="no derivative"):
         out[0].sum().backward()
@@ -409,3 +412,33 @@ def test_painn_empty_edge_set(backend):
     assert ds.shape == (n, nf) and dv.shape == (n, 3, nf) and not ds.any() and not dv.any()
     gphi, gwf = torch.autograd.grad(ds.sum() + dv.sum(), (phi, wf))
     assert not gphi.any() and not gwf.any()
+
+
+@pytest.mark.parametrize("backend", ["numba", "triton"])
+def test_cfconv_out_of_range_pair_end_is_skipped(rng, backend):
+    """A pair whose end is out of range (possible only with value checks off) contributes
+    nothing and is never read: the forward and the gradients equal the reference without that
+    pair, and its edges get no d-gradient."""
+    n, nf, num_basis = 9, 3, 4
+    nl, d = graph(rng, n)
+    m = MODULES[backend]
+    rev = nl.reverse
+    bad = int(torch.nonzero(torch.arange(len(nl)) < rev)[3])  # the canonical edge of a pair
+    bad_j = nl.j.clone()
+    bad_j[bad] = n + 3
+    keep = (torch.arange(len(nl)) != bad) & (torch.arange(len(nl)) != rev[bad])
+    new_index = torch.cumsum(keep.long(), 0) - 1
+    ptr = torch.zeros(n + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(torch.bincount(nl.i[keep], minlength=n), 0)
+    kept = (nl.i[keep], nl.j[keep], ptr, new_index[rev[keep]])
+    p = params(num_basis, nf)
+    x, g = torch.randn(n, nf, dtype=torch.float64), torch.randn(n, nf, dtype=torch.float64)
+    filt = (2.0, "gaussian", "cosine", "shifted_softplus")
+    _close(m.cfconv_forward(x, d, nl.i, bad_j, nl.ptr, rev, *p, *filt),
+           reference.cfconv_forward(x, d[keep], *kept, *p, *filt), torch.float64)
+    got = m.cfconv_vjp(g, x, d, nl.i, bad_j, nl.ptr, rev, *p, *filt, True, True)
+    want = reference.cfconv_vjp(g, x, d[keep], *kept, *p, *filt, True, True)
+    assert got[1][bad] == 0 and got[1][rev[bad]] == 0
+    _close(got[1][keep], want[1], torch.float64)
+    for a, b in zip(got[:1] + got[2:], want[:1] + want[2:], strict=True):
+        _close(a, b, torch.float64)
