@@ -33,11 +33,11 @@ from fastff.kernels.message import dense
 from fastff.kernels.neighbors.cpu_numba import _system_index
 from fastff.kernels.radial.cpu_numba import radial_basis as _basis
 
-# Pairs per block of cfconv's filter GEMMs: 4096 x 128 float32 = 2 MiB per [block, F]
-# temporary, which keeps the handful of them in L3. cfconv energy + forces at F = 128,
-# K = 50, 1,000 atoms (2 cores): 190 ms at 1024 pairs, 150-170 ms at 2048 and 4096, 143-148 ms
-# at 8192; at 10,000 atoms 4096 and 8192 were within the noise of each other.
-BLOCK = 4096
+# Pairs per block of cfconv's filter GEMMs: 2048 x 128 float32 = 1 MiB per [block, F]
+# temporary. cfconv energy + forces at F = 128, K = 50, 1,000 atoms (2 cores): 190 ms at 1024
+# pairs, 150-170 ms at 2048 and 4096, 143-148 ms at 8192 (within the noise at 10,000 atoms);
+# 4096 doubled the extra peak memory at 1,000 atoms (11% of torch_geometric's instead of 6%).
+BLOCK = 2048
 # Edges per block of PaiNN's filter GEMM ([block, 3F] temporaries; 1024..4096 within 5%).
 PAINN_BLOCK = 2048
 
