@@ -55,7 +55,7 @@ def _close(got, want, kind, dtype):
 @pytest.mark.parametrize("filt", [("gaussian", "cosine", "shifted_softplus"),
                                   ("bessel", "polynomial", "silu")])
 def test_cfconv_training_chain_float64(rng, backend, filt, monkeypatch):
-    monkeypatch.setattr(cpu_numba, "BLOCK", 11)
+    monkeypatch.setattr(cpu_numba, "BLOCK_FEATURES", 90)
     monkeypatch.setattr(gpu_triton, "BLOCK", 11)
     n, nf, nb = (6, 3, 4) if backend == "triton" else (24, 8, 6)
     kind, env, act = filt

@@ -5,8 +5,8 @@ Algorithms:
   receiver, one row per ``prange`` iteration, so each output row has exactly one writer: no
   atomics, bitwise deterministic. ``ggm`` (its edge-product partner) is one edge per iteration.
 * ``cfconv_forward`` / ``cfconv_vjp`` run SchNet's filter network as BLAS GEMMs on blocks of
-  ``BLOCK`` unordered pairs (kernels/message/dense.py: one filter serves both edges of a pair)
-  and fuse the gathers, products and sums of both ends into ``_pair_scatter`` and
+  ``BLOCK_FEATURES / F`` unordered pairs (kernels/message/dense.py: one filter serves both
+  edges of a pair) and fuse the gathers, products and sums of both ends into ``_pair_scatter`` and
   ``_pair_product``; no [E, F] tensor is ever held, and the backward recomputes the filter. A
   scalar per-pair MLP loop in numba would lose to BLAS by ~10x at F = 128.
 * ``spline_conv`` / ``spline_edge_dot`` evaluate a cubic table of W(r) (F values per knot) inside
@@ -33,11 +33,19 @@ from fastff.kernels.message import dense
 from fastff.kernels.neighbors.cpu_numba import _system_index
 from fastff.kernels.radial.cpu_numba import radial_basis as _basis
 
-# Pairs per block of cfconv's filter GEMMs: 2048 x 128 float32 = 1 MiB per [block, F]
-# temporary. cfconv energy + forces at F = 128, K = 50, 1,000 atoms (2 cores): 190 ms at 1024
-# pairs, 150-170 ms at 2048 and 4096, 143-148 ms at 8192 (within the noise at 10,000 atoms);
-# 4096 doubled the extra peak memory at 1,000 atoms (11% of torch_geometric's instead of 6%).
-BLOCK = 2048
+# Features per block of cfconv's filter GEMMs (pairs x F): 1 MiB per [block, F] float32
+# temporary, 2048 pairs at F = 128 and 4096 at F = 64. cfconv energy + forces at F = 128,
+# K = 50, 1,000 atoms (2 cores): 190 ms at 1024 pairs, 150-170 ms at 2048 and 4096, 143-148 ms
+# at 8192, but 4096 doubled the extra peak memory (11% of torch_geometric's instead of 6%). At
+# F = 64 (SchNet's default, 3,000 waters' 75k pairs), 2048 pairs cost 100 + 200 ms (forward +
+# backward) and 8192 pairs 65 + 100-135 ms: small blocks pay per-op overhead.
+BLOCK_FEATURES = 2048 * 128
+
+
+def _pairs_per_block(nf: int) -> int:
+    return max(1, BLOCK_FEATURES // max(nf, 1))
+
+
 # Edges per block of PaiNN's filter GEMM ([block, 3F] temporaries; 1024..4096 within 5%).
 PAINN_BLOCK = 2048
 
@@ -161,7 +169,7 @@ def cfconv_forward(x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope,
         pairs = dense.MirrorPairs(i, j, rev)
         return dense.blocked_forward(x.detach().contiguous(), d.detach(), ptr.shape[0] - 1, pairs,
                                      _params(w1, b1, w2, b2), cutoff, kind, envelope, act, _basis,
-                                     _scatter_fn(pairs), BLOCK)
+                                     _scatter_fn(pairs), _pairs_per_block(x.shape[1]))
 
 
 def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act,
@@ -178,7 +186,8 @@ def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, 
 
         out = dense.blocked_vjp(g.detach(), x.detach(), d.detach(), pairs,
                                 _params(w1, b1, w2, b2), cutoff, kind, envelope, act,
-                                need_params, need_x, _basis, product, _scatter_fn(pairs), BLOCK)
+                                need_params, need_x, _basis, product, _scatter_fn(pairs),
+                                _pairs_per_block(g.shape[1]))
     return dense.params_or_empty(out, d)
 
 
