@@ -80,8 +80,8 @@ class MirrorPairs:
     """The unordered pairs of a full list: each pair once, as its canonical edge ``c`` (the one
     with ``c < rev[c]``) and its mirror ``m = rev[c]``, with ends ``a = i[c]``, ``b = j[c]``
     (int64 [P] each, P = E / 2 for a list whose ``rev`` is its mirror index). Edges whose ``rev``
-    is themselves or out of range (possible only with value checks disabled) belong to no pair;
-    an out-of-range ``rev`` raises in the index gathers, never reads out of bounds."""
+    is themselves or negative (possible only with value checks disabled) belong to no pair; a
+    ``rev`` beyond the list raises IndexError in the gathers, never reads out of bounds."""
 
     def __init__(self, i: Tensor, j: Tensor, rev: Tensor):
         edges = torch.arange(rev.shape[0], device=rev.device)

@@ -164,11 +164,10 @@ def _cfconv_setup(ctx, inputs, output):
 
 
 def composite_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, activation,
-                  need_params, need_values, backend):
+                  need_params, backend):
     """The (d, parameter) gradients of cfconv from differentiable ops (materialises [E, F]):
-    (grad_d, grad_w1, grad_b1, grad_w2, grad_b2, W), the parameter gradients None unless
-    ``need_params`` and the per-edge filter W(d) [E, F] (from the same hidden layer) None unless
-    ``need_values``. cfconv's filter is the mirror mean (W(d_e) + W(d_rev e)) / 2, so its loss
+    (grad_d, grad_w1, grad_b1, grad_w2, grad_b2), the parameter gradients None unless
+    ``need_params``. cfconv's filter is the mirror mean (W(d_e) + W(d_rev e)) / 2, so its loss
     is sum_e <(u_e + u_rev(e)) / 2, W(d_e)> with u = ggm(g, x), and u_rev(e) = ggm(x, g)_e."""
     num_basis = w1.shape[1]
     basis = _radial.radial_basis(d, num_basis, cutoff, kind, "none", 0, backend)
@@ -177,9 +176,9 @@ def composite_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelop
     # u + u_rev in place (ggm's backward reads its inputs only), and the 1/2 on the outputs (the
     # gradients are linear in u): two [E, F] temporaries fewer at the peak of force training
     u = ggm(g, x, i, j, ptr, rev, backend).add_(ggm(x, g, i, j, ptr, rev, backend))
-    gd, *gp, w = dense.filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, activation,
-                                  need_params, need_values)
-    return 0.5 * gd, *(None if t is None else 0.5 * t for t in gp), w
+    gd, *gp, _ = dense.filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, activation,
+                                  need_params)
+    return 0.5 * gd, *(None if t is None else 0.5 * t for t in gp)
 
 
 def _cfconv_backward(ctx, grad):
@@ -216,8 +215,8 @@ def _cfconv_backward_composite(ctx, grad):
     gx = gd = None
     gp: list = [None] * 4
     if needs[1] or need_params:
-        gd, *gp, _ = composite_vjp(grad, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind,
-                                   envelope, activation, need_params, False, backend)
+        gd, *gp = composite_vjp(grad, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind,
+                                envelope, activation, need_params, backend)
     if needs[0]:
         # against gms over the materialised (W + W[rev]) / 2: an [E, F] gather, sum and saved
         # tensor fewer (force training at 1,000 atoms, bench_message: extra peak 353 -> 306 MiB)
