@@ -43,6 +43,14 @@ def activation_slope(h: Tensor, kind: str) -> Tensor:
     return s * (1 + h * (1 - s))
 
 
+def activation_curvature(h: Tensor, kind: str) -> Tensor:
+    """The activation's second derivative at h."""
+    s = torch.sigmoid(h)
+    if kind == "shifted_softplus":
+        return s * (1 - s)
+    return s * (1 - s) * (2 + h * (1 - 2 * s))
+
+
 def envelope(d: Tensor, cutoff: float, kind: str, order: int) -> list[Tensor]:
     return envelope_derivatives(d, cutoff, kind, order)
 
@@ -180,6 +188,88 @@ def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params, cut
             for s, p in zip(sums, gp, strict=True):
                 s += p
     return (grad_x, grad_d, *(sums if sums is not None else [None] * 4))
+
+
+def filter_vjp_vjp(u: Tensor, weight: Tensor, d: Tensor, params, cutoff: float, kind: str,
+                         env_kind: str, act: str, need_params: bool, basis_fn):
+    """The derivatives of sum_p weight_p s_p, s_p = d<u_p, W(d_p)>/dd_p (the distance gradient
+    of ``filter_vjp``), for u [b, F], weight [b], d [b] (README.md beside this file):
+    (s' [b] = ds_p/dd_p unweighted, weight_p dW(d_p)/dd [b, F] (the derivative in u_p), grad_w1,
+    grad_b1, grad_w2, grad_b2), the parameter gradients None unless ``need_params``."""
+    w1, b1, w2, b2 = params
+    num_basis = w1.shape[1]
+    phi = [basis_fn(d, num_basis, cutoff, kind, "none", k) for k in range(3)]
+    e0, e1, e2 = envelope(d, cutoff, env_kind, 2)
+    e0, e1, e2 = e0.unsqueeze(1), e1.unsqueeze(1), e2.unsqueeze(1)
+    h0, h1, h2 = (torch.cat(phi) @ w1.t()).split(d.shape[0])  # h and its two d-derivatives
+    h0 = h0 + b1
+    a0, a1, a2 = activation(h0, act), activation_slope(h0, act), activation_curvature(h0, act)
+    t = u @ w2  # d<u, a w2^T>/da
+    ub = (u @ b2).unsqueeze(1)
+    p = a1 * h1  # da/dd
+    # s = u'(<t, a> + <u, b2>) + u <t, a' h'>, so
+    # s' = u''(<t, a> + <u, b2>) + 2 u' <t, a' h'> + u <t, a'' h'^2 + a' h''>
+    slope = (e2 * ((t * a0).sum(1, keepdim=True) + ub) + 2 * e1 * (t * p).sum(1, keepdim=True)
+             + e0 * (t * (a2 * h1 * h1 + a1 * h2)).sum(1, keepdim=True)).squeeze(1)
+    q = e1 * a0 + e0 * p  # dW/dd = q w2^T + u' b2
+    wk = weight.unsqueeze(1)
+    w_slope = wk * (q @ w2.t() + e1 * b2)
+    if not need_params:
+        return slope, w_slope, None, None, None, None
+    wu = wk * u
+    dh = wk * t * (e1 * a1 + e0 * a2 * h1)  # weight ds/dh
+    dh1 = wk * e0 * t * a1  # weight ds/dh'
+    grad_w1 = dh.t() @ phi[0] + dh1.t() @ phi[1]
+    return slope, w_slope, grad_w1, dh.sum(0), wu.t() @ q, (wu * e1).sum(0)
+
+
+def blocked_vjp_vjp(v: Tensor, g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params,
+                    cutoff: float, kind: str, env_kind: str, act: str, need_g: bool, need_x: bool,
+                    need_params: bool, basis_fn, product_fn, scatter_fn, block: int):
+    """Gradients of sum_e v_e grad_d_e, grad_d the distance gradient of ``blocked_vjp``, in g, x,
+    d and the filter parameters: the second backward of force training, a block of pairs at a
+    time and never more than ``block`` pairs x F features.
+
+    A pair p with ends (a, b), edges (c, m) and u_p = g[a] x[b] + g[b] x[a] has grad_d_c =
+    s(u_p, d_c) / 2 and grad_d_m = s(u_p, d_m) / 2, s(u, r) = d<u, W(r)>/dr. So the loss is
+    linear in u_p with the pair filter ``w_p = (v_c W'(d_c) + v_m W'(d_m)) / 2``: the g- and
+    x-gradients are ``scatter_fn(grad_g, x, w, p0)`` and ``scatter_fn(grad_x, g, w, p0)``
+    (cfconv's own pair scatter), and one pass through the filter network's second derivatives
+    gives the rest.
+
+    Returns (grad_g, grad_x (None unless asked for), grad_d [E], grad_w1, grad_b1, grad_w2,
+    grad_b2), the parameter gradients None unless ``need_params``.
+    """
+    grad_d = d.new_zeros(d.shape[0])
+    grad_g = torch.zeros_like(g) if need_g else None
+    grad_x = torch.zeros_like(x) if need_x else None
+    sums = [torch.zeros_like(p) for p in params] if need_params else None
+    args = (params, cutoff, kind, env_kind, act, need_params, basis_fn)
+    for p0 in range(0, len(pairs), block):
+        p1 = min(p0 + block, len(pairs))
+        c, m = pairs.c[p0:p1], pairs.m[p0:p1]
+        dc, dm = d.index_select(0, c), d.index_select(0, m)
+        vc, vm = 0.5 * v.index_select(0, c), 0.5 * v.index_select(0, m)
+        u = product_fn(g, x, p0, p1)
+        if torch.equal(dc, dm):  # the normal case: one pass through the filter per pair
+            slope, w, *gp = filter_vjp_vjp(u, vc + vm, dc, *args)
+            slope_m = slope
+        else:
+            slope, w, *gp = filter_vjp_vjp(u, vc, dc, *args)
+            slope_m, w_m, *gp_m = filter_vjp_vjp(u, vm, dm, *args)
+            w = w + w_m
+            if need_params:
+                gp = [s + t for s, t in zip(gp, gp_m, strict=True)]
+        grad_d.index_copy_(0, c, vc * slope)
+        grad_d.index_copy_(0, m, vm * slope_m)
+        if need_g:
+            scatter_fn(grad_g, x, w, p0)
+        if need_x:
+            scatter_fn(grad_x, g, w, p0)
+        if sums is not None:
+            for s, t in zip(sums, gp, strict=True):
+                s += t
+    return (grad_g, grad_x, grad_d, *(sums if sums is not None else [None] * 4))
 
 
 # ---------------------------------------------------------------- PaiNN message (README.md)

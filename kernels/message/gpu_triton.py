@@ -618,24 +618,42 @@ def cfconv_forward(x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope,
                                      _scatter_fn(pairs), BLOCK)
 
 
+def _product_fn(pairs, g, x):
+    """product_fn of dense.blocked_vjp: u_p = g[a_p] x[b_p] + g[b_p] x[a_p] for a block."""
+    gc, xc, a, b = _c(g), _c(x), _c(pairs.a), _c(pairs.b)
+
+    def product(g_, x_, p0, p1):
+        out = torch.empty(p1 - p0, gc.shape[1], dtype=gc.dtype, device=gc.device)
+        if p1 > p0 and gc.shape[1]:
+            _pair_product_kernel[_pair_grid(p1 - p0, gc.shape[1])](
+                out, gc, xc, a, b, p0, p1 - p0, min(gc.shape[0], xc.shape[0]), gc.shape[1],
+                **_EF)
+        return out
+
+    return product
+
+
 def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act,
                need_params, need_x):
     """Launcher: (grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of sum <g, out>."""
     with torch.no_grad():
         pairs = dense.MirrorPairs(i, j, rev)
-        gc, xc, a, b = _c(g), _c(x), _c(pairs.a), _c(pairs.b)
+        out = dense.blocked_vjp(_c(g), _c(x), d.detach(), pairs, _params(w1, b1, w2, b2), cutoff,
+                                kind, envelope, act, need_params, need_x, _basis,
+                                _product_fn(pairs, g, x), _scatter_fn(pairs), BLOCK)
+    return dense.params_or_empty(out, d)
 
-        def product(g_, x_, p0, p1):
-            out = torch.empty(p1 - p0, gc.shape[1], dtype=gc.dtype, device=gc.device)
-            if p1 > p0 and gc.shape[1]:
-                _pair_product_kernel[_pair_grid(p1 - p0, gc.shape[1])](
-                    out, gc, xc, a, b, p0, p1 - p0, min(gc.shape[0], xc.shape[0]), gc.shape[1],
-                    **_EF)
-            return out
 
-        out = dense.blocked_vjp(gc, xc, d.detach(), pairs, _params(w1, b1, w2, b2), cutoff, kind,
-                                envelope, act, need_params, need_x, _basis, product,
-                                _scatter_fn(pairs), BLOCK)
+def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act,
+                   need_g, need_x, need_params):
+    """Launcher: (grad_g, grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of
+    sum_e v_e grad_d_e, grad_d = cfconv_vjp(g, x, d, ...)[1]; empty [0] where not asked for."""
+    with torch.no_grad():
+        pairs = dense.MirrorPairs(i, j, rev)
+        out = dense.blocked_vjp_vjp(v.detach(), _c(g), _c(x), d.detach(), pairs,
+                                    _params(w1, b1, w2, b2), cutoff, kind, envelope, act, need_g,
+                                    need_x, need_params, _basis, _product_fn(pairs, g, x),
+                                    _scatter_fn(pairs), BLOCK)
     return dense.params_or_empty(out, d)
 
 

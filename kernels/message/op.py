@@ -42,8 +42,9 @@ from fastff.kernels.message import dense
 from fastff.kernels.neighbors import op as _neighbors
 from fastff.kernels.radial import op as _radial
 
-for _name in ("gms", "ggm", "cfconv_forward", "cfconv_vjp", "spline_conv", "spline_edge_dot",
-              "spline_conv_vjp", "spline_conv_positions", "spline_conv_positions_vjp",
+for _name in ("gms", "ggm", "cfconv_forward", "cfconv_vjp", "cfconv_vjp_vjp", "spline_conv",
+              "spline_edge_dot", "spline_conv_vjp", "spline_conv_positions",
+              "spline_conv_positions_vjp",
               "painn_forward", "painn_vjp"):
     _backend.register(_name, "message", _name)
 
@@ -143,6 +144,28 @@ def _(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, activatio
     return (grad_x, d.new_empty(d.shape[0]), *(d.new_empty(0) for _ in range(4)))
 
 
+@torch.library.custom_op("fastff::cfconv_vjp_vjp", mutates_args=())
+def cfconv_vjp_vjp(v: Tensor, g: Tensor, x: Tensor, d: Tensor, i: Tensor, j: Tensor, ptr: Tensor,
+                   rev: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, cutoff: float,
+                   kind: str, envelope: str, activation: str, need_g: bool, need_x: bool,
+                   need_params: bool, backend: str
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(grad_g, grad_x, grad_d, grad_w1, grad_b1, grad_w2, grad_b2) of sum_e v_e grad_d_e,
+    grad_d = cfconv_vjp(g, x, d, ...)[1]: the second backward of force training. grad_g and
+    grad_x are empty [0] unless need_g / need_x, the parameters' unless need_params."""
+    return _backend.launcher("cfconv_vjp_vjp", backend)(v, g, x, d, i, j, ptr, rev, w1, b1, w2,
+                                                         b2, cutoff, kind, envelope, activation,
+                                                         need_g, need_x, need_params)
+
+
+@cfconv_vjp_vjp.register_fake
+def _(v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, activation, need_g,
+      need_x, need_params, backend):
+    return (torch.empty_like(g) if need_g else g.new_empty(0),
+            torch.empty_like(x) if need_x else x.new_empty(0), torch.empty_like(d),
+            *(torch.empty_like(p) if need_params else d.new_empty(0) for p in (w1, b1, w2, b2)))
+
+
 def _refuse_derivative(vjp_op, parent: str) -> None:
     """A fused no-graph backward raises when differentiated (it never returns zeros): with
     create_graph=True its parent's backward takes a differentiable path instead."""
@@ -154,13 +177,42 @@ def _refuse_derivative(vjp_op, parent: str) -> None:
     vjp_op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
 
 
-_refuse_derivative(cfconv_vjp, "cfconv")
+def _cfconv_vjp_vjp_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:12])
+    ctx.args = inputs[12:16] + inputs[19:]
+    ctx.set_materialize_grads(False)
 
 
-def _cfconv_setup(ctx, inputs, output):
-    x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, activation, backend = inputs
-    ctx.save_for_backward(x, d, i, j, ptr, rev, w1, b1, w2, b2)
-    ctx.args = (cutoff, kind, envelope, activation, backend)
+def _cfconv_vjp_vjp_backward(ctx, *cotangents):
+    """Third order and beyond (rare: the Hessian of a force loss, say): autograd twice through
+    the d-gradient written with differentiable ops (``composite_vjp``), recomputed."""
+    v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2 = ctx.saved_tensors
+    *filt, backend = ctx.args
+    differentiable = (0, 1, 2, 3, 8, 9, 10, 11)
+    wanted = [k for k in differentiable if ctx.needs_input_grad[k]]
+    result: list = [None] * 20
+    with torch.enable_grad():
+        inputs = list(ctx.saved_tensors)
+        for k in differentiable:  # every one: the inner gradient is taken in all of them
+            inputs[k] = _alias(inputs[k])
+        v_, g_, x_, d_, *_, w1_, b1_, w2_, b2_ = inputs
+        (grad_d,) = composite_vjp(g_, x_, d_, i, j, ptr, rev, w1_, b1_, w2_, b2_, *filt, False,
+                                  backend)[:1]
+        inner = torch.autograd.grad(grad_d, [g_, x_, d_, w1_, b1_, w2_, b2_], v_,
+                                    create_graph=True, allow_unused=True)
+        pairs = [(out, cot) for out, cot in zip(inner, cotangents, strict=True)
+                 if out is not None and cot is not None and cot.numel()]
+        if not pairs:
+            return tuple(result)
+        found = torch.autograd.grad([o for o, _ in pairs], [inputs[k] for k in wanted],
+                                    [c for _, c in pairs],
+                                    create_graph=torch.is_grad_enabled(), allow_unused=True)
+    for k, t in zip(wanted, found, strict=True):
+        result[k] = t
+    return tuple(result)
+
+
+cfconv_vjp_vjp.register_autograd(_cfconv_vjp_vjp_backward, setup_context=_cfconv_vjp_vjp_setup)
 
 
 def composite_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, activation,
@@ -174,11 +226,72 @@ def composite_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelop
     slope = _radial.radial_basis(d, num_basis, cutoff, kind, "none", 1, backend)
     env, env_slope = dense.envelope(d, cutoff, envelope, 1)
     # u + u_rev in place (ggm's backward reads its inputs only), and the 1/2 on the outputs (the
-    # gradients are linear in u): two [E, F] temporaries fewer at the peak of force training
+    # gradients are linear in u)
     u = ggm(g, x, i, j, ptr, rev, backend).add_(ggm(x, g, i, j, ptr, rev, backend))
     gd, *gp, _ = dense.filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, activation,
                                   need_params)
     return 0.5 * gd, *(None if t is None else 0.5 * t for t in gp)
+
+
+def _cfconv_vjp_setup(ctx, inputs, output):
+    (g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, activation, need_params,
+     need_x, backend) = inputs
+    ctx.save_for_backward(g, x, d, i, j, ptr, rev, w1, b1, w2, b2)
+    ctx.args = (cutoff, kind, envelope, activation, need_params, need_x, backend)
+    ctx.set_materialize_grads(False)  # None for the outputs nobody used: no zero tensors
+
+
+def _cfconv_vjp_backward(ctx, ggx, ggd, *ggp):
+    """Force training differentiates the distance gradient alone (its cotangent ggd): the fused
+    ``cfconv_vjp_vjp``. Any other use (cotangents on grad_x or the parameter gradients, or a
+    graph for a third derivative) runs autograd through the same gradients written with
+    differentiable ops, recomputed."""
+    g, x, d, i, j, ptr, rev, w1, b1, w2, b2 = ctx.saved_tensors
+    cutoff, kind, envelope, activation, need_params, need_x, backend = ctx.args
+    needs = ctx.needs_input_grad
+    filt = (cutoff, kind, envelope, activation)
+    result: list = [None] * 18
+    differentiable = (0, 1, 2, 7, 8, 9, 10)
+    others = [t for t in (ggx, *ggp) if t is not None and t.numel()]
+    if ggd is None and not others:
+        return tuple(result)
+    if not others and not torch.is_grad_enabled():
+        grads = cfconv_vjp_vjp(ggd.contiguous(), g, x, d, i, j, ptr, rev, w1, b1, w2, b2, *filt,
+                               needs[0], needs[1], any(needs[7:11]), backend)
+        for k, t in zip(differentiable, grads, strict=True):
+            result[k] = t if needs[k] else None
+        return tuple(result)
+    wanted = [k for k in differentiable if needs[k]]
+    with torch.enable_grad():
+        inputs = list(ctx.saved_tensors)
+        for k in wanted:
+            inputs[k] = _alias(inputs[k])
+        g_, x_, d_, *_, w1_, b1_, w2_, b2_ = inputs
+        outputs, cotangents = [], []
+        if ggd is not None or need_params:
+            gd, *gp = composite_vjp(g_, x_, d_, i, j, ptr, rev, w1_, b1_, w2_, b2_, *filt,
+                                    need_params, backend)
+            for out, cot in zip((gd, *gp), (ggd, *ggp), strict=True):
+                if out is not None and cot is not None and cot.numel():
+                    outputs.append(out)
+                    cotangents.append(cot)
+        if need_x and ggx is not None:
+            outputs.append(cfconv(g_, d_, i, j, ptr, rev, w1_, b1_, w2_, b2_, *filt, backend))
+            cotangents.append(ggx)
+        found = torch.autograd.grad(outputs, [inputs[k] for k in wanted], cotangents,
+                                    create_graph=torch.is_grad_enabled(), allow_unused=True)
+    for k, t in zip(wanted, found, strict=True):
+        result[k] = t
+    return tuple(result)
+
+
+cfconv_vjp.register_autograd(_cfconv_vjp_backward, setup_context=_cfconv_vjp_setup)
+
+
+def _cfconv_setup(ctx, inputs, output):
+    x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, activation, backend = inputs
+    ctx.save_for_backward(x, d, i, j, ptr, rev, w1, b1, w2, b2)
+    ctx.args = (cutoff, kind, envelope, activation, backend)
 
 
 def _cfconv_backward(ctx, grad):
@@ -187,45 +300,21 @@ def _cfconv_backward(ctx, grad):
     grad = grad.contiguous()
     needs = ctx.needs_input_grad
     need_params = any(needs[6:10])
-    if torch.is_grad_enabled():  # the backward itself is being differentiated
-        return _cfconv_backward_composite(ctx, grad)
     gx = gd = gp = None
-    # the pair filter is symmetric, so the x-gradient (a sum over senders) is the op on grad
+    # the pair filter is symmetric, so the x-gradient (a sum over senders) is the op on grad;
+    # with create_graph (force training) it stays a separate cfconv, so that cfconv_vjp's own
+    # backward sees the distance gradient's cotangent alone (its fused path)
+    fused_x = needs[0] and not torch.is_grad_enabled()
     if needs[1] or need_params:  # one pass: the hidden layer serves the x- and d-gradients
         gx, gd, *gp = cfconv_vjp(grad, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind,
-                                 envelope, activation, need_params, needs[0], backend)
-    elif needs[0]:
+                                 envelope, activation, need_params, fused_x, backend)
+    if needs[0] and not fused_x:
         gx = cfconv(grad, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, activation,
                     backend)
     gparams = [p if (need_params and n) else None
                for p, n in zip(gp or [None] * 4, needs[6:10], strict=True)]
     return (gx if needs[0] else None, gd if needs[1] else None, None, None, None, None,
             *gparams, None, None, None, None, None)
-
-
-def _cfconv_backward_composite(ctx, grad):
-    """The backward from differentiable ops: the (d, parameter) gradients materialise the filter
-    of every edge once (``composite_vjp``); the x-gradient is cfconv itself on ``grad`` (the
-    pair filter is symmetric), fused and differentiable in turn. The second backward is then
-    plain autograd over these ops."""
-    x, d, i, j, ptr, rev, w1, b1, w2, b2 = ctx.saved_tensors
-    cutoff, kind, envelope, activation, backend = ctx.args
-    needs = ctx.needs_input_grad
-    need_params = any(needs[6:10])
-    gx = gd = None
-    gp: list = [None] * 4
-    if needs[1] or need_params:
-        gd, *gp = composite_vjp(grad, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind,
-                                envelope, activation, need_params, backend)
-    if needs[0]:
-        # against gms over the materialised (W + W[rev]) / 2: an [E, F] gather, sum and saved
-        # tensor fewer (force training at 1,000 atoms, bench_message: extra peak 353 -> 306 MiB)
-        gx = cfconv(grad, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, activation,
-                    backend)
-    gparams = [p if (need_params and n) else None
-               for p, n in zip(gp, needs[6:10], strict=True)]
-    return (gx, gd if needs[1] else None, None, None, None, None, *gparams,
-            None, None, None, None, None)
 
 
 cfconv.register_autograd(_cfconv_backward, setup_context=_cfconv_setup)

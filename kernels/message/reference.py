@@ -59,6 +59,22 @@ def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, 
     return dense.params_or_empty((grad_x, *out), d)
 
 
+def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act,
+                   need_g, need_x, need_params):
+    """Gradients of sum_e v_e grad_d_e, grad_d = cfconv_vjp(...)[1] = s(u_e, d_e) with
+    u_e = (g[i] x[j] + g[j] x[i]) / 2: one filter per edge."""
+    u = 0.5 * (ggm(g, x, i, j) + ggm(x, g, i, j))
+    slope, w, *gp = dense.filter_vjp_vjp(u, v, d, (w1, b1, w2, b2), cutoff, kind, envelope,
+                                               act, need_params, _basis)
+
+    def sides(h):  # d<w, u>/d(the other factor): both ends of every edge, halved
+        return 0.5 * (gms(h, w, i, j, ptr) + h.new_zeros(h.shape).index_add_(
+            0, j, h.index_select(0, i) * w))
+
+    out = (sides(x) if need_g else None, sides(g) if need_x else None, v * slope, *gp)
+    return dense.params_or_empty(out, d)
+
+
 def spline_weights(d: Tensor, num_intervals: int, cutoff: float, order: int):
     """(interval k [E], weights p [E, 4]) with W^(order)(d) = sum_q p_q coeffs[k, q]."""
     h = cutoff / num_intervals
