@@ -9,11 +9,11 @@ Primitives, all over a FULL neighbor list sorted by receiver (CSR ``ptr``) with 
 * ``cfconv``: gms with SchNet's filter network computed inside, once per unordered pair
   (the pair's two edges share ``(W(d_e) + W(d_rev e)) / 2``, which is W(d_e) for the mirrored
   distances of any geometry), a block of pairs at a time. Its backward is the fused
-  ``cfconv_vjp`` when no graph is needed (forces at inference: x, d and parameter gradients in
-  one pass; the x-gradient alone is ``cfconv`` on the gradient: the pair filter is symmetric)
-  and, when the backward itself must be differentiable (force training, create_graph=True),
-  the same formulas written with ``ggm``, ``radial_basis`` and torch ops
-  (kernels/message/dense.py), which are differentiable to any order.
+  ``cfconv_vjp`` (x, d and parameter gradients in one pass; the x-gradient alone is ``cfconv``
+  on the gradient: the pair filter is symmetric). ``cfconv_vjp`` is differentiable: a
+  cotangent on its distance gradient alone (force training) takes the fused
+  ``cfconv_vjp_vjp``; anything else, and every higher order, autograd through the same
+  formulas written with ``ggm``, ``radial_basis`` and torch ops (``composite_vjp``).
 * ``spline_conv`` / ``spline_edge_dot``: the tabulated filter; the derivative of each at order
   n is the pair at orders n and n + 1, so every order works. ``spline_conv_vjp`` is
   spline_conv's backward (no scale) with both halves in one pass over the edges; its own

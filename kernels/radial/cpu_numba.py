@@ -3,7 +3,7 @@
 Algorithm: the closed forms of README.md evaluated per edge (Hermite recurrence for gaussians,
 Leibniz sums for the Bessel functions and for the envelope product), parallel over edges with
 ``prange``. Each output element is written by exactly one thread: deterministic. Tuned for the
-sizes of MLFF edge lists (1e4..1e7 edges, K <= 128, order <= 2); the per-edge scratch is
+sizes of MLFF edge lists (1e4..1e7 edges, K <= 128, order <= 2: recurrences over k); the per-edge scratch is
 O(order) so any order works.
 """
 
@@ -96,16 +96,27 @@ def basis_derivs(r, k, num_basis, cutoff, kind, order, out):
             out[n] = norm * acc
 
 
+@njit(cache=True, inline="always")
+def _leibniz(order, u0, u1, u2, b0, b1, b2):
+    """d^order/dr^order (u b) for order <= 2."""
+    if order == 0:
+        return u0 * b0
+    if order == 1:
+        return u1 * b0 + u0 * b1
+    return u2 * b0 + 2.0 * u1 * b1 + u0 * b2
+
+
 @njit(cache=True, parallel=True)
 def _radial_fast(d, num_basis, cutoff, kind, env, order, out):
-    """Orders 0 and 1 by recurrences over k: 3 exp (gaussian) or 2 trig (bessel) calls per edge
-    instead of K, so the cost is ~2K multiply-adds per edge. Computed in float64 whatever the
-    storage dtype; the recurrences lose ~K ulp of float64, far below float32 rounding."""
+    """Orders 0 to 2 by recurrences over k: 3 exp (gaussian) or 2 trig (bessel) calls per edge
+    instead of K, so the cost is a few multiply-adds per edge and basis function. Computed in
+    float64 whatever the storage dtype; the recurrences lose ~K ulp of float64, far below
+    float32 rounding."""
     for e in prange(d.shape[0]):
         r = np.float64(d[e])  # float() keeps a float32 a float32 in numba
-        uu = np.empty(2)
-        envelope_derivs(r, cutoff, env, 1, uu)
-        u0, u1 = uu[0], uu[1]
+        uu = np.empty(3)
+        envelope_derivs(r, cutoff, env, 2, uu)
+        u0, u1, u2 = uu[0], uu[1], uu[2]
         if kind == 0:
             delta = cutoff / (num_basis - 1) if num_basis > 1 else cutoff
             x = r / delta  # b_k = exp(-(x - k)^2 / 2), so b_{k+1} / b_k = exp(x - k - 1/2)
@@ -116,10 +127,9 @@ def _radial_fast(d, num_basis, cutoff, kind, env, order, out):
                 k = kc
                 step = math.exp(direction * (x - kc) - 0.5)
                 while True:
-                    if order == 0:
-                        out[e, k] = u0 * b
-                    else:
-                        out[e, k] = u1 * b + u0 * (k - x) / delta * b
+                    z = (k - x) / delta  # b' = z b, b'' = (z^2 - 1 / delta^2) b
+                    out[e, k] = _leibniz(order, u0, u1, u2, b, z * b,
+                                         (z * z - 1.0 / (delta * delta)) * b)
                     k += direction
                     if k < 0 or k >= num_basis:
                         break
@@ -128,10 +138,10 @@ def _radial_fast(d, num_basis, cutoff, kind, env, order, out):
         else:
             norm = math.sqrt(2.0 / cutoff)
             th = math.pi * r / cutoff
-            if abs(r) < 1e-12:
+            if abs(r) < 1e-12:  # the limits of b = norm sin(a r) / r and its derivatives
                 for k in range(num_basis):
                     a = (k + 1) * math.pi / cutoff
-                    out[e, k] = norm * a * u0 if order == 0 else norm * a * u1
+                    out[e, k] = _leibniz(order, u0, u1, u2, norm * a, 0.0, -norm * a**3 / 3.0)
                 continue
             c1 = math.cos(th)
             s_prev, s_cur = 0.0, math.sin(th)  # sin(k th), k = 0, 1
@@ -139,10 +149,9 @@ def _radial_fast(d, num_basis, cutoff, kind, env, order, out):
             for k in range(num_basis):
                 a = (k + 1) * math.pi / cutoff
                 b = norm * s_cur / r
-                if order == 0:
-                    out[e, k] = u0 * b
-                else:
-                    out[e, k] = u1 * b + u0 * norm * (a * co_cur * r - s_cur) / (r * r)
+                b1 = norm * (a * co_cur * r - s_cur) / (r * r)
+                b2 = -a * a * b - 2.0 * b1 / r
+                out[e, k] = _leibniz(order, u0, u1, u2, b, b1, b2)
                 s_prev, s_cur = s_cur, 2.0 * c1 * s_cur - s_prev
                 co_prev, co_cur = co_cur, 2.0 * c1 * co_cur - co_prev
 
@@ -166,7 +175,7 @@ def radial_basis(distances, num_basis: int, cutoff: float, kind: str, envelope: 
     """Launcher: see README.md."""
     out = torch.empty(distances.shape[0], num_basis, dtype=distances.dtype)
     if distances.shape[0]:
-        kernel = _radial_fast if order <= 1 else _radial_basis
+        kernel = _radial_fast if order <= 2 else _radial_basis
         kernel(distances.detach().contiguous().numpy(), num_basis, float(cutoff), KINDS[kind],
                ENVELOPES[envelope], int(order), out.numpy())
     return out
