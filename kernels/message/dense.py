@@ -191,7 +191,7 @@ def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params, cut
 
 
 def filter_vjp_vjp(u: Tensor, weight: Tensor, d: Tensor, params, cutoff: float, kind: str,
-                         env_kind: str, act: str, need_params: bool, basis_fn):
+                   env_kind: str, act: str, need_params: bool, basis_fn):
     """The derivatives of sum_p weight_p s_p, s_p = d<u_p, W(d_p)>/dd_p (the distance gradient
     of ``filter_vjp``), for u [b, F], weight [b], d [b] (README.md beside this file):
     (s' [b] = ds_p/dd_p unweighted, weight_p dW(d_p)/dd [b, F] (the derivative in u_p), grad_w1,

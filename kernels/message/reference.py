@@ -65,13 +65,11 @@ def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, env
     u_e = (g[i] x[j] + g[j] x[i]) / 2: one filter per edge."""
     u = 0.5 * (ggm(g, x, i, j) + ggm(x, g, i, j))
     slope, w, *gp = dense.filter_vjp_vjp(u, v, d, (w1, b1, w2, b2), cutoff, kind, envelope,
-                                               act, need_params, _basis)
-
-    def sides(h):  # d<w, u>/d(the other factor): both ends of every edge, halved
-        return 0.5 * (gms(h, w, i, j, ptr) + h.new_zeros(h.shape).index_add_(
-            0, j, h.index_select(0, i) * w))
-
-    out = (sides(x) if need_g else None, sides(g) if need_x else None, v * slope, *gp)
+                                         act, need_params, _basis)
+    # d<w, u>/d(one factor): both ends of every edge, halved, is gms over the mirror mean of w
+    w = mirror_mean(w, rev)
+    out = (gms(x, w, i, j, ptr) if need_g else None, gms(g, w, i, j, ptr) if need_x else None,
+           v * slope, *gp)
     return dense.params_or_empty(out, d)
 
 

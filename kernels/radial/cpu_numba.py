@@ -3,8 +3,8 @@
 Algorithm: the closed forms of README.md evaluated per edge (Hermite recurrence for gaussians,
 Leibniz sums for the Bessel functions and for the envelope product), parallel over edges with
 ``prange``. Each output element is written by exactly one thread: deterministic. Tuned for the
-sizes of MLFF edge lists (1e4..1e7 edges, K <= 128, order <= 2: recurrences over k); the per-edge scratch is
-O(order) so any order works.
+sizes of MLFF edge lists (1e4..1e7 edges, K <= 128, order <= 2: recurrences over k); the
+per-edge scratch is O(order) so any order works.
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ def _radial_fast(d, num_basis, cutoff, kind, env, order, out):
     float32 rounding."""
     for e in prange(d.shape[0]):
         r = np.float64(d[e])  # float() keeps a float32 a float32 in numba
-        uu = np.empty(3)
-        envelope_derivs(r, cutoff, env, 2, uu)
+        uu = np.zeros(3)
+        envelope_derivs(r, cutoff, env, order, uu)  # the derivatives above order stay 0
         u0, u1, u2 = uu[0], uu[1], uu[2]
         if kind == 0:
             delta = cutoff / (num_basis - 1) if num_basis > 1 else cutoff
@@ -128,8 +128,8 @@ def _radial_fast(d, num_basis, cutoff, kind, env, order, out):
                 step = math.exp(direction * (x - kc) - 0.5)
                 while True:
                     z = (k - x) / delta  # b' = z b, b'' = (z^2 - 1 / delta^2) b
-                    out[e, k] = _leibniz(order, u0, u1, u2, b, z * b,
-                                         (z * z - 1.0 / (delta * delta)) * b)
+                    b2 = (z * z - 1.0 / (delta * delta)) * b if order == 2 else 0.0
+                    out[e, k] = _leibniz(order, u0, u1, u2, b, z * b, b2)
                     k += direction
                     if k < 0 or k >= num_basis:
                         break
@@ -149,8 +149,8 @@ def _radial_fast(d, num_basis, cutoff, kind, env, order, out):
             for k in range(num_basis):
                 a = (k + 1) * math.pi / cutoff
                 b = norm * s_cur / r
-                b1 = norm * (a * co_cur * r - s_cur) / (r * r)
-                b2 = -a * a * b - 2.0 * b1 / r
+                b1 = norm * (a * co_cur * r - s_cur) / (r * r) if order else 0.0
+                b2 = -a * a * b - 2.0 * b1 / r if order == 2 else 0.0
                 out[e, k] = _leibniz(order, u0, u1, u2, b, b1, b2)
                 s_prev, s_cur = s_cur, 2.0 * c1 * s_cur - s_prev
                 co_prev, co_cur = co_cur, 2.0 * c1 * co_cur - co_prev
