@@ -34,6 +34,10 @@ TOLERANCES: dict[str, dict[torch.dtype, tuple[float, float]]] = {
     # float64 reorders sums (blocked GEMMs, row-wise segment sums) at ~1e-15 each; float32 loses
     # ~sqrt(K + F) * 6e-8 per GEMM and again in the segment sum, measured < 2e-6 relative.
     "message": {torch.float64: (1e-10, 1e-12), torch.float32: (2e-5, 1e-5)},
+    # Whole models in float32 (three interactions, the readout, energies summed over atoms, forces
+    # and stress from the backward through all of it): the kernel-level errors above compound;
+    # PaiNN (norms of vector features) measured up to 3.1e-5 relative over 300 random systems.
+    "model": {torch.float64: (1e-10, 1e-12), torch.float32: (1e-4, 1e-5)},
     # The force-matching chain (outputs -> forces -> loss -> parameter gradients) in float64: the
     # required bar, 1e-8 relative to the largest entry.
     "training": {torch.float64: (1e-8, 1e-10)},

@@ -86,7 +86,7 @@ def test_float32_matches_float64_reference(rng, name):
     want = all_outputs(reference, species, pos, cell)
     for what, a, b in zip(("energy", "forces", "stress"), got, want, strict=True):
         assert a.dtype == torch.float32
-        assert_close_scaled(a, b, "message", torch.float32, what)
+        assert_close_scaled(a, b, "model", torch.float32, what)
 
 
 def force_matching_gradients(model, species, pos, cell, target_e, target_f):

@@ -51,8 +51,24 @@ def activation_curvature(h: Tensor, kind: str) -> Tensor:
     return s * (1 - s) * (2 + h * (1 - 2 * s))
 
 
+def each_order(radial_basis):
+    """The ``basis_fn`` of the blocked functions, (d, K, cutoff, kind, order) -> [b, b', ...]
+    up to ``order``, from a backend's single-order ``radial_basis`` launcher (one call per
+    order; numba has a one-pass version)."""
+
+    def basis_fn(d: Tensor, num_basis: int, cutoff: float, kind: str, order: int) -> list:
+        return [radial_basis(d, num_basis, cutoff, kind, "none", n) for n in range(order + 1)]
+
+    return basis_fn
+
+
 def envelope(d: Tensor, cutoff: float, kind: str, order: int) -> list[Tensor]:
-    return envelope_derivatives(d, cutoff, kind, order)
+    """u, u', ... up to ``order`` [b] each, evaluated in float64 (a vector: cheap): the
+    polynomial envelope's expanded terms cancel near the cutoff and would keep only ~1e-5 of u'
+    in float32."""
+    if d.dtype == torch.float64:
+        return envelope_derivatives(d, cutoff, kind, order)
+    return [u.to(d.dtype) for u in envelope_derivatives(d.double(), cutoff, kind, order)]
 
 
 def filter_values(basis: Tensor, env: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
@@ -108,8 +124,8 @@ def _pair_filter(dc: Tensor, dm: Tensor, params, cutoff: float, kind: str, env_k
 
     def values(d):
         (env,) = envelope(d, cutoff, env_kind, 0)
-        return filter_values(basis_fn(d, w1.shape[1], cutoff, kind, "none", 0), env, w1, b1, w2,
-                             b2, act)
+        (basis,) = basis_fn(d, w1.shape[1], cutoff, kind, 0)
+        return filter_values(basis, env, w1, b1, w2, b2, act)
 
     w = values(dc)
     return w if torch.equal(dc, dm) else 0.5 * (w + values(dm))
@@ -122,8 +138,8 @@ def blocked_forward(x: Tensor, d: Tensor, num_atoms: int, pairs: MirrorPairs, pa
 
     Each pair's filter serves both of its edges: ``scatter_fn(out, x, w_block, p0)`` is the
     backend's ``out[a_p] += x[b_p] w_p; out[b_p] += x[a_p] w_p`` over the pairs p0..p0+len(w)
-    (deterministic on CPU: see cpu_numba.py). ``basis_fn(d_block, K, cutoff, kind, "none",
-    order)`` is the backend's radial kernel.
+    (deterministic on CPU: see cpu_numba.py). ``basis_fn(d_block, K, cutoff, kind, order)`` is
+    the backend's bare radial basis at orders 0..order (a list; see ``each_order``).
     """
     out = x.new_zeros(num_atoms, x.shape[1])
     for p0 in range(0, len(pairs), block):
@@ -137,8 +153,7 @@ def blocked_forward(x: Tensor, d: Tensor, num_atoms: int, pairs: MirrorPairs, pa
 def _pair_filter_vjp(u: Tensor, d: Tensor, params, cutoff: float, kind: str, env_kind: str,
                      act: str, need_params: bool, need_values: bool, basis_fn):
     w1, b1, w2, b2 = params
-    basis = basis_fn(d, w1.shape[1], cutoff, kind, "none", 0)
-    slope = basis_fn(d, w1.shape[1], cutoff, kind, "none", 1)
+    basis, slope = basis_fn(d, w1.shape[1], cutoff, kind, 1)
     env, env_slope = envelope(d, cutoff, env_kind, 1)
     return filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, act, need_params,
                       need_values)
@@ -198,7 +213,7 @@ def filter_vjp_vjp(u: Tensor, weight: Tensor, d: Tensor, params, cutoff: float, 
     grad_b1, grad_w2, grad_b2), the parameter gradients None unless ``need_params``."""
     w1, b1, w2, b2 = params
     num_basis = w1.shape[1]
-    phi = [basis_fn(d, num_basis, cutoff, kind, "none", k) for k in range(3)]
+    phi = basis_fn(d, num_basis, cutoff, kind, 2)
     e0, e1, e2 = envelope(d, cutoff, env_kind, 2)
     e0, e1, e2 = e0.unsqueeze(1), e1.unsqueeze(1), e2.unsqueeze(1)
     h0, h1, h2 = (torch.cat(phi) @ w1.t()).split(d.shape[0])  # h and its two d-derivatives
@@ -286,11 +301,10 @@ def painn_filter(basis: Tensor, env: Tensor, wf: Tensor, bf: Tensor) -> Tensor:
 def _augmented_basis(d: Tensor, cutoff: float, kind: str, env_kind: str, num_basis: int,
                      basis_fn, order: int):
     """([u b, u] [b, K + 1], b, b' or None, u, u' or None) of the distances d [b]."""
-    basis = basis_fn(d, num_basis, cutoff, kind, "none", 0)
-    slope = basis_fn(d, num_basis, cutoff, kind, "none", 1) if order else None
+    basis, *slope = basis_fn(d, num_basis, cutoff, kind, order)
     env, *env_slope = envelope(d, cutoff, env_kind, order)
     aug = torch.cat([basis * env.unsqueeze(1), env.unsqueeze(1)], 1)
-    return aug, basis, slope, env, (env_slope[0] if order else None)
+    return aug, basis, (slope[0] if order else None), env, (env_slope[0] if order else None)
 
 
 @torch.no_grad()

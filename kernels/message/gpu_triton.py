@@ -34,7 +34,9 @@ import triton
 import triton.language as tl
 
 from fastff.kernels.message import dense
-from fastff.kernels.radial.gpu_triton import radial_basis as _basis
+from fastff.kernels.radial.gpu_triton import radial_basis as _radial_basis
+
+_basis = dense.each_order(_radial_basis)  # orders 0..n for the blocked functions
 
 BLOCK_F = 64
 # 32 edges x 32 features for the 2-D kernels: 64 x 64 spilled ~2 KB per thread in

@@ -65,7 +65,7 @@ def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, env
     u_e = (g[i] x[j] + g[j] x[i]) / 2: one filter per edge."""
     u = 0.5 * (ggm(g, x, i, j) + ggm(x, g, i, j))
     slope, w, *gp = dense.filter_vjp_vjp(u, v, d, (w1, b1, w2, b2), cutoff, kind, envelope,
-                                         act, need_params, _basis)
+                                         act, need_params, dense.each_order(_basis))
     # d<w, u>/d(one factor): both ends of every edge, halved, is gms over the mirror mean of w
     w = mirror_mean(w, rev)
     out = (gms(x, w, i, j, ptr) if need_g else None, gms(g, w, i, j, ptr) if need_x else None,

@@ -156,6 +156,72 @@ def _radial_fast(d, num_basis, cutoff, kind, env, order, out):
                 co_prev, co_cur = co_cur, 2.0 * c1 * co_cur - co_prev
 
 
+@njit(cache=True, inline="always")
+def _put_orders(out, e, k, n, b, b1, b2):
+    out[0, e, k] = b
+    if n >= 1:
+        out[1, e, k] = b1
+        if n >= 2:
+            out[2, e, k] = b2
+
+
+@njit(cache=True, parallel=True)
+def _bare_orders(d, num_basis, cutoff, kind, out):
+    """out[n, e, k] = b_k^(n)(d_e), n = 0..len(out) - 1 <= 2, no envelope: what the blocked
+    filter networks read (the envelope is applied to their outputs). One pass for all orders;
+    the gaussian's upward and downward recurrences run in one loop, so their multiplies
+    overlap (one chain alone is bound by multiply latency). Measured at 4096 edges x 32
+    functions (2 cores): orders 0 and 1 in 0.3 ms against 0.7 ms for two _radial_fast calls."""
+    n = out.shape[0] - 1
+    if kind == 1:
+        for e in prange(d.shape[0]):
+            _bessel_orders(out, e, np.float64(d[e]), num_basis, cutoff, n)
+        return
+    delta = cutoff / (num_basis - 1) if num_basis > 1 else cutoff
+    inv_delta = 1.0 / delta
+    curv = inv_delta * inv_delta
+    for e in prange(d.shape[0]):
+        x = np.float64(d[e]) * inv_delta  # b_k = exp(-(x - k)^2 / 2): b_{k+1} / b_k = exp(x-k-1/2)
+        kc = min(max(int(math.floor(x + 0.5)), 0), num_basis - 1)
+        b = math.exp(-0.5 * (x - kc) ** 2)
+        z = (kc - x) * inv_delta  # b' = z b, b'' = (z^2 - 1 / delta^2) b
+        _put_orders(out, e, kc, n, b, z * b, (z * z - curv) * b)
+        up, down = math.exp(x - kc - 0.5), math.exp(kc - x - 0.5)
+        b_up = b_down = b
+        for s in range(1, max(num_basis - 1 - kc, kc) + 1):
+            if kc + s < num_basis:
+                b_up *= up
+                up *= 0.36787944117144233  # e^-1
+                z = (kc + s - x) * inv_delta
+                _put_orders(out, e, kc + s, n, b_up, z * b_up, (z * z - curv) * b_up)
+            if kc - s >= 0:
+                b_down *= down
+                down *= 0.36787944117144233
+                z = (kc - s - x) * inv_delta
+                _put_orders(out, e, kc - s, n, b_down, z * b_down, (z * z - curv) * b_down)
+
+
+@njit(cache=True, inline="always")
+def _bessel_orders(out, e, r, num_basis, cutoff, n):
+    norm = math.sqrt(2.0 / cutoff)
+    if abs(r) < 1e-12:  # the limits of b = norm sin(a r) / r and its derivatives
+        for k in range(num_basis):
+            a = (k + 1) * math.pi / cutoff
+            _put_orders(out, e, k, n, norm * a, 0.0, -norm * a**3 / 3.0)
+        return
+    th = math.pi * r / cutoff
+    c1 = math.cos(th)
+    s_prev, s_cur = 0.0, math.sin(th)  # sin(k th), k = 0, 1
+    co_prev, co_cur = 1.0, c1  # cos(k th)
+    for k in range(num_basis):
+        a = (k + 1) * math.pi / cutoff
+        b = norm * s_cur / r
+        b1 = norm * (a * co_cur * r - s_cur) / (r * r)
+        _put_orders(out, e, k, n, b, b1, -a * a * b - 2.0 * b1 / r)
+        s_prev, s_cur = s_cur, 2.0 * c1 * s_cur - s_prev
+        co_prev, co_cur = co_cur, 2.0 * c1 * co_cur - co_prev
+
+
 @njit(cache=True, parallel=True)
 def _radial_basis(d, num_basis, cutoff, kind, env, order, out):
     for e in prange(d.shape[0]):
@@ -179,3 +245,16 @@ def radial_basis(distances, num_basis: int, cutoff: float, kind: str, envelope: 
         kernel(distances.detach().contiguous().numpy(), num_basis, float(cutoff), KINDS[kind],
                ENVELOPES[envelope], int(order), out.numpy())
     return out
+
+
+def radial_basis_orders(distances, num_basis: int, cutoff: float, kind: str, order: int):
+    """[b, b', ...]: the bare basis (no envelope) at orders 0..order, in one pass for order <= 2
+    (the orders share the exp / trig recurrences)."""
+    if order > 2:
+        return [radial_basis(distances, num_basis, cutoff, kind, "none", n)
+                for n in range(order + 1)]
+    out = torch.empty(order + 1, distances.shape[0], num_basis, dtype=distances.dtype)
+    if distances.shape[0]:
+        _bare_orders(distances.detach().contiguous().numpy(), num_basis, float(cutoff),
+                     KINDS[kind], out.numpy())
+    return list(out.unbind(0))
