@@ -30,6 +30,7 @@ import torch
 from numba import njit, prange
 
 from fastff.kernels.message import dense
+from fastff.kernels.message.cpu_numba_activation import FusedActivation
 from fastff.kernels.neighbors.cpu_numba import _system_index
 from fastff.kernels.radial.cpu_numba import radial_basis_orders as _basis
 
@@ -170,7 +171,8 @@ def cfconv_forward(x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope,
     with torch.no_grad():
         pairs = dense.MirrorPairs(i, j, rev)
         return dense.blocked_forward(x.detach().contiguous(), d.detach(), ptr.shape[0] - 1, pairs,
-                                     _params(w1, b1, w2, b2), cutoff, kind, envelope, act, _basis,
+                                     _params(w1, b1, w2, b2), cutoff, kind, envelope,
+                                     FusedActivation(act), _basis,
                                      _scatter_fn(pairs), _pairs_per_block(x.shape[1]))
 
 
@@ -192,9 +194,10 @@ def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, 
     with torch.no_grad():
         pairs = dense.MirrorPairs(i, j, rev)
         out = dense.blocked_vjp(g.detach(), x.detach(), d.detach(), pairs,
-                                _params(w1, b1, w2, b2), cutoff, kind, envelope, act,
-                                need_params, need_x, _basis, _product_fn(pairs, g, x),
-                                _scatter_fn(pairs), _pairs_per_block(g.shape[1]))
+                                _params(w1, b1, w2, b2), cutoff, kind, envelope,
+                                FusedActivation(act), need_params, need_x, _basis,
+                                _product_fn(pairs, g, x), _scatter_fn(pairs),
+                                _pairs_per_block(g.shape[1]))
     return dense.params_or_empty(out, d)
 
 
@@ -205,9 +208,10 @@ def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, env
     with torch.no_grad():
         pairs = dense.MirrorPairs(i, j, rev)
         out = dense.blocked_vjp_vjp(v.detach(), g.detach(), x.detach(), d.detach(), pairs,
-                                    _params(w1, b1, w2, b2), cutoff, kind, envelope, act, need_g,
-                                    need_x, need_params, _basis, _product_fn(pairs, g, x),
-                                    _scatter_fn(pairs), _pairs_per_block(g.shape[1]))
+                                    _params(w1, b1, w2, b2), cutoff, kind, envelope,
+                                    FusedActivation(act), need_g, need_x, need_params, _basis,
+                                    _product_fn(pairs, g, x), _scatter_fn(pairs),
+                                    _pairs_per_block(g.shape[1]))
     return dense.params_or_empty(out, d)
 
 

@@ -62,6 +62,27 @@ def each_order(radial_basis):
     return basis_fn
 
 
+class Activation:
+    """The filter network's activation by name (``ACTIVATIONS``): the values and slopes the
+    blocked functions need, in torch. A backend may pass a subclass with fused kernels
+    (cpu_numba_activation.FusedActivation); every function here also accepts the name."""
+
+    def __init__(self, kind: str):
+        if kind not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {kind!r}")
+        self.kind = kind
+
+    def values(self, h: Tensor) -> Tensor:
+        return activation(h, self.kind)
+
+    def values_and_slope(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        return activation(h, self.kind), activation_slope(h, self.kind)
+
+
+def as_activation(act: str | Activation) -> Activation:
+    return act if isinstance(act, Activation) else Activation(act)
+
+
 def envelope(d: Tensor, cutoff: float, kind: str, order: int) -> list[Tensor]:
     """u, u', ... up to ``order`` [b] each, evaluated in float64 (a vector: cheap): the
     polynomial envelope's expanded terms cancel near the cutoff and would keep only ~1e-5 of u'
@@ -72,15 +93,15 @@ def envelope(d: Tensor, cutoff: float, kind: str, order: int) -> list[Tensor]:
 
 
 def filter_values(basis: Tensor, env: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
-                  act: str) -> Tensor:
+                  act: str | Activation) -> Tensor:
     """W [b, F] for basis [b, K], env [b]; w1 [F, K], w2 [F, F] (torch Linear layout)."""
-    a = activation(torch.addmm(b1, basis, w1.t()), act)
+    a = as_activation(act).values(torch.addmm(b1, basis, w1.t()))
     return torch.addmm(b2, a, w2.t()) * env.unsqueeze(1)
 
 
 def filter_vjp(u: Tensor, basis: Tensor, basis_slope: Tensor, env: Tensor, env_slope: Tensor,
-               w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: str, need_params: bool,
-               need_values: bool = False):
+               w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: str | Activation,
+               need_params: bool, need_values: bool = False):
     """Gradients of sum_e <u_e, W(d_e)> for u [b, F].
 
     Returns (grad_d [b], grad_w1 [F, K], grad_b1 [F], grad_w2 [F, F], grad_b2 [F], W [b, F]);
@@ -88,10 +109,10 @@ def filter_vjp(u: Tensor, basis: Tensor, basis_slope: Tensor, env: Tensor, env_s
     layer, computed once for both) is None unless ``need_values``.
     """
     h = torch.addmm(b1, basis, w1.t())
-    a = activation(h, act)
+    a, slope = as_activation(act).values_and_slope(h)
     t = u @ w2  # d<u, a w2^T>/da
     uy = (t * a).sum(1) + u @ b2
-    g = t * activation_slope(h, act) * env.unsqueeze(1)  # dL/dh
+    g = t * slope * env.unsqueeze(1)  # dL/dh
     grad_d = env_slope * uy + ((g @ w1) * basis_slope).sum(1)
     values = torch.addmm(b2, a, w2.t()) * env.unsqueeze(1) if need_values else None
     if not need_params:
@@ -118,7 +139,7 @@ class MirrorPairs:
 
 
 def _pair_filter(dc: Tensor, dm: Tensor, params, cutoff: float, kind: str, env_kind: str,
-                 act: str, basis_fn) -> Tensor:
+                 act: str | Activation, basis_fn) -> Tensor:
     """(W(dc) + W(dm)) / 2 [b, F]: one filter per pair when the mirrored distances are equal."""
     w1, b1, w2, b2 = params
 
@@ -132,8 +153,8 @@ def _pair_filter(dc: Tensor, dm: Tensor, params, cutoff: float, kind: str, env_k
 
 
 def blocked_forward(x: Tensor, d: Tensor, num_atoms: int, pairs: MirrorPairs, params,
-                    cutoff: float, kind: str, env_kind: str, act: str, basis_fn, scatter_fn,
-                    block: int) -> Tensor:
+                    cutoff: float, kind: str, env_kind: str, act: str | Activation, basis_fn,
+                    scatter_fn, block: int) -> Tensor:
     """out_a = sum_{e in row a} x[j_e] (W(d_e) + W(d_rev e)) / 2, a block of pairs at a time.
 
     Each pair's filter serves both of its edges: ``scatter_fn(out, x, w_block, p0)`` is the
@@ -151,7 +172,7 @@ def blocked_forward(x: Tensor, d: Tensor, num_atoms: int, pairs: MirrorPairs, pa
 
 
 def _pair_filter_vjp(u: Tensor, d: Tensor, params, cutoff: float, kind: str, env_kind: str,
-                     act: str, need_params: bool, need_values: bool, basis_fn):
+                     act: str | Activation, need_params: bool, need_values: bool, basis_fn):
     w1, b1, w2, b2 = params
     basis, slope = basis_fn(d, w1.shape[1], cutoff, kind, 1)
     env, env_slope = envelope(d, cutoff, env_kind, 1)
@@ -160,8 +181,8 @@ def _pair_filter_vjp(u: Tensor, d: Tensor, params, cutoff: float, kind: str, env
 
 
 def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params, cutoff: float,
-                kind: str, env_kind: str, act: str, need_params: bool, need_x: bool, basis_fn,
-                product_fn, scatter_fn, block: int):
+                kind: str, env_kind: str, act: str | Activation, need_params: bool, need_x: bool,
+                basis_fn, product_fn, scatter_fn, block: int):
     """Gradients of sum_a <g_a, out_a> (``blocked_forward``) in x, d and the filter parameters.
 
     With ``u_p = g[a] x[b] + g[b] x[a]`` (``product_fn(g, x, p0, p1)``) the pair's share of the
@@ -206,7 +227,7 @@ def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params, cut
 
 
 def filter_vjp_vjp(u: Tensor, weight: Tensor, d: Tensor, params, cutoff: float, kind: str,
-                   env_kind: str, act: str, need_params: bool, basis_fn):
+                   env_kind: str, act: str | Activation, need_params: bool, basis_fn):
     """The derivatives of sum_p weight_p s_p, s_p = d<u_p, W(d_p)>/dd_p (the distance gradient
     of ``filter_vjp``), for u [b, F], weight [b], d [b] (README.md beside this file):
     (s' [b] = ds_p/dd_p unweighted, weight_p dW(d_p)/dd [b, F] (the derivative in u_p), grad_w1,
@@ -218,7 +239,8 @@ def filter_vjp_vjp(u: Tensor, weight: Tensor, d: Tensor, params, cutoff: float, 
     e0, e1, e2 = e0.unsqueeze(1), e1.unsqueeze(1), e2.unsqueeze(1)
     h0, h1, h2 = (torch.cat(phi) @ w1.t()).split(d.shape[0])  # h and its two d-derivatives
     h0 = h0 + b1
-    a0, a1, a2 = activation(h0, act), activation_slope(h0, act), activation_curvature(h0, act)
+    act = as_activation(act)
+    (a0, a1), a2 = act.values_and_slope(h0), activation_curvature(h0, act.kind)
     t = u @ w2  # d<u, a w2^T>/da
     ub = (u @ b2).unsqueeze(1)
     p = a1 * h1  # da/dd
@@ -239,8 +261,8 @@ def filter_vjp_vjp(u: Tensor, weight: Tensor, d: Tensor, params, cutoff: float, 
 
 
 def blocked_vjp_vjp(v: Tensor, g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params,
-                    cutoff: float, kind: str, env_kind: str, act: str, need_g: bool, need_x: bool,
-                    need_params: bool, basis_fn, product_fn, scatter_fn, block: int):
+                    cutoff: float, kind: str, env_kind: str, act: str | Activation, need_g: bool,
+                    need_x: bool, need_params: bool, basis_fn, product_fn, scatter_fn, block: int):
     """Gradients of sum_e v_e grad_d_e, grad_d the distance gradient of ``blocked_vjp``, in g, x,
     d and the filter parameters: the second backward of force training, a block of pairs at a
     time and never more than ``block`` pairs x F features.

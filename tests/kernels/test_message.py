@@ -2,11 +2,13 @@
 block boundaries that split receiver rows), gradcheck / gradgradcheck / opcheck of every op, and
 the ops that must refuse to be differentiated."""
 
+import math
+
 import pytest
 import torch
 
 import fastff
-from fastff.kernels.message import cpu_numba, gpu_triton, op, reference
+from fastff.kernels.message import cpu_numba, dense, gpu_triton, op, reference
 from fastff.testing import tolerance
 
 BACKENDS = ["numba", "triton", "reference"]
@@ -473,3 +475,36 @@ def test_cfconv_out_of_range_pair_end_is_skipped(rng, backend):
     _close(got[2][keep], want[2], torch.float64)
     for a, b in zip(got[:2] + got[3:], want[:2] + want[3:], strict=True):
         _close(a, b, torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["shifted_softplus", "silu"])
+def test_numba_fused_activation_matches_torch_float64(kind):
+    """The one-pass float32 activation (polynomial exp / log1p) of the numba filter networks:
+    values and slopes within a few float32 ulp of max(1, |value|) of torch in float64, over
+    random pre-activations, extremes and sizes that are not a multiple of its chunk."""
+    from fastff.kernels.message.cpu_numba_activation import FusedActivation
+
+    h = torch.randn(int(torch.randint(1, 5000, ())), 3) * 10
+    h.view(-1)[:10] = torch.tensor([0.0, -0.0, 1e-8, -1e-8, 30.0, -30.0, 88.0, -88.0, 200.0,
+                                    -200.0])[:h.numel()]
+    act = FusedActivation(kind)
+    values, slopes = act.values_and_slope(h)
+    assert torch.equal(act.values(h), values)
+    h64 = h.double()
+    s64 = torch.sigmoid(h64)
+    if kind == "silu":
+        want, want_slope = h64 * s64, s64 * (1 + h64 * (1 - s64))
+    else:
+        want, want_slope = torch.nn.functional.softplus(h64) - math.log(2.0), s64
+    torch_values, torch_slopes = dense.as_activation(kind).values_and_slope(h)
+    for got, ref, torch32 in ((values, want, torch_values), (slopes, want_slope, torch_slopes)):
+        assert got.dtype == torch.float32
+
+        def err(t, ref=ref):
+            return float(((t.double() - ref).abs() / ref.abs().clamp_min(1.0)).max())
+
+        # silu's slope s (1 + h (1 - s)) cancels in float32 (8 ulp at h ~ 17, torch alike)
+        assert err(got) < max(4 * torch.finfo(torch.float32).eps, 1.01 * err(torch32))
+    # float64 and tensors that require grad keep torch's functions (bitwise)
+    torch.testing.assert_close(act.values(h64), dense.as_activation(kind).values(h64), rtol=0,
+                               atol=0)
