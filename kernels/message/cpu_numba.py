@@ -8,7 +8,10 @@ Algorithms:
   ``BLOCK_FEATURES / F`` unordered pairs (kernels/message/dense.py: one filter serves both
   edges of a pair) and fuse the gathers, products and sums of both ends into ``_pair_scatter`` and
   ``_pair_product``; no [E, F] tensor is ever held, and the backward recomputes the filter. A
-  scalar per-pair MLP loop in numba would lose to BLAS by ~10x at F = 128.
+  scalar per-pair MLP loop in numba would lose to BLAS by ~10x at F = 128. The elementwise
+  parts are numba too: the bare radial basis at every needed order in one pass
+  (``radial_basis_orders``) and the activation with its slope in one vectorized float32 pass
+  (cpu_numba_activation.py).
 * ``spline_conv`` / ``spline_edge_dot`` evaluate a cubic table of W(r) (F values per knot) inside
   the edge loop: a few multiply-adds per feature, no GEMM at all (inference path).
 * ``spline_conv_vjp`` is spline_conv's backward (dL/dx and dL/dd) in one pass over the receiver
