@@ -1,6 +1,6 @@
 """The numba kernels never index out of bounds: rerun neighbor tests, the fused spline
-backward's, the PaiNN message's, the positions-based spline kernels' and the cluster-pair
-builder's with NUMBA_BOUNDSCHECK=1.
+backward's, the PaiNN message's, cfconv's, the radial bases', the positions-based spline
+kernels' and the cluster-pair builder's with NUMBA_BOUNDSCHECK=1.
 
 Bounds checking is a compile-time flag that numba's on-disk cache does not key on, so the
 subprocess compiles into its own cache directory.
@@ -33,10 +33,18 @@ def test_neighbor_kernels_pass_with_boundscheck(tmp_path):
 def test_fused_message_kernels_pass_with_boundscheck(tmp_path):
     # spline backward: planted edges beyond the cutoff, d_rev != d, an out-of-range sender, an
     # empty edge set; PaiNN message: rows split across blocks, d_rev != d, an out-of-range sender;
-    # cfconv's pair kernels: pairs split across blocks, skewed mirrors, an out-of-range pair end
+    # cfconv's pair kernels: pairs split across blocks, skewed mirrors, an out-of-range pair end;
+    # the fused activation: sizes that are not a multiple of its chunk
     _bounds_checked(tmp_path, "test_message.py",
                     "numba and (spline_conv_vjp or fused_backward or painn_launchers or "
-                    "painn_out_of_range or launchers_match or cfconv_out_of_range)")
+                    "painn_out_of_range or launchers_match or cfconv_out_of_range or "
+                    "fused_activation)")
+
+
+def test_radial_kernels_pass_with_boundscheck(tmp_path):
+    # every order of both recurrences, one pass or one order at a time, distances at zero and
+    # beyond the cutoff
+    _bounds_checked(tmp_path, "test_radial.py", "numba and (one_pass or matches_reference)")
 
 
 def test_positions_spline_kernels_pass_with_boundscheck(tmp_path):
