@@ -38,7 +38,7 @@ def test_fused_message_kernels_pass_with_boundscheck(tmp_path):
     _bounds_checked(tmp_path, "test_message.py",
                     "numba and (spline_conv_vjp or fused_backward or painn_launchers or "
                     "painn_out_of_range or launchers_match or cfconv_out_of_range or "
-                    "fused_activation)")
+                    "fused_activation or second_order_terms)")
 
 
 def test_radial_kernels_pass_with_boundscheck(tmp_path):

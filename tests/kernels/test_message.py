@@ -508,3 +508,23 @@ def test_numba_fused_activation_matches_torch_float64(kind):
     # float64 and tensors that require grad keep torch's functions (bitwise)
     torch.testing.assert_close(act.values(h64), dense.as_activation(kind).values(h64), rtol=0,
                                atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_numba_second_order_terms_match_torch(dtype):
+    """The one-pass elementwise terms of force training's second backward (numba) against the
+    torch formulas of dense.Activation, with and without parameter gradients."""
+    from fastff.kernels.message.cpu_numba_activation import FusedActivation
+
+    b, nf = int(torch.randint(1, 300, ())), int(torch.randint(1, 70, ()))
+    args = [torch.randn(b, nf, dtype=dtype) for _ in range(6)]
+    args += [torch.randn(b, dtype=dtype) for _ in range(3)]
+    for need_params in (False, True):
+        want = dense.Activation("shifted_softplus").second_order_terms(*args, need_params)
+        got = FusedActivation("shifted_softplus").second_order_terms(*args, need_params)
+        for g, w in zip(got, want, strict=True):
+            if w is None:
+                assert g is None
+                continue
+            assert g.dtype == dtype and g.shape == w.shape
+            _close(g, w, dtype)
