@@ -89,36 +89,39 @@ def _log1p_unit(e):
     return p * t
 
 
+@njit(cache=True, inline="always", fastmath={"contract"})
+def _sigmoid(x, e):
+    """sigmoid(x) from e = exp(-|x|)."""
+    inv = F32(1.0) / (F32(1.0) + e)
+    return inv if x >= F32(0.0) else e * inv
+
+
+@njit(cache=True, inline="always", fastmath={"contract"})
+def _value_and_slope(x, kind):
+    """(act(x), act'(x)) from one exp: shifted softplus (kind 0) or silu (kind 1)."""
+    e = _exp_neg(abs(x))
+    s = _sigmoid(x, e)
+    if kind == 0:
+        return max(x, F32(0.0)) + _log1p_unit(e) - _LN2, s
+    return x * s, s * (F32(1.0) + x * (F32(1.0) - s))
+
+
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def _activation(h, kind, values, slopes, want_slopes):
-    """values = act(h) and, if want_slopes, slopes = act'(h), over flat float32 arrays."""
+    """values = act(h) and, if want_slopes, slopes = act'(h), over flat float32 arrays; the
+    two share each element's exp."""
     n = h.shape[0]
     for c in prange((n + _CHUNK - 1) // _CHUNK):
         lo = c * _CHUNK
         hi = min(lo + _CHUNK, n)
-        hc, vc, sc = h[lo:hi], values[lo:hi], slopes[lo:hi] if want_slopes else slopes[:0]
-        if kind == 0:
+        hc, vc = h[lo:hi], values[lo:hi]
+        if want_slopes:
+            sc = slopes[lo:hi]
             for f in range(hc.shape[0]):
-                x = hc[f]
-                vc[f] = max(x, F32(0.0)) + _log1p_unit(_exp_neg(abs(x))) - _LN2
-            for f in range(sc.shape[0]):
-                x = hc[f]
-                e = _exp_neg(abs(x))
-                inv = F32(1.0) / (F32(1.0) + e)
-                sc[f] = inv if x >= F32(0.0) else e * inv
+                vc[f], sc[f] = _value_and_slope(hc[f], kind)
         else:
             for f in range(hc.shape[0]):
-                x = hc[f]
-                e = _exp_neg(abs(x))
-                inv = F32(1.0) / (F32(1.0) + e)
-                s = inv if x >= F32(0.0) else e * inv
-                vc[f] = x * s
-            for f in range(sc.shape[0]):
-                x = hc[f]
-                e = _exp_neg(abs(x))
-                inv = F32(1.0) / (F32(1.0) + e)
-                s = inv if x >= F32(0.0) else e * inv
-                sc[f] = s * (F32(1.0) + x * (F32(1.0) - s))
+                vc[f] = _value_and_slope(hc[f], kind)[0]
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
