@@ -34,11 +34,11 @@ def test_fused_message_kernels_pass_with_boundscheck(tmp_path):
     # spline backward: planted edges beyond the cutoff, d_rev != d, an out-of-range sender, an
     # empty edge set; PaiNN message: rows split across blocks, d_rev != d, an out-of-range sender;
     # cfconv's pair kernels: pairs split across blocks, skewed mirrors, an out-of-range pair end;
-    # the fused activation: sizes that are not a multiple of its chunk
+    # the fused activation and filter terms: sizes that are not a multiple of its chunk
     _bounds_checked(tmp_path, "test_message.py",
                     "numba and (spline_conv_vjp or fused_backward or painn_launchers or "
                     "painn_out_of_range or launchers_match or cfconv_out_of_range or "
-                    "fused_activation or second_order_terms)")
+                    "fused_activation or fused_filter_terms or second_order_terms)")
 
 
 def test_radial_kernels_pass_with_boundscheck(tmp_path):

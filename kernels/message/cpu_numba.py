@@ -9,9 +9,10 @@ Algorithms:
   edges of a pair) and fuse the gathers, products and sums of both ends into ``_pair_scatter`` and
   ``_pair_product``; no [E, F] tensor is ever held, and the backward recomputes the filter. A
   scalar per-pair MLP loop in numba would lose to BLAS by ~10x at F = 128. The elementwise
-  parts are numba too: the bare radial basis at every needed order in one pass
-  (``radial_basis_orders``) and the activation with its slope in one vectorized float32 pass
-  (cpu_numba_activation.py).
+  parts are numba too: the bare radial basis and the envelope at every needed order in one
+  pass (``radial_orders``), and the activation's terms in one vectorized float32 pass each
+  (cpu_numba_activation.py: with its slope, with the envelope and bias folded into the second
+  GEMM, or as energy + forces' backward terms).
 * ``spline_conv`` / ``spline_edge_dot`` evaluate a cubic table of W(r) (F values per knot) inside
   the edge loop: a few multiply-adds per feature, no GEMM at all (inference path).
 * ``spline_conv_vjp`` is spline_conv's backward (dL/dx and dL/dd) in one pass over the receiver
@@ -35,7 +36,7 @@ from numba import njit, prange
 from fastff.kernels.message import dense
 from fastff.kernels.message.cpu_numba_activation import FusedActivation
 from fastff.kernels.neighbors.cpu_numba import _system_index
-from fastff.kernels.radial.cpu_numba import radial_basis_orders as _basis
+from fastff.kernels.radial.cpu_numba import radial_orders as _radial
 
 # Features per block of cfconv's filter GEMMs (pairs x F): 1 MiB per [block, F] float32
 # temporary, 2048 pairs at F = 128 and 4096 at F = 64. cfconv energy + forces at F = 128,
@@ -175,7 +176,7 @@ def cfconv_forward(x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope,
         pairs = dense.MirrorPairs(i, j, rev)
         return dense.blocked_forward(x.detach().contiguous(), d.detach(), ptr.shape[0] - 1, pairs,
                                      _params(w1, b1, w2, b2), cutoff, kind, envelope,
-                                     FusedActivation(act), _basis,
+                                     FusedActivation(act), _radial,
                                      _scatter_fn(pairs), _pairs_per_block(x.shape[1]))
 
 
@@ -198,7 +199,7 @@ def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, 
         pairs = dense.MirrorPairs(i, j, rev)
         out = dense.blocked_vjp(g.detach(), x.detach(), d.detach(), pairs,
                                 _params(w1, b1, w2, b2), cutoff, kind, envelope,
-                                FusedActivation(act), need_params, need_x, _basis,
+                                FusedActivation(act), need_params, need_x, _radial,
                                 _product_fn(pairs, g, x), _scatter_fn(pairs),
                                 _pairs_per_block(g.shape[1]))
     return dense.params_or_empty(out, d)
@@ -212,7 +213,7 @@ def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, env
         pairs = dense.MirrorPairs(i, j, rev)
         out = dense.blocked_vjp_vjp(v.detach(), g.detach(), x.detach(), d.detach(), pairs,
                                     _params(w1, b1, w2, b2), cutoff, kind, envelope,
-                                    FusedActivation(act), need_g, need_x, need_params, _basis,
+                                    FusedActivation(act), need_g, need_x, need_params, _radial,
                                     _product_fn(pairs, g, x), _scatter_fn(pairs),
                                     _pairs_per_block(g.shape[1]))
     return dense.params_or_empty(out, d)
@@ -728,7 +729,7 @@ def painn_forward(phi, v, d, unit, i, j, ptr, wf, bf, cutoff, kind, envelope):
     def rows(ds, dv, w, e0, a0, a1):
         _painn_rows(ds.numpy(), dv.numpy(), phin, vn, un, _np(w), jn, pn, e0, a0, a1)
 
-    return dense.blocked_painn_forward(phi, v, d, i, ptr, wf, bf, cutoff, kind, envelope, _basis,
+    return dense.blocked_painn_forward(phi, v, d, i, ptr, wf, bf, cutoff, kind, envelope, _radial,
                                        rows, PAINN_BLOCK)
 
 
@@ -745,5 +746,5 @@ def painn_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, env
         return gw
 
     out = dense.blocked_painn_vjp(phi, v, d, d.index_select(0, rev), i, ptr, wf, bf, cutoff,
-                                  kind, envelope, need_params, _basis, rows, PAINN_BLOCK)
+                                  kind, envelope, need_params, _radial, rows, PAINN_BLOCK)
     return dense.params_or_empty(out, d)

@@ -124,6 +124,33 @@ def _activation(h, kind, values, slopes, want_slopes):
                 vc[f] = _value_and_slope(hc[f], kind)[0]
 
 
+@njit(cache=True, parallel=True, fastmath={"contract"})
+def _scaled_values(h, env, kind, aug):
+    """aug[r] = [env_r act(h[r]) | env_r] for float32 h [b, F]: the left factor of the filter's
+    second GEMM with the bias as one more inner column, so W needs no pass of its own for the
+    envelope."""
+    nf = h.shape[1]
+    for r in prange(h.shape[0]):
+        hr, ar, u = h[r], aug[r], env[r]
+        for f in range(nf):
+            ar[f] = u * _value_and_slope(hr[f], kind)[0]
+        ar[nf] = u
+
+
+@njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
+def _vjp_terms(h, t, env, kind, g, ta):
+    """g = env t act'(h) and ta = <t, act(h)> per row, for float32 [b, F] h and t."""
+    nf = h.shape[1]
+    for r in prange(h.shape[0]):
+        hr, tr, gr, u = h[r], t[r], g[r], env[r]
+        acc = F32(0.0)
+        for f in range(nf):
+            a, s = _value_and_slope(hr[f], kind)
+            acc += tr[f] * a
+            gr[f] = u * tr[f] * s
+        ta[r] = acc
+
+
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
 def _second_order_terms(t, a0, a1, a2, h1, h2, e0, e1, wk, need_params, sums, wq, dh, dh1):
     """dense.Activation.second_order_terms in one pass over the rows (any float dtype)."""
@@ -171,6 +198,22 @@ class FusedActivation(dense.Activation):
         _activation(h.view(-1).numpy(), KINDS[self.kind], out.view(-1).numpy(),
                     slope.view(-1).numpy(), True)
         return out, slope
+
+    def filter_values(self, h, env, w2, b2):
+        if not self._fused(h) or env.dtype != h.dtype:
+            return super().filter_values(h, env, w2, b2)
+        b, nf = h.shape
+        aug = h.new_empty(b, nf + 1)
+        _scaled_values(h.numpy(), env.contiguous().numpy(), KINDS[self.kind], aug.numpy())
+        return aug @ torch.cat([w2.t(), b2.unsqueeze(0)])
+
+    def vjp_terms(self, h, t, env):
+        if not (self._fused(h) and self._fused(t)) or env.dtype != h.dtype:
+            return super().vjp_terms(h, t, env)
+        g, ta = torch.empty_like(h), h.new_empty(h.shape[0])
+        _vjp_terms(h.numpy(), t.numpy(), env.contiguous().numpy(), KINDS[self.kind], g.numpy(),
+                   ta.numpy())
+        return g, ta
 
     def second_order_terms(self, t, a0, a1, a2, h1, h2, e0, e1, wk, need_params):
         arrays = (t, a0, a1, a2, h1, h2, e0, e1, wk)

@@ -52,19 +52,23 @@ def activation_curvature(h: Tensor, kind: str) -> Tensor:
 
 
 def each_order(radial_basis):
-    """The ``basis_fn`` of the blocked functions, (d, K, cutoff, kind, order) -> [b, b', ...]
-    up to ``order``, from a backend's single-order ``radial_basis`` launcher (one call per
-    order; numba has a one-pass version)."""
+    """The ``radial_fn`` of the blocked functions, (d, K, cutoff, kind, env_kind, order) ->
+    ([b, b', ...], [u, u', ...]): the bare basis and the envelope up to ``order``, from a
+    backend's single-order ``radial_basis`` launcher (one call per order) and ``envelope``
+    (numba has a one-pass version of both)."""
 
-    def basis_fn(d: Tensor, num_basis: int, cutoff: float, kind: str, order: int) -> list:
-        return [radial_basis(d, num_basis, cutoff, kind, "none", n) for n in range(order + 1)]
+    def radial_fn(d: Tensor, num_basis: int, cutoff: float, kind: str, env_kind: str,
+                  order: int) -> tuple[list, list]:
+        return ([radial_basis(d, num_basis, cutoff, kind, "none", n) for n in range(order + 1)],
+                envelope(d, cutoff, env_kind, order))
 
-    return basis_fn
+    return radial_fn
 
 
 class Activation:
-    """The filter network's activation by name (``ACTIVATIONS``): the values and slopes the
-    blocked functions need, in torch. A backend may pass a subclass with fused kernels
+    """The filter network's activation by name (``ACTIVATIONS``) and the elementwise terms
+    around it that the blocked functions need (values, slopes, W from the hidden layer, the
+    backward's terms), in torch. A backend may pass a subclass with fused kernels
     (cpu_numba_activation.FusedActivation); every function here also accepts the name."""
 
     def __init__(self, kind: str):
@@ -77,6 +81,16 @@ class Activation:
 
     def values_and_slope(self, h: Tensor) -> tuple[Tensor, Tensor]:
         return activation(h, self.kind), activation_slope(h, self.kind)
+
+    def filter_values(self, h: Tensor, env: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
+        """W = env (act(h) w2^T + b2) [b, F] from the hidden layer h [b, F] and env [b]."""
+        return torch.addmm(b2, self.values(h), w2.t()) * env.unsqueeze(1)
+
+    def vjp_terms(self, h: Tensor, t: Tensor, env: Tensor) -> tuple[Tensor, Tensor]:
+        """(g = env t act'(h) [b, F], <t, act(h)> [b]): what ``filter_vjp`` reads of the
+        activation when it needs neither W nor parameter gradients (energy and forces)."""
+        a, slope = self.values_and_slope(h)
+        return t * slope * env.unsqueeze(1), (t * a).sum(1)
 
     def second_order_terms(self, t: Tensor, a0: Tensor, a1: Tensor, a2: Tensor, h1: Tensor,
                            h2: Tensor, e0: Tensor, e1: Tensor, wk: Tensor, need_params: bool):
@@ -110,8 +124,7 @@ def envelope(d: Tensor, cutoff: float, kind: str, order: int) -> list[Tensor]:
 def filter_values(basis: Tensor, env: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                   act: str | Activation) -> Tensor:
     """W [b, F] for basis [b, K], env [b]; w1 [F, K], w2 [F, F] (torch Linear layout)."""
-    a = as_activation(act).values(torch.addmm(b1, basis, w1.t()))
-    return torch.addmm(b2, a, w2.t()) * env.unsqueeze(1)
+    return as_activation(act).filter_values(torch.addmm(b1, basis, w1.t()), env, w2, b2)
 
 
 def filter_vjp(u: Tensor, basis: Tensor, basis_slope: Tensor, env: Tensor, env_slope: Tensor,
@@ -123,12 +136,15 @@ def filter_vjp(u: Tensor, basis: Tensor, basis_slope: Tensor, env: Tensor, env_s
     the four parameter gradients are None unless ``need_params``, and W (from the same hidden
     layer, computed once for both) is None unless ``need_values``.
     """
+    act = as_activation(act)
     h = torch.addmm(b1, basis, w1.t())
-    a, slope = as_activation(act).values_and_slope(h)
     t = u @ w2  # d<u, a w2^T>/da
-    uy = (t * a).sum(1) + u @ b2
-    g = t * slope * env.unsqueeze(1)  # dL/dh
-    grad_d = env_slope * uy + ((g @ w1) * basis_slope).sum(1)
+    if need_params or need_values:
+        a, slope = act.values_and_slope(h)
+        ta, g = (t * a).sum(1), t * slope * env.unsqueeze(1)  # g = dL/dh
+    else:  # energy and forces: one fused pass, a never stored
+        g, ta = act.vjp_terms(h, t, env)
+    grad_d = env_slope * (ta + u @ b2) + ((g @ w1) * basis_slope).sum(1)
     values = torch.addmm(b2, a, w2.t()) * env.unsqueeze(1) if need_values else None
     if not need_params:
         return grad_d, None, None, None, None, values
@@ -154,13 +170,12 @@ class MirrorPairs:
 
 
 def _pair_filter(dc: Tensor, dm: Tensor, params, cutoff: float, kind: str, env_kind: str,
-                 act: str | Activation, basis_fn) -> Tensor:
+                 act: str | Activation, radial_fn) -> Tensor:
     """(W(dc) + W(dm)) / 2 [b, F]: one filter per pair when the mirrored distances are equal."""
     w1, b1, w2, b2 = params
 
     def values(d):
-        (env,) = envelope(d, cutoff, env_kind, 0)
-        (basis,) = basis_fn(d, w1.shape[1], cutoff, kind, 0)
+        (basis,), (env,) = radial_fn(d, w1.shape[1], cutoff, kind, env_kind, 0)
         return filter_values(basis, env, w1, b1, w2, b2, act)
 
     w = values(dc)
@@ -168,36 +183,36 @@ def _pair_filter(dc: Tensor, dm: Tensor, params, cutoff: float, kind: str, env_k
 
 
 def blocked_forward(x: Tensor, d: Tensor, num_atoms: int, pairs: MirrorPairs, params,
-                    cutoff: float, kind: str, env_kind: str, act: str | Activation, basis_fn,
+                    cutoff: float, kind: str, env_kind: str, act: str | Activation, radial_fn,
                     scatter_fn, block: int) -> Tensor:
     """out_a = sum_{e in row a} x[j_e] (W(d_e) + W(d_rev e)) / 2, a block of pairs at a time.
 
     Each pair's filter serves both of its edges: ``scatter_fn(out, x, w_block, p0)`` is the
     backend's ``out[a_p] += x[b_p] w_p; out[b_p] += x[a_p] w_p`` over the pairs p0..p0+len(w)
-    (deterministic on CPU: see cpu_numba.py). ``basis_fn(d_block, K, cutoff, kind, order)`` is
-    the backend's bare radial basis at orders 0..order (a list; see ``each_order``).
+    (deterministic on CPU: see cpu_numba.py). ``radial_fn(d_block, K, cutoff, kind, env_kind,
+    order)`` is the backend's bare radial basis and envelope at orders 0..order (two lists; see
+    ``each_order``).
     """
     out = x.new_zeros(num_atoms, x.shape[1])
     for p0 in range(0, len(pairs), block):
         p1 = min(p0 + block, len(pairs))
         dc, dm = d.index_select(0, pairs.c[p0:p1]), d.index_select(0, pairs.m[p0:p1])
-        w = _pair_filter(dc, dm, params, cutoff, kind, env_kind, act, basis_fn)
+        w = _pair_filter(dc, dm, params, cutoff, kind, env_kind, act, radial_fn)
         scatter_fn(out, x, w, p0)
     return out
 
 
 def _pair_filter_vjp(u: Tensor, d: Tensor, params, cutoff: float, kind: str, env_kind: str,
-                     act: str | Activation, need_params: bool, need_values: bool, basis_fn):
+                     act: str | Activation, need_params: bool, need_values: bool, radial_fn):
     w1, b1, w2, b2 = params
-    basis, slope = basis_fn(d, w1.shape[1], cutoff, kind, 1)
-    env, env_slope = envelope(d, cutoff, env_kind, 1)
+    (basis, slope), (env, env_slope) = radial_fn(d, w1.shape[1], cutoff, kind, env_kind, 1)
     return filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, act, need_params,
                       need_values)
 
 
 def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params, cutoff: float,
                 kind: str, env_kind: str, act: str | Activation, need_params: bool, need_x: bool,
-                basis_fn, product_fn, scatter_fn, block: int):
+                radial_fn, product_fn, scatter_fn, block: int):
     """Gradients of sum_a <g_a, out_a> (``blocked_forward``) in x, d and the filter parameters.
 
     With ``u_p = g[a] x[b] + g[b] x[a]`` (``product_fn(g, x, p0, p1)``) the pair's share of the
@@ -212,7 +227,7 @@ def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params, cut
     grad_d = d.new_zeros(d.shape[0])
     grad_x = torch.zeros_like(x) if need_x else None
     sums = [torch.zeros_like(p) for p in params] if need_params else None
-    args = (params, cutoff, kind, env_kind, act, need_params, need_x, basis_fn)
+    args = (params, cutoff, kind, env_kind, act, need_params, need_x, radial_fn)
     for p0 in range(0, len(pairs), block):
         p1 = min(p0 + block, len(pairs))
         c, m = pairs.c[p0:p1], pairs.m[p0:p1]
@@ -242,15 +257,14 @@ def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params, cut
 
 
 def filter_vjp_vjp(u: Tensor, weight: Tensor, d: Tensor, params, cutoff: float, kind: str,
-                   env_kind: str, act: str | Activation, need_params: bool, basis_fn):
+                   env_kind: str, act: str | Activation, need_params: bool, radial_fn):
     """The derivatives of sum_p weight_p s_p, s_p = d<u_p, W(d_p)>/dd_p (the distance gradient
     of ``filter_vjp``), for u [b, F], weight [b], d [b] (README.md beside this file):
     (s' [b] = ds_p/dd_p unweighted, weight_p dW(d_p)/dd [b, F] (the derivative in u_p), grad_w1,
     grad_b1, grad_w2, grad_b2), the parameter gradients None unless ``need_params``."""
     w1, b1, w2, b2 = params
     num_basis = w1.shape[1]
-    phi = basis_fn(d, num_basis, cutoff, kind, 2)
-    e0, e1, e2 = envelope(d, cutoff, env_kind, 2)
+    phi, (e0, e1, e2) = radial_fn(d, num_basis, cutoff, kind, env_kind, 2)
     h0, h1, h2 = (torch.cat(phi) @ w1.t()).split(d.shape[0])  # h and its two d-derivatives
     h0 = h0 + b1
     act = as_activation(act)
@@ -272,7 +286,7 @@ def filter_vjp_vjp(u: Tensor, weight: Tensor, d: Tensor, params, cutoff: float, 
 
 def blocked_vjp_vjp(v: Tensor, g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params,
                     cutoff: float, kind: str, env_kind: str, act: str | Activation, need_g: bool,
-                    need_x: bool, need_params: bool, basis_fn, product_fn, scatter_fn, block: int):
+                    need_x: bool, need_params: bool, radial_fn, product_fn, scatter_fn, block: int):
     """Gradients of sum_e v_e grad_d_e, grad_d the distance gradient of ``blocked_vjp``, in g, x,
     d and the filter parameters: the second backward of force training, a block of pairs at a
     time and never more than ``block`` pairs x F features.
@@ -291,7 +305,7 @@ def blocked_vjp_vjp(v: Tensor, g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPai
     grad_g = torch.zeros_like(g) if need_g else None
     grad_x = torch.zeros_like(x) if need_x else None
     sums = [torch.zeros_like(p) for p in params] if need_params else None
-    args = (params, cutoff, kind, env_kind, act, need_params, basis_fn)
+    args = (params, cutoff, kind, env_kind, act, need_params, radial_fn)
     for p0 in range(0, len(pairs), block):
         p1 = min(p0 + block, len(pairs))
         c, m = pairs.c[p0:p1], pairs.m[p0:p1]
@@ -331,17 +345,16 @@ def painn_filter(basis: Tensor, env: Tensor, wf: Tensor, bf: Tensor) -> Tensor:
 
 
 def _augmented_basis(d: Tensor, cutoff: float, kind: str, env_kind: str, num_basis: int,
-                     basis_fn, order: int):
+                     radial_fn, order: int):
     """([u b, u] [b, K + 1], b, b' or None, u, u' or None) of the distances d [b]."""
-    basis, *slope = basis_fn(d, num_basis, cutoff, kind, order)
-    env, *env_slope = envelope(d, cutoff, env_kind, order)
+    (basis, *slope), (env, *env_slope) = radial_fn(d, num_basis, cutoff, kind, env_kind, order)
     aug = torch.cat([basis * env.unsqueeze(1), env.unsqueeze(1)], 1)
     return aug, basis, (slope[0] if order else None), env, (env_slope[0] if order else None)
 
 
 @torch.no_grad()
 def blocked_painn_forward(phi: Tensor, v: Tensor, d: Tensor, i: Tensor, ptr: Tensor, wf: Tensor,
-                          bf: Tensor, cutoff: float, kind: str, env_kind: str, basis_fn,
+                          bf: Tensor, cutoff: float, kind: str, env_kind: str, radial_fn,
                           rows_fn, block: int) -> tuple[Tensor, Tensor]:
     """(ds [N, F], dv [N, 3, F]) of the PaiNN message, a block of edges at a time.
 
@@ -354,7 +367,7 @@ def blocked_painn_forward(phi: Tensor, v: Tensor, d: Tensor, i: Tensor, ptr: Ten
     weight = torch.cat([wf.detach(), bf.detach().unsqueeze(1)], 1).t().contiguous()  # [K+1, 3F]
     for e0 in range(0, d.shape[0], block):
         e1 = min(e0 + block, d.shape[0])
-        aug, *_ = _augmented_basis(d[e0:e1], cutoff, kind, env_kind, wf.shape[1], basis_fn, 0)
+        aug, *_ = _augmented_basis(d[e0:e1], cutoff, kind, env_kind, wf.shape[1], radial_fn, 0)
         rows_fn(ds, dv, aug @ weight, e0, int(i[e0]), int(i[e1 - 1]))
     return ds, dv
 
@@ -362,7 +375,7 @@ def blocked_painn_forward(phi: Tensor, v: Tensor, d: Tensor, i: Tensor, ptr: Ten
 @torch.no_grad()
 def blocked_painn_vjp(phi: Tensor, v: Tensor, d: Tensor, d_rev: Tensor, i: Tensor, ptr: Tensor,
                       wf: Tensor, bf: Tensor, cutoff: float, kind: str, env_kind: str,
-                      need_params: bool, basis_fn, rows_fn, block: int):
+                      need_params: bool, radial_fn, rows_fn, block: int):
     """Gradients of <gs, ds> + <gv, dv> of the PaiNN message, a block of edges at a time.
 
     ``rows_fn(gphi, r, gunit, w, w_rev, e0, a0, a1) -> gw`` is the backend's pass over the rows
@@ -386,11 +399,11 @@ def blocked_painn_vjp(phi: Tensor, v: Tensor, d: Tensor, d_rev: Tensor, i: Tenso
         e1 = min(e0 + block, d.shape[0])
         db, drb = d[e0:e1], d_rev[e0:e1]
         aug, basis, slope, env, env_slope = _augmented_basis(db, cutoff, kind, env_kind,
-                                                             num_basis, basis_fn, 1)
+                                                             num_basis, radial_fn, 1)
         w = aug @ weight
         w_rev = w
         if not torch.equal(db, drb):
-            aug_rev, *_ = _augmented_basis(drb, cutoff, kind, env_kind, num_basis, basis_fn, 0)
+            aug_rev, *_ = _augmented_basis(drb, cutoff, kind, env_kind, num_basis, radial_fn, 0)
             w_rev = aug_rev @ weight
         gw = rows_fn(gphi, r, gunit, w, w_rev, e0, int(i[e0]), int(i[e1 - 1]))
         # <gw, dW/dd> with W = u (wf b + bf): u' (<gw wf, b> + <gw, bf>) + u <gw wf, b'>

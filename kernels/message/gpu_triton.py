@@ -36,7 +36,7 @@ import triton.language as tl
 from fastff.kernels.message import dense
 from fastff.kernels.radial.gpu_triton import radial_basis as _radial_basis
 
-_basis = dense.each_order(_radial_basis)  # orders 0..n for the blocked functions
+_radial = dense.each_order(_radial_basis)  # orders 0..n for the blocked functions
 
 BLOCK_F = 64
 # 32 edges x 32 features for the 2-D kernels: 64 x 64 spilled ~2 KB per thread in
@@ -616,7 +616,7 @@ def cfconv_forward(x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope,
     with torch.no_grad():
         pairs = dense.MirrorPairs(i, j, rev)
         return dense.blocked_forward(_c(x), d.detach(), ptr.shape[0] - 1, pairs,
-                                     _params(w1, b1, w2, b2), cutoff, kind, envelope, act, _basis,
+                                     _params(w1, b1, w2, b2), cutoff, kind, envelope, act, _radial,
                                      _scatter_fn(pairs), BLOCK)
 
 
@@ -641,7 +641,7 @@ def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, 
     with torch.no_grad():
         pairs = dense.MirrorPairs(i, j, rev)
         out = dense.blocked_vjp(_c(g), _c(x), d.detach(), pairs, _params(w1, b1, w2, b2), cutoff,
-                                kind, envelope, act, need_params, need_x, _basis,
+                                kind, envelope, act, need_params, need_x, _radial,
                                 _product_fn(pairs, g, x), _scatter_fn(pairs), BLOCK)
     return dense.params_or_empty(out, d)
 
@@ -654,7 +654,7 @@ def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, env
         pairs = dense.MirrorPairs(i, j, rev)
         out = dense.blocked_vjp_vjp(v.detach(), _c(g), _c(x), d.detach(), pairs,
                                     _params(w1, b1, w2, b2), cutoff, kind, envelope, act, need_g,
-                                    need_x, need_params, _basis, _product_fn(pairs, g, x),
+                                    need_x, need_params, _radial, _product_fn(pairs, g, x),
                                     _scatter_fn(pairs), BLOCK)
     return dense.params_or_empty(out, d)
 
@@ -755,7 +755,7 @@ def painn_forward(phi, v, d, unit, i, j, ptr, wf, bf, cutoff, kind, envelope):
                 ds, dv, phic, vc, uc, _c(w), jc, pc, e0, e0 + w.shape[0], a0, phi.shape[0], nf,
                 BLOCK_F=BLOCK_F, num_warps=VJP_WARPS)
 
-    return dense.blocked_painn_forward(phi, v, d, i, ptr, wf, bf, cutoff, kind, envelope, _basis,
+    return dense.blocked_painn_forward(phi, v, d, i, ptr, wf, bf, cutoff, kind, envelope, _radial,
                                        rows, BLOCK)
 
 
@@ -777,6 +777,6 @@ def painn_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, env
         return gw
 
     out = list(dense.blocked_painn_vjp(phi, v, d, d.index_select(0, rev), i, ptr, wf, bf, cutoff,
-                                       kind, envelope, need_params, _basis, rows, BLOCK))
+                                       kind, envelope, need_params, _radial, rows, BLOCK))
     out[3] = parts.sum(0)
     return dense.params_or_empty(tuple(out), d)

@@ -510,6 +510,28 @@ def test_numba_fused_activation_matches_torch_float64(kind):
                                atol=0)
 
 
+@pytest.mark.parametrize("kind", dense.ACTIVATIONS)
+def test_numba_fused_filter_terms_match_torch_float64(kind):
+    """The one-pass float32 kernels of the numba filter network around its activation: W from
+    the hidden layer (envelope and bias folded into the second GEMM) and energy + forces'
+    backward terms (env t act'(h), <t, act(h)>), against dense.Activation in float64."""
+    from fastff.kernels.message.cpu_numba_activation import FusedActivation
+
+    b, nf = int(torch.randint(1, 300, ())), int(torch.randint(1, 70, ()))
+    h, t = torch.randn(b, nf) * 4, torch.randn(b, nf)
+    env, w2, b2 = torch.rand(b), torch.randn(nf, nf) / nf**0.5, torch.randn(nf)
+    fused, exact = FusedActivation(kind), dense.Activation(kind)
+    want = exact.filter_values(h.double(), env.double(), w2.double(), b2.double())
+    got = fused.filter_values(h, env, w2, b2)
+    assert got.dtype == torch.float32 and got.shape == (b, nf)
+    _close(got, want, torch.float32)
+    got_g, got_ta = fused.vjp_terms(h, t, env)
+    want_g, want_ta = exact.vjp_terms(h.double(), t.double(), env.double())
+    assert got_g.shape == (b, nf) and got_ta.shape == (b,)
+    _close(got_g, want_g, torch.float32)
+    _close(got_ta, want_ta, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_numba_second_order_terms_match_torch(dtype):
     """The one-pass elementwise terms of force training's second backward (numba) against the

@@ -36,23 +36,34 @@ def test_matches_reference(rng, backend, kind, envelope, order):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("order", [0, 1, 2, 3])
-def test_numba_orders_in_one_pass(rng, kind, order):
-    """radial_basis_orders (the blocked filters' bare basis, all orders in one pass) against the
-    reference at every order, with distances at zero (Bessel's limit) and beyond the cutoff."""
+@pytest.mark.parametrize("envelope", ENVS)
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_numba_orders_in_one_pass(rng, kind, envelope, order):
+    """radial_orders (what the blocked filters read: the bare basis and the envelope, all orders
+    in one pass) against the reference at every order, with distances at zero (Bessel's limit)
+    and beyond the cutoff."""
+    from fastff.kernels.radial.reference import envelope_derivatives
+
     cutoff = float(rng.uniform(2.0, 6.0))
     num_basis = int(rng.integers(1, 40))
     for dtype in (torch.float64, torch.float32):
         d = _distances(500, cutoff, dtype)
         d[0] = 0.0
-        got = cpu_numba.radial_basis_orders(d, num_basis, cutoff, kind, order)
-        assert len(got) == order + 1
-        for n, g in enumerate(got):
+        basis, env = cpu_numba.radial_orders(d, num_basis, cutoff, kind, envelope, order)
+        assert len(basis) == len(env) == order + 1
+        env_want = envelope_derivatives(d.double(), cutoff, envelope, order)
+        for n, (g, u) in enumerate(zip(basis, env, strict=True)):
             want = reference.radial_basis(d.double(), num_basis, cutoff, kind, "none", n)
             assert g.dtype == dtype and g.shape == want.shape
             scale = want.abs().max().clamp_min(1e-30)
             torch.testing.assert_close(g.double() / scale, want / scale,
                                        **tolerance("radial", dtype))
+            assert u.dtype == dtype and u.shape == d.shape
+            scale = env_want[n].abs().max().clamp_min(1e-30)
+            torch.testing.assert_close(u.double() / scale, env_want[n] / scale,
+                                       **tolerance("radial", dtype))
+    with pytest.raises(ValueError, match="order must be"):
+        cpu_numba.radial_orders(d, num_basis, cutoff, kind, envelope, 3)
 
 
 @pytest.mark.parametrize("kind", KINDS)
