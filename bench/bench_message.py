@@ -14,7 +14,6 @@ Memory:  python bench/bench_message.py --memory   (each case in a fresh process;
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -117,20 +116,17 @@ class EagerPaiNN(nn.Module):
 _CACHE: dict = {}
 
 
-def setup(n, inference=False):
+def setup(n):
+    """Both sides share weights, trainable (requires_grad) as in a model being trained or
+    validated: forces must not cost weight gradients (torch skips them; fastff's fused
+    backwards ask the autograd engine which gradients it will use)."""
     if n not in _CACHE:
         torch.manual_seed(0)
         pos, cell, nl = build_system(n)
         peer = PygInteraction()
         _CACHE[n] = (pos, cell, nl, peer, FastInteraction(peer), FastInteraction(peer, True),
                      torch.randn(n, F))
-        # energy + forces is inference: parameters frozen on both sides, so no backend spends
-        # time on gradients nobody asked for (custom ops cannot see which inputs a given
-        # autograd.grad call needs, only which require grad)
-        frozen = copy.deepcopy(peer).requires_grad_(False)
-        _CACHE[("inference", n)] = (pos, cell, nl, frozen, FastInteraction(frozen).requires_grad_(
-            False), FastInteraction(frozen, True).requires_grad_(False), _CACHE[n][-1])
-    return _CACHE[("inference", n) if inference else n]
+    return _CACHE[n]
 
 
 def energy_forces(model, h, pos, nl, cell):
@@ -151,7 +147,7 @@ def train_step(model, h, pos, nl, cell, target):
 
 def painn_models():
     torch.manual_seed(0)
-    ours = fnn.PaiNNMessage(F, 20, CUTOFF).requires_grad_(False)  # inference, as above
+    ours = fnn.PaiNNMessage(F, 20, CUTOFF)
     return ours, EagerPaiNN(ours)
 
 
@@ -166,7 +162,7 @@ def painn_energy_forces(model, s, v, pos, nl, cell):
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("impl", ["torch_geometric", "fastff", "fastff_tabulated"])
 def test_energy_forces(benchmark, n, impl):
-    pos, cell, nl, peer, fast, tab, h = setup(n, inference=True)
+    pos, cell, nl, peer, fast, tab, h = setup(n)
     model = {"torch_geometric": peer, "fastff": fast, "fastff_tabulated": tab}[impl]
     e_ref, f_ref = energy_forces(peer, h, pos, nl, cell)
     e, f = energy_forces(model, h, pos, nl, cell)  # warm-up: JIT compilation, table build
@@ -221,7 +217,7 @@ def _rss_peak() -> int:
 
 def _one_case(case: str, n: int) -> dict:
     def work_for(m):
-        pos, cell, nl, peer, fast, tab, h = setup(m, inference=case.startswith("ef_"))
+        pos, cell, nl, peer, fast, tab, h = setup(m)
         target = torch.randn(m, 3)
         return {
             "ef_torch_geometric": lambda: energy_forces(peer, h, pos, nl, cell),
@@ -234,7 +230,7 @@ def _one_case(case: str, n: int) -> dict:
     work_for(200)()  # JIT compilation (or cache load) stays out, on a small system
     work = work_for(n)
     if case == "ef_fastff_tabulated":
-        setup(n, inference=True)[5].conv.table()
+        setup(n)[5].conv.table()
     base = _rss_now()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from fastff import _backend, _checks
+from fastff._autograd import track
 from fastff.kernels.message import dense
 from fastff.kernels.message import op as _mop
 from fastff.kernels.message import reference as _mref
@@ -94,7 +95,9 @@ class RadialFilter(nn.Module):
         self.dense2 = nn.Linear(num_features, num_features)
 
     def params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.dense1.weight, self.dense1.bias, self.dense2.weight, self.dense2.bias
+        """(w1, b1, w2, b2) as the fused ops take them (``track``ed: see fastff._autograd)."""
+        return tuple(track(p) for p in (self.dense1.weight, self.dense1.bias,
+                                        self.dense2.weight, self.dense2.bias))
 
     def forward(self, distances: Tensor, *, backend: str | None = None) -> Tensor:
         """W(r) [E, F] for distances [E]; differentiable to any order."""
@@ -346,7 +349,8 @@ class PaiNNMessage(nn.Module):
         unit = vec / d.clamp_min(torch.finfo(d.dtype).tiny).unsqueeze(1)
         return _mop.painn_message(phi.contiguous(), v.contiguous(), d.contiguous(),
                                   unit.contiguous(), nl.i, nl.j, nl.ptr, nl.reverse,
-                                  self.filter.weight, self.filter.bias, self.cutoff, "bessel",
+                                  track(self.filter.weight), track(self.filter.bias),
+                                  self.cutoff, "bessel",
                                   "cosine", name)
 
     def _tabulated(self, s: Tensor, v: Tensor, vec: Tensor, d: Tensor,

@@ -262,6 +262,62 @@ def test_painn_matches_reference_and_trains(rng, backend):
         _close(a, b, "training", torch.float64)
 
 
+def test_backward_computes_only_the_gradients_asked_for(rng, monkeypatch):
+    """Forces of trainable CFConv and PaiNNMessage layers (autograd.grad(E, positions)) do not
+    compute weight gradients, nor CFConv's gradient in x when x depends only on weights; asking
+    for a weight, or calling backward(), does, and every result matches the reference."""
+    from fastff import _backend
+
+    calls = []
+    plain_launcher = _backend.launcher
+
+    def recording_launcher(name, backend):
+        fn = plain_launcher(name, backend)
+
+        def record(*args):
+            calls.append((name, args[-2:] if name == "cfconv_vjp" else args[-1:]))
+            return fn(*args)
+        return record
+
+    monkeypatch.setattr(_backend, "launcher", recording_launcher)
+    n, nf = 20, 6
+    pos, cell, nl = system(n)
+    lin = torch.nn.Linear(nf, nf).double()
+    conv = fnn.CFConv(nf, 5, 2.5, backend="numba").double()
+    painn = fnn.PaiNNMessage(nf, 5, 2.5, backend="numba").double()
+    h = torch.randn(n, nf, dtype=torch.float64)
+    v = torch.randn(n, 3, nf, dtype=torch.float64)
+
+    def energy(p, reference=False):
+        x = lin(h)
+        out = reference_cfconv(conv, x, p, nl, cell) if reference else conv(x, p, nl, cell)
+        ds, dv = (reference_painn if reference else lambda *a: painn(*a[1:]))(
+            painn, out, v, p, nl, cell)
+        return ds.pow(2).sum() + dv.pow(2).sum()
+
+    p = pos.clone().requires_grad_(True)
+    calls.clear()
+    (forces,) = torch.autograd.grad(energy(p), p)
+    backward_calls = [c for c in calls if c[0] in ("cfconv_vjp", "painn_vjp")]
+    assert ("cfconv_vjp", (False, False)) in backward_calls  # need_params, need_x
+    assert ("painn_vjp", (False,)) in backward_calls  # need_params
+    assert [c[0] for c in calls].count("cfconv_forward") == 1  # the forward only: no grad_x
+    weights = [conv.filter.dense1.weight, painn.filter.weight]
+    want = torch.autograd.grad(energy(p, reference=True), [p, *weights])
+    _close(forces, want[0], "training", torch.float64)
+
+    calls.clear()
+    got = torch.autograd.grad(energy(p), [p, *weights])
+    assert ("cfconv_vjp", (True, False)) in calls and ("painn_vjp", (True,)) in calls
+    for a, b in zip(got, want, strict=True):
+        _close(a, b, "training", torch.float64)
+
+    energy(p).backward()
+    for w, b in zip(weights, want[1:], strict=True):
+        _close(w.grad, b, "training", torch.float64)
+    assert lin.weight.grad is not None
+
+
 @pytest.mark.parametrize("backend", ["numba", "triton", "reference"])
 def test_tabulated_painn_matches_mlp(rng, backend):
     n, nf = (6, 2) if backend == "triton" else (30, 8)

@@ -29,7 +29,9 @@ Primitives, all over a FULL neighbor list sorted by receiver (CSR ``ptr``) with 
   through the same message written with ``gms`` (``painn_composite``), recomputed.
 
 Every op takes the already resolved backend name (see fastff._backend); only this file knows
-all three paths.
+all three paths. The first backwards of ``cfconv`` and ``painn_message`` compute only the
+gradients the running backward uses (``fastff._autograd.wanted_grads``): forces of a model
+with trainable weights cost what they cost with frozen ones.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 from torch import Tensor
 
 from fastff import _backend
+from fastff._autograd import wanted_grads
 from fastff.kernels.message import dense
 from fastff.kernels.neighbors import op as _neighbors
 from fastff.kernels.radial import op as _radial
@@ -298,7 +301,7 @@ def _cfconv_backward(ctx, grad):
     x, d, i, j, ptr, rev, w1, b1, w2, b2 = ctx.saved_tensors
     cutoff, kind, envelope, activation, backend = ctx.args
     grad = grad.contiguous()
-    needs = ctx.needs_input_grad
+    needs = wanted_grads(ctx, 10)  # forces of a trainable model: no weight gradients
     need_params = any(needs[6:10])
     gx = gd = gp = None
     # the pair filter is symmetric, so the x-gradient (a sum over senders) is the op on grad;
@@ -620,7 +623,7 @@ def _painn_setup(ctx, inputs, output):
 def _painn_backward(ctx, gs, gv):
     phi, v, d, unit, i, j, ptr, rev, wf, bf = ctx.saved_tensors
     cutoff, kind, envelope, backend = ctx.args
-    needs = ctx.needs_input_grad
+    needs = wanted_grads(ctx, 10)
     differentiable = (0, 1, 2, 3, 8, 9)
     result: list = [None] * 14
     gs = torch.zeros_like(phi[:, :v.shape[2]]) if gs is None else gs.contiguous()
