@@ -99,8 +99,9 @@ class NeighborList:
         built at cutoff + skin, see :class:`fastff.VerletList`): consumers then see only the
         pairs within their own cutoff. When no atom moved more than ``(self.cutoff - cutoff) / 2``
         since this list was built, the result holds the same pairs as
-        ``neighbor_list(positions, cutoff, ...)``; otherwise pairs that entered the cutoff from
-        outside this list are missing.
+        ``neighbor_list(positions, cutoff, ...)`` (a pair whose distance rounds to the cutoff
+        may fall on either side); otherwise pairs that entered the cutoff from outside this list
+        are missing.
 
         The test is the one :func:`neighbor_list` uses, ``|x_j - x_i + S @ cell|^2 < cutoff^2``
         in float64, computed so that a pair and its mirror get exactly negated vectors: a full
