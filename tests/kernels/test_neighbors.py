@@ -352,10 +352,12 @@ if given is not None:
 
 # ---- compaction: a list's pairs within a smaller cutoff ---------------------------------------
 
-def moved(rng, pos, max_move):
-    """Every atom moved in a random direction by less than ``max_move`` (a Verlet step)."""
+def moved(rng, pos, skin):
+    """Every atom moved in a random direction by less than ``skin / 2``: the pairs within the
+    cutoff are still in a list built at cutoff + skin."""
     step = torch.tensor(rng.normal(size=tuple(pos.shape)))
-    step *= max_move * torch.tensor(rng.random((pos.shape[0], 1))) / step.norm(dim=1, keepdim=True)
+    step *= 0.5 * skin * torch.tensor(rng.random((pos.shape[0], 1))) / step.norm(dim=1,
+                                                                                keepdim=True)
     return pos + (0.999 * step).to(pos.dtype)
 
 
@@ -393,7 +395,7 @@ def test_compact_periodic_triclinic(rng, backend, dtype, half):
     cell = random_cell(rng, 9.0, skew=0.5).to(dtype)
     pos = random_positions(rng, 60, cell, spread=1.5, dtype=dtype)
     skin_list = fastff.neighbor_list(pos, 3.5 + 0.7, cell, half=half, backend=backend)
-    check_compacted(skin_list, moved(rng, pos, 0.35), 3.5, cell, backend=backend)
+    check_compacted(skin_list, moved(rng, pos, 0.7), 3.5, cell, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -402,7 +404,7 @@ def test_compact_cell_smaller_than_cutoff(rng, backend, half):
     cell = random_cell(rng, 4.0, skew=0.6)
     pos = random_positions(rng, 8, cell)
     skin_list = fastff.neighbor_list(pos, 6.5, cell, half=half, backend=backend)
-    nl = check_compacted(skin_list, moved(rng, pos, 0.25), 6.0, cell, backend=backend)
+    nl = check_compacted(skin_list, moved(rng, pos, 0.5), 6.0, cell, backend=backend)
     assert bool(((nl.i == nl.j) & (nl.shifts != 0).any(dim=1)).any()), "self images expected"
 
 
@@ -415,7 +417,7 @@ def test_compact_mixed_pbc(rng, backend, pbc):
             cell[k] = 0.0
     pos = random_positions(rng, 40, random_cell(rng, 6.0), spread=1.5)
     skin_list = fastff.neighbor_list(pos, 3.6, cell, pbc, backend=backend)
-    check_compacted(skin_list, moved(rng, pos, 0.3), 3.0, cell, pbc, backend=backend)
+    check_compacted(skin_list, moved(rng, pos, 0.6), 3.0, cell, pbc, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -430,7 +432,7 @@ def test_compact_batch(rng, backend, half):
     pos = torch.cat([random_positions(rng, n, random_cell(rng, 5.0)) for n in sizes])
     batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     skin_list = fastff.neighbor_list(pos, 4.0, cells, pbc, batch, half=half, backend=backend)
-    nl = check_compacted(skin_list, moved(rng, pos, 0.25), 3.5, cells, pbc, batch,
+    nl = check_compacted(skin_list, moved(rng, pos, 0.5), 3.5, cells, pbc, batch,
                          backend=backend)
     assert torch.equal(batch[nl.i], batch[nl.j])
 
@@ -442,7 +444,7 @@ def test_compact_tiny(rng, backend, n):
     pos = random_positions(rng, n, cell)
     for c in (cell, None):
         skin_list = fastff.neighbor_list(pos, 4.5, c, backend=backend)
-        check_compacted(skin_list, moved(rng, pos, 0.2), 4.0, c, backend=backend)
+        check_compacted(skin_list, moved(rng, pos, 0.5), 4.0, c, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -451,7 +453,7 @@ def test_compact_matches_vesin(rng, backend):
     cell = random_cell(rng, 10.0, skew=0.4)
     pos = random_positions(rng, 200, cell)
     skin_list = fastff.neighbor_list(pos, 3.6, cell, backend=backend)
-    now = moved(rng, pos, 0.3)
+    now = moved(rng, pos, 0.6)
     nl = skin_list.within(now, 3.0)
     i, j, S, d = vesin.NeighborList(cutoff=3.0, full_list=True).compute(
         now.numpy(), cell.numpy(), True, "ijSd")
@@ -473,7 +475,7 @@ def test_compact_keeps_mirrors_at_the_cutoff(rng, dtype):
         cell = random_cell(rng, float(rng.uniform(2.5, 6.0)), skew=0.6).to(dtype)
         pos = random_positions(rng, 30, cell, spread=3.0, dtype=dtype)
         skin_list = fastff.neighbor_list(pos, 4.0, cell)
-        now = moved(rng, pos, 0.1)
+        now = moved(rng, pos, 0.2)
         d = skin_list.distances(now.double(), cell.double())
         for cutoff in rng.choice(d[d < skin_list.cutoff].tolist(), size=8, replace=False):
             args = (now, skin_list._cells, None, skin_list.i, skin_list.j, skin_list.shifts,
@@ -494,7 +496,7 @@ def test_compact_parallel_matches_reference(rng, backend):
     cell = random_cell(rng, 12.0)
     pos = random_positions(rng, 500, cell, dtype=torch.float32)
     skin_list = fastff.neighbor_list(pos, 2.8, cell.float(), backend=backend)
-    now = moved(rng, pos, 0.2)
+    now = moved(rng, pos, 0.3)
     nl = check_compacted(skin_list, now, 2.5, cell.float(), backend=backend)
     again = skin_list.within(now, 2.5)
     for x, y in ((nl.i, again.i), (nl.j, again.j), (nl.shifts, again.shifts),
