@@ -5,6 +5,8 @@ Every case builds a full list with shifts and distances ("ijSd"), float64, 2 thr
 Targets: 10^4 atoms <= 1.0x vesin, 10^5 atoms <= 0.7x
 vesin, 8-atom small triclinic cell <= 2x vesin, 256 molecules batched >= 10x faster than vesin
 per molecule, a Verlet-list reuse step <= 30% of a rebuild, peak memory <= 1.5x the output.
+Compaction of a Verlet list to the model cutoff is timed against a fresh list at that cutoff
+(water, nm, float32).
 """
 
 import json
@@ -131,6 +133,45 @@ def test_verlet_reuse(benchmark, step):
 
     benchmark.pedantic(run, rounds=15, warmup_rounds=2)
     benchmark.extra_info["rebuilds"] = verlet.rebuilds
+
+
+@pytest.fixture(scope="module")
+def water_30k():
+    """30,000 atoms of relaxed TIP3P water (nm, float32) and 8 MD-like steps from them."""
+    box = fastff.systems.water_box(10_000)
+    gen = torch.Generator().manual_seed(0)
+    steps = []
+    for _ in range(8):  # every atom moves < 0.02 nm: within skin / 2 of the build
+        move = torch.randn(box.positions.shape, generator=gen)
+        move *= 0.02 * torch.rand(move.shape[0], 1, generator=gen) / move.norm(dim=1, keepdim=True)
+        steps.append(box.positions + move)
+    return box, steps
+
+
+@pytest.mark.parametrize("mirrors", [False, True], ids=["pairs", "pairs + reverse"])
+@pytest.mark.parametrize("step", ["fresh list at 0.5 nm", "compaction 0.6 -> 0.5 nm"])
+def test_verlet_compaction(benchmark, water_30k, step, mirrors):
+    """Pairs within the model cutoff at new positions: a fresh neighbor_list, or
+    ``VerletList(0.5, 0.1, compact=True)``'s step, compacting the reused 0.6 nm list; with or
+    without the mirror index (``reverse``) that message passing reads."""
+    benchmark.group = (f"pairs within 0.5 nm{' + reverse' if mirrors else ''}, water 30,000 "
+                       "atoms, skin 0.1 nm, float32")
+    box, steps = water_30k
+    skin_list = fastff.neighbor_list(box.positions, 0.6, box.cell)
+    _ = skin_list.reverse  # once per rebuild
+    counter = iter(range(10**9))
+
+    def run():
+        moved = steps[next(counter) % len(steps)]
+        if step == "fresh list at 0.5 nm":
+            nl = fastff.neighbor_list(moved, 0.5, box.cell)
+        else:
+            nl = skin_list.within(moved, 0.5)
+        return nl, nl.reverse if mirrors else None
+
+    nl, _ = benchmark.pedantic(run, rounds=20, warmup_rounds=2)
+    benchmark.extra_info["pairs"] = len(nl)
+    benchmark.extra_info["skin_pairs"] = len(skin_list)
 
 
 def test_peak_memory(benchmark):

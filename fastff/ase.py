@@ -91,11 +91,11 @@ class Calculator(ase_calculator.Calculator):
     Atoms; otherwise asking raises ``PropertyNotImplementedError``.
 
     Neighbor lists are reused between MD steps: a :class:`fastff.mm.ForceField` and a model
-    built with ``skin > 0`` use their own Verlet list; for any other model the calculator owns a
-    :class:`fastff.VerletList` (full list, skin :data:`DEFAULT_SKIN`) and passes it as ``nl=``.
-    A model without an envelope (``model.envelope is None``) needs exact-cutoff lists, so it
-    builds its own at every call. ``skin`` (Angstrom) overrides all of this with a list the
-    calculator owns.
+    built with ``skin > 0`` use their own Verlet list; for any other model with a ``cutoff``
+    attribute the calculator owns a :class:`fastff.VerletList` (full list, skin
+    :data:`DEFAULT_SKIN`, ``compact=True``) and passes its pairs within the model's cutoff as
+    ``nl=``, exactly the pairs a fresh list would hold (so a model without an envelope can use
+    it too). ``skin`` (Angstrom) overrides all of this with a list the calculator owns.
 
     Checks. Atoms are validated when their numbers, cell or pbc change (species the model does
     not know, a number or order of atoms a force field was not built for, a singular periodic
@@ -171,19 +171,19 @@ class Calculator(ase_calculator.Calculator):
                 return None
             return VerletList(ff.cutoff, skin / self.length_scale, half=True, backend=ff.backend)
         cutoff = getattr(model, "cutoff", None)
-        exact_cutoff = getattr(model, "envelope", "cosine") is None
-        if cutoff is None or exact_cutoff:  # the model builds its own lists
+        if cutoff is None:  # the model builds its own lists
             if skin:
-                why = ("has no envelope, so pairs beyond its cutoff would contribute"
-                       if exact_cutoff else "has no cutoff attribute")
-                raise ValueError(f"skin={skin} needs a Verlet list, but the model {why}; "
-                                 "leave skin=None")
+                raise ValueError(f"skin={skin} needs a Verlet list, but the model has no cutoff "
+                                 "attribute; leave skin=None")
             return None
         if skin is None:
             if getattr(model, "verlet", None) is not None:
                 return None
             skin = DEFAULT_SKIN
-        return VerletList(cutoff, skin / self.length_scale, backend=getattr(model, "backend", None))
+        # compact: the model gets exactly the pairs within its cutoff, as from a fresh list, so
+        # pairs in the skin cost it nothing and models without an envelope are served too
+        return VerletList(cutoff, skin / self.length_scale, backend=getattr(model, "backend", None),
+                          compact=True)
 
     def _force_field_species(self, species) -> np.ndarray | None:
         ff = self.force_field

@@ -75,7 +75,12 @@ class AtomisticModel(nn.Module):
         self.embedding = nn.Embedding(max_species, num_features)
         self.readout = nn.Sequential(_dense_ssp(num_features, num_features // 2),
                                      nn.Linear(num_features // 2, 1))
-        self.verlet = VerletList(self.cutoff, self.skin, backend=backend) if skin > 0 else None
+        self.verlet = self._owned_verlet() if skin > 0 else None
+
+    def _owned_verlet(self) -> VerletList:
+        # compact: the reused list holds pairs up to cutoff + skin; the model sees those within
+        # its cutoff only, so the skin costs no message-passing work
+        return VerletList(self.cutoff, self.skin, backend=self.backend, compact=True)
 
     def set_backend(self, backend: str | None) -> AtomisticModel:
         """Run every fastff op of this model (neighbor list, convolutions, radial bases) on
@@ -89,7 +94,7 @@ class AtomisticModel(nn.Module):
             if isinstance(module, (fnn.CFConv, fnn.PaiNNMessage)):
                 module.backend = backend
         if self.verlet is not None:
-            self.verlet = VerletList(self.cutoff, self.skin, backend=backend)
+            self.verlet = self._owned_verlet()
         return self
 
     def set_tabulate(self, tabulate: bool) -> AtomisticModel:
@@ -133,8 +138,8 @@ class AtomisticModel(nn.Module):
 
     def neighbors(self, positions: Tensor, cell: Tensor | None = None, pbc=None,
                   batch: Tensor | None = None, nl: NeighborList | None = None) -> NeighborList:
-        """The full neighbor list this model uses: ``nl`` (checked), the owned Verlet list
-        (skin > 0), or a fresh ``fastff.neighbor_list``."""
+        """The full neighbor list this model uses: ``nl`` (checked), the pairs within the cutoff
+        from the owned Verlet list (skin > 0), or a fresh ``fastff.neighbor_list``."""
         if nl is None:
             if self.verlet is not None:
                 return self.verlet.update(positions, cell, pbc, batch)
@@ -181,7 +186,8 @@ class AtomisticModel(nn.Module):
         if nl.cutoff > self.cutoff and self.envelope is None:
             raise ValueError(f"the model has no envelope, so its radial functions do not vanish "
                              f"at the cutoff {self.cutoff}; it needs a neighbor list with exactly "
-                             f"that cutoff (got {nl.cutoff}; skin must be 0)")
+                             f"that cutoff (got {nl.cutoff}; nl.within(positions, "
+                             f"{self.cutoff}) gives one)")
         x = self.atomic_features(species, positions, nl, cell)
         atomic = self.readout(x).squeeze(1)
         if batch is None:
@@ -227,9 +233,11 @@ class SchNet(AtomisticModel):
         cutoff: interaction cutoff (length unit of positions; 0.5 suits nm).
         max_species: embedding size; species must be < max_species.
         kind: radial basis, "gaussian" (SchNet) or "bessel".
-        envelope: "cosine", "polynomial" or None (None needs an exact-cutoff neighbor list).
-        skin: > 0 makes the model own a :class:`fastff.VerletList` (cutoff + skin) reused across
-            calls (MD steps) until an atom moved more than skin / 2.
+        envelope: "cosine", "polynomial" or None (None needs a given ``nl`` with exactly the
+            model's cutoff; the lists the model builds or owns always have it).
+        skin: > 0 makes the model own a :class:`fastff.VerletList` with ``compact=True``: the
+            list built at cutoff + skin is reused across calls (MD steps) until an atom moved
+            more than skin / 2, and every call sees only its pairs within the cutoff.
         tabulate: evaluate each filter from a cubic table of its MLP (rebuilt when the filter's
             parameters change). Inference only: filter parameters get no gradient on that path;
             energies, forces and stress stay within ~1e-7 relative of the MLP path.
@@ -245,9 +253,6 @@ class SchNet(AtomisticModel):
                  backend: str | None = None):
         super().__init__(num_features, num_interactions, cutoff, max_species, skin, backend)
         self.envelope = None if envelope in (None, "none") else envelope
-        if self.envelope is None and skin > 0:
-            raise ValueError("envelope=None needs skin=0: without an envelope, pairs between the "
-                             "cutoff and cutoff + skin would contribute")
         self.interactions = nn.ModuleList(
             SchNetInteraction(num_features, num_basis, self.cutoff, kind=kind, envelope=envelope,
                               tabulate=tabulate, backend=backend)
@@ -298,7 +303,7 @@ class PaiNN(AtomisticModel):
         num_basis: Bessel functions of the message filters (PaiNN uses 20).
         cutoff: interaction cutoff (length unit of positions).
         max_species: embedding size.
-        skin: > 0 owns a reused :class:`fastff.VerletList`, as for :class:`SchNet`.
+        skin: > 0 owns a reused, compacting :class:`fastff.VerletList`, as for :class:`SchNet`.
         tabulate: read each message filter from a cubic table (inference only, as for
             :class:`SchNet`); energies and forces stay within ~1e-6 relative of the exact path.
         backend: as for :class:`SchNet`.

@@ -34,7 +34,8 @@ class NeighborList:
         backend: the kernel path that built it.
         symmetric: True when every pair (i, j, S) is known to have its mirror (j, i, -S) in the
             list: full lists built by :func:`neighbor_list` (their pair test is exactly
-            antisymmetric). Message-passing modules check other full lists for mirrors.
+            antisymmetric) and lists compacted from them with :meth:`within`. Message-passing
+            modules check other full lists for mirrors.
     """
 
     def __init__(self, i: Tensor, j: Tensor, shifts: Tensor, ptr: Tensor, *, cutoff: float,
@@ -46,6 +47,8 @@ class NeighborList:
         self._cells = cells  # [B, 3, 3], zeros where no cell was given
         self.symmetric = False
         self._reverse: Tensor | None = None
+        # of a compacted list until its reverse is needed: (source list, rank int32 [E_source])
+        self._compacted_from: tuple[NeighborList, Tensor] | None = None
         self._cached: tuple | None = None  # (weakref to positions, version, distances)
 
     def __len__(self) -> int:
@@ -62,16 +65,71 @@ class NeighborList:
 
     @property
     def reverse(self) -> Tensor:
-        """int64 [E]: index of each pair's mirror (j, i, -S). Full lists only; computed once."""
+        """int64 [E]: index of each pair's mirror (j, i, -S). Full lists only; computed once.
+
+        A list made by :meth:`within` maps its source's reverse (computed once per source)
+        through the old-to-new pair index: O(E), no search.
+        """
         if self.half:
             raise ValueError("a half neighbor list has no mirror pairs; build it with half=False")
         if self._reverse is None:
-            name, _ = _backend.resolve("neighbor_reverse", self.i.device, self.backend)
-            reverse = _op.neighbor_reverse(self.i, self.j, self.shifts, self.ptr, name)
+            reverse = self._mirrors()
             if is_fake(reverse):  # computed while tracing (make_fx, export): do not keep it
                 return reverse
             self._reverse = reverse
+            self._compacted_from = None  # the source is no longer needed
         return self._reverse
+
+    def _mirrors(self) -> Tensor:
+        if self._compacted_from is None:
+            name, _ = _backend.resolve("neighbor_reverse", self.i.device, self.backend)
+            return _op.neighbor_reverse(self.i, self.j, self.shifts, self.ptr, name)
+        source, rank = self._compacted_from
+        name, launch = _backend.resolve("neighbor_compact_reverse", self.i.device, self.backend)
+        args = (source.reverse, source.j, source.ptr, rank, self.ptr, self.num_pairs)
+        if _plain_eager(rank):
+            return launch(*args)
+        return _op.neighbor_compact_reverse(*args, name)
+
+    def within(self, positions: Tensor, cutoff: float, cell: Tensor | None = None
+               ) -> NeighborList:
+        """The pairs of this list closer than ``cutoff`` at ``positions`` (compaction).
+
+        Meant for a list built with a larger cutoff and reused while atoms move (a Verlet list
+        built at cutoff + skin, see :class:`fastff.VerletList`): consumers then see only the
+        pairs within their own cutoff. When no atom moved more than ``(self.cutoff - cutoff) / 2``
+        since this list was built, the result holds the same pairs as
+        ``neighbor_list(positions, cutoff, ...)`` (a pair whose distance rounds to the cutoff
+        may fall on either side); otherwise pairs that entered the cutoff from outside this list
+        are missing.
+
+        The test is the one :func:`neighbor_list` uses, ``|x_j - x_i + S @ cell|^2 < cutoff^2``
+        in float64, computed so that a pair and its mirror get exactly negated vectors: a full
+        list keeps both or neither, stays ``symmetric``, and its :attr:`reverse` is mapped from
+        this list's through the old-to-new pair index (O(E), no search). Pair order is kept
+        (sorted by ``i``, CSR ``ptr``), as are ``half``, ``batch``, ``pbc`` and ``backend``;
+        ``cutoff`` becomes the new cutoff.
+
+        Args:
+            positions: [N, 3], the atoms this list was built for (any float dtype); detached.
+            cutoff: the new cutoff, ``0 < cutoff <= self.cutoff``.
+            cell: [3, 3] or [B, 3, 3] in the dtype of positions; None uses the cell this list
+                was built with.
+
+        Returns:
+            A new :class:`NeighborList`. Deterministic on CPU (numba: parallel over rows, count
+            then write). On CUDA this runs as a few torch ops (no Triton kernel); it reads the
+            pair count back to the host, so it cannot be captured in a CUDA graph.
+        """
+        c = _checks.cutoff(cutoff)
+        if c > self.cutoff:
+            raise ValueError(f"cutoff {c} is larger than the neighbor list's cutoff {self.cutoff}:"
+                             " pairs in between are not in the list; build a new list")
+        _checks.positions(positions)
+        _checks.same_device("positions", positions, "the neighbor list", self.i)
+        cells = self._cell_for(positions, cell)
+        return _compact(self, positions, c, cells.detach(),
+                        self.cell if cell is None else cell.detach())
 
     def _cell_for(self, positions: Tensor, cell: Tensor | None) -> Tensor:
         if positions.shape[0] != self.num_atoms:
@@ -232,6 +290,23 @@ def _plain_eager(x: Tensor) -> bool:
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._is_torch_function_mode_enabled()
             and not torch.autograd._profiler_enabled())
+
+
+def _compact(nl: NeighborList, positions: Tensor, cutoff: float, cells: Tensor,
+             cell: Tensor | None) -> NeighborList:
+    """:meth:`NeighborList.within` after its checks."""
+    name, launch = _backend.resolve("neighbor_compact", positions.device, nl.backend)
+    args = (positions.detach(), cells, nl.batch, nl.i, nl.j, nl.shifts, nl.ptr, cutoff)
+    if _plain_eager(positions):  # integer outputs: skip the custom op's dispatch, as above
+        i, j, shifts, ptr, rank = launch(*args)
+    else:
+        i, j, shifts, ptr, rank = _op.neighbor_compact(*args, name)
+    out = NeighborList(i, j, shifts, ptr, cutoff=cutoff, half=nl.half, num_atoms=nl.num_atoms,
+                       batch=nl.batch, cells=cells, pbc=nl.pbc, cell=cell, backend=nl.backend)
+    out.symmetric = nl.symmetric
+    if not nl.half:
+        out._compacted_from = (nl, rank)
+    return out
 
 
 def neighbor_list(positions: Tensor, cutoff: float, cell: Tensor | None = None, pbc=None,

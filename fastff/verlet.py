@@ -10,31 +10,39 @@ from fastff.neighbors import NeighborList, neighbor_list
 
 
 class VerletList:
-    """Pairs within ``cutoff + skin``, rebuilt only when needed.
+    """Pairs within ``cutoff + skin``, rebuilt only when needed; optionally compacted to ``cutoff``.
 
     A rebuild happens on the first call, when any atom has moved more than ``skin / 2`` since the
     last build, or when the cell, pbc, batch or number of atoms changed. Between rebuilds the same
-    pairs (and shifts) are returned: they remain a superset of the pairs within ``cutoff`` and
-    stay consistent with unwrapped positions. Consumers apply ``cutoff`` themselves (pairs between
-    ``cutoff`` and ``cutoff + skin`` must contribute zero, as with any smooth cutoff).
+    pairs (and shifts) are reused: they remain a superset of the pairs within ``cutoff`` and
+    stay consistent with unwrapped positions.
+
+    With ``compact=False`` (default), :meth:`update` returns that reused list itself; consumers
+    apply ``cutoff`` themselves (pairs between ``cutoff`` and ``cutoff + skin`` must contribute
+    zero, as with any smooth cutoff). With ``compact=True``, :meth:`update` returns, at every
+    call, the pairs of the reused list closer than ``cutoff`` at the given positions
+    (:meth:`NeighborList.within`): the same pairs as a fresh ``neighbor_list(positions,
+    cutoff)``, at the cost of one pass over the reused list instead of a rebuild, and consumers
+    do no work for pairs in the skin (about ``((cutoff + skin) / cutoff)^3`` times fewer pairs).
 
     Args:
         cutoff: interaction cutoff, > 0.
         skin: extra distance, >= 0. Larger skins rebuild less often but hold more pairs.
         half: build half lists.
         backend: as for :func:`fastff.neighbor_list`.
+        compact: return the pairs within ``cutoff`` rather than ``cutoff + skin``.
 
     Attributes:
         rebuilds: number of builds so far; ``steps``: number of ``update`` calls.
     """
 
     def __init__(self, cutoff: float, skin: float, *, half: bool = False,
-                 backend: str | None = None):
+                 backend: str | None = None, compact: bool = False):
         self.cutoff = _checks.cutoff(cutoff)
         if not skin >= 0.0 or skin != skin or skin == float("inf"):
             raise ValueError(f"skin must be finite and >= 0, got {skin}")
         self.skin = float(skin)
-        self.half, self.backend = half, backend
+        self.half, self.backend, self.compact = half, backend, bool(compact)
         self.rebuilds = 0
         self.steps = 0
         self._nl: NeighborList | None = None
@@ -42,8 +50,15 @@ class VerletList:
         self._key: tuple | None = None
 
     @property
+    def skin_list(self) -> NeighborList | None:
+        """The reused list, pairs within ``cutoff + skin`` at the last build (None before the
+        first update)."""
+        return self._nl
+
+    @property
     def neighbor_list(self) -> NeighborList | None:
-        """The current list (None before the first update)."""
+        """The reused list within ``cutoff + skin``, as :attr:`skin_list` (also with
+        ``compact=True``, where :meth:`update` returns a compacted list instead)."""
         return self._nl
 
     def _needs_rebuild(self, positions: Tensor, cell, pbc, batch) -> bool:
@@ -62,7 +77,8 @@ class VerletList:
 
     def update(self, positions: Tensor, cell: Tensor | None = None, pbc=None,
                batch: Tensor | None = None) -> NeighborList:
-        """The neighbor list (pairs within cutoff + skin) for these positions."""
+        """The neighbor list for these positions: the reused list (pairs within
+        ``cutoff + skin``), or with ``compact=True`` its pairs within ``cutoff``."""
         self.steps += 1
         if self._needs_rebuild(positions, cell, pbc, batch):
             self._nl = neighbor_list(positions, self.cutoff + self.skin, cell, pbc, batch,
@@ -70,10 +86,17 @@ class VerletList:
             self._reference = positions.detach().clone()
             self._key = (_snapshot(cell), _snapshot(pbc), _snapshot(batch))
             self.rebuilds += 1
-        else:
-            _checks.positions(positions)
+        elif not self._compacts:
+            _checks.positions(positions)  # within() checks them otherwise
         assert self._nl is not None
-        return self._nl
+        if not self._compacts:
+            return self._nl
+        # cell=None: the list's own cell, equal to ``cell`` (a new cell rebuilds)
+        return self._nl.within(positions, self.cutoff)
+
+    @property
+    def _compacts(self) -> bool:
+        return self.compact and self.skin > 0.0  # without a skin the list is already exact
 
 
 def _snapshot(x):

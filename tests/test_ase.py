@@ -222,6 +222,24 @@ def test_verlet_list_reused_between_steps(rng, water):
     assert Calculator(own).verlet is None
 
 
+def test_model_without_envelope_gets_a_compact_list(rng, water):
+    """A model without an envelope needs exactly the pairs within its cutoff: the list the
+    calculator owns is compacted, so it is reused and matches fresh lists."""
+    model = small_schnet(int(rng.integers(2**31)), envelope=None)
+    atoms = water.to_ase()
+    calc = Calculator(model)
+    atoms.calc = calc
+    assert calc.verlet is not None and calc.verlet.compact
+    for _ in range(4):
+        atoms.positions += rng.normal(scale=0.02, size=atoms.positions.shape)
+        forces = atoms.get_forces()
+        fresh = atoms.copy()
+        fresh.calc = Calculator(model, skin=0.0)
+        assert_close(forces, fresh.get_forces())
+        assert_close(atoms.get_potential_energy(), fresh.get_potential_energy())
+    assert calc.verlet.rebuilds == 1 and calc.verlet.steps == 4
+
+
 # --- NVE molecular dynamics -------------------------------------------------------------------
 
 def run_nve(atoms, rng, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -363,7 +381,5 @@ def test_bad_arguments():
         Calculator(model, dtype=torch.int64)
     with pytest.raises(ValueError, match="species is only for"):
         Calculator(model, species=[1, 1])
-    exact = small_schnet(0, envelope=None)  # needs lists with exactly its cutoff
-    with pytest.raises(ValueError, match="no envelope"):
-        Calculator(exact, skin=0.5)
-    assert Calculator(exact).verlet is None
+    with pytest.raises(ValueError, match="no cutoff attribute"):
+        Calculator(torch.nn.Linear(3, 1), skin=0.5)

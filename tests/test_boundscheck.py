@@ -1,6 +1,6 @@
-"""The numba kernels never index out of bounds: rerun neighbor tests, the fused spline
-backward's, the PaiNN message's, cfconv's, the radial bases', the positions-based spline
-kernels' and the cluster-pair builder's with NUMBA_BOUNDSCHECK=1.
+"""The numba kernels never index out of bounds: rerun neighbor-list and compaction tests, the
+fused spline backward's, the PaiNN message's, cfconv's, the radial bases', the positions-based
+spline kernels' and the cluster-pair builder's with NUMBA_BOUNDSCHECK=1.
 
 Bounds checking is a compile-time flag that numba's on-disk cache does not key on, so the
 subprocess compiles into its own cache directory.
@@ -25,9 +25,11 @@ def _bounds_checked(tmp_path, test_file: str, selection: str) -> None:
 
 
 def test_neighbor_kernels_pass_with_boundscheck(tmp_path):
+    # compaction: periodic, small cells, batches, near-cutoff mirrors, out-of-range neighbours
     _bounds_checked(tmp_path, "test_neighbors.py",
-                    "numba and (tiny or triclinic or smaller or mixed or batch or outside or "
-                    "parallel or gradcheck or opcheck)")
+                    "(numba and (tiny or triclinic or smaller or mixed or batch or outside or "
+                    "parallel or gradcheck or opcheck or compact)) or compact_keeps_mirrors or "
+                    "compact_opcheck")
 
 
 def test_fused_message_kernels_pass_with_boundscheck(tmp_path):

@@ -260,6 +260,34 @@ def test_verlet_skin_matches_fresh_lists(rng, name):
     assert_close_scaled(f, want[1], "message", F64, "forces with a given list")
 
 
+@pytest.mark.parametrize("name", ["schnet", "painn", "schnet without envelope"])
+def test_skin_sees_only_pairs_within_cutoff(rng, name):
+    """skin > 0 owns a compacting Verlet list: over MD-like steps that stay within skin / 2 the
+    list is built once, every call gets exactly the pairs within the cutoff, and energies,
+    forces and stress equal those with skin = 0 (for a model without an envelope too)."""
+    kind, kw = (name, {}) if name != "schnet without envelope" else ("schnet", {"envelope": None})
+    plain = make(kind, **kw)
+    reused = make(kind, skin=0.1, **kw)
+    reused.load_state_dict(plain.state_dict())
+    species, pos, cell = periodic_system(40)
+    for step in range(4):
+        if step:  # each atom moves < 0.015 per step: < skin / 2 in three steps
+            move = torch.randn_like(pos)
+            pos = pos + 0.015 * torch.rand(40, 1, dtype=F64) * move / move.norm(dim=1,
+                                                                             keepdim=True)
+        nl = reused.neighbors(pos, cell)
+        assert nl.cutoff == reused.cutoff
+        fresh = fastff.neighbor_list(pos, reused.cutoff, cell)
+        assert fastff.testing.pair_keys(nl.i, nl.j, nl.shifts) == \
+            fastff.testing.pair_keys(fresh.i, fresh.j, fresh.shifts)
+        got = fm.energy_and_forces(reused, species, pos, cell, stress=True)
+        want = fm.energy_and_forces(plain, species, pos, cell, stress=True)
+        for what, a, b in zip(("energy", "forces", "stress"), got, want, strict=True):
+            assert_close_scaled(a, b, "message", F64, f"{what} at step {step}")
+    assert reused.verlet is not None and reused.verlet.rebuilds == 1
+    assert reused.verlet.steps == 8  # neighbors() and the model call, per step
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_tabulated_close_to_mlp(rng, name):
     mlp = make(name)
@@ -320,5 +348,6 @@ def test_bad_input(rng):
         model.set_backend("cuda")
     with pytest.raises(ValueError, match="skin"):
         fm.SchNet(16, 2, skin=-1.0)
-    with pytest.raises(ValueError, match="envelope=None needs skin=0"):
-        fm.SchNet(16, 2, envelope=None, skin=0.1)
+    exact = fm.SchNet(16, 2, envelope=None).double()
+    with pytest.raises(ValueError, match=r"no envelope.*nl.within\(positions, 0.5\)"):
+        exact(species, pos, cell, nl=fastff.neighbor_list(pos, 0.6, cell))

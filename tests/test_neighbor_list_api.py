@@ -232,6 +232,88 @@ def test_verlet_bad_input(rng):
         verlet.update(bad, cubic())
 
 
+def test_verlet_compact_returns_pairs_within_cutoff(rng):
+    """compact=True: every step returns exactly the pairs within the cutoff (set-equal to a fresh
+    list), while the skin list is reused; neighbor_list / skin_list keep the skin list."""
+    cell = cubic(8.0)
+    pos = random_pos(rng, 80, 8.0)
+    verlet = fastff.VerletList(2.5, 0.6, compact=True)
+    plain = fastff.VerletList(2.5, 0.6)
+    moved = pos
+    for _ in range(4):
+        nl = verlet.update(moved, cell)
+        assert nl.cutoff == 2.5 and verlet.rebuilds == 1
+        assert verlet.skin_list is verlet.neighbor_list is not nl
+        assert verlet.skin_list.cutoff == pytest.approx(3.1)
+        assert plain.update(moved, cell) is plain.neighbor_list  # unchanged without compact
+        exact = fastff.neighbor_list(moved, 2.5, cell, backend="reference")
+        assert_same_pairs((nl.i, nl.j, nl.shifts), (exact.i, exact.j, exact.shifts), cutoff=2.5,
+                          dtype=torch.float64, actual_distances=nl.distances(moved),
+                          expected_distances=exact.distances(moved))
+        r = nl.reverse
+        assert nl.symmetric and torch.equal(nl.j[r], nl.i) and torch.equal(nl.shifts[r],
+                                                                           -nl.shifts)
+        step = torch.tensor(rng.normal(size=pos.shape))
+        moved = pos + 0.29 * step / step.norm(dim=1, keepdim=True) * torch.rand(80, 1,
+                                                                                dtype=torch.float64)
+    far = pos.clone()
+    far[7] += torch.tensor([0.31, 0.0, 0.0], dtype=torch.float64)  # beyond skin / 2
+    nl = verlet.update(far, cell)
+    assert verlet.rebuilds == 2 and nl.cutoff == 2.5
+    exact = fastff.neighbor_list(far, 2.5, cell, backend="reference")
+    assert_same_pairs((nl.i, nl.j, nl.shifts), (exact.i, exact.j, exact.shifts), cutoff=2.5,
+                      dtype=torch.float64)
+    # without a skin there is nothing to compact: the built list is returned
+    exact_verlet = fastff.VerletList(2.5, 0.0, compact=True)
+    assert exact_verlet.update(pos, cell) is exact_verlet.skin_list
+
+
+def test_within_bad_input(rng):
+    pos = random_pos(rng, 10)
+    nl = fastff.neighbor_list(pos, 2.5, cubic())
+    with pytest.raises(ValueError, match="cutoff 2.6 is larger than the neighbor list's cutoff"):
+        nl.within(pos, 2.6)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="cutoff must be finite and positive"):
+            nl.within(pos, bad)
+    with pytest.raises(ValueError, match="positions has 9 atoms but this neighbor list was built "
+                                         "for 10"):
+        nl.within(pos[:9], 2.0)
+    with pytest.raises(ValueError, match=r"positions must have shape \[N, 3\]"):
+        nl.within(pos[:, :2], 2.0)
+    with pytest.raises(ValueError, match=r"cell must have shape \[3, 3\]"):
+        nl.within(pos, 2.0, torch.eye(2, dtype=torch.float64))
+    with pytest.raises(TypeError, match="cell has dtype torch.float32"):
+        nl.within(pos, 2.0, cubic(dtype=torch.float32))
+    with fastff.no_checks(), pytest.raises(  # meta stands in for a GPU; it has no values
+            ValueError, match="positions is on meta but the neighbor list is on cpu"):
+        nl.within(pos.to("meta"), 2.0)
+    bad = pos.clone()
+    bad[4, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN or inf \(first at atom 4\)"):
+        nl.within(bad, 2.0)
+    verlet = fastff.VerletList(2.0, 0.5, compact=True)
+    verlet.update(pos, cubic())
+    with pytest.raises(ValueError, match="NaN"):
+        verlet.update(bad, cubic())
+
+
+def test_within_traced_and_profiled(rng):
+    """The compaction ops are seen by profilers; a reverse first read under fake tensors is not
+    kept, and the one read later is right."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    pos = random_pos(rng, 12)
+    source = fastff.neighbor_list(pos, 2.5, cubic())
+    with torch.profiler.profile() as prof:
+        nl = source.within(pos, 2.0)
+    assert any("fastff::neighbor_compact" in e.key for e in prof.key_averages())
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert fastff.neighbors.is_fake(nl.reverse)
+    r = nl.reverse
+    assert not fastff.neighbors.is_fake(r) and torch.equal(nl.i[r], nl.j)
+
+
 def test_device_mismatch(rng):
     """Tensors on different devices are named (the meta device stands in for a GPU here)."""
     pos = random_pos(rng, 4)

@@ -579,3 +579,118 @@ def neighbor_reverse(i, j, shifts, ptr):
 
 def _numpy_dtype(t):
     return np.float32 if t.dtype == torch.float32 else np.float64
+
+
+# ---- compaction: the pairs of a (Verlet) list that are within a smaller cutoff ---------------
+
+
+@njit(cache=True, inline="always")
+def _row(ptr, a, num_pairs):
+    """Pairs of row ``a``, clipped to the pair arrays: a malformed ptr cannot index past them."""
+    return max(ptr[a], 0), min(ptr[a + 1], num_pairs)
+
+
+@njit(cache=True, parallel=True)
+def _compact_count(pos, cells, atom_system, j, shifts, ptr, cutoff, rank, counts):
+    """rank[e]: index of pair e among the kept pairs of its row (-1: dropped); counts[a]: kept
+    pairs of row a.
+
+    The pair loop has no branch (an out-of-range neighbour is clamped, then dropped by the
+    comparison): with a branch on the range it measured 2.3x slower (38 vs 16 ms, 2.7M pairs).
+    """
+    num_pairs = j.shape[0]
+    c2 = cutoff * cutoff
+    batched = atom_system.shape[0] > 0
+    last = pos.shape[0] - 1
+    for a in prange(ptr.shape[0] - 1):
+        s = atom_system[a] if batched else 0
+        c00, c01, c02 = cells[s, 0, 0], cells[s, 0, 1], cells[s, 0, 2]
+        c10, c11, c12 = cells[s, 1, 0], cells[s, 1, 1], cells[s, 1, 2]
+        c20, c21, c22 = cells[s, 2, 0], cells[s, 2, 1], cells[s, 2, 2]
+        x0, x1, x2 = pos[a, 0], pos[a, 1], pos[a, 2]
+        lo, hi = _row(ptr, a, num_pairs)
+        found = 0
+        for e in range(lo, hi):
+            b = min(max(j[e], 0), last)
+            s0, s1, s2 = shifts[e, 0], shifts[e, 1], shifts[e, 2]
+            # (x_j - x_i) + S @ C, as the neighbor kernel: the mirror pair computes exactly the
+            # negated vector, so a pair and its mirror are kept or dropped together.
+            d0 = (pos[b, 0] - x0) + (s0 * c00 + s1 * c10 + s2 * c20)
+            d1 = (pos[b, 1] - x1) + (s0 * c01 + s1 * c11 + s2 * c21)
+            d2 = (pos[b, 2] - x2) + (s0 * c02 + s1 * c12 + s2 * c22)
+            inside = (d0 * d0 + d1 * d1 + d2 * d2 < c2) & (b == j[e])
+            rank[e] = (found + 1) * inside - 1
+            found += inside
+        counts[a] = found
+
+
+@njit(cache=True, parallel=True)
+def _compact_fill(j, shifts, ptr, rank, new_ptr, out_i, out_j, out_s):
+    """Write the kept pairs of row a to new_ptr[a] + rank, i.e. in their old order."""
+    num_pairs = j.shape[0]
+    for a in prange(ptr.shape[0] - 1):
+        lo, hi = _row(ptr, a, num_pairs)
+        for e in range(lo, hi):
+            k = new_ptr[a] + rank[e]
+            if rank[e] >= 0 and k < new_ptr[a + 1]:
+                out_i[k] = a
+                out_j[k] = j[e]
+                out_s[k, 0] = shifts[e, 0]
+                out_s[k, 1] = shifts[e, 1]
+                out_s[k, 2] = shifts[e, 2]
+
+
+def neighbor_compact(positions, cells, atom_system, i, j, shifts, ptr, cutoff):
+    """Launcher: the pairs closer than ``cutoff`` in their old order, see README.md. Returns
+    (i, j, shifts int32 [E',3], ptr [N+1], rank int32 [E]). Distances are tested in float64, as
+    the neighbor kernel does.
+
+    Arrays are allocated here, not inside the kernels: numpy's zero-filled allocations are lazy,
+    and np.zeros inside a parallel numba function measured 16 ms of its 32 ms (2.7M pairs).
+    """
+    pos = positions.detach().to(torch.float64).contiguous().numpy()
+    j_np, shifts_np, ptr_np = _as_numpy(j), _as_numpy(shifts), _as_numpy(ptr)
+    n = ptr_np.shape[0] - 1
+    rank = np.zeros(j_np.shape[0], np.int32)
+    counts = np.zeros(n, np.int64)
+    _compact_count(pos, _as_numpy(cells.to(torch.float64)), _system_index(atom_system), j_np,
+                   shifts_np, ptr_np, float(cutoff), rank, counts)
+    new_ptr = np.zeros(n + 1, np.int64)
+    np.cumsum(counts, out=new_ptr[1:])
+    kept = int(new_ptr[-1])
+    out_i = np.empty(kept, np.int64)
+    out_j = np.empty(kept, np.int64)
+    out_s = np.empty((kept, 3), np.int32)
+    _compact_fill(j_np, shifts_np, ptr_np, rank, new_ptr, out_i, out_j, out_s)
+    return (torch.from_numpy(out_i), torch.from_numpy(out_j), torch.from_numpy(out_s),
+            torch.from_numpy(new_ptr), torch.from_numpy(rank))
+
+
+@njit(cache=True, parallel=True)
+def _compact_reverse(reverse, j, ptr, rank, new_ptr, out):
+    """For every kept pair e of row a: out[new(e)] = new(reverse[e]), where the new index of a
+    pair of row a is new_ptr[a] + rank, and the mirror of e lies in row j[e]. Each kept pair
+    writes its own slot."""
+    num_pairs = rank.shape[0]
+    n = new_ptr.shape[0] - 1
+    for a in prange(ptr.shape[0] - 1):
+        lo, hi = _row(ptr, a, num_pairs)
+        for e in range(lo, hi):
+            k = new_ptr[a] + rank[e]
+            if rank[e] < 0 or k >= out.shape[0]:
+                continue
+            f, b = reverse[e], j[e]
+            mirror = -1
+            if f >= 0 and f < num_pairs and b >= 0 and b < n and rank[f] >= 0:
+                mirror = new_ptr[b] + rank[f]
+            out[k] = mirror
+
+
+def neighbor_compact_reverse(reverse, j, ptr, rank, new_ptr, num_pairs):
+    """Launcher: the mirror index of a compacted list (int64 [num_pairs], -1 where the mirror was
+    dropped or never existed) from its source's ``reverse``, ``j``, ``ptr`` and the ``rank`` and
+    ``ptr`` that :func:`neighbor_compact` returned."""
+    out = np.full(num_pairs, -1, np.int64)
+    _compact_reverse(_as_numpy(reverse), _as_numpy(j), _as_numpy(ptr), _as_numpy(rank),
+                     _as_numpy(new_ptr), out)
+    return torch.from_numpy(out)

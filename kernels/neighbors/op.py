@@ -5,6 +5,9 @@
   The map is linear in (positions, cell), so each op's backward is the other op: derivatives of
   any order work.
 * ``neighbor_reverse``: the mirror index of every pair of a full list.
+* ``neighbor_compact`` and ``neighbor_compact_reverse``: the pairs of a list within a smaller
+  cutoff (a Verlet list's pairs within the interaction cutoff) and their mirror index, mapped
+  from the source list's. Integer outputs only; no Triton kernel (CUDA runs the torch path).
 
 Every op takes the already resolved backend name (see fastff._backend); only this file knows
 all three paths.
@@ -21,6 +24,10 @@ _backend.register("neighbor_list", "neighbors", "neighbor_list")
 _backend.register("pair_vectors", "neighbors", "pair_vectors")
 _backend.register("pair_vectors_transpose", "neighbors", "pair_vectors_transpose")
 _backend.register("neighbor_reverse", "neighbors", "neighbor_reverse")
+_backend.register("neighbor_compact", "neighbors", "neighbor_compact",
+                  backends=("numba", "reference"))
+_backend.register("neighbor_compact_reverse", "neighbors", "neighbor_compact_reverse",
+                  backends=("numba", "reference"))
 
 
 @torch.library.custom_op("fastff::neighbor_list", mutates_args=())
@@ -111,3 +118,31 @@ def neighbor_reverse(i: Tensor, j: Tensor, shifts: Tensor, ptr: Tensor, backend:
 @neighbor_reverse.register_fake
 def _(i, j, shifts, ptr, backend):
     return torch.empty_like(i)
+
+
+@torch.library.custom_op("fastff::neighbor_compact", mutates_args=())
+def neighbor_compact(positions: Tensor, cells: Tensor, atom_system: Tensor | None, i: Tensor,
+                     j: Tensor, shifts: Tensor, ptr: Tensor, cutoff: float, backend: str
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    launch = _backend.launcher("neighbor_compact", backend)
+    return launch(positions, cells, atom_system, i, j, shifts, ptr, cutoff)
+
+
+@neighbor_compact.register_fake
+def _(positions, cells, atom_system, i, j, shifts, ptr, cutoff, backend):
+    num_pairs = torch.library.get_ctx().new_dynamic_size()
+    new_i = i.new_empty(num_pairs)
+    return (new_i, torch.empty_like(new_i), shifts.new_empty(num_pairs, 3, dtype=torch.int32),
+            torch.empty_like(ptr), i.new_empty(i.shape[0], dtype=torch.int32))
+
+
+@torch.library.custom_op("fastff::neighbor_compact_reverse", mutates_args=())
+def neighbor_compact_reverse(reverse: Tensor, j: Tensor, ptr: Tensor, rank: Tensor,
+                             new_ptr: Tensor, num_pairs: int, backend: str) -> Tensor:
+    launch = _backend.launcher("neighbor_compact_reverse", backend)
+    return launch(reverse, j, ptr, rank, new_ptr, num_pairs)
+
+
+@neighbor_compact_reverse.register_fake
+def _(reverse, j, ptr, rank, new_ptr, num_pairs, backend):
+    return reverse.new_empty(num_pairs)

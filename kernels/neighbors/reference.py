@@ -184,3 +184,49 @@ def neighbor_reverse(i: Tensor, j: Tensor, shifts: Tensor, ptr: Tensor) -> Tenso
     found = (sorted_key[pos] == mirror_key if key.numel()
              else torch.zeros_like(key, dtype=torch.bool))
     return torch.where(found, order[pos], torch.full_like(pos, -1))
+
+
+def neighbor_compact(positions: Tensor, cells: Tensor, atom_system: Tensor | None, i: Tensor,
+                     j: Tensor, shifts: Tensor, ptr: Tensor, cutoff: float):
+    """Launcher: the pairs closer than ``cutoff``, in their old order. Returns (i, j, shifts
+    int32 [E',3], ptr [N+1], rank int32 [E]: index of each pair among the kept pairs of its row,
+    -1 if dropped).
+
+    Also the CUDA path (no Triton kernel: a handful of O(E) torch ops). The test is done in
+    float64 as ``(x_j - x_i) + S @ C`` with the shift term summed row by row, elementwise, so
+    that a pair and its mirror round to exactly negated vectors.
+    """
+    pos = positions.detach().to(torch.float64)
+    n = pos.shape[0]
+    rows = cells.detach().to(torch.float64)
+    system = torch.zeros_like(i) if atom_system is None else atom_system[i]
+    valid = (j >= 0) & (j < n)  # an out-of-range neighbour (value checks off) is dropped
+    s = shifts.to(torch.float64)
+    d = pos.index_select(0, torch.where(valid, j, 0)) - pos.index_select(0, i)
+    d = d + (s[:, 0:1] * rows[system, 0] + s[:, 1:2] * rows[system, 1]
+             + s[:, 2:3] * rows[system, 2])
+    r2 = d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]
+    keep = (r2 < cutoff * cutoff) & valid
+    before = torch.zeros(keep.shape[0] + 1, dtype=torch.int64, device=keep.device)
+    torch.cumsum(keep, 0, out=before[1:])  # before[e]: kept pairs ahead of pair e
+    new_ptr = before[ptr]
+    rank = torch.where(keep, before[:-1] - new_ptr[i], -1).to(torch.int32)
+    return i[keep], j[keep], shifts[keep].to(torch.int32), new_ptr, rank
+
+
+def neighbor_compact_reverse(reverse: Tensor, j: Tensor, ptr: Tensor, rank: Tensor,
+                             new_ptr: Tensor, num_pairs: int) -> Tensor:
+    """Launcher: the mirror index of a compacted list, -1 where the mirror was dropped."""
+    n, m = ptr.shape[0] - 1, rank.shape[0]
+    out = torch.full((num_pairs,), -1, dtype=torch.int64, device=rank.device)
+    if m == 0:
+        return out
+    i = torch.repeat_interleave(torch.arange(n, device=ptr.device), ptr[1:] - ptr[:-1],
+                                output_size=m)
+    rank = rank.long()
+    valid = (reverse >= 0) & (reverse < m) & (j >= 0) & (j < n)
+    mirror_rank = torch.where(valid, rank[torch.where(valid, reverse, 0)], -1)
+    mirror = torch.where(mirror_rank >= 0, new_ptr[torch.where(valid, j, 0)] + mirror_rank, -1)
+    kept = rank >= 0
+    out[(new_ptr[i] + rank)[kept]] = mirror[kept]
+    return out

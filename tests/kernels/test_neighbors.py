@@ -348,3 +348,197 @@ if given is not None:
         cell = random_cell(rng, edge, skew=skew)
         pos = random_positions(rng, n, cell, spread=spread, dtype=dtype)
         check_against_reference(pos, cutoff, cell.to(dtype), pbc=pbc, half=half, backend="numba")
+
+
+# ---- compaction: a list's pairs within a smaller cutoff ---------------------------------------
+
+def moved(rng, pos, skin):
+    """Every atom moved in a random direction by less than ``skin / 2``: the pairs within the
+    cutoff are still in a list built at cutoff + skin."""
+    step = torch.tensor(rng.normal(size=tuple(pos.shape)))
+    step *= 0.5 * skin * torch.tensor(rng.random((pos.shape[0], 1))) / step.norm(dim=1,
+                                                                                keepdim=True)
+    return pos + (0.999 * step).to(pos.dtype)
+
+
+def check_compacted(skin_list, positions, cutoff, cell=None, pbc=None, batch=None, *, backend):
+    """Compact ``skin_list`` to ``cutoff`` at ``positions``; compare it with a fresh float64
+    brute-force list there, and its reverse with one computed from scratch."""
+    nl = skin_list.within(positions, cutoff)
+    ref = fastff.neighbor_list(positions.double(), cutoff,
+                               None if cell is None else cell.double(), pbc, batch,
+                               half=skin_list.half, backend="reference")
+    assert_same_pairs((nl.i, nl.j, nl.shifts), (ref.i, ref.j, ref.shifts), cutoff=cutoff,
+                      dtype=positions.dtype, actual_distances=nl.distances(positions),
+                      expected_distances=ref.distances(positions.double()))
+    check_structure(nl, positions, cell)
+    assert nl.cutoff == cutoff and nl.half == skin_list.half and nl.backend == skin_list.backend
+    assert nl.batch is skin_list.batch and torch.equal(nl.pbc, skin_list.pbc)
+    assert nl.symmetric == (not nl.half)
+    if not nl.half:
+        from fastff.kernels.neighbors import reference
+
+        assert torch.equal(nl.reverse, reference.neighbor_reverse(nl.i, nl.j, nl.shifts, nl.ptr))
+    # kept pairs come in their old order (so still sorted by i): a subsequence of the source
+    source = {tuple(r): k for k, r in enumerate(torch.cat(
+        [skin_list.i[:, None], skin_list.j[:, None], skin_list.shifts.long()], 1).tolist())}
+    where = [source[tuple(r)] for r in torch.cat(
+        [nl.i[:, None], nl.j[:, None], nl.shifts.long()], 1).tolist()]
+    assert where == sorted(where), "compaction must keep the pair order"
+    return nl
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("half", [False, True])
+def test_compact_periodic_triclinic(rng, backend, dtype, half):
+    cell = random_cell(rng, 9.0, skew=0.5).to(dtype)
+    pos = random_positions(rng, 60, cell, spread=1.5, dtype=dtype)
+    skin_list = fastff.neighbor_list(pos, 3.5 + 0.7, cell, half=half, backend=backend)
+    check_compacted(skin_list, moved(rng, pos, 0.7), 3.5, cell, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("half", [False, True])
+def test_compact_cell_smaller_than_cutoff(rng, backend, half):
+    cell = random_cell(rng, 4.0, skew=0.6)
+    pos = random_positions(rng, 8, cell)
+    skin_list = fastff.neighbor_list(pos, 6.5, cell, half=half, backend=backend)
+    nl = check_compacted(skin_list, moved(rng, pos, 0.5), 6.0, cell, backend=backend)
+    assert bool(((nl.i == nl.j) & (nl.shifts != 0).any(dim=1)).any()), "self images expected"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pbc", [[True, True, False], [False, True, False]])
+def test_compact_mixed_pbc(rng, backend, pbc):
+    cell = random_cell(rng, 6.0)
+    for k in range(3):
+        if not pbc[k]:
+            cell[k] = 0.0
+    pos = random_positions(rng, 40, random_cell(rng, 6.0), spread=1.5)
+    skin_list = fastff.neighbor_list(pos, 3.6, cell, pbc, backend=backend)
+    check_compacted(skin_list, moved(rng, pos, 0.6), 3.0, cell, pbc, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("half", [False, True])
+def test_compact_batch(rng, backend, half):
+    sizes = [7, 0, 12, 5]
+    cells = torch.stack([random_cell(rng, 5.0), random_cell(rng, 5.0),
+                         random_cell(rng, 3.0), torch.zeros(3, 3, dtype=torch.float64)])
+    pbc = torch.tensor([[True, True, True], [True, True, True], [True, False, True],
+                        [False, False, False]])
+    cells[2, 1] = 0.0
+    pos = torch.cat([random_positions(rng, n, random_cell(rng, 5.0)) for n in sizes])
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    skin_list = fastff.neighbor_list(pos, 4.0, cells, pbc, batch, half=half, backend=backend)
+    nl = check_compacted(skin_list, moved(rng, pos, 0.5), 3.5, cells, pbc, batch,
+                         backend=backend)
+    assert torch.equal(batch[nl.i], batch[nl.j])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_compact_tiny(rng, backend, n):
+    cell = random_cell(rng, 3.0)
+    pos = random_positions(rng, n, cell)
+    for c in (cell, None):
+        skin_list = fastff.neighbor_list(pos, 4.5, c, backend=backend)
+        check_compacted(skin_list, moved(rng, pos, 0.5), 4.0, c, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compact_matches_vesin(rng, backend):
+    vesin = pytest.importorskip("vesin")
+    cell = random_cell(rng, 10.0, skew=0.4)
+    pos = random_positions(rng, 200, cell)
+    skin_list = fastff.neighbor_list(pos, 3.6, cell, backend=backend)
+    now = moved(rng, pos, 0.6)
+    nl = skin_list.within(now, 3.0)
+    i, j, S, d = vesin.NeighborList(cutoff=3.0, full_list=True).compute(
+        now.numpy(), cell.numpy(), True, "ijSd")
+    assert_same_pairs((nl.i, nl.j, nl.shifts),
+                      (torch.from_numpy(i.astype(np.int64)), torch.from_numpy(j.astype(np.int64)),
+                       torch.from_numpy(S)),
+                      cutoff=3.0, dtype=torch.float64, actual_distances=nl.distances(now),
+                      expected_distances=torch.from_numpy(d))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compact_keeps_mirrors_at_the_cutoff(rng, dtype):
+    """The keep test is exactly antisymmetric: with the cutoff set to the distance of an actual
+    pair (rounding then decides), a pair is kept if and only if its mirror is, in many random
+    unwrapped triclinic systems; numba and the reference agree bitwise."""
+    from fastff.kernels.neighbors import cpu_numba, reference
+
+    for _ in range(12):
+        cell = random_cell(rng, float(rng.uniform(2.5, 6.0)), skew=0.6).to(dtype)
+        pos = random_positions(rng, 30, cell, spread=3.0, dtype=dtype)
+        skin_list = fastff.neighbor_list(pos, 4.0, cell)
+        now = moved(rng, pos, 0.2)
+        d = skin_list.distances(now.double(), cell.double())
+        for cutoff in rng.choice(d[d < skin_list.cutoff].tolist(), size=8, replace=False):
+            args = (now, skin_list._cells, None, skin_list.i, skin_list.j, skin_list.shifts,
+                    skin_list.ptr, cutoff)
+            got, want = cpu_numba.neighbor_compact(*args), reference.neighbor_compact(*args)
+            for x, y in zip(got, want, strict=True):
+                assert torch.equal(x, y)
+            nl = skin_list.within(now, cutoff)
+            assert bool((nl.reverse >= 0).all()), "a kept pair lost its mirror"
+            assert torch.equal(nl.i[nl.reverse], nl.j) and torch.equal(nl.reverse[nl.reverse],
+                                                                       torch.arange(len(nl)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compact_parallel_matches_reference(rng, backend):
+    """Hundreds of atoms, rows split across threads, float32 positions; compacted twice to
+    check determinism."""
+    cell = random_cell(rng, 12.0)
+    pos = random_positions(rng, 500, cell, dtype=torch.float32)
+    skin_list = fastff.neighbor_list(pos, 2.8, cell.float(), backend=backend)
+    now = moved(rng, pos, 0.3)
+    nl = check_compacted(skin_list, now, 2.5, cell.float(), backend=backend)
+    again = skin_list.within(now, 2.5)
+    for x, y in ((nl.i, again.i), (nl.j, again.j), (nl.shifts, again.shifts),
+                 (nl.ptr, again.ptr), (nl.reverse, again.reverse)):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compact_out_of_range_neighbour_is_dropped(rng, backend):
+    """A pair whose neighbour index is out of range (possible only with value checks off) is
+    dropped and never read; the other pairs are compacted as usual, and a reverse entry that
+    points outside the source gives -1."""
+    from fastff.kernels.neighbors import cpu_numba, reference
+
+    module = cpu_numba if backend == "numba" else reference
+    cell = random_cell(rng, 5.0)
+    pos = random_positions(rng, 12, cell)
+    src = fastff.neighbor_list(pos, 3.5, cell)
+    bad_j = src.j.clone()
+    bad_j[3], bad_j[7] = src.num_atoms + 2, -1
+    i, j, shifts, ptr, rank = module.neighbor_compact(pos, src._cells, None, src.i, bad_j,
+                                                      src.shifts, src.ptr, 3.0)
+    assert rank[3] == -1 and rank[7] == -1
+    index = torch.arange(len(src))
+    keep = (src.distances(pos) < 3.0) & (index != 3) & (index != 7)
+    assert torch.equal(j, src.j[keep]) and torch.equal(i, src.i[keep])
+    assert torch.equal(shifts, src.shifts[keep]) and int(ptr[-1]) == int(keep.sum())
+    bad_rev = src.reverse.clone()
+    bad_rev[keep.nonzero()[0, 0]] = len(src) + 5
+    rev = module.neighbor_compact_reverse(bad_rev, src.j, src.ptr, rank, ptr, len(i))
+    assert rev[0] == -1 and rev.shape == (len(i),)
+
+
+def test_compact_opcheck(rng):
+    from fastff.kernels.neighbors import op
+
+    cell = random_cell(rng, 4.0)
+    pos = random_positions(rng, 8, cell)
+    src = fastff.neighbor_list(pos, 3.5, cell)
+    for backend in BACKENDS:
+        args = (pos, src._cells, None, src.i, src.j, src.shifts, src.ptr, 3.0)
+        torch.library.opcheck(op.neighbor_compact, (*args, backend))
+        i, _, _, ptr, rank = op.neighbor_compact(*args, backend)
+        torch.library.opcheck(op.neighbor_compact_reverse,
+                              (src.reverse, src.j, src.ptr, rank, ptr, i.shape[0], backend))
