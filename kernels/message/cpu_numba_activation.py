@@ -17,6 +17,12 @@ Measured on [4096, 64] float32 (2 cores): values and slope 0.26 ms against 0.73 
 softplus + sigmoid; errors within a few float32 ulp of max(1, |value|) (tests/kernels/
 test_message.py). float64 and non-CPU tensors keep torch's functions.
 
+Around the activation, two more one-pass kernels remove [b, F] passes from every block:
+``filter_values`` writes [env act(h) | env], so that one GEMM against [w2^T; b2] gives
+W = env (act(h) w2^T + b2) with no pass for the envelope or the bias, and ``vjp_terms`` writes
+energy + forces' backward terms env t act'(h) and <t, act(h)> without storing act(h) or its
+slope.
+
 Force training's second backward (dense.filter_vjp_vjp) has ~20 elementwise [b, F] terms on
 top of its GEMMs (mul and add were ~30% of a training step at F = 128); ``second_order_terms``
 writes them in one pass over the rows, in float32 or float64: the training step at 1,000 atoms
