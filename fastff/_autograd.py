@@ -26,16 +26,23 @@ def track(t: Tensor) -> Tensor:
     return t.view_as(t) if t.requires_grad and t.is_leaf else t
 
 
-def wanted_grads(ctx, num_tensors: int) -> tuple[bool, ...]:
+def tensor_slots(inputs) -> tuple[int, ...]:
+    """Positions of the tensor inputs of an op call: what a setup_context stores (as
+    ``ctx.tensor_slots``) for ``wanted_grads`` when an optional tensor input may be None."""
+    return tuple(k for k, x in enumerate(inputs) if isinstance(x, Tensor))
+
+
+def wanted_grads(ctx, slots) -> tuple[bool, ...]:
     """``ctx.needs_input_grad``, minus the inputs whose gradient the running backward pass will
-    not use. The op's first ``num_tensors`` inputs must be tensors and the others not (the
-    engine lists graph edges for tensor inputs only)."""
+    not use. ``slots``: the positions of the op's tensor inputs (an int n for "the first n"),
+    since the engine lists graph edges for tensor inputs only."""
     needs = tuple(ctx.needs_input_grad)
+    slots = range(slots) if isinstance(slots, int) else slots
     nodes = getattr(ctx, "next_functions", None)
-    if _will_execute is None or nodes is None or len(nodes) != num_tensors:
+    if _will_execute is None or nodes is None or len(nodes) != len(slots):
         return needs
     wanted = list(needs)
-    for k, (node, _) in enumerate(nodes):
+    for k, (node, _) in zip(slots, nodes, strict=True):
         if needs[k] and node is not None:
             try:
                 wanted[k] = bool(_will_execute(node))

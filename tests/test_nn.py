@@ -262,24 +262,31 @@ def test_painn_matches_reference_and_trains(rng, backend):
         _close(a, b, "training", torch.float64)
 
 
-def test_backward_computes_only_the_gradients_asked_for(rng, monkeypatch):
-    """Forces of trainable CFConv and PaiNNMessage layers (autograd.grad(E, positions)) do not
-    compute weight gradients, nor CFConv's gradient in x when x depends only on weights; asking
-    for a weight, or calling backward(), does, and every result matches the reference."""
+def record_launches(monkeypatch) -> list:
+    """(launcher name, its trailing flags) of every fastff launch from now on."""
     from fastff import _backend
 
     calls = []
     plain_launcher = _backend.launcher
+    flags = {"cfconv_vjp": 2, "painn_vjp": 1, "spline_conv_positions_vjp": 2}
 
     def recording_launcher(name, backend):
         fn = plain_launcher(name, backend)
 
         def record(*args):
-            calls.append((name, args[-2:] if name == "cfconv_vjp" else args[-1:]))
+            calls.append((name, args[len(args) - flags.get(name, 0):]))
             return fn(*args)
         return record
 
     monkeypatch.setattr(_backend, "launcher", recording_launcher)
+    return calls
+
+
+def test_backward_computes_only_the_gradients_asked_for(rng, monkeypatch):
+    """Forces of trainable CFConv and PaiNNMessage layers (autograd.grad(E, positions)) do not
+    compute weight gradients, nor CFConv's gradient in x when x depends only on weights; asking
+    for a weight, or calling backward(), does, and every result matches the reference."""
+    calls = record_launches(monkeypatch)
     n, nf = 20, 6
     pos, cell, nl = system(n)
     lin = torch.nn.Linear(nf, nf).double()
@@ -316,6 +323,35 @@ def test_backward_computes_only_the_gradients_asked_for(rng, monkeypatch):
     for w, b in zip(weights, want[1:], strict=True):
         _close(w.grad, b, "training", torch.float64)
     assert lin.weight.grad is not None
+
+
+def test_tabulated_forces_skip_the_x_gradient(rng, monkeypatch):
+    """Forces of a tabulated CFConv whose input x depends on trainable weights only do not
+    compute the x-gradient; asking for a weight's gradient does, and matches the reference
+    backend's tabulated path."""
+    calls = record_launches(monkeypatch)
+    n, nf = 20, 6
+    pos, cell, nl = system(n)
+    lin = torch.nn.Linear(nf, nf).double()
+    convs = [fnn.CFConv(nf, 5, 2.5, tabulate=True, backend=b).double()
+             for b in ("numba", "reference")]
+    convs[1].filter.load_state_dict(convs[0].filter.state_dict())
+    h = torch.randn(n, nf, dtype=torch.float64)
+    p = pos.clone().requires_grad_(True)
+
+    def energy(conv):
+        return conv(lin(h), p, nl, cell).pow(2).sum()
+
+    calls.clear()
+    (forces,) = torch.autograd.grad(energy(convs[0]), p)
+    assert ("spline_conv_positions_vjp", (False, False)) in calls  # need_x, need_cell
+    want = torch.autograd.grad(energy(convs[1]), [p, lin.weight])
+    _close(forces, want[0], "training", torch.float64)
+    calls.clear()
+    got = torch.autograd.grad(energy(convs[0]), [p, lin.weight])
+    assert ("spline_conv_positions_vjp", (True, False)) in calls
+    for a, b in zip(got, want, strict=True):
+        _close(a, b, "training", torch.float64)
 
 
 @pytest.mark.parametrize("backend", ["numba", "triton", "reference"])

@@ -29,9 +29,10 @@ Primitives, all over a FULL neighbor list sorted by receiver (CSR ``ptr``) with 
   through the same message written with ``gms`` (``painn_composite``), recomputed.
 
 Every op takes the already resolved backend name (see fastff._backend); only this file knows
-all three paths. The first backwards of ``cfconv`` and ``painn_message`` compute only the
-gradients the running backward uses (``fastff._autograd.wanted_grads``): forces of a model
-with trainable weights cost what they cost with frozen ones.
+all three paths. The first backwards of ``cfconv``, ``painn_message``, ``spline_conv`` and
+``spline_conv_positions`` compute only the gradients the running backward uses
+(``fastff._autograd.wanted_grads``): forces of a model with trainable weights cost what they
+cost with frozen ones.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch
 from torch import Tensor
 
 from fastff import _backend
-from fastff._autograd import wanted_grads
+from fastff._autograd import tensor_slots, wanted_grads
 from fastff.kernels.message import dense
 from fastff.kernels.neighbors import op as _neighbors
 from fastff.kernels.radial import op as _radial
@@ -421,12 +422,13 @@ def _spline_conv_setup(ctx, inputs, output):
     x, d, scale, coeffs, i, j, ptr, rev, cutoff, order, backend = inputs
     ctx.save_for_backward(x, d, scale, coeffs, i, j, ptr, rev)
     ctx.args = (cutoff, order, backend)
+    ctx.tensor_slots = tensor_slots(inputs)
 
 
 def _spline_conv_backward(ctx, grad):
     x, d, scale, coeffs, i, j, ptr, rev = ctx.saved_tensors
     cutoff, order, backend = ctx.args
-    needs = ctx.needs_input_grad
+    needs = wanted_grads(ctx, ctx.tensor_slots)
     _no_table_grad(needs[3])
     grad = grad.contiguous()
     gx = gd = gs = None
@@ -524,12 +526,13 @@ def _positions_setup(ctx, inputs, output):
     x, positions, cells, atom_system, i, j, shifts, ptr, coeffs, cutoff, backend = inputs
     ctx.save_for_backward(x, positions, cells, atom_system, i, j, shifts, ptr, coeffs)
     ctx.args = (cutoff, backend)
+    ctx.tensor_slots = tensor_slots(inputs)
 
 
 def _positions_backward(ctx, grad):
     x, positions, cells, atom_system, i, j, shifts, ptr, coeffs = ctx.saved_tensors
     cutoff, backend = ctx.args
-    needs = ctx.needs_input_grad
+    needs = wanted_grads(ctx, ctx.tensor_slots)
     _no_table_grad(needs[8])
     grad = grad.contiguous()
     result: list = [None] * 11

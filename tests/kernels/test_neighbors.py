@@ -122,9 +122,9 @@ def test_positions_outside_cell(rng, backend):
     check_against_reference(pos, 3.0, cell, backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("half", [False, True])
-def test_batch(rng, backend, half):
+def random_batch(rng):
+    """Four systems of 7, 0, 12 and 5 atoms: triclinic, empty, mixed pbc with a zero cell row,
+    non-periodic; (positions, cells [4, 3, 3], pbc [4, 3], batch)."""
     sizes = [7, 0, 12, 5]
     cells = torch.stack([random_cell(rng, 5.0), random_cell(rng, 5.0),
                          random_cell(rng, 3.0), torch.zeros(3, 3, dtype=torch.float64)])
@@ -133,11 +133,18 @@ def test_batch(rng, backend, half):
     cells[2, 1] = 0.0
     pos = torch.cat([random_positions(rng, n, random_cell(rng, 5.0)) for n in sizes])
     batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    return pos, cells, pbc, batch
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("half", [False, True])
+def test_batch(rng, backend, half):
+    pos, cells, pbc, batch = random_batch(rng)
     nl, _ = check_against_reference(pos, 3.5, cells, pbc, batch, half=half, backend=backend)
     assert torch.equal(batch[nl.i], batch[nl.j]), "no pair may cross systems"
     # each system alone gives the same pairs
     start = 0
-    for s, n in enumerate(sizes):
+    for s, n in enumerate(torch.bincount(batch, minlength=len(cells)).tolist()):
         alone = fastff.neighbor_list(pos[start:start + n], 3.5, cells[s], pbc[s], half=half,
                                      backend=backend)
         mine = (nl.i >= start) & (nl.i < start + n)
@@ -423,14 +430,7 @@ def test_compact_mixed_pbc(rng, backend, pbc):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("half", [False, True])
 def test_compact_batch(rng, backend, half):
-    sizes = [7, 0, 12, 5]
-    cells = torch.stack([random_cell(rng, 5.0), random_cell(rng, 5.0),
-                         random_cell(rng, 3.0), torch.zeros(3, 3, dtype=torch.float64)])
-    pbc = torch.tensor([[True, True, True], [True, True, True], [True, False, True],
-                        [False, False, False]])
-    cells[2, 1] = 0.0
-    pos = torch.cat([random_positions(rng, n, random_cell(rng, 5.0)) for n in sizes])
-    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    pos, cells, pbc, batch = random_batch(rng)
     skin_list = fastff.neighbor_list(pos, 4.0, cells, pbc, batch, half=half, backend=backend)
     nl = check_compacted(skin_list, moved(rng, pos, 0.5), 3.5, cells, pbc, batch,
                          backend=backend)
