@@ -205,8 +205,13 @@ class FusedActivation(dense.Activation):
                     slope.view(-1).numpy(), True)
         return out, slope
 
+    def _fused_with(self, h: torch.Tensor, *others: torch.Tensor) -> bool:
+        """h fused, and the other operands plain CPU tensors of its dtype without grad."""
+        return self._fused(h) and all(x.dtype == h.dtype and x.device.type == "cpu"
+                                      and not x.requires_grad for x in others)
+
     def filter_values(self, h, env, w2, b2):
-        if not self._fused(h) or env.dtype != h.dtype:
+        if not self._fused_with(h, env, w2, b2):
             return super().filter_values(h, env, w2, b2)
         b, nf = h.shape
         aug = h.new_empty(b, nf + 1)
@@ -214,7 +219,7 @@ class FusedActivation(dense.Activation):
         return aug @ torch.cat([w2.t(), b2.unsqueeze(0)])
 
     def vjp_terms(self, h, t, env):
-        if not (self._fused(h) and self._fused(t)) or env.dtype != h.dtype:
+        if not (self._fused_with(h, env) and self._fused(t)):
             return super().vjp_terms(h, t, env)
         g, ta = torch.empty_like(h), h.new_empty(h.shape[0])
         _vjp_terms(h.numpy(), t.numpy(), env.contiguous().numpy(), KINDS[self.kind], g.numpy(),

@@ -530,6 +530,10 @@ def test_numba_fused_filter_terms_match_torch_float64(kind):
     assert got_g.shape == (b, nf) and got_ta.shape == (b,)
     _close(got_g, want_g, torch.float32)
     _close(got_ta, want_ta, torch.float32)
+    # an operand that requires grad keeps torch's (differentiable) formulas
+    env_grad = env.clone().requires_grad_(True)
+    assert fused.filter_values(h, env_grad, w2, b2).requires_grad
+    assert fused.vjp_terms(h, t, env_grad)[0].requires_grad  # g = env t act'(h)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
