@@ -12,6 +12,7 @@ each with a numba (CPU), a Triton (CUDA) and a pure-torch reference path.
 from fastff import mm, models, mp, nn, profiling, systems
 from fastff._backend import BACKENDS, backends
 from fastff._checks import no_checks, set_checks
+from fastff.allocator import tune_malloc
 from fastff.neighbors import NeighborList, neighbor_list
 from fastff.verlet import VerletList
 
@@ -20,4 +21,5 @@ __version__ = "0.1.0"
 # fastff.ase, fastff.compile, fastff.train and fastff.benchmark are imported on demand (they
 # bring ASE, torch.export and the command line).
 __all__ = ["BACKENDS", "NeighborList", "VerletList", "backends", "mm", "models", "mp",
-           "neighbor_list", "nn", "no_checks", "profiling", "set_checks", "systems"]
+           "neighbor_list", "nn", "no_checks", "profiling", "set_checks", "systems",
+           "tune_malloc"]

@@ -329,6 +329,7 @@ def headline(rows: list[Row]) -> dict[str, float]:
 def environment(settings: Settings) -> dict:
     """Machine, versions and settings recorded with every JSON result."""
     import fastff
+    from fastff.allocator import malloc_tuned
 
     versions: dict[str, str | None] = {"fastff": fastff.__version__, "torch": torch.__version__}
     for mod in ("numba", "triton", "openmm", "numpy"):
@@ -341,7 +342,8 @@ def environment(settings: Settings) -> dict:
     s["threads"] = settings.threads or torch.get_num_threads()
     return {"machine": {"platform": platform.platform(), "processor": _cpu_name(),
                         "cpu_count": os.cpu_count(), "python": platform.python_version()},
-            "versions": versions, "settings": s, "step_nm": STEP_NM, "skin_nm": SKIN}
+            "versions": versions, "settings": s, "step_nm": STEP_NM, "skin_nm": SKIN,
+            "malloc_tuned": malloc_tuned()}
 
 
 def _cpu_name() -> str:

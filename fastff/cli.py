@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="several sizes instead of --atoms (default 300,1000,3000,10000,30000,"
                    "100000)")
     b.add_argument("--plot", metavar="FILE.png", help="time per atom-step against atoms")
+    _malloc_option(b)
 
     sub.add_parser("train", help="force-matching training on MM-labelled water (fastff.train; "
                    "fastff train --help)", add_help=False)
@@ -96,7 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--steps", type=positive_int, default=3, help="profiled steps (default 3)")
     f.add_argument("--top", type=positive_int, default=15, help="rows of the table")
     f.add_argument("--trace", metavar="FILE.json", help="write a Chrome trace here")
+    _malloc_option(f)
     return p
+
+
+def _malloc_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep glibc malloc's defaults (by default the command first calls "
+                   "fastff.allocator.tune_malloc, for every component it runs)")
+
+
+def _tune_malloc(args) -> None:
+    if not args.default_malloc:
+        from fastff.allocator import tune_malloc
+
+        tune_malloc()
 
 
 def _check_writable(path: str, option: str) -> None:
@@ -177,6 +192,7 @@ def _bench(args) -> int:
             raise UsageError("--plot needs matplotlib (pip install matplotlib)") from None
     device = _device(args.device)
     backend = _check_backend(args.backend, device)
+    _tune_malloc(args)
 
     from fastff import benchmark
 
@@ -233,11 +249,14 @@ TARGETS = {"SchNet (fastff) / MM (fastff)": "<= 10x",
 def _table(res: dict, settings) -> str:
     import torch
 
+    from fastff.allocator import malloc_tuned
+
     rows = res["rows"]
     threads = settings.threads or torch.get_num_threads()
     dtype = str(settings.dtype).replace("torch.", "")
     lines = [f"fastff bench: {res['atoms']} atoms ({res['atoms'] // 3} TIP3P waters), {dtype} "
-             f"on {settings.device}, {threads} threads, backend {settings.backend or 'auto'}",
+             f"on {settings.device}, {threads} threads, backend {settings.backend or 'auto'}, "
+             f"malloc {'tuned' if malloc_tuned() else 'default'}",
              "energy + forces per atom-step: median (IQR) over samples of consecutive MD-like "
              "steps",
              "",
@@ -295,6 +314,7 @@ def _profile(args) -> int:
         _check_writable(args.trace, "--trace")
     device = _device(args.device)
     backend = _check_backend(args.backend, device)
+    _tune_malloc(args)
     import torch
 
     from fastff import benchmark, models, profiling, systems

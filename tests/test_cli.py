@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from fastff import benchmark, cli, profiling
+from fastff import allocator, benchmark, cli, profiling
 
 
 def _run(argv, capsys):
@@ -81,6 +81,9 @@ def test_bench_small_run_writes_json_and_plot(tmp_path, capsys):
     doc = json.loads(out_json.read_text())
     assert doc["versions"]["torch"] == torch.__version__
     assert doc["settings"]["threads"] == 1 and doc["settings"]["dtype"] == "float32"
+    # the command tunes malloc before measuring, where the C library is glibc
+    assert doc["malloc_tuned"] is allocator.malloc_tuned() is (allocator._libc() is not None)
+    assert ("malloc tuned" if doc["malloc_tuned"] else "malloc default") in out
     assert [r["atoms"] for r in doc["results"]] == [300, 600]
     small, large = doc["results"]
     by_name = {r["component"]: r for r in large["rows"]}
