@@ -21,7 +21,8 @@ Around the activation, two more one-pass kernels remove [b, F] passes from every
 ``filter_values`` writes [env act(h) | env], so that one GEMM against [w2^T; b2] gives
 W = env (act(h) w2^T + b2) with no pass for the envelope or the bias, and ``vjp_terms`` writes
 energy + forces' backward terms env t act'(h) and <t, act(h)> without storing act(h) or its
-slope.
+slope; ``vjp_terms_and_values`` writes both sets in one pass, for the backward that also
+scatters W (the x-gradient of a model's second and later interactions).
 
 Force training's second backward (dense.filter_vjp_vjp) has ~20 elementwise [b, F] terms on
 top of its GEMMs (mul and add were ~30% of a training step at F = 128); ``second_order_terms``
@@ -158,6 +159,22 @@ def _vjp_terms(h, t, env, kind, g, ta):
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
+def _vjp_terms_and_scaled_values(h, t, env, kind, g, ta, aug):
+    """_vjp_terms and _scaled_values of the same rows in one pass (one exp per element)."""
+    nf = h.shape[1]
+    for r in prange(h.shape[0]):
+        hr, tr, gr, ar, u = h[r], t[r], g[r], aug[r], env[r]
+        ar[nf] = u
+        acc = F32(0.0)
+        for f in range(nf):
+            v, s = _value_and_slope(hr[f], kind)
+            acc += tr[f] * v
+            gr[f] = u * tr[f] * s
+            ar[f] = u * v
+        ta[r] = acc
+
+
+@njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
 def _second_order_terms(t, a0, a1, a2, h1, h2, e0, e1, wk, need_params, sums, wq, dh, dh1):
     """dense.Activation.second_order_terms in one pass over the rows (any float dtype)."""
     nf = t.shape[1]
@@ -217,6 +234,15 @@ class FusedActivation(dense.Activation):
         aug = h.new_empty(b, nf + 1)
         _scaled_values(h.numpy(), env.contiguous().numpy(), KINDS[self.kind], aug.numpy())
         return aug @ torch.cat([w2.t(), b2.unsqueeze(0)])
+
+    def vjp_terms_and_values(self, h, t, env, w2, b2):
+        if not (self._fused_with(h, env, w2, b2) and self._fused(t)):
+            return super().vjp_terms_and_values(h, t, env, w2, b2)
+        b, nf = h.shape
+        g, ta, aug = torch.empty_like(h), h.new_empty(b), h.new_empty(b, nf + 1)
+        _vjp_terms_and_scaled_values(h.numpy(), t.numpy(), env.contiguous().numpy(),
+                                     KINDS[self.kind], g.numpy(), ta.numpy(), aug.numpy())
+        return g, ta, aug @ torch.cat([w2.t(), b2.unsqueeze(0)])
 
     def vjp_terms(self, h, t, env):
         if not (self._fused_with(h, env) and self._fused(t)):

@@ -92,6 +92,15 @@ class Activation:
         a, slope = self.values_and_slope(h)
         return t * slope * env.unsqueeze(1), (t * a).sum(1)
 
+    def vjp_terms_and_values(self, h: Tensor, t: Tensor, env: Tensor, w2: Tensor, b2: Tensor
+                             ) -> tuple[Tensor, Tensor, Tensor]:
+        """``vjp_terms`` and ``filter_values`` of the same h in one go: what ``filter_vjp``
+        reads when the backward also scatters W (the x-gradient) but needs no parameter
+        gradients."""
+        a, slope = self.values_and_slope(h)
+        e = env.unsqueeze(1)
+        return t * slope * e, (t * a).sum(1), torch.addmm(b2, a, w2.t()) * e
+
     def second_order_terms(self, t: Tensor, a0: Tensor, a1: Tensor, a2: Tensor, h1: Tensor,
                            h2: Tensor, e0: Tensor, e1: Tensor, wk: Tensor, need_params: bool):
         """The elementwise part of ``filter_vjp_vjp`` for [b, F] t, a, a', a'', h', h'' and
@@ -139,13 +148,17 @@ def filter_vjp(u: Tensor, basis: Tensor, basis_slope: Tensor, env: Tensor, env_s
     act = as_activation(act)
     h = torch.addmm(b1, basis, w1.t())
     t = u @ w2  # d<u, a w2^T>/da
-    if need_params or need_values:
+    values = None
+    if need_params:
         a, slope = act.values_and_slope(h)
         ta, g = (t * a).sum(1), t * slope * env.unsqueeze(1)  # g = dL/dh
+        if need_values:
+            values = torch.addmm(b2, a, w2.t()) * env.unsqueeze(1)
+    elif need_values:  # forces and the x-gradient: g, <t, a> and W from one pass over h
+        g, ta, values = act.vjp_terms_and_values(h, t, env, w2, b2)
     else:  # energy and forces: one fused pass, a never stored
         g, ta = act.vjp_terms(h, t, env)
     grad_d = env_slope * (ta + u @ b2) + ((g @ w1) * basis_slope).sum(1)
-    values = torch.addmm(b2, a, w2.t()) * env.unsqueeze(1) if need_values else None
     if not need_params:
         return grad_d, None, None, None, None, values
     eu = u * env.unsqueeze(1)
