@@ -3,13 +3,9 @@
 torch evaluates softplus as exp then log1p at ~2 ns per element on this class of CPU, and the
 slope (a sigmoid) as another pass: together ~20% of exact SchNet's energy + forces. Here both
 come from one e = exp(-|h|) per element, with exp and log1p written as polynomials so that LLVM
-vectorizes the loop (numba's math.exp is a scalar libm call):
+vectorizes the loop (kernels/cpu_math.py; numba's math.exp is a scalar libm call; e >= 1.6e-38,
+so the slope of h < -87 is 1.6e-38 instead of ~0):
 
-* exp(-y) = 2^-n exp(-r), r = y - n ln2 in [0, ln2) (Cody-Waite split of ln2), exp(-r) by its
-  degree-8 Taylor polynomial (truncation < 1e-7 relative), 2^-n by writing the exponent bits;
-  y is clamped at 87 (e >= 1.6e-38: the slope of h < -87 is 1.6e-38 instead of ~0);
-* log1p(e) for e in [0, 1] as 2 atanh(t), t = e / (2 + e) <= 1/3, odd series to t^17
-  (truncation < 1e-9);
 * shifted softplus = max(h, 0) + log1p(e) - log 2; sigmoid = 1 / (1 + e) for h >= 0 and
   e / (1 + e) below; silu = h sigmoid, silu' = s (1 + h (1 - s)).
 
@@ -36,64 +32,16 @@ import math
 
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core.extending import intrinsic
+from numba import njit, prange
 
+from fastff.kernels.cpu_math import exp_neg, log1p_unit
 from fastff.kernels.message import dense
 
 F32 = np.float32
 KINDS = {"shifted_softplus": 0, "silu": 1}
 _LN2 = F32(math.log(2.0))
-_LOG2E = F32(1.0 / math.log(2.0))
-_LN2_HI, _LN2_LO = F32(0.693145751953125), F32(1.428606765330187e-06)  # ln2 = HI + LO
 # Elements per prange task: a few KB per array, so each task's loop runs vectorized in L1.
 _CHUNK = 2048
-
-
-@intrinsic
-def _float32_from_bits(typingctx, bits):
-    """Reinterpret an int32 as the float32 with those bits (vectorizes, unlike a libm ldexp)."""
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
-
-
-@njit(cache=True, inline="always", fastmath={"contract"})
-def _exp_neg(y):
-    """exp(-y) for float32 y >= 0."""
-    y = min(y, F32(87.0))
-    n = np.floor(y * _LOG2E)
-    q = n * _LN2_LO - (y - n * _LN2_HI)  # -r
-    p = F32(2.48015873015873e-05)  # 1 / 8!
-    p = p * q + F32(1.984126984126984e-04)
-    p = p * q + F32(1.388888888888889e-03)
-    p = p * q + F32(8.333333333333333e-03)
-    p = p * q + F32(4.1666666666666664e-02)
-    p = p * q + F32(0.16666666666666666)
-    p = p * q + F32(0.5)
-    p = p * q + F32(1.0)
-    p = p * q + F32(1.0)
-    return p * _float32_from_bits((np.int32(127) - np.int32(n)) << np.int32(23))
-
-
-@njit(cache=True, inline="always", fastmath={"contract"})
-def _log1p_unit(e):
-    """log(1 + e) for float32 e in [0, 1]."""
-    t = e / (F32(2.0) + e)
-    t2 = t * t
-    p = F32(2.0 / 17.0)
-    p = p * t2 + F32(2.0 / 15.0)
-    p = p * t2 + F32(2.0 / 13.0)
-    p = p * t2 + F32(2.0 / 11.0)
-    p = p * t2 + F32(2.0 / 9.0)
-    p = p * t2 + F32(2.0 / 7.0)
-    p = p * t2 + F32(2.0 / 5.0)
-    p = p * t2 + F32(2.0 / 3.0)
-    p = p * t2 + F32(2.0)
-    return p * t
 
 
 @njit(cache=True, inline="always", fastmath={"contract"})
@@ -106,10 +54,10 @@ def _sigmoid(x, e):
 @njit(cache=True, inline="always", fastmath={"contract"})
 def _value_and_slope(x, kind):
     """(act(x), act'(x)) from one exp: shifted softplus (kind 0) or silu (kind 1)."""
-    e = _exp_neg(abs(x))
+    e = exp_neg(abs(x))
     s = _sigmoid(x, e)
     if kind == 0:
-        return max(x, F32(0.0)) + _log1p_unit(e) - _LN2, s
+        return max(x, F32(0.0)) + log1p_unit(e) - _LN2, s
     return x * s, s * (F32(1.0) + x * (F32(1.0) - s))
 
 
