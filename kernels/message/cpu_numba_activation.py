@@ -80,34 +80,34 @@ def _activation(h, kind, values, slopes, want_slopes):
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
-def _scaled_values(h, env, kind, aug):
-    """aug[r] = [env_r act(h[r]) | env_r] for float32 h [b, F]: the left factor of the filter's
-    second GEMM with the bias as one more inner column, so W needs no pass of its own for the
-    envelope."""
+def _scaled_values(h, b1, env, kind, aug):
+    """aug[r] = [env_r act(h[r] + b1) | env_r] for float32 h [b, F]: the left factor of the
+    filter's second GEMM with the bias as one more inner column, so W needs no pass of its own
+    for the envelope."""
     nf = h.shape[1]
     for r in prange(h.shape[0]):
         hr, ar, u = h[r], aug[r], env[r]
         for f in range(nf):
-            ar[f] = u * _value_and_slope(hr[f], kind)[0]
+            ar[f] = u * _value_and_slope(hr[f] + b1[f], kind)[0]
         ar[nf] = u
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
-def _vjp_terms(h, t, env, kind, g, ta):
-    """g = env t act'(h) and ta = <t, act(h)> per row, for float32 [b, F] h and t."""
+def _vjp_terms(h, b1, t, env, kind, g, ta):
+    """g = env t act'(h + b1) and ta = <t, act(h + b1)> per row, for float32 [b, F] h and t."""
     nf = h.shape[1]
     for r in prange(h.shape[0]):
         hr, tr, gr, u = h[r], t[r], g[r], env[r]
         acc = F32(0.0)
         for f in range(nf):
-            a, s = _value_and_slope(hr[f], kind)
+            a, s = _value_and_slope(hr[f] + b1[f], kind)
             acc += tr[f] * a
             gr[f] = u * tr[f] * s
         ta[r] = acc
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
-def _vjp_terms_and_scaled_values(h, t, env, kind, g, ta, aug):
+def _vjp_terms_and_scaled_values(h, b1, t, env, kind, g, ta, aug):
     """_vjp_terms and _scaled_values of the same rows in one pass (one exp per element)."""
     nf = h.shape[1]
     for r in prange(h.shape[0]):
@@ -115,7 +115,7 @@ def _vjp_terms_and_scaled_values(h, t, env, kind, g, ta, aug):
         ar[nf] = u
         acc = F32(0.0)
         for f in range(nf):
-            v, s = _value_and_slope(hr[f], kind)
+            v, s = _value_and_slope(hr[f] + b1[f], kind)
             acc += tr[f] * v
             gr[f] = u * tr[f] * s
             ar[f] = u * v
@@ -144,6 +144,10 @@ def _second_order_terms(t, a0, a1, a2, h1, h2, e0, e1, wk, need_params, sums, wq
                 wt = w * tr[f]
                 dhr[f] = wt * (u1 * a1r[f] + u0 * a2r[f] * h1r[f])
                 dh1r[f] = wt * u0 * a1r[f]
+
+
+def _np(t: torch.Tensor):
+    return t.contiguous().numpy()
 
 
 class FusedActivation(dense.Activation):
@@ -175,28 +179,28 @@ class FusedActivation(dense.Activation):
         return self._fused(h) and all(x.dtype == h.dtype and x.device.type == "cpu"
                                       and not x.requires_grad for x in others)
 
-    def filter_values(self, h, env, w2, b2):
-        if not self._fused_with(h, env, w2, b2):
-            return super().filter_values(h, env, w2, b2)
+    def filter_values(self, h, b1, env, w2, b2):
+        if not self._fused_with(h, b1, env, w2, b2):
+            return super().filter_values(h, b1, env, w2, b2)
         b, nf = h.shape
         aug = h.new_empty(b, nf + 1)
-        _scaled_values(h.numpy(), env.contiguous().numpy(), KINDS[self.kind], aug.numpy())
+        _scaled_values(h.numpy(), _np(b1), _np(env), KINDS[self.kind], aug.numpy())
         return aug @ torch.cat([w2.t(), b2.unsqueeze(0)])
 
-    def vjp_terms_and_values(self, h, t, env, w2, b2):
-        if not (self._fused_with(h, env, w2, b2) and self._fused(t)):
-            return super().vjp_terms_and_values(h, t, env, w2, b2)
+    def vjp_terms_and_values(self, h, b1, t, env, w2, b2):
+        if not (self._fused_with(h, b1, env, w2, b2) and self._fused(t)):
+            return super().vjp_terms_and_values(h, b1, t, env, w2, b2)
         b, nf = h.shape
         g, ta, aug = torch.empty_like(h), h.new_empty(b), h.new_empty(b, nf + 1)
-        _vjp_terms_and_scaled_values(h.numpy(), t.numpy(), env.contiguous().numpy(),
-                                     KINDS[self.kind], g.numpy(), ta.numpy(), aug.numpy())
+        _vjp_terms_and_scaled_values(h.numpy(), _np(b1), t.numpy(), _np(env), KINDS[self.kind],
+                                     g.numpy(), ta.numpy(), aug.numpy())
         return g, ta, aug @ torch.cat([w2.t(), b2.unsqueeze(0)])
 
-    def vjp_terms(self, h, t, env):
-        if not (self._fused_with(h, env) and self._fused(t)):
-            return super().vjp_terms(h, t, env)
+    def vjp_terms(self, h, b1, t, env):
+        if not (self._fused_with(h, b1, env) and self._fused(t)):
+            return super().vjp_terms(h, b1, t, env)
         g, ta = torch.empty_like(h), h.new_empty(h.shape[0])
-        _vjp_terms(h.numpy(), t.numpy(), env.contiguous().numpy(), KINDS[self.kind], g.numpy(),
+        _vjp_terms(h.numpy(), _np(b1), t.numpy(), _np(env), KINDS[self.kind], g.numpy(),
                    ta.numpy())
         return g, ta
 

@@ -82,22 +82,26 @@ class Activation:
     def values_and_slope(self, h: Tensor) -> tuple[Tensor, Tensor]:
         return activation(h, self.kind), activation_slope(h, self.kind)
 
-    def filter_values(self, h: Tensor, env: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
-        """W = env (act(h) w2^T + b2) [b, F] from the hidden layer h [b, F] and env [b]."""
-        return torch.addmm(b2, self.values(h), w2.t()) * env.unsqueeze(1)
+    # The three functions below take the hidden layer without its bias, h = basis w1^T [b, F],
+    # and the bias b1 [F] apart: the pre-activation is h + b1. torch.addmm would first copy the
+    # bias into every row of its output; the fused kernels add it as they read h.
+    def filter_values(self, h: Tensor, b1: Tensor, env: Tensor, w2: Tensor, b2: Tensor
+                      ) -> Tensor:
+        """W = env (act(h + b1) w2^T + b2) [b, F] from the hidden layer and env [b]."""
+        return torch.addmm(b2, self.values(h + b1), w2.t()) * env.unsqueeze(1)
 
-    def vjp_terms(self, h: Tensor, t: Tensor, env: Tensor) -> tuple[Tensor, Tensor]:
-        """(g = env t act'(h) [b, F], <t, act(h)> [b]): what ``filter_vjp`` reads of the
-        activation when it needs neither W nor parameter gradients (energy and forces)."""
-        a, slope = self.values_and_slope(h)
+    def vjp_terms(self, h: Tensor, b1: Tensor, t: Tensor, env: Tensor) -> tuple[Tensor, Tensor]:
+        """(g = env t act'(h + b1) [b, F], <t, act(h + b1)> [b]): what ``filter_vjp`` reads of
+        the activation when it needs neither W nor parameter gradients (energy and forces)."""
+        a, slope = self.values_and_slope(h + b1)
         return t * slope * env.unsqueeze(1), (t * a).sum(1)
 
-    def vjp_terms_and_values(self, h: Tensor, t: Tensor, env: Tensor, w2: Tensor, b2: Tensor
-                             ) -> tuple[Tensor, Tensor, Tensor]:
+    def vjp_terms_and_values(self, h: Tensor, b1: Tensor, t: Tensor, env: Tensor, w2: Tensor,
+                             b2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``vjp_terms`` and ``filter_values`` of the same h in one go: what ``filter_vjp``
         reads when the backward also scatters W (the x-gradient) but needs no parameter
         gradients."""
-        a, slope = self.values_and_slope(h)
+        a, slope = self.values_and_slope(h + b1)
         e = env.unsqueeze(1)
         return t * slope * e, (t * a).sum(1), torch.addmm(b2, a, w2.t()) * e
 
@@ -133,7 +137,7 @@ def envelope(d: Tensor, cutoff: float, kind: str, order: int) -> list[Tensor]:
 def filter_values(basis: Tensor, env: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor,
                   act: str | Activation) -> Tensor:
     """W [b, F] for basis [b, K], env [b]; w1 [F, K], w2 [F, F] (torch Linear layout)."""
-    return as_activation(act).filter_values(torch.addmm(b1, basis, w1.t()), env, w2, b2)
+    return as_activation(act).filter_values(basis @ w1.t(), b1, env, w2, b2)
 
 
 def filter_vjp(u: Tensor, basis: Tensor, basis_slope: Tensor, env: Tensor, env_slope: Tensor,
@@ -146,18 +150,18 @@ def filter_vjp(u: Tensor, basis: Tensor, basis_slope: Tensor, env: Tensor, env_s
     layer, computed once for both) is None unless ``need_values``.
     """
     act = as_activation(act)
-    h = torch.addmm(b1, basis, w1.t())
+    h = basis @ w1.t()  # without b1: see Activation.filter_values
     t = u @ w2  # d<u, a w2^T>/da
     values = None
     if need_params:
-        a, slope = act.values_and_slope(h)
+        a, slope = act.values_and_slope(h + b1)
         ta, g = (t * a).sum(1), t * slope * env.unsqueeze(1)  # g = dL/dh
         if need_values:
             values = torch.addmm(b2, a, w2.t()) * env.unsqueeze(1)
     elif need_values:  # forces and the x-gradient: g, <t, a> and W from one pass over h
-        g, ta, values = act.vjp_terms_and_values(h, t, env, w2, b2)
+        g, ta, values = act.vjp_terms_and_values(h, b1, t, env, w2, b2)
     else:  # energy and forces: one fused pass, a never stored
-        g, ta = act.vjp_terms(h, t, env)
+        g, ta = act.vjp_terms(h, b1, t, env)
     grad_d = env_slope * (ta + u @ b2) + ((g @ w1) * basis_slope).sum(1)
     if not need_params:
         return grad_d, None, None, None, None, values

@@ -513,34 +513,38 @@ def test_numba_fused_activation_matches_torch_float64(kind):
 @pytest.mark.parametrize("kind", dense.ACTIVATIONS)
 def test_numba_fused_filter_terms_match_torch_float64(kind):
     """The one-pass float32 kernels of the numba filter network around its activation: W from
-    the hidden layer (envelope and bias folded into the second GEMM), energy + forces'
+    the hidden layer (its bias added as it is read; envelope and the second bias folded into
+    the second GEMM), energy + forces'
     backward terms (env t act'(h), <t, act(h)>) and both from one pass, against
     dense.Activation in float64."""
     from fastff.kernels.message.cpu_numba_activation import FusedActivation
 
     b, nf = int(torch.randint(1, 300, ())), int(torch.randint(1, 70, ()))
-    h, t = torch.randn(b, nf) * 4, torch.randn(b, nf)
+    h, t, b1 = torch.randn(b, nf) * 4, torch.randn(b, nf), torch.randn(nf)
     env, w2, b2 = torch.rand(b), torch.randn(nf, nf) / nf**0.5, torch.randn(nf)
     fused, exact = FusedActivation(kind), dense.Activation(kind)
-    want = exact.filter_values(h.double(), env.double(), w2.double(), b2.double())
-    got = fused.filter_values(h, env, w2, b2)
+    want = exact.filter_values(h.double(), b1.double(), env.double(), w2.double(), b2.double())
+    got = fused.filter_values(h, b1, env, w2, b2)
     assert got.dtype == torch.float32 and got.shape == (b, nf)
     _close(got, want, torch.float32)
-    got_g, got_ta = fused.vjp_terms(h, t, env)
-    want_g, want_ta = exact.vjp_terms(h.double(), t.double(), env.double())
+    got_g, got_ta = fused.vjp_terms(h, b1, t, env)
+    want_g, want_ta = exact.vjp_terms(h.double(), b1.double(), t.double(), env.double())
     assert got_g.shape == (b, nf) and got_ta.shape == (b,)
     _close(got_g, want_g, torch.float32)
     _close(got_ta, want_ta, torch.float32)
-    got_all = fused.vjp_terms_and_values(h, t, env, w2, b2)
+    got_all = fused.vjp_terms_and_values(h, b1, t, env, w2, b2)
     assert [x.shape for x in got_all] == [(b, nf), (b,), (b, nf)]
     for g, w in zip(got_all, (want_g, want_ta, want), strict=True):
         _close(g, w, torch.float32)
     # an operand that requires grad keeps torch's (differentiable) formulas
     env_grad = env.clone().requires_grad_(True)
-    assert fused.filter_values(h, env_grad, w2, b2).requires_grad
-    assert fused.vjp_terms(h, t, env_grad)[0].requires_grad  # g = env t act'(h)
-    g_env, _, w_env = fused.vjp_terms_and_values(h, t, env_grad, w2, b2)
+    assert fused.filter_values(h, b1, env_grad, w2, b2).requires_grad
+    assert fused.vjp_terms(h, b1, t, env_grad)[0].requires_grad  # g = env t act'(h + b1)
+    g_env, _, w_env = fused.vjp_terms_and_values(h, b1, t, env_grad, w2, b2)
     assert g_env.requires_grad and w_env.requires_grad
+    b1_grad = b1.clone().requires_grad_(True)
+    assert fused.filter_values(h, b1_grad, env, w2, b2).requires_grad
+    assert fused.vjp_terms(h, b1_grad, t, env)[0].requires_grad
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
