@@ -238,7 +238,7 @@ def _bare_orders(d, num_basis, cutoff, kind, env, out, env_out):
 def _gaussian_orders_f32(d, num_basis, cutoff, env, out, env_out):
     """_bare_orders of the gaussian basis into float32 outputs, each b_k = exp(-(x - k)^2 / 2)
     evaluated on its own with the vectorized float32 exp (cpu_math.exp_neg): the loops over k
-    run in 8 SIMD lanes where the recurrence is a chain of dependent multiplies. k - x is
+    run in SIMD lanes where the recurrence is a chain of dependent multiplies. k - x is
     formed in float32 as (k - floor(x)) - frac(x), exact up to the rounding of frac(x), and a
     float32 copy of k is read from an array (AVX2 has no int64 -> float32 vector conversion).
     Within a few float32 ulp of max|b| (tests/kernels/test_radial.py). Measured at 4096 edges x
