@@ -526,31 +526,38 @@ def _conv_at(h, b, coeffs, k, p1, p2, p3, acc):
 
 
 @njit(cache=True, inline="always")
-def _pair_dots_at(grad, x, a, b, coeffs, k):
-    """m_q = <grad[a] * x[b] + grad[b] * x[a], c_q>, q = 1, 2, 3 (interval k): _partial_dots of
-    both ends of a pair."""
-    m1 = m2 = m3 = coeffs[k, 1, 0] - coeffs[k, 1, 0]
+def _slope_weights(r, k, inv_h, coeffs):
+    """(s1, s2, s3) of W' = s1 c1 + s2 c2 + s3 c3 at r (interval k), in the table's precision."""
+    _, s1, s2, s3 = _spline_poly(r * inv_h - k, 1, inv_h)
+    cast = coeffs.dtype.type
+    return cast(s1), cast(s2), cast(s3)
+
+
+# The two functions below form W'(r) per feature and take one dot with it, rather than three
+# dots with c1, c2, c3 combined afterwards (as _partial_dots does): one more multiply per
+# feature, but one sum to reduce across SIMD lanes per edge instead of three. Measured on the
+# water box (2 cores, interleaved processes): the backward without x-gradient 0.94x at 30,000
+# atoms and F = 64, 0.90x at 1,000 atoms and F = 128; with it, 0.96x and 0.93x.
+@njit(cache=True, inline="always")
+def _pair_slope_at(grad, x, a, b, coeffs, k, s1, s2, s3):
+    """<grad[a] * x[b] + grad[b] * x[a], W'(r)> (interval k, weights of W')."""
+    acc = s1 - s1
     for f in range(grad.shape[1]):
         u = grad[a, f] * x[b, f] + grad[b, f] * x[a, f]
-        m1 += u * coeffs[k, 1, f]
-        m2 += u * coeffs[k, 2, f]
-        m3 += u * coeffs[k, 3, f]
-    return m1, m2, m3
+        acc += u * (s1 * coeffs[k, 1, f] + s2 * coeffs[k, 2, f] + s3 * coeffs[k, 3, f])
+    return acc
 
 
 @njit(cache=True, inline="always")
-def _conv_and_pair_dots_at(grad, x, a, b, coeffs, k, p1, p2, p3, acc):
-    """acc += grad[b] * W (weights of interval k) and _pair_dots_at(...), in one read of it."""
-    m1 = m2 = m3 = p1 - p1
+def _conv_and_pair_slope_at(grad, x, a, b, coeffs, k, p1, p2, p3, s1, s2, s3, acc):
+    """acc += grad[b] * W(r) and _pair_slope_at(...), in one read of interval k."""
+    dot = s1 - s1
     for f in range(acc.shape[0]):
         c1, c2, c3 = coeffs[k, 1, f], coeffs[k, 2, f], coeffs[k, 3, f]
         gb = grad[b, f]
         acc[f] += gb * (coeffs[k, 0, f] + p1 * c1 + p2 * c2 + p3 * c3)
-        u = grad[a, f] * x[b, f] + gb * x[a, f]
-        m1 += u * c1
-        m2 += u * c2
-        m3 += u * c3
-    return m1, m2, m3
+        dot += (grad[a, f] * x[b, f] + gb * x[a, f]) * (s1 * c1 + s2 * c2 + s3 * c3)
+    return dot
 
 
 @njit(cache=True, parallel=True, fastmath=_FEATURE_MATH)
@@ -580,15 +587,15 @@ def _spline_conv_positions_vjp(grad, x, pos, cells, atom_system, j, shifts, ptr,
                 for q in range(m):
                     b, r = j[edges[q]], geo[q, 3]
                     k, p1, p2, p3 = _values_weights(r, inv_h, nint, coeffs)
-                    m1, m2, m3 = _conv_and_pair_dots_at(grad, x, a, b, coeffs, k, p1, p2, p3,
-                                                        acc)
-                    slopes[q] = _combine_dots(r, k, inv_h, 1, m1, m2, m3)
+                    s1, s2, s3 = _slope_weights(r, k, inv_h, coeffs)
+                    slopes[q] = _conv_and_pair_slope_at(grad, x, a, b, coeffs, k, p1, p2, p3,
+                                                        s1, s2, s3, acc)
             else:
                 for q in range(m):
                     b, r = j[edges[q]], geo[q, 3]
                     k = _interval(r, inv_h, nint)
-                    m1, m2, m3 = _pair_dots_at(grad, x, a, b, coeffs, k)
-                    slopes[q] = _combine_dots(r, k, inv_h, 1, m1, m2, m3)
+                    s1, s2, s3 = _slope_weights(r, k, inv_h, coeffs)
+                    slopes[q] = _pair_slope_at(grad, x, a, b, coeffs, k, s1, s2, s3)
             f0 = f1 = f2 = 0.0
             for q in range(m):
                 r = geo[q, 3]
