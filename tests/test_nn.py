@@ -56,6 +56,7 @@ def _close(got, want, kind, dtype):
                                   ("bessel", "polynomial", "silu")])
 def test_cfconv_training_chain_float64(rng, backend, filt, monkeypatch):
     monkeypatch.setattr(cpu_numba, "BLOCK_FEATURES", 90)
+    monkeypatch.setattr(cpu_numba, "SMALL_F_GROWTH", 1.0)
     monkeypatch.setattr(gpu_triton, "BLOCK", 11)
     n, nf, nb = (6, 3, 4) if backend == "triton" else (24, 8, 6)
     kind, env, act = filt

@@ -5,14 +5,14 @@ Algorithms:
   receiver, one row per ``prange`` iteration, so each output row has exactly one writer: no
   atomics, bitwise deterministic. ``ggm`` (its edge-product partner) is one edge per iteration.
 * ``cfconv_forward`` / ``cfconv_vjp`` run SchNet's filter network as BLAS GEMMs on blocks of
-  ``BLOCK_FEATURES / F`` unordered pairs (kernels/message/dense.py: one filter serves both
-  edges of a pair) and fuse the gathers, products and sums of both ends into ``_pair_scatter`` and
-  ``_pair_product``; no [E, F] tensor is ever held, and the backward recomputes the filter. A
-  scalar per-pair MLP loop in numba would lose to BLAS by ~10x at F = 128. The elementwise
-  parts are numba too: the bare radial basis and the envelope at every needed order in one
-  pass (``radial_orders``), and the activation's terms in one vectorized float32 pass each
-  (cpu_numba_activation.py: with its slope, with the envelope and bias folded into the second
-  GEMM, or as energy + forces' backward terms).
+  ``BLOCK_FEATURES / F`` unordered pairs (more below F = 128: ``_pairs_per_block``;
+  kernels/message/dense.py: one filter serves both edges of a pair) and fuse the gathers, products
+  and sums of both ends into ``_pair_scatter`` and ``_pair_product``; no [E, F] tensor is ever
+  held, and the backward recomputes the filter. A scalar per-pair MLP loop in numba would lose to
+  BLAS by ~10x at F = 128. The elementwise parts are numba too: the bare radial basis and the
+  envelope at every needed order in one pass (``radial_orders``), and the activation's terms in
+  one vectorized float32 pass each (cpu_numba_activation.py: with its slope, with the envelope and
+  bias folded into the second GEMM, or as energy + forces' backward terms).
 * ``spline_conv`` / ``spline_edge_dot`` evaluate a cubic table of W(r) (F values per knot) inside
   the edge loop: a few multiply-adds per feature, no GEMM at all (inference path).
 * ``spline_conv_vjp`` is spline_conv's backward (dL/dx and dL/dd) in one pass over the receiver
@@ -39,16 +39,24 @@ from fastff.kernels.neighbors.cpu_numba import _system_index
 from fastff.kernels.radial.cpu_numba import radial_orders as _radial
 
 # Features per block of cfconv's filter GEMMs (pairs x F): 1 MiB per [block, F] float32
-# temporary, 2048 pairs at F = 128 and 4096 at F = 64. cfconv energy + forces at F = 128,
-# K = 50, 1,000 atoms (2 cores): 190 ms at 1024 pairs, 150-170 ms at 2048 and 4096, 143-148 ms
-# at 8192, but 4096 doubled the extra peak memory (11% of torch_geometric's instead of 6%). At
-# F = 64 (SchNet's default, 3,000 waters' 75k pairs), 2048 pairs cost 100 + 200 ms (forward +
-# backward) and 8192 pairs 65 + 100-135 ms: small blocks pay per-op overhead.
+# temporary at F >= 128, 2048 pairs at F = 128. cfconv energy + forces at F = 128, K = 50, 1,000
+# atoms (2 cores): 190 ms at 1024 pairs, 150-170 ms at 2048 and 4096, 143-148 ms at 8192, but
+# 4096 doubled the extra peak memory (11% of torch_geometric's instead of 6%); on the AVX-512
+# machine of the README's latest results, 4096 and 8192 pairs took 1.03x and 1.18x the time of
+# 2048 at 1,000 atoms, 0.96x and 0.98x at 10,000.
 BLOCK_FEATURES = 2048 * 128
+# Below F = 128 the budget grows as (128 / F)^2, up to this factor: a block's fixed cost (~20
+# op and kernel launches, ~150-250 us on 2 cores) stays while its work per pair, ~F (K + F),
+# shrinks. SchNet's defaults (F = 64, K = 32), energy + forces, alternating runs: 16,384 pairs
+# (4 MiB temporaries) took 0.90x the time of 4,096 at 3,000 atoms and 0.885x at 30,000; 8,192
+# pairs 0.98x and 0.90x.
+SMALL_F_GROWTH = 4.0
 
 
 def _pairs_per_block(nf: int) -> int:
-    return max(1, BLOCK_FEATURES // max(nf, 1))
+    nf = max(nf, 1)
+    growth = min(SMALL_F_GROWTH, max(1.0, (128 / nf) ** 2))
+    return max(1, int(BLOCK_FEATURES * growth) // nf)
 
 
 # Edges per block of PaiNN's filter GEMM ([block, 3F] temporaries; 1024..4096 within 5%).

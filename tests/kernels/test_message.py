@@ -36,6 +36,7 @@ def params(num_basis, nf, dtype=torch.float64, grad=False):
 def small_blocks(monkeypatch):
     # blocks of 7 edges split rows of ~15 edges: the row-accumulation across blocks is exercised
     monkeypatch.setattr(cpu_numba, "BLOCK_FEATURES", 60)  # 2 to 20 pairs per block
+    monkeypatch.setattr(cpu_numba, "SMALL_F_GROWTH", 1.0)
     monkeypatch.setattr(cpu_numba, "PAINN_BLOCK", 7)
     monkeypatch.setattr(gpu_triton, "BLOCK", 7)
 
