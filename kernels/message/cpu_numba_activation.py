@@ -181,13 +181,23 @@ class FusedActivation(dense.Activation):
         return self._fused(h) and all(x.dtype == h.dtype and x.device.type == "cpu"
                                       and not x.requires_grad for x in others)
 
+    def _second_layer(self, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+        """[w2^T; b2], the right factor of W's GEMM, built once per instance (one op's pass
+        over its blocks; the cat of a transposed weight costs ~15 us per block otherwise)."""
+        key = (w2.data_ptr(), w2._version, b2.data_ptr(), b2._version)
+        cached = self.__dict__.get("_w2_aug")
+        if cached is None or cached[0] != key:
+            cached = (key, torch.cat([w2.t(), b2.unsqueeze(0)]))
+            self.__dict__["_w2_aug"] = cached
+        return cached[1]
+
     def filter_values(self, h, b1, env, w2, b2):
         if not self._fused_with(h, b1, env, w2, b2):
             return super().filter_values(h, b1, env, w2, b2)
         b, nf = h.shape
         aug = h.new_empty(b, nf + 1)
         _scaled_values(h.numpy(), _np(b1), _np(env), KINDS[self.kind], aug.numpy())
-        return aug @ torch.cat([w2.t(), b2.unsqueeze(0)])
+        return aug @ self._second_layer(w2, b2)
 
     def vjp_terms_and_values(self, h, b1, t, env, w2, b2):
         if not (self._fused_with(h, b1, env, w2, b2) and self._fused(t)):
@@ -196,7 +206,7 @@ class FusedActivation(dense.Activation):
         g, ta, aug = torch.empty_like(h), h.new_empty(b), h.new_empty(b, nf + 1)
         _vjp_terms_and_scaled_values(h.numpy(), _np(b1), t.numpy(), _np(env), KINDS[self.kind],
                                      g.numpy(), ta.numpy(), aug.numpy())
-        return g, ta, aug @ torch.cat([w2.t(), b2.unsqueeze(0)])
+        return g, ta, aug @ self._second_layer(w2, b2)
 
     def vjp_terms(self, h, b1, t, env):
         if not (self._fused_with(h, b1, env) and self._fused(t)):
