@@ -4,13 +4,15 @@ Algorithms:
 * ``gms`` (gather-multiply-segment-sum) walks the CSR rows of a full neighbor list sorted by
   receiver, one row per ``prange`` iteration, so each output row has exactly one writer: no
   atomics, bitwise deterministic. ``ggm`` (its edge-product partner) is one edge per iteration.
-* ``cfconv_forward`` / ``cfconv_vjp`` run SchNet's filter network as BLAS GEMMs on blocks of
+* ``cfconv_forward`` / ``cfconv_vjp`` run SchNet's filter network on blocks of
   ``BLOCK_FEATURES / F`` unordered pairs (more below F = 128: ``_pairs_per_block``;
   kernels/message/dense.py: one filter serves both edges of a pair) and fuse the gathers, products
   and sums of both ends into ``_pair_scatter`` and ``_pair_product``; no [E, F] tensor is ever
-  held, and the backward recomputes the filter. A scalar per-pair MLP loop in numba would lose to
-  BLAS by ~10x at F = 128. The elementwise parts are numba too: the bare radial basis and the
-  envelope at every needed order in one pass (``radial_orders``), and the activation's terms in
+  held, and the backward recomputes the filter. The F x F layer is a BLAS GEMM (a scalar per-pair
+  loop in numba would lose to BLAS by ~10x at F = 128). For gaussian bases in float32 the first
+  layer is a 16-function band summed per pair in one kernel with the basis, the envelope and the
+  activation (cpu_numba_filter.py); otherwise it is a GEMM too, with the bare radial basis and the
+  envelope at every needed order in one pass (``radial_orders``) and the activation's terms in
   one vectorized float32 pass each (cpu_numba_activation.py: with its slope, with the envelope and
   bias folded into the second GEMM, or as energy + forces' backward terms).
 * ``spline_conv`` / ``spline_edge_dot`` evaluate a cubic table of W(r) (F values per knot) inside
@@ -34,7 +36,7 @@ import torch
 from numba import njit, prange
 
 from fastff.kernels.message import dense
-from fastff.kernels.message.cpu_numba_activation import FusedActivation
+from fastff.kernels.message.cpu_numba_filter import FusedFilter
 from fastff.kernels.neighbors.cpu_numba import _system_index
 from fastff.kernels.radial.cpu_numba import radial_orders as _radial
 
@@ -184,8 +186,8 @@ def cfconv_forward(x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope,
         pairs = dense.MirrorPairs(i, j, rev)
         return dense.blocked_forward(x.detach().contiguous(), d.detach(), ptr.shape[0] - 1, pairs,
                                      _params(w1, b1, w2, b2), cutoff, kind, envelope,
-                                     FusedActivation(act), _radial,
-                                     _scatter_fn(pairs), _pairs_per_block(x.shape[1]))
+                                     FusedFilter(act), _radial, _scatter_fn(pairs),
+                                     _pairs_per_block(x.shape[1]))
 
 
 def _product_fn(pairs, g, x):
@@ -207,7 +209,7 @@ def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, 
         pairs = dense.MirrorPairs(i, j, rev)
         out = dense.blocked_vjp(g.detach(), x.detach(), d.detach(), pairs,
                                 _params(w1, b1, w2, b2), cutoff, kind, envelope,
-                                FusedActivation(act), need_params, need_x, _radial,
+                                FusedFilter(act), need_params, need_x, _radial,
                                 _product_fn(pairs, g, x), _scatter_fn(pairs),
                                 _pairs_per_block(g.shape[1]))
     return dense.params_or_empty(out, d)
@@ -221,7 +223,7 @@ def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, env
         pairs = dense.MirrorPairs(i, j, rev)
         out = dense.blocked_vjp_vjp(v.detach(), g.detach(), x.detach(), d.detach(), pairs,
                                     _params(w1, b1, w2, b2), cutoff, kind, envelope,
-                                    FusedActivation(act), need_g, need_x, need_params, _radial,
+                                    FusedFilter(act), need_g, need_x, need_params, _radial,
                                     _product_fn(pairs, g, x), _scatter_fn(pairs),
                                     _pairs_per_block(g.shape[1]))
     return dense.params_or_empty(out, d)

@@ -181,15 +181,20 @@ class FusedActivation(dense.Activation):
         return self._fused(h) and all(x.dtype == h.dtype and x.device.type == "cpu"
                                       and not x.requires_grad for x in others)
 
-    def _second_layer(self, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-        """[w2^T; b2], the right factor of W's GEMM, built once per instance (one op's pass
-        over its blocks; the cat of a transposed weight costs ~15 us per block otherwise)."""
-        key = (w2.data_ptr(), w2._version, b2.data_ptr(), b2._version)
-        cached = self.__dict__.get("_w2_aug")
+    def _cached(self, name: str, build, *weights: torch.Tensor) -> torch.Tensor:
+        """``build()``, a layout of ``weights`` made once per instance (one op's pass over its
+        blocks) and rebuilt if a weight changes in place or is another tensor."""
+        key = tuple((w.data_ptr(), w._version) for w in weights)
+        cached = self.__dict__.get(name)
         if cached is None or cached[0] != key:
-            cached = (key, torch.cat([w2.t(), b2.unsqueeze(0)]))
-            self.__dict__["_w2_aug"] = cached
+            cached = (key, build())
+            self.__dict__[name] = cached
         return cached[1]
+
+    def _second_layer(self, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+        """[w2^T; b2], the right factor of W's GEMM (the cat of a transposed weight costs ~15
+        us per block if made each time)."""
+        return self._cached("_w2_aug", lambda: torch.cat([w2.t(), b2.unsqueeze(0)]), w2, b2)
 
     def filter_values(self, h, b1, env, w2, b2):
         if not self._fused_with(h, b1, env, w2, b2):

@@ -2,11 +2,13 @@
 
 SchNet's filter network ``W(r) = u(r) (act(b(r) W1^T + b1) W2^T + b2)`` costs K*F + F*F
 multiply-adds per edge: that is GEMM work, so every backend runs it as small GEMMs (BLAS on CPU,
-cuBLAS on CUDA) over blocks that stay in cache, and fuses only the gathers and sums into its own
-kernels. The filter depends on the distance alone, so ``blocked_forward`` and ``blocked_vjp``
-evaluate it once per unordered pair of the full list (``MirrorPairs``) and let it serve both
-edges: half the GEMM work of one filter per edge. They never hold more than ``block`` pairs x F
-features, and the backward recomputes the filter instead of storing it.
+cuBLAS on CUDA) over blocks that stay in cache, and fuses the gathers and sums into its own
+kernels (numba also sums the first layer of a gaussian basis over its band per pair:
+``Activation.filter_from_distances``, cpu_numba_filter.py). The filter depends on the distance
+alone, so ``blocked_forward`` and ``blocked_vjp`` evaluate it once per unordered pair of the full
+list (``MirrorPairs``) and let it serve both edges: half the GEMM work of one filter per edge.
+They never hold more than ``block`` pairs x F features, and the backward recomputes the filter
+instead of storing it.
 
 The formulas (README.md beside this file) are plain torch ops, so ``filter_vjp`` on tensors that
 require grad is itself differentiable to any order: the custom ops use it that way when a
@@ -105,6 +107,27 @@ class Activation:
         e = env.unsqueeze(1)
         return t * slope * e, (t * a).sum(1), torch.addmm(b2, a, w2.t()) * e
 
+    # The two functions below are the filter network of a block of distances d [b] as the
+    # blocked functions call it: the backend's radial basis (``radial_fn``), then the GEMMs and
+    # the terms above. A backend may fuse the basis and the first layer
+    # (cpu_numba_filter.FusedFilter).
+    def filter_from_distances(self, d: Tensor, params, cutoff: float, kind: str, env_kind: str,
+                              radial_fn) -> Tensor:
+        """W(d) [b, F] (``filter_values``)."""
+        w1, b1, w2, b2 = params
+        (basis,), (env,) = radial_fn(d, w1.shape[1], cutoff, kind, env_kind, 0)
+        return filter_values(basis, env, w1, b1, w2, b2, self)
+
+    def filter_vjp_from_distances(self, u: Tensor, d: Tensor, params, cutoff: float, kind: str,
+                                  env_kind: str, need_params: bool, need_values: bool,
+                                  radial_fn):
+        """``filter_vjp`` of sum_p <u_p, W(d_p)>: (grad_d [b], grad_w1, grad_b1, grad_w2,
+        grad_b2, W)."""
+        w1, b1, w2, b2 = params
+        (basis, slope), (env, env_slope) = radial_fn(d, w1.shape[1], cutoff, kind, env_kind, 1)
+        return filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, self, need_params,
+                          need_values)
+
     def second_order_terms(self, t: Tensor, a0: Tensor, a1: Tensor, a2: Tensor, h1: Tensor,
                            h2: Tensor, e0: Tensor, e1: Tensor, wk: Tensor, need_params: bool):
         """The elementwise part of ``filter_vjp_vjp`` for [b, F] t, a, a', a'', h', h'' and
@@ -189,11 +212,10 @@ class MirrorPairs:
 def _pair_filter(dc: Tensor, dm: Tensor, params, cutoff: float, kind: str, env_kind: str,
                  act: str | Activation, radial_fn) -> Tensor:
     """(W(dc) + W(dm)) / 2 [b, F]: one filter per pair when the mirrored distances are equal."""
-    w1, b1, w2, b2 = params
+    act = as_activation(act)
 
     def values(d):
-        (basis,), (env,) = radial_fn(d, w1.shape[1], cutoff, kind, env_kind, 0)
-        return filter_values(basis, env, w1, b1, w2, b2, act)
+        return act.filter_from_distances(d, params, cutoff, kind, env_kind, radial_fn)
 
     w = values(dc)
     return w if torch.equal(dc, dm) else 0.5 * (w + values(dm))
@@ -221,10 +243,8 @@ def blocked_forward(x: Tensor, d: Tensor, num_atoms: int, pairs: MirrorPairs, pa
 
 def _pair_filter_vjp(u: Tensor, d: Tensor, params, cutoff: float, kind: str, env_kind: str,
                      act: str | Activation, need_params: bool, need_values: bool, radial_fn):
-    w1, b1, w2, b2 = params
-    (basis, slope), (env, env_slope) = radial_fn(d, w1.shape[1], cutoff, kind, env_kind, 1)
-    return filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, act, need_params,
-                      need_values)
+    return as_activation(act).filter_vjp_from_distances(u, d, params, cutoff, kind, env_kind,
+                                                        need_params, need_values, radial_fn)
 
 
 def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params, cutoff: float,

@@ -271,6 +271,17 @@ def _cosine_envelope_f32(d, lo, hi, cutoff, n, env_out):
                 env_out[2, e] = half * w * w * sin_z if inside else zero
 
 
+@njit(cache=True, inline="always")
+def envelope_run_f32(d, lo, hi, cutoff, env, n, env_out):
+    """env_out[m, e] = u^(m)(d_e) for the edges lo..hi - 1 and m <= n, into float32: the cosine
+    envelope by ``_cosine_envelope_f32``, the others in float64 per edge."""
+    if env == 1:
+        _cosine_envelope_f32(d, lo, hi, cutoff, n, env_out)
+    else:
+        for e in range(lo, hi):
+            _put_envelope(env_out, e, np.float64(d[e]), cutoff, env, n)
+
+
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def _gaussian_orders_f32(d, num_basis, cutoff, env, out, env_out):
     """_bare_orders of the gaussian basis into float32 outputs, each b_k = exp(-(x - k)^2 / 2)
@@ -293,11 +304,7 @@ def _gaussian_orders_f32(d, num_basis, cutoff, env, out, env_out):
     half = np.float32(0.5)
     for c in prange((d.shape[0] + _EDGE_CHUNK - 1) // _EDGE_CHUNK):
         lo, hi = c * _EDGE_CHUNK, min((c + 1) * _EDGE_CHUNK, d.shape[0])
-        if env == 1:
-            _cosine_envelope_f32(d, lo, hi, cutoff, n, env_out)
-        else:
-            for e in range(lo, hi):
-                _put_envelope(env_out, e, np.float64(d[e]), cutoff, env, n)
+        envelope_run_f32(d, lo, hi, cutoff, env, n, env_out)
         for e in range(lo, hi):
             _gaussian_row_f32(d, e, n, inv_delta, inv_delta32, curv, ks, half, out)
 
