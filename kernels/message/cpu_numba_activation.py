@@ -63,6 +63,19 @@ def _value_and_slope(x, kind):
     return x * s, s * (F32(1.0) + x * (F32(1.0) - s))
 
 
+@njit(cache=True, inline="always", fastmath={"contract"})
+def _value_slope_curvature(x, kind):
+    """(act(x), act'(x), act''(x)) from one exp, with s (1 - s) = e / (1 + e)^2 (no
+    cancellation in 1 - s for large |x|)."""
+    e = exp_neg(abs(x))
+    inv = F32(1.0) / (F32(1.0) + e)
+    s, sm = (inv, e * inv) if x >= F32(0.0) else (e * inv, inv)  # sigmoid(x), 1 - sigmoid(x)
+    ss = e * inv * inv
+    if kind == 0:
+        return max(x, F32(0.0)) + log1p_unit(e) - _LN2, s, ss
+    return x * s, s * (F32(1.0) + x * sm), ss * (F32(2.0) + x * (sm - s))
+
+
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def _activation(h, kind, values, slopes, want_slopes):
     """values = act(h) and, if want_slopes, slopes = act'(h), over flat float32 arrays; the

@@ -30,7 +30,12 @@ import torch
 from numba import njit, prange
 
 from fastff.kernels.cpu_math import exp_neg
-from fastff.kernels.message.cpu_numba_activation import KINDS, FusedActivation, _value_and_slope
+from fastff.kernels.message.cpu_numba_activation import (
+    KINDS,
+    FusedActivation,
+    _value_and_slope,
+    _value_slope_curvature,
+)
 from fastff.kernels.radial.cpu_numba import ENVELOPES, envelope_run_f32
 from fastff.kernels.radial.reference import gaussian_grid
 
@@ -53,24 +58,30 @@ def padded_first_layer(w1: torch.Tensor) -> torch.Tensor:
 
 
 @njit(cache=True, inline="always", fastmath={"contract"})
-def _band(r, inv_delta, num_basis, inv_delta32, values, slopes):
-    """First padded row of the band of distance r, with the band's basis values (and slopes
-    db/dr) in ``values`` (``slopes``, if it has BAND entries). A band that misses every basis
-    function (x <= -8, x >= K + 7, or NaN) gets zero values at the all-zero rows 0..BAND-1."""
+def _band(r, inv_delta, num_basis, inv_delta32, order, vals):
+    """First padded row of the band of distance r, with the band's basis functions and their
+    r-derivatives up to ``order`` <= 2 in ``vals[n, m]`` (b' = z b, b'' = (z^2 - 1/Δ^2) b with
+    z = (k - x) / Δ). A band that misses every function (x <= -8, x >= K + 7, or NaN) gets zero
+    values at the all-zero rows 0..BAND-1."""
     x = r * inv_delta
     if not (x > -8.0 and x < num_basis + 7.0):
-        for m in range(BAND):
-            values[m] = F32(0.0)
-        for m in range(slopes.shape[0]):
-            slopes[m] = F32(0.0)
+        for n in range(order + 1):
+            for m in range(BAND):
+                vals[n, m] = F32(0.0)
         return 0
     whole = math.floor(x)
     frac = F32(x - whole)
     for m in range(BAND):
         t = _OFFSETS[m] - frac  # k - x
-        values[m] = exp_neg(F32(0.5) * t * t)
-    for m in range(slopes.shape[0]):
-        slopes[m] = (_OFFSETS[m] - frac) * inv_delta32 * values[m]
+        vals[0, m] = exp_neg(F32(0.5) * t * t)
+    if order >= 1:
+        for m in range(BAND):
+            vals[1, m] = (_OFFSETS[m] - frac) * inv_delta32 * vals[0, m]
+    if order >= 2:
+        curv = inv_delta32 * inv_delta32
+        for m in range(BAND):
+            z = (_OFFSETS[m] - frac) * inv_delta32
+            vals[2, m] = (z * z - curv) * vals[0, m]
     return int(whole) - _BELOW + PAD
 
 
@@ -95,21 +106,24 @@ def _band_dot(c, r, f):
 
 
 @njit(cache=True, inline="always", fastmath={"contract"})
-def _first_layer(w, start, b, b1, nf, h):
-    """h[:nf] = b1 + sum_m b[m] w[start + m]."""
-    c, r = _band_of(b, 0), _band_of(w, start)
+def _band_sum(rows, vals, n, bias, nf, out):
+    """out[:nf] = bias + sum_m vals[n, m] rows[m]: the first layer (n = 0, bias b1) or its
+    n-th r-derivative (bias zero). One loop per order: two sums in one loop spilled their 32
+    broadcast coefficients."""
+    c = _band_of(vals[n], 0)
     for f in range(nf):
-        h[f] = b1[f] + _band_dot(c, r, f)
+        out[f] = bias[f] + _band_dot(c, rows, f)
 
 
-@njit(cache=True, inline="always", fastmath={"contract"})
-def _first_layer_and_slope(w, start, b, s, b1, nf, h, hs):
-    """_first_layer, and hs = sum_m s[m] w[start + m] (the layer's d/dr) from the same rows."""
-    c, cs, r = _band_of(b, 0), _band_of(s, 0), _band_of(w, start)
-    for f in range(nf):  # two loops: one with both sums spilled its 32 broadcast coefficients
-        h[f] = b1[f] + _band_dot(c, r, f)
-    for f in range(nf):
-        hs[f] = _band_dot(cs, r, f)
+@njit(cache=True, inline="always")
+def _put_basis(row, start, vals):
+    """row [K] = the basis as the band holds it (zero outside: < 1.3e-14 of the largest)."""
+    for k in range(row.shape[0]):
+        row[k] = F32(0.0)
+    for m in range(BAND):
+        k = start - PAD + m
+        if 0 <= k < row.shape[0]:
+            row[k] = vals[m]
 
 
 @njit(cache=True, parallel=True, fastmath={"contract"})
@@ -121,11 +135,11 @@ def _hidden_values(d, w, b1, inv_delta, cutoff, env, kind, env_out, aug):
     for c in prange((d.shape[0] + _CHUNK - 1) // _CHUNK):
         lo, hi = c * _CHUNK, min((c + 1) * _CHUNK, d.shape[0])
         envelope_run_f32(d, lo, hi, cutoff, env, 0, env_out)
-        b, no_slopes = np.empty(BAND, F32), np.empty(0, F32)
+        vals = np.empty((1, BAND), F32)
         for p in range(lo, hi):
             row = aug[p]
-            start = _band(np.float64(d[p]), inv_delta, num_basis, inv_delta32, b, no_slopes)
-            _first_layer(w, start, b, b1, nf, row)
+            start = _band(np.float64(d[p]), inv_delta, num_basis, inv_delta32, 0, vals)
+            _band_sum(_band_of(w, start), vals, 0, b1, nf, row)
             u = env_out[0, p]
             for f in range(nf):
                 row[f] = u * _value_and_slope(row[f], kind)[0]
@@ -133,24 +147,38 @@ def _hidden_values(d, w, b1, inv_delta, cutoff, env, kind, env_out, aug):
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
-def _hidden_vjp(d, w, b1, inv_delta, cutoff, env, kind, t, u, b2, env_out, grad_d, aug,
-                want_values):
+def _hidden_vjp(d, w, b1, inv_delta, cutoff, env, kind, t, u, b2, env_out, grad_d, aug, g_out,
+                basis_out, want_values, want_params):
     """grad_d[p] = u' (<t, act(h)> + <u_p, b2>) + u <t, act'(h) h'> for the distances d [b]
-    and t = u w2 [b, F] (float32), and, if want_values, aug as ``_hidden_values`` writes it."""
+    and t = u w2 [b, F] (float32); aug as ``_hidden_values`` writes it if want_values or
+    want_params, and if want_params g_out = u t act'(h) (dL/dh) and basis_out [b, K]."""
     num_basis, nf = w.shape[0] - 2 * PAD, t.shape[1]
     inv_delta32 = F32(inv_delta)
     for c in prange((d.shape[0] + _CHUNK - 1) // _CHUNK):
         lo, hi = c * _CHUNK, min((c + 1) * _CHUNK, d.shape[0])
         envelope_run_f32(d, lo, hi, cutoff, env, 1, env_out)
-        b, s = np.empty(BAND, F32), np.empty(BAND, F32)
-        h, hs = np.empty(nf, F32), np.empty(nf, F32)
+        vals = np.empty((2, BAND), F32)
+        h, hs, zero = np.empty(nf, F32), np.empty(nf, F32), np.zeros(nf, F32)
         for p in range(lo, hi):
-            start = _band(np.float64(d[p]), inv_delta, num_basis, inv_delta32, b, s)
-            _first_layer_and_slope(w, start, b, s, b1, nf, h, hs)
+            start = _band(np.float64(d[p]), inv_delta, num_basis, inv_delta32, 1, vals)
+            rows = _band_of(w, start)
+            _band_sum(rows, vals, 0, b1, nf, h)
+            _band_sum(rows, vals, 1, zero, nf, hs)
             u0, u1 = env_out[0, p], env_out[1, p]
             tp, up = t[p], u[p]
             ta = ths = ub = F32(0.0)
-            if want_values:
+            if want_params:
+                row, gp = aug[p], g_out[p]
+                for f in range(nf):
+                    a, slope = _value_and_slope(h[f], kind)
+                    ta += tp[f] * a
+                    ths += tp[f] * slope * hs[f]
+                    ub += up[f] * b2[f]
+                    row[f] = u0 * a
+                    gp[f] = u0 * tp[f] * slope
+                row[nf] = u0
+                _put_basis(basis_out[p], start, vals[0])
+            elif want_values:
                 row = aug[p]
                 for f in range(nf):
                     a, slope = _value_and_slope(h[f], kind)
@@ -168,13 +196,58 @@ def _hidden_vjp(d, w, b1, inv_delta, cutoff, env, kind, t, u, b2, env_out, grad_
             grad_d[p] = u1 * (ta + ub) + u0 * ths
 
 
+@njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
+def _hidden_vjp_vjp(d, w, b1, inv_delta, cutoff, env, kind, t, u, b2, weight, env_out, slope_out,
+                    wq, dh, dh1, basis_out, want_params):
+    """Force training's second backward through the filter (dense.filter_vjp_vjp) for the
+    distances d [b], t = u w2 and the pair weights [b] (float32): slope_out = ds/dr,
+    wq = weight (u' a + u act'(h) h'), and if want_params dh = weight t (u' act'(h) + u act''(h)
+    h'), dh1 = weight u t act'(h) and basis_out [2, b, K] (b and b')."""
+    num_basis, nf = w.shape[0] - 2 * PAD, t.shape[1]
+    inv_delta32 = F32(inv_delta)
+    for c in prange((d.shape[0] + _CHUNK - 1) // _CHUNK):
+        lo, hi = c * _CHUNK, min((c + 1) * _CHUNK, d.shape[0])
+        envelope_run_f32(d, lo, hi, cutoff, env, 2, env_out)
+        vals = np.empty((3, BAND), F32)
+        h0, h1, h2 = np.empty(nf, F32), np.empty(nf, F32), np.empty(nf, F32)
+        zero = np.zeros(nf, F32)
+        for p in range(lo, hi):
+            start = _band(np.float64(d[p]), inv_delta, num_basis, inv_delta32, 2, vals)
+            rows = _band_of(w, start)
+            _band_sum(rows, vals, 0, b1, nf, h0)
+            _band_sum(rows, vals, 1, zero, nf, h1)
+            _band_sum(rows, vals, 2, zero, nf, h2)
+            u0, u1, u2, wk = env_out[0, p], env_out[1, p], env_out[2, p], weight[p]
+            tp, up, wqp = t[p], u[p], wq[p]
+            s0 = s1 = s2 = ub = F32(0.0)
+            for f in range(nf):
+                a0, a1, a2 = _value_slope_curvature(h0[f], kind)
+                q = a1 * h1[f]
+                s0 += tp[f] * a0
+                s1 += tp[f] * q
+                s2 += tp[f] * (a2 * h1[f] * h1[f] + a1 * h2[f])
+                ub += up[f] * b2[f]
+                wqp[f] = wk * (u1 * a0 + u0 * q)
+            if want_params:
+                dhp, dh1p = dh[p], dh1[p]
+                for f in range(nf):
+                    a0, a1, a2 = _value_slope_curvature(h0[f], kind)
+                    wt = wk * tp[f]
+                    dhp[f] = wt * (u1 * a1 + u0 * a2 * h1[f])
+                    dh1p[f] = wt * u0 * a1
+                _put_basis(basis_out[0, p], start, vals[0])
+                _put_basis(basis_out[1, p], start, vals[1])
+            slope_out[p] = u2 * (s0 + ub) + 2 * u1 * s1 + u0 * s2
+
+
 class FusedFilter(FusedActivation):
     """FusedActivation with the filter network evaluated from the distances by the kernels
-    above: gaussian basis, float32 CPU operands that require no grad, and for the backward no
-    parameter gradients. Anything else takes dense's basis + GEMM path."""
+    above, for a gaussian basis and float32 CPU operands that require no grad; anything else
+    takes dense's basis + GEMM path."""
 
-    def _fusable(self, kind: str, d: torch.Tensor, params) -> bool:
-        return kind == "gaussian" and self._fused_with(d, *params)
+    def _fusable(self, kind: str, d: torch.Tensor, params, *others: torch.Tensor) -> bool:
+        return (kind == "gaussian" and self._fused_with(d, *params, *others)
+                and all(x.is_contiguous() for x in others))
 
     def _padded_first_layer(self, w1: torch.Tensor) -> torch.Tensor:
         return self._cached("_w1_padded", lambda: padded_first_layer(w1), w1)
@@ -197,17 +270,48 @@ class FusedFilter(FusedActivation):
 
     def filter_vjp_from_distances(self, u, d, params, cutoff, kind, env_kind, need_params,
                                   need_values, radial_fn):
-        if need_params or not (self._fusable(kind, d, params) and self._fused(u)):
+        if not self._fusable(kind, d, params, u):
             return super().filter_vjp_from_distances(u, d, params, cutoff, kind, env_kind,
                                                      need_params, need_values, radial_fn)
-        w2, b2 = params[2], params[3]
-        b, nf = u.shape
+        (nf, num_basis), w2, b2 = params[0].shape, params[2], params[3]
+        b = d.shape[0]
         t = u @ w2  # d<u, a w2^T>/da
         grad_d, env = d.new_empty(b), d.new_empty(2, b)
-        aug = d.new_empty(b if need_values else 0, nf + 1)
+        aug = d.new_empty(b if (need_values or need_params) else 0, nf + 1)
+        g_out = d.new_empty(b if need_params else 0, nf)
+        basis = d.new_empty(b if need_params else 0, num_basis)
         if b:
             _hidden_vjp(*self._launch_args(d, params, cutoff, env_kind), t.numpy(), u.numpy(),
                         b2.contiguous().numpy(), env.numpy(), grad_d.numpy(), aug.numpy(),
-                        bool(need_values))
+                        g_out.numpy(), basis.numpy(), bool(need_values), bool(need_params))
         values = aug @ self._second_layer(w2, b2) if need_values else None
-        return grad_d, None, None, None, None, values
+        if not need_params:
+            return grad_d, None, None, None, None, values
+        # (x^T y)^T for y^T x: BLAS took 0.75x the time in that orientation at these shapes
+        grad_w1 = (basis.t() @ g_out).t()
+        grad_w2 = (aug[:, :nf].t() @ u).t()  # sum_p u (env a)^T
+        return grad_d, grad_w1, g_out.sum(0), grad_w2, aug[:, nf] @ u, values
+
+    def filter_vjp_vjp_from_distances(self, u, weight, d, params, cutoff, kind, env_kind,
+                                      need_params, radial_fn):
+        if not self._fusable(kind, d, params, u, weight):
+            return super().filter_vjp_vjp_from_distances(u, weight, d, params, cutoff, kind,
+                                                         env_kind, need_params, radial_fn)
+        (nf, num_basis), w2, b2 = params[0].shape, params[2], params[3]
+        b = d.shape[0]
+        t = u @ w2
+        slope, env, wq = d.new_empty(b), d.new_empty(3, b), torch.empty_like(u)
+        rows = b if need_params else 0
+        dh, basis = d.new_empty(2, rows, nf), d.new_empty(2, rows, num_basis)  # [dh, dh1], [b, b']
+        if b:
+            _hidden_vjp_vjp(*self._launch_args(d, params, cutoff, env_kind), t.numpy(),
+                            u.numpy(), b2.contiguous().numpy(), weight.numpy(), env.numpy(),
+                            slope.numpy(), wq.numpy(), dh[0].numpy(), dh[1].numpy(),
+                            basis.numpy(), bool(need_params))
+        we1 = weight * env[1]
+        w_slope = (wq @ w2.t()).addr_(we1, b2)  # dW/dd = q w2^T + u' b2, wq = weight q
+        if not need_params:
+            return slope, w_slope, None, None, None, None
+        # sum_p dh_p b_p^T + dh1_p b'_p^T as one GEMM over both stacks, transposed as above
+        grad_w1 = (basis.view(2 * rows, num_basis).t() @ dh.view(2 * rows, nf)).t()
+        return slope, w_slope, grad_w1, dh[0].sum(0), u.t() @ wq, we1 @ u

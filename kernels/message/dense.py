@@ -128,6 +128,14 @@ class Activation:
         return filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, self, need_params,
                           need_values)
 
+    def filter_vjp_vjp_from_distances(self, u: Tensor, weight: Tensor, d: Tensor, params,
+                                      cutoff: float, kind: str, env_kind: str, need_params: bool,
+                                      radial_fn):
+        """``filter_vjp_vjp``: (s' [b], weight dW/dd [b, F], grad_w1, grad_b1, grad_w2,
+        grad_b2)."""
+        return filter_vjp_vjp(u, weight, d, params, cutoff, kind, env_kind, self, need_params,
+                              radial_fn)
+
     def second_order_terms(self, t: Tensor, a0: Tensor, a1: Tensor, a2: Tensor, h1: Tensor,
                            h2: Tensor, e0: Tensor, e1: Tensor, wk: Tensor, need_params: bool):
         """The elementwise part of ``filter_vjp_vjp`` for [b, F] t, a, a', a'', h', h'' and
@@ -342,7 +350,8 @@ def blocked_vjp_vjp(v: Tensor, g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPai
     grad_g = torch.zeros_like(g) if need_g else None
     grad_x = torch.zeros_like(x) if need_x else None
     sums = [torch.zeros_like(p) for p in params] if need_params else None
-    args = (params, cutoff, kind, env_kind, act, need_params, radial_fn)
+    args = (params, cutoff, kind, env_kind, need_params, radial_fn)
+    filter_vjp_vjp = as_activation(act).filter_vjp_vjp_from_distances
     for p0 in range(0, len(pairs), block):
         p1 = min(p0 + block, len(pairs))
         c, m = pairs.c[p0:p1], pairs.m[p0:p1]

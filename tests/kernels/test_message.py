@@ -581,9 +581,11 @@ def _radial64(d, num_basis, cutoff, kind, env_kind, order):
     (3, 5, "none", "shifted_softplus"), (1, 16, "cosine", "silu")])
 def test_numba_fused_gaussian_filter_matches_float64(num_basis, nf, env_kind, kind):
     """The numba filter network fused from the distances (gaussian band of 16 functions in the
-    first layer, no basis tensor, no first GEMM): W, and the distance gradient of <u, W> with
-    and without W, against dense.Activation's formulas in float64. Distances at 0, at and
-    beyond the cutoff, and beyond the last function's band (where the first layer is b1)."""
+    first layer, no first GEMM): W; the gradients of <u, W> in the distances (with and without
+    W) and the parameters; force training's second-order terms (dense.filter_vjp_vjp) with and
+    without parameter gradients; all against dense.Activation's formulas in float64.
+    Distances at 0, at and beyond the cutoff, and beyond the last function's band (where the
+    first layer is b1)."""
     from fastff.kernels.message.cpu_numba_filter import FusedFilter
     from fastff.kernels.radial.cpu_numba import radial_orders
 
@@ -593,34 +595,40 @@ def test_numba_fused_gaussian_filter_matches_float64(num_basis, nf, env_kind, ki
     ps = [torch.randn(nf, num_basis), torch.randn(nf), torch.randn(nf, nf) / nf**0.5,
           torch.randn(nf)]
     p64 = [p.double() for p in ps]
-    u = torch.randn(b, nf)
+    u, weight = torch.randn(b, nf), torch.randn(b)
     fused, exact = FusedFilter(kind), dense.Activation(kind)
-    got = fused.filter_from_distances(d, ps, cutoff, "gaussian", env_kind, radial_orders)
-    want = exact.filter_from_distances(d.double(), p64, cutoff, "gaussian", env_kind, _radial64)
+    args, args64 = ("gaussian", env_kind, radial_orders), ("gaussian", env_kind, _radial64)
+    got = fused.filter_from_distances(d, ps, cutoff, *args[:2], radial_orders)
+    want = exact.filter_from_distances(d.double(), p64, cutoff, *args64)
     assert got.dtype == torch.float32 and got.shape == (b, nf)
     _close(got, want, torch.float32)
-    want_d, *_, want_w = exact.filter_vjp_from_distances(u.double(), d.double(), p64, cutoff,
-                                                         "gaussian", env_kind, False, True,
-                                                         _radial64)
-    for need_values in (False, True):
-        grad_d, *grads, values = fused.filter_vjp_from_distances(
-            u, d, ps, cutoff, "gaussian", env_kind, False, need_values, radial_orders)
-        assert grad_d.shape == (b,) and all(g is None for g in grads)
-        _close(grad_d, want_d, torch.float32)
-        if need_values:
-            _close(values, want_w, torch.float32)
-        else:
-            assert values is None
+    for need_params in (False, True):
+        want = exact.filter_vjp_from_distances(u.double(), d.double(), p64, cutoff,
+                                               *args64[:2], need_params, True, _radial64)
+        for need_values in (False, True):
+            got = fused.filter_vjp_from_distances(u, d, ps, cutoff, *args[:2], need_params,
+                                                  need_values, radial_orders)
+            assert got[0].shape == (b,)
+            for g, w in zip(got, want[:5] + (want[5] if need_values else None,), strict=True):
+                if w is None:
+                    assert g is None
+                else:
+                    assert g.dtype == torch.float32 and g.shape == w.shape
+                    _close(g, w, torch.float32)
+        got = fused.filter_vjp_vjp_from_distances(u, weight, d, ps, cutoff, *args[:2],
+                                                  need_params, radial_orders)
+        want = exact.filter_vjp_vjp_from_distances(u.double(), weight.double(), d.double(),
+                                                   p64, cutoff, *args64[:2], need_params,
+                                                   _radial64)
+        for g, w in zip(got, want, strict=True):
+            assert (g is None) == (w is None)
+            if w is not None:
+                assert g.dtype == torch.float32 and g.shape == w.shape
+                _close(g, w, torch.float32)
     # what the kernels do not cover takes the basis + GEMM path, with the same results
     bessel = fused.filter_from_distances(d, ps, cutoff, "bessel", env_kind, radial_orders)
     _close(bessel, exact.filter_from_distances(d.double(), p64, cutoff, "bessel", env_kind,
                                                _radial64), torch.float32)
-    with_params = fused.filter_vjp_from_distances(u, d, ps, cutoff, "gaussian", env_kind, True,
-                                                  False, radial_orders)
-    want_params = exact.filter_vjp_from_distances(u.double(), d.double(), p64, cutoff,
-                                                  "gaussian", env_kind, True, False, _radial64)
-    for g, w in zip(with_params[:5], want_params[:5], strict=True):
-        _close(g, w, torch.float32)
     trained = [p.clone().requires_grad_(True) for p in ps]  # differentiable: torch formulas
     assert fused.filter_from_distances(d, trained, cutoff, "gaussian", env_kind,
                                        radial_orders).requires_grad
