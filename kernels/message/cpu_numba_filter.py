@@ -16,9 +16,13 @@ a GEMM is the F x F part: ``[u act(h) | u] [w2^T; b2]`` forward and ``t = ū w2`
 
 w1 is read as a padded transpose [K + 2 PAD, F] (zero rows around w1^T), so the band's rows
 are always in bounds and the sum over the band is one fixed expression per feature. Each pair
-is computed alone, in a fixed order: deterministic. Parameter gradients (training), float64,
-bessel bases and operands that require grad take dense's basis + GEMM path (``FusedFilter``
-falls back to it).
+is computed alone, in a fixed order: deterministic.
+
+With parameter gradients (``_hidden_vjp``, ``want_params``) the kernel also writes the pieces
+of their GEMMs: ``[u a | u]``, ``G = u t act'(h)`` and the band as a [b, K] basis. Force
+training's second backward (``_hidden_vjp_vjp``) takes h, h' and h'' from the band and writes
+every elementwise term of dense.filter_vjp_vjp in the same pass. Float64, bessel bases and
+operands that require grad take dense's basis + GEMM path (``FusedFilter`` falls back to it).
 """
 
 from __future__ import annotations
