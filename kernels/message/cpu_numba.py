@@ -183,7 +183,7 @@ def cfconv_forward(x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope,
     """Launcher: out[a] = sum_{e in row a} x[j_e] (W(d_e) + W(d_rev e)) / 2, [N, F]; one filter
     per unordered pair (README.md)."""
     with torch.no_grad():
-        pairs = dense.MirrorPairs(i, j, rev)
+        pairs = dense.mirror_pairs(i, j, rev)
         return dense.blocked_forward(x.detach().contiguous(), d.detach(), ptr.shape[0] - 1, pairs,
                                      _params(w1, b1, w2, b2), cutoff, kind, envelope,
                                      FusedFilter(act), _radial, _scatter_fn(pairs),
@@ -206,7 +206,7 @@ def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, 
                need_params, need_x):
     """Launcher: (grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of sum <g, out>."""
     with torch.no_grad():
-        pairs = dense.MirrorPairs(i, j, rev)
+        pairs = dense.mirror_pairs(i, j, rev)
         out = dense.blocked_vjp(g.detach(), x.detach(), d.detach(), pairs,
                                 _params(w1, b1, w2, b2), cutoff, kind, envelope,
                                 FusedFilter(act), need_params, need_x, _radial,
@@ -220,7 +220,7 @@ def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, env
     """Launcher: (grad_g, grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of
     sum_e v_e grad_d_e, grad_d = cfconv_vjp(g, x, d, ...)[1]; empty [0] where not asked for."""
     with torch.no_grad():
-        pairs = dense.MirrorPairs(i, j, rev)
+        pairs = dense.mirror_pairs(i, j, rev)
         out = dense.blocked_vjp_vjp(v.detach(), g.detach(), x.detach(), d.detach(), pairs,
                                     _params(w1, b1, w2, b2), cutoff, kind, envelope,
                                     FusedFilter(act), need_g, need_x, need_params, _radial,

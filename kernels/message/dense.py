@@ -18,6 +18,7 @@ backward must build a graph (force training).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as tf
@@ -215,6 +216,26 @@ class MirrorPairs:
 
     def __len__(self) -> int:
         return int(self.c.shape[0])
+
+
+_last_pairs: list = []  # [(weak references to i, j, rev), their versions, MirrorPairs]
+
+
+def mirror_pairs(i: Tensor, j: Tensor, rev: Tensor) -> MirrorPairs:
+    """``MirrorPairs(i, j, rev)``, reused while the same three tensors (unchanged in place)
+    come back: a model's interactions and their backwards walk one list (six constructions per
+    SchNet step, ~0.65 ms each at 3,000 atoms on 2 cores). Tensors are held by weak reference,
+    so a freed list is never matched by a new one at the same address, and the pairs are
+    dropped with the list."""
+    versions = (i._version, j._version, rev._version)
+    if _last_pairs:
+        refs, seen, pairs = _last_pairs
+        if seen == versions and all(r() is t for r, t in zip(refs, (i, j, rev), strict=True)):
+            return pairs
+    pairs = MirrorPairs(i, j, rev)
+    _last_pairs[:] = [tuple(weakref.ref(t) for t in (i, j, rev)), versions, pairs]
+    weakref.finalize(rev, _last_pairs.clear)
+    return pairs
 
 
 def _pair_filter(dc: Tensor, dm: Tensor, params, cutoff: float, kind: str, env_kind: str,

@@ -614,7 +614,7 @@ def cfconv_forward(x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope,
     """Launcher: out[a] = sum_{e in row a} x[j_e] (W(d_e) + W(d_rev e)) / 2, [N, F]; one filter
     per unordered pair (README.md)."""
     with torch.no_grad():
-        pairs = dense.MirrorPairs(i, j, rev)
+        pairs = dense.mirror_pairs(i, j, rev)
         return dense.blocked_forward(_c(x), d.detach(), ptr.shape[0] - 1, pairs,
                                      _params(w1, b1, w2, b2), cutoff, kind, envelope, act, _radial,
                                      _scatter_fn(pairs), BLOCK)
@@ -639,7 +639,7 @@ def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, 
                need_params, need_x):
     """Launcher: (grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of sum <g, out>."""
     with torch.no_grad():
-        pairs = dense.MirrorPairs(i, j, rev)
+        pairs = dense.mirror_pairs(i, j, rev)
         out = dense.blocked_vjp(_c(g), _c(x), d.detach(), pairs, _params(w1, b1, w2, b2), cutoff,
                                 kind, envelope, act, need_params, need_x, _radial,
                                 _product_fn(pairs, g, x), _scatter_fn(pairs), BLOCK)
@@ -651,7 +651,7 @@ def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, env
     """Launcher: (grad_g, grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of
     sum_e v_e grad_d_e, grad_d = cfconv_vjp(g, x, d, ...)[1]; empty [0] where not asked for."""
     with torch.no_grad():
-        pairs = dense.MirrorPairs(i, j, rev)
+        pairs = dense.mirror_pairs(i, j, rev)
         out = dense.blocked_vjp_vjp(v.detach(), _c(g), _c(x), d.detach(), pairs,
                                     _params(w1, b1, w2, b2), cutoff, kind, envelope, act, need_g,
                                     need_x, need_params, _radial, _product_fn(pairs, g, x),

@@ -632,3 +632,23 @@ def test_numba_fused_gaussian_filter_matches_float64(num_basis, nf, env_kind, ki
     trained = [p.clone().requires_grad_(True) for p in ps]  # differentiable: torch formulas
     assert fused.filter_from_distances(d, trained, cutoff, "gaussian", env_kind,
                                        radial_orders).requires_grad
+
+
+def test_mirror_pairs_reused_only_for_the_same_unchanged_list(rng):
+    """One MirrorPairs serves every call on the same (i, j, rev) tensors; another list, an
+    in-place change or a freed list gets its own, equal to a fresh construction."""
+    nl, _ = graph(rng, 30)
+    i, j, rev = nl.i, nl.j, nl.reverse
+    first = dense.mirror_pairs(i, j, rev)
+    assert dense.mirror_pairs(i, j, rev) is first
+    fresh = dense.MirrorPairs(i, j, rev)
+    assert all(torch.equal(getattr(first, k), getattr(fresh, k)) for k in "cmab")
+    other = dense.mirror_pairs(i, j, rev.clone())
+    assert other is not first and torch.equal(other.c, first.c)
+    swapped = rev.clone()
+    again = dense.mirror_pairs(i, j, swapped)
+    assert again is dense.mirror_pairs(i, j, swapped)
+    swapped[[0, 1]] = swapped[[1, 0]]  # in place: the pairs must be rebuilt
+    assert dense.mirror_pairs(i, j, swapped) is not again
+    del swapped, again, other
+    assert dense.mirror_pairs(i, j, rev) is not first  # replaced meanwhile: rebuilt
