@@ -130,6 +130,18 @@ def _put_basis(row, start, vals):
             row[k] = vals[m]
 
 
+@njit(cache=True, inline="always", fastmath={"contract"})
+def _hidden_orders(r, w, b1, inv_delta, num_basis, inv_delta32, order, vals, zero, h):
+    """h[n] = d^n/dr^n (w1 b(r) + b1) for n <= order (h [order + 1, F], vals [order + 1,
+    BAND] scratch); returns the band's first padded row."""
+    start = _band(r, inv_delta, num_basis, inv_delta32, order, vals)
+    rows = _band_of(w, start)
+    _band_sum(rows, vals, 0, b1, h.shape[1], h[0])
+    for n in range(1, order + 1):
+        _band_sum(rows, vals, n, zero, h.shape[1], h[n])
+    return start
+
+
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def _hidden_values(d, w, b1, inv_delta, cutoff, env, kind, env_out, aug):
     """aug[p] = [u act(h) | u] for the distances d [b] (float32): the left factor of W's GEMM,
@@ -161,13 +173,11 @@ def _hidden_vjp(d, w, b1, inv_delta, cutoff, env, kind, t, u, b2, env_out, grad_
     for c in prange((d.shape[0] + _CHUNK - 1) // _CHUNK):
         lo, hi = c * _CHUNK, min((c + 1) * _CHUNK, d.shape[0])
         envelope_run_f32(d, lo, hi, cutoff, env, 1, env_out)
-        vals = np.empty((2, BAND), F32)
-        h, hs, zero = np.empty(nf, F32), np.empty(nf, F32), np.zeros(nf, F32)
+        vals, hidden, zero = np.empty((2, BAND), F32), np.empty((2, nf), F32), np.zeros(nf, F32)
+        h, hs = hidden[0], hidden[1]
         for p in range(lo, hi):
-            start = _band(np.float64(d[p]), inv_delta, num_basis, inv_delta32, 1, vals)
-            rows = _band_of(w, start)
-            _band_sum(rows, vals, 0, b1, nf, h)
-            _band_sum(rows, vals, 1, zero, nf, hs)
+            start = _hidden_orders(np.float64(d[p]), w, b1, inv_delta, num_basis, inv_delta32, 1,
+                                   vals, zero, hidden)
             u0, u1 = env_out[0, p], env_out[1, p]
             tp, up = t[p], u[p]
             ta = ths = ub = F32(0.0)
@@ -212,15 +222,11 @@ def _hidden_vjp_vjp(d, w, b1, inv_delta, cutoff, env, kind, t, u, b2, weight, en
     for c in prange((d.shape[0] + _CHUNK - 1) // _CHUNK):
         lo, hi = c * _CHUNK, min((c + 1) * _CHUNK, d.shape[0])
         envelope_run_f32(d, lo, hi, cutoff, env, 2, env_out)
-        vals = np.empty((3, BAND), F32)
-        h0, h1, h2 = np.empty(nf, F32), np.empty(nf, F32), np.empty(nf, F32)
-        zero = np.zeros(nf, F32)
+        vals, hidden, zero = np.empty((3, BAND), F32), np.empty((3, nf), F32), np.zeros(nf, F32)
+        h0, h1, h2 = hidden[0], hidden[1], hidden[2]
         for p in range(lo, hi):
-            start = _band(np.float64(d[p]), inv_delta, num_basis, inv_delta32, 2, vals)
-            rows = _band_of(w, start)
-            _band_sum(rows, vals, 0, b1, nf, h0)
-            _band_sum(rows, vals, 1, zero, nf, h1)
-            _band_sum(rows, vals, 2, zero, nf, h2)
+            start = _hidden_orders(np.float64(d[p]), w, b1, inv_delta, num_basis, inv_delta32, 2,
+                                   vals, zero, hidden)
             u0, u1, u2, wk = env_out[0, p], env_out[1, p], env_out[2, p], weight[p]
             tp, up, wqp = t[p], u[p], wq[p]
             s0 = s1 = s2 = ub = F32(0.0)
