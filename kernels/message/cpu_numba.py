@@ -8,7 +8,8 @@ Algorithms:
   ``BLOCK_FEATURES / F`` unordered pairs (more below F = 128: ``_pairs_per_block``;
   kernels/message/dense.py: one filter serves both edges of a pair) and fuse the gathers, products
   and sums of both ends into ``_pair_scatter`` and ``_pair_product``; no [E, F] tensor is ever
-  held, and the backward recomputes the filter. The F x F layer is a BLAS GEMM (a scalar per-pair
+  held, and the backward recomputes the filter (the x-gradient reads the forward's W when it
+  was kept: ``KEPT_FILTERS``). The F x F layer is a BLAS GEMM (a scalar per-pair
   loop in numba would lose to BLAS by ~10x at F = 128). For gaussian bases in float32 the first
   layer is a 16-function band summed per pair in one kernel with the basis, the envelope and the
   activation (cpu_numba_filter.py); otherwise it is a GEMM too, with the bare radial basis and the
@@ -179,15 +180,31 @@ def _params(w1, b1, w2, b2):
     return w1.detach(), b1.detach(), w2.detach(), b2.detach()
 
 
+# The pair filters of forwards whose x requires grad, for their backwards' x-gradient.
+KEPT_FILTERS = dense.KeptFilters()
+
+
+def _filter_key(d, i, j, rev, w1, b1, w2, b2, cutoff, kind, envelope, act):
+    """(tensors, settings) that determine a forward's blocks of W (KEPT_FILTERS' key)."""
+    return ((d, i, j, rev, w1, b1, w2, b2),
+            (float(cutoff), kind, envelope, act, _pairs_per_block(w1.shape[0])))
+
+
 def cfconv_forward(x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act):
     """Launcher: out[a] = sum_{e in row a} x[j_e] (W(d_e) + W(d_rev e)) / 2, [N, F]; one filter
-    per unordered pair (README.md)."""
+    per unordered pair (README.md). If x requires grad, the blocks of W are kept for the
+    backward's x-gradient (KEPT_FILTERS)."""
+    keep = [] if x.requires_grad else None
     with torch.no_grad():
         pairs = dense.mirror_pairs(i, j, rev)
-        return dense.blocked_forward(x.detach().contiguous(), d.detach(), ptr.shape[0] - 1, pairs,
-                                     _params(w1, b1, w2, b2), cutoff, kind, envelope,
-                                     FusedFilter(act), _radial, _scatter_fn(pairs),
-                                     _pairs_per_block(x.shape[1]))
+        out = dense.blocked_forward(x.detach().contiguous(), d.detach(), ptr.shape[0] - 1, pairs,
+                                    _params(w1, b1, w2, b2), cutoff, kind, envelope,
+                                    FusedFilter(act), _radial, _scatter_fn(pairs),
+                                    _pairs_per_block(x.shape[1]), keep)
+    if keep is not None:
+        KEPT_FILTERS.put(*_filter_key(d, i, j, rev, w1, b1, w2, b2, cutoff, kind, envelope, act),
+                         keep)
+    return out
 
 
 def _product_fn(pairs, g, x):
@@ -204,14 +221,19 @@ def _product_fn(pairs, g, x):
 
 def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act,
                need_params, need_x):
-    """Launcher: (grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of sum <g, out>."""
+    """Launcher: (grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of sum <g, out>; the
+    x-gradient reads the forward's W where it was kept (and a backward without one frees it)."""
+    filters = KEPT_FILTERS.take(*_filter_key(d, i, j, rev, w1, b1, w2, b2, cutoff, kind,
+                                             envelope, act))
+    if not need_x:
+        filters = None
     with torch.no_grad():
         pairs = dense.mirror_pairs(i, j, rev)
         out = dense.blocked_vjp(g.detach(), x.detach(), d.detach(), pairs,
                                 _params(w1, b1, w2, b2), cutoff, kind, envelope,
                                 FusedFilter(act), need_params, need_x, _radial,
                                 _product_fn(pairs, g, x), _scatter_fn(pairs),
-                                _pairs_per_block(g.shape[1]))
+                                _pairs_per_block(g.shape[1]), filters)
     return dense.params_or_empty(out, d)
 
 

@@ -8,7 +8,7 @@ kernels (numba also sums the first layer of a gaussian basis over its band per p
 alone, so ``blocked_forward`` and ``blocked_vjp`` evaluate it once per unordered pair of the full
 list (``MirrorPairs``) and let it serve both edges: half the GEMM work of one filter per edge.
 They never hold more than ``block`` pairs x F features, and the backward recomputes the filter
-instead of storing it.
+instead of storing it (a backend may keep the forward's W for the x-gradient: ``KeptFilters``).
 
 The formulas (README.md beside this file) are plain torch ops, so ``filter_vjp`` on tensors that
 require grad is itself differentiable to any order: the custom ops use it that way when a
@@ -18,6 +18,7 @@ backward must build a graph (force training).
 from __future__ import annotations
 
 import math
+import threading
 import weakref
 
 import torch
@@ -252,14 +253,14 @@ def _pair_filter(dc: Tensor, dm: Tensor, params, cutoff: float, kind: str, env_k
 
 def blocked_forward(x: Tensor, d: Tensor, num_atoms: int, pairs: MirrorPairs, params,
                     cutoff: float, kind: str, env_kind: str, act: str | Activation, radial_fn,
-                    scatter_fn, block: int) -> Tensor:
+                    scatter_fn, block: int, keep: list | None = None) -> Tensor:
     """out_a = sum_{e in row a} x[j_e] (W(d_e) + W(d_rev e)) / 2, a block of pairs at a time.
 
     Each pair's filter serves both of its edges: ``scatter_fn(out, x, w_block, p0)`` is the
     backend's ``out[a_p] += x[b_p] w_p; out[b_p] += x[a_p] w_p`` over the pairs p0..p0+len(w)
     (deterministic on CPU: see cpu_numba.py). ``radial_fn(d_block, K, cutoff, kind, env_kind,
     order)`` is the backend's bare radial basis and envelope at orders 0..order (two lists; see
-    ``each_order``).
+    ``each_order``). Each block's pair filter is appended to ``keep`` if given (``KeptFilters``).
     """
     out = x.new_zeros(num_atoms, x.shape[1])
     for p0 in range(0, len(pairs), block):
@@ -267,7 +268,69 @@ def blocked_forward(x: Tensor, d: Tensor, num_atoms: int, pairs: MirrorPairs, pa
         dc, dm = d.index_select(0, pairs.c[p0:p1]), d.index_select(0, pairs.m[p0:p1])
         w = _pair_filter(dc, dm, params, cutoff, kind, env_kind, act, radial_fn)
         scatter_fn(out, x, w, p0)
+        if keep is not None:
+            keep.append(w)
     return out
+
+
+def _floating(tensors: tuple) -> tuple:
+    return tuple(t for t in tensors if t.is_floating_point())
+
+
+class KeptFilters:
+    """Pair filters of cfconv forwards kept for their backwards' x-gradient, which is the op
+    itself on the output gradient (``cfconv(g, d)``) and so needs every block's W again.
+    Recomputing it costs an F x F GEMM per pair; keeping it costs [P, F] memory while the
+    distances live (what a forward on an x that requires grad, a model's second and later
+    interactions, asks for).
+
+    An entry is found only by the very tensors it was made from (weak references: a freed
+    tensor never matches a new one at its address) at the same versions (no in-place change
+    since), with equal values for the floating-point ones (distances and weights: a change
+    through ``.data``, as gradcheck's perturbations make, bumps no version), with the same
+    settings; it is handed out once (``take``) and dropped with its distances. At most
+    ``capacity`` entries are held, the oldest dropped first: a miss only means recomputing."""
+
+    def __init__(self, capacity: int = 8):
+        self.capacity = capacity
+        self._entries: list = []
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _matches(entry, tensors, settings) -> bool:
+        refs, versions, kept_settings, _, values, _ = entry
+        return (kept_settings == settings
+                and all(r() is t for r, t in zip(refs, tensors, strict=True))
+                and versions == tuple(t._version for t in tensors)
+                and all(torch.equal(v, t) for v, t in zip(values, _floating(tensors),
+                                                          strict=True)))
+
+    def put(self, tensors: tuple, settings: tuple, blocks: list) -> None:
+        """Keep ``blocks`` for ``tensors`` (the distances first) and ``settings``."""
+        token = object()  # what the finalizer holds: never the blocks themselves
+        values = tuple(t.detach().clone() for t in _floating(tensors))
+        entry = (tuple(weakref.ref(t) for t in tensors), tuple(t._version for t in tensors),
+                 settings, token, values, blocks)
+        with self._lock:
+            self._entries.append(entry)
+            del self._entries[:max(0, len(self._entries) - self.capacity)]
+        weakref.finalize(tensors[0], self._drop, token)
+
+    def take(self, tensors: tuple, settings: tuple) -> list | None:
+        """The blocks kept for exactly these tensors and settings (then forgotten), or None."""
+        with self._lock:
+            for k, entry in enumerate(self._entries):
+                if self._matches(entry, tensors, settings):
+                    del self._entries[k]
+                    return entry[5]
+        return None
+
+    def _drop(self, token) -> None:
+        with self._lock:
+            self._entries = [e for e in self._entries if e[3] is not token]
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def _pair_filter_vjp(u: Tensor, d: Tensor, params, cutoff: float, kind: str, env_kind: str,
@@ -278,14 +341,15 @@ def _pair_filter_vjp(u: Tensor, d: Tensor, params, cutoff: float, kind: str, env
 
 def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params, cutoff: float,
                 kind: str, env_kind: str, act: str | Activation, need_params: bool, need_x: bool,
-                radial_fn, product_fn, scatter_fn, block: int):
+                radial_fn, product_fn, scatter_fn, block: int, filters: list | None = None):
     """Gradients of sum_a <g_a, out_a> (``blocked_forward``) in x, d and the filter parameters.
 
     With ``u_p = g[a] x[b] + g[b] x[a]`` (``product_fn(g, x, p0, p1)``) the pair's share of the
     loss is ``<u_p, (W(d_c) + W(d_m)) / 2>``: one backward through the filter network per pair,
     whose hidden layer also gives W for the x-gradient (``scatter_fn(grad_x, g, w, p0)``: the
-    op is symmetric in its pair ends). Parameter gradients are summed over blocks in a fixed
-    order: deterministic.
+    op is symmetric in its pair ends). ``filters``: the forward's blocks of W (same blocks,
+    ``KeptFilters``), which the x-gradient then reads instead. Parameter gradients are summed
+    over blocks in a fixed order: deterministic.
 
     Returns (grad_x [N, F] or None, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2), the
     parameter gradients None unless ``need_params``.
@@ -293,8 +357,9 @@ def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params, cut
     grad_d = d.new_zeros(d.shape[0])
     grad_x = torch.zeros_like(x) if need_x else None
     sums = [torch.zeros_like(p) for p in params] if need_params else None
-    args = (params, cutoff, kind, env_kind, act, need_params, need_x, radial_fn)
-    for p0 in range(0, len(pairs), block):
+    need_values = need_x and filters is None
+    args = (params, cutoff, kind, env_kind, act, need_params, need_values, radial_fn)
+    for n, p0 in enumerate(range(0, len(pairs), block)):
         p1 = min(p0 + block, len(pairs))
         c, m = pairs.c[p0:p1], pairs.m[p0:p1]
         dc, dm = d.index_select(0, c), d.index_select(0, m)
@@ -312,10 +377,10 @@ def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params, cut
             grad_d.index_copy_(0, m, gd_m)
             if need_params:
                 gp = [s + t for s, t in zip(gp, gp_m, strict=True)]
-            if need_x:
+            if need_values:
                 w = 0.5 * (w + w_m)
         if need_x:
-            scatter_fn(grad_x, g, w, p0)
+            scatter_fn(grad_x, g, w if filters is None else filters[n], p0)
         if sums is not None:
             for s, p in zip(sums, gp, strict=True):
                 s += p

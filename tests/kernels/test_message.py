@@ -652,3 +652,64 @@ def test_mirror_pairs_reused_only_for_the_same_unchanged_list(rng):
     assert dense.mirror_pairs(i, j, swapped) is not again
     del swapped, again, other
     assert dense.mirror_pairs(i, j, rev) is not first  # replaced meanwhile: rebuilt
+
+
+def test_kept_filters_match_only_the_same_unchanged_tensors():
+    """KeptFilters hands an entry out once, only for the very tensors (same versions) and
+    settings it was kept for, drops it with its first tensor, and holds at most ``capacity``."""
+    kept = dense.KeptFilters(capacity=2)
+    d, w = torch.rand(5), torch.randn(3, 2)
+    blocks = [torch.randn(4, 2)]
+    kept.put((d, w), ("a", 1), blocks)
+    assert kept.take((d, w.clone()), ("a", 1)) is None  # another tensor, equal values
+    assert kept.take((d, w), ("a", 2)) is None  # other settings
+    assert kept.take((d, w), ("a", 1)) is blocks
+    assert kept.take((d, w), ("a", 1)) is None  # handed out once
+    kept.put((d, w), ("a", 1), blocks)
+    w.add_(0)  # in place: another version
+    assert kept.take((d, w), ("a", 1)) is None
+    kept.put((d, w), ("a", 1), blocks)
+    d.data[0] += 1e-3  # through .data: no new version, but other values
+    assert kept.take((d, w), ("a", 1)) is None
+    for k in range(3):
+        kept.put((d, w), ("b", k), blocks)
+    assert len(kept) == 2 and kept.take((d, w), ("b", 0)) is None  # the oldest went first
+    del d  # the distances freed: their entries go with them
+    assert len(kept) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_numba_cfconv_x_gradient_from_kept_filters(rng, dtype):
+    """A forward on an x that requires grad keeps its blocks of W, and the backward's
+    x-gradient reads them: the same gradients as recomputing W (against the float64
+    reference), mirrors with unequal distances included; a backward without an x-gradient
+    frees them."""
+    n, nf, num_basis = 40, 24, 10
+    nl, d = graph(rng, n, dtype=dtype)
+    d = d.clone()
+    d[3] = d[3] * 1.01  # one pair whose mirrored distances differ: the mean of two filters
+    x = torch.randn(n, nf, dtype=dtype, requires_grad=True)
+    g = torch.randn(n, nf, dtype=dtype)
+    p = params(num_basis, nf, dtype)
+    i, j, ptr, rev = nl.i, nl.j, nl.ptr, nl.reverse
+    kept = cpu_numba.KEPT_FILTERS
+    for kind, env, act in (("gaussian", "cosine", "shifted_softplus"),
+                           ("bessel", "polynomial", "silu")):
+        args = (2.0, kind, env, act)
+        before = len(kept)
+        out = cpu_numba.cfconv_forward(x, d, i, j, ptr, rev, *p, *args)
+        assert len(kept) == before + 1
+        got = cpu_numba.cfconv_vjp(g, x.detach(), d, i, j, ptr, rev, *p, *args, False, True)
+        assert len(kept) == before  # handed out
+        recomputed = cpu_numba.cfconv_vjp(g, x.detach(), d, i, j, ptr, rev, *p, *args, False,
+                                          True)
+        want = reference.cfconv_vjp(g.double(), x.detach().double(), d.double(), i, j, ptr,
+                                    rev, *[t.double() for t in p], *args, False, True)
+        _close(out, reference.cfconv_forward(x.detach().double(), d.double(), i, j, ptr, rev,
+                                             *[t.double() for t in p], *args), dtype)
+        for a, b, c in zip(got[:2], recomputed[:2], want[:2], strict=True):
+            _close(a, c, dtype)
+            _close(b, c, dtype)
+        cpu_numba.cfconv_forward(x, d, i, j, ptr, rev, *p, *args)
+        cpu_numba.cfconv_vjp(g, x.detach(), d, i, j, ptr, rev, *p, *args, False, False)
+        assert len(kept) == before  # a backward without the x-gradient frees them
