@@ -193,10 +193,12 @@ def _filter_key(d, i, j, rev, w1, b1, w2, b2, cutoff, kind, envelope, act):
 def cfconv_forward(x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act):
     """Launcher: out[a] = sum_{e in row a} x[j_e] (W(d_e) + W(d_rev e)) / 2, [N, F]; one filter
     per unordered pair (README.md). If x requires grad, the blocks of W are kept for the
-    backward's x-gradient (KEPT_FILTERS)."""
-    keep = [] if x.requires_grad else None
+    backward's x-gradient (KEPT_FILTERS), within its memory budget."""
     with torch.no_grad():
         pairs = dense.mirror_pairs(i, j, rev)
+        keep = None
+        if x.requires_grad and KEPT_FILTERS.fits(len(pairs) * x.shape[1] * x.element_size()):
+            keep = []
         out = dense.blocked_forward(x.detach().contiguous(), d.detach(), ptr.shape[0] - 1, pairs,
                                     _params(w1, b1, w2, b2), cutoff, kind, envelope,
                                     FusedFilter(act), _radial, _scatter_fn(pairs),

@@ -277,6 +277,10 @@ def _floating(tensors: tuple) -> tuple:
     return tuple(t for t in tensors if t.is_floating_point())
 
 
+def _nbytes(blocks: list) -> int:
+    return sum(b.numel() * b.element_size() for b in blocks)
+
+
 class KeptFilters:
     """Pair filters of cfconv forwards kept for their backwards' x-gradient, which is the op
     itself on the output gradient (``cfconv(g, d)``) and so needs every block's W again.
@@ -289,12 +293,19 @@ class KeptFilters:
     since), with equal values for the floating-point ones (distances and weights: a change
     through ``.data``, as gradcheck's perturbations make, bumps no version), with the same
     settings; it is handed out once (``take``) and dropped with its distances. At most
-    ``capacity`` entries are held, the oldest dropped first: a miss only means recomputing."""
+    ``capacity`` entries and ``budget`` bytes are held, the oldest dropped first, and a forward
+    whose filters alone exceed the budget keeps none (``fits``): large systems keep the
+    constant memory of recomputing. A miss only means recomputing."""
 
-    def __init__(self, capacity: int = 8):
+    def __init__(self, capacity: int = 8, budget: int = 256 << 20):
         self.capacity = capacity
+        self.budget = budget
         self._entries: list = []
         self._lock = threading.Lock()
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether filters of ``nbytes`` may be kept (asked before the forward makes them)."""
+        return self.capacity > 0 and nbytes <= self.budget
 
     @staticmethod
     def _matches(entry, tensors, settings) -> bool:
@@ -314,6 +325,8 @@ class KeptFilters:
         with self._lock:
             self._entries.append(entry)
             del self._entries[:max(0, len(self._entries) - self.capacity)]
+            while sum(_nbytes(e[5]) for e in self._entries) > self.budget:
+                del self._entries[0]
         weakref.finalize(tensors[0], self._drop, token)
 
     def take(self, tensors: tuple, settings: tuple) -> list | None:

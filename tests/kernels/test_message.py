@@ -674,12 +674,18 @@ def test_kept_filters_match_only_the_same_unchanged_tensors():
     for k in range(3):
         kept.put((d, w), ("b", k), blocks)
     assert len(kept) == 2 and kept.take((d, w), ("b", 0)) is None  # the oldest went first
+    kept.budget = 4 * blocks[0].numel()  # room for one entry of float32 blocks
+    assert kept.fits(kept.budget) and not kept.fits(kept.budget + 1)
+    kept.put((d, w), ("c", 0), blocks)
+    assert len(kept) == 1 and kept.take((d, w), ("b", 2)) is None  # over the budget: dropped
+    assert kept.take((d, w), ("c", 0)) is blocks
+    kept.put((d, w), ("c", 0), blocks)
     del d  # the distances freed: their entries go with them
     assert len(kept) == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_numba_cfconv_x_gradient_from_kept_filters(rng, dtype):
+def test_numba_cfconv_x_gradient_from_kept_filters(rng, dtype, monkeypatch):
     """A forward on an x that requires grad keeps its blocks of W, and the backward's
     x-gradient reads them: the same gradients as recomputing W (against the float64
     reference), mirrors with unequal distances included; a backward without an x-gradient
@@ -713,3 +719,6 @@ def test_numba_cfconv_x_gradient_from_kept_filters(rng, dtype):
         cpu_numba.cfconv_forward(x, d, i, j, ptr, rev, *p, *args)
         cpu_numba.cfconv_vjp(g, x.detach(), d, i, j, ptr, rev, *p, *args, False, False)
         assert len(kept) == before  # a backward without the x-gradient frees them
+    monkeypatch.setattr(kept, "budget", len(nl) // 2 * nf * x.element_size() - 1)
+    cpu_numba.cfconv_forward(x, d, i, j, ptr, rev, *p, *args)
+    assert len(kept) == before  # filters over the memory budget are not kept
