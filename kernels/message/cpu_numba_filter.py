@@ -142,6 +142,14 @@ def _hidden_orders(r, w, b1, inv_delta, num_basis, inv_delta32, order, vals, zer
     return start
 
 
+@njit(cache=True, inline="always")
+def _chunk_with_envelope(d, c, cutoff, env, order, env_out):
+    """(lo, hi): the pairs of prange task c, with their envelope up to ``order`` in env_out."""
+    lo, hi = c * _CHUNK, min((c + 1) * _CHUNK, d.shape[0])
+    envelope_run_f32(d, lo, hi, cutoff, env, order, env_out)
+    return lo, hi
+
+
 @njit(cache=True, parallel=True, fastmath={"contract"})
 def _hidden_values(d, w, b1, inv_delta, cutoff, env, kind, env_out, aug):
     """aug[p] = [u act(h) | u] for the distances d [b] (float32): the left factor of W's GEMM,
@@ -149,8 +157,7 @@ def _hidden_values(d, w, b1, inv_delta, cutoff, env, kind, env_out, aug):
     num_basis, nf = w.shape[0] - 2 * PAD, aug.shape[1] - 1
     inv_delta32 = F32(inv_delta)
     for c in prange((d.shape[0] + _CHUNK - 1) // _CHUNK):
-        lo, hi = c * _CHUNK, min((c + 1) * _CHUNK, d.shape[0])
-        envelope_run_f32(d, lo, hi, cutoff, env, 0, env_out)
+        lo, hi = _chunk_with_envelope(d, c, cutoff, env, 0, env_out)
         vals = np.empty((1, BAND), F32)
         for p in range(lo, hi):
             row = aug[p]
@@ -171,8 +178,7 @@ def _hidden_vjp(d, w, b1, inv_delta, cutoff, env, kind, t, u, b2, env_out, grad_
     num_basis, nf = w.shape[0] - 2 * PAD, t.shape[1]
     inv_delta32 = F32(inv_delta)
     for c in prange((d.shape[0] + _CHUNK - 1) // _CHUNK):
-        lo, hi = c * _CHUNK, min((c + 1) * _CHUNK, d.shape[0])
-        envelope_run_f32(d, lo, hi, cutoff, env, 1, env_out)
+        lo, hi = _chunk_with_envelope(d, c, cutoff, env, 1, env_out)
         vals, hidden, zero = np.empty((2, BAND), F32), np.empty((2, nf), F32), np.zeros(nf, F32)
         h, hs = hidden[0], hidden[1]
         for p in range(lo, hi):
@@ -181,6 +187,7 @@ def _hidden_vjp(d, w, b1, inv_delta, cutoff, env, kind, t, u, b2, env_out, grad_
             u0, u1 = env_out[0, p], env_out[1, p]
             tp, up = t[p], u[p]
             ta = ths = ub = F32(0.0)
+            # one loop per set of outputs: a branch inside the feature loop kept it scalar
             if want_params:
                 row, gp = aug[p], g_out[p]
                 for f in range(nf):
@@ -220,8 +227,7 @@ def _hidden_vjp_vjp(d, w, b1, inv_delta, cutoff, env, kind, t, u, b2, weight, en
     num_basis, nf = w.shape[0] - 2 * PAD, t.shape[1]
     inv_delta32 = F32(inv_delta)
     for c in prange((d.shape[0] + _CHUNK - 1) // _CHUNK):
-        lo, hi = c * _CHUNK, min((c + 1) * _CHUNK, d.shape[0])
-        envelope_run_f32(d, lo, hi, cutoff, env, 2, env_out)
+        lo, hi = _chunk_with_envelope(d, c, cutoff, env, 2, env_out)
         vals, hidden, zero = np.empty((3, BAND), F32), np.empty((3, nf), F32), np.zeros(nf, F32)
         h0, h1, h2 = hidden[0], hidden[1], hidden[2]
         for p in range(lo, hi):

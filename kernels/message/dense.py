@@ -219,7 +219,20 @@ class MirrorPairs:
         return int(self.c.shape[0])
 
 
-_last_pairs: list = []  # [(weak references to i, j, rev), their versions, MirrorPairs]
+def tensor_marks(tensors: tuple) -> tuple:
+    """(weak references, versions) of ``tensors``: what ``same_tensors`` recognizes them by."""
+    return tuple(weakref.ref(t) for t in tensors), tuple(t._version for t in tensors)
+
+
+def same_tensors(marks: tuple, tensors: tuple) -> bool:
+    """Whether ``tensors`` are the very ones ``marks`` was taken of (a freed tensor never
+    matches a new one at its address), with no in-place change since."""
+    refs, versions = marks
+    return (all(r() is t for r, t in zip(refs, tensors, strict=True))
+            and versions == tuple(t._version for t in tensors))
+
+
+_last_pairs: list = []  # [tensor_marks((i, j, rev)), MirrorPairs]
 
 
 def mirror_pairs(i: Tensor, j: Tensor, rev: Tensor) -> MirrorPairs:
@@ -228,13 +241,10 @@ def mirror_pairs(i: Tensor, j: Tensor, rev: Tensor) -> MirrorPairs:
     SchNet step, ~0.65 ms each at 3,000 atoms on 2 cores). Tensors are held by weak reference,
     so a freed list is never matched by a new one at the same address, and the pairs are
     dropped with the list."""
-    versions = (i._version, j._version, rev._version)
-    if _last_pairs:
-        refs, seen, pairs = _last_pairs
-        if seen == versions and all(r() is t for r, t in zip(refs, (i, j, rev), strict=True)):
-            return pairs
+    if _last_pairs and same_tensors(_last_pairs[0], (i, j, rev)):
+        return _last_pairs[1]
     pairs = MirrorPairs(i, j, rev)
-    _last_pairs[:] = [tuple(weakref.ref(t) for t in (i, j, rev)), versions, pairs]
+    _last_pairs[:] = [tensor_marks((i, j, rev)), pairs]
     weakref.finalize(rev, _last_pairs.clear)
     return pairs
 
@@ -309,10 +319,8 @@ class KeptFilters:
 
     @staticmethod
     def _matches(entry, tensors, settings) -> bool:
-        refs, versions, kept_settings, _, values, _ = entry
-        return (kept_settings == settings
-                and all(r() is t for r, t in zip(refs, tensors, strict=True))
-                and versions == tuple(t._version for t in tensors)
+        marks, kept_settings, _, values, _ = entry
+        return (kept_settings == settings and same_tensors(marks, tensors)
                 and all(torch.equal(v, t) for v, t in zip(values, _floating(tensors),
                                                           strict=True)))
 
@@ -320,12 +328,11 @@ class KeptFilters:
         """Keep ``blocks`` for ``tensors`` (the distances first) and ``settings``."""
         token = object()  # what the finalizer holds: never the blocks themselves
         values = tuple(t.detach().clone() for t in _floating(tensors))
-        entry = (tuple(weakref.ref(t) for t in tensors), tuple(t._version for t in tensors),
-                 settings, token, values, blocks)
+        entry = (tensor_marks(tensors), settings, token, values, blocks)
         with self._lock:
             self._entries.append(entry)
             del self._entries[:max(0, len(self._entries) - self.capacity)]
-            while sum(_nbytes(e[5]) for e in self._entries) > self.budget:
+            while sum(_nbytes(e[4]) for e in self._entries) > self.budget:
                 del self._entries[0]
         weakref.finalize(tensors[0], self._drop, token)
 
@@ -335,12 +342,12 @@ class KeptFilters:
             for k, entry in enumerate(self._entries):
                 if self._matches(entry, tensors, settings):
                     del self._entries[k]
-                    return entry[5]
+                    return entry[4]
         return None
 
     def _drop(self, token) -> None:
         with self._lock:
-            self._entries = [e for e in self._entries if e[3] is not token]
+            self._entries = [e for e in self._entries if e[2] is not token]
 
     def __len__(self) -> int:
         return len(self._entries)
