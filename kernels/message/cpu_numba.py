@@ -9,8 +9,9 @@ Algorithms:
   kernels/message/dense.py: one filter serves both edges of a pair) and fuse the gathers, products
   and sums of both ends into ``_pair_scatter`` and ``_pair_product``; no [E, F] tensor is ever
   held, and the backward recomputes the filter (the x-gradient reads the forward's W when it
-  was kept: ``KEPT_FILTERS``). The F x F layer is a BLAS GEMM (a scalar per-pair
-  loop in numba would lose to BLAS by ~10x at F = 128). For gaussian bases in float32 the first
+  was kept: ``KEPT_FILTERS``; force training's second backward reads the first's ``t = u w2``:
+  ``KEPT_PRODUCTS``). The F x F layer is a BLAS GEMM (a scalar per-pair loop in numba would
+  lose to BLAS by ~10x at F = 128). For gaussian bases in float32 the first
   layer is a 16-function band summed per pair in one kernel with the basis, the envelope and the
   activation (cpu_numba_filter.py); otherwise it is a GEMM too, with the bare radial basis and the
   envelope at every needed order in one pass (``radial_orders``) and the activation's terms in
@@ -181,13 +182,22 @@ def _params(w1, b1, w2, b2):
 
 
 # The pair filters of forwards whose x requires grad, for their backwards' x-gradient.
-KEPT_FILTERS = dense.KeptFilters()
+KEPT_FILTERS = dense.KeptBlocks()
+# The products t = u w2 of backwards whose output gradient g requires grad (their own graph is
+# built: force training), for the cfconv_vjp_vjp that differentiates them.
+KEPT_PRODUCTS = dense.KeptBlocks()
 
 
 def _filter_key(d, i, j, rev, w1, b1, w2, b2, cutoff, kind, envelope, act):
     """(tensors, settings) that determine a forward's blocks of W (KEPT_FILTERS' key)."""
     return ((d, i, j, rev, w1, b1, w2, b2),
             (float(cutoff), kind, envelope, act, _pairs_per_block(w1.shape[0])))
+
+
+def _products_key(g, x, d, i, j, rev, w1, b1, w2, b2, cutoff, kind, envelope, act):
+    """(tensors, settings) that determine a backward's blocks of t (KEPT_PRODUCTS' key)."""
+    tensors, settings = _filter_key(d, i, j, rev, w1, b1, w2, b2, cutoff, kind, envelope, act)
+    return (*tensors, g, x), settings
 
 
 def cfconv_forward(x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act):
@@ -224,32 +234,43 @@ def _product_fn(pairs, g, x):
 def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act,
                need_params, need_x):
     """Launcher: (grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of sum <g, out>; the
-    x-gradient reads the forward's W where it was kept (and a backward without one frees it)."""
-    filters = KEPT_FILTERS.take(*_filter_key(d, i, j, rev, w1, b1, w2, b2, cutoff, kind,
-                                             envelope, act))
-    if not need_x:
-        filters = None
+    x-gradient reads the forward's W where it was kept. A backward without the x-gradient frees
+    them, unless g requires grad: then this backward is itself differentiated (force training),
+    its products t are kept for cfconv_vjp_vjp, and the backward through the forward that comes
+    with it wants the x-gradient."""
+    filter_key = _filter_key(d, i, j, rev, w1, b1, w2, b2, cutoff, kind, envelope, act)
+    filters = KEPT_FILTERS.take(*filter_key) if need_x or not g.requires_grad else None
+    filters = filters if need_x else None
     with torch.no_grad():
         pairs = dense.mirror_pairs(i, j, rev)
+        products = None
+        if g.requires_grad and KEPT_PRODUCTS.fits(len(pairs) * g.shape[1] * g.element_size()):
+            products = []
         out = dense.blocked_vjp(g.detach(), x.detach(), d.detach(), pairs,
                                 _params(w1, b1, w2, b2), cutoff, kind, envelope,
                                 FusedFilter(act), need_params, need_x, _radial,
                                 _product_fn(pairs, g, x), _scatter_fn(pairs),
-                                _pairs_per_block(g.shape[1]), filters)
+                                _pairs_per_block(g.shape[1]), filters, products)
+    if products is not None:
+        KEPT_PRODUCTS.put(*_products_key(g, x, d, i, j, rev, w1, b1, w2, b2, cutoff, kind,
+                                         envelope, act), products)
     return dense.params_or_empty(out, d)
 
 
 def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act,
                    need_g, need_x, need_params):
     """Launcher: (grad_g, grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of
-    sum_e v_e grad_d_e, grad_d = cfconv_vjp(g, x, d, ...)[1]; empty [0] where not asked for."""
+    sum_e v_e grad_d_e, grad_d = cfconv_vjp(g, x, d, ...)[1]; empty [0] where not asked for.
+    Reads the products t that cfconv_vjp of the same g and x kept, if it did."""
+    products = KEPT_PRODUCTS.take(*_products_key(g, x, d, i, j, rev, w1, b1, w2, b2, cutoff,
+                                                 kind, envelope, act))
     with torch.no_grad():
         pairs = dense.mirror_pairs(i, j, rev)
         out = dense.blocked_vjp_vjp(v.detach(), g.detach(), x.detach(), d.detach(), pairs,
                                     _params(w1, b1, w2, b2), cutoff, kind, envelope,
                                     FusedFilter(act), need_g, need_x, need_params, _radial,
                                     _product_fn(pairs, g, x), _scatter_fn(pairs),
-                                    _pairs_per_block(g.shape[1]))
+                                    _pairs_per_block(g.shape[1]), products)
     return dense.params_or_empty(out, d)
 
 

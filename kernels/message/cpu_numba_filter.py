@@ -120,14 +120,17 @@ def _band_sum(rows, vals, n, bias, nf, out):
 
 
 @njit(cache=True, inline="always")
-def _put_basis(row, start, vals):
-    """row [K] = the basis as the band holds it (zero outside: < 1.3e-14 of the largest)."""
-    for k in range(row.shape[0]):
+def _put_basis(row, start, vals, bias):
+    """row [K + 1] = the basis as the band holds it (zero outside: < 1.3e-14 of the largest),
+    then ``bias``: a GEMM with rows of these gives a layer's weight and bias gradients at once."""
+    num_basis = row.shape[0] - 1
+    for k in range(num_basis):
         row[k] = F32(0.0)
     for m in range(BAND):
         k = start - PAD + m
-        if 0 <= k < row.shape[0]:
+        if 0 <= k < num_basis:
             row[k] = vals[m]
+    row[num_basis] = bias
 
 
 @njit(cache=True, inline="always", fastmath={"contract"})
@@ -174,7 +177,8 @@ def _hidden_vjp(d, w, b1, inv_delta, cutoff, env, kind, t, u, b2, env_out, grad_
                 basis_out, want_values, want_params):
     """grad_d[p] = u' (<t, act(h)> + <u_p, b2>) + u <t, act'(h) h'> for the distances d [b]
     and t = u w2 [b, F] (float32); aug as ``_hidden_values`` writes it if want_values or
-    want_params, and if want_params g_out = u t act'(h) (dL/dh) and basis_out [b, K]."""
+    want_params, and if want_params g_out = u t act'(h) (dL/dh) and basis_out [b, K + 1]
+    (the basis, then 1)."""
     num_basis, nf = w.shape[0] - 2 * PAD, t.shape[1]
     inv_delta32 = F32(inv_delta)
     for c in prange((d.shape[0] + _CHUNK - 1) // _CHUNK):
@@ -198,7 +202,7 @@ def _hidden_vjp(d, w, b1, inv_delta, cutoff, env, kind, t, u, b2, env_out, grad_
                     row[f] = u0 * a
                     gp[f] = u0 * tp[f] * slope
                 row[nf] = u0
-                _put_basis(basis_out[p], start, vals[0])
+                _put_basis(basis_out[p], start, vals[0], F32(1.0))
             elif want_values:
                 row = aug[p]
                 for f in range(nf):
@@ -222,8 +226,9 @@ def _hidden_vjp_vjp(d, w, b1, inv_delta, cutoff, env, kind, t, u, b2, weight, en
                     wq, dh, dh1, basis_out, want_params):
     """Force training's second backward through the filter (dense.filter_vjp_vjp) for the
     distances d [b], t = u w2 and the pair weights [b] (float32): slope_out = ds/dr,
-    wq = weight (u' a + u act'(h) h'), and if want_params dh = weight t (u' act'(h) + u act''(h)
-    h'), dh1 = weight u t act'(h) and basis_out [2, b, K] (b and b')."""
+    wq [b, F + 1] = [weight (u' a + u act'(h) h') | weight u'], and if want_params
+    dh = weight t (u' act'(h) + u act''(h) h'), dh1 = weight u t act'(h) and basis_out
+    [2, b, K + 1] ([b | 1] and [b' | 0])."""
     num_basis, nf = w.shape[0] - 2 * PAD, t.shape[1]
     inv_delta32 = F32(inv_delta)
     for c in prange((d.shape[0] + _CHUNK - 1) // _CHUNK):
@@ -244,6 +249,7 @@ def _hidden_vjp_vjp(d, w, b1, inv_delta, cutoff, env, kind, t, u, b2, weight, en
                 s2 += tp[f] * (a2 * h1[f] * h1[f] + a1 * h2[f])
                 ub += up[f] * b2[f]
                 wqp[f] = wk * (u1 * a0 + u0 * q)
+            wqp[nf] = wk * u1
             if want_params:
                 dhp, dh1p = dh[p], dh1[p]
                 for f in range(nf):
@@ -251,8 +257,8 @@ def _hidden_vjp_vjp(d, w, b1, inv_delta, cutoff, env, kind, t, u, b2, weight, en
                     wt = wk * tp[f]
                     dhp[f] = wt * (u1 * a1 + u0 * a2 * h1[f])
                     dh1p[f] = wt * u0 * a1
-                _put_basis(basis_out[0, p], start, vals[0])
-                _put_basis(basis_out[1, p], start, vals[1])
+                _put_basis(basis_out[0, p], start, vals[0], F32(1.0))
+                _put_basis(basis_out[1, p], start, vals[1], F32(0.0))
             slope_out[p] = u2 * (s0 + ub) + 2 * u1 * s1 + u0 * s2
 
 
@@ -285,17 +291,17 @@ class FusedFilter(FusedActivation):
         return aug @ self._second_layer(params[2], params[3])
 
     def filter_vjp_from_distances(self, u, d, params, cutoff, kind, env_kind, need_params,
-                                  need_values, radial_fn):
-        if not self._fusable(kind, d, params, u):
+                                  need_values, radial_fn, t=None):
+        t = u @ params[2] if t is None else t  # d<u, a w2^T>/da
+        if not self._fusable(kind, d, params, u, t):
             return super().filter_vjp_from_distances(u, d, params, cutoff, kind, env_kind,
-                                                     need_params, need_values, radial_fn)
+                                                     need_params, need_values, radial_fn, t)
         (nf, num_basis), w2, b2 = params[0].shape, params[2], params[3]
         b = d.shape[0]
-        t = u @ w2  # d<u, a w2^T>/da
         grad_d, env = d.new_empty(b), d.new_empty(2, b)
         aug = d.new_empty(b if (need_values or need_params) else 0, nf + 1)
         g_out = d.new_empty(b if need_params else 0, nf)
-        basis = d.new_empty(b if need_params else 0, num_basis)
+        basis = d.new_empty(b if need_params else 0, num_basis + 1)
         if b:
             _hidden_vjp(*self._launch_args(d, params, cutoff, env_kind), t.numpy(), u.numpy(),
                         b2.contiguous().numpy(), env.numpy(), grad_d.numpy(), aug.numpy(),
@@ -303,31 +309,36 @@ class FusedFilter(FusedActivation):
         values = aug @ self._second_layer(w2, b2) if need_values else None
         if not need_params:
             return grad_d, None, None, None, None, values
-        # (x^T y)^T for y^T x: BLAS took 0.75x the time in that orientation at these shapes
-        grad_w1 = (basis.t() @ g_out).t()
-        grad_w2 = (aug[:, :nf].t() @ u).t()  # sum_p u (env a)^T
-        return grad_d, grad_w1, g_out.sum(0), grad_w2, aug[:, nf] @ u, values
+        # each layer's weight and bias gradients in one GEMM, from [rows | 1]: [b | 1]^T G and
+        # [u a | u]^T u; (x^T y)^T for y^T x: BLAS took 0.75x the time in that orientation
+        first, second = basis.t() @ g_out, aug.t() @ u
+        return (grad_d, first[:num_basis].t(), first[num_basis], second[:nf].t(), second[nf],
+                values)
 
     def filter_vjp_vjp_from_distances(self, u, weight, d, params, cutoff, kind, env_kind,
-                                      need_params, radial_fn):
-        if not self._fusable(kind, d, params, u, weight):
+                                      need_params, radial_fn, t=None):
+        t = u @ params[2] if t is None else t
+        if not self._fusable(kind, d, params, u, weight, t):
             return super().filter_vjp_vjp_from_distances(u, weight, d, params, cutoff, kind,
-                                                         env_kind, need_params, radial_fn)
+                                                         env_kind, need_params, radial_fn, t)
         (nf, num_basis), w2, b2 = params[0].shape, params[2], params[3]
         b = d.shape[0]
-        t = u @ w2
-        slope, env, wq = d.new_empty(b), d.new_empty(3, b), torch.empty_like(u)
+        slope, env, wq = d.new_empty(b), d.new_empty(3, b), d.new_empty(b, nf + 1)
         rows = b if need_params else 0
-        dh, basis = d.new_empty(2, rows, nf), d.new_empty(2, rows, num_basis)  # [dh, dh1], [b, b']
+        # [dh, dh1] and [[b | 1], [b' | 0]]
+        dh, basis = d.new_empty(2, rows, nf), d.new_empty(2, rows, num_basis + 1)
         if b:
             _hidden_vjp_vjp(*self._launch_args(d, params, cutoff, env_kind), t.numpy(),
                             u.numpy(), b2.contiguous().numpy(), weight.numpy(), env.numpy(),
                             slope.numpy(), wq.numpy(), dh[0].numpy(), dh[1].numpy(),
                             basis.numpy(), bool(need_params))
-        we1 = weight * env[1]
-        w_slope = (wq @ w2.t()).addr_(we1, b2)  # dW/dd = q w2^T + u' b2, wq = weight q
+        # weight dW/dd = weight (q w2^T + u' b2) = [weight q | weight u'] [w2^T; b2]
+        w_slope = wq @ self._second_layer(w2, b2)
         if not need_params:
             return slope, w_slope, None, None, None, None
-        # sum_p dh_p b_p^T + dh1_p b'_p^T as one GEMM over both stacks, transposed as above
-        grad_w1 = (basis.view(2 * rows, num_basis).t() @ dh.view(2 * rows, nf)).t()
-        return slope, w_slope, grad_w1, dh[0].sum(0), u.t() @ wq, we1 @ u
+        # sum_p dh_p [b_p | 1]^T + dh1_p [b'_p | 0]^T as one GEMM over both stacks, transposed
+        # as above; u^T [weight q | weight u'] holds grad_w2 and grad_b2
+        first = basis.view(2 * rows, num_basis + 1).t() @ dh.view(2 * rows, nf)
+        second = u.t() @ wq
+        return slope, w_slope, first[:num_basis].t(), first[num_basis], second[:, :nf], \
+            second[:, nf]

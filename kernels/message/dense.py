@@ -8,7 +8,7 @@ kernels (numba also sums the first layer of a gaussian basis over its band per p
 alone, so ``blocked_forward`` and ``blocked_vjp`` evaluate it once per unordered pair of the full
 list (``MirrorPairs``) and let it serve both edges: half the GEMM work of one filter per edge.
 They never hold more than ``block`` pairs x F features, and the backward recomputes the filter
-instead of storing it (a backend may keep the forward's W for the x-gradient: ``KeptFilters``).
+instead of storing it (a backend may keep W, or the backward's ``u w2``: ``KeptBlocks``).
 
 The formulas (README.md beside this file) are plain torch ops, so ``filter_vjp`` on tensors that
 require grad is itself differentiable to any order: the custom ops use it that way when a
@@ -122,21 +122,21 @@ class Activation:
 
     def filter_vjp_from_distances(self, u: Tensor, d: Tensor, params, cutoff: float, kind: str,
                                   env_kind: str, need_params: bool, need_values: bool,
-                                  radial_fn):
+                                  radial_fn, t: Tensor | None = None):
         """``filter_vjp`` of sum_p <u_p, W(d_p)>: (grad_d [b], grad_w1, grad_b1, grad_w2,
-        grad_b2, W)."""
+        grad_b2, W); ``t = u w2`` if the caller has it."""
         w1, b1, w2, b2 = params
         (basis, slope), (env, env_slope) = radial_fn(d, w1.shape[1], cutoff, kind, env_kind, 1)
         return filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, self, need_params,
-                          need_values)
+                          need_values, t)
 
     def filter_vjp_vjp_from_distances(self, u: Tensor, weight: Tensor, d: Tensor, params,
                                       cutoff: float, kind: str, env_kind: str, need_params: bool,
-                                      radial_fn):
+                                      radial_fn, t: Tensor | None = None):
         """``filter_vjp_vjp``: (s' [b], weight dW/dd [b, F], grad_w1, grad_b1, grad_w2,
-        grad_b2)."""
+        grad_b2); ``t = u w2`` if the caller has it."""
         return filter_vjp_vjp(u, weight, d, params, cutoff, kind, env_kind, self, need_params,
-                              radial_fn)
+                              radial_fn, t)
 
     def second_order_terms(self, t: Tensor, a0: Tensor, a1: Tensor, a2: Tensor, h1: Tensor,
                            h2: Tensor, e0: Tensor, e1: Tensor, wk: Tensor, need_params: bool):
@@ -175,8 +175,8 @@ def filter_values(basis: Tensor, env: Tensor, w1: Tensor, b1: Tensor, w2: Tensor
 
 def filter_vjp(u: Tensor, basis: Tensor, basis_slope: Tensor, env: Tensor, env_slope: Tensor,
                w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, act: str | Activation,
-               need_params: bool, need_values: bool = False):
-    """Gradients of sum_e <u_e, W(d_e)> for u [b, F].
+               need_params: bool, need_values: bool = False, t: Tensor | None = None):
+    """Gradients of sum_e <u_e, W(d_e)> for u [b, F] (``t = u w2`` if the caller has it).
 
     Returns (grad_d [b], grad_w1 [F, K], grad_b1 [F], grad_w2 [F, F], grad_b2 [F], W [b, F]);
     the four parameter gradients are None unless ``need_params``, and W (from the same hidden
@@ -184,7 +184,7 @@ def filter_vjp(u: Tensor, basis: Tensor, basis_slope: Tensor, env: Tensor, env_s
     """
     act = as_activation(act)
     h = basis @ w1.t()  # without b1: see Activation.filter_values
-    t = u @ w2  # d<u, a w2^T>/da
+    t = u @ w2 if t is None else t  # d<u, a w2^T>/da
     values = None
     if need_params:
         a, slope = act.values_and_slope(h + b1)
@@ -270,7 +270,7 @@ def blocked_forward(x: Tensor, d: Tensor, num_atoms: int, pairs: MirrorPairs, pa
     backend's ``out[a_p] += x[b_p] w_p; out[b_p] += x[a_p] w_p`` over the pairs p0..p0+len(w)
     (deterministic on CPU: see cpu_numba.py). ``radial_fn(d_block, K, cutoff, kind, env_kind,
     order)`` is the backend's bare radial basis and envelope at orders 0..order (two lists; see
-    ``each_order``). Each block's pair filter is appended to ``keep`` if given (``KeptFilters``).
+    ``each_order``). Each block's pair filter is appended to ``keep`` if given (``KeptBlocks``).
     """
     out = x.new_zeros(num_atoms, x.shape[1])
     for p0 in range(0, len(pairs), block):
@@ -291,20 +291,21 @@ def _nbytes(blocks: list) -> int:
     return sum(b.numel() * b.element_size() for b in blocks)
 
 
-class KeptFilters:
-    """Pair filters of cfconv forwards kept for their backwards' x-gradient, which is the op
-    itself on the output gradient (``cfconv(g, d)``) and so needs every block's W again.
-    Recomputing it costs an F x F GEMM per pair; keeping it costs [P, F] memory while the
-    distances live (what a forward on an x that requires grad, a model's second and later
-    interactions, asks for).
+class KeptBlocks:
+    """Blocks of [pairs, F] that one pass over the pairs makes and a later one needs again,
+    kept between the two. Two uses (cpu_numba.py): the pair filters W of a cfconv forward, for
+    its backward's x-gradient (the op itself on the output gradient, ``cfconv(g, d)``), and the
+    products ``t = u w2`` of a backward that is itself differentiated (force training), for
+    ``cfconv_vjp_vjp``. Recomputing either costs an F x F GEMM per pair; keeping it costs
+    [P, F] memory while its first tensor (the distances) lives.
 
     An entry is found only by the very tensors it was made from (weak references: a freed
     tensor never matches a new one at its address) at the same versions (no in-place change
     since), with equal values for the floating-point ones (distances and weights: a change
     through ``.data``, as gradcheck's perturbations make, bumps no version), with the same
-    settings; it is handed out once (``take``) and dropped with its distances. At most
-    ``capacity`` entries and ``budget`` bytes are held, the oldest dropped first, and a forward
-    whose filters alone exceed the budget keeps none (``fits``): large systems keep the
+    settings; it is handed out once (``take``) and dropped with its first tensor. At most
+    ``capacity`` entries and ``budget`` bytes are held, the oldest dropped first, and a pass
+    whose blocks alone exceed the budget keeps none (``fits``): large systems keep the
     constant memory of recomputing. A miss only means recomputing."""
 
     def __init__(self, capacity: int = 8, budget: int = 256 << 20):
@@ -353,23 +354,26 @@ class KeptFilters:
         return len(self._entries)
 
 
-def _pair_filter_vjp(u: Tensor, d: Tensor, params, cutoff: float, kind: str, env_kind: str,
-                     act: str | Activation, need_params: bool, need_values: bool, radial_fn):
+def _pair_filter_vjp(u: Tensor, t: Tensor, d: Tensor, params, cutoff: float, kind: str,
+                     env_kind: str, act: str | Activation, need_params: bool, need_values: bool,
+                     radial_fn):
     return as_activation(act).filter_vjp_from_distances(u, d, params, cutoff, kind, env_kind,
-                                                        need_params, need_values, radial_fn)
+                                                        need_params, need_values, radial_fn, t)
 
 
 def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params, cutoff: float,
                 kind: str, env_kind: str, act: str | Activation, need_params: bool, need_x: bool,
-                radial_fn, product_fn, scatter_fn, block: int, filters: list | None = None):
+                radial_fn, product_fn, scatter_fn, block: int, filters: list | None = None,
+                keep_products: list | None = None):
     """Gradients of sum_a <g_a, out_a> (``blocked_forward``) in x, d and the filter parameters.
 
     With ``u_p = g[a] x[b] + g[b] x[a]`` (``product_fn(g, x, p0, p1)``) the pair's share of the
     loss is ``<u_p, (W(d_c) + W(d_m)) / 2>``: one backward through the filter network per pair,
     whose hidden layer also gives W for the x-gradient (``scatter_fn(grad_x, g, w, p0)``: the
     op is symmetric in its pair ends). ``filters``: the forward's blocks of W (same blocks,
-    ``KeptFilters``), which the x-gradient then reads instead. Parameter gradients are summed
-    over blocks in a fixed order: deterministic.
+    ``KeptBlocks``), which the x-gradient then reads instead. Each block's ``t = u w2`` is
+    appended to ``keep_products`` if given: ``blocked_vjp_vjp`` of the same g and x reads it.
+    Parameter gradients are summed over blocks in a fixed order: deterministic.
 
     Returns (grad_x [N, F] or None, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2), the
     parameter gradients None unless ``need_params``.
@@ -384,15 +388,18 @@ def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params, cut
         c, m = pairs.c[p0:p1], pairs.m[p0:p1]
         dc, dm = d.index_select(0, c), d.index_select(0, m)
         u = product_fn(g, x, p0, p1)
+        t = u @ params[2]  # d<u, a w2^T>/da
+        if keep_products is not None:
+            keep_products.append(t)
         if torch.equal(dc, dm):  # the normal case: one filter, half the gradient to each edge
-            gd, *gp, w = _pair_filter_vjp(u, dc, *args)
+            gd, *gp, w = _pair_filter_vjp(u, t, dc, *args)
             gd = 0.5 * gd
             grad_d.index_copy_(0, c, gd)
             grad_d.index_copy_(0, m, gd)
         else:
-            u = 0.5 * u
-            gd, *gp, w = _pair_filter_vjp(u, dc, *args)
-            gd_m, *gp_m, w_m = _pair_filter_vjp(u, dm, *args)
+            u, t = 0.5 * u, 0.5 * t
+            gd, *gp, w = _pair_filter_vjp(u, t, dc, *args)
+            gd_m, *gp_m, w_m = _pair_filter_vjp(u, t, dm, *args)
             grad_d.index_copy_(0, c, gd)
             grad_d.index_copy_(0, m, gd_m)
             if need_params:
@@ -408,9 +415,11 @@ def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params, cut
 
 
 def filter_vjp_vjp(u: Tensor, weight: Tensor, d: Tensor, params, cutoff: float, kind: str,
-                   env_kind: str, act: str | Activation, need_params: bool, radial_fn):
+                   env_kind: str, act: str | Activation, need_params: bool, radial_fn,
+                   t: Tensor | None = None):
     """The derivatives of sum_p weight_p s_p, s_p = d<u_p, W(d_p)>/dd_p (the distance gradient
-    of ``filter_vjp``), for u [b, F], weight [b], d [b] (README.md beside this file):
+    of ``filter_vjp``), for u [b, F], weight [b], d [b] (README.md beside this file; ``t = u
+    w2`` if the caller has it):
     (s' [b] = ds_p/dd_p unweighted, weight_p dW(d_p)/dd [b, F] (the derivative in u_p), grad_w1,
     grad_b1, grad_w2, grad_b2), the parameter gradients None unless ``need_params``."""
     w1, b1, w2, b2 = params
@@ -420,7 +429,7 @@ def filter_vjp_vjp(u: Tensor, weight: Tensor, d: Tensor, params, cutoff: float, 
     h0 = h0 + b1
     act = as_activation(act)
     (a0, a1), a2 = act.values_and_slope(h0), activation_curvature(h0, act.kind)
-    t = u @ w2  # d<u, a w2^T>/da
+    t = u @ w2 if t is None else t  # d<u, a w2^T>/da
     # s = u'(<t, a> + <u, b2>) + u <t, a' h'>, so
     # s' = u''(<t, a> + <u, b2>) + 2 u' <t, a' h'> + u <t, a'' h'^2 + a' h''>
     sums, wq, dh, dh1 = act.second_order_terms(t, a0, a1, a2, h1, h2, e0, e1, weight,
@@ -437,10 +446,12 @@ def filter_vjp_vjp(u: Tensor, weight: Tensor, d: Tensor, params, cutoff: float, 
 
 def blocked_vjp_vjp(v: Tensor, g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params,
                     cutoff: float, kind: str, env_kind: str, act: str | Activation, need_g: bool,
-                    need_x: bool, need_params: bool, radial_fn, product_fn, scatter_fn, block: int):
+                    need_x: bool, need_params: bool, radial_fn, product_fn, scatter_fn, block: int,
+                    products: list | None = None):
     """Gradients of sum_e v_e grad_d_e, grad_d the distance gradient of ``blocked_vjp``, in g, x,
     d and the filter parameters: the second backward of force training, a block of pairs at a
-    time and never more than ``block`` pairs x F features.
+    time and never more than ``block`` pairs x F features. ``products``: the blocks of
+    ``t = u w2`` that ``blocked_vjp`` of the same g and x kept, or None to compute them.
 
     A pair p with ends (a, b), edges (c, m) and u_p = g[a] x[b] + g[b] x[a] has grad_d_c =
     s(u_p, d_c) / 2 and grad_d_m = s(u_p, d_m) / 2, s(u, r) = d<u, W(r)>/dr. So the loss is
@@ -458,18 +469,19 @@ def blocked_vjp_vjp(v: Tensor, g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPai
     sums = [torch.zeros_like(p) for p in params] if need_params else None
     args = (params, cutoff, kind, env_kind, need_params, radial_fn)
     filter_vjp_vjp = as_activation(act).filter_vjp_vjp_from_distances
-    for p0 in range(0, len(pairs), block):
+    for n, p0 in enumerate(range(0, len(pairs), block)):
         p1 = min(p0 + block, len(pairs))
         c, m = pairs.c[p0:p1], pairs.m[p0:p1]
         dc, dm = d.index_select(0, c), d.index_select(0, m)
         vc, vm = 0.5 * v.index_select(0, c), 0.5 * v.index_select(0, m)
         u = product_fn(g, x, p0, p1)
+        t = products[n] if products is not None else u @ params[2]
         if torch.equal(dc, dm):  # the normal case: one pass through the filter per pair
-            slope, w, *gp = filter_vjp_vjp(u, vc + vm, dc, *args)
+            slope, w, *gp = filter_vjp_vjp(u, vc + vm, dc, *args, t)
             slope_m = slope
         else:
-            slope, w, *gp = filter_vjp_vjp(u, vc, dc, *args)
-            slope_m, w_m, *gp_m = filter_vjp_vjp(u, vm, dm, *args)
+            slope, w, *gp = filter_vjp_vjp(u, vc, dc, *args, t)
+            slope_m, w_m, *gp_m = filter_vjp_vjp(u, vm, dm, *args, t)
             w = w + w_m
             if need_params:
                 gp = [s + t for s, t in zip(gp, gp_m, strict=True)]

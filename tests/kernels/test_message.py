@@ -655,9 +655,9 @@ def test_mirror_pairs_reused_only_for_the_same_unchanged_list(rng):
 
 
 def test_kept_filters_match_only_the_same_unchanged_tensors():
-    """KeptFilters hands an entry out once, only for the very tensors (same versions) and
+    """KeptBlocks hands an entry out once, only for the very tensors (same versions) and
     settings it was kept for, drops it with its first tensor, and holds at most ``capacity``."""
-    kept = dense.KeptFilters(capacity=2)
+    kept = dense.KeptBlocks(capacity=2)
     d, w = torch.rand(5), torch.randn(3, 2)
     blocks = [torch.randn(4, 2)]
     kept.put((d, w), ("a", 1), blocks)
@@ -700,7 +700,7 @@ def test_numba_cfconv_x_gradient_from_kept_filters(rng, dtype, monkeypatch):
     i, j, ptr, rev = nl.i, nl.j, nl.ptr, nl.reverse
     # a store of its own: entries of earlier tests in this process (full, or dropped as their
     # distances are collected) would move the counts below
-    kept = dense.KeptFilters()
+    kept = dense.KeptBlocks()
     monkeypatch.setattr(cpu_numba, "KEPT_FILTERS", kept)
     for kind, env, act in (("gaussian", "cosine", "shifted_softplus"),
                            ("bessel", "polynomial", "silu")):
