@@ -433,3 +433,48 @@ def test_bad_input():
         p(x, x, pos, nl, cell)
     with pytest.raises(ValueError, match="s must have shape"):
         p(x[:5], torch.zeros(12, 3, 4, dtype=torch.float64), pos, nl, cell)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cfconv_force_training_reads_kept_blocks(rng, dtype, monkeypatch):
+    """Force training of a CFConv whose x depends on trainable weights (a model's later
+    interactions): the first backward (create_graph) keeps its products t = u w2 for the
+    second, and the forward's W outlives it for the second backward's x-gradient. Both are
+    read, not recomputed, and the gradients of a force loss in every weight match torch
+    autograd through the float64 reference filter."""
+    monkeypatch.setattr(cpu_numba, "BLOCK_FEATURES", 90)  # many blocks: the kept lists align
+    monkeypatch.setattr(cpu_numba, "SMALL_F_GROWTH", 1.0)
+    taken = []
+
+    def counted(take, name):
+        def counted_take(*key):
+            blocks = take(*key)
+            taken.append((name, blocks is not None))
+            return blocks
+        return counted_take
+
+    for name in ("KEPT_FILTERS", "KEPT_PRODUCTS"):
+        store = cpu_numba.dense.KeptBlocks()  # stores of their own: no entries of other tests
+        store.take = counted(store.take, name)
+        monkeypatch.setattr(cpu_numba, name, store)
+    n, nf, nb = 40, 16, 12
+    pos, cell, nl = system(n)
+    m64, lin64 = fnn.CFConv(nf, nb, 2.5).double(), torch.nn.Linear(nf, nf).double()
+    m, lin = fnn.CFConv(nf, nb, 2.5).to(dtype), torch.nn.Linear(nf, nf).to(dtype)
+    m.load_state_dict(m64.state_dict())
+    lin.load_state_dict(lin64.state_dict())
+    h, target = torch.randn(n, nf, dtype=torch.float64), torch.randn(n, 3, dtype=torch.float64)
+
+    def loss_gradients(conv, m, lin, dtype):
+        p = pos.to(dtype).clone().requires_grad_(True)
+        energy = conv(lin(h.to(dtype)), p, cell.to(dtype)).tanh().sum()
+        (grad,) = torch.autograd.grad(energy, p, create_graph=True)
+        loss = (-grad - target.to(dtype)).pow(2).sum()
+        return torch.autograd.grad(loss, [*m.parameters(), *lin.parameters()])
+
+    got = loss_gradients(lambda x, p, c: m(x, p, nl, c), m, lin, dtype)
+    assert taken == [("KEPT_PRODUCTS", True), ("KEPT_FILTERS", True)]
+    want = loss_gradients(lambda x, p, c: reference_cfconv(m64, x, p, nl, c), m64, lin64,
+                          torch.float64)
+    for a, b in zip(got, want, strict=True):
+        _close(a, b, "training" if dtype == torch.float64 else "message", dtype)

@@ -725,3 +725,42 @@ def test_numba_cfconv_x_gradient_from_kept_filters(rng, dtype, monkeypatch):
     monkeypatch.setattr(kept, "budget", len(nl) // 2 * nf * x.element_size() - 1)
     cpu_numba.cfconv_forward(x, d, i, j, ptr, rev, *p, *args)
     assert len(kept) == before  # filters over the memory budget are not kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_numba_cfconv_vjp_vjp_from_kept_products(rng, dtype, monkeypatch):
+    """A backward whose g requires grad (one that is itself differentiated: force training)
+    keeps its products t = u w2, and cfconv_vjp_vjp of the same g and x reads them: the same
+    gradients as recomputing t (against the float64 reference), mirrors with unequal distances
+    included. A g without grad keeps nothing."""
+    n, nf, num_basis = 40, 24, 10
+    nl, d = graph(rng, n, dtype=dtype)
+    d = d.clone()
+    d[3] = d[3] * 1.01  # one pair whose mirrored distances differ: the mean of two filters
+    x = torch.randn(n, nf, dtype=dtype)
+    g = torch.randn(n, nf, dtype=dtype, requires_grad=True)
+    v = torch.randn(len(nl), dtype=dtype)
+    p = params(num_basis, nf, dtype)
+    i, j, ptr, rev = nl.i, nl.j, nl.ptr, nl.reverse
+    kept = dense.KeptBlocks()  # a store of its own, as above
+    monkeypatch.setattr(cpu_numba, "KEPT_PRODUCTS", kept)
+    for kind, env, act in (("gaussian", "cosine", "shifted_softplus"),
+                           ("bessel", "polynomial", "silu")):
+        args = (2.0, kind, env, act)
+        cpu_numba.cfconv_vjp(g.detach(), x, d, i, j, ptr, rev, *p, *args, False, False)
+        assert len(kept) == 0  # g without grad: nothing to differentiate later
+        first = cpu_numba.cfconv_vjp(g, x, d, i, j, ptr, rev, *p, *args, False, False)
+        assert len(kept) == 1
+        got = cpu_numba.cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, *p, *args, True, True, True)
+        assert len(kept) == 0  # handed out
+        recomputed = cpu_numba.cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, *p, *args, True, True,
+                                              True)
+        p64 = [t.double() for t in p]
+        g64, x64, d64 = g.detach().double(), x.double(), d.double()
+        _close(first[1], reference.cfconv_vjp(g64, x64, d64, i, j, ptr, rev, *p64, *args, False,
+                                              False)[1], dtype)
+        want = reference.cfconv_vjp_vjp(v.double(), g64, x64, d64, i, j, ptr, rev, *p64, *args,
+                                        True, True, True)
+        for a, b, c in zip(got, recomputed, want, strict=True):
+            _close(a, c, dtype)
+            _close(b, c, dtype)
