@@ -269,7 +269,8 @@ def record_launches(monkeypatch) -> list:
 
     calls = []
     plain_launcher = _backend.launcher
-    flags = {"cfconv_vjp": 2, "painn_vjp": 1, "spline_conv_positions_vjp": 2}
+    flags = {"cfconv_vjp": 3, "cfconv_vjp_vjp": 4, "painn_vjp": 1,
+             "spline_conv_positions_vjp": 2}
 
     def recording_launcher(name, backend):
         fn = plain_launcher(name, backend)
@@ -307,7 +308,7 @@ def test_backward_computes_only_the_gradients_asked_for(rng, monkeypatch):
     calls.clear()
     (forces,) = torch.autograd.grad(energy(p), p)
     backward_calls = [c for c in calls if c[0] in ("cfconv_vjp", "painn_vjp")]
-    assert ("cfconv_vjp", (False, False)) in backward_calls  # need_params, need_x
+    assert ("cfconv_vjp", (False, False, True)) in backward_calls  # need_params, need_x, need_d
     assert ("painn_vjp", (False,)) in backward_calls  # need_params
     assert [c[0] for c in calls].count("cfconv_forward") == 1  # the forward only: no grad_x
     weights = [conv.filter.dense1.weight, painn.filter.weight]
@@ -316,7 +317,7 @@ def test_backward_computes_only_the_gradients_asked_for(rng, monkeypatch):
 
     calls.clear()
     got = torch.autograd.grad(energy(p), [p, *weights])
-    assert ("cfconv_vjp", (True, False)) in calls and ("painn_vjp", (True,)) in calls
+    assert ("cfconv_vjp", (True, False, True)) in calls and ("painn_vjp", (True,)) in calls
     for a, b in zip(got, want, strict=True):
         _close(a, b, "training", torch.float64)
 
@@ -440,8 +441,9 @@ def test_cfconv_force_training_reads_kept_blocks(rng, dtype, monkeypatch):
     """Force training of a CFConv whose x depends on trainable weights (a model's later
     interactions): the first backward (create_graph) keeps its products t = u w2 for the
     second, and the forward's W outlives it for the second backward's x-gradient. Both are
-    read, not recomputed, and the gradients of a force loss in every weight match torch
-    autograd through the float64 reference filter."""
+    read, not recomputed; the second backward computes no distance gradients (the loss's
+    gradient in the positions is not asked for); and the gradients of a force loss in every
+    weight match torch autograd through the float64 reference filter."""
     monkeypatch.setattr(cpu_numba, "BLOCK_FEATURES", 90)  # many blocks: the kept lists align
     monkeypatch.setattr(cpu_numba, "SMALL_F_GROWTH", 1.0)
     taken = []
@@ -472,8 +474,13 @@ def test_cfconv_force_training_reads_kept_blocks(rng, dtype, monkeypatch):
         loss = (-grad - target.to(dtype)).pow(2).sum()
         return torch.autograd.grad(loss, [*m.parameters(), *lin.parameters()])
 
+    calls = record_launches(monkeypatch)
     got = loss_gradients(lambda x, p, c: m(x, p, nl, c), m, lin, dtype)
     assert taken == [("KEPT_PRODUCTS", True), ("KEPT_FILTERS", True)]
+    second = [c for c in calls if c[0] in ("cfconv_vjp", "cfconv_vjp_vjp")][1:]
+    # need_g, need_x, need_params, need_d; then need_params, need_x, need_d
+    assert second == [("cfconv_vjp_vjp", (True, True, True, False)),
+                      ("cfconv_vjp", (True, True, False))]
     want = loss_gradients(lambda x, p, c: reference_cfconv(m64, x, p, nl, c), m64, lin64,
                           torch.float64)
     for a, b in zip(got, want, strict=True):

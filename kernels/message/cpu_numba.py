@@ -232,7 +232,7 @@ def _product_fn(pairs, g, x):
 
 
 def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act,
-               need_params, need_x):
+               need_params, need_x, need_d=True):
     """Launcher: (grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of sum <g, out>; the
     x-gradient reads the forward's W where it was kept. A backward without the x-gradient frees
     them, unless g requires grad: then this backward is itself differentiated (force training),
@@ -250,7 +250,7 @@ def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, 
                                 _params(w1, b1, w2, b2), cutoff, kind, envelope,
                                 FusedFilter(act), need_params, need_x, _radial,
                                 _product_fn(pairs, g, x), _scatter_fn(pairs),
-                                _pairs_per_block(g.shape[1]), filters, products)
+                                _pairs_per_block(g.shape[1]), filters, products, need_d)
     if products is not None:
         KEPT_PRODUCTS.put(*_products_key(g, x, d, i, j, rev, w1, b1, w2, b2, cutoff, kind,
                                          envelope, act), products)
@@ -258,7 +258,7 @@ def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, 
 
 
 def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act,
-                   need_g, need_x, need_params):
+                   need_g, need_x, need_params, need_d=True):
     """Launcher: (grad_g, grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of
     sum_e v_e grad_d_e, grad_d = cfconv_vjp(g, x, d, ...)[1]; empty [0] where not asked for.
     Reads the products t that cfconv_vjp of the same g and x kept, if it did."""
@@ -270,7 +270,7 @@ def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, env
                                     _params(w1, b1, w2, b2), cutoff, kind, envelope,
                                     FusedFilter(act), need_g, need_x, need_params, _radial,
                                     _product_fn(pairs, g, x), _scatter_fn(pairs),
-                                    _pairs_per_block(g.shape[1]), products)
+                                    _pairs_per_block(g.shape[1]), products, need_d)
     return dense.params_or_empty(out, d)
 
 

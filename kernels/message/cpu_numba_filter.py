@@ -174,22 +174,34 @@ def _hidden_values(d, w, b1, inv_delta, cutoff, env, kind, env_out, aug):
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
 def _hidden_vjp(d, w, b1, inv_delta, cutoff, env, kind, t, u, b2, env_out, grad_d, aug, g_out,
-                basis_out, want_values, want_params):
+                basis_out, want_values, want_params, want_d):
     """grad_d[p] = u' (<t, act(h)> + <u_p, b2>) + u <t, act'(h) h'> for the distances d [b]
-    and t = u w2 [b, F] (float32); aug as ``_hidden_values`` writes it if want_values or
-    want_params, and if want_params g_out = u t act'(h) (dL/dh) and basis_out [b, K + 1]
-    (the basis, then 1)."""
+    and t = u w2 [b, F] (float32), if want_d; aug as ``_hidden_values`` writes it if want_values
+    or want_params, and if want_params g_out = u t act'(h) (dL/dh) and basis_out [b, K + 1]
+    (the basis, then 1). Without want_d (parameter gradients only: the second backward of
+    force training) neither h' nor grad_d is computed."""
     num_basis, nf = w.shape[0] - 2 * PAD, t.shape[1]
     inv_delta32 = F32(inv_delta)
+    order = 1 if want_d else 0
     for c in prange((d.shape[0] + _CHUNK - 1) // _CHUNK):
-        lo, hi = _chunk_with_envelope(d, c, cutoff, env, 1, env_out)
+        lo, hi = _chunk_with_envelope(d, c, cutoff, env, order, env_out)
         vals, hidden, zero = np.empty((2, BAND), F32), np.empty((2, nf), F32), np.zeros(nf, F32)
         h, hs = hidden[0], hidden[1]
         for p in range(lo, hi):
-            start = _hidden_orders(np.float64(d[p]), w, b1, inv_delta, num_basis, inv_delta32, 1,
-                                   vals, zero, hidden)
-            u0, u1 = env_out[0, p], env_out[1, p]
+            start = _hidden_orders(np.float64(d[p]), w, b1, inv_delta, num_basis, inv_delta32,
+                                   order, vals, zero, hidden)
+            u0 = env_out[0, p]
             tp, up = t[p], u[p]
+            if not want_d:  # want_params (FusedFilter asks for the d-gradient otherwise)
+                row, gp = aug[p], g_out[p]
+                for f in range(nf):
+                    a, slope = _value_and_slope(h[f], kind)
+                    row[f] = u0 * a
+                    gp[f] = u0 * tp[f] * slope
+                row[nf] = u0
+                _put_basis(basis_out[p], start, vals[0], F32(1.0))
+                continue
+            u1 = env_out[1, p]
             ta = ths = ub = F32(0.0)
             # one loop per set of outputs: a branch inside the feature loop kept it scalar
             if want_params:
@@ -223,32 +235,40 @@ def _hidden_vjp(d, w, b1, inv_delta, cutoff, env, kind, t, u, b2, env_out, grad_
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
 def _hidden_vjp_vjp(d, w, b1, inv_delta, cutoff, env, kind, t, u, b2, weight, env_out, slope_out,
-                    wq, dh, dh1, basis_out, want_params):
+                    wq, dh, dh1, basis_out, want_params, want_d):
     """Force training's second backward through the filter (dense.filter_vjp_vjp) for the
     distances d [b], t = u w2 and the pair weights [b] (float32): slope_out = ds/dr,
     wq [b, F + 1] = [weight (u' a + u act'(h) h') | weight u'], and if want_params
     dh = weight t (u' act'(h) + u act''(h) h'), dh1 = weight u t act'(h) and basis_out
-    [2, b, K + 1] ([b | 1] and [b' | 0])."""
+    [2, b, K + 1] ([b | 1] and [b' | 0]). slope_out only if want_d: without it (force
+    training's parameter gradients) neither h'' nor ds/dr is computed."""
     num_basis, nf = w.shape[0] - 2 * PAD, t.shape[1]
     inv_delta32 = F32(inv_delta)
+    order = 2 if want_d else 1
     for c in prange((d.shape[0] + _CHUNK - 1) // _CHUNK):
-        lo, hi = _chunk_with_envelope(d, c, cutoff, env, 2, env_out)
+        lo, hi = _chunk_with_envelope(d, c, cutoff, env, order, env_out)
         vals, hidden, zero = np.empty((3, BAND), F32), np.empty((3, nf), F32), np.zeros(nf, F32)
         h0, h1, h2 = hidden[0], hidden[1], hidden[2]
         for p in range(lo, hi):
-            start = _hidden_orders(np.float64(d[p]), w, b1, inv_delta, num_basis, inv_delta32, 2,
-                                   vals, zero, hidden)
-            u0, u1, u2, wk = env_out[0, p], env_out[1, p], env_out[2, p], weight[p]
+            start = _hidden_orders(np.float64(d[p]), w, b1, inv_delta, num_basis, inv_delta32,
+                                   order, vals, zero, hidden)
+            u0, u1, wk = env_out[0, p], env_out[1, p], weight[p]
             tp, up, wqp = t[p], u[p], wq[p]
             s0 = s1 = s2 = ub = F32(0.0)
-            for f in range(nf):
-                a0, a1, a2 = _value_slope_curvature(h0[f], kind)
-                q = a1 * h1[f]
-                s0 += tp[f] * a0
-                s1 += tp[f] * q
-                s2 += tp[f] * (a2 * h1[f] * h1[f] + a1 * h2[f])
-                ub += up[f] * b2[f]
-                wqp[f] = wk * (u1 * a0 + u0 * q)
+            if want_d:
+                for f in range(nf):
+                    a0, a1, a2 = _value_slope_curvature(h0[f], kind)
+                    q = a1 * h1[f]
+                    s0 += tp[f] * a0
+                    s1 += tp[f] * q
+                    s2 += tp[f] * (a2 * h1[f] * h1[f] + a1 * h2[f])
+                    ub += up[f] * b2[f]
+                    wqp[f] = wk * (u1 * a0 + u0 * q)
+                slope_out[p] = env_out[2, p] * (s0 + ub) + 2 * u1 * s1 + u0 * s2
+            else:
+                for f in range(nf):
+                    a0, a1 = _value_and_slope(h0[f], kind)
+                    wqp[f] = wk * (u1 * a0 + u0 * a1 * h1[f])
             wqp[nf] = wk * u1
             if want_params:
                 dhp, dh1p = dh[p], dh1[p]
@@ -259,7 +279,6 @@ def _hidden_vjp_vjp(d, w, b1, inv_delta, cutoff, env, kind, t, u, b2, weight, en
                     dh1p[f] = wt * u0 * a1
                 _put_basis(basis_out[0, p], start, vals[0], F32(1.0))
                 _put_basis(basis_out[1, p], start, vals[1], F32(0.0))
-            slope_out[p] = u2 * (s0 + ub) + 2 * u1 * s1 + u0 * s2
 
 
 class FusedFilter(FusedActivation):
@@ -291,11 +310,12 @@ class FusedFilter(FusedActivation):
         return aug @ self._second_layer(params[2], params[3])
 
     def filter_vjp_from_distances(self, u, d, params, cutoff, kind, env_kind, need_params,
-                                  need_values, radial_fn, t=None):
+                                  need_values, radial_fn, t=None, need_d=True):
         t = u @ params[2] if t is None else t  # d<u, a w2^T>/da
         if not self._fusable(kind, d, params, u, t):
             return super().filter_vjp_from_distances(u, d, params, cutoff, kind, env_kind,
                                                      need_params, need_values, radial_fn, t)
+        need_d = need_d or not need_params  # the kernel's only variant without grad_d
         (nf, num_basis), w2, b2 = params[0].shape, params[2], params[3]
         b = d.shape[0]
         grad_d, env = d.new_empty(b), d.new_empty(2, b)
@@ -305,7 +325,9 @@ class FusedFilter(FusedActivation):
         if b:
             _hidden_vjp(*self._launch_args(d, params, cutoff, env_kind), t.numpy(), u.numpy(),
                         b2.contiguous().numpy(), env.numpy(), grad_d.numpy(), aug.numpy(),
-                        g_out.numpy(), basis.numpy(), bool(need_values), bool(need_params))
+                        g_out.numpy(), basis.numpy(), bool(need_values), bool(need_params),
+                        bool(need_d))
+        grad_d = grad_d if need_d else None
         values = aug @ self._second_layer(w2, b2) if need_values else None
         if not need_params:
             return grad_d, None, None, None, None, values
@@ -316,7 +338,7 @@ class FusedFilter(FusedActivation):
                 values)
 
     def filter_vjp_vjp_from_distances(self, u, weight, d, params, cutoff, kind, env_kind,
-                                      need_params, radial_fn, t=None):
+                                      need_params, radial_fn, t=None, need_d=True):
         t = u @ params[2] if t is None else t
         if not self._fusable(kind, d, params, u, weight, t):
             return super().filter_vjp_vjp_from_distances(u, weight, d, params, cutoff, kind,
@@ -331,7 +353,8 @@ class FusedFilter(FusedActivation):
             _hidden_vjp_vjp(*self._launch_args(d, params, cutoff, env_kind), t.numpy(),
                             u.numpy(), b2.contiguous().numpy(), weight.numpy(), env.numpy(),
                             slope.numpy(), wq.numpy(), dh[0].numpy(), dh[1].numpy(),
-                            basis.numpy(), bool(need_params))
+                            basis.numpy(), bool(need_params), bool(need_d))
+        slope = slope if need_d else None
         # weight dW/dd = weight (q w2^T + u' b2) = [weight q | weight u'] [w2^T; b2]
         w_slope = wq @ self._second_layer(w2, b2)
         if not need_params:

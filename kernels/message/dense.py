@@ -122,9 +122,10 @@ class Activation:
 
     def filter_vjp_from_distances(self, u: Tensor, d: Tensor, params, cutoff: float, kind: str,
                                   env_kind: str, need_params: bool, need_values: bool,
-                                  radial_fn, t: Tensor | None = None):
+                                  radial_fn, t: Tensor | None = None, need_d: bool = True):
         """``filter_vjp`` of sum_p <u_p, W(d_p)>: (grad_d [b], grad_w1, grad_b1, grad_w2,
-        grad_b2, W); ``t = u w2`` if the caller has it."""
+        grad_b2, W); ``t = u w2`` if the caller has it. ``need_d=False`` allows grad_d to be
+        None (a backend may then skip its terms)."""
         w1, b1, w2, b2 = params
         (basis, slope), (env, env_slope) = radial_fn(d, w1.shape[1], cutoff, kind, env_kind, 1)
         return filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, self, need_params,
@@ -132,9 +133,9 @@ class Activation:
 
     def filter_vjp_vjp_from_distances(self, u: Tensor, weight: Tensor, d: Tensor, params,
                                       cutoff: float, kind: str, env_kind: str, need_params: bool,
-                                      radial_fn, t: Tensor | None = None):
+                                      radial_fn, t: Tensor | None = None, need_d: bool = True):
         """``filter_vjp_vjp``: (s' [b], weight dW/dd [b, F], grad_w1, grad_b1, grad_w2,
-        grad_b2); ``t = u w2`` if the caller has it."""
+        grad_b2); ``t = u w2`` if the caller has it. ``need_d=False`` allows s' to be None."""
         return filter_vjp_vjp(u, weight, d, params, cutoff, kind, env_kind, self, need_params,
                               radial_fn, t)
 
@@ -356,15 +357,16 @@ class KeptBlocks:
 
 def _pair_filter_vjp(u: Tensor, t: Tensor, d: Tensor, params, cutoff: float, kind: str,
                      env_kind: str, act: str | Activation, need_params: bool, need_values: bool,
-                     radial_fn):
+                     radial_fn, need_d: bool):
     return as_activation(act).filter_vjp_from_distances(u, d, params, cutoff, kind, env_kind,
-                                                        need_params, need_values, radial_fn, t)
+                                                        need_params, need_values, radial_fn, t,
+                                                        need_d)
 
 
 def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params, cutoff: float,
                 kind: str, env_kind: str, act: str | Activation, need_params: bool, need_x: bool,
                 radial_fn, product_fn, scatter_fn, block: int, filters: list | None = None,
-                keep_products: list | None = None):
+                keep_products: list | None = None, need_d: bool = True):
     """Gradients of sum_a <g_a, out_a> (``blocked_forward``) in x, d and the filter parameters.
 
     With ``u_p = g[a] x[b] + g[b] x[a]`` (``product_fn(g, x, p0, p1)``) the pair's share of the
@@ -375,14 +377,14 @@ def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params, cut
     appended to ``keep_products`` if given: ``blocked_vjp_vjp`` of the same g and x reads it.
     Parameter gradients are summed over blocks in a fixed order: deterministic.
 
-    Returns (grad_x [N, F] or None, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2), the
-    parameter gradients None unless ``need_params``.
+    Returns (grad_x [N, F] or None, grad_d [E] or None, grad_w1, grad_b1, grad_w2, grad_b2),
+    grad_d None unless ``need_d``, the parameter gradients unless ``need_params``.
     """
-    grad_d = d.new_zeros(d.shape[0])
+    grad_d = d.new_zeros(d.shape[0]) if need_d else None
     grad_x = torch.zeros_like(x) if need_x else None
     sums = [torch.zeros_like(p) for p in params] if need_params else None
     need_values = need_x and filters is None
-    args = (params, cutoff, kind, env_kind, act, need_params, need_values, radial_fn)
+    args = (params, cutoff, kind, env_kind, act, need_params, need_values, radial_fn, need_d)
     for n, p0 in enumerate(range(0, len(pairs), block)):
         p1 = min(p0 + block, len(pairs))
         c, m = pairs.c[p0:p1], pairs.m[p0:p1]
@@ -393,15 +395,17 @@ def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params, cut
             keep_products.append(t)
         if torch.equal(dc, dm):  # the normal case: one filter, half the gradient to each edge
             gd, *gp, w = _pair_filter_vjp(u, t, dc, *args)
-            gd = 0.5 * gd
-            grad_d.index_copy_(0, c, gd)
-            grad_d.index_copy_(0, m, gd)
+            if need_d:
+                gd = 0.5 * gd
+                grad_d.index_copy_(0, c, gd)
+                grad_d.index_copy_(0, m, gd)
         else:
             u, t = 0.5 * u, 0.5 * t
             gd, *gp, w = _pair_filter_vjp(u, t, dc, *args)
             gd_m, *gp_m, w_m = _pair_filter_vjp(u, t, dm, *args)
-            grad_d.index_copy_(0, c, gd)
-            grad_d.index_copy_(0, m, gd_m)
+            if need_d:
+                grad_d.index_copy_(0, c, gd)
+                grad_d.index_copy_(0, m, gd_m)
             if need_params:
                 gp = [s + t for s, t in zip(gp, gp_m, strict=True)]
             if need_values:
@@ -447,7 +451,7 @@ def filter_vjp_vjp(u: Tensor, weight: Tensor, d: Tensor, params, cutoff: float, 
 def blocked_vjp_vjp(v: Tensor, g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params,
                     cutoff: float, kind: str, env_kind: str, act: str | Activation, need_g: bool,
                     need_x: bool, need_params: bool, radial_fn, product_fn, scatter_fn, block: int,
-                    products: list | None = None):
+                    products: list | None = None, need_d: bool = True):
     """Gradients of sum_e v_e grad_d_e, grad_d the distance gradient of ``blocked_vjp``, in g, x,
     d and the filter parameters: the second backward of force training, a block of pairs at a
     time and never more than ``block`` pairs x F features. ``products``: the blocks of
@@ -460,10 +464,10 @@ def blocked_vjp_vjp(v: Tensor, g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPai
     (cfconv's own pair scatter), and one pass through the filter network's second derivatives
     gives the rest.
 
-    Returns (grad_g, grad_x (None unless asked for), grad_d [E], grad_w1, grad_b1, grad_w2,
+    Returns (grad_g, grad_x, grad_d [E] (each None unless asked for), grad_w1, grad_b1, grad_w2,
     grad_b2), the parameter gradients None unless ``need_params``.
     """
-    grad_d = d.new_zeros(d.shape[0])
+    grad_d = d.new_zeros(d.shape[0]) if need_d else None
     grad_g = torch.zeros_like(g) if need_g else None
     grad_x = torch.zeros_like(x) if need_x else None
     sums = [torch.zeros_like(p) for p in params] if need_params else None
@@ -477,16 +481,17 @@ def blocked_vjp_vjp(v: Tensor, g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPai
         u = product_fn(g, x, p0, p1)
         t = products[n] if products is not None else u @ params[2]
         if torch.equal(dc, dm):  # the normal case: one pass through the filter per pair
-            slope, w, *gp = filter_vjp_vjp(u, vc + vm, dc, *args, t)
+            slope, w, *gp = filter_vjp_vjp(u, vc + vm, dc, *args, t, need_d)
             slope_m = slope
         else:
-            slope, w, *gp = filter_vjp_vjp(u, vc, dc, *args, t)
-            slope_m, w_m, *gp_m = filter_vjp_vjp(u, vm, dm, *args, t)
+            slope, w, *gp = filter_vjp_vjp(u, vc, dc, *args, t, need_d)
+            slope_m, w_m, *gp_m = filter_vjp_vjp(u, vm, dm, *args, t, need_d)
             w = w + w_m
             if need_params:
                 gp = [s + t for s, t in zip(gp, gp_m, strict=True)]
-        grad_d.index_copy_(0, c, vc * slope)
-        grad_d.index_copy_(0, m, vm * slope_m)
+        if need_d:
+            grad_d.index_copy_(0, c, vc * slope)
+            grad_d.index_copy_(0, m, vm * slope_m)
         if need_g:
             scatter_fn(grad_g, x, w, p0)
         if need_x:

@@ -636,18 +636,19 @@ def _product_fn(pairs, g, x):
 
 
 def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act,
-               need_params, need_x):
+               need_params, need_x, need_d=True):
     """Launcher: (grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of sum <g, out>."""
     with torch.no_grad():
         pairs = dense.mirror_pairs(i, j, rev)
         out = dense.blocked_vjp(_c(g), _c(x), d.detach(), pairs, _params(w1, b1, w2, b2), cutoff,
                                 kind, envelope, act, need_params, need_x, _radial,
-                                _product_fn(pairs, g, x), _scatter_fn(pairs), BLOCK)
+                                _product_fn(pairs, g, x), _scatter_fn(pairs), BLOCK,
+                                need_d=need_d)
     return dense.params_or_empty(out, d)
 
 
 def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act,
-                   need_g, need_x, need_params):
+                   need_g, need_x, need_params, need_d=True):
     """Launcher: (grad_g, grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of
     sum_e v_e grad_d_e, grad_d = cfconv_vjp(g, x, d, ...)[1]; empty [0] where not asked for."""
     with torch.no_grad():
@@ -655,7 +656,7 @@ def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, env
         out = dense.blocked_vjp_vjp(v.detach(), _c(g), _c(x), d.detach(), pairs,
                                     _params(w1, b1, w2, b2), cutoff, kind, envelope, act, need_g,
                                     need_x, need_params, _radial, _product_fn(pairs, g, x),
-                                    _scatter_fn(pairs), BLOCK)
+                                    _scatter_fn(pairs), BLOCK, need_d=need_d)
     return dense.params_or_empty(out, d)
 
 

@@ -32,7 +32,9 @@ Every op takes the already resolved backend name (see fastff._backend); only thi
 all three paths. The first backwards of ``cfconv``, ``painn_message``, ``spline_conv`` and
 ``spline_conv_positions`` compute only the gradients the running backward uses
 (``fastff._autograd.wanted_grads``): forces of a model with trainable weights cost what they
-cost with frozen ones.
+cost with frozen ones. So does ``cfconv_vjp``'s own backward (``cfconv_vjp_vjp``), and both
+vjps skip the distance gradient (``need_d``) when it is not wanted: force training asks for
+the weights' gradients, not the positions'.
 """
 
 from __future__ import annotations
@@ -130,43 +132,48 @@ def _(x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, activation, 
 def cfconv_vjp(g: Tensor, x: Tensor, d: Tensor, i: Tensor, j: Tensor, ptr: Tensor, rev: Tensor,
                w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, cutoff: float, kind: str,
                envelope: str, activation: str, need_params: bool, need_x: bool,
-               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+               backend: str, need_d: bool = True
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_d, grad_w1, grad_b1, grad_w2, grad_b2) of sum <g, cfconv(x, d)>: grad_x
-    (= cfconv(g, d)) empty [0] unless need_x, the parameters' unless need_params."""
+    (= cfconv(g, d)) empty [0] unless need_x, grad_d unless need_d, the parameters' unless
+    need_params."""
     return _backend.launcher("cfconv_vjp", backend)(g, x, d, i, j, ptr, rev, w1, b1, w2, b2,
                                                      cutoff, kind, envelope, activation,
-                                                     need_params, need_x)
+                                                     need_params, need_x, need_d)
 
 
 @cfconv_vjp.register_fake
 def _(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, activation,
-      need_params, need_x, backend):
+      need_params, need_x, backend, need_d=True):
     grad_x = torch.empty_like(x) if need_x else x.new_empty(0)
+    grad_d = d.new_empty(d.shape[0] if need_d else 0)
     if need_params:
-        return (grad_x, d.new_empty(d.shape[0]), torch.empty_like(w1), torch.empty_like(b1),
+        return (grad_x, grad_d, torch.empty_like(w1), torch.empty_like(b1),
                 torch.empty_like(w2), torch.empty_like(b2))
-    return (grad_x, d.new_empty(d.shape[0]), *(d.new_empty(0) for _ in range(4)))
+    return (grad_x, grad_d, *(d.new_empty(0) for _ in range(4)))
 
 
 @torch.library.custom_op("fastff::cfconv_vjp_vjp", mutates_args=())
 def cfconv_vjp_vjp(v: Tensor, g: Tensor, x: Tensor, d: Tensor, i: Tensor, j: Tensor, ptr: Tensor,
                    rev: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, cutoff: float,
                    kind: str, envelope: str, activation: str, need_g: bool, need_x: bool,
-                   need_params: bool, backend: str
+                   need_params: bool, backend: str, need_d: bool = True
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(grad_g, grad_x, grad_d, grad_w1, grad_b1, grad_w2, grad_b2) of sum_e v_e grad_d_e,
-    grad_d = cfconv_vjp(g, x, d, ...)[1]: the second backward of force training. grad_g and
-    grad_x are empty [0] unless need_g / need_x, the parameters' unless need_params."""
+    grad_d = cfconv_vjp(g, x, d, ...)[1]: the second backward of force training. grad_g,
+    grad_x and grad_d are empty [0] unless need_g / need_x / need_d, the parameters' unless
+    need_params."""
     return _backend.launcher("cfconv_vjp_vjp", backend)(v, g, x, d, i, j, ptr, rev, w1, b1, w2,
                                                          b2, cutoff, kind, envelope, activation,
-                                                         need_g, need_x, need_params)
+                                                         need_g, need_x, need_params, need_d)
 
 
 @cfconv_vjp_vjp.register_fake
 def _(v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, activation, need_g,
-      need_x, need_params, backend):
+      need_x, need_params, backend, need_d=True):
     return (torch.empty_like(g) if need_g else g.new_empty(0),
-            torch.empty_like(x) if need_x else x.new_empty(0), torch.empty_like(d),
+            torch.empty_like(x) if need_x else x.new_empty(0),
+            torch.empty_like(d) if need_d else d.new_empty(0),
             *(torch.empty_like(p) if need_params else d.new_empty(0) for p in (w1, b1, w2, b2)))
 
 
@@ -183,7 +190,7 @@ def _refuse_derivative(vjp_op, parent: str) -> None:
 
 def _cfconv_vjp_vjp_setup(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:12])
-    ctx.args = inputs[12:16] + inputs[19:]
+    ctx.args = (*inputs[12:16], inputs[19])  # the filter's settings and the backend
     ctx.set_materialize_grads(False)
 
 
@@ -194,7 +201,7 @@ def _cfconv_vjp_vjp_backward(ctx, *cotangents):
     *filt, backend = ctx.args
     differentiable = (0, 1, 2, 3, 8, 9, 10, 11)
     wanted = [k for k in differentiable if ctx.needs_input_grad[k]]
-    result: list = [None] * 20
+    result: list = [None] * 21  # one per input of cfconv_vjp_vjp
     with torch.enable_grad():
         inputs = list(ctx.saved_tensors)
         for k in differentiable:  # every one: the inner gradient is taken in all of them
@@ -239,7 +246,7 @@ def composite_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelop
 
 def _cfconv_vjp_setup(ctx, inputs, output):
     (g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, activation, need_params,
-     need_x, backend) = inputs
+     need_x, backend, *_) = inputs
     ctx.save_for_backward(g, x, d, i, j, ptr, rev, w1, b1, w2, b2)
     ctx.args = (cutoff, kind, envelope, activation, need_params, need_x, backend)
     ctx.set_materialize_grads(False)  # None for the outputs nobody used: no zero tensors
@@ -254,16 +261,19 @@ def _cfconv_vjp_backward(ctx, ggx, ggd, *ggp):
     cutoff, kind, envelope, activation, need_params, need_x, backend = ctx.args
     needs = ctx.needs_input_grad
     filt = (cutoff, kind, envelope, activation)
-    result: list = [None] * 18
+    result: list = [None] * 19  # one per input of cfconv_vjp
     differentiable = (0, 1, 2, 7, 8, 9, 10)
     others = [t for t in (ggx, *ggp) if t is not None and t.numel()]
     if ggd is None and not others:
         return tuple(result)
     if not others and not torch.is_grad_enabled():
+        # force training wants the weights' gradients, not the distances' (the positions')
+        wanted = wanted_grads(ctx, 11)
         grads = cfconv_vjp_vjp(ggd.contiguous(), g, x, d, i, j, ptr, rev, w1, b1, w2, b2, *filt,
-                               needs[0], needs[1], any(needs[7:11]), backend)
+                               wanted[0], wanted[1], any(wanted[7:11]), backend,
+                               need_d=wanted[2])
         for k, t in zip(differentiable, grads, strict=True):
-            result[k] = t if needs[k] else None
+            result[k] = t if wanted[k] else None
         return tuple(result)
     wanted = [k for k in differentiable if needs[k]]
     with torch.enable_grad():
@@ -311,7 +321,8 @@ def _cfconv_backward(ctx, grad):
     fused_x = needs[0] and not torch.is_grad_enabled()
     if needs[1] or need_params:  # one pass: the hidden layer serves the x- and d-gradients
         gx, gd, *gp = cfconv_vjp(grad, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind,
-                                 envelope, activation, need_params, fused_x, backend)
+                                 envelope, activation, need_params, fused_x, backend,
+                                 need_d=needs[1])
     if needs[0] and not fused_x:
         gx = cfconv(grad, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, activation,
                     backend)

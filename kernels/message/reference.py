@@ -44,7 +44,7 @@ def cfconv_forward(x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope,
 
 
 def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act,
-               need_params, need_x):
+               need_params, need_x, need_d=True):
     # sum_e <u_e, (W(d_e) + W(d_rev e)) / 2> = sum_e <(u_e + u_rev(e)) / 2, W(d_e)>
     num_basis = w1.shape[1]
     basis = _basis(d, num_basis, cutoff, kind, "none", 0)
@@ -56,11 +56,12 @@ def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, 
     # the shared filter is symmetric, so the sender-side sum is the op itself on g
     grad_x = cfconv_forward(g, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope,
                             act) if need_x else None
-    return dense.params_or_empty((grad_x, *out), d)
+    grad_d = out[0] if need_d else None
+    return dense.params_or_empty((grad_x, grad_d, *out[1:]), d)
 
 
 def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act,
-                   need_g, need_x, need_params):
+                   need_g, need_x, need_params, need_d=True):
     """Gradients of sum_e v_e grad_d_e, grad_d = cfconv_vjp(...)[1] = s(u_e, d_e) with
     u_e = (g[i] x[j] + g[j] x[i]) / 2: one filter per edge."""
     u = 0.5 * (ggm(g, x, i, j) + ggm(x, g, i, j))
@@ -69,7 +70,7 @@ def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, env
     # d<w, u>/d(one factor): both ends of every edge, halved, is gms over the mirror mean of w
     w = mirror_mean(w, rev)
     out = (gms(x, w, i, j, ptr) if need_g else None, gms(g, w, i, j, ptr) if need_x else None,
-           v * slope, *gp)
+           v * slope if need_d else None, *gp)
     return dense.params_or_empty(out, d)
 
 

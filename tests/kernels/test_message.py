@@ -76,22 +76,28 @@ def test_launchers_match_reference(rng, backend, dtype):
             dd64 = dd.double()
             _close(m.cfconv_forward(x, dd, i, j, ptr, rev, *p, *args),
                    reference.cfconv_forward(x64, dd64, i, j, ptr, rev, *p64, *args), dtype)
-            for need, need_x in ((False, False), (True, True), (False, True)):
-                got = m.cfconv_vjp(g, x, dd, i, j, ptr, rev, *p, *args, need, need_x)
+            for need, need_x, need_d in ((False, False, True), (True, True, True),
+                                         (False, True, True), (True, True, False),
+                                         (True, False, False), (False, True, False)):
+                got = m.cfconv_vjp(g, x, dd, i, j, ptr, rev, *p, *args, need, need_x, need_d)
                 want = reference.cfconv_vjp(g64, x64, dd64, i, j, ptr, rev, *p64, *args, need,
-                                            need_x)
+                                            need_x, need_d)
                 for a, b in zip(got, want, strict=True):
                     assert a.shape == b.shape
                     if b.numel():
                         _close(a, b, dtype)
             # the second backward of force training: d<v, grad_d>/d(g, x, d, parameters)
             v = torch.randn(len(nl), dtype=dtype)
-            for need_g, need_x, need in ((True, True, True), (False, True, False),
-                                         (True, False, False)):
+            for need_g, need_x, need, need_d in ((True, True, True, True),
+                                                 (False, True, False, True),
+                                                 (True, False, False, True),
+                                                 (True, True, True, False),
+                                                 (False, True, True, False),
+                                                 (True, False, False, False)):
                 got = m.cfconv_vjp_vjp(v, g, x, dd, i, j, ptr, rev, *p, *args, need_g, need_x,
-                                       need)
+                                       need, need_d)
                 want = reference.cfconv_vjp_vjp(v.double(), g64, x64, dd64, i, j, ptr, rev,
-                                                *p64, *args, need_g, need_x, need)
+                                                *p64, *args, need_g, need_x, need, need_d)
                 for a, b in zip(got, want, strict=True):
                     assert a.shape == b.shape
                     if b.numel():
