@@ -239,8 +239,8 @@ def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, 
     its products t are kept for cfconv_vjp_vjp, and the backward through the forward that comes
     with it wants the x-gradient."""
     filter_key = _filter_key(d, i, j, rev, w1, b1, w2, b2, cutoff, kind, envelope, act)
-    filters = KEPT_FILTERS.take(*filter_key) if need_x or not g.requires_grad else None
-    filters = filters if need_x else None
+    taken = KEPT_FILTERS.take(*filter_key) if need_x or not g.requires_grad else None
+    filters = taken if need_x else None  # taken without the x-gradient: freed
     with torch.no_grad():
         pairs = dense.mirror_pairs(i, j, rev)
         products = None
