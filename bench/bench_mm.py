@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 import fastff  # noqa: E402
 import fastff.mm as fmm  # noqa: E402
-from fastff import _backend  # noqa: E402
+from fastff.kernels._runtime import registry  # noqa: E402
 from fastff.mm import _terms  # noqa: E402
 from fastff.mm._clusters import ClusterVerletList  # noqa: E402
 from fastff.testing import neighbor_list_from_pairs  # noqa: E402
@@ -85,7 +85,7 @@ def case():
 
 
 def _has_numba_neighbor_list():
-    name, _ = _backend.resolve("neighbor_list", torch.device("cpu"))
+    name, _ = registry.resolve("neighbor_list", torch.device("cpu"))
     return name == "numba"
 
 

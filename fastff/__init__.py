@@ -10,9 +10,9 @@ each with a numba (CPU), a Triton (CUDA) and a pure-torch reference path.
 # SchNet on the 3,000-atom water box from 116-155 to 288-366 us/atom-step (2 cores, README).
 
 from fastff import mm, models, mp, nn, profiling, systems
-from fastff._backend import BACKENDS, backends
 from fastff._checks import no_checks, set_checks
 from fastff.allocator import tune_malloc
+from fastff.kernels._runtime.registry import BACKENDS, backends
 from fastff.neighbors import NeighborList, neighbor_list
 from fastff.verlet import VerletList
 

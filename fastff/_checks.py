@@ -1,46 +1,23 @@
 """Input validation shared by every op: cheap checks in Python, before any kernel launch.
 
 Structural checks (shapes, dtypes, devices) always run. Checks that read tensor values (NaN
-scans, sortedness, index ranges) can be switched off on hot paths with ``fastff.set_checks(False)``
-or ``with fastff.no_checks(): ...``; kernels stay memory-safe without them (indices are clamped
-or bounds-checked), but garbage in then gives garbage out. They are also skipped while
-``torch.compile`` or ``torch.export`` traces (``torch.compiler.is_compiling()``): reading a
-value would break the graph, and the compiled graph runs no Python checks anyway.
+scans, sortedness, index ranges) can be switched off on hot paths, in the calling thread, with
+``fastff.set_checks(False)`` or ``with fastff.no_checks(): ...``; kernels stay memory-safe
+without them (indices are clamped or bounds-checked), but garbage in then gives garbage out.
+They are also skipped while ``torch.compile`` or ``torch.export`` traces
+(``torch.compiler.is_compiling()``): reading a value would break the graph, and the compiled
+graph runs no Python checks anyway.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-_value_checks = True
-
-
-def set_checks(enabled: bool) -> None:
-    """Enable or disable the value checks (NaN scans, sortedness, index ranges) process-wide."""
-    global _value_checks
-    _value_checks = bool(enabled)
-
-
-def checks_enabled() -> bool:
-    """True when value checks run: enabled, and not inside torch.compile / torch.export tracing."""
-    return _value_checks and not torch.compiler.is_compiling()
-
-
-@contextlib.contextmanager
-def no_checks() -> Iterator[None]:
-    """Context manager that skips the value checks inside its block."""
-    global _value_checks
-    previous, _value_checks = _value_checks, False
-    try:
-        yield
-    finally:
-        _value_checks = previous
+# the switch lives in the kernel runtime (thread-local); re-exported for fastff's modules
+from fastff.kernels._runtime.checks import checks_enabled, no_checks, set_checks  # noqa: F401
 
 
 def positions(x: Tensor, name: str = "positions") -> Tensor:
@@ -100,23 +77,3 @@ def index_range(x: Tensor, name: str, upper: int, what: str) -> None:
         if lo < 0 or hi >= upper:
             raise IndexError(f"{name} holds index {lo if lo < 0 else hi}, outside [0, {upper}) "
                              f"({what})")
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Bytes free on ``device`` (available physical memory for the CPU), or None if unknown."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type == "cpu":
-        try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
-    return None
-
-
-def fits_in_memory(num_bytes: int, what: str, device: torch.device) -> None:
-    """Raise MemoryError, with the estimate, before allocating more than the device has free."""
-    free = free_memory(device)
-    if free is not None and num_bytes > free:
-        raise MemoryError(f"{what} would need {num_bytes / 2**30:.2f} GiB but only "
-                          f"{free / 2**30:.2f} GiB is free on {device}")

@@ -142,13 +142,13 @@ def _check_backend(name: str, device: str) -> str | None:
         return None
     import torch
 
-    from fastff import _backend
+    from fastff.kernels._runtime import registry
 
     try:
-        _backend.requested_backend(name, torch.device(device))
+        registry.requested_backend(name, torch.device(device))
     except ValueError as e:
         raise UsageError(f"--backend {name} cannot run on {device} here: {e}") from None
-    missing = _backend._availability(name)
+    missing = registry._availability(name)
     if missing is not None:
         raise UsageError(f"--backend {name} is not available: {missing}")
     return name

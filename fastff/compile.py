@@ -61,7 +61,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from fastff import _backend, _checks
+from fastff import _checks
+from fastff.kernels._runtime import registry
 from fastff.neighbors import NeighborList
 
 __all__ = ["CompiledEnergyAndForces", "CompiledTrainingStep", "ExportedEnergyAndForces",
@@ -129,10 +130,11 @@ def _check_list(nl, batch, positions: Tensor) -> NeighborList:
 
 
 def _preload_launchers(device: torch.device, backend: str | None) -> None:
-    """Import every op's kernel module now: ``_backend.resolve`` imports it on first use, and an
+    """Import every op's kernel module now: ``registry.resolve`` imports it on first use, and an
     import cannot be traced by torch.compile (it would break the graph)."""
-    for name in list(_backend._OPS):
-        _backend.resolve(name, device, backend)
+    registry.import_all_ops()
+    for name in registry.op_names():
+        registry.resolve(name, device, backend)
 
 
 def _list_tensors(nl: NeighborList) -> list[Tensor]:

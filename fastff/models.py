@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from fastff import _backend, _checks
+from fastff import _checks
 from fastff import nn as fnn
+from fastff.kernels._runtime import registry
 from fastff.kernels.message import dense
 from fastff.neighbors import NeighborList, _normalize_batch, neighbor_list
 from fastff.verlet import VerletList
@@ -66,8 +67,8 @@ class AtomisticModel(nn.Module):
                              f"{num_features}")
         if not isinstance(skin, (int, float)) or not skin >= 0.0 or skin == float("inf"):
             raise ValueError(f"skin must be a finite number >= 0, got {skin!r}")
-        if backend is not None and backend != "auto" and backend not in _backend.BACKENDS:
-            raise ValueError(f"backend must be one of {_backend.BACKENDS}, 'auto' or None, got "
+        if backend is not None and backend != "auto" and backend not in registry.BACKENDS:
+            raise ValueError(f"backend must be one of {registry.BACKENDS}, 'auto' or None, got "
                              f"{backend!r}")
         self.num_features, self.num_interactions = num_features, num_interactions
         self.cutoff = _checks.cutoff(cutoff)
@@ -86,8 +87,8 @@ class AtomisticModel(nn.Module):
         """Run every fastff op of this model (neighbor list, convolutions, radial bases) on
         ``backend`` ("numba", "triton", "reference", or None for the device default) from now on.
         The weights are untouched; an owned Verlet list is rebuilt on its next update."""
-        if backend is not None and backend != "auto" and backend not in _backend.BACKENDS:
-            raise ValueError(f"backend must be one of {_backend.BACKENDS}, 'auto' or None, got "
+        if backend is not None and backend != "auto" and backend not in registry.BACKENDS:
+            raise ValueError(f"backend must be one of {registry.BACKENDS}, 'auto' or None, got "
                              f"{backend!r}")
         self.backend = backend
         for module in self.modules():

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fastff import _backend, _checks
+from fastff import _checks
+from fastff.kernels._runtime import registry
 from fastff.kernels.radial import op as _radial_op
 
 KINDS = ("gaussian", "bessel")
@@ -49,5 +50,5 @@ def radial_basis(distances: Tensor, *, num_basis: int, cutoff: float, kind: str 
         raise ValueError(f"distances must have shape [E], got {list(distances.shape)}")
     if not distances.is_floating_point():
         raise TypeError(f"distances must be a floating point tensor, got {distances.dtype}")
-    name, _ = _backend.resolve("radial_basis", distances.device, backend)
+    name, _ = registry.resolve("radial_basis", distances.device, backend)
     return _radial_op.radial_basis(distances.contiguous(), k, c, kind, env, 0, name)

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from fastff import _backend, _checks
+from fastff import _checks
+from fastff.kernels._runtime import registry
 from fastff.kernels.neighbors import op as _op
 
 
@@ -82,10 +83,10 @@ class NeighborList:
 
     def _mirrors(self) -> Tensor:
         if self._compacted_from is None:
-            name, _ = _backend.resolve("neighbor_reverse", self.i.device, self.backend)
+            name, _ = registry.resolve("neighbor_reverse", self.i.device, self.backend)
             return _op.neighbor_reverse(self.i, self.j, self.shifts, self.ptr, name)
         source, rank = self._compacted_from
-        name, launch = _backend.resolve("neighbor_compact_reverse", self.i.device, self.backend)
+        name, launch = registry.resolve("neighbor_compact_reverse", self.i.device, self.backend)
         args = (source.reverse, source.j, source.ptr, rank, self.ptr, self.num_pairs)
         if _plain_eager(rank):
             return launch(*args)
@@ -152,7 +153,7 @@ class NeighborList:
         the list was built with (detached). Deterministic on CPU.
         """
         cells = self._cell_for(positions, cell)
-        name, _ = _backend.resolve("pair_vectors", positions.device, self.backend)
+        name, _ = registry.resolve("pair_vectors", positions.device, self.backend)
         return _op.pair_vectors(positions, cells, self.batch, self.i, self.j, self.shifts, name)
 
     def distances(self, positions: Tensor, cell: Tensor | None = None) -> Tensor:
@@ -295,7 +296,7 @@ def _plain_eager(x: Tensor) -> bool:
 def _compact(nl: NeighborList, positions: Tensor, cutoff: float, cells: Tensor,
              cell: Tensor | None) -> NeighborList:
     """:meth:`NeighborList.within` after its checks."""
-    name, launch = _backend.resolve("neighbor_compact", positions.device, nl.backend)
+    name, launch = registry.resolve("neighbor_compact", positions.device, nl.backend)
     args = (positions.detach(), cells, nl.batch, nl.i, nl.j, nl.shifts, nl.ptr, cutoff)
     if _plain_eager(positions):  # integer outputs: skip the custom op's dispatch, as above
         i, j, shifts, ptr, rank = launch(*args)
@@ -338,7 +339,7 @@ def neighbor_list(positions: Tensor, cutoff: float, cell: Tensor | None = None, 
     else:
         system_ptr = torch.searchsorted(
             batch, torch.arange(cells.shape[0] + 1, device=positions.device))
-    name, launch = _backend.resolve("neighbor_list", positions.device, backend)
+    name, launch = registry.resolve("neighbor_list", positions.device, backend)
     pos = positions.detach().contiguous()
     args = (pos, c, cells.detach(), periodic, system_ptr, half)
     if _plain_eager(pos):

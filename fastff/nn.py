@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastff import _backend, _checks
-from fastff._autograd import track
+from fastff import _checks
+from fastff.kernels._runtime import registry
+from fastff.kernels._runtime.autograd import track
 from fastff.kernels.message import dense
 from fastff.kernels.message import op as _mop
 from fastff.kernels.message import reference as _mref
@@ -95,7 +96,8 @@ class RadialFilter(nn.Module):
         self.dense2 = nn.Linear(num_features, num_features)
 
     def params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(w1, b1, w2, b2) as the fused ops take them (``track``ed: see fastff._autograd)."""
+        """(w1, b1, w2, b2) as the fused ops take them (``track``ed: see
+        fastff.kernels._runtime.autograd)."""
         return tuple(track(p) for p in (self.dense1.weight, self.dense1.bias,
                                         self.dense2.weight, self.dense2.bias))
 
@@ -103,7 +105,7 @@ class RadialFilter(nn.Module):
         """W(r) [E, F] for distances [E]; differentiable to any order."""
         if not isinstance(distances, Tensor) or distances.dim() != 1:
             raise ValueError("distances must be a 1-D tensor [E]")
-        name, _ = _backend.resolve("radial_basis", distances.device, backend)
+        name, _ = registry.resolve("radial_basis", distances.device, backend)
         basis = _rop.radial_basis(distances.contiguous(), self.num_basis, self.cutoff, self.kind,
                                   "none", 0, name)
         (env,) = dense.envelope(distances, self.cutoff, self.envelope, 0)
@@ -249,7 +251,7 @@ class CFConv(nn.Module):
         _graph(self, positions, nl, self.cutoff, {"x": (x, (self.num_features,))})
         if self.tabulate and distances is None:
             # distances from positions inside the kernel: no [E] tensor, no mirror index
-            name, _ = _backend.resolve("spline_conv_positions", x.device, self.backend)
+            name, _ = registry.resolve("spline_conv_positions", x.device, self.backend)
             coeffs = self.table().coeffs_as(x.dtype)
             return _mop.spline_conv_positions(
                 x.contiguous(), positions.contiguous(), nl._cell_for(positions, cell), nl.batch,
@@ -258,10 +260,10 @@ class CFConv(nn.Module):
              else _edge_tensor(distances, nl, "distances", ())).contiguous()
         args = (nl.i, nl.j, nl.ptr, nl.reverse)
         if self.tabulate:
-            name, _ = _backend.resolve("spline_conv", x.device, self.backend)
+            name, _ = registry.resolve("spline_conv", x.device, self.backend)
             coeffs = self.table().coeffs_as(x.dtype)
             return _mop.spline_conv(x.contiguous(), d, None, coeffs, *args, self.cutoff, 0, name)
-        name, _ = _backend.resolve("cfconv_forward", x.device, self.backend)
+        name, _ = registry.resolve("cfconv_forward", x.device, self.backend)
         f = self.filter
         return _mop.cfconv(x.contiguous(), d, *args, *f.params(), self.cutoff, f.kind, f.envelope,
                            f.activation, name)
@@ -344,7 +346,7 @@ class PaiNNMessage(nn.Module):
         d = torch.linalg.vector_norm(vec, dim=1)
         if self.tabulate:
             return self._tabulated(s, v, vec, d, nl)
-        name, _ = _backend.resolve("painn_forward", s.device, self.backend)
+        name, _ = registry.resolve("painn_forward", s.device, self.backend)
         phi = self.context(s)
         unit = vec / d.clamp_min(torch.finfo(d.dtype).tiny).unsqueeze(1)
         return _mop.painn_message(phi.contiguous(), v.contiguous(), d.contiguous(),
@@ -358,7 +360,7 @@ class PaiNNMessage(nn.Module):
         """The message with the filter read from its table: spline convolutions only, no
         per-edge tensor wider than 3 (the unit vectors)."""
         nf = self.num_features
-        name, _ = _backend.resolve("spline_conv", s.device, self.backend)
+        name, _ = registry.resolve("spline_conv", s.device, self.backend)
         coeffs = self.table().coeffs_as(s.dtype)
         c_s, c_vs, c_vv = coeffs.split(nf, dim=2)
         p_s, p_vs, p_vv = self.context(s).split(nf, dim=1)

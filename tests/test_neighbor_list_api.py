@@ -111,9 +111,9 @@ def test_unknown_backend(rng):
 def test_backend_device_mismatch(rng, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
-        fastff._backend.requested_backend("triton", torch.device("cpu"))
+        fastff.kernels._runtime.registry.requested_backend("triton", torch.device("cpu"))
     with pytest.raises(ValueError, match="backend='numba' runs on CPU tensors only"):
-        fastff._backend.requested_backend("numba", torch.device("cuda"))
+        fastff.kernels._runtime.registry.requested_backend("numba", torch.device("cuda"))
 
 
 def test_environment_backend(rng, monkeypatch):
@@ -126,19 +126,19 @@ def test_environment_backend(rng, monkeypatch):
 
 def test_missing_toolchain_falls_back_once(rng, monkeypatch):
     """An op whose backend cannot be imported runs the reference, with one warning."""
-    from fastff import _backend
+    from fastff.kernels._runtime import registry
 
-    _backend.register("_test_missing", "neighbors", "neighbor_list")
-    monkeypatch.setitem(_backend._MODULES, "numba", "no_such_module")
+    registry.register("_test_missing", "neighbors", "neighbor_list")
+    monkeypatch.setitem(registry._MODULES, "numba", "no_such_module")
     with pytest.warns(RuntimeWarning, match="falls back to the torch reference"):
-        name, _ = _backend.resolve("_test_missing", torch.device("cpu"))
+        name, _ = registry.resolve("_test_missing", torch.device("cpu"))
     assert name == "reference"
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _backend.resolve("_test_missing", torch.device("cpu"))[0] == "reference"
-    del _backend._OPS["_test_missing"]
+        assert registry.resolve("_test_missing", torch.device("cpu"))[0] == "reference"
+    del registry._OPS["_test_missing"]
 
 
 def test_backends_table(capsys):

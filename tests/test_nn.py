@@ -265,22 +265,23 @@ def test_painn_matches_reference_and_trains(rng, backend):
 
 def record_launches(monkeypatch) -> list:
     """(launcher name, its trailing flags) of every fastff launch from now on."""
-    from fastff import _backend
+    from fastff.kernels._runtime import registry
 
     calls = []
-    plain_launcher = _backend.launcher
+    plain_launcher = registry.launcher
     flags = {"cfconv_vjp": 3, "cfconv_vjp_vjp": 4, "painn_vjp": 1,
              "spline_conv_positions_vjp": 2}
 
     def recording_launcher(name, backend):
         fn = plain_launcher(name, backend)
 
-        def record(*args):
-            calls.append((name, args[len(args) - flags.get(name, 0):]))
-            return fn(*args)
+        def record(*args, **kwargs):
+            values = (*args, *kwargs.values())
+            calls.append((name, values[len(values) - flags.get(name, 0):]))
+            return fn(*args, **kwargs)
         return record
 
-    monkeypatch.setattr(_backend, "launcher", recording_launcher)
+    monkeypatch.setattr(registry, "launcher", recording_launcher)
     return calls
 
 

@@ -26,7 +26,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fastff import _backend, _checks
+from fastff import _checks
+from fastff.kernels._runtime import registry
 from fastff.kernels.bonded import op as _bonded
 from fastff.kernels.nonbonded import op as _nonbonded
 from fastff.kernels.nonbonded import reference as _nbref
@@ -286,7 +287,7 @@ def _pair_terms(positions: Tensor, nl: NeighborList, charges, sigma, epsilon, *,
         ex = None
         excl_ptr = torch.zeros(n + 1, dtype=torch.int64, device=positions.device)
         excl_j = excl_ptr[:0]
-    name, _ = _backend.resolve("nonbonded", positions.device, backend)
+    name, _ = registry.resolve("nonbonded", positions.device, backend)
     q = charges if charges is not None else dummy
     s = sigma if lj else dummy
     e = epsilon if lj else dummy
@@ -295,7 +296,7 @@ def _pair_terms(positions: Tensor, nl: NeighborList, charges, sigma, epsilon, *,
         if param_grads:
             raise ValueError("a ClusterList computes no parameter gradients: use a "
                              "NeighborList when charges, sigma or epsilon need gradients")
-        name, _ = _backend.resolve("nonbonded_clusters", positions.device, backend)
+        name, _ = registry.resolve("nonbonded_clusters", positions.device, backend)
         energy = _nonbonded.nonbonded_clusters(
             positions, cells, nl.slot_atom, nl.slot_wrap, nl.cluster_ptr, nl.entry_j,
             nl.entry_shift, nl.entry_mask, q.detach(), s.detach(), e.detach(), rc, sw, coul, lj,
@@ -313,7 +314,7 @@ def _pair_terms(positions: Tensor, nl: NeighborList, charges, sigma, epsilon, *,
             inv = _once_per_version(cell if isinstance(cell, Tensor) else cells,
                                     ("inverse", cells.shape[0]),
                                     lambda: torch.linalg.inv(cells.detach()))
-        name, _ = _backend.resolve("lj_coulomb_pairs", positions.device, backend)
+        name, _ = registry.resolve("lj_coulomb_pairs", positions.device, backend)
         energy = energy + _bonded.lj_coulomb_pairs(
             positions, cells, inv, atom_system, bool(exceptions_use_pbc), ex.pairs,
             ex.charge_prod, ex.sigma, ex.epsilon, float(coulomb_constant),
@@ -442,7 +443,7 @@ def harmonic_bonds(positions: Tensor, bonds: Tensor, k: Tensor, r0: Tensor, *,
     t = index.shape[0]
     k = _param(k, "k", t, positions)
     r0 = _param(r0, "r0", t, positions)
-    name, _ = _backend.resolve("harmonic_bonds", positions.device, backend)
+    name, _ = registry.resolve("harmonic_bonds", positions.device, backend)
     e = _bonded.harmonic_bonds(positions, cells, inv, atom_system, periodic, index, k, r0,
                                _needs_grad(k, r0), name)[0]
     return _finish(e, batched)
@@ -461,7 +462,7 @@ def harmonic_angles(positions: Tensor, angles: Tensor, k: Tensor, theta0: Tensor
     t = index.shape[0]
     k = _param(k, "k", t, positions)
     theta0 = _param(theta0, "theta0", t, positions)
-    name, _ = _backend.resolve("harmonic_angles", positions.device, backend)
+    name, _ = registry.resolve("harmonic_angles", positions.device, backend)
     e = _bonded.harmonic_angles(positions, cells, inv, atom_system, periodic, index, k, theta0,
                                 _needs_grad(k, theta0), name)[0]
     return _finish(e, batched)
@@ -483,7 +484,7 @@ def periodic_torsions(positions: Tensor, torsions: Tensor, k: Tensor, periodicit
     k = _param(k, "k", t, positions)
     phase = _param(phase, "phase", t, positions)
     periodicity = _periodicity(periodicity, t)
-    name, _ = _backend.resolve("periodic_torsions", positions.device, backend)
+    name, _ = registry.resolve("periodic_torsions", positions.device, backend)
     e = _bonded.periodic_torsions(positions, cells, inv, atom_system, periodic, index, k,
                                   periodicity, phase, _needs_grad(k, phase), name)[0]
     return _finish(e, batched)
@@ -542,7 +543,7 @@ def bonded(positions: Tensor, *, bonds=None, angles=None, torsions=None,
     a_index, a_k, a_t0 = _kind(angles, "angles", ("index", "k", "theta0"), 3, n, positions)
     t_index, t_k, t_n, t_phase = _kind(torsions, "torsions", ("index", "k", "periodicity",
                                                               "phase"), 4, n, positions)
-    name, _ = _backend.resolve("bonded_terms", positions.device, backend)
+    name, _ = registry.resolve("bonded_terms", positions.device, backend)
     e = _bonded.bonded_terms(positions, cells, inv, atom_system, b_index, b_k, b_r0, periodic[0],
                              a_index, a_k, a_t0, periodic[1], t_index, t_k, t_n, t_phase,
                              periodic[2], _needs_grad(b_k, b_r0, a_k, a_t0, t_k, t_phase), name)[0]

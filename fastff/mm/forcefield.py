@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fastff import _backend
+from fastff.kernels._runtime import registry
 from fastff.mm import _terms
 from fastff.mm._clusters import ClusterList, ClusterVerletList
 from fastff.neighbors import NeighborList
@@ -408,7 +408,7 @@ class ForceField(nn.Module):
         if (self.clusters is None or not self.use_clusters or positions.device.type != "cpu"
                 or torch.compiler.is_compiling() or positions.dim() != 2
                 or _terms._needs_grad(self.charges, self.sigma, self.epsilon)
-                or _backend.resolve("nonbonded", positions.device, self.backend)[0] != "numba"):
+                or registry.resolve("nonbonded", positions.device, self.backend)[0] != "numba"):
             return None
         if self.periodic and (cell is None or cell.shape != (3, 3)):
             return None

@@ -328,7 +328,14 @@ def lj_coulomb_pairs(positions, cells, inv_cells, atom_system, periodic, index, 
                 (charge_prod, sigma, epsilon, kc), 3)
 
 
-def bonded_terms(*args):
+def bonded_terms(positions, cells, inv_cells, atom_system, bond_index, bond_k, bond_r0,
+                 bonds_periodic, angle_index, angle_k, angle_theta0, angles_periodic,
+                 torsion_index, torsion_k, torsion_periodicity, torsion_phase, torsions_periodic,
+                 param_grads):
     """The three kernels back to back: on a GPU a launch costs microseconds, so fusing the
     kinds into one kernel would save little next to the host-side overhead it shares."""
-    return bonded_terms_by_kind(harmonic_bonds, harmonic_angles, periodic_torsions, *args)
+    return bonded_terms_by_kind(
+        harmonic_bonds, harmonic_angles, periodic_torsions, positions, cells, inv_cells,
+        atom_system, bond_index, bond_k, bond_r0, bonds_periodic, angle_index, angle_k,
+        angle_theta0, angles_periodic, torsion_index, torsion_k, torsion_periodicity,
+        torsion_phase, torsions_periodic, param_grads)

@@ -80,7 +80,7 @@ def lj_coulomb_pairs_energy(positions, cells, inv_cells, atom_system, periodic, 
 
 def _launch(energy_fn, positions, cells, inv_cells, atom_system, periodic, index, params,
             fixed, param_grads):
-    from fastff._energy_op import reference_gradients
+    from fastff.kernels._runtime.energy_op import reference_gradients
 
     def energy(p, c, *prm):
         return energy_fn(p, c, inv_cells, atom_system, periodic, index, *prm, *fixed)
@@ -148,5 +148,12 @@ def bonded_terms_by_kind(bonds, angles, torsions, positions, cells, inv_cells, a
     return (energy, g_pos, g_cells, *(g for out in outputs for g in out[3:]))
 
 
-def bonded_terms(*args):
-    return bonded_terms_by_kind(harmonic_bonds, harmonic_angles, periodic_torsions, *args)
+def bonded_terms(positions, cells, inv_cells, atom_system, bond_index, bond_k, bond_r0,
+                 bonds_periodic, angle_index, angle_k, angle_theta0, angles_periodic,
+                 torsion_index, torsion_k, torsion_periodicity, torsion_phase, torsions_periodic,
+                 param_grads):
+    return bonded_terms_by_kind(
+        harmonic_bonds, harmonic_angles, periodic_torsions, positions, cells, inv_cells,
+        atom_system, bond_index, bond_k, bond_r0, bonds_periodic, angle_index, angle_k,
+        angle_theta0, angles_periodic, torsion_index, torsion_k, torsion_periodicity,
+        torsion_phase, torsions_periodic, param_grads)

@@ -28,12 +28,12 @@ Primitives, all over a FULL neighbor list sorted by receiver (CSR ``ptr``) with 
   ``painn_message_vjp`` when no graph is needed and, when it must be differentiable, autograd
   through the same message written with ``gms`` (``painn_composite``), recomputed.
 
-Every op takes the already resolved backend name (see fastff._backend); only this file knows
-all three paths. The first backwards of ``cfconv``, ``painn_message``, ``spline_conv`` and
-``spline_conv_positions`` compute only the gradients the running backward uses
-(``fastff._autograd.wanted_grads``): forces of a model with trainable weights cost what they
-cost with frozen ones. So does ``cfconv_vjp``'s own backward (``cfconv_vjp_vjp``), and both
-vjps skip the distance gradient (``need_d``) when it is not wanted: force training asks for
+Every op takes the already resolved backend name (see fastff.kernels._runtime.registry); only
+this file knows all three paths. The first backwards of ``cfconv``, ``painn_message``,
+``spline_conv`` and ``spline_conv_positions`` compute only the gradients the running backward
+uses (``fastff.kernels._runtime.autograd.wanted_grads``): forces of a model with trainable
+weights cost what they cost with frozen ones. So does ``cfconv_vjp``'s own backward
+(``cfconv_vjp_vjp``), and both vjps skip the distance gradient (``need_d``) when it is not wanted: force training asks for
 the weights' gradients, not the positions'.
 """
 
@@ -42,8 +42,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastff import _backend
-from fastff._autograd import tensor_slots, wanted_grads
+from fastff.kernels._runtime import registry
+from fastff.kernels._runtime.autograd import wanted_grads
 from fastff.kernels.message import dense
 from fastff.kernels.neighbors import op as _neighbors
 from fastff.kernels.radial import op as _radial
@@ -52,14 +52,14 @@ for _name in ("gms", "ggm", "cfconv_forward", "cfconv_vjp", "cfconv_vjp_vjp", "s
               "spline_edge_dot", "spline_conv_vjp", "spline_conv_positions",
               "spline_conv_positions_vjp",
               "painn_forward", "painn_vjp"):
-    _backend.register(_name, "message", _name)
+    registry.register(_name, "message", _name)
 
 
 # ---------------------------------------------------------------- gms / ggm
 @torch.library.custom_op("fastff::gms", mutates_args=())
 def gms(h: Tensor, w: Tensor, i: Tensor, j: Tensor, ptr: Tensor, rev: Tensor,
         backend: str) -> Tensor:
-    return _backend.launcher("gms", backend)(h, w, i, j, ptr)
+    return registry.launcher("gms", backend)(h, w, i, j, ptr)
 
 
 @gms.register_fake
@@ -70,7 +70,7 @@ def _(h, w, i, j, ptr, rev, backend):
 @torch.library.custom_op("fastff::ggm", mutates_args=())
 def ggm(a: Tensor, b: Tensor, i: Tensor, j: Tensor, ptr: Tensor, rev: Tensor,
         backend: str) -> Tensor:
-    return _backend.launcher("ggm", backend)(a, b, i, j)
+    return registry.launcher("ggm", backend)(a, b, i, j)
 
 
 @ggm.register_fake
@@ -119,7 +119,7 @@ ggm.register_autograd(_ggm_backward, setup_context=_graph_setup)
 def cfconv(x: Tensor, d: Tensor, i: Tensor, j: Tensor, ptr: Tensor, rev: Tensor, w1: Tensor,
            b1: Tensor, w2: Tensor, b2: Tensor, cutoff: float, kind: str, envelope: str,
            activation: str, backend: str) -> Tensor:
-    return _backend.launcher("cfconv_forward", backend)(x, d, i, j, ptr, rev, w1, b1, w2, b2,
+    return registry.launcher("cfconv_forward", backend)(x, d, i, j, ptr, rev, w1, b1, w2, b2,
                                                          cutoff, kind, envelope, activation)
 
 
@@ -137,7 +137,7 @@ def cfconv_vjp(g: Tensor, x: Tensor, d: Tensor, i: Tensor, j: Tensor, ptr: Tenso
     """(grad_x, grad_d, grad_w1, grad_b1, grad_w2, grad_b2) of sum <g, cfconv(x, d)>: grad_x
     (= cfconv(g, d)) empty [0] unless need_x, grad_d unless need_d, the parameters' unless
     need_params."""
-    return _backend.launcher("cfconv_vjp", backend)(g, x, d, i, j, ptr, rev, w1, b1, w2, b2,
+    return registry.launcher("cfconv_vjp", backend)(g, x, d, i, j, ptr, rev, w1, b1, w2, b2,
                                                      cutoff, kind, envelope, activation,
                                                      need_params, need_x, need_d)
 
@@ -163,7 +163,7 @@ def cfconv_vjp_vjp(v: Tensor, g: Tensor, x: Tensor, d: Tensor, i: Tensor, j: Ten
     grad_d = cfconv_vjp(g, x, d, ...)[1]: the second backward of force training. grad_g,
     grad_x and grad_d are empty [0] unless need_g / need_x / need_d, the parameters' unless
     need_params."""
-    return _backend.launcher("cfconv_vjp_vjp", backend)(v, g, x, d, i, j, ptr, rev, w1, b1, w2,
+    return registry.launcher("cfconv_vjp_vjp", backend)(v, g, x, d, i, j, ptr, rev, w1, b1, w2,
                                                          b2, cutoff, kind, envelope, activation,
                                                          need_g, need_x, need_params, need_d)
 
@@ -339,7 +339,7 @@ cfconv.register_autograd(_cfconv_backward, setup_context=_cfconv_setup)
 @torch.library.custom_op("fastff::spline_conv", mutates_args=())
 def spline_conv(x: Tensor, d: Tensor, scale: Tensor | None, coeffs: Tensor, i: Tensor, j: Tensor,
                 ptr: Tensor, rev: Tensor, cutoff: float, order: int, backend: str) -> Tensor:
-    return _backend.launcher("spline_conv", backend)(x, d, scale, coeffs, i, j, ptr, cutoff,
+    return registry.launcher("spline_conv", backend)(x, d, scale, coeffs, i, j, ptr, cutoff,
                                                       order)
 
 
@@ -351,7 +351,7 @@ def _(x, d, scale, coeffs, i, j, ptr, rev, cutoff, order, backend):
 @torch.library.custom_op("fastff::spline_edge_dot", mutates_args=())
 def spline_edge_dot(g: Tensor, x: Tensor, d: Tensor, coeffs: Tensor, i: Tensor, j: Tensor,
                     ptr: Tensor, rev: Tensor, cutoff: float, order: int, backend: str) -> Tensor:
-    return _backend.launcher("spline_edge_dot", backend)(g, x, d, coeffs, i, j, cutoff, order)
+    return registry.launcher("spline_edge_dot", backend)(g, x, d, coeffs, i, j, cutoff, order)
 
 
 @spline_edge_dot.register_fake
@@ -368,7 +368,7 @@ def spline_conv_vjp(grad: Tensor, x: Tensor, d: Tensor, d_rev: Tensor, coeffs: T
                     j: Tensor, ptr: Tensor, rev: Tensor, cutoff: float, order: int,
                     backend: str) -> tuple[Tensor, Tensor]:
     """(spline_conv(grad, d_rev, None, order), spline_edge_dot(grad, x, d, order + 1))."""
-    return _backend.launcher("spline_conv_vjp", backend)(grad, x, d, d_rev, coeffs, i, j, ptr,
+    return registry.launcher("spline_conv_vjp", backend)(grad, x, d, d_rev, coeffs, i, j, ptr,
                                                           cutoff, order)
 
 
@@ -433,7 +433,7 @@ def _spline_conv_setup(ctx, inputs, output):
     x, d, scale, coeffs, i, j, ptr, rev, cutoff, order, backend = inputs
     ctx.save_for_backward(x, d, scale, coeffs, i, j, ptr, rev)
     ctx.args = (cutoff, order, backend)
-    ctx.tensor_slots = tensor_slots(inputs)
+    ctx.tensor_slots = tuple(k for k, t in enumerate(inputs) if isinstance(t, Tensor))
 
 
 def _spline_conv_backward(ctx, grad):
@@ -493,7 +493,7 @@ def spline_conv_positions(x: Tensor, positions: Tensor, cells: Tensor, atom_syst
                           cutoff: float, backend: str) -> Tensor:
     """out[a] = sum_{e in row a} x[j_e] W(|r_e|), r_e = positions[j] - positions[i] + S @ cell,
     over a full list in which every pair has its mirror (fastff.neighbor_list's)."""
-    return _backend.launcher("spline_conv_positions", backend)(
+    return registry.launcher("spline_conv_positions", backend)(
         x, positions, cells, atom_system, i, j, shifts, ptr, coeffs, cutoff)
 
 
@@ -509,7 +509,7 @@ def spline_conv_positions_vjp(grad: Tensor, x: Tensor, positions: Tensor, cells:
                               need_cell: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (x, positions, cells) of <grad, spline_conv_positions(...)>; the x and cell
     gradients are empty [0] tensors unless need_x / need_cell."""
-    return _backend.launcher("spline_conv_positions_vjp", backend)(
+    return registry.launcher("spline_conv_positions_vjp", backend)(
         grad, x, positions, cells, atom_system, i, j, shifts, ptr, coeffs, cutoff, need_x,
         need_cell)
 
@@ -537,7 +537,7 @@ def _positions_setup(ctx, inputs, output):
     x, positions, cells, atom_system, i, j, shifts, ptr, coeffs, cutoff, backend = inputs
     ctx.save_for_backward(x, positions, cells, atom_system, i, j, shifts, ptr, coeffs)
     ctx.args = (cutoff, backend)
-    ctx.tensor_slots = tensor_slots(inputs)
+    ctx.tensor_slots = tuple(k for k, t in enumerate(inputs) if isinstance(t, Tensor))
 
 
 def _positions_backward(ctx, grad):
@@ -581,7 +581,7 @@ def painn_message(phi: Tensor, v: Tensor, d: Tensor, unit: Tensor, i: Tensor, j:
                   envelope: str, backend: str) -> tuple[Tensor, Tensor]:
     """(ds [N, F], dv [N, 3, F]) for phi [N, 3F] (s | vs | vv blocks), v [N, 3, F], d [E],
     unit [E, 3] and the filter W(d) = u(d) (wf b(d) + bf), wf [3F, K]."""
-    return _backend.launcher("painn_forward", backend)(phi, v, d, unit, i, j, ptr, wf, bf, cutoff,
+    return registry.launcher("painn_forward", backend)(phi, v, d, unit, i, j, ptr, wf, bf, cutoff,
                                                         kind, envelope)
 
 
@@ -598,7 +598,7 @@ def painn_message_vjp(gs: Tensor, gv: Tensor, phi: Tensor, v: Tensor, d: Tensor,
                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (phi, v, d, unit, wf, bf) of <gs, ds> + <gv, dv>; the last two are empty [0]
     tensors unless need_params."""
-    return _backend.launcher("painn_vjp", backend)(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf,
+    return registry.launcher("painn_vjp", backend)(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf,
                                                     bf, cutoff, kind, envelope, need_params)
 
 

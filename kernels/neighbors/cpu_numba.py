@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from fastff import _checks
+from fastff.kernels._runtime import memory
 
 # Bins per cutoff length. Bins of cutoff/2 (reach 2) scan 15.6 c^3 of volume per atom instead of
 # 27 c^3, but at 10^4 atoms measured 1.4x slower than bins of one cutoff (count 17.6 vs 13.0 ms):
@@ -465,13 +465,13 @@ def neighbor_list(positions, cutoff, cells, pbc, system_ptr, half):
     cutoff = float(cutoff)
     sizes = sys_ptr[1:] - sys_ptr[:-1]
     if int((sizes * np.minimum(sizes, 400)).sum()) < SERIAL_BELOW:
-        free = _checks.free_memory(positions.device)
+        free = memory.free_memory(positions.device)
         max_pairs = free // bytes_per_pair if free is not None else np.iinfo(np.int64).max
         num_pairs, counts, ptr, out_i, out_j, out_s, out_d = _small_neighbor_list(
             pos, cells64, pbc_np, sys_ptr, cutoff, half, float(BINS_PER_CUTOFF),
             float(MAX_BINS_PER_ATOM), max_pairs, np.empty(0, np_dtype))
         if num_pairs > max_pairs:
-            _checks.fits_in_memory(num_pairs * bytes_per_pair,
+            memory.fits_in_memory(num_pairs * bytes_per_pair,
                                    f"the neighbor list ({num_pairs} pairs)", positions.device)
     else:
         grid = _build_grid(pos, cells64, pbc_np, sys_ptr, cutoff, float(BINS_PER_CUTOFF),
@@ -481,7 +481,7 @@ def neighbor_list(positions, cutoff, cells, pbc, system_ptr, half):
         ptr = np.zeros(n + 1, np.int64)
         np.cumsum(counts, out=ptr[1:])
         num_pairs = int(ptr[-1])
-        _checks.fits_in_memory(num_pairs * bytes_per_pair,
+        memory.fits_in_memory(num_pairs * bytes_per_pair,
                                f"the neighbor list ({num_pairs} pairs)", positions.device)
         out_i = np.empty(num_pairs, np.int64)
         out_j = np.empty(num_pairs, np.int64)

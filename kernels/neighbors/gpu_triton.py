@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastff import _checks
+from fastff.kernels._runtime import memory
 
 # Tile of (atoms of the bin) x (candidates of a bin in reach) tested at once, per dtype. Bins are
 # >= 1 cutoff wide: at 0.1 atoms/A^3 and a 5 A cutoff a bin holds ~13 atoms on average. ptxas
@@ -490,7 +490,7 @@ def neighbor_list(positions: Tensor, cutoff: float, cells: Tensor, pbc: Tensor,
     neighbor_count_kernel[grid](*args, count, **blocks)
     ptr[1:] = torch.cumsum(count, 0)
     num_pairs = int(ptr[-1])
-    _checks.fits_in_memory(num_pairs * (8 + 8 + 12 + positions.element_size()),
+    memory.fits_in_memory(num_pairs * (8 + 8 + 12 + positions.element_size()),
                            "the neighbor list", dev)
     j = torch.empty(num_pairs, dtype=torch.int64, device=dev)
     shifts = torch.empty(num_pairs, 3, dtype=torch.int32, device=dev)

@@ -9,8 +9,8 @@
   cutoff (a Verlet list's pairs within the interaction cutoff) and their mirror index, mapped
   from the source list's. Integer outputs only; no Triton kernel (CUDA runs the torch path).
 
-Every op takes the already resolved backend name (see fastff._backend); only this file knows
-all three paths.
+Every op takes the already resolved backend name (see fastff.kernels._runtime.registry); only
+this file knows all three paths.
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastff import _backend
+from fastff.kernels._runtime import registry
+from fastff.kernels._runtime.args import OpArgs
 
-_backend.register("neighbor_list", "neighbors", "neighbor_list")
-_backend.register("pair_vectors", "neighbors", "pair_vectors")
-_backend.register("pair_vectors_transpose", "neighbors", "pair_vectors_transpose")
-_backend.register("neighbor_reverse", "neighbors", "neighbor_reverse")
-_backend.register("neighbor_compact", "neighbors", "neighbor_compact",
+registry.register("neighbor_list", "neighbors", "neighbor_list")
+registry.register("pair_vectors", "neighbors", "pair_vectors")
+registry.register("pair_vectors_transpose", "neighbors", "pair_vectors_transpose")
+registry.register("neighbor_reverse", "neighbors", "neighbor_reverse")
+registry.register("neighbor_compact", "neighbors", "neighbor_compact",
                   backends=("numba", "reference"))
-_backend.register("neighbor_compact_reverse", "neighbors", "neighbor_compact_reverse",
+registry.register("neighbor_compact_reverse", "neighbors", "neighbor_compact_reverse",
                   backends=("numba", "reference"))
 
 
@@ -34,8 +35,7 @@ _backend.register("neighbor_compact_reverse", "neighbors", "neighbor_compact_rev
 def neighbor_list(positions: Tensor, cutoff: float, cells: Tensor, pbc: Tensor,
                   system_ptr: Tensor, half: bool, backend: str
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    launch = _backend.launcher("neighbor_list", backend)
-    return launch(positions, cutoff, cells, pbc, system_ptr, half)
+    return registry.launch("neighbor_list", _SPECS["neighbor_list"], locals())
 
 
 @neighbor_list.register_fake
@@ -50,8 +50,7 @@ def _(positions, cutoff, cells, pbc, system_ptr, half, backend):
 @torch.library.custom_op("fastff::pair_vectors", mutates_args=())
 def pair_vectors(positions: Tensor, cells: Tensor, atom_system: Tensor | None, i: Tensor,
                  j: Tensor, shifts: Tensor, backend: str) -> Tensor:
-    launch = _backend.launcher("pair_vectors", backend)
-    return launch(positions, cells, atom_system, i, j, shifts)
+    return registry.launch("pair_vectors", _SPECS["pair_vectors"], locals())
 
 
 @pair_vectors.register_fake
@@ -63,8 +62,7 @@ def _(positions, cells, atom_system, i, j, shifts, backend):
 def pair_vectors_transpose(grad: Tensor, num_atoms: int, cells: Tensor,
                            atom_system: Tensor | None, i: Tensor, j: Tensor, shifts: Tensor,
                            backend: str) -> tuple[Tensor, Tensor]:
-    launch = _backend.launcher("pair_vectors_transpose", backend)
-    return launch(grad, num_atoms, cells, atom_system, i, j, shifts)
+    return registry.launch("pair_vectors_transpose", _SPECS["pair_vectors_transpose"], locals())
 
 
 @pair_vectors_transpose.register_fake
@@ -72,26 +70,33 @@ def _(grad, num_atoms, cells, atom_system, i, j, shifts, backend):
     return grad.new_empty(num_atoms, 3), grad.new_empty(cells.shape)
 
 
+PAIR_VECTORS = OpArgs(pair_vectors)
+PAIR_VECTORS_TRANSPOSE = OpArgs(pair_vectors_transpose)
+
+
+def _save_geometry(ctx, x, num_atoms: int) -> None:
+    """What either op's backward (the other op) needs: the pairs, the cells and the backend."""
+    ctx.save_for_backward(x.cells, x.atom_system, x.i, x.j, x.shifts)
+    ctx.num_atoms, ctx.backend = num_atoms, x.backend
+
+
 def _pair_vectors_setup(ctx, inputs, output):
-    positions, cells, atom_system, i, j, shifts, backend = inputs
-    ctx.save_for_backward(cells, atom_system, i, j, shifts)
-    ctx.num_atoms = positions.shape[0]
-    ctx.backend = backend
+    x = PAIR_VECTORS(inputs)
+    _save_geometry(ctx, x, x.positions.shape[0])
 
 
 def _pair_vectors_backward(ctx, grad):
     cells, atom_system, i, j, shifts = ctx.saved_tensors
+    needs = PAIR_VECTORS(ctx.needs_input_grad)
     grad_pos, grad_cells = pair_vectors_transpose(grad.contiguous(), ctx.num_atoms, cells,
                                                   atom_system, i, j, shifts, ctx.backend)
-    return (grad_pos if ctx.needs_input_grad[0] else None,
-            grad_cells if ctx.needs_input_grad[1] else None, None, None, None, None, None)
+    return PAIR_VECTORS.grads(positions=grad_pos if needs.positions else None,
+                              cells=grad_cells if needs.cells else None)
 
 
 def _transpose_setup(ctx, inputs, output):
-    grad, num_atoms, cells, atom_system, i, j, shifts, backend = inputs
-    ctx.save_for_backward(cells, atom_system, i, j, shifts)
-    ctx.num_atoms = num_atoms
-    ctx.backend = backend
+    x = PAIR_VECTORS_TRANSPOSE(inputs)
+    _save_geometry(ctx, x, x.num_atoms)
 
 
 def _transpose_backward(ctx, grad_grad_pos, grad_grad_cells):
@@ -102,7 +107,7 @@ def _transpose_backward(ctx, grad_grad_pos, grad_grad_cells):
         grad_grad_cells = torch.zeros_like(cells)
     grad = pair_vectors(grad_grad_pos.contiguous(), grad_grad_cells.contiguous(), atom_system,
                         i, j, shifts, ctx.backend)
-    return grad, None, None, None, None, None, None, None
+    return PAIR_VECTORS_TRANSPOSE.grads(grad=grad)
 
 
 pair_vectors.register_autograd(_pair_vectors_backward, setup_context=_pair_vectors_setup)
@@ -111,8 +116,7 @@ pair_vectors_transpose.register_autograd(_transpose_backward, setup_context=_tra
 
 @torch.library.custom_op("fastff::neighbor_reverse", mutates_args=())
 def neighbor_reverse(i: Tensor, j: Tensor, shifts: Tensor, ptr: Tensor, backend: str) -> Tensor:
-    launch = _backend.launcher("neighbor_reverse", backend)
-    return launch(i, j, shifts, ptr)
+    return registry.launch("neighbor_reverse", _SPECS["neighbor_reverse"], locals())
 
 
 @neighbor_reverse.register_fake
@@ -124,8 +128,7 @@ def _(i, j, shifts, ptr, backend):
 def neighbor_compact(positions: Tensor, cells: Tensor, atom_system: Tensor | None, i: Tensor,
                      j: Tensor, shifts: Tensor, ptr: Tensor, cutoff: float, backend: str
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    launch = _backend.launcher("neighbor_compact", backend)
-    return launch(positions, cells, atom_system, i, j, shifts, ptr, cutoff)
+    return registry.launch("neighbor_compact", _SPECS["neighbor_compact"], locals())
 
 
 @neighbor_compact.register_fake
@@ -139,10 +142,14 @@ def _(positions, cells, atom_system, i, j, shifts, ptr, cutoff, backend):
 @torch.library.custom_op("fastff::neighbor_compact_reverse", mutates_args=())
 def neighbor_compact_reverse(reverse: Tensor, j: Tensor, ptr: Tensor, rank: Tensor,
                              new_ptr: Tensor, num_pairs: int, backend: str) -> Tensor:
-    launch = _backend.launcher("neighbor_compact_reverse", backend)
-    return launch(reverse, j, ptr, rank, new_ptr, num_pairs)
+    return registry.launch("neighbor_compact_reverse", _SPECS["neighbor_compact_reverse"], locals())
 
 
 @neighbor_compact_reverse.register_fake
 def _(reverse, j, ptr, rank, new_ptr, num_pairs, backend):
     return reverse.new_empty(num_pairs)
+
+
+_SPECS = {op._name: OpArgs(op)
+          for op in (neighbor_list, pair_vectors, pair_vectors_transpose, neighbor_reverse,
+                     neighbor_compact, neighbor_compact_reverse)}

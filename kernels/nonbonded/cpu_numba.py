@@ -346,8 +346,13 @@ def nonbonded(positions, cells, atom_system, i, j, shifts, ptr, excl_ptr, excl_j
     return tuple(torch.from_numpy(x).to(dtype) for x in out)
 
 
-def nonbonded_clusters(*args):
+def nonbonded_clusters(positions, cells, slot_atom, slot_wrap, cluster_ptr, entry_j, entry_shift,
+                       entry_mask, charges, sigma, epsilon, cutoff, switch_distance, coulomb, lj,
+                       k_rf, c_rf, alpha, coulomb_constant):
     """Launcher of the cluster-pair path (cpu_clusters.py)."""
-    from fastff.kernels.nonbonded.cpu_clusters import nonbonded_clusters as launch
+    from fastff.kernels.nonbonded import cpu_clusters
 
-    return launch(*args)
+    return cpu_clusters.nonbonded_clusters(
+        positions, cells, slot_atom, slot_wrap, cluster_ptr, entry_j, entry_shift, entry_mask,
+        charges, sigma, epsilon, cutoff, switch_distance, coulomb, lj, k_rf, c_rf, alpha,
+        coulomb_constant)

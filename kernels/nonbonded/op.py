@@ -2,21 +2,38 @@
 
 ``fastff::nonbonded`` returns the energy per system and, from the same pass over the pairs, its
 gradients with respect to positions, cells, charges, sigma and epsilon. Its autograd
-(fastff._energy_op) makes the first backward a multiply and routes the second through the
-torch reference, so derivatives of any order work. The op takes the already resolved backend
-name; only this file knows all three paths.
+(fastff.kernels._runtime.energy_op) makes the first backward a multiply and routes the second
+through the torch reference, so derivatives of any order work. The op takes the already
+resolved backend name; only this file knows all three paths.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-from fastff import _backend
-from fastff._energy_op import register_energy_autograd
+from fastff.kernels._runtime import registry
+from fastff.kernels._runtime.energy_op import register_energy_autograd
 from fastff.kernels.nonbonded import reference
 
-_backend.register("nonbonded", "nonbonded", "nonbonded")
+
+class PairSettings(NamedTuple):
+    """The pair potential's method and constants, as the nonbonded ops take them (in this order,
+    after the per-atom parameters): see README.md for each."""
+
+    cutoff: float
+    switch_distance: float
+    coulomb: int
+    lj: bool
+    k_rf: float
+    c_rf: float
+    alpha: float
+    coulomb_constant: float
+
+
+registry.register("nonbonded", "nonbonded", "nonbonded")
 
 
 @torch.library.custom_op("fastff::nonbonded", mutates_args=())
@@ -26,10 +43,7 @@ def nonbonded(positions: Tensor, cells: Tensor, atom_system: Tensor, i: Tensor, 
               coulomb: int, lj: bool, k_rf: float, c_rf: float, alpha: float,
               coulomb_constant: float, param_grads: bool, half: bool, backend: str
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    launch = _backend.launcher("nonbonded", backend)
-    return launch(positions, cells, atom_system, i, j, shifts, ptr, excl_ptr, excl_j, charges,
-                  sigma, epsilon, cutoff, switch_distance, coulomb, lj, k_rf, c_rf, alpha,
-                  coulomb_constant, param_grads, half)
+    return registry.launch("nonbonded", NONBONDED, locals())
 
 
 @nonbonded.register_fake
@@ -41,26 +55,26 @@ def _(positions, cells, atom_system, i, j, shifts, ptr, excl_ptr, excl_j, charge
             torch.empty_like(epsilon))
 
 
-def _reference(positions, cells, atom_system, i, j, shifts, ptr, excl_ptr, excl_j, charges,
-               sigma, epsilon, cutoff, switch_distance, coulomb, lj, k_rf, c_rf, alpha,
-               coulomb_constant, param_grads, half, backend):
-    return reference.nonbonded_energy(positions, cells, atom_system, i, j, shifts, excl_ptr,
-                                      excl_j, charges, sigma, epsilon, cutoff, switch_distance,
-                                      coulomb, lj, k_rf, c_rf, alpha, coulomb_constant, half)
+def _nonbonded_reference(x) -> Tensor:
+    return reference.nonbonded_energy(x.positions, x.cells, x.atom_system, x.i, x.j, x.shifts,
+                                      x.excl_ptr, x.excl_j, x.charges, x.sigma, x.epsilon,
+                                      *NONBONDED.settings(x, PairSettings), x.half)
 
 
-def _rows(inputs, k):
-    return None if k == 1 else inputs[2]
+def _nonbonded_rows(x, name: str) -> Tensor | None:
+    return None if name == "cells" else x.atom_system
 
 
-register_energy_autograd(nonbonded, diff=(0, 1, 9, 10, 11), rows=_rows, reference=_reference,
-                         param_flag=20, params=(9, 10, 11), name="fastff.mm.nonbonded")
+NONBONDED = register_energy_autograd(
+    nonbonded, diff=("positions", "cells", "charges", "sigma", "epsilon"), rows=_nonbonded_rows,
+    reference=_nonbonded_reference, params=("charges", "sigma", "epsilon"),
+    param_flag="param_grads", name="fastff.mm.nonbonded")
 
 
 # The cluster-pair layout (cpu_clusters.py) is a CPU optimization of the same energy for one
 # system: numba and the reference (which expands the clusters into pairs); no Triton path (CUDA
 # runs the pair list). Forces, energy and cell gradient only.
-_backend.register("nonbonded_clusters", "nonbonded", "nonbonded_clusters",
+registry.register("nonbonded_clusters", "nonbonded", "nonbonded_clusters",
                   backends=("numba", "reference"))
 
 
@@ -71,10 +85,7 @@ def nonbonded_clusters(positions: Tensor, cells: Tensor, slot_atom: Tensor, slot
                        cutoff: float, switch_distance: float, coulomb: int, lj: bool,
                        k_rf: float, c_rf: float, alpha: float, coulomb_constant: float,
                        backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    launch = _backend.launcher("nonbonded_clusters", backend)
-    return launch(positions, cells, slot_atom, slot_wrap, cluster_ptr, entry_j, entry_shift,
-                  entry_mask, charges, sigma, epsilon, cutoff, switch_distance, coulomb, lj,
-                  k_rf, c_rf, alpha, coulomb_constant)
+    return registry.launch("nonbonded_clusters", NONBONDED_CLUSTERS, locals())
 
 
 @nonbonded_clusters.register_fake
@@ -84,21 +95,17 @@ def _(positions, cells, slot_atom, slot_wrap, cluster_ptr, entry_j, entry_shift,
     return positions.new_empty(1), torch.empty_like(positions), torch.empty_like(cells)
 
 
-def _cluster_reference(positions, cells, slot_atom, slot_wrap, cluster_ptr, entry_j,
-                       entry_shift, entry_mask, charges, sigma, epsilon, cutoff,
-                       switch_distance, coulomb, lj, k_rf, c_rf, alpha, coulomb_constant,
-                       backend):
-    i, j, shifts = reference.cluster_pairs(slot_atom, slot_wrap, cluster_ptr, entry_j,
-                                           entry_shift, entry_mask, 8)
-    n = positions.shape[0]
-    system = torch.zeros(n, dtype=torch.int64, device=positions.device)
-    no_excl = torch.zeros(n + 1, dtype=torch.int64, device=positions.device)
-    return reference.nonbonded_energy(positions, cells, system, i, j, shifts, no_excl,
-                                      no_excl[:0], charges, sigma, epsilon, cutoff,
-                                      switch_distance, coulomb, lj, k_rf, c_rf, alpha,
-                                      coulomb_constant, half=True)
+def _cluster_reference(x) -> Tensor:
+    i, j, shifts = reference.cluster_pairs(x.slot_atom, x.slot_wrap, x.cluster_ptr, x.entry_j,
+                                           x.entry_shift, x.entry_mask, reference.CLUSTER_LANES)
+    n = x.positions.shape[0]
+    system = torch.zeros(n, dtype=torch.int64, device=x.positions.device)
+    no_excl = torch.zeros(n + 1, dtype=torch.int64, device=x.positions.device)
+    return reference.nonbonded_energy(x.positions, x.cells, system, i, j, shifts, no_excl,
+                                      no_excl[:0], x.charges, x.sigma, x.epsilon,
+                                      *NONBONDED_CLUSTERS.settings(x, PairSettings), half=True)
 
 
-register_energy_autograd(nonbonded_clusters, diff=(0, 1), rows=lambda inputs, k: None,
-                         reference=_cluster_reference, param_flag=0, params=(),
-                         name="fastff.mm.nonbonded (clusters)")
+NONBONDED_CLUSTERS = register_energy_autograd(
+    nonbonded_clusters, diff=("positions", "cells"), rows=lambda x, name: None,
+    reference=_cluster_reference, name="fastff.mm.nonbonded (clusters)")

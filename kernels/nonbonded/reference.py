@@ -87,7 +87,7 @@ def nonbonded(positions, cells, atom_system, i, j, shifts, ptr, excl_ptr, excl_j
               sigma, epsilon, cutoff, switch_distance, coulomb, lj, k_rf, c_rf, alpha,
               coulomb_constant, param_grads, half):
     """Launcher: energy [B] and its gradients, through autograd on the energy above."""
-    from fastff._energy_op import reference_gradients
+    from fastff.kernels._runtime.energy_op import reference_gradients
 
     def energy(p, c, q, s, e):
         return nonbonded_energy(p, c, atom_system, i, j, shifts, excl_ptr, excl_j, q, s, e,
@@ -98,6 +98,10 @@ def nonbonded(positions, cells, atom_system, i, j, shifts, ptr, excl_ptr, excl_j
     e, grads = reference_gradients(energy, (positions, cells, charges, sigma, epsilon),
                                    (True, True, pg, pg, pg))
     return (e, *grads)
+
+
+# atoms per cluster of the cluster-pair layout (cpu_clusters.LANES: one 8-bit mask per entry)
+CLUSTER_LANES = 8
 
 
 def cluster_pairs(slot_atom: Tensor, slot_wrap: Tensor, cluster_ptr: Tensor, entry_j: Tensor,
@@ -125,10 +129,10 @@ def nonbonded_clusters(positions, cells, slot_atom, slot_wrap, cluster_ptr, entr
                        k_rf, c_rf, alpha, coulomb_constant):
     """Launcher: energy [1] and its gradients for positions and cell, over the expanded pairs
     (no parameter gradients; see cpu_clusters.py)."""
-    from fastff._energy_op import reference_gradients
+    from fastff.kernels._runtime.energy_op import reference_gradients
 
     i, j, shifts = cluster_pairs(slot_atom, slot_wrap, cluster_ptr, entry_j, entry_shift,
-                                 entry_mask, 8)
+                                 entry_mask, CLUSTER_LANES)
     system = torch.zeros(positions.shape[0], dtype=torch.int64, device=positions.device)
     no_excl = torch.zeros(positions.shape[0] + 1, dtype=torch.int64, device=positions.device)
 

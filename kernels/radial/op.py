@@ -1,8 +1,8 @@
 """Custom op of the radial family (namespace ``fastff::``): ``radial_basis`` at any derivative
 order. Its backward is the same op at the next order, so derivatives of every order exist.
 
-Takes the already resolved backend name (see fastff._backend); only this file knows all three
-paths.
+Takes the already resolved backend name (see fastff.kernels._runtime.registry); only this file
+knows all three paths.
 """
 
 from __future__ import annotations
@@ -10,16 +10,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastff import _backend
+from fastff.kernels._runtime import registry
+from fastff.kernels._runtime.args import OpArgs
 
-_backend.register("radial_basis", "radial", "radial_basis")
+registry.register("radial_basis", "radial", "radial_basis")
 
 
 @torch.library.custom_op("fastff::radial_basis", mutates_args=())
 def radial_basis(distances: Tensor, num_basis: int, cutoff: float, kind: str, envelope: str,
                  order: int, backend: str) -> Tensor:
-    launch = _backend.launcher("radial_basis", backend)
-    return launch(distances, num_basis, cutoff, kind, envelope, order)
+    return registry.launch("radial_basis", RADIAL_BASIS, locals())
 
 
 @radial_basis.register_fake
@@ -27,16 +27,19 @@ def _(distances, num_basis, cutoff, kind, envelope, order, backend):
     return distances.new_empty(distances.shape[0], num_basis)
 
 
+RADIAL_BASIS = OpArgs(radial_basis)
+
+
 def _setup(ctx, inputs, output):
-    distances, num_basis, cutoff, kind, envelope, order, backend = inputs
-    ctx.save_for_backward(distances)
-    ctx.args = (num_basis, cutoff, kind, envelope, order + 1, backend)
+    x = RADIAL_BASIS(inputs)
+    ctx.save_for_backward(x.distances)
+    ctx.inputs = x._replace(distances=None, order=x.order + 1)  # the slope's call
 
 
 def _backward(ctx, grad):
     (distances,) = ctx.saved_tensors
-    slope = radial_basis(distances, *ctx.args)
-    return (grad * slope).sum(1), None, None, None, None, None, None
+    slope = radial_basis(**ctx.inputs._replace(distances=distances)._asdict())
+    return RADIAL_BASIS.grads(distances=(grad * slope).sum(1))
 
 
 radial_basis.register_autograd(_backward, setup_context=_setup)

@@ -7,6 +7,8 @@ gradients with respect to some of their inputs, computed in the same pass.
   vector-Jacobian product through the op's float64-safe torch reference energy (a
   Hessian-vector product by double autograd). It is built with ``create_graph`` whenever the
   caller asks for a graph, so derivatives of any order exist; none is ever silently zero.
+
+Inputs are named (``OpArgs``): ``diff`` lists the names whose gradients the op returns.
 """
 
 from __future__ import annotations
@@ -16,29 +18,41 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from fastff.kernels._runtime.args import OpArgs
 
-def register_energy_autograd(op, *, diff: Sequence[int], rows: Callable[[list, int], Tensor | None],
-                             reference: Callable[..., Tensor], param_flag: int,
-                             params: Sequence[int], name: str) -> None:
-    """Register the autograd of ``op(*inputs) -> (energy [B], grad_0, ..., grad_{m-1})``.
+
+def register_energy_autograd(op, *, diff: Sequence[str],
+                             rows: Callable[[object, str], Tensor | None],
+                             reference: Callable[[object], Tensor], params: Sequence[str] = (),
+                             param_flag: str | None = None, name: str) -> OpArgs:
+    """Register the autograd of ``op(...) -> (energy [B], grad_0, ..., grad_{m-1})``.
 
     Args:
         op: the custom op.
-        diff: indices of the inputs whose gradients the op returns, in output order.
-        rows: ``rows(inputs, k)`` gives the int64 system index of each row of input ``k`` (to
-            scale by the per-system output gradient), or None for [B, ...] inputs (cells).
-        reference: torch energy with the op's signature minus its trailing backend/flag
-            arguments; differentiable to any order.
-        param_flag: index of the bool input that says whether parameter gradients were computed.
-        params: indices (within ``diff``) of parameter inputs that need ``param_flag``.
+        diff: names of the inputs whose gradients the op returns, in output order.
+        rows: ``rows(inputs, name)`` gives the int64 system index of each row of that input (to
+            scale by the per-system output gradient), or None for [B, ...] inputs (cells);
+            ``inputs`` is the named tuple of the call's inputs.
+        reference: ``reference(inputs) -> energy [B]``, the torch energy of the named inputs,
+            differentiable to any order.
+        params: names (within ``diff``) of parameter inputs whose gradients the op computes only
+            when the bool input ``param_flag`` is set.
+        param_flag: name of that bool input.
         name: the op's public name, for error messages.
+
+    Returns:
+        The op's ``OpArgs``.
     """
+    spec = OpArgs(op)
     diff = tuple(diff)
+    slots = spec.positions(diff)
     param_set = frozenset(params)
+    if param_set and param_flag is None:
+        raise ValueError("params needs param_flag")
 
     def setup_context(ctx, inputs, output):
         ctx.set_materialize_grads(False)
-        tensor_slots = [k for k, x in enumerate(inputs) if isinstance(x, Tensor)]
+        tensor_slots = spec.tensor_slots(inputs)
         ctx.tensor_slots = tensor_slots
         ctx.others = {k: x for k, x in enumerate(inputs) if not isinstance(x, Tensor)}
         ctx.num_inputs = len(inputs)
@@ -46,50 +60,49 @@ def register_energy_autograd(op, *, diff: Sequence[int], rows: Callable[[list, i
 
     def backward(ctx, grad_energy, *grad_grads):
         saved = ctx.saved_tensors
-        inputs = [None] * ctx.num_inputs
+        values: list = [None] * ctx.num_inputs
         for k, x in ctx.others.items():
-            inputs[k] = x
+            values[k] = x
         for slot, k in enumerate(ctx.tensor_slots):
-            inputs[k] = saved[slot]
+            values[k] = saved[slot]
+        inputs = spec(values)
         gradients = saved[len(ctx.tensor_slots):]
-        result: list[Tensor | None] = [None] * ctx.num_inputs
-        for k in diff:
-            if ctx.needs_input_grad[k] and k in param_set and not inputs[param_flag]:
-                raise RuntimeError(f"{name}: a parameter needs a gradient but the op ran without "
-                                   "parameter gradients (param_grads=False)")
+        needs = [ctx.needs_input_grad[k] for k in slots]
+        for input_name, need in zip(diff, needs, strict=True):
+            if need and input_name in param_set and not getattr(inputs, param_flag):
+                raise RuntimeError(f"{name}: {input_name} needs a gradient but the op ran "
+                                   "without parameter gradients (param_grads=False)")
+        result: dict[str, Tensor] = {}
         if grad_energy is not None:
-            for slot, k in enumerate(diff):
-                if not ctx.needs_input_grad[k]:
+            for input_name, g, need in zip(diff, gradients, needs, strict=True):
+                if not need:
                     continue
-                g = gradients[slot]
-                idx = rows(inputs, k) if grad_energy.shape[0] > 1 else None  # one system: none
-                if idx is None:
-                    scale = grad_energy.view(-1, *([1] * (g.dim() - 1)))
-                else:
-                    scale = grad_energy[idx].view(-1, *([1] * (g.dim() - 1)))
-                result[k] = scale * g
+                idx = rows(inputs, input_name) if grad_energy.shape[0] > 1 else None
+                scale = grad_energy if idx is None else grad_energy[idx]
+                result[input_name] = scale.view(-1, *([1] * (g.dim() - 1))) * g
         if any(g is not None for g in grad_grads):
-            extra = _reference_vjp(reference, inputs, diff, grad_grads,
-                                   [ctx.needs_input_grad[k] for k in diff])
-            for k, g in zip(diff, extra, strict=False):
+            extra = _reference_vjp(reference, spec, inputs, diff, grad_grads, needs)
+            for input_name, g in zip(diff, extra, strict=True):
                 if g is not None:
-                    result[k] = g if result[k] is None else result[k] + g
-        return tuple(result)
+                    result[input_name] = g if input_name not in result else result[input_name] + g
+        return spec.grads(**result)
 
     op.register_autograd(backward, setup_context=setup_context)
+    return spec
 
 
-def _reference_vjp(reference, inputs: list, diff: tuple[int, ...], cotangents, needs):
+def _reference_vjp(reference, spec: OpArgs, inputs, diff: tuple[str, ...], cotangents, needs):
     """sum_k <cotangent_k, d/dx grad_k E(x)> for every differentiable input x (a Hessian-vector
     product through the torch reference), with a graph when the caller builds one."""
     create = torch.is_grad_enabled()
     with torch.enable_grad():
-        xs = list(inputs)
-        for k in diff:
-            if not xs[k].requires_grad:
-                xs[k] = xs[k].detach().requires_grad_(True)
-        variables = [xs[k] for k in diff]
-        energy = reference(*xs)
+        replaced = {}
+        for input_name in diff:
+            x = getattr(inputs, input_name)
+            replaced[input_name] = x if x.requires_grad else x.detach().requires_grad_(True)
+        xs = inputs._replace(**replaced)
+        variables = [replaced[n] for n in diff]
+        energy = reference(xs)
         grads = torch.autograd.grad(energy.sum(), variables, create_graph=True, allow_unused=True)
         total = None
         for g, c in zip(grads, cotangents, strict=False):
@@ -97,13 +110,13 @@ def _reference_vjp(reference, inputs: list, diff: tuple[int, ...], cotangents, n
                 continue  # g does not depend on any input: its derivative is exactly zero
             term = (g * c).sum()
             total = term if total is None else total + term
-        wanted = [v for v, need in zip(variables, needs, strict=False) if need]
+        wanted = [v for v, need in zip(variables, needs, strict=True) if need]
         found: list[Tensor | None] = [None] * len(wanted)
         if total is not None and wanted:
             found = list(torch.autograd.grad(total, wanted, allow_unused=True, create_graph=create))
     out: list[Tensor | None] = []
     it = iter(found)
-    for v, need in zip(variables, needs, strict=False):
+    for v, need in zip(variables, needs, strict=True):
         if not need:
             out.append(None)
             continue

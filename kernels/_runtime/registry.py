@@ -1,5 +1,9 @@
 """Which kernel path runs an op: numba (CPU), triton (CUDA) or the torch reference.
 
+Every family's ``op.py`` registers its ops here (``register``) and its custom ops call
+``launcher(name, backend)`` with a backend resolved by the caller: modules resolve it once, when
+built or on ``set_backend``, and functions once per call, so no op body reads the environment.
+
 Choice, highest priority first: the call's ``backend=`` argument, the ``FASTFF_BACKEND``
 environment variable, then the tensors' device (cpu -> numba, cuda -> triton, anything else ->
 reference). A backend whose toolchain cannot be imported falls back to the reference with a
@@ -82,6 +86,17 @@ def _load(op: _Op, backend: str) -> Callable:
     return fn
 
 
+def op_names() -> tuple[str, ...]:
+    """The names of every registered op (after ``import_all_ops``: of every family)."""
+    return tuple(_OPS)
+
+
+def op_family(name: str) -> tuple[str, str, tuple[str, ...]]:
+    """(family, launcher function name, backends) of op ``name``."""
+    op = _OPS[name]
+    return op.family, op.launcher, op.backends
+
+
 def launcher(name: str, backend: str) -> Callable:
     """The launcher of op ``name`` on an already resolved ``backend``."""
     return _load(_OPS[name], backend)
@@ -125,7 +140,7 @@ def backends(device: str | torch.device | None = None, *, file=None) -> dict[str
     devices = [torch.device(device)] if device is not None else [torch.device("cpu")]
     if device is None and torch.cuda.is_available():
         devices.append(torch.device("cuda"))
-    _import_all_ops()
+    import_all_ops()
     table: dict[str, dict] = {}
     lines = [f"{'op':28s} {'device':8s} {'path':10s} why"]
     for name in sorted(_OPS):
@@ -149,6 +164,18 @@ def backends(device: str | torch.device | None = None, *, file=None) -> dict[str
     return table
 
 
-def _import_all_ops() -> None:
-    """Import every op module so that the registry is complete."""
-    import fastff  # noqa: F401  (fastff/__init__ imports every public module)
+FAMILIES = ("neighbors", "nonbonded", "bonded", "radial", "message")
+
+
+def import_all_ops() -> None:
+    """Import every family's op module so that the registry is complete."""
+    for family in FAMILIES:
+        importlib.import_module(f"fastff.kernels.{family}.op")
+
+
+def launch(name: str, spec, inputs):
+    """Run op ``name``'s launcher on the backend named in its inputs: the body of every custom
+    op. ``spec`` is the op's ``OpArgs``; ``inputs`` its inputs (the body's ``locals()``). The
+    launchers take the op's inputs by name, all but ``backend``, which chose the launcher."""
+    args = spec(inputs)._asdict()
+    return launcher(name, args.pop("backend"))(**args)

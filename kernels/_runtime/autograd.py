@@ -26,12 +26,6 @@ def track(t: Tensor) -> Tensor:
     return t.view_as(t) if t.requires_grad and t.is_leaf else t
 
 
-def tensor_slots(inputs) -> tuple[int, ...]:
-    """Positions of the tensor inputs of an op call: what a setup_context stores (as
-    ``ctx.tensor_slots``) for ``wanted_grads`` when an optional tensor input may be None."""
-    return tuple(k for k, x in enumerate(inputs) if isinstance(x, Tensor))
-
-
 def wanted_grads(ctx, slots) -> tuple[bool, ...]:
     """``ctx.needs_input_grad``, minus the inputs whose gradient the running backward pass will
     not use. ``slots``: the positions of the op's tensor inputs (an int n for "the first n"),
