@@ -33,8 +33,8 @@ this file knows all three paths. The first backwards of ``cfconv``, ``painn_mess
 ``spline_conv`` and ``spline_conv_positions`` compute only the gradients the running backward
 uses (``fastff.kernels._runtime.autograd.wanted_grads``): forces of a model with trainable
 weights cost what they cost with frozen ones. So does ``cfconv_vjp``'s own backward
-(``cfconv_vjp_vjp``), and both vjps skip the distance gradient (``need_d``) when it is not wanted: force training asks for
-the weights' gradients, not the positions'.
+(``cfconv_vjp_vjp``), and both vjps skip the distance gradient (``need_d``) when it is not
+wanted: force training asks for the weights' gradients, not the positions'.
 """
 
 from __future__ import annotations
