@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from typing import TextIO
+
+from tqdm import tqdm
 
 
 def _number(text: str, cast, low: float, strict: bool, wanted: str):
@@ -35,35 +36,29 @@ def nonnegative_float(text: str) -> float:
     return _number(text, float, 0.0, False, "a number >= 0")
 
 
-class ProgressBar:
-    """A one-line progress bar on a stream (stderr). Redrawn at most every 0.2 s on a terminal;
-    elsewhere (a log file, CI) a line at each tenth, so logs stay short."""
+class ProgressBar(tqdm):
+    """A tqdm progress bar on stderr whose ``label`` (tqdm's description) can change while it
+    runs. On a terminal it redraws at most every 0.2 s; elsewhere (a log file, CI) at most
+    every 30 s, so that logs stay short.
+
+    Args:
+        total: number of :meth:`update` calls of a full bar.
+        label: the text before the bar.
+        enabled: False draws nothing (tqdm's ``disable``).
+        stream: where to draw (default: ``sys.stderr`` at construction).
+    """
 
     def __init__(self, total: int, label: str = "", *, enabled: bool = True,
-                 stream: TextIO | None = None, width: int = 24):
-        self.total, self.label, self.enabled, self.width = max(total, 1), label, enabled, width
-        self.stream = sys.stderr if stream is None else stream
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.count, self.last, self.tenth = 0, 0.0, -1
+                 stream: TextIO | None = None):
+        stream = sys.stderr if stream is None else stream
+        tty = bool(getattr(stream, "isatty", lambda: False)())
+        super().__init__(total=total, desc=label, disable=not enabled, file=stream,
+                         mininterval=0.2 if tty else 30.0, dynamic_ncols=tty)
 
-    def update(self, text: str = "") -> None:
-        self.count += 1
-        if not self.enabled:
-            return
-        now, done = time.monotonic(), self.count >= self.total
-        tenth = 10 * self.count // self.total
-        if self.tty and not (now - self.last > 0.2 or done):
-            return
-        if not self.tty and tenth == self.tenth:
-            return
-        self.last, self.tenth = now, tenth
-        filled = self.width * min(self.count, self.total) // self.total
-        bar = "#" * filled + "." * (self.width - filled)
-        line = f"{self.label} [{bar}] {self.count}/{self.total} {text}".rstrip()
-        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
-        self.stream.flush()
+    @property
+    def label(self) -> str:
+        return getattr(self, "desc", "")
 
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+    @label.setter
+    def label(self, text: str) -> None:
+        self.set_description_str(text, refresh=False)

@@ -425,8 +425,9 @@ def _descend(energy_and_forces, atoms: Tensor, steps: int) -> Tensor:
     return atoms
 
 
-def _wrap_molecules(positions: Tensor, edge: float) -> Tensor:
-    """Each molecule translated by whole box edges so that its centroid lies in [0, edge)^3."""
+def wrap_molecules(positions: Tensor, edge: float) -> Tensor:
+    """Water molecules (atoms O, H, H, ...) kept whole, each translated by whole box edges so
+    that its centroid lies in [0, edge)^3 (nm)."""
     atoms = positions.reshape(-1, 3, 3)
     shift = torch.floor(atoms.mean(dim=1, keepdim=True) / edge) * edge
     return (atoms - shift).reshape(-1, 3)
@@ -489,7 +490,7 @@ def water_box(n_molecules: int = 1000, *, seed: int = 0, dtype: torch.dtype = to
     box = _build(positions, edge, torch.float64)
     if relax_steps:
         box.positions = _relax(box, int(relax_steps))
-    return _build(_wrap_molecules(box.positions, edge), edge, dtype)
+    return _build(wrap_molecules(box.positions, edge), edge, dtype)
 
 
 def random_gas(n_atoms: int, density: float = 100.0, *, seed: int = 0,
