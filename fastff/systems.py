@@ -1,7 +1,9 @@
 """Built-in test systems: a box of flexible TIP3P water, MD-ready, and a uniform random gas.
 
 Both are generated in code from a seed (no files, no downloads) and are deterministic for a
-given seed. Lengths are nm, masses dalton, charges e, energies kJ/mol (OpenMM's units).
+given seed. Lengths are nm, masses dalton, charges e, energies kJ/mol (OpenMM's units). The
+water box is relaxed on its MM force field (:func:`fastff.mm.water_force_field`), so this
+module builds on :mod:`fastff.mm`; mm reads a box through a protocol and never imports it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+
+from fastff._checks import no_checks
+from fastff.mm.water import water_force_field
 
 # Flexible TIP3P as in OpenMM's data/tip3p.xml and data/amber14/tip3p.xml (OpenMM 8): masses
 # from <AtomTypes>, charges / sigma / epsilon from <NonbondedForce> (amber14 keeps the charges
@@ -372,9 +377,6 @@ def _rotations(w: Tensor) -> Tensor:
 def _relax(box: WaterBox, steps: int) -> Tensor:
     """Rigid-molecule steepest descent on the MM energy (float64, short cutoff); returns new
     positions [N, 3] with every molecule at its starting geometry."""
-    import fastff
-    from fastff.mm.water import water_force_field
-
     edge = float(box.cell[0, 0])
     ff = water_force_field(box, cutoff=min(_RELAX_CUTOFF, 0.499 * edge), skin=0.1,
                            dtype=torch.float64)
@@ -393,7 +395,7 @@ def _relax(box: WaterBox, steps: int) -> Tensor:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with fastff.no_checks():
+        with no_checks():
             atoms = _descend(energy_and_forces, atoms, steps)
     finally:
         torch.set_num_threads(threads)

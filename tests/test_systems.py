@@ -401,3 +401,23 @@ def test_random_gas_bad_arguments():
             random_gas(10, bad)
     with pytest.raises(TypeError, match="dtype"):
         random_gas(10, dtype=torch.int32)
+
+
+def test_mm_does_not_import_systems():
+    """fastff.systems builds on fastff.mm (it relaxes its boxes on water_force_field); no file
+    of fastff.mm imports fastff.systems back, not even for type checking."""
+    import ast
+    from pathlib import Path
+
+    mm_dir = Path(fmm.__file__).parent
+    files = sorted(mm_dir.glob("*.py"))
+    assert len(files) >= 4, files
+    offenders = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "fastff.systems" or n.startswith("fastff.systems.") for n in names):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders, offenders

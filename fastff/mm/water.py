@@ -1,10 +1,17 @@
-"""The MM force field of a :class:`fastff.systems.WaterBox` (flexible TIP3P), without OpenMM."""
+"""The MM force field of a box of flexible TIP3P water, without OpenMM.
+
+:func:`water_force_field` reads the box's topology and parameters through the
+:class:`WaterTopology` protocol, which :class:`fastff.systems.WaterBox` satisfies: fastff.mm
+does not import fastff.systems (the systems module builds on mm, to relax its boxes, never the
+other way).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
+from torch import Tensor
 
 from fastff.mm._terms import Exceptions
 from fastff.mm.forcefield import (
@@ -15,11 +22,29 @@ from fastff.mm.forcefield import (
     NonbondedParameters,
 )
 
-if TYPE_CHECKING:
-    from fastff.systems import WaterBox
+
+class WaterTopology(Protocol):
+    """What :func:`water_force_field` reads from a water box (shapes as in
+    :class:`fastff.systems.WaterBox`; M molecules, N = 3M atoms)."""
+
+    positions: Tensor  # [N, 3] (nm); only its dtype is read
+    cell: Tensor  # [3, 3] (nm)
+    charges: Tensor  # [N] (e)
+    sigma: Tensor  # [N] (nm)
+    epsilon: Tensor  # [N] (kJ/mol)
+    exclusions: Tensor  # int64 [3M, 2]
+    bonds: Tensor  # int64 [2M, 2]
+    bond_k: Tensor  # [2M] (kJ/mol/nm^2)
+    bond_r0: Tensor  # [2M] (nm)
+    angles: Tensor  # int64 [M, 3]
+    angle_k: Tensor  # [M] (kJ/mol/rad^2)
+    angle_theta0: Tensor  # [M] (rad)
+
+    @property
+    def num_atoms(self) -> int: ...
 
 
-def water_force_field(box: WaterBox, *, cutoff: float = 0.9, skin: float = 0.1,
+def water_force_field(box: WaterTopology, *, cutoff: float = 0.9, skin: float = 0.1,
                       method: str = "reaction_field", dielectric: float = 78.3,
                       switch_distance: float | None = None, dispersion_correction: bool = False,
                       backend: str | None = None, dtype: torch.dtype | None = None) -> ForceField:
@@ -31,7 +56,8 @@ def water_force_field(box: WaterBox, *, cutoff: float = 0.9, skin: float = 0.1,
     OpenMM's constant (138.935457 kJ mol^-1 nm e^-2).
 
     Args:
-        box: the :class:`fastff.systems.WaterBox`; its cell is the default cell.
+        box: a :class:`fastff.systems.WaterBox` (or any :class:`WaterTopology`); its cell is
+            the default cell.
         cutoff: nm; periodic reaction field needs cutoff <= half the box edge.
         skin: Verlet skin (nm) of the module's neighbor list.
         method: "reaction_field" (OpenMM's CutoffPeriodic) or "plain" (truncated 1/r).
