@@ -33,8 +33,8 @@ def switch(d: Tensor, cutoff: float, switch_distance: float) -> Tensor:
                        torch.ones_like(d))
 
 
-def pair_energy(d: Tensor, qi: Tensor | None, qj: Tensor | None, si: Tensor | None,
-                sj: Tensor | None, ei: Tensor | None, ej: Tensor | None, *, cutoff: float,
+def pair_energy(d: Tensor, qi: Tensor, qj: Tensor, si: Tensor,
+                sj: Tensor, ei: Tensor, ej: Tensor, *, cutoff: float,
                 switch_distance: float, coulomb: int, lj: bool, k_rf: float, c_rf: float,
                 alpha: float, coulomb_constant: float) -> Tensor:
     """Energy [E] of each pair at distance d (no cutoff test here)."""
