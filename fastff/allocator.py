@@ -1,30 +1,17 @@
 """Keep freed memory in the process instead of handing it back to the kernel (glibc malloc).
 
 The CPU paths allocate temporaries of 0.1-10 MB many times per step (blocks of pairs x
-features, [E] tensors). glibc's defaults serve allocations above a dynamic threshold (128 KB
-to 32 MB) with fresh ``mmap`` pages and return freed memory at the top of the heap to the
-kernel once more than twice that threshold is free, so the same sizes are mapped, faulted in
-page by page and zeroed again at every step. On exact SchNet's energy + forces at 3,000 atoms
-(2 cores) that was ~14,000 page faults per step and 20-25% of the step's time; after
-:func:`tune_malloc`, no faults in steady state.
+features, [E] tensors). With glibc's defaults such blocks are fresh ``mmap`` pages, returned to
+the kernel when freed, so the same sizes are mapped, faulted in page by page and zeroed again
+at every step: on exact SchNet's energy + forces at 3,000 atoms (2 cores) ~14,000 page faults
+per step, 20-25% of its time. :func:`tune_malloc` raises glibc's mmap and trim thresholds so
+that freed blocks are reused; no faults in steady state, at the cost of resident memory.
 
-:func:`tune_malloc` sets two glibc parameters for the whole process:
-
-* ``M_MMAP_THRESHOLD`` = 32 MiB (glibc's maximum): smaller blocks come from the heap, which
-  reuses them;
-* ``M_TRIM_THRESHOLD`` = 1 GiB: up to that much free memory stays with the process.
-
-Both must be set: setting the trim threshold alone freezes the mmap threshold at 128 KB, which
-makes every block above it a fresh mapping. The cost is resident memory: freed blocks are kept
-for reuse (up to 1 GiB beyond the live peak). Blocks of 32 MiB and more are still mapped and
-returned as before. It is the equivalent of starting Python with
-``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824`` in the environment.
-
-``fastff bench`` and ``fastff profile`` call it before measuring (``--default-malloc`` opts
-out; the JSON of ``fastff bench`` records ``malloc_tuned``), so every component of one run,
-peers included, runs with the same settings; so does the benchmark suite (bench/conftest.py).
-In your own scripts call it once at start. fastff never calls it on import: a library
-should not change a process's allocator behind its back.
+``fastff bench``, ``fastff profile`` and the benchmark suite (bench/conftest.py) call it before
+measuring, so every component of one run, peers included, runs with the same settings (the JSON
+of ``fastff bench`` records ``malloc_tuned``). fastff never calls it on import: a library
+should not change a process's allocator behind its back. In your own scripts call it once at
+start.
 """
 
 from __future__ import annotations
@@ -56,7 +43,18 @@ def _libc():
 
 def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD
                 ) -> bool:
-    """Set glibc's mmap and trim thresholds (bytes) for this process; see the module docstring.
+    """Set glibc's mmap and trim thresholds (bytes) for the whole process.
+
+    * ``M_MMAP_THRESHOLD`` = 32 MiB by default (glibc's maximum): smaller blocks come from the
+      heap, which reuses them (glibc's default threshold is dynamic, 128 KB to 32 MB);
+    * ``M_TRIM_THRESHOLD`` = 1 GiB by default: up to that much free memory stays with the
+      process (glibc's default gives back anything above twice the mmap threshold).
+
+    Both must be set: setting the trim threshold alone freezes the mmap threshold at 128 KB,
+    which makes every block above it a fresh mapping. Freed blocks are kept for reuse (up to
+    ``trim_threshold`` beyond the live peak); blocks of ``mmap_threshold`` and more are still
+    mapped and returned. The equivalent of starting Python with
+    ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824`` in the environment.
 
     Returns True if both were set, False where the C library is not glibc (macOS, Windows,
     musl), where it does nothing. Raises ValueError for thresholds outside glibc's ranges.

@@ -453,11 +453,9 @@ def water_box(n_molecules: int = 1000, *, seed: int = 0, dtype: torch.dtype = to
     per molecule; bonds and angles stay exactly at r0 and theta0 (the flexible bonds then take
     up the hydrogen-bond forces within the first MD steps).
 
-    Cost on 2 CPU cores, numba kernels compiled (numba caches them on disk), machine shared
-    with other jobs: 0.8-1.5 s for 1,000 molecules and 7-10 s for 10,000, almost all of it in
-    the relaxation; placement alone takes 1.3 s for 33,000 molecules (10^5 atoms). Everything
-    is O(N). Pass a smaller ``relax_steps`` (0 skips the relaxation) for large benchmark
-    boxes.
+    Cost: O(N), almost all of it in the relaxation (about 1 s for 1,000 molecules and 10 s for
+    10,000 on 2 cores, numba kernels compiled). Pass a smaller ``relax_steps`` (0 skips the
+    relaxation) for large benchmark boxes.
 
     Args:
         n_molecules: M, number of water molecules (N = 3M atoms), a positive int.

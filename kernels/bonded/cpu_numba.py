@@ -6,7 +6,8 @@ Algorithm: the analytic derivatives of OpenMM's reference bonded forces (bond le
 atan2-based angle, Blondel-Karplus dihedral gradient, which stays finite for nearly linear
 neighbours of the central bond). Terms are evaluated in parallel into per-term slots, then a
 short serial pass adds the slots to atoms and systems in term order: deterministic, no
-atomics, at the price of O(terms) scratch memory (terms are O(atoms)).
+atomics, at the price of O(terms) scratch memory (terms are O(atoms)). kernels/bonded/README.md
+gives the maths and the "Tuning" table.
 """
 
 from __future__ import annotations
@@ -20,9 +21,8 @@ import torch
 from numba import njit, prange
 
 # Below this many terms (all kinds of one call together) the kernels run on the calling thread
-# only. Measured on the shared 2-core machine: 2,000 torsions take 0.3 ms on one thread, while
-# a 2-thread parallel region cost ~10 ms whenever another process held a core (load ~5);
-# unloaded, the parallel gain below this size is under 1 ms.
+# only: a parallel region waits for its slowest thread, which on a busy machine costs far more
+# than the work of a few thousand terms (README, Tuning).
 SERIAL_BELOW = 32768
 
 

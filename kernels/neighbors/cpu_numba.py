@@ -1,15 +1,14 @@
 """Neighbor lists on CPU: a parallel cell list in numba, two passes (count, then fill).
 
 Algorithm: the textbook linked-cell method (Allen & Tildesley, ch. 5) generalised to triclinic
-cells, cells smaller than the cutoff, mixed periodicity and batches, as kernels/neighbors/README.md
-derives. Atoms are binned in fractional coordinates of a per-system frame, counting-sorted by
-bin so that candidate positions are read contiguously, and each centre atom scans the bins within
-its reach. Counting first and filling second costs one extra distance pass but gives exact
-output sizes: no capacity, no truncation, no per-pair temporaries, and rows sorted by centre atom
-without any sort. Both passes are ``prange`` loops over atoms, deterministic (each atom writes
-only its own row).
-
-Tuned on uniform systems at 0.1 atoms/A^3 with a 5 A cutoff, 1e3 to 1e5 atoms, 2 threads.
+cells, cells smaller than the cutoff, mixed periodicity and batches. Atoms are binned in
+fractional coordinates of a per-system frame, counting-sorted by bin so that candidate positions
+are read contiguously, and each centre atom scans the bins within its reach. Counting first and
+filling second costs one extra distance pass but gives exact output sizes: no capacity, no
+truncation, no per-pair temporaries, and rows sorted by centre atom without any sort. Both passes
+are ``prange`` loops over atoms, deterministic (each atom writes only its own row). Also here:
+pair vectors and their adjoint, the mirror index, and compaction to a smaller cutoff.
+kernels/neighbors/README.md gives the maths and the "Tuning" table behind the constants.
 """
 
 from __future__ import annotations
@@ -22,18 +21,14 @@ from numba import njit, prange
 
 from fastff.kernels._runtime import memory
 
-# Bins per cutoff length. Bins of cutoff/2 (reach 2) scan 15.6 c^3 of volume per atom instead of
-# 27 c^3, but at 10^4 atoms measured 1.4x slower than bins of one cutoff (count 17.6 vs 13.0 ms):
-# the vectorised candidate loop prefers fewer, fuller bins.
+# Bins per cutoff length: bins of cutoff/2 scan less volume (15.6 c^3 instead of 27 c^3) but
+# are slower, as the vectorised candidate loop prefers fewer, fuller bins (README, Tuning).
 BINS_PER_CUTOFF = 1
 # At most this many bins per atom, so sparse or very elongated systems keep the grid small.
 MAX_BINS_PER_ATOM = 2.0
 # Serial below this many candidate pairs (estimated as sum over systems of N_s * min(N_s, 400),
-# 400 being the candidates of a dense 27-bin neighbourhood): thread start-up and, on a busy
-# machine, waiting for a descheduled thread cost more than the work. A batch of 256 molecules
-# of 20 atoms (~1e5 candidates) measured 1.3 ms serial against 4-12 ms parallel; water boxes
-# at a 0.5 nm cutoff break even at 600 atoms (2.0 ms both, 2.4e5 candidates) and gain from
-# there: 1,000 atoms 3.8 -> 2.5 ms, 3,000 atoms 17.7 -> 7.5 ms (2 cores).
+# 400 being the candidates of a dense 27-bin neighbourhood): below it, thread start-up and
+# waiting for a descheduled thread cost more than the work (README, Tuning: the break-even).
 SERIAL_BELOW = 250_000
 
 
@@ -257,10 +252,11 @@ def _image(b, d, nb, periodic):
     return t, 0
 
 
-def _pairs_py(fill, cutoff, half, cells, pbc, nbins, reach, thickness, orthogonal, bin_first,
-              bin_start, order, sorted_sys, sorted_bin, sorted_u, sorted_pos, sorted_wrap, counts,
-              ptr, out_i, out_j, out_s, out_d):
-    """Count (fill=False) or write (fill=True) the pairs of every atom, one atom per iteration.
+def _fill_py(cutoff, half, cells, pbc, nbins, reach, thickness, orthogonal, bin_first,
+             bin_start, order, sorted_sys, sorted_bin, sorted_u, sorted_pos, sorted_wrap, counts,
+             ptr, out_i, out_j, out_s, out_d):
+    """Write the pairs of every atom to its row ``ptr[a]:ptr[a] + counts[a]``, one atom per
+    iteration; a row whose pairs do not match its count gets ``counts[a] = -1``.
 
     Candidates of a bin are first compacted without branches (the index is always written, the
     hit count advances by the comparison), so the unpredictable cutoff test costs no branch
@@ -284,8 +280,8 @@ def _pairs_py(fill, cutoff, half, cells, pbc, nbins, reach, thickness, orthogona
             xi0, xi1, xi2 = sorted_pos[0, p], sorted_pos[1, p], sorted_pos[2, p]
             nb0, nb1, nb2 = nbins[s, 0], nbins[s, 1], nbins[s, 2]
             found = 0
-            out = ptr[a] if fill else 0
-            limit = counts[a] if fill else 0
+            out = ptr[a]
+            limit = counts[a]
             for dx in range(-reach[s, 0], reach[s, 0] + 1):
                 bx, sx = _image(sorted_bin[p, 0], dx, nb0, pbc[s, 0])
                 gx = _gap2(sorted_bin[p, 0] + dx, sorted_u[0, p], thickness[s, 0])
@@ -332,7 +328,7 @@ def _pairs_py(fill, cutoff, half, cells, pbc, nbins, reach, thickness, orthogona
                             if half and not (b > a or (b == a and (
                                     t0 > 0 or (t0 == 0 and (t1 > 0 or (t1 == 0 and t2 > 0)))))):
                                 continue
-                            if fill and found < limit:  # never past the row counted
+                            if found < limit:  # never past the row counted
                                 k = out + found
                                 out_i[k] = a
                                 out_j[k] = b
@@ -341,13 +337,11 @@ def _pairs_py(fill, cutoff, half, cells, pbc, nbins, reach, thickness, orthogona
                                 out_s[k, 2] = t2
                                 out_d[k] = math.sqrt(hit_r2[h])
                             found += 1
-            if not fill:
-                counts[a] = found
-            elif found != limit:
+            if found != limit:
                 counts[a] = -1  # fill disagreed with count: reported by the caller
 
 
-_pairs_parallel = njit(cache=True, parallel=True)(_pairs_py)
+_fill_parallel = njit(cache=True, parallel=True)(_fill_py)
 
 
 def _count_py(half, cutoff, cells, pbc, nbins, reach, thickness, orthogonal, bin_first,
@@ -417,7 +411,7 @@ _count_serial = njit(_count_py)
 
 
 # The same body without threads (prange runs as range outside parallel=True), for small systems.
-_pairs_serial = njit(_pairs_py)
+_fill_serial = njit(_fill_py)
 
 
 @njit(cache=True)
@@ -446,9 +440,9 @@ def _small_neighbor_list(pos, cells, pbc, sys_ptr, cutoff, half, bins_per_cutoff
     out_j = np.empty(num_pairs, np.int64)
     out_s = np.empty((num_pairs, 3), np.int32)
     out_d = np.empty(num_pairs, distance_like.dtype)
-    _pairs_serial(True, cutoff, half, cells, pbc, nbins, reach, thickness, orthogonal, bin_first,
-                  bin_start, order, sorted_sys, sorted_bin, sorted_u, sorted_pos, sorted_wrap,
-                  counts, ptr, out_i, out_j, out_s, out_d)
+    _fill_serial(cutoff, half, cells, pbc, nbins, reach, thickness, orthogonal, bin_first,
+                 bin_start, order, sorted_sys, sorted_bin, sorted_u, sorted_pos, sorted_wrap,
+                 counts, ptr, out_i, out_j, out_s, out_d)
     return num_pairs, counts, ptr, out_i, out_j, out_s, out_d
 
 
@@ -487,8 +481,8 @@ def neighbor_list(positions, cutoff, cells, pbc, system_ptr, half):
         out_j = np.empty(num_pairs, np.int64)
         out_s = np.empty((num_pairs, 3), np.int32)
         out_d = np.empty(num_pairs, np_dtype)
-        _pairs_parallel(True, cutoff, half, cells64, pbc_np, *grid, counts, ptr, out_i, out_j,
-                        out_s, out_d)
+        _fill_parallel(cutoff, half, cells64, pbc_np, *grid, counts, ptr, out_i, out_j, out_s,
+                       out_d)
     if n and counts.min() < 0:
         raise RuntimeError("fastff internal error: neighbor-list count and fill passes disagree")
     return (torch.from_numpy(out_i), torch.from_numpy(out_j), torch.from_numpy(out_s),
@@ -596,7 +590,7 @@ def _compact_count(pos, cells, atom_system, j, shifts, ptr, cutoff, rank, counts
     pairs of row a.
 
     The pair loop has no branch (an out-of-range neighbour is clamped, then dropped by the
-    comparison): with a branch on the range it measured 2.3x slower (38 vs 16 ms, 2.7M pairs).
+    comparison): a branch on the range was slower (README, Tuning).
     """
     num_pairs = j.shape[0]
     c2 = cutoff * cutoff
@@ -646,7 +640,7 @@ def neighbor_compact(positions, cells, atom_system, i, j, shifts, ptr, cutoff):
     the neighbor kernel does.
 
     Arrays are allocated here, not inside the kernels: numpy's zero-filled allocations are lazy,
-    and np.zeros inside a parallel numba function measured 16 ms of its 32 ms (2.7M pairs).
+    while np.zeros inside a parallel numba function writes every page (README, Tuning).
     """
     pos = positions.detach().to(torch.float64).contiguous().numpy()
     j_np, shifts_np, ptr_np = _as_numpy(j), _as_numpy(shifts), _as_numpy(ptr)

@@ -12,8 +12,8 @@ Periodic images: positions are wrapped into the box once per build (``slot_wrap`
 the next build) and every entry stores the image nearest to its cluster. This is exact when the
 box is orthorhombic and every box length exceeds ``2 (rlist + cluster radius)`` (then a partner
 has one image within reach of a cluster); :func:`build` returns None otherwise, and callers
-use the general pair list. The build makes one pass over atoms within cluster-level bounds
-(kernels/nonbonded/README.md, "Build").
+use the general pair list. The build makes one pass over atoms within cluster-level bounds.
+kernels/nonbonded/README.md ("Cluster-pair path", "Tuning") gives the details and measurements.
 
 Deterministic: clusters are split into a fixed number of chunks with private partner-force
 buffers, added in chunk order (as in cpu_numba.py). Parameter gradients are not computed here
@@ -39,7 +39,6 @@ from fastff.kernels.nonbonded.cpu_numba import (
 )
 
 LANES = 8
-_ALL_LANES = (1 << LANES) - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +288,7 @@ def build(positions: np.ndarray, box: np.ndarray | None, rlist: float, excl_ptr:
     args = (xs, slot_atom, col_cluster, cluster_col, nx, ny, reach_x, reach_y, lengths, periodic,
             float(rlist), blo, bhi, excl_ptr, excl_j, chunks)
     # one pass over atoms: fill within cluster-level bounds per chunk, then join the chunks'
-    # runs (a count pass over atoms before the fill cost as much as the fill itself)
+    # runs (an exact count pass over atoms would cost as much as the fill: README, Tuning)
     _entries(False, *args, count, ptr, empty_i, np.zeros((0, 3), np.int32),
              np.zeros(0, np.int32))
     bounds = np.cumsum(count)

@@ -11,10 +11,10 @@ the list is O(N) (O(16 N) with a half list). Half lists do about half the work.
 
 Each row runs in three loops: a gather of the partners' records (position, charge, sigma,
 epsilon: one packed 32-byte record per atom) and shifts into contiguous per-chunk scratch, a
-branch-free arithmetic loop over that scratch which LLVM vectorizes (8 pairs per AVX2 float32
-instruction; it does not vectorize the gathers themselves), and the senders' scatter. On the
-3,000-atom water box this is about 1.4x faster than one scalar loop doing all three.
-Tuned for liquid-density systems (a few hundred pairs per row at a 1 nm cutoff).
+branch-free arithmetic loop over that scratch which LLVM vectorizes (it does not vectorize the
+gathers themselves), and the senders' scatter. Meant for liquid-density rows (a few hundred
+pairs per row at a 1 nm cutoff). kernels/nonbonded/README.md gives the maths and the "Tuning"
+table behind these choices.
 """
 
 from __future__ import annotations
@@ -320,8 +320,7 @@ def nonbonded(positions, cells, atom_system, i, j, shifts, ptr, excl_ptr, excl_j
     targets = np.linspace(0, ptr_np[-1], nchunks + 1)[1:-1]
     chunk_ptr = np.concatenate([[0], np.searchsorted(ptr_np[1:], targets), [n]]).astype(np.int64)
     # senders' shares of a half list: force, then (charge, sigma, epsilon) gradients in the same
-    # 24-byte record, so that one scattered write serves both (parameter gradients cost +41%
-    # over forces alone at 35,000 atoms with two separate buffers)
+    # 24-byte record, so that one scattered write serves both (README, Tuning)
     gbuf = np.zeros((nchunks if half else 0, n, 6 if param_grads else 3), dt)
     if n:
         q = charges.detach().contiguous().numpy()
