@@ -272,7 +272,9 @@ def _skipped(component: str, backend: str, atoms: int, why: str, settings: Setti
 def samples_per_size(settings: Settings) -> int:
     """Progress units of one :func:`run` (one per sample, warm-ups included)."""
     per_component = settings.repeat + 1
-    components = 2 + int(settings.openmm) + len(settings.models) * (2 + int(settings.reference))
+    # the two neighbor-list rows and MM (fastff), OpenMM, then per model: fastff, tabulated
+    # and reference
+    components = 3 + int(settings.openmm) + len(settings.models) * (2 + int(settings.reference))
     return components * per_component
 
 

@@ -153,3 +153,36 @@ def test_sweep_skips_a_component_predicted_over_budget():
                                              reference=False, repeat=2, steps=1, budget=1.0),
                           previous=rows)
     assert next(r for r in again if r.component == "neighbor list").skipped
+
+
+def test_progress_units_match_the_samples_a_run_reports():
+    """``samples_per_size`` is the number of ``on_sample`` calls of one run (timed and skipped
+    components alike), so the progress bar of ``fastff bench`` ends full, not past its end."""
+    settings = benchmark.Settings(atoms=300, models=("schnet",), openmm=False, reference=False,
+                                  repeat=2, steps=1, budget=1.0)
+    calls = []
+    rows = benchmark.run(settings, on_sample=lambda: calls.append(1))
+    assert any(r.skipped for r in rows) and any(not r.skipped for r in rows)  # MM: box too small
+    assert len(calls) == benchmark.samples_per_size(settings)
+
+
+def test_progress_bar_is_tqdm_with_a_settable_label():
+    import io
+
+    from tqdm import tqdm
+
+    from fastff._cliargs import ProgressBar
+
+    stream = io.StringIO()
+    with ProgressBar(4, "first", stream=stream) as bar:
+        assert isinstance(bar, tqdm)
+        bar.label = "second"
+        for _ in range(4):
+            bar.update()
+    assert bar.label == "second" and "second" in stream.getvalue()
+    assert "4/4" in stream.getvalue()
+    silent = io.StringIO()
+    with ProgressBar(3, "off", enabled=False, stream=silent) as bar:
+        bar.label = "still off"
+        bar.update()
+    assert silent.getvalue() == ""
