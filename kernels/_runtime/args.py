@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from collections import namedtuple
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import Tensor
+
+Settings = TypeVar("Settings")
 
 
 class OpArgs:
@@ -58,10 +60,10 @@ class OpArgs:
         """Schema positions of ``names``."""
         return tuple(self._position(n) for n in names)
 
-    def settings(self, inputs, cls):
+    def settings(self, inputs, cls: type[Settings]) -> Settings:
         """``cls`` (a named tuple) built from the inputs of the same names."""
         named = inputs if isinstance(inputs, self.Inputs) else self(inputs)
-        return cls(*(getattr(named, f) for f in cls._fields))
+        return cls(*(getattr(named, f) for f in cls._fields))  # type: ignore[attr-defined]
 
     def tensor_slots(self, inputs) -> tuple[int, ...]:
         """Positions of the inputs that are tensors in this call (optional tensors may be None):
