@@ -130,7 +130,7 @@ def neighbor_list_from_pairs(i, j, shifts, *, num_atoms: int, cutoff: float,
 
     edge_index = torch.stack([torch.as_tensor(i).long(), torch.as_tensor(j).long()])
     s = torch.as_tensor(shifts).to(torch.int32).reshape(-1, 3)
-    if cell is None and not bool(s.any()):
-        s = None  # zero shifts without a cell: every pair in the home cell
-    return NeighborList.from_edge_index(edge_index, num_atoms, shifts=s, cell=cell, pbc=pbc,
+    # zero shifts without a cell: every pair in the home cell
+    given = None if cell is None and not bool(s.any()) else s
+    return NeighborList.from_edge_index(edge_index, num_atoms, shifts=given, cell=cell, pbc=pbc,
                                         cutoff=cutoff, flow="target_to_source")
