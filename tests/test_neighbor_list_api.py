@@ -481,3 +481,15 @@ def test_pair_distances_visible_to_profiler(rng):
     with torch.profiler.profile() as prof:
         nl.distances(pos + 0.01, cell)
     assert any("fastff::pair_distances" in e.key for e in prof.key_averages())
+
+
+def test_fused_distances_of_an_unchecked_list_stay_in_bounds(rng):
+    """Indices never checked (value checks off) cannot make the fused kernel read outside the
+    positions: they are clamped (NUMBA_BOUNDSCHECK=1 runs of this test would raise otherwise)."""
+    edges = torch.tensor([[0, 1, 10**6, -5], [1, 0, 2, 3]])
+    with fastff.no_checks():
+        nl = fastff.NeighborList.from_edge_index(edges, 4, cutoff=2.0)
+    pos = random_pos(rng, 4)
+    d = nl.distances(pos + 0.0)
+    assert d.shape == (4,)
+    torch.testing.assert_close(d[:2], (pos[1] - pos[0]).norm().expand(2))
