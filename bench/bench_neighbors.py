@@ -42,7 +42,7 @@ def _rounds(n):
 
 def fastff_full(pos, cell, pbc=True):
     nl = fastff.neighbor_list(pos, CUTOFF, cell, pbc=[pbc] * 3)
-    return nl.i, nl.j, nl.shifts, nl.distances(pos)
+    return nl.i, nl.j, nl.shifts, nl.distances(pos, cell)  # as callers pass it: the build's
 
 
 def vesin_full(pos, cell, pbc=True):
