@@ -1,11 +1,11 @@
 """Pair distances on CPU in one parallel pass over pairs, without the [E, 3] vectors.
 
 ``|x_j - x_i + S @ cell|`` is gathered, summed and square-rooted per pair in registers, so the
-only memory traffic is the two position rows, the shift and one output value per pair: a third
-of the bytes ``pair_vectors`` followed by a norm writes and reads again. Differences are taken in
-float64 whatever the dtype of positions (the cast is free next to the gather), then rounded once.
-Indices are clamped to the atoms, so a list whose values were never checked cannot read outside
-``positions``.
+pass writes only the [E] output; ``pair_vectors`` followed by a norm writes [E, 3] (fresh pages
+at every call in glibc's default malloc), reads it back and then writes [E]. Differences are
+taken in float64 whatever the dtype of positions (the cast is free next to the gather), then
+rounded once. Indices are clamped to the atoms, so a list whose values were never checked cannot
+make it read outside ``positions``. The maths and the tuning table: ../README.md.
 """
 
 from __future__ import annotations
