@@ -7,6 +7,15 @@ vesin, 8-atom small triclinic cell <= 2x vesin, 256 molecules batched >= 10x fas
 per molecule, a Verlet-list reuse step <= 30% of a rebuild, peak memory <= 1.5x the output.
 Compaction of a Verlet list to the model cutoff is timed against a fresh list at that cutoff
 (water, nm, float32).
+
+ASE's interface (``fastff.ase.neighbor_list("ijdDS", atoms, 5.0)``, numpy in and out) against
+``vesin.ase_neighbor_list`` and matscipy's ``neighbour_list``, 10^4 atoms; targets <= 1.0x
+vesin and <= 0.3x matscipy in default settings, i.e. without bench/conftest.py's tune_malloc:
+
+    OMP_NUM_THREADS=2 NUMBA_NUM_THREADS=2 python -m pytest bench/bench_neighbors.py \
+        --noconftest -k ase_interface --benchmark-group-by=group
+
+(``extra_info["malloc_tuned"]`` records which settings a run had.)
 """
 
 import json
@@ -33,7 +42,7 @@ def _rounds(n):
 
 def fastff_full(pos, cell, pbc=True):
     nl = fastff.neighbor_list(pos, CUTOFF, cell, pbc=[pbc] * 3)
-    return nl.i, nl.j, nl.shifts, nl.distances(pos)
+    return nl.i, nl.j, nl.shifts, nl.distances(pos, cell)  # as callers pass it: the build's
 
 
 def vesin_full(pos, cell, pbc=True):
@@ -71,6 +80,31 @@ def test_uniform_periodic(benchmark, code, n):
     out = benchmark.pedantic(run, **_rounds(n if code != "ase" else 10**6))
     benchmark.extra_info["pairs"] = int(len(out[0]))
     benchmark.extra_info["pairs_per_s"] = len(out[0]) / benchmark.stats.stats.median
+
+
+@pytest.mark.parametrize("code", ["fastff", "vesin", "matscipy"])
+def test_ase_interface(benchmark, code):
+    """ASE's call, "ijdDS" from an ase.Atoms: what a data pipeline runs per structure."""
+    import ase
+
+    from fastff.allocator import malloc_tuned
+
+    n = 10_000
+    pos, cell = uniform_box(n)
+    atoms = ase.Atoms(positions=pos.numpy(), cell=cell.numpy(), pbc=True)
+    if code == "fastff":
+        from fastff.ase import neighbor_list
+    elif code == "vesin":
+        vesin = pytest.importorskip("vesin")
+        neighbor_list = vesin.ase_neighbor_list
+    else:
+        from matscipy.neighbours import neighbour_list as neighbor_list
+    tuned = malloc_tuned()
+    benchmark.group = (f"ASE interface ijdDS, {n} atoms, cutoff 5 A, "
+                       f"{'tune_malloc' if tuned else 'default malloc'}")
+    out = benchmark.pedantic(lambda: neighbor_list("ijdDS", atoms, CUTOFF), **_rounds(n))
+    benchmark.extra_info["pairs"] = int(len(out[0]))
+    benchmark.extra_info["malloc_tuned"] = tuned
 
 
 @pytest.mark.parametrize("code", ["fastff", "vesin"])

@@ -18,8 +18,8 @@ from fastff.verlet import VerletList
 
 __version__ = "0.1.0"
 
-# fastff.ase, fastff.compile, fastff.train and fastff.benchmark are imported on demand (they
-# bring ASE, torch.export and the command line).
+# fastff.ase, fastff.compile, fastff.train, fastff.benchmark and fastff.interop are imported on
+# demand (they bring ASE, torch.export, the command line and other packages' adapters).
 __all__ = ["BACKENDS", "NeighborList", "VerletList", "backends", "mm", "models", "mp",
            "neighbor_list", "nn", "no_checks", "profiling", "set_checks", "systems",
            "tune_malloc"]

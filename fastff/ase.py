@@ -4,8 +4,9 @@
 ``model(species, positions, cell, pbc, batch, *, nl=None) -> energies [B]`` or a
 :class:`fastff.mm.ForceField` (``ff(positions, cell, nl) -> energy``) as an
 ``ase.calculators.calculator.Calculator``. ASE speaks eV and Angstrom; the calculator converts
-from the model's units on the way in and out. It needs the ``ase`` package (imported here, not by
-``import fastff``).
+from the model's units on the way in and out. ``fastff.ase.neighbor_list`` is ASE's
+``neighbor_list`` function (same signature and output) on fastff's kernels. It needs the ``ase``
+package (imported here, not by ``import fastff``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 from collections.abc import Sequence
 
 import ase.calculators.calculator as ase_calculator
+import ase.data
 import ase.units
 import numpy as np
 import torch
@@ -25,7 +27,7 @@ from fastff.mm import ForceField
 from fastff.neighbors import NeighborList
 from fastff.verlet import VerletList
 
-__all__ = ["ENERGY_UNITS", "LENGTH_UNITS", "Calculator"]
+__all__ = ["ENERGY_UNITS", "LENGTH_UNITS", "Calculator", "neighbor_list"]
 
 #: eV per unit of energy.
 ENERGY_UNITS: dict[str, float] = {
@@ -330,3 +332,174 @@ class Calculator(ase_calculator.Calculator):
             nl = self.verlet.update(pos, self._cell, self._pbc)
         energies = self.model(self._species, x, cell, self._pbc, None, nl=nl)
         return energies.sum()
+
+
+# ---- neighbor_list: ASE's function on fastff's kernels -----------------------------------------
+
+#: The quantities ASE's neighbor_list returns, and the numpy dtype of each.
+_QUANTITIES = {"i": np.int64, "j": np.int64, "d": np.float64, "D": np.float64, "S": np.int64}
+
+
+def _pair_cutoffs(cutoff, atoms: ase.Atoms):
+    """(largest cutoff, per-pair cutoff or None) from ASE's three forms of ``cutoff``.
+
+    The per-pair cutoff is ``fn(i, j) -> [E]`` for per-element dicts and per-atom radii.
+    """
+    if isinstance(cutoff, dict):
+        return _element_cutoffs(cutoff, atoms.numbers)
+    if isinstance(cutoff, (bool, np.bool_)) or cutoff is None or isinstance(cutoff, str):
+        raise TypeError(f"cutoff must be a float, a dict of element pairs or per-atom radii, got "
+                        f"{type(cutoff).__name__}")
+    if np.isscalar(cutoff):
+        return _checks.cutoff(cutoff), None
+    radii = np.asarray(cutoff)
+    if radii.shape != (len(atoms),) or not np.issubdtype(radii.dtype, np.number):
+        raise ValueError(f"cutoff as per-atom radii must have one number per atom ({len(atoms)}), "
+                         f"got shape {list(radii.shape)} of {radii.dtype}")
+    radii = radii.astype(np.float64)
+    if len(radii) and not (np.isfinite(radii).all() and (radii >= 0).all()):
+        raise ValueError("cutoff as per-atom radii must be finite and >= 0")
+    largest = 2.0 * float(radii.max()) if len(radii) else 0.0
+    return largest, lambda i, j: radii[i] + radii[j]
+
+
+def _element(value, key) -> int:
+    if isinstance(value, str):
+        if value not in ase.data.atomic_numbers:
+            raise ValueError(f"cutoff key {key!r} names an unknown element {value!r}")
+        return ase.data.atomic_numbers[value]
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    raise ValueError(f"cutoff key {key!r} must hold element symbols or atomic numbers, got "
+                     f"{value!r}")
+
+
+def _element_cutoffs(cutoff: dict, numbers: np.ndarray):
+    """ASE's per-element-pair cutoffs: (a, b) and (b, a) alike, later keys win, pairs of
+    elements not named have cutoff 0 (no pairs)."""
+    if not cutoff:
+        raise ValueError("cutoff is an empty dict: name at least one pair of elements")
+    pairs = []
+    for key, value in cutoff.items():
+        if not isinstance(key, tuple) or len(key) != 2:
+            raise ValueError(f"cutoff keys must be pairs of elements like ('H', 'O'), got {key!r}")
+        c = float(value)
+        if not (math.isfinite(c) and c >= 0):
+            raise ValueError(f"cutoff[{key!r}] must be finite and >= 0, got {value!r}")
+        pairs.append((_element(key[0], key), _element(key[1], key), c))
+    size = max(int(numbers.max()) if len(numbers) else 0,
+               *(max(a, b) for a, b, _ in pairs)) + 1
+    table = np.zeros((size, size))
+    for a, b, c in pairs:
+        table[a, b] = table[b, a] = c
+    return max(c for _, _, c in pairs), lambda i, j: table[numbers[i], numbers[j]]
+
+
+def _periodic_cell(atoms: ase.Atoms) -> tuple[np.ndarray, np.ndarray]:
+    """(cell [3, 3], pbc [3]) as float64 / bool arrays; a periodic axis needs a lattice vector."""
+    pbc = np.array(atoms.pbc, dtype=bool)
+    cell = np.ascontiguousarray(atoms.cell.array, dtype=np.float64)
+    for k in np.flatnonzero(pbc):
+        if not cell[k].any():
+            raise ValueError(f"atoms.pbc is True along axis {k} but atoms.cell has no lattice "
+                             f"vector there (row {k} is zero): periodic images and the shifts S "
+                             f"need the cell; set atoms.cell, or atoms.pbc[{k}] = False")
+    return cell, pbc
+
+
+def _with_self_pairs(values: dict, ptr: np.ndarray, n: int) -> dict:
+    """Insert (a, a, S=0) with distance 0 at the start of every row a, as ASE's
+    self_interaction=True returns them (rows stay sorted by i)."""
+    i = values["i"]
+    rows = np.arange(n)
+    pairs_to = np.arange(i.shape[0]) + i + 1  # each pair moves down by the self pairs before it
+    self_to = ptr[:-1] + rows
+    fill = {"i": rows, "j": rows, "d": 0.0, "D": 0.0, "S": 0}
+    out = {}
+    for q, x in values.items():
+        y = np.empty((x.shape[0] + n, *x.shape[1:]), x.dtype)
+        y[pairs_to] = x
+        y[self_to] = fill[q]
+        out[q] = y
+    return out
+
+
+def neighbor_list(quantities: str, a: ase.Atoms, cutoff, self_interaction: bool = False,
+                  max_nbins: float = 1e6):
+    """ASE's ``ase.neighborlist.neighbor_list`` on fastff's cell-list kernel: same signature,
+    same pairs, same output.
+
+    Each character of ``quantities`` asks for one numpy array, returned in that order (a single
+    array for a single character): ``i`` and ``j`` int64 [E], the centre and neighbour atom;
+    ``d`` float64 [E], the distance; ``D`` float64 [E, 3], the vector
+    ``a.positions[j] - a.positions[i] + S @ a.cell``; ``S`` int64 [E, 3], the integer cell
+    shifts. Pairs are sorted by ``i`` (order within a row differs from ASE's, which leaves it
+    unspecified); the list is full: (i, j, S) and (j, i, -S) are both present. Periodic,
+    triclinic, mixed-periodic and non-periodic Atoms and cells smaller than the cutoff are
+    supported, as in ASE; positions need not be wrapped.
+
+    Args:
+        quantities: a string of characters from ``"ijdDS"``.
+        a: the :class:`ase.Atoms` (Angstrom, or any unit the cutoff shares).
+        cutoff: pairs closer than this are returned; as in ASE one of
+            a float (all pairs);
+            a dict of element pairs, e.g. ``{("H", "O"): 1.2, (6, 6): 1.85}`` (symbols or
+            atomic numbers, either order; elements not named get no pairs);
+            or per-atom radii [N] (pairs closer than ``r_i + r_j``).
+        self_interaction: also return each atom as its own neighbour (S = 0, d = 0).
+        max_nbins: accepted for ASE compatibility; fastff sizes its grid itself.
+
+    Returns:
+        One numpy array per quantity, as above.
+
+    Raises:
+        ValueError: an unknown quantity, a cutoff that is not finite and positive, an unknown
+            element in a dict cutoff, or a periodic axis without a lattice vector (ASE would
+            substitute a 1 A unit vector there).
+    """
+    del max_nbins  # ASE's memory bound on its bins; fastff's grid is bounded by the atom count
+    if not isinstance(quantities, str) or any(q not in _QUANTITIES for q in quantities):
+        raise ValueError(f"quantities must be a string of characters from 'ijdDS', got "
+                         f"{quantities!r}")
+    if not isinstance(a, ase.Atoms):
+        raise TypeError(f"a must be an ase.Atoms, got {type(a).__name__}")
+    largest, pair_cutoff = _pair_cutoffs(cutoff, a)
+    cell, pbc = _periodic_cell(a)
+    n = len(a)
+    wanted = set(quantities) | ({"i"} if self_interaction else set()) | (
+        {"i", "j", "d"} if pair_cutoff is not None else set())
+    if n and largest > 0:
+        values, ptr = _pairs(a.positions, cell, pbc, largest, wanted)
+    else:
+        values = {q: np.empty((0, 3) if q in "DS" else 0, _QUANTITIES[q]) for q in wanted}
+        ptr = np.zeros(n + 1, np.int64)
+    if self_interaction:
+        values = _with_self_pairs(values, ptr, n)
+    if pair_cutoff is not None:
+        keep = values["d"] < pair_cutoff(values["i"], values["j"])
+        values = {q: x[keep] for q, x in values.items()}
+    out = tuple(values[q] for q in quantities)
+    return out[0] if len(out) == 1 else out
+
+
+def _pairs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float,
+           wanted: set) -> tuple[dict, np.ndarray]:
+    """The quantities in ``wanted`` as numpy arrays, and the CSR row pointer [N + 1]."""
+    from fastff.neighbors import neighbor_list as build
+
+    pos = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.float64))
+    periodic = bool(pbc.any())
+    cell_t = torch.from_numpy(cell) if periodic else None
+    nl = build(pos, cutoff, cell_t, torch.from_numpy(pbc) if periodic else None)
+    values = {}
+    if "i" in wanted:
+        values["i"] = nl.i.numpy()
+    if "j" in wanted:
+        values["j"] = nl.j.numpy()
+    if "d" in wanted:
+        values["d"] = nl.distances(pos, cell_t).numpy()  # the build's, no new work
+    if "D" in wanted:
+        values["D"] = nl.vectors(pos, cell_t).numpy()
+    if "S" in wanted:
+        values["S"] = nl.shifts.numpy().astype(np.int64)
+    return values, nl.ptr.numpy()

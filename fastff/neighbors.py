@@ -50,7 +50,9 @@ class NeighborList:
         self._reverse: Tensor | None = None
         # of a compacted list until its reverse is needed: (source list, rank int32 [E_source])
         self._compacted_from: tuple[NeighborList, Tensor] | None = None
-        self._cached: tuple | None = None  # (weakref to positions, version, distances)
+        # the build's distances: (weakref to positions, version, weakref to cell or None, its
+        # version, distances)
+        self._cached: tuple | None = None
 
     def __len__(self) -> int:
         return int(self.i.shape[0])
@@ -157,21 +159,143 @@ class NeighborList:
         return _op.pair_vectors(positions, cells, self.batch, self.i, self.j, self.shifts, name)
 
     def distances(self, positions: Tensor, cell: Tensor | None = None) -> Tensor:
-        """|r_ij| [E]; differentiable like :meth:`vectors`.
+        """|r_ij| [E] in the dtype of positions; differentiable like :meth:`vectors`.
 
-        When ``positions`` is the unchanged tensor the list was built from and no gradient is
-        needed, the distances the kernel computed while building are returned without new work.
+        Three paths, by what the call needs:
+
+        * ``positions`` and ``cell`` are the tensors the list was built from (the same objects,
+          unchanged: same ``_version``; ``cell=None`` stands for the build's cell) and no gradient
+          is needed: the distances the build computed, without new work.
+        * No gradient is needed otherwise: one fused pass over the pairs (``pair_distances``),
+          without the [E, 3] vectors.
+        * A gradient is needed (grad mode on and ``positions`` or ``cell`` requires grad):
+          ``|vectors(positions, cell)|``, differentiable to any order.
+
+        Deterministic on CPU. On CUDA the second path runs the torch composition (no Triton kernel).
         """
-        cached = self._cached
         needs_grad = torch.is_grad_enabled() and (
             positions.requires_grad or (cell is not None and cell.requires_grad))
-        if (cached is not None and cell is None and not needs_grad
-                and cached[0]() is positions and cached[1] == positions._version):
-            return cached[2]
-        return torch.linalg.vector_norm(self.vectors(positions, cell), dim=1)
+        if needs_grad:
+            return torch.linalg.vector_norm(self.vectors(positions, cell), dim=1)
+        cached = self._built_distances(positions, cell)
+        if cached is not None:
+            return cached
+        cells = self._cell_for(positions, cell).detach()
+        name, launch = registry.resolve("pair_distances", positions.device, self.backend)
+        args = (positions.detach(), cells, self.batch, self.i, self.j, self.shifts)
+        if _plain_eager(positions):  # no gradient: skip the custom op's dispatch, as the build
+            return launch(*args)
+        return _op.pair_distances(*args, name)
 
-    def _remember(self, positions: Tensor, distances: Tensor) -> None:
-        self._cached = (weakref.ref(positions), positions._version, distances)
+    def _built_distances(self, positions: Tensor, cell: Tensor | None) -> Tensor | None:
+        """The build's distances if ``positions`` and ``cell`` are its unchanged inputs."""
+        if self._cached is None:
+            return None
+        pos_ref, pos_version, cell_ref, cell_version, distances = self._cached
+        if pos_ref() is not positions or positions._version != pos_version:
+            return None
+        if cell is None:  # the build's cell: self.cell shares its version counter
+            same_cell = self.cell is None or self.cell._version == cell_version
+        else:
+            same_cell = (cell_ref is not None and cell_ref() is cell
+                         and cell._version == cell_version)
+        return distances if same_cell else None
+
+    def _remember(self, positions: Tensor, distances: Tensor, cell: Tensor | None = None) -> None:
+        self._cached = (weakref.ref(positions), positions._version,
+                        None if cell is None else weakref.ref(cell),
+                        None if cell is None else cell._version, distances)
+
+    # ---- pairs in and out: edge lists, devices, batches (see fastff/_edge_index.py) ----------
+
+    @classmethod
+    def from_edge_index(cls, edge_index: Tensor, num_atoms: int, *, shifts: Tensor | None = None,
+                        cell: Tensor | None = None, pbc=None, batch: Tensor | None = None,
+                        cutoff: float | None = None, flow: str = "source_to_target",
+                        half: bool = False, backend: str | None = None) -> NeighborList:
+        """A :class:`NeighborList` from pairs found by any other code (torch_geometric, ASE,
+        vesin, matscipy, a data pipeline), usable by every fastff op and module.
+
+        Convention: for ``flow="source_to_target"`` (torch_geometric's default) column ``k`` is
+        the edge ``edge_index[0, k] -> edge_index[1, k]``, i.e. source ``j`` and target (centre)
+        ``i``; for ``"target_to_source"`` row 0 is ``i`` and row 1 is ``j``. A pair's vector is
+
+            r_ij = x[j] - x[i] + shifts @ cell,
+
+        the convention of ASE, vesin, matscipy, MACE and NequIP, whose ``(i, j, S)`` outputs
+        map onto it unchanged: ``from_edge_index(torch.stack([i, j]), n, shifts=S,
+        flow="target_to_source")``, or ``torch.stack([j, i])`` with the default flow.
+        torch_geometric's own graph builders (``radius_graph``) are not periodic (no shifts);
+        a periodic graph whose vector is ``x[edge_index[0]] - x[edge_index[1]] + S @ cell``
+        maps with ``S`` unchanged (default flow), one with ``x[edge_index[1]] -
+        x[edge_index[0]] + S @ cell`` with ``-S``.
+
+        The pairs are sorted by ``i`` (stable: the given order within a row), ``ptr`` is built,
+        and while value checks are on (``fastff.set_checks``) the list is validated before it
+        is used, each error giving the count and one example: indices out of range or negative,
+        an atom paired with itself without a shift, pairs across systems of a batch, shifts
+        along non-periodic axes, duplicate pairs, and for a full list (``half=False``) pairs
+        whose mirror ``(j, i, -S)`` is missing (a half list: pairs whose mirror is present).
+        That check computes :attr:`reverse`, which is kept; with checks off it is computed when
+        first needed.
+
+        Args:
+            edge_index: int64 [2, E].
+            num_atoms: N, the number of atoms (indices are in [0, N)).
+            shifts: integer [E, 3] cell shifts S (any integer dtype, stored as int32); None for
+                no shifts (every pair in the home cell). Needs ``cell``.
+            cell: [3, 3] or [B, 3, 3] lattice vectors as rows (float), or None.
+            pbc: bool [3] or [B, 3]; default: periodic along every axis when ``cell`` is given.
+            batch: int64 [N], sorted system index of each atom, or None for one system.
+            cutoff: the cutoff the pairs were found with (length unit of the positions); a
+                module or model checks its own cutoff against it. None: unknown, taken as
+                infinite (no module can then check that the list holds all its pairs).
+            flow: "source_to_target" or "target_to_source", as above.
+            half: True when each unordered pair is stored once.
+            backend: the kernel path for the list's ops ("numba", "triton", "reference"); None
+                chooses by device, as :func:`neighbor_list`.
+
+        Returns:
+            A :class:`NeighborList` on the device of ``edge_index``; ``symmetric`` when it is a
+            checked full list.
+        """
+        from fastff._edge_index import from_edge_index
+
+        return from_edge_index(cls, edge_index, num_atoms, shifts=shifts, cell=cell, pbc=pbc,
+                               batch=batch, cutoff=cutoff, flow=flow, half=half, backend=backend)
+
+    def edge_index(self, flow: str = "source_to_target") -> Tensor:
+        """int64 [2, E]: the pairs in torch_geometric's layout, ``[j, i]`` for
+        ``flow="source_to_target"`` (messages flow from neighbour j to centre i) and ``[i, j]``
+        for ``"target_to_source"``; pair ``k`` keeps its ``shifts[k]``."""
+        from fastff._edge_index import check_flow
+
+        if check_flow(flow) == "source_to_target":
+            return torch.stack((self.j, self.i))
+        return torch.stack((self.i, self.j))
+
+    def to(self, device) -> NeighborList:
+        """This list on ``device`` (itself if already there); what was computed lazily
+        (``reverse``) moves along. The backend is kept where it runs on the new device, else
+        chosen by device (numba -> triton on CUDA)."""
+        from fastff._edge_index import moved
+
+        return moved(self, torch.device(device))
+
+    @classmethod
+    def cat(cls, lists) -> NeighborList:
+        """One batched list from per-frame lists, as a data loader's collate builds a batch.
+
+        Atom indices of list ``k`` are offset by the atoms of the lists before it, its systems
+        by their systems; ``batch`` [sum N] is the joined system index (a list without batch is
+        one system), ``cell`` and ``pbc`` are stacked to [B, 3, 3] and [B, 3] (zeros and False
+        for a list without cell), ``cutoff`` is the smallest of the lists', ``reverse`` is
+        joined where every list has computed it. All lists must be on one device and all full
+        or all half.
+        """
+        from fastff._edge_index import cat
+
+        return cat(cls, lists)
 
 
 def _normalize_batch(batch: Tensor | None, positions: Tensor):
@@ -352,5 +476,5 @@ def neighbor_list(positions: Tensor, cutoff: float, cell: Tensor | None = None, 
                       cells=cells.detach(), pbc=periodic,
                       cell=None if cell is None else cell.detach(), backend=name)
     nl.symmetric = not half
-    nl._remember(positions, dist)
+    nl._remember(positions, dist, cell)
     return nl

@@ -123,23 +123,14 @@ def neighbor_list_from_pairs(i, j, shifts, *, num_atoms: int, cutoff: float,
     """A full :class:`fastff.NeighborList` from pairs found by any other code (e.g. vesin).
 
     ``i``, ``j``: [E] integer arrays, ``shifts``: [E, 3] with r_ij = x_j - x_i + shifts @ cell.
-    The pairs are sorted by ``i`` (stable) and the CSR pointer is built; nothing is checked
-    beyond shapes, so this is for tests and benchmarks that bring their own list.
+    A thin wrapper of :meth:`fastff.NeighborList.from_edge_index` (which checks the pairs and
+    sorts them by ``i``) for arrays in ASE's (i, j, S) layout.
     """
     from fastff.neighbors import NeighborList
 
-    i = torch.as_tensor(i, dtype=torch.int64)
-    j = torch.as_tensor(j, dtype=torch.int64)
-    shifts = torch.as_tensor(shifts).to(torch.int32).reshape(-1, 3)
-    order = torch.argsort(i, stable=True)
-    i, j, shifts = i[order], j[order], shifts[order]
-    ptr = torch.zeros(num_atoms + 1, dtype=torch.int64)
-    ptr[1:] = torch.cumsum(torch.bincount(i, minlength=num_atoms), 0)
-    dtype = cell.dtype if cell is not None else torch.float64
-    cells = (cell.detach().reshape(1, 3, 3) if cell is not None
-             else torch.zeros(1, 3, 3, dtype=dtype))
-    periodic = torch.as_tensor(pbc if pbc is not None else [cell is not None] * 3,
-                               dtype=torch.bool).reshape(1, 3)
-    return NeighborList(i, j, shifts, ptr, cutoff=float(cutoff), half=False,
-                        num_atoms=num_atoms, batch=None, cells=cells, pbc=periodic,
-                        cell=None if cell is None else cell.detach(), backend="external")
+    edge_index = torch.stack([torch.as_tensor(i).long(), torch.as_tensor(j).long()])
+    s = torch.as_tensor(shifts).to(torch.int32).reshape(-1, 3)
+    # zero shifts without a cell: every pair in the home cell
+    given = None if cell is None and not bool(s.any()) else s
+    return NeighborList.from_edge_index(edge_index, num_atoms, shifts=given, cell=cell, pbc=pbc,
+                                        cutoff=cutoff, flow="target_to_source")

@@ -383,3 +383,142 @@ def test_bad_arguments():
         Calculator(model, species=[1, 1])
     with pytest.raises(ValueError, match="no cutoff attribute"):
         Calculator(torch.nn.Linear(3, 1), skin=0.5)
+
+
+# ---- fastff.ase.neighbor_list: ASE's function, same pairs -------------------------------------
+
+from ase.neighborlist import neighbor_list as ase_neighbor_list  # noqa: E402
+
+from fastff.ase import neighbor_list as fastff_neighbor_list  # noqa: E402
+from fastff.testing import BOUNDARY  # noqa: E402
+
+
+def _canonical(i, j, S, *rest):
+    order = np.lexsort((S[:, 2], S[:, 1], S[:, 0], j, i))
+    return (i[order], j[order], S[order], *(x[order] for x in rest))
+
+
+def _without_pairs_near(cutoff, *lists):
+    """The lists without the pairs either holds within BOUNDARY of the cutoff."""
+    def keys(x):
+        return [tuple(k) for k in np.column_stack(x[:3]).tolist()]
+
+    near = {k for x in lists for k, d in zip(keys(x), x[3], strict=True)
+            if abs(d - cutoff) < BOUNDARY[torch.float64]}
+    out = []
+    for x in lists:
+        keep = np.array([k not in near for k in keys(x)], dtype=bool)
+        out.append([v[keep] for v in x])
+    return out
+
+
+def _assert_same_as_ase(atoms, cutoff, self_interaction=False):
+    """Same pairs as ASE (sets after a lexsort; a pair within BOUNDARY of its cutoff may fall on
+    either side), same dtypes and shapes, distances and vectors to float64 rounding."""
+    ours = fastff_neighbor_list("ijSdD", atoms, cutoff, self_interaction)
+    theirs = ase_neighbor_list("ijSdD", atoms, cutoff, self_interaction)
+    for a, b, q in zip(ours, theirs, "ijSdD", strict=True):
+        assert a.dtype == b.dtype and a.shape[1:] == b.shape[1:], (q, a.dtype, b.dtype)
+        assert a.flags["C_CONTIGUOUS"], q
+    assert bool((ours[0][1:] >= ours[0][:-1]).all()), "sorted by i, as ASE"
+    if isinstance(cutoff, float):
+        ours, theirs = _without_pairs_near(cutoff, ours, theirs)
+    a, b = _canonical(*ours), _canonical(*theirs)
+    for x, y in zip(a[:3], b[:3], strict=True):
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_allclose(a[3], b[3], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(a[4], b[4], rtol=1e-12, atol=1e-12)
+    positions, cell = atoms.positions, atoms.cell.array
+    np.testing.assert_allclose(a[4], positions[a[1]] - positions[a[0]] + a[2] @ cell,
+                               rtol=1e-12, atol=1e-12)
+    return a
+
+
+def _random_atoms(rng, n, cell, pbc, spread=1.0):
+    frac = (rng.random((n, 3)) - 0.5) * spread + 0.5
+    numbers = rng.choice([1, 6, 8], n)
+    return ase.Atoms(numbers=numbers, positions=frac @ cell, cell=cell, pbc=pbc)
+
+
+def _triclinic(rng, edge):
+    cell = np.diag(edge * (1 + 0.2 * rng.random(3)))
+    cell[1, 0], cell[2, 0], cell[2, 1] = 0.6 * edge * (rng.random(3) - 0.5)
+    return cell
+
+
+@pytest.mark.parametrize("pbc", [[True] * 3, [True, False, True], [False, True, False],
+                                 [False] * 3])
+@pytest.mark.parametrize("edge, cutoff", [(8.0, 3.0), (3.0, 4.5)], ids=["cell", "small cell"])
+def test_neighbor_list_same_pairs_as_ase(rng, pbc, edge, cutoff):
+    atoms = _random_atoms(rng, 30, _triclinic(rng, edge), pbc, spread=1.3)
+    pairs = _assert_same_as_ase(atoms, cutoff)
+    assert len(pairs[0]) > 0
+    _assert_same_as_ase(atoms, cutoff, self_interaction=True)
+
+
+def test_neighbor_list_without_cell(rng):
+    atoms = ase.Atoms("H12", positions=rng.random((12, 3)) * 4)
+    _assert_same_as_ase(atoms, 2.5)
+
+
+def test_neighbor_list_dict_and_radii_cutoffs(rng):
+    atoms = _random_atoms(rng, 40, _triclinic(rng, 7.0), [True, True, False])
+    by_element = {("H", "O"): 2.0, (6, 6): 3.1, ("C", 8): 2.4, ("H", "H"): 1.2, (1, 8): 2.6}
+    _assert_same_as_ase(atoms, by_element)  # (1, 8) overrides ("H", "O"), as in ASE
+    _assert_same_as_ase(atoms, by_element, self_interaction=True)
+    radii = rng.random(40) * 1.5
+    _assert_same_as_ase(atoms, radii)
+    _assert_same_as_ase(atoms, list(radii), self_interaction=True)
+    _assert_same_as_ase(atoms, {("O", "O"): 0.0})  # no pairs at all
+
+
+def test_neighbor_list_quantities_and_water(rng):
+    """Any order of quantities, a single one as a bare array, and a periodic water box."""
+    box = water_box(32, seed=int(rng.integers(2**31)), dtype=torch.float64)
+    atoms = ase.Atoms(numbers=box.species.numpy(), positions=box.positions.numpy() * 10,
+                      cell=box.cell.numpy() * 10, pbc=True)
+    i, j, d, D, S = fastff_neighbor_list("ijdDS", atoms, 5.0)
+    S2, i2 = fastff_neighbor_list("Si", atoms, 5.0)
+    np.testing.assert_array_equal(S, S2)
+    np.testing.assert_array_equal(i, i2)
+    single = fastff_neighbor_list("d", atoms, 5.0)
+    assert isinstance(single, np.ndarray) and single.shape == d.shape
+    np.testing.assert_array_equal(single, d)
+    _assert_same_as_ase(atoms, 5.0)
+
+
+def test_neighbor_list_empty_atoms():
+    empty = ase.Atoms()
+    for ours, theirs in zip(fastff_neighbor_list("ijdDS", empty, 2.0),
+                            ase_neighbor_list("ijdDS", empty, 2.0), strict=True):
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+
+
+@pytest.mark.parametrize("args, error, words", [
+    (("ijx", 2.0), ValueError, "quantities must be a string of characters from 'ijdDS'"),
+    (("ij", -1.0), ValueError, "cutoff must be finite and positive"),
+    (("ij", float("nan")), ValueError, "cutoff must be finite and positive"),
+    (("ij", None), TypeError, "cutoff must be a float, a dict"),
+    (("ij", "5"), TypeError, "cutoff must be a float, a dict"),
+    (("ij", {("H", "Xx"): 1.0}), ValueError, "unknown element 'Xx'"),
+    (("ij", {"H": 1.0}), ValueError, "pairs of elements"),
+    (("ij", {("H", "H"): -1.0}), ValueError, "must be finite and >= 0"),
+    (("ij", {}), ValueError, "empty dict"),
+    (("ij", [1.0, 2.0]), ValueError, "one number per atom"),
+])
+def test_neighbor_list_bad_arguments(rng, args, error, words):
+    atoms = ase.Atoms("H4", positions=rng.random((4, 3)), cell=np.eye(3) * 3, pbc=True)
+    with pytest.raises(error, match=words):
+        fastff_neighbor_list(args[0], atoms, args[1])
+    with pytest.raises(TypeError, match="a must be an ase.Atoms"):
+        fastff_neighbor_list("ij", atoms.positions, 2.0)
+
+
+def test_neighbor_list_periodic_axis_without_cell(rng):
+    """ASE substitutes a 1 A unit vector for the missing lattice vector; fastff refuses."""
+    atoms = ase.Atoms("H4", positions=rng.random((4, 3)), pbc=[True, False, False])
+    with pytest.raises(ValueError, match=r"atoms.pbc is True along axis 0 but atoms.cell has no "
+                                         r"lattice vector there"):
+        fastff_neighbor_list("ijS", atoms, 2.0)
+    atoms.cell = [[3.0, 0, 0], [0, 0, 0], [0, 0, 0]]  # the periodic axis has its vector now
+    _assert_same_as_ase(atoms, 2.0)

@@ -358,3 +358,138 @@ def test_custom_op_visible_to_profiler_and_dispatch_modes(rng):
     with Record() as mode:
         fastff.neighbor_list(pos, 2.0, cubic())
     assert any("fastff.neighbor_list" in name for name in mode.seen), mode.seen
+
+
+# ---- distances: the build's, fused, or differentiable -----------------------------------------
+
+def triclinic_system(rng, n=40, dtype=torch.float64):
+    cell = torch.tensor([[5.0, 0, 0], [1.1, 4.8, 0], [-0.7, 0.6, 5.2]], dtype=dtype)
+    pos = torch.tensor(rng.random((n, 3)), dtype=dtype) @ cell
+    return pos, cell
+
+
+def test_distances_of_the_build_for_its_cell(rng):
+    """The build's distances come back for the build's positions and cell (passed or None), the
+    very tensor, as long as neither changed."""
+    pos, cell = triclinic_system(rng)
+    nl = fastff.neighbor_list(pos, 2.5, cell)
+    built = nl.distances(pos)
+    assert nl.distances(pos, cell) is built
+    assert nl.distances(pos, cell.clone()) is not built  # another tensor: computed, equal
+    torch.testing.assert_close(nl.distances(pos, cell.clone()), built, rtol=1e-14, atol=1e-14)
+    assert nl.distances(pos.clone(), cell) is not built
+
+
+def test_distances_after_the_cell_changed_in_place(rng):
+    pos, cell = triclinic_system(rng)
+    nl = fastff.neighbor_list(pos, 2.5, cell)
+    before = nl.distances(pos, cell).clone()
+    cell.mul_(1.05)  # the list shares the cell's storage: its own cell changed too
+    for given in (cell, None):
+        after = nl.distances(pos, given)
+        torch.testing.assert_close(after, torch.linalg.vector_norm(nl.vectors(pos, cell), dim=1))
+        assert not torch.allclose(after, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+def test_fused_distances_match_the_reference(rng, dtype, backend):
+    """New positions, no gradient: the fused pair_distances op, against float64 vectors."""
+    pos, cell = triclinic_system(rng, 60, dtype)
+    nl = fastff.neighbor_list(pos, 2.5, cell, backend=backend)
+    moved = pos + 0.05 * torch.randn(pos.shape, dtype=dtype)
+    expected = torch.linalg.vector_norm(nl.vectors(moved.double(), cell.double()), dim=1)
+    for given in (cell, None):
+        d = nl.distances(moved, given)
+        assert d.dtype == dtype and d.shape == (len(nl),) and d.grad_fn is None
+        torch.testing.assert_close(d.double(), expected, **fastff.testing.tolerance("distances",
+                                                                                   dtype))
+    with torch.no_grad():  # positions that require grad, gradient mode off: fused too
+        d = nl.distances(moved.clone().requires_grad_(True), cell)
+    assert d.grad_fn is None
+
+
+def test_fused_distances_batched(rng):
+    frames = [triclinic_system(rng, n) for n in (10, 25)]
+    pos = torch.cat([f[0] for f in frames])
+    cells = torch.stack([f[1] * (1 + 0.1 * k) for k, f in enumerate(frames)])
+    batch = torch.tensor([0] * 10 + [1] * 25)
+    nl = fastff.neighbor_list(pos, 2.5, cells, batch=batch)
+    moved = pos + 0.05
+    expected = torch.linalg.vector_norm(nl.vectors(moved, cells), dim=1)
+    torch.testing.assert_close(nl.distances(moved, cells), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_distances_skip_the_vectors(rng):
+    """No [E, 3] array is allocated: numpy allocations (the kernels' outputs) are traced, and the
+    fused path's peak is its [E] output, a third of the vectors the old path built."""
+    import tracemalloc
+
+    pos, cell = triclinic_system(rng, 400)
+    cell = cell * 2.0
+    pos = pos * 2.0
+    nl = fastff.neighbor_list(pos, 4.0, cell)
+    moved = pos + 0.01
+    nl.distances(moved, cell)  # compile / load outside the measurement
+    tracemalloc.start()
+    try:
+        nl.distances(moved, cell)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    vectors_bytes = len(nl) * 3 * 8
+    assert len(nl) > 5000 and peak < 0.5 * vectors_bytes, (peak, vectors_bytes)
+
+
+def test_distances_with_gradients_stay_differentiable(rng):
+    pos, cell = triclinic_system(rng, 12)
+    nl = fastff.neighbor_list(pos, 2.5, cell)
+    p = pos.clone().requires_grad_(True)
+    c = cell.clone().requires_grad_(True)
+    d = nl.distances(p, c)
+    assert d.grad_fn is not None and "Norm" in d.grad_fn.name()
+    assert torch.autograd.gradcheck(nl.distances, (p, c))
+    assert torch.autograd.gradgradcheck(nl.distances, (p, c))
+
+
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+def test_pair_distances_op(rng, backend):
+    """The fused op on its own: opcheck, and float64 gradcheck / gradgradcheck (its backward is
+    built from pair_vectors and its transpose)."""
+    from fastff.kernels.neighbors import op
+
+    pos, cell = triclinic_system(rng, 8)
+    nl = fastff.neighbor_list(pos, 3.0, cell)
+    assert len(nl) > 0
+    p = pos.clone().requires_grad_(True)
+    c = cell.unsqueeze(0).clone().requires_grad_(True)
+    args = (p, c, None, nl.i, nl.j, nl.shifts, backend)
+    torch.library.opcheck(op.pair_distances, args)
+    torch.testing.assert_close(op.pair_distances(*args),
+                               torch.linalg.vector_norm(nl.vectors(pos, cell), dim=1))
+
+    def distances(p, c):
+        return op.pair_distances(p, c, None, nl.i, nl.j, nl.shifts, backend)
+
+    assert torch.autograd.gradcheck(distances, (p, c))
+    assert torch.autograd.gradgradcheck(distances, (p, c))
+
+
+def test_pair_distances_visible_to_profiler(rng):
+    pos, cell = triclinic_system(rng, 10)
+    nl = fastff.neighbor_list(pos, 2.5, cell)
+    with torch.profiler.profile() as prof:
+        nl.distances(pos + 0.01, cell)
+    assert any("fastff::pair_distances" in e.key for e in prof.key_averages())
+
+
+def test_fused_distances_of_an_unchecked_list_stay_in_bounds(rng):
+    """Indices never checked (value checks off) cannot make the fused kernel read outside the
+    positions: they are clamped (NUMBA_BOUNDSCHECK=1 runs of this test would raise otherwise)."""
+    edges = torch.tensor([[0, 1, 10**6, -5], [1, 0, 2, 3]])
+    with fastff.no_checks():
+        nl = fastff.NeighborList.from_edge_index(edges, 4, cutoff=2.0)
+    pos = random_pos(rng, 4)
+    d = nl.distances(pos + 0.0)
+    assert d.shape == (4,)
+    torch.testing.assert_close(d[:2], (pos[1] - pos[0]).norm().expand(2))

@@ -8,6 +8,9 @@
 * ``neighbor_compact`` and ``neighbor_compact_reverse``: the pairs of a list within a smaller
   cutoff (a Verlet list's pairs within the interaction cutoff) and their mirror index, mapped
   from the source list's. Integer outputs only; no Triton kernel (CUDA runs the torch path).
+* ``pair_distances``: |r_ij| without the [E, 3] vectors (kernels in distances/); its backward
+  is built from ``pair_vectors`` and ``pair_vectors_transpose``, so any order works. No Triton
+  kernel (CUDA runs the torch path).
 
 Every op takes the already resolved backend name (see fastff.kernels._runtime.registry); only
 this file knows all three paths.
@@ -28,6 +31,8 @@ registry.register("neighbor_reverse", "neighbors", "neighbor_reverse")
 registry.register("neighbor_compact", "neighbors", "neighbor_compact",
                   backends=("numba", "reference"))
 registry.register("neighbor_compact_reverse", "neighbors", "neighbor_compact_reverse",
+                  backends=("numba", "reference"))
+registry.register("pair_distances", "neighbors.distances", "pair_distances",
                   backends=("numba", "reference"))
 
 
@@ -150,6 +155,42 @@ def _(reverse, j, ptr, rank, new_ptr, num_pairs, backend):
     return reverse.new_empty(num_pairs)
 
 
+@torch.library.custom_op("fastff::pair_distances", mutates_args=())
+def pair_distances(positions: Tensor, cells: Tensor, atom_system: Tensor | None, i: Tensor,
+                   j: Tensor, shifts: Tensor, backend: str) -> Tensor:
+    return registry.launch("pair_distances", _SPECS["pair_distances"], locals())
+
+
+@pair_distances.register_fake
+def _(positions, cells, atom_system, i, j, shifts, backend):
+    return positions.new_empty(i.shape[0])
+
+
+PAIR_DISTANCES = OpArgs(pair_distances)
+
+
+def _pair_distances_setup(ctx, inputs, output):
+    x = PAIR_DISTANCES(inputs)
+    ctx.save_for_backward(x.positions, x.cells, x.atom_system, x.i, x.j, x.shifts)
+    ctx.backend = x.backend
+
+
+def _pair_distances_backward(ctx, grad):
+    positions, cells, atom_system, i, j, shifts = ctx.saved_tensors
+    needs = PAIR_DISTANCES(ctx.needs_input_grad)
+    vectors = pair_vectors(positions, cells, atom_system, i, j, shifts, ctx.backend)
+    norm = torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+    unit = vectors / torch.where(norm == 0, 1, norm)  # 0 for coincident atoms, as torch's norm
+    grad_pos, grad_cells = pair_vectors_transpose((grad.unsqueeze(1) * unit).contiguous(),
+                                                  positions.shape[0], cells, atom_system, i, j,
+                                                  shifts, ctx.backend)
+    return PAIR_DISTANCES.grads(positions=grad_pos if needs.positions else None,
+                                cells=grad_cells if needs.cells else None)
+
+
+pair_distances.register_autograd(_pair_distances_backward, setup_context=_pair_distances_setup)
+
+
 _SPECS = {op._name: OpArgs(op)
           for op in (neighbor_list, pair_vectors, pair_vectors_transpose, neighbor_reverse,
-                     neighbor_compact, neighbor_compact_reverse)}
+                     neighbor_compact, neighbor_compact_reverse, pair_distances)}
