@@ -8,7 +8,7 @@
 * ``neighbor_compact`` and ``neighbor_compact_reverse``: the pairs of a list within a smaller
   cutoff (a Verlet list's pairs within the interaction cutoff) and their mirror index, mapped
   from the source list's. Integer outputs only; no Triton kernel (CUDA runs the torch path).
-* ``pair_distances``: |r_ij| without the [E, 3] vectors (kernels in distances/); its backward
+* ``pair_distances``: |r_ij| without the [E, 3] vectors; its backward
   is built from ``pair_vectors`` and ``pair_vectors_transpose``, so any order works. No Triton
   kernel (CUDA runs the torch path).
 
@@ -32,7 +32,7 @@ registry.register("neighbor_compact", "neighbors", "neighbor_compact",
                   backends=("numba", "reference"))
 registry.register("neighbor_compact_reverse", "neighbors", "neighbor_compact_reverse",
                   backends=("numba", "reference"))
-registry.register("pair_distances", "neighbors.distances", "pair_distances",
+registry.register("pair_distances", "neighbors", "pair_distances",
                   backends=("numba", "reference"))
 
 

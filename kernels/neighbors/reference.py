@@ -230,3 +230,11 @@ def neighbor_compact_reverse(reverse: Tensor, j: Tensor, ptr: Tensor, rank: Tens
     kept = rank >= 0
     out[(new_ptr[i] + rank)[kept]] = mirror[kept]
     return out
+
+
+def pair_distances(positions: Tensor, cells: Tensor, atom_system: Tensor | None, i: Tensor,
+                   j: Tensor, shifts: Tensor) -> Tensor:
+    """Launcher: |x_j - x_i + S @ cell[system(i)]| [E] in the dtype of positions (the norm of
+    ``pair_vectors``; materialises the [E, 3] vectors that the numba kernel avoids)."""
+    vectors = pair_vectors(positions, cells.to(positions.dtype), atom_system, i, j, shifts)
+    return torch.linalg.vector_norm(vectors, dim=1)
