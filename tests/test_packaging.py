@@ -42,3 +42,19 @@ def test_installed_wheel_runs(wheel, tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.startswith(str(target))
+
+
+def test_every_package_folder_is_listed():
+    """pyproject.toml lists packages by hand (kernels/ installs as fastff.kernels): every folder
+    with an __init__.py under fastff/ and kernels/ must be among them, or the wheel lacks it."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    found = set()
+    for top, name in (("fastff", "fastff"), ("kernels", "fastff.kernels")):
+        for init in (ROOT / top).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / top).parts
+            found.add(".".join((name, *parts)))
+    assert found - listed == set(), f"not in pyproject.toml's packages: {sorted(found - listed)}"
+    assert listed - found == set(), f"listed but absent: {sorted(listed - found)}"
