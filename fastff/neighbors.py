@@ -17,6 +17,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from fastff import _checks
 from fastff.kernels._runtime import registry
+from fastff.kernels.message import op as _message_op
 from fastff.kernels.neighbors import op as _op
 
 
@@ -48,6 +49,7 @@ class NeighborList:
         self._cells = cells  # [B, 3, 3], zeros where no cell was given
         self.symmetric = False
         self._reverse: Tensor | None = None
+        self._mirror_pairs: Tensor | None = None  # computed from _reverse, kept with it
         # of a compacted list until its reverse is needed: (source list, rank int32 [E_source])
         self._compacted_from: tuple[NeighborList, Tensor] | None = None
         # the build's distances: (weakref to positions, version, weakref to cell or None, its
@@ -82,6 +84,26 @@ class NeighborList:
             self._reverse = reverse
             self._compacted_from = None  # the source is no longer needed
         return self._reverse
+
+    @property
+    def mirror_pairs(self) -> Tensor:
+        """int64 [4, P]: each unordered pair of a full list once, as rows (c, m, a, b): its
+        canonical edge ``c`` (``c < reverse[c]``), the mirror ``m = reverse[c]`` and the ends
+        ``a = i[c]``, ``b = j[c]`` (P = E / 2). Message passing evaluates one filter per pair.
+        Computed once, from :attr:`reverse`, and kept only where ``reverse`` is (not while
+        tracing); P is a data-dependent size under torch.compile.
+        """
+        if self._mirror_pairs is None:
+            reverse = self.reverse
+            name, launch = registry.resolve("mirror_pairs", self.i.device, self.backend)
+            if _plain_eager(reverse):
+                pairs = launch(self.i, self.j, reverse)
+            else:
+                pairs = _message_op.mirror_pairs(self.i, self.j, reverse, name)
+            if self._reverse is not reverse or torch.compiler.is_compiling() or is_fake(pairs):
+                return pairs  # computed while tracing: not kept, as reverse
+            self._mirror_pairs = pairs
+        return self._mirror_pairs
 
     def _mirrors(self) -> Tensor:
         if self._compacted_from is None:

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastff.kernels._runtime import registry
 
@@ -77,11 +78,22 @@ def _launchers():
         yield name, family, launcher, backends
 
 
+def _schema_signature(name: str) -> list[tuple[str, object]]:
+    """(name, default) of every input of the custom op ``fastff::<name>`` but ``backend``."""
+    schema = getattr(torch.ops.fastff, name).default._schema
+    return [(a.name, a.default_value if a.has_default_value() else inspect.Parameter.empty)
+            for a in schema.arguments if a.name != "backend"]
+
+
 @pytest.mark.parametrize("name", [n for n, *_ in _launchers()])
 def test_launchers_of_an_op_share_one_signature(name):
     """The reference, numba and Triton launchers of an op take the same parameters, in the same
-    order, with the same defaults: that signature is the contract between the backend files."""
+    order, with the same defaults: the op's inputs less ``backend`` (the registry name is the
+    custom op's name). That signature is the contract between the backend files and op.py,
+    whose body passes its inputs to the launcher by name (``registry.launch``)."""
     family, launcher, backends = registry.op_family(name)
+    assert launcher == name, f"{name} is launched by {launcher}: one name for both"
+    assert hasattr(torch.ops.fastff, name), f"no custom op fastff::{name}"
     signatures = {}
     for backend in backends:
         module = importlib.import_module(f"fastff.kernels.{family}.{MODULES[backend]}")
@@ -90,9 +102,9 @@ def test_launchers_of_an_op_share_one_signature(name):
         assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params), (
             f"{family}/{MODULES[backend]}.{launcher} takes *args or keyword-only parameters")
         signatures[backend] = [(p.name, p.default) for p in params]
-    first, *others = signatures.items()
-    for backend, sig in others:
-        assert sig == first[1], f"{name}: {backend} {sig} != {first[0]} {first[1]}"
+    want = _schema_signature(name)
+    for backend, sig in signatures.items():
+        assert sig == want, f"{name}: {backend} launcher {sig} != op schema {want}"
 
 
 def test_no_op_reads_inputs_by_literal_position():
@@ -100,9 +112,9 @@ def test_no_op_reads_inputs_by_literal_position():
     ``needs[6:10]``."""
     pattern = re.compile(r"(inputs|needs|saved|args)\[[0-9:]+\]|\[None\] \* [0-9]")
     offenders = []
-    for path in sorted(KERNELS.glob("*/op.py")):
-        if path.parent.name == "message":  # converted to named inputs next
-            continue
+    paths = sorted(KERNELS.glob("*/op.py"))
+    assert {p.parent.name for p in paths} >= set(registry.FAMILIES)
+    for path in paths:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if pattern.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")

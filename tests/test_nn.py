@@ -118,7 +118,9 @@ def test_compiled_training_matches_eager(rng):
         return (loss.detach(), *torch.autograd.grad(loss, params))
 
     params = [p.detach().clone().requires_grad_(True) for p in m.parameters()]
-    _ = nl.reverse  # computed once, eagerly: the lazy property must not be filled by a fake tensor
+    # computed once, eagerly: the lazy properties must not be filled by fake tensors (and this
+    # trace has no symbolic sizes for the data-dependent pair count)
+    _ = nl.reverse, nl.mirror_pairs
     with fastff.no_checks():  # value checks read data, which fake tensors do not have
         graph = make_fx(step, tracing_mode="fake", _allow_non_fake_inputs=True)(
             pos.clone(), *params)
@@ -264,25 +266,28 @@ def test_painn_matches_reference_and_trains(rng, backend):
 
 
 def record_launches(monkeypatch) -> list:
-    """(launcher name, its trailing flags) of every fastff launch from now on."""
+    """(launcher name, its inputs by name, its output) of every fastff launch from now on."""
     from fastff.kernels._runtime import registry
 
     calls = []
     plain_launcher = registry.launcher
-    flags = {"cfconv_vjp": 3, "cfconv_vjp_vjp": 4, "painn_vjp": 1,
-             "spline_conv_positions_vjp": 2}
 
     def recording_launcher(name, backend):
         fn = plain_launcher(name, backend)
 
-        def record(*args, **kwargs):
-            values = (*args, *kwargs.values())
-            calls.append((name, values[len(values) - flags.get(name, 0):]))
-            return fn(*args, **kwargs)
+        def record(**inputs):
+            output = fn(**inputs)
+            calls.append((name, inputs, output))
+            return output
         return record
 
     monkeypatch.setattr(registry, "launcher", recording_launcher)
     return calls
+
+
+def launched(calls, name, *flags) -> list:
+    """The values of ``flags`` of every launch of ``name`` in ``calls``, in order."""
+    return [tuple(inputs[f] for f in flags) for n, inputs, _ in calls if n == name]
 
 
 def test_backward_computes_only_the_gradients_asked_for(rng, monkeypatch):
@@ -308,17 +313,18 @@ def test_backward_computes_only_the_gradients_asked_for(rng, monkeypatch):
     p = pos.clone().requires_grad_(True)
     calls.clear()
     (forces,) = torch.autograd.grad(energy(p), p)
-    backward_calls = [c for c in calls if c[0] in ("cfconv_vjp", "painn_vjp")]
-    assert ("cfconv_vjp", (False, False, True)) in backward_calls  # need_params, need_x, need_d
-    assert ("painn_vjp", (False,)) in backward_calls  # need_params
-    assert [c[0] for c in calls].count("cfconv_forward") == 1  # the forward only: no grad_x
+    vjp_flags = ("need_params", "need_x", "need_d")
+    assert launched(calls, "cfconv_vjp", *vjp_flags) == [(False, False, True)]
+    assert launched(calls, "painn_message_vjp", "need_params") == [(False,)]
+    assert len(launched(calls, "cfconv")) == 1  # the forward only: no grad_x
     weights = [conv.filter.dense1.weight, painn.filter.weight]
     want = torch.autograd.grad(energy(p, reference=True), [p, *weights])
     _close(forces, want[0], "training", torch.float64)
 
     calls.clear()
     got = torch.autograd.grad(energy(p), [p, *weights])
-    assert ("cfconv_vjp", (True, False, True)) in calls and ("painn_vjp", (True,)) in calls
+    assert launched(calls, "cfconv_vjp", *vjp_flags) == [(True, False, True)]
+    assert launched(calls, "painn_message_vjp", "need_params") == [(True,)]
     for a, b in zip(got, want, strict=True):
         _close(a, b, "training", torch.float64)
 
@@ -347,12 +353,13 @@ def test_tabulated_forces_skip_the_x_gradient(rng, monkeypatch):
 
     calls.clear()
     (forces,) = torch.autograd.grad(energy(convs[0]), p)
-    assert ("spline_conv_positions_vjp", (False, False)) in calls  # need_x, need_cell
+    flags = ("need_x", "need_cell")
+    assert launched(calls, "spline_conv_positions_vjp", *flags) == [(False, False)]
     want = torch.autograd.grad(energy(convs[1]), [p, lin.weight])
     _close(forces, want[0], "training", torch.float64)
     calls.clear()
     got = torch.autograd.grad(energy(convs[0]), [p, lin.weight])
-    assert ("spline_conv_positions_vjp", (True, False)) in calls
+    assert launched(calls, "spline_conv_positions_vjp", *flags) == [(True, False)]
     for a, b in zip(got, want, strict=True):
         _close(a, b, "training", torch.float64)
 
@@ -440,31 +447,18 @@ def test_bad_input():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_cfconv_force_training_reads_kept_blocks(rng, dtype, monkeypatch):
     """Force training of a CFConv whose x depends on trainable weights (a model's later
-    interactions): the first backward (create_graph) keeps its products t = u w2 for the
-    second, and the forward's W outlives it for the second backward's x-gradient. Both are
-    read, not recomputed; the second backward computes no distance gradients (the loss's
-    gradient in the positions is not asked for); and the gradients of a force loss in every
-    weight match torch autograd through the float64 reference filter."""
-    monkeypatch.setattr(cpu_numba, "BLOCK_FEATURES", 90)  # many blocks: the kept lists align
+    interactions): the forward keeps its pair filters, the first backward (create_graph) keeps
+    its products t = u w2, and the second backward reads both (passed through the autograd
+    context, not recomputed); it computes no distance gradients (the loss's gradient in the
+    positions is not asked for); and the gradients of a force loss in every weight match torch
+    autograd through the float64 reference filter. With ``keep_budget=0`` nothing is kept and
+    the gradients are the same."""
+    monkeypatch.setattr(cpu_numba, "BLOCK_FEATURES", 90)  # many blocks
     monkeypatch.setattr(cpu_numba, "SMALL_F_GROWTH", 1.0)
-    taken = []
-
-    def counted(take, name):
-        def counted_take(*key):
-            blocks = take(*key)
-            taken.append((name, blocks is not None))
-            return blocks
-        return counted_take
-
-    for name in ("KEPT_FILTERS", "KEPT_PRODUCTS"):
-        store = cpu_numba.dense.KeptBlocks()  # stores of their own: no entries of other tests
-        store.take = counted(store.take, name)
-        monkeypatch.setattr(cpu_numba, name, store)
     n, nf, nb = 40, 16, 12
     pos, cell, nl = system(n)
     m64, lin64 = fnn.CFConv(nf, nb, 2.5).double(), torch.nn.Linear(nf, nf).double()
-    m, lin = fnn.CFConv(nf, nb, 2.5).to(dtype), torch.nn.Linear(nf, nf).to(dtype)
-    m.load_state_dict(m64.state_dict())
+    lin = torch.nn.Linear(nf, nf).to(dtype)
     lin.load_state_dict(lin64.state_dict())
     h, target = torch.randn(n, nf, dtype=torch.float64), torch.randn(n, 3, dtype=torch.float64)
 
@@ -475,14 +469,211 @@ def test_cfconv_force_training_reads_kept_blocks(rng, dtype, monkeypatch):
         loss = (-grad - target.to(dtype)).pow(2).sum()
         return torch.autograd.grad(loss, [*m.parameters(), *lin.parameters()])
 
-    calls = record_launches(monkeypatch)
-    got = loss_gradients(lambda x, p, c: m(x, p, nl, c), m, lin, dtype)
-    assert taken == [("KEPT_PRODUCTS", True), ("KEPT_FILTERS", True)]
-    second = [c for c in calls if c[0] in ("cfconv_vjp", "cfconv_vjp_vjp")][1:]
-    # need_g, need_x, need_params, need_d; then need_params, need_x, need_d
-    assert second == [("cfconv_vjp_vjp", (True, True, True, False)),
-                      ("cfconv_vjp", (True, True, False))]
     want = loss_gradients(lambda x, p, c: reference_cfconv(m64, x, p, nl, c), m64, lin64,
                           torch.float64)
-    for a, b in zip(got, want, strict=True):
-        _close(a, b, "training" if dtype == torch.float64 else "message", dtype)
+    pairs = nl.mirror_pairs.shape[1]
+    for budget, kept in ((None, pairs), (0, 0)):
+        m = fnn.CFConv(nf, nb, 2.5, keep_budget=budget).to(dtype)
+        m.load_state_dict(m64.state_dict())
+        calls = record_launches(monkeypatch)
+        got = loss_gradients(lambda x, p, c, m=m: m(x, p, nl, c), m, lin, dtype)
+        monkeypatch.undo()
+        second = [(name, inputs) for name, inputs, _ in calls
+                  if name in ("cfconv_vjp", "cfconv_vjp_vjp")][1:]
+        assert [name for name, _ in second] == ["cfconv_vjp_vjp", "cfconv_vjp"]
+        (_, vjp_vjp), (_, vjp) = second
+        assert (vjp_vjp["need_g"], vjp_vjp["need_x"], vjp_vjp["need_params"],
+                vjp_vjp["need_d"]) == (True, True, True, False)
+        assert (vjp["need_params"], vjp["need_x"], vjp["need_d"]) == (True, True, False)
+        assert vjp_vjp["products"].shape == (kept, nf)  # the first backward's t = u w2
+        assert vjp["filters"].shape == (kept, nf)  # the forward's W, for the x-gradient
+        for a, b in zip(got, want, strict=True):
+            _close(a, b, "training" if dtype == torch.float64 else "message", dtype)
+
+
+def test_keep_budget_setting(rng, monkeypatch):
+    """CFConv keeps within its keep_budget, or fastff.nn.KEEP_BUDGET read at each call when it
+    is None; a bad budget is refused."""
+    n, nf = 20, 6
+    pos, cell, nl = system(n)
+    x = torch.randn(n, nf, dtype=torch.float64, requires_grad=True)
+    pairs = nl.mirror_pairs.shape[1]
+    for budget, setting, rows in ((None, fnn.KEEP_BUDGET, pairs), (None, 0, 0), (0, None, 0),
+                                  (pairs * nf * 8, 0, pairs), (pairs * nf * 8 - 1, None, 0)):
+        if setting is not None:
+            monkeypatch.setattr(fnn, "KEEP_BUDGET", setting)
+        conv = fnn.CFConv(nf, 5, 2.5, keep_budget=budget).double()
+        calls = record_launches(monkeypatch)
+        conv(x, pos, nl, cell)
+        monkeypatch.undo()
+        ((inputs, (_, filters)),) = [(i, out) for name, i, out in calls if name == "cfconv"]
+        assert inputs["keep_filters"]  # x requires grad
+        assert filters.shape == (rows, nf), (budget, setting)
+    with torch.no_grad():  # no graph: nothing to keep for
+        calls = record_launches(monkeypatch)
+        conv(x, pos, nl, cell)
+        monkeypatch.undo()
+        assert launched(calls, "cfconv", "keep_filters") == [(False,)]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="keep_budget"):
+            fnn.CFConv(nf, 5, 2.5, keep_budget=bad)
+
+
+def test_backend_resolved_when_built_set_or_moved(rng, monkeypatch):
+    """A module resolves its backend when built, when ``backend`` is set and when it moves
+    (``_apply``), for its parameters' device; its calls do not (FASTFF_BACKEND is read then, not
+    per call). A bad name is refused."""
+    from fastff.kernels._runtime import registry
+
+    pos, cell, nl = system(12)
+    resolved = []
+    plain_resolve = registry.resolve
+
+    def counting_resolve(name, device, backend=None):
+        resolved.append(name)
+        return plain_resolve(name, device, backend)
+
+    monkeypatch.setattr(registry, "resolve", counting_resolve)
+    x = torch.randn(12, 4, dtype=torch.float64)
+    s, v = torch.randn(12, 4, dtype=torch.float64), torch.randn(12, 3, 4, dtype=torch.float64)
+    conv, painn = fnn.CFConv(4, 3, 2.5), fnn.PaiNNMessage(4, 3, 2.5)
+    assert {"cfconv", "spline_conv_positions", "painn_message"} <= set(resolved)
+    resolved.clear()
+    conv, painn = conv.double(), painn.double()  # moved (here: converted) -> resolved again
+    assert {"cfconv", "painn_message", "radial_basis"} <= set(resolved)
+    _ = nl.mirror_pairs
+    resolved.clear()
+    monkeypatch.setenv("FASTFF_BACKEND", "reference")
+    for _ in range(3):
+        conv(x, pos, nl, cell)
+        painn(s, v, pos, nl, cell)
+    assert not {"cfconv", "painn_message"} & set(resolved)  # calls only look it up
+    assert conv._backend_for("cfconv", x.device) == "numba"
+    conv.backend = None  # setting it resolves again (now under FASTFF_BACKEND)
+    assert conv._backend_for("cfconv", x.device) == "reference"
+    assert conv.filter._backend_for("radial_basis", x.device) == "reference"
+    conv.backend = "numba"
+    assert conv.backend == "numba" and conv.filter.backend == "numba"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        conv.backend = "fortran"
+    # a backend the parameters' device cannot run is an error only when called there
+    monkeypatch.delenv("TRITON_INTERPRET")
+    later = fnn.CFConv(4, 3, 2.5, backend="triton").double()
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        later(x, pos, nl, cell)
+
+
+def tabulated(conv, x, pos, nl, cell):
+    """The tabulated conv's output, and the exact path's (its filter network) for comparison."""
+    table = conv(x, pos, nl, cell)
+    conv.tabulate = False
+    exact = conv(x, pos, nl, cell)
+    conv.tabulate = True
+    return table, exact
+
+
+def test_table_follows_a_data_edit(rng):
+    """A ``.data`` edit of a filter weight (no new ``_version``) rebuilds the table: the
+    tabulated output stays the exact path's (it drifted by 0.58 with an address-keyed cache)."""
+    pos, cell, nl = system(30)
+    conv = fnn.CFConv(8, 6, 2.5, tabulate=True).double()
+    x = torch.randn(30, 8, dtype=torch.float64)
+    _close(*tabulated(conv, x, pos, nl, cell), "message", torch.float32)
+    conv.filter.dense2.weight.data.mul_(2)
+    _close(*tabulated(conv, x, pos, nl, cell), "message", torch.float32)
+    painn = fnn.PaiNNMessage(4, 5, 2.5, tabulate=True).double()
+    first = painn.table()
+    painn.filter.bias.data.add_(1.0)
+    assert painn.table() is not first
+    assert painn.table() is painn.table()  # unchanged: kept
+
+
+def test_table_load_state_dict_and_optimizer_step(rng):
+    """load_state_dict and an optimizer step (in-place updates) rebuild the table."""
+    pos, cell, nl = system(30)
+    conv = fnn.CFConv(8, 6, 2.5, tabulate=True).double()
+    x = torch.randn(30, 8, dtype=torch.float64)
+    first = conv.table()
+    other = fnn.CFConv(8, 6, 2.5).double()
+    conv.load_state_dict(other.state_dict())
+    assert conv.table() is not first
+    _close(*tabulated(conv, x, pos, nl, cell), "message", torch.float32)
+    loaded = conv.table()
+    optimizer = torch.optim.SGD(conv.parameters(), lr=0.1)
+    for p in conv.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    assert conv.table() is not loaded
+    _close(*tabulated(conv, x, pos, nl, cell), "message", torch.float32)
+
+
+def _random(shape, dtype=torch.float64):
+    """A tensor of normal values at ``_version`` 1, whatever memory it was allocated in."""
+    return torch.empty(shape, dtype=dtype).normal_()
+
+
+def _reused_address(cache_one, tries: int = 500):
+    """Repeat ``cache_one()`` (which makes a tensor, lets a cache take an entry for it, frees
+    it and returns its address) until a new tensor of the same size and version lands at that
+    address; returns the new tensor, or None if the allocator never hands the address out."""
+    for _ in range(tries):
+        old_ptr, shape, dtype = cache_one()
+        new = _random(shape, dtype)
+        if new.data_ptr() == old_ptr:
+            return new
+        del new
+    return None
+
+
+def test_caches_never_match_a_new_tensor_at_a_freed_address(rng):
+    """A parameter, a table's coeffs and a fused layout's weight are freed and a new tensor
+    with other values lands at the same address, at the same ``_version``: no cache returns the
+    old entry (an address + version key would)."""
+    from fastff.kernels.message.cpu_numba_activation import FusedActivation
+
+    pos, cell, nl = system(30)
+    x = torch.randn(30, 8, dtype=torch.float64)
+    conv = fnn.CFConv(8, 6, 2.5, tabulate=True).double()
+    shape = conv.filter.dense2.weight.shape
+
+    def cache_weight():
+        conv.filter.dense2.weight = torch.nn.Parameter(_random(shape))
+        conv(x, pos, nl, cell)  # the table of this weight
+        old = conv.filter.dense2.weight.data_ptr()
+        del conv.filter.dense2.weight
+        return old, shape, torch.float64
+
+    new = _reused_address(cache_weight)
+    assert new is not None, "the allocator never reused the address"
+    conv.filter.dense2.weight = torch.nn.Parameter(new)
+    _close(*tabulated(conv, x, pos, nl, cell), "message", torch.float32)
+
+    table = fnn.RadialFilter(6, 8, 2.5).double().tabulate(50)
+    r = torch.rand(40, dtype=torch.float64) * 2.5
+    coeffs_shape = table.coeffs.shape
+
+    def cache_coeffs():
+        table.coeffs = _random(coeffs_shape)
+        table(r.float())  # converted to float32 and kept
+        old = table.coeffs.data_ptr()
+        del table.coeffs
+        return old, coeffs_shape, torch.float64
+
+    new = _reused_address(cache_coeffs)
+    assert new is not None, "the allocator never reused the address"
+    table.coeffs = new
+    want = message_reference.spline_matrix(r.float(), new.float(), table.cutoff, 0)
+    torch.testing.assert_close(table(r.float()), want, rtol=0, atol=0)
+
+    act = FusedActivation("shifted_softplus")
+    b2 = torch.randn(16)
+
+    def cache_layout():
+        w2 = _random((16, 16), torch.float32)
+        act._second_layer(w2, b2)
+        return w2.data_ptr(), (16, 16), torch.float32
+
+    w2 = _reused_address(cache_layout)
+    assert w2 is not None, "the allocator never reused the address"
+    torch.testing.assert_close(act._second_layer(w2, b2), torch.cat([w2.t(), b2[None]]),
+                               rtol=0, atol=0)

@@ -11,12 +11,19 @@ pass their weights through ``track`` (a view: one graph node, no copy), whose no
 answer for. Where it cannot answer at all (outside a backward, e.g. while a compiler traces the
 joint graph), every input that requires grad counts as wanted: the fallback is the plain
 ``needs_input_grad``, never a missing gradient.
+
+Also here, for any op's autograd: ``save_inputs`` / ``saved_inputs`` (an op's inputs kept for
+its backward and given back by name), ``alias`` (a fresh graph node for a recomputed
+expression) and ``refuse_derivative`` (a fused no-graph backward that raises when
+differentiated, never returning zeros).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from fastff.kernels._runtime.args import OpArgs
 
 _will_execute = getattr(torch._C, "_will_engine_execute_node", None)
 
@@ -43,3 +50,44 @@ def wanted_grads(ctx, slots) -> tuple[bool, ...]:
             except RuntimeError:  # a leaf during autograd.grad, or not inside a backward
                 pass
     return tuple(wanted)
+
+
+def alias(t: Tensor) -> Tensor:
+    """A fresh graph node for ``t`` (a view: gradients still reach t), so that a tensor passed
+    as two inputs of a recomputed expression gets the gradient of each use separately."""
+    return t.view_as(t) if t.requires_grad else t.detach().requires_grad_(True)
+
+
+def refuse_derivative(vjp_op, parent: str) -> None:
+    """Register a backward for ``vjp_op`` (a fused, no-graph fast path of ``parent``'s backward)
+    that raises: such an op is never differentiated into zeros. With ``create_graph=True`` the
+    parent's backward takes a differentiable path instead."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"fastff::{vjp_op._name} is the no-graph fast path of {parent}'s "
+                           f"backward and has no derivative; differentiate {parent} with "
+                           "create_graph=True instead (that backward is built from "
+                           "differentiable ops)")
+    vjp_op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def save_inputs(ctx, spec: OpArgs, inputs, extra: tuple = ()) -> None:
+    """Keep every input of an op for its backward: tensors through ``save_for_backward`` (with
+    autograd's in-place checks), the rest on ``ctx``; ``extra`` tensors (outputs the backward
+    reads) after them. ``saved_inputs`` gives them back by name."""
+    named = spec(inputs)
+    slots = spec.tensor_slots(named)
+    ctx.tensor_slots = slots
+    ctx.other_inputs = {k: x for k, x in enumerate(named) if k not in slots}
+    ctx.save_for_backward(*(named[k] for k in slots), *extra)
+
+
+def saved_inputs(ctx, spec: OpArgs) -> tuple:
+    """(the op's inputs as ``spec``'s named tuple, the ``extra`` tensors) kept by
+    ``save_inputs``."""
+    saved = ctx.saved_tensors
+    values: list = [None] * len(spec.names)
+    for k, x in ctx.other_inputs.items():
+        values[k] = x
+    for position, k in enumerate(ctx.tensor_slots):
+        values[k] = saved[position]
+    return spec(values), saved[len(ctx.tensor_slots):]

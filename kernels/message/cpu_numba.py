@@ -1,33 +1,17 @@
-"""Message passing on CPU with numba: receiver-sorted segment sums, fused gathers, spline tables.
+"""Message passing on CPU with numba: receiver-row segment sums, pair kernels, spline tables.
 
-Algorithms:
-* ``gms`` (gather-multiply-segment-sum) walks the CSR rows of a full neighbor list sorted by
-  receiver, one row per ``prange`` iteration, so each output row has exactly one writer: no
-  atomics, bitwise deterministic. ``ggm`` (its edge-product partner) is one edge per iteration.
-* ``cfconv_forward`` / ``cfconv_vjp`` run SchNet's filter network on blocks of
-  ``BLOCK_FEATURES / F`` unordered pairs (more below F = 128: ``_pairs_per_block``;
-  kernels/message/dense.py: one filter serves both edges of a pair) and fuse the gathers, products
-  and sums of both ends into ``_pair_scatter`` and ``_pair_product``; no [E, F] tensor is ever
-  held, and the backward recomputes the filter (the x-gradient reads the forward's W when it
-  was kept: ``KEPT_FILTERS``; force training's second backward reads the first's ``t = u w2``:
-  ``KEPT_PRODUCTS``). The F x F layer is a BLAS GEMM (a scalar per-pair loop in numba would
-  lose to BLAS by ~10x at F = 128). For gaussian bases in float32 the first
-  layer is a 16-function band summed per pair in one kernel with the basis, the envelope and the
-  activation (cpu_numba_filter.py); otherwise it is a GEMM too, with the bare radial basis and the
-  envelope at every needed order in one pass (``radial_orders``) and the activation's terms in
-  one vectorized float32 pass each (cpu_numba_activation.py: with its slope, with the envelope and
-  bias folded into the second GEMM, or as energy + forces' backward terms).
-* ``spline_conv`` / ``spline_edge_dot`` evaluate a cubic table of W(r) (F values per knot) inside
-  the edge loop: a few multiply-adds per feature, no GEMM at all (inference path).
-* ``spline_conv_vjp`` is spline_conv's backward (dL/dx and dL/dd) in one pass over the receiver
-  rows: each edge's table interval and gathered rows are read once for both gradients.
-* ``spline_conv_positions`` / ``spline_conv_positions_vjp``: spline_conv with each distance
-  computed inside from positions (sign-symmetric arithmetic: a pair and its mirror get the same
-  distance bit for bit), and its backward for x, positions and the cell as receiver-row sums
-  over a mirror-symmetric list: no mirror index, no [E] temporaries.
-
-Tuned for F = 64..256 and 30..60 neighbours per atom on 2..16 cores. Out-of-range neighbour
-indices (possible only with value checks disabled) are skipped, never read.
+Every reduction has one writer per output value and a fixed order of additions, so results are
+bitwise deterministic without atomics: ``gms`` walks the CSR rows of a full list sorted by
+receiver (one row per ``prange`` task); cfconv's ``_pair_scatter`` writes both ends of a pair
+and splits the features between tasks instead. cfconv runs SchNet's filter network as BLAS GEMMs
+on blocks of unordered pairs (``dense.blocked_*``: a scalar numba loop loses ~10x to BLAS at
+F = 128), with the first layer of float32 gaussian filters fused into one band kernel
+(cpu_numba_filter.py) and the activation's elementwise terms into single passes
+(cpu_numba_activation.py). The spline kernels evaluate a cubic table of W(r) inside the edge
+loop, no GEMM; ``spline_conv_positions*`` compute each distance from positions with
+sign-symmetric arithmetic, so a pair and its mirror agree bit for bit. Out-of-range neighbour
+indices (possible only with value checks off) are skipped, never read. Tuned for F = 64..256 and
+30..60 neighbours per atom. Maths: README.md beside this file; measurements: its Tuning table.
 """
 
 from __future__ import annotations
@@ -43,17 +27,10 @@ from fastff.kernels.neighbors.cpu_numba import _system_index
 from fastff.kernels.radial.cpu_numba import radial_orders as _radial
 
 # Features per block of cfconv's filter GEMMs (pairs x F): 1 MiB per [block, F] float32
-# temporary at F >= 128, 2048 pairs at F = 128. cfconv energy + forces at F = 128, K = 50, 1,000
-# atoms (2 cores): 190 ms at 1024 pairs, 150-170 ms at 2048 and 4096, 143-148 ms at 8192, but
-# 4096 doubled the extra peak memory (11% of torch_geometric's instead of 6%); on the AVX-512
-# machine of the README's latest results, 4096 and 8192 pairs took 1.03x and 1.18x the time of
-# 2048 at 1,000 atoms, 0.96x and 0.98x at 10,000.
+# temporary, 2048 pairs at F = 128 (larger blocks cost peak memory for little time: Tuning).
 BLOCK_FEATURES = 2048 * 128
-# Below F = 128 the budget grows as (128 / F)^2, up to this factor: a block's fixed cost (~20
-# op and kernel launches, ~150-250 us on 2 cores) stays while its work per pair, ~F (K + F),
-# shrinks. SchNet's defaults (F = 64, K = 32), energy + forces, alternating runs: 16,384 pairs
-# (4 MiB temporaries) took 0.90x the time of 4,096 at 3,000 atoms and 0.885x at 30,000; 8,192
-# pairs 0.98x and 0.90x.
+# Below F = 128 the block grows as (128 / F)^2, up to this factor: a block's fixed cost (~20
+# op and kernel launches) stays while its work per pair, ~F (K + F), shrinks (Tuning).
 SMALL_F_GROWTH = 4.0
 
 
@@ -106,7 +83,7 @@ def _rows(out, h, w, e0, a0, a1, j, ptr):
     _gms_rows(out.numpy(), _np(h), _np(w), j, ptr, e0, a0, a1)
 
 
-def gms(h, w, i, j, ptr):
+def gms(h, w, i, j, ptr, rev):
     """Launcher: out[a] = sum_{e in row a} h[j_e] * w_e, [N, F]."""
     out = h.new_zeros(ptr.shape[0] - 1, h.shape[1])
     if w.shape[0]:
@@ -114,7 +91,7 @@ def gms(h, w, i, j, ptr):
     return out
 
 
-def ggm(a, b, i, j):
+def ggm(a, b, i, j, ptr, rev):
     """Launcher: out[e] = a[i_e] * b[j_e], [E, F]."""
     out = a.new_empty(i.shape[0], a.shape[1])
     if i.shape[0]:
@@ -181,42 +158,19 @@ def _params(w1, b1, w2, b2):
     return w1.detach(), b1.detach(), w2.detach(), b2.detach()
 
 
-# The pair filters of forwards whose x requires grad, for their backwards' x-gradient.
-KEPT_FILTERS = dense.KeptBlocks()
-# The products t = u w2 of backwards whose output gradient g requires grad (their own graph is
-# built: force training), for the cfconv_vjp_vjp that differentiates them.
-KEPT_PRODUCTS = dense.KeptBlocks()
-
-
-def _filter_key(d, i, j, rev, w1, b1, w2, b2, cutoff, kind, envelope, act):
-    """(tensors, settings) that determine a forward's blocks of W (KEPT_FILTERS' key)."""
-    return ((d, i, j, rev, w1, b1, w2, b2),
-            (float(cutoff), kind, envelope, act, _pairs_per_block(w1.shape[0])))
-
-
-def _products_key(g, x, d, i, j, rev, w1, b1, w2, b2, cutoff, kind, envelope, act):
-    """(tensors, settings) that determine a backward's blocks of t (KEPT_PRODUCTS' key)."""
-    tensors, settings = _filter_key(d, i, j, rev, w1, b1, w2, b2, cutoff, kind, envelope, act)
-    return (*tensors, g, x), settings
-
-
-def cfconv_forward(x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act):
-    """Launcher: out[a] = sum_{e in row a} x[j_e] (W(d_e) + W(d_rev e)) / 2, [N, F]; one filter
-    per unordered pair (README.md). If x requires grad, the blocks of W are kept for the
-    backward's x-gradient (KEPT_FILTERS), within its memory budget."""
+def cfconv(x, d, i, j, ptr, rev, pairs, w1, b1, w2, b2, cutoff, kind, envelope, activation,
+           keep_filters, keep_budget):
+    """Launcher: (out [N, F], filters): out[a] = sum_{e in row a} x[j_e] (W(d_e) + W(d_rev e))
+    / 2, one filter per unordered pair (README.md); filters are the pair filters [P, F] if
+    ``keep_filters`` and they fit in ``keep_budget`` bytes, else an empty [0, F]."""
     with torch.no_grad():
-        pairs = dense.mirror_pairs(i, j, rev)
-        keep = None
-        if x.requires_grad and KEPT_FILTERS.fits(len(pairs) * x.shape[1] * x.element_size()):
-            keep = []
-        out = dense.blocked_forward(x.detach().contiguous(), d.detach(), ptr.shape[0] - 1, pairs,
-                                    _params(w1, b1, w2, b2), cutoff, kind, envelope,
-                                    FusedFilter(act), _radial, _scatter_fn(pairs),
-                                    _pairs_per_block(x.shape[1]), keep)
-    if keep is not None:
-        KEPT_FILTERS.put(*_filter_key(d, i, j, rev, w1, b1, w2, b2, cutoff, kind, envelope, act),
-                         keep)
-    return out
+        pairs = dense.MirrorPairs(pairs)
+        keep = keep_filters and dense.keeps(len(pairs), x.shape[1], x, keep_budget)
+        return dense.blocked_forward(
+            x.detach().contiguous(), d.detach(), ptr.shape[0] - 1, pairs,
+            _params(w1, b1, w2, b2), dense.FilterSettings(cutoff, kind, envelope, activation),
+            FusedFilter(activation), _radial, _scatter_fn(pairs), _pairs_per_block(x.shape[1]),
+            keep)
 
 
 def _product_fn(pairs, g, x):
@@ -231,46 +185,37 @@ def _product_fn(pairs, g, x):
     return product
 
 
-def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act,
-               need_params, need_x, need_d=True):
-    """Launcher: (grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of sum <g, out>; the
-    x-gradient reads the forward's W where it was kept. A backward without the x-gradient frees
-    them, unless g requires grad: then this backward is itself differentiated (force training),
-    its products t are kept for cfconv_vjp_vjp, and the backward through the forward that comes
-    with it wants the x-gradient."""
-    filter_key = _filter_key(d, i, j, rev, w1, b1, w2, b2, cutoff, kind, envelope, act)
-    taken = KEPT_FILTERS.take(*filter_key) if need_x or not g.requires_grad else None
-    filters = taken if need_x else None  # taken without the x-gradient: freed
+def cfconv_vjp(g, x, d, i, j, ptr, rev, pairs, filters, w1, b1, w2, b2, cutoff, kind, envelope,
+               activation, need_params, need_x, need_d, keep_budget):
+    """Launcher: (grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2, products) of
+    sum <g, out>; the x-gradient reads the forward's pair ``filters`` when they were kept
+    ([P, F]). products are every pair's t = u w2 [P, F] if they fit in ``keep_budget`` bytes
+    (for cfconv_vjp_vjp), else an empty [0, F]."""
     with torch.no_grad():
-        pairs = dense.mirror_pairs(i, j, rev)
-        products = None
-        if g.requires_grad and KEPT_PRODUCTS.fits(len(pairs) * g.shape[1] * g.element_size()):
-            products = []
-        out = dense.blocked_vjp(g.detach(), x.detach(), d.detach(), pairs,
-                                _params(w1, b1, w2, b2), cutoff, kind, envelope,
-                                FusedFilter(act), need_params, need_x, _radial,
-                                _product_fn(pairs, g, x), _scatter_fn(pairs),
-                                _pairs_per_block(g.shape[1]), filters, products, need_d)
-    if products is not None:
-        KEPT_PRODUCTS.put(*_products_key(g, x, d, i, j, rev, w1, b1, w2, b2, cutoff, kind,
-                                         envelope, act), products)
+        pairs = dense.MirrorPairs(pairs)
+        kept = filters.detach() if need_x and filters.shape[0] == len(pairs) else None
+        out = dense.blocked_vjp(
+            g.detach(), x.detach(), d.detach(), pairs, _params(w1, b1, w2, b2),
+            dense.FilterSettings(cutoff, kind, envelope, activation), FusedFilter(activation),
+            need_params, need_x, need_d, _radial, _product_fn(pairs, g, x), _scatter_fn(pairs),
+            _pairs_per_block(g.shape[1]), kept,
+            dense.keeps(len(pairs), g.shape[1], g, keep_budget))
     return dense.params_or_empty(out, d)
 
 
-def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act,
-                   need_g, need_x, need_params, need_d=True):
+def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, pairs, products, w1, b1, w2, b2, cutoff, kind,
+                   envelope, activation, need_g, need_x, need_params, need_d):
     """Launcher: (grad_g, grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of
     sum_e v_e grad_d_e, grad_d = cfconv_vjp(g, x, d, ...)[1]; empty [0] where not asked for.
-    Reads the products t that cfconv_vjp of the same g and x kept, if it did."""
-    products = KEPT_PRODUCTS.take(*_products_key(g, x, d, i, j, rev, w1, b1, w2, b2, cutoff,
-                                                 kind, envelope, act))
+    Reads the ``products`` t that cfconv_vjp of the same g and x kept ([P, F]), if it did."""
     with torch.no_grad():
-        pairs = dense.mirror_pairs(i, j, rev)
-        out = dense.blocked_vjp_vjp(v.detach(), g.detach(), x.detach(), d.detach(), pairs,
-                                    _params(w1, b1, w2, b2), cutoff, kind, envelope,
-                                    FusedFilter(act), need_g, need_x, need_params, _radial,
-                                    _product_fn(pairs, g, x), _scatter_fn(pairs),
-                                    _pairs_per_block(g.shape[1]), products, need_d)
+        pairs = dense.MirrorPairs(pairs)
+        kept = products.detach() if products.shape[0] == len(pairs) else None
+        out = dense.blocked_vjp_vjp(
+            v.detach(), g.detach(), x.detach(), d.detach(), pairs, _params(w1, b1, w2, b2),
+            dense.FilterSettings(cutoff, kind, envelope, activation), FusedFilter(activation),
+            need_g, need_x, need_params, need_d, _radial, _product_fn(pairs, g, x),
+            _scatter_fn(pairs), _pairs_per_block(g.shape[1]), kept)
     return dense.params_or_empty(out, d)
 
 
@@ -307,8 +252,7 @@ def _spline_setup(r, inv_h, nint, order, scale, p):
 
 # Feature loops: "reassoc" lets LLVM vectorise the per-edge dot products (a fixed order for a
 # given build: still bitwise reproducible run to run); "contract" allows FMAs. NaN and inf keep
-# their IEEE meaning (no "nnan"/"ninf"), so bad values still show. Measured at F = 64, E = 157k
-# float32: spline_edge_dot 4.6x faster than the scalar float64 accumulation it replaces.
+# their IEEE meaning (no "nnan"/"ninf"), so bad values still show (Tuning: 4.6x).
 _FEATURE_MATH = {"reassoc", "contract"}
 
 
@@ -375,9 +319,7 @@ def _spline_edge_dot(g, x, d, coeffs, i, j, cutoff, order, out):
 # spline_conv's backward needs, per edge, W^(n)(d_rev) for dL/dx and W^(n+1)(d) for dL/dd. As two
 # passes, each edge's 1 KB table interval (F = 64 float32) is read twice and the feature loops
 # do 11 operations per feature; fused, mirrored pairs (bitwise equal distances) read it once,
-# and the dot product is taken against the interval's rows (below): 9 operations. Measured at
-# 30,000 atoms (water box, 1.5M edges, 2 cores, interleaved runs): 50.6 -> 37.5 ns/edge (median),
-# 1.38x; on 1 core 70.5 -> 55.6 (1.27x). Software prefetch of the next interval did not help.
+# and the dot product is taken against the interval's rows (below): 9 operations (Tuning).
 @njit(cache=True, inline="always")
 def _partial_dots(ga, xs, c):
     """m_q = <ga * xs, c[q]> for q = 1, 2, 3, summed in the table's precision. W^(n+1) =
@@ -459,7 +401,7 @@ def _spline_conv_vjp(grad, x, d, d_rev, coeffs, j, ptr, cutoff, order, grad_x, g
             grad_x[a, f] += acc[f]
 
 
-def spline_conv(x, d, scale, coeffs, i, j, ptr, cutoff, order):
+def spline_conv(x, d, scale, coeffs, i, j, ptr, rev, cutoff, order):
     """Launcher: out[a] = sum_{e in row a} scale_e x[j_e] W^(order)(d_e), [N, F]."""
     out = x.new_zeros(ptr.shape[0] - 1, x.shape[1])
     if d.shape[0]:
@@ -469,7 +411,7 @@ def spline_conv(x, d, scale, coeffs, i, j, ptr, cutoff, order):
     return out
 
 
-def spline_edge_dot(g, x, d, coeffs, i, j, cutoff, order):
+def spline_edge_dot(g, x, d, coeffs, i, j, ptr, rev, cutoff, order):
     """Launcher: out[e] = <g[i_e] * x[j_e], W^(order)(d_e)>, [E]."""
     out = d.new_empty(d.shape[0])
     if d.shape[0]:
@@ -478,7 +420,7 @@ def spline_edge_dot(g, x, d, coeffs, i, j, cutoff, order):
     return out
 
 
-def spline_conv_vjp(grad, x, d, d_rev, coeffs, i, j, ptr, cutoff, order):
+def spline_conv_vjp(grad, x, d, d_rev, coeffs, i, j, ptr, rev, cutoff, order):
     """Launcher: (grad_x [N, F], grad_d [E]) = (spline_conv(grad, d_rev, order),
     spline_edge_dot(grad, x, d, order + 1)) in one pass over the rows."""
     grad_x = grad.new_zeros(ptr.shape[0] - 1, grad.shape[1])
@@ -513,7 +455,7 @@ def _pair_geometry(pos, cells, s, a, b, sh0, sh1, sh2):
 # Rows per prange task of the kernels below, which first compute the geometry of a row's
 # edges into a small buffer and then run the feature loops: computed edge by edge in front of
 # each feature loop, the latency chain position -> distance -> table interval -> coefficients
-# was not hidden (numba, 30,000 atoms, 2 cores: backward 90 -> 73 ms, forward 60 -> 54 ms).
+# was not hidden (Tuning).
 _ROW_CHUNK = 16
 
 
@@ -560,8 +502,7 @@ def _spline_conv_positions(x, pos, cells, atom_system, j, shifts, ptr, coeffs, c
 
 
 # The feature loops below index the 2-D and 3-D arrays directly instead of taking row views
-# (x[b], coeffs[k]): per edge, views cost more than the F = 64 loop's arithmetic (numba, 30,000
-# atoms, 2 cores: forward 54 -> 46 ms).
+# (x[b], coeffs[k]): per edge, views cost more than the F = 64 loop's arithmetic (Tuning).
 @njit(cache=True, inline="always")
 def _values_weights(r, inv_h, nint, coeffs):
     """Interval k of r and the weights (t, t^2, t^3) of W = c0 + t c1 + t^2 c2 + t^3 c3, in the
@@ -590,9 +531,7 @@ def _slope_weights(r, k, inv_h, coeffs):
 
 # The two functions below form W'(r) per feature and take one dot with it, rather than three
 # dots with c1, c2, c3 combined afterwards (as _partial_dots does): one more multiply per
-# feature, but one sum to reduce across SIMD lanes per edge instead of three. Measured on the
-# water box (2 cores, interleaved processes): the backward without x-gradient 0.94x at 30,000
-# atoms and F = 64, 0.90x at 1,000 atoms and F = 128; with it, 0.96x and 0.93x.
+# feature, but one sum to reduce across SIMD lanes per edge instead of three (Tuning).
 @njit(cache=True, inline="always")
 def _pair_slope_at(grad, x, a, b, coeffs, k, s1, s2, s3):
     """<grad[a] * x[b] + grad[b] * x[a], W'(r)> (interval k, weights of W')."""
@@ -731,7 +670,7 @@ def _painn_rows(ds, dv, phi, v, unit, w, j, ptr, e0, a0, a1):
 
 # Two feature loops per edge with the sender side summed in a per-row buffer: one loop that
 # writes gw, gphi and r together touches too many arrays for LLVM's runtime alias checks and
-# stayed scalar (2.1x slower at F = 128).
+# stayed scalar (Tuning).
 @njit(cache=True, parallel=True, fastmath=_FEATURE_MATH)
 def _painn_vjp_rows(gs, gv, phi, v, unit, unit_rev, w, w_rev, j, ptr, e0, a0, a1, gphi, r,
                     gunit, gw):
@@ -784,19 +723,20 @@ def _painn_vjp_rows(gs, gv, phi, v, unit, unit_rev, w, w_rev, j, ptr, e0, a0, a1
             r[a, 2, f] += acc[4, f]
 
 
-def painn_forward(phi, v, d, unit, i, j, ptr, wf, bf, cutoff, kind, envelope):
+def painn_message(phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope):
     """Launcher: (ds [N, F], dv [N, 3, F]) of the PaiNN message; see README.md."""
     jn, pn, phin, vn, un = _np(j), _np(ptr), _np(phi), _np(v), _np(unit)
 
     def rows(ds, dv, w, e0, a0, a1):
         _painn_rows(ds.numpy(), dv.numpy(), phin, vn, un, _np(w), jn, pn, e0, a0, a1)
 
-    return dense.blocked_painn_forward(phi, v, d, i, ptr, wf, bf, cutoff, kind, envelope, _radial,
+    return dense.blocked_painn_forward(phi, v, d, i, ptr, wf, bf,
+                                       dense.RadialSettings(cutoff, kind, envelope), _radial,
                                        rows, PAINN_BLOCK)
 
 
-def painn_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope,
-              need_params):
+def painn_message_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope,
+                      need_params):
     """Launcher: gradients (phi, v, d, unit, wf, bf) of <gs, ds> + <gv, dv>; see README.md."""
     args = [_np(t) for t in (gs, gv, phi, v, unit, unit.index_select(0, rev))]
     jn, pn = _np(j), _np(ptr)
@@ -807,6 +747,7 @@ def painn_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, env
                         gunit.numpy(), gw.numpy())
         return gw
 
-    out = dense.blocked_painn_vjp(phi, v, d, d.index_select(0, rev), i, ptr, wf, bf, cutoff,
-                                  kind, envelope, need_params, _radial, rows, PAINN_BLOCK)
+    out = dense.blocked_painn_vjp(phi, v, d, d.index_select(0, rev), i, ptr, wf, bf,
+                                  dense.RadialSettings(cutoff, kind, envelope), need_params,
+                                  _radial, rows, PAINN_BLOCK)
     return dense.params_or_empty(out, d)

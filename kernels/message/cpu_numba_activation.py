@@ -1,36 +1,21 @@
-"""The filter networks' activation and its slope in one float32 pass on CPU (numba).
+"""The filter networks' activation and the elementwise terms around it, one float32 pass each
+on CPU (numba).
 
-torch evaluates softplus as exp then log1p at ~2 ns per element on this class of CPU, and the
-slope (a sigmoid) as another pass: together ~20% of exact SchNet's energy + forces. Here both
-come from one e = exp(-|h|) per element, with exp and log1p written as polynomials so that LLVM
-vectorizes the loop (kernels/cpu_math.py; numba's math.exp is a scalar libm call; e >= 1.6e-38,
-so the slope of h < -87 is 1.6e-38 instead of ~0):
-
-* shifted softplus = max(h, 0) + log1p(e) - log 2; sigmoid = 1 / (1 + e) for h >= 0 and
-  e / (1 + e) below; silu = h sigmoid, silu' = s (1 + h (1 - s)).
-
-Measured on [4096, 64] float32 (2 cores): values and slope 0.26 ms against 0.73 ms for torch's
-softplus + sigmoid; errors within a few float32 ulp of max(1, |value|) (tests/kernels/
-test_message.py). float64 and non-CPU tensors keep torch's functions.
-
-Around the activation, two more one-pass kernels remove [b, F] passes from every block:
-``filter_values`` writes [env act(h) | env], so that one GEMM against [w2^T; b2] gives
-W = env (act(h) w2^T + b2) with no pass for the envelope or the bias, and ``vjp_terms`` writes
-energy + forces' backward terms env t act'(h) and <t, act(h)> without storing act(h) or its
-slope; ``vjp_terms_and_values`` writes both sets in one pass, for the backward that also
-scatters W (the x-gradient of a model's second and later interactions). Each reads the first
-layer's bias b1 apart and adds it to h as it loads it (h = basis w1^T comes from a plain GEMM:
-torch.addmm would first copy b1 into every row; 0.98x exact SchNet's step at 3,000 atoms).
-
-Force training's second backward (dense.filter_vjp_vjp) has ~20 elementwise [b, F] terms on
-top of its GEMMs (mul and add were ~30% of a training step at F = 128); ``second_order_terms``
-writes them in one pass over the rows, in float32 or float64: the training step at 1,000 atoms
-took 0.74-0.83x the time in interleaved runs.
+torch evaluates softplus as exp then log1p, and its slope (a sigmoid) in another pass: together
+a fifth of exact SchNet's energy + forces. Here value and slope share one e = exp(-|h|) per
+element, with exp and log1p as polynomials that LLVM vectorizes (kernels/cpu_math.py), within a
+few float32 ulp. Around the activation, one-pass kernels write what the blocked filter networks
+need without extra [b, F] passes: ``[env act(h) | env]`` (one GEMM against [w2^T; b2] then
+gives W with the envelope and bias folded in), energy + forces' backward terms, both at once,
+and force training's ~20 second-order terms (``second_order_terms``, any float dtype). Each
+reads the first layer's bias apart and adds it to h as it loads it. float64 and non-CPU tensors
+keep torch's functions. Measurements: README.md beside this file, Tuning.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -165,6 +150,14 @@ def _np(t: torch.Tensor):
     return t.contiguous().numpy()
 
 
+def _same_tensors(marks: tuple, tensors: tuple) -> bool:
+    """Whether ``tensors`` are the very tensors ``marks`` (weak reference, version) were taken
+    of, unchanged in place since."""
+    return len(marks) == len(tensors) and all(
+        ref() is t and version == t._version
+        for (ref, version), t in zip(marks, tensors, strict=True))
+
+
 class FusedActivation(dense.Activation):
     """dense.Activation with the one-pass kernels above for contiguous CPU tensors (the
     activation in float32; the second-order terms in any float dtype)."""
@@ -195,27 +188,28 @@ class FusedActivation(dense.Activation):
                                       and not x.requires_grad for x in others)
 
     def _cached(self, name: str, build, *weights: torch.Tensor) -> torch.Tensor:
-        """``build()``, a layout of ``weights`` made once per instance (one op's pass over its
-        blocks) and rebuilt if a weight changes in place or is another tensor."""
-        key = tuple((w.data_ptr(), w._version) for w in weights)
+        """``build()``, a layout of ``weights`` made once per instance (an instance serves one
+        op's pass over its blocks) and rebuilt if a weight is another tensor (recognized by weak
+        reference: a new tensor at a freed one's address never matches) or changed in place
+        (``_version``; no ``.data`` edit can happen within one pass)."""
         cached = self.__dict__.get(name)
-        if cached is None or cached[0] != key:
-            cached = (key, build())
+        if cached is None or not _same_tensors(cached[0], weights):
+            cached = (tuple((weakref.ref(w), w._version) for w in weights), build())
             self.__dict__[name] = cached
         return cached[1]
 
     def _second_layer(self, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-        """[w2^T; b2], the right factor of W's GEMM (the cat of a transposed weight costs ~15
-        us per block if made each time)."""
+        """[w2^T; b2], the right factor of W's GEMM (the cat of a transposed weight, made
+        once per op instead of once per block)."""
         return self._cached("_w2_aug", lambda: torch.cat([w2.t(), b2.unsqueeze(0)]), w2, b2)
 
-    def filter_values(self, h, b1, env, w2, b2):
+    def filter_values(self, h, b1, env, w2, b2, out=None):
         if not self._fused_with(h, b1, env, w2, b2):
-            return super().filter_values(h, b1, env, w2, b2)
+            return super().filter_values(h, b1, env, w2, b2, out)
         b, nf = h.shape
         aug = h.new_empty(b, nf + 1)
         _scaled_values(h.numpy(), _np(b1), _np(env), KINDS[self.kind], aug.numpy())
-        return aug @ self._second_layer(w2, b2)
+        return torch.mm(aug, self._second_layer(w2, b2), out=out)
 
     def vjp_terms_and_values(self, h, b1, t, env, w2, b2):
         if not (self._fused_with(h, b1, env, w2, b2) and self._fused(t)):

@@ -1,28 +1,15 @@
 """SchNet's gaussian filter network fused from the distances to its second GEMM (numba, float32).
 
-With the gaussian basis ``b_k(r) = exp(-(x - k)^2 / 2)``, ``x = r / Δ`` (kernels/radial), the
-first layer ``h = w1 b(r) + b1`` is a sum over a band: the 16 functions ``k = floor(x) - 7 ..
-floor(x) + 8`` hold every term above ``exp(-32) ≈ 1.3e-14`` of the largest (the others have
-``|x - k| >= 8``), far below float32 rounding. So per pair the first layer costs 16
-multiply-adds per feature instead of K, in the loop that also evaluates the basis, the envelope
-and the activation: no [b, K] basis and no [b, F] hidden layer is written, and the first
-layer's GEMM is gone. Energy and forces' backward also needs ``h' = w1 b'(r)`` (the same band,
-``b_k' = (k - x) b_k / Δ``); its distance gradient is then one more dot per pair,
-
-    ∂L/∂d = u' (<t, act(h)> + <ū, b2>) + u <t, act'(h) h'>,   t = w2^T ū   (dense.filter_vjp)
-
-and the hidden layer's gradient times w1 (a [b, F] x [F, K] GEMM) is never formed. What stays
-a GEMM is the F x F part: ``[u act(h) | u] [w2^T; b2]`` forward and ``t = ū w2`` backward.
-
-w1 is read as a padded transpose [K + 2 PAD, F] (zero rows around w1^T), so the band's rows
-are always in bounds and the sum over the band is one fixed expression per feature. Each pair
-is computed alone, in a fixed order: deterministic.
-
-With parameter gradients (``_hidden_vjp``, ``want_params``) the kernel also writes the pieces
-of their GEMMs: ``[u a | u]``, ``G = u t act'(h)`` and the band as a [b, K] basis. Force
-training's second backward (``_hidden_vjp_vjp``) takes h, h' and h'' from the band and writes
-every elementwise term of dense.filter_vjp_vjp in the same pass. Float64, bessel bases and
-operands that require grad take dense's basis + GEMM path (``FusedFilter`` falls back to it).
+With the gaussian basis ``b_k(r) = exp(-(x - k)^2 / 2)``, ``x = r / Δ``, only the 16 functions
+``k = floor(x) - 7 .. floor(x) + 8`` are above float32 rounding (the rest are below 1.3e-14 of
+the largest), so the first layer ``h = w1 b(r) + b1`` is a 16-term band sum per feature,
+computed in one loop with the basis, the envelope and the activation: no [b, K] basis, no
+[b, F] hidden layer and no first GEMM. The backward takes ``h' = w1 b'(r)`` from the same band,
+and force training's second backward ``h''`` too, with every elementwise term in the same pass;
+what stays a GEMM is the F x F part. w1 is read as a padded transpose (zero rows around w1^T),
+so the band never leaves it. Each pair is computed alone, in a fixed order: deterministic.
+Float64, bessel bases and operands that require grad take dense's basis + GEMM path
+(``FusedFilter`` falls back). The maths: README.md beside this file, "Gaussian band".
 """
 
 from __future__ import annotations
@@ -101,8 +88,8 @@ def _band_of(a, start):
 @njit(cache=True, inline="always", fastmath={"contract"})
 def _band_dot(c, r, f):
     """sum_m c[m] r[m][f] over the band, as a balanced tree: one pass over the features
-    loads each of the 16 rows once and stores once (four passes of four rows took 1.4x the
-    time of the first layer at F = 64)."""
+    loads each of the 16 rows once and stores once (faster than four passes of four rows:
+    README.md, Tuning)."""
     return ((((c[0] * r[0][f] + c[1] * r[1][f]) + (c[2] * r[2][f] + c[3] * r[3][f]))
              + ((c[4] * r[4][f] + c[5] * r[5][f]) + (c[6] * r[6][f] + c[7] * r[7][f])))
             + (((c[8] * r[8][f] + c[9] * r[9][f]) + (c[10] * r[10][f] + c[11] * r[11][f]))
@@ -293,28 +280,28 @@ class FusedFilter(FusedActivation):
     def _padded_first_layer(self, w1: torch.Tensor) -> torch.Tensor:
         return self._cached("_w1_padded", lambda: padded_first_layer(w1), w1)
 
-    def _launch_args(self, d, params, cutoff, env_kind):
+    def _launch_args(self, d, params, settings):
         w1, b1 = params[0], params[1]
-        delta, _ = gaussian_grid(w1.shape[1], cutoff)
+        delta, _ = gaussian_grid(w1.shape[1], settings.cutoff)
         return (d.numpy(), self._padded_first_layer(w1).numpy(), b1.contiguous().numpy(),
-                1.0 / delta, float(cutoff), ENVELOPES[env_kind], KINDS[self.kind])
+                1.0 / delta, float(settings.cutoff), ENVELOPES[settings.envelope],
+                KINDS[self.kind])
 
-    def filter_from_distances(self, d, params, cutoff, kind, env_kind, radial_fn):
-        if not self._fusable(kind, d, params):
-            return super().filter_from_distances(d, params, cutoff, kind, env_kind, radial_fn)
+    def filter_from_distances(self, d, params, settings, radial_fn, out=None):
+        if not self._fusable(settings.kind, d, params):
+            return super().filter_from_distances(d, params, settings, radial_fn, out)
         nf = params[0].shape[0]
         aug, env = d.new_empty(d.shape[0], nf + 1), d.new_empty(1, d.shape[0])
         if d.shape[0]:
-            _hidden_values(*self._launch_args(d, params, cutoff, env_kind), env.numpy(),
-                           aug.numpy())
-        return aug @ self._second_layer(params[2], params[3])
+            _hidden_values(*self._launch_args(d, params, settings), env.numpy(), aug.numpy())
+        return torch.mm(aug, self._second_layer(params[2], params[3]), out=out)
 
-    def filter_vjp_from_distances(self, u, d, params, cutoff, kind, env_kind, need_params,
-                                  need_values, radial_fn, t=None, need_d=True):
+    def filter_vjp_from_distances(self, u, d, params, settings, need_params, need_values,
+                                  radial_fn, t=None, need_d=True):
         t = u @ params[2] if t is None else t  # d<u, a w2^T>/da
-        if not self._fusable(kind, d, params, u, t):
-            return super().filter_vjp_from_distances(u, d, params, cutoff, kind, env_kind,
-                                                     need_params, need_values, radial_fn, t)
+        if not self._fusable(settings.kind, d, params, u, t):
+            return super().filter_vjp_from_distances(u, d, params, settings, need_params,
+                                                     need_values, radial_fn, t)
         need_d = need_d or not need_params  # the kernel's only variant without grad_d
         (nf, num_basis), w2, b2 = params[0].shape, params[2], params[3]
         b = d.shape[0]
@@ -323,7 +310,7 @@ class FusedFilter(FusedActivation):
         g_out = d.new_empty(b if need_params else 0, nf)
         basis = d.new_empty(b if need_params else 0, num_basis + 1)
         if b:
-            _hidden_vjp(*self._launch_args(d, params, cutoff, env_kind), t.numpy(), u.numpy(),
+            _hidden_vjp(*self._launch_args(d, params, settings), t.numpy(), u.numpy(),
                         b2.contiguous().numpy(), env.numpy(), grad_d.numpy(), aug.numpy(),
                         g_out.numpy(), basis.numpy(), bool(need_values), bool(need_params),
                         bool(need_d))
@@ -332,17 +319,17 @@ class FusedFilter(FusedActivation):
         if not need_params:
             return grad_d, None, None, None, None, values
         # each layer's weight and bias gradients in one GEMM, from [rows | 1]: [b | 1]^T G and
-        # [u a | u]^T u; (x^T y)^T for y^T x: BLAS took 0.75x the time in that orientation
+        # [u a | u]^T u (in the orientation BLAS runs fastest: README.md, Tuning)
         first, second = basis.t() @ g_out, aug.t() @ u
         return (grad_d, first[:num_basis].t(), first[num_basis], second[:nf].t(), second[nf],
                 values)
 
-    def filter_vjp_vjp_from_distances(self, u, weight, d, params, cutoff, kind, env_kind,
-                                      need_params, radial_fn, t=None, need_d=True):
+    def filter_vjp_vjp_from_distances(self, u, weight, d, params, settings, need_params,
+                                      radial_fn, t=None, need_d=True):
         t = u @ params[2] if t is None else t
-        if not self._fusable(kind, d, params, u, weight, t):
-            return super().filter_vjp_vjp_from_distances(u, weight, d, params, cutoff, kind,
-                                                         env_kind, need_params, radial_fn, t)
+        if not self._fusable(settings.kind, d, params, u, weight, t):
+            return super().filter_vjp_vjp_from_distances(u, weight, d, params, settings,
+                                                         need_params, radial_fn, t)
         (nf, num_basis), w2, b2 = params[0].shape, params[2], params[3]
         b = d.shape[0]
         slope, env, wq = d.new_empty(b), d.new_empty(3, b), d.new_empty(b, nf + 1)
@@ -350,7 +337,7 @@ class FusedFilter(FusedActivation):
         # [dh, dh1] and [[b | 1], [b' | 0]]
         dh, basis = d.new_empty(2, rows, nf), d.new_empty(2, rows, num_basis + 1)
         if b:
-            _hidden_vjp_vjp(*self._launch_args(d, params, cutoff, env_kind), t.numpy(),
+            _hidden_vjp_vjp(*self._launch_args(d, params, settings), t.numpy(),
                             u.numpy(), b2.contiguous().numpy(), weight.numpy(), env.numpy(),
                             slope.numpy(), wq.numpy(), dh[0].numpy(), dh[1].numpy(),
                             basis.numpy(), bool(need_params), bool(need_d))

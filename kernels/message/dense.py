@@ -1,14 +1,12 @@
-"""The dense part of the continuous-filter convolution, in pure torch, shared by every backend.
+"""The dense part of the message-passing filters, in pure torch, shared by every backend.
 
-SchNet's filter network ``W(r) = u(r) (act(b(r) W1^T + b1) W2^T + b2)`` costs K*F + F*F
-multiply-adds per edge: that is GEMM work, so every backend runs it as small GEMMs (BLAS on CPU,
-cuBLAS on CUDA) over blocks that stay in cache, and fuses the gathers and sums into its own
-kernels (numba also sums the first layer of a gaussian basis over its band per pair:
-``Activation.filter_from_distances``, cpu_numba_filter.py). The filter depends on the distance
+SchNet's filter network ``W(r) = u(r) (act(b(r) W1^T + b1) W2^T + b2)`` is GEMM work, so every
+backend runs it as small GEMMs (BLAS on CPU, cuBLAS on CUDA) over blocks of pairs that stay in
+cache, and fuses the gathers and sums into its own kernels. The filter depends on the distance
 alone, so ``blocked_forward`` and ``blocked_vjp`` evaluate it once per unordered pair of the full
-list (``MirrorPairs``) and let it serve both edges: half the GEMM work of one filter per edge.
-They never hold more than ``block`` pairs x F features, and the backward recomputes the filter
-instead of storing it (a backend may keep W, or the backward's ``u w2``: ``KeptBlocks``).
+list (``MirrorPairs``) for both of its edges. A forward may return its pair filters W, and a
+first backward its products ``t = u w2``, as one [P, F] tensor each, which the op's autograd
+hands to the next pass (README.md: "Kept filters").
 
 The formulas (README.md beside this file) are plain torch ops, so ``filter_vjp`` on tensors that
 require grad is itself differentiable to any order: the custom ops use it that way when a
@@ -18,14 +16,34 @@ backward must build a graph (force training).
 from __future__ import annotations
 
 import math
-import threading
-import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as tf
 from torch import Tensor
 
 from fastff.kernels.radial.reference import envelope_derivatives
+
+
+class RadialSettings(NamedTuple):
+    """A radial filter's settings besides its weights: the cutoff (length unit of the
+    distances), the basis kind ("gaussian", "bessel") and the envelope ("cosine",
+    "polynomial", "none"); kernels/radial/README.md."""
+
+    cutoff: float
+    kind: str
+    envelope: str
+
+
+class FilterSettings(NamedTuple):
+    """SchNet's filter network's settings besides its weights: ``RadialSettings`` and the
+    activation of its hidden layer (``ACTIVATIONS``)."""
+
+    cutoff: float
+    kind: str
+    envelope: str
+    activation: str
+
 
 ACTIVATIONS = ("shifted_softplus", "silu")
 LOG2 = math.log(2.0)
@@ -89,10 +107,12 @@ class Activation:
     # The three functions below take the hidden layer without its bias, h = basis w1^T [b, F],
     # and the bias b1 [F] apart: the pre-activation is h + b1. torch.addmm would first copy the
     # bias into every row of its output; the fused kernels add it as they read h.
-    def filter_values(self, h: Tensor, b1: Tensor, env: Tensor, w2: Tensor, b2: Tensor
-                      ) -> Tensor:
-        """W = env (act(h + b1) w2^T + b2) [b, F] from the hidden layer and env [b]."""
-        return torch.addmm(b2, self.values(h + b1), w2.t()) * env.unsqueeze(1)
+    def filter_values(self, h: Tensor, b1: Tensor, env: Tensor, w2: Tensor, b2: Tensor,
+                      out: Tensor | None = None) -> Tensor:
+        """W = env (act(h + b1) w2^T + b2) [b, F] from the hidden layer and env [b] (written
+        into ``out`` if given: a slice of the pair filters a forward keeps)."""
+        return torch.mul(torch.addmm(b2, self.values(h + b1), w2.t()), env.unsqueeze(1),
+                         out=out)
 
     def vjp_terms(self, h: Tensor, b1: Tensor, t: Tensor, env: Tensor) -> tuple[Tensor, Tensor]:
         """(g = env t act'(h + b1) [b, F], <t, act(h + b1)> [b]): what ``filter_vjp`` reads of
@@ -113,31 +133,32 @@ class Activation:
     # blocked functions call it: the backend's radial basis (``radial_fn``), then the GEMMs and
     # the terms above. A backend may fuse the basis and the first layer
     # (cpu_numba_filter.FusedFilter).
-    def filter_from_distances(self, d: Tensor, params, cutoff: float, kind: str, env_kind: str,
-                              radial_fn) -> Tensor:
-        """W(d) [b, F] (``filter_values``)."""
+    def filter_from_distances(self, d: Tensor, params, settings: FilterSettings, radial_fn,
+                              out: Tensor | None = None) -> Tensor:
+        """W(d) [b, F] (``filter_values``, into ``out`` if given)."""
         w1, b1, w2, b2 = params
-        (basis,), (env,) = radial_fn(d, w1.shape[1], cutoff, kind, env_kind, 0)
-        return filter_values(basis, env, w1, b1, w2, b2, self)
+        (basis,), (env,) = radial_fn(d, w1.shape[1], settings.cutoff, settings.kind,
+                                       settings.envelope, 0)
+        return self.filter_values(basis @ w1.t(), b1, env, w2, b2, out)
 
-    def filter_vjp_from_distances(self, u: Tensor, d: Tensor, params, cutoff: float, kind: str,
-                                  env_kind: str, need_params: bool, need_values: bool,
-                                  radial_fn, t: Tensor | None = None, need_d: bool = True):
+    def filter_vjp_from_distances(self, u: Tensor, d: Tensor, params, settings: FilterSettings,
+                                  need_params: bool, need_values: bool, radial_fn,
+                                  t: Tensor | None = None, need_d: bool = True):
         """``filter_vjp`` of sum_p <u_p, W(d_p)>: (grad_d [b], grad_w1, grad_b1, grad_w2,
         grad_b2, W); ``t = u w2`` if the caller has it. ``need_d=False`` allows grad_d to be
         None (a backend may then skip its terms)."""
         w1, b1, w2, b2 = params
-        (basis, slope), (env, env_slope) = radial_fn(d, w1.shape[1], cutoff, kind, env_kind, 1)
+        (basis, slope), (env, env_slope) = radial_fn(d, w1.shape[1], settings.cutoff,
+                                                           settings.kind, settings.envelope, 1)
         return filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, self, need_params,
                           need_values, t)
 
     def filter_vjp_vjp_from_distances(self, u: Tensor, weight: Tensor, d: Tensor, params,
-                                      cutoff: float, kind: str, env_kind: str, need_params: bool,
-                                      radial_fn, t: Tensor | None = None, need_d: bool = True):
+                                      settings: FilterSettings, need_params: bool, radial_fn,
+                                      t: Tensor | None = None, need_d: bool = True):
         """``filter_vjp_vjp``: (s' [b], weight dW/dd [b, F], grad_w1, grad_b1, grad_w2,
         grad_b2); ``t = u w2`` if the caller has it. ``need_d=False`` allows s' to be None."""
-        return filter_vjp_vjp(u, weight, d, params, cutoff, kind, env_kind, self, need_params,
-                              radial_fn, t)
+        return filter_vjp_vjp(u, weight, d, params, settings, self, need_params, radial_fn, t)
 
     def second_order_terms(self, t: Tensor, a0: Tensor, a1: Tensor, a2: Tensor, h1: Tensor,
                            h2: Tensor, e0: Tensor, e1: Tensor, wk: Tensor, need_params: bool):
@@ -203,207 +224,126 @@ def filter_vjp(u: Tensor, basis: Tensor, basis_slope: Tensor, env: Tensor, env_s
     return grad_d, g.t() @ basis, g.sum(0), eu.t() @ a, eu.sum(0), values
 
 
-class MirrorPairs:
-    """The unordered pairs of a full list: each pair once, as its canonical edge ``c`` (the one
-    with ``c < rev[c]``) and its mirror ``m = rev[c]``, with ends ``a = i[c]``, ``b = j[c]``
-    (int64 [P] each, P = E / 2 for a list whose ``rev`` is its mirror index). Edges whose ``rev``
-    is themselves or negative (possible only with value checks disabled) belong to no pair; a
-    ``rev`` beyond the list raises IndexError in the gathers, never reads out of bounds."""
+def mirror_pairs(i: Tensor, j: Tensor, rev: Tensor) -> Tensor:
+    """The unordered pairs of a full list, int64 [4, P]: rows (c, m, a, b) hold each pair's
+    canonical edge ``c`` (the one with ``c < rev[c]``), its mirror ``m = rev[c]`` and its ends
+    ``a = i[c]``, ``b = j[c]`` (P = E / 2 for a list whose ``rev`` is its mirror index). Edges
+    whose ``rev`` is themselves or negative (possible only with value checks disabled) belong
+    to no pair. One ``nonzero`` (a host sync on CUDA): computed once per list
+    (``NeighborList.mirror_pairs``)."""
+    edges = torch.arange(rev.shape[0], device=rev.device)
+    c = torch.nonzero(edges < rev).squeeze(1)
+    return torch.stack([c, rev.index_select(0, c), i.index_select(0, c), j.index_select(0, c)])
 
-    def __init__(self, i: Tensor, j: Tensor, rev: Tensor):
-        edges = torch.arange(rev.shape[0], device=rev.device)
-        self.c = torch.nonzero(edges < rev).squeeze(1)
-        self.m = rev.index_select(0, self.c)
-        self.a, self.b = i.index_select(0, self.c), j.index_select(0, self.c)
+
+class MirrorPairs:
+    """The rows of a ``mirror_pairs`` tensor by name: ``c``, ``m``, ``a``, ``b`` (int64 [P]
+    each, contiguous views). A ``c`` or ``m`` beyond the list raises IndexError in the gathers;
+    out-of-range ends are skipped by the kernels: nothing is read out of bounds."""
+
+    def __init__(self, pairs: Tensor):
+        self.c, self.m, self.a, self.b = pairs.unbind(0)
 
     def __len__(self) -> int:
         return int(self.c.shape[0])
 
 
-def tensor_marks(tensors: tuple) -> tuple:
-    """(weak references, versions) of ``tensors``: what ``same_tensors`` recognizes them by."""
-    return tuple(weakref.ref(t) for t in tensors), tuple(t._version for t in tensors)
+def keeps(num_pairs: int, num_features: int, like: Tensor, budget: int) -> bool:
+    """Whether a [num_pairs, num_features] tensor of ``like``'s dtype may be kept within
+    ``budget`` bytes (0: keep nothing). The op's fake impl decides the same way."""
+    return budget > 0 and num_pairs * num_features * like.element_size() <= budget
 
 
-def same_tensors(marks: tuple, tensors: tuple) -> bool:
-    """Whether ``tensors`` are the very ones ``marks`` was taken of (a freed tensor never
-    matches a new one at its address), with no in-place change since."""
-    refs, versions = marks
-    return (all(r() is t for r, t in zip(refs, tensors, strict=True))
-            and versions == tuple(t._version for t in tensors))
+def _mirrored_distances(d: Tensor, pairs: MirrorPairs) -> tuple[Tensor, Tensor, bool]:
+    """(d[c], d[m], whether they are equal): one comparison per call. Mirrored pairs of a list
+    have bitwise equal distances (``nl.distances``), so one filter per pair is the norm; where
+    any differ, every pair takes the mean of its two filters (the same values where they are
+    equal)."""
+    dc, dm = d.index_select(0, pairs.c), d.index_select(0, pairs.m)
+    return dc, dm, torch.equal(dc, dm)
 
 
-_last_pairs: list = []  # [tensor_marks((i, j, rev)), MirrorPairs]
-
-
-def mirror_pairs(i: Tensor, j: Tensor, rev: Tensor) -> MirrorPairs:
-    """``MirrorPairs(i, j, rev)``, reused while the same three tensors (unchanged in place)
-    come back: a model's interactions and their backwards walk one list (six constructions per
-    SchNet step, ~0.65 ms each at 3,000 atoms on 2 cores). Tensors are held by weak reference,
-    so a freed list is never matched by a new one at the same address, and the pairs are
-    dropped with the list."""
-    if _last_pairs and same_tensors(_last_pairs[0], (i, j, rev)):
-        return _last_pairs[1]
-    pairs = MirrorPairs(i, j, rev)
-    _last_pairs[:] = [tensor_marks((i, j, rev)), pairs]
-    weakref.finalize(rev, _last_pairs.clear)
-    return pairs
-
-
-def _pair_filter(dc: Tensor, dm: Tensor, params, cutoff: float, kind: str, env_kind: str,
-                 act: str | Activation, radial_fn) -> Tensor:
-    """(W(dc) + W(dm)) / 2 [b, F]: one filter per pair when the mirrored distances are equal."""
-    act = as_activation(act)
-
-    def values(d):
-        return act.filter_from_distances(d, params, cutoff, kind, env_kind, radial_fn)
-
-    w = values(dc)
-    return w if torch.equal(dc, dm) else 0.5 * (w + values(dm))
+def _pair_filter(dc: Tensor, dm: Tensor, mirrored: bool, params, settings: FilterSettings,
+                 act: Activation, radial_fn, out: Tensor | None) -> Tensor:
+    """(W(dc) + W(dm)) / 2 [b, F] (into ``out`` if given): one filter per pair when the
+    mirrored distances are equal."""
+    w = act.filter_from_distances(dc, params, settings, radial_fn, out)
+    if mirrored:
+        return w
+    return w.add_(act.filter_from_distances(dm, params, settings, radial_fn)).mul_(0.5)
 
 
 def blocked_forward(x: Tensor, d: Tensor, num_atoms: int, pairs: MirrorPairs, params,
-                    cutoff: float, kind: str, env_kind: str, act: str | Activation, radial_fn,
-                    scatter_fn, block: int, keep: list | None = None) -> Tensor:
+                    settings: FilterSettings, act: str | Activation, radial_fn, scatter_fn,
+                    block: int, keep: bool) -> tuple[Tensor, Tensor]:
     """out_a = sum_{e in row a} x[j_e] (W(d_e) + W(d_rev e)) / 2, a block of pairs at a time.
 
     Each pair's filter serves both of its edges: ``scatter_fn(out, x, w_block, p0)`` is the
     backend's ``out[a_p] += x[b_p] w_p; out[b_p] += x[a_p] w_p`` over the pairs p0..p0+len(w)
-    (deterministic on CPU: see cpu_numba.py). ``radial_fn(d_block, K, cutoff, kind, env_kind,
+    (deterministic on CPU: see cpu_numba.py). ``radial_fn(d_block, K, cutoff, kind, envelope,
     order)`` is the backend's bare radial basis and envelope at orders 0..order (two lists; see
-    ``each_order``). Each block's pair filter is appended to ``keep`` if given (``KeptBlocks``).
+    ``each_order``).
+
+    Returns (out [N, F], the pair filters [P, F] if ``keep`` else an empty [0, F]): kept, each
+    block's filter is written straight into its rows (no copy).
     """
+    act = as_activation(act)
     out = x.new_zeros(num_atoms, x.shape[1])
+    kept = x.new_empty(len(pairs) if keep else 0, x.shape[1])
+    dc, dm, mirrored = _mirrored_distances(d, pairs)
     for p0 in range(0, len(pairs), block):
         p1 = min(p0 + block, len(pairs))
-        dc, dm = d.index_select(0, pairs.c[p0:p1]), d.index_select(0, pairs.m[p0:p1])
-        w = _pair_filter(dc, dm, params, cutoff, kind, env_kind, act, radial_fn)
+        w = _pair_filter(dc[p0:p1], dm[p0:p1], mirrored, params, settings, act, radial_fn,
+                         kept[p0:p1] if keep else None)
         scatter_fn(out, x, w, p0)
-        if keep is not None:
-            keep.append(w)
-    return out
+    return out, kept
 
 
-def _floating(tensors: tuple) -> tuple:
-    return tuple(t for t in tensors if t.is_floating_point())
-
-
-def _nbytes(blocks: list) -> int:
-    return sum(b.numel() * b.element_size() for b in blocks)
-
-
-class KeptBlocks:
-    """Blocks of [pairs, F] that one pass over the pairs makes and a later one needs again,
-    kept between the two. Two uses (cpu_numba.py): the pair filters W of a cfconv forward, for
-    its backward's x-gradient (the op itself on the output gradient, ``cfconv(g, d)``), and the
-    products ``t = u w2`` of a backward that is itself differentiated (force training), for
-    ``cfconv_vjp_vjp``. Recomputing either costs an F x F GEMM per pair; keeping it costs
-    [P, F] memory while its first tensor (the distances) lives.
-
-    An entry is found only by the very tensors it was made from (weak references: a freed
-    tensor never matches a new one at its address) at the same versions (no in-place change
-    since), with equal values for the floating-point ones (distances and weights: a change
-    through ``.data``, as gradcheck's perturbations make, bumps no version), with the same
-    settings; it is handed out once (``take``) and dropped with its first tensor. At most
-    ``capacity`` entries and ``budget`` bytes are held, the oldest dropped first, and a pass
-    whose blocks alone exceed the budget keeps none (``fits``): large systems keep the
-    constant memory of recomputing. A miss only means recomputing."""
-
-    def __init__(self, capacity: int = 8, budget: int = 256 << 20):
-        self.capacity = capacity
-        self.budget = budget
-        self._entries: list = []
-        self._lock = threading.Lock()
-
-    def fits(self, nbytes: int) -> bool:
-        """Whether filters of ``nbytes`` may be kept (asked before the forward makes them)."""
-        return self.capacity > 0 and nbytes <= self.budget
-
-    @staticmethod
-    def _matches(entry, tensors, settings) -> bool:
-        marks, kept_settings, _, values, _ = entry
-        return (kept_settings == settings and same_tensors(marks, tensors)
-                and all(torch.equal(v, t) for v, t in zip(values, _floating(tensors),
-                                                          strict=True)))
-
-    def put(self, tensors: tuple, settings: tuple, blocks: list) -> None:
-        """Keep ``blocks`` for ``tensors`` (the distances first) and ``settings``."""
-        token = object()  # what the finalizer holds: never the blocks themselves
-        values = tuple(t.detach().clone() for t in _floating(tensors))
-        entry = (tensor_marks(tensors), settings, token, values, blocks)
-        with self._lock:
-            self._entries.append(entry)
-            del self._entries[:max(0, len(self._entries) - self.capacity)]
-            while sum(_nbytes(e[4]) for e in self._entries) > self.budget:
-                del self._entries[0]
-        weakref.finalize(tensors[0], self._drop, token)
-
-    def take(self, tensors: tuple, settings: tuple) -> list | None:
-        """The blocks kept for exactly these tensors and settings (then forgotten), or None."""
-        with self._lock:
-            for k, entry in enumerate(self._entries):
-                if self._matches(entry, tensors, settings):
-                    del self._entries[k]
-                    return entry[4]
-        return None
-
-    def _drop(self, token) -> None:
-        with self._lock:
-            self._entries = [e for e in self._entries if e[2] is not token]
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-def _pair_filter_vjp(u: Tensor, t: Tensor, d: Tensor, params, cutoff: float, kind: str,
-                     env_kind: str, act: str | Activation, need_params: bool, need_values: bool,
-                     radial_fn, need_d: bool):
-    return as_activation(act).filter_vjp_from_distances(u, d, params, cutoff, kind, env_kind,
-                                                        need_params, need_values, radial_fn, t,
-                                                        need_d)
-
-
-def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params, cutoff: float,
-                kind: str, env_kind: str, act: str | Activation, need_params: bool, need_x: bool,
-                radial_fn, product_fn, scatter_fn, block: int, filters: list | None = None,
-                keep_products: list | None = None, need_d: bool = True):
+def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params,
+                settings: FilterSettings, act: str | Activation, need_params: bool,
+                need_x: bool, need_d: bool, radial_fn, product_fn, scatter_fn, block: int,
+                filters: Tensor | None, keep_products: bool):
     """Gradients of sum_a <g_a, out_a> (``blocked_forward``) in x, d and the filter parameters.
 
     With ``u_p = g[a] x[b] + g[b] x[a]`` (``product_fn(g, x, p0, p1)``) the pair's share of the
     loss is ``<u_p, (W(d_c) + W(d_m)) / 2>``: one backward through the filter network per pair,
     whose hidden layer also gives W for the x-gradient (``scatter_fn(grad_x, g, w, p0)``: the
-    op is symmetric in its pair ends). ``filters``: the forward's blocks of W (same blocks,
-    ``KeptBlocks``), which the x-gradient then reads instead. Each block's ``t = u w2`` is
-    appended to ``keep_products`` if given: ``blocked_vjp_vjp`` of the same g and x reads it.
-    Parameter gradients are summed over blocks in a fixed order: deterministic.
+    op is symmetric in its pair ends). ``filters``: the forward's pair filters [P, F], which the
+    x-gradient then reads instead. Parameter gradients are summed over blocks in a fixed
+    order: deterministic.
 
-    Returns (grad_x [N, F] or None, grad_d [E] or None, grad_w1, grad_b1, grad_w2, grad_b2),
-    grad_d None unless ``need_d``, the parameter gradients unless ``need_params``.
+    Returns (grad_x [N, F] or None, grad_d [E] or None, grad_w1, grad_b1, grad_w2, grad_b2,
+    products): grad_x unless ``need_x``, grad_d unless ``need_d``, the parameter gradients
+    unless ``need_params`` are None; products are every pair's ``t = u w2`` [P, F] if
+    ``keep_products`` (what ``blocked_vjp_vjp`` of the same g and x reads), else empty [0, F].
     """
+    act = as_activation(act)
+    nf = g.shape[1]
     grad_d = d.new_zeros(d.shape[0]) if need_d else None
     grad_x = torch.zeros_like(x) if need_x else None
     sums = [torch.zeros_like(p) for p in params] if need_params else None
+    products = g.new_empty(len(pairs) if keep_products else 0, nf)
     need_values = need_x and filters is None
-    args = (params, cutoff, kind, env_kind, act, need_params, need_values, radial_fn, need_d)
-    for n, p0 in enumerate(range(0, len(pairs), block)):
+    args = (params, settings, need_params, need_values, radial_fn)
+    dc_all, dm_all, mirrored = _mirrored_distances(d, pairs)
+    for p0 in range(0, len(pairs), block):
         p1 = min(p0 + block, len(pairs))
         c, m = pairs.c[p0:p1], pairs.m[p0:p1]
-        dc, dm = d.index_select(0, c), d.index_select(0, m)
+        dc, dm = dc_all[p0:p1], dm_all[p0:p1]
         u = product_fn(g, x, p0, p1)
-        t = u @ params[2]  # d<u, a w2^T>/da
-        if keep_products is not None:
-            keep_products.append(t)
-        if torch.equal(dc, dm):  # the normal case: one filter, half the gradient to each edge
-            gd, *gp, w = _pair_filter_vjp(u, t, dc, *args)
-            if need_d:
+        # t = d<u, a w2^T>/da, into the kept products' rows
+        t = torch.mm(u, params[2], out=products[p0:p1] if keep_products else None)
+        if mirrored:  # the normal case: one filter, half the gradient to each edge
+            gd, *gp, w = act.filter_vjp_from_distances(u, dc, *args, t, need_d)
+            if grad_d is not None:
                 gd = 0.5 * gd
                 grad_d.index_copy_(0, c, gd)
                 grad_d.index_copy_(0, m, gd)
         else:
             u, t = 0.5 * u, 0.5 * t
-            gd, *gp, w = _pair_filter_vjp(u, t, dc, *args)
-            gd_m, *gp_m, w_m = _pair_filter_vjp(u, t, dm, *args)
-            if need_d:
+            gd, *gp, w = act.filter_vjp_from_distances(u, dc, *args, t, need_d)
+            gd_m, *gp_m, w_m = act.filter_vjp_from_distances(u, dm, *args, t, need_d)
+            if grad_d is not None:
                 grad_d.index_copy_(0, c, gd)
                 grad_d.index_copy_(0, m, gd_m)
             if need_params:
@@ -411,15 +351,16 @@ def blocked_vjp(g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params, cut
             if need_values:
                 w = 0.5 * (w + w_m)
         if need_x:
-            scatter_fn(grad_x, g, w if filters is None else filters[n], p0)
+            scatter_fn(grad_x, g, w if filters is None else filters[p0:p1], p0)
         if sums is not None:
             for s, p in zip(sums, gp, strict=True):
                 s += p
-    return (grad_x, grad_d, *(sums if sums is not None else [None] * 4))
+    grads = sums if sums is not None else [None, None, None, None]
+    return (grad_x, grad_d, *grads, products)
 
 
-def filter_vjp_vjp(u: Tensor, weight: Tensor, d: Tensor, params, cutoff: float, kind: str,
-                   env_kind: str, act: str | Activation, need_params: bool, radial_fn,
+def filter_vjp_vjp(u: Tensor, weight: Tensor, d: Tensor, params, settings: FilterSettings,
+                   act: str | Activation, need_params: bool, radial_fn,
                    t: Tensor | None = None):
     """The derivatives of sum_p weight_p s_p, s_p = d<u_p, W(d_p)>/dd_p (the distance gradient
     of ``filter_vjp``), for u [b, F], weight [b], d [b] (README.md beside this file; ``t = u
@@ -428,7 +369,8 @@ def filter_vjp_vjp(u: Tensor, weight: Tensor, d: Tensor, params, cutoff: float, 
     grad_b1, grad_w2, grad_b2), the parameter gradients None unless ``need_params``."""
     w1, b1, w2, b2 = params
     num_basis = w1.shape[1]
-    phi, (e0, e1, e2) = radial_fn(d, num_basis, cutoff, kind, env_kind, 2)
+    phi, (e0, e1, e2) = radial_fn(d, num_basis, settings.cutoff, settings.kind,
+                                  settings.envelope, 2)
     h0, h1, h2 = (torch.cat(phi) @ w1.t()).split(d.shape[0])  # h and its two d-derivatives
     h0 = h0 + b1
     act = as_activation(act)
@@ -449,13 +391,13 @@ def filter_vjp_vjp(u: Tensor, weight: Tensor, d: Tensor, params, cutoff: float, 
 
 
 def blocked_vjp_vjp(v: Tensor, g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPairs, params,
-                    cutoff: float, kind: str, env_kind: str, act: str | Activation, need_g: bool,
-                    need_x: bool, need_params: bool, radial_fn, product_fn, scatter_fn, block: int,
-                    products: list | None = None, need_d: bool = True):
+                    settings: FilterSettings, act: str | Activation, need_g: bool,
+                    need_x: bool, need_params: bool, need_d: bool, radial_fn, product_fn,
+                    scatter_fn, block: int, products: Tensor | None):
     """Gradients of sum_e v_e grad_d_e, grad_d the distance gradient of ``blocked_vjp``, in g, x,
     d and the filter parameters: the second backward of force training, a block of pairs at a
-    time and never more than ``block`` pairs x F features. ``products``: the blocks of
-    ``t = u w2`` that ``blocked_vjp`` of the same g and x kept, or None to compute them.
+    time and never more than ``block`` pairs x F features. ``products``: the ``t = u w2`` [P, F]
+    that ``blocked_vjp`` of the same g and x kept, or None to compute them.
 
     A pair p with ends (a, b), edges (c, m) and u_p = g[a] x[b] + g[b] x[a] has grad_d_c =
     s(u_p, d_c) / 2 and grad_d_m = s(u_p, d_m) / 2, s(u, r) = d<u, W(r)>/dr. So the loss is
@@ -467,29 +409,31 @@ def blocked_vjp_vjp(v: Tensor, g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPai
     Returns (grad_g, grad_x, grad_d [E] (each None unless asked for), grad_w1, grad_b1, grad_w2,
     grad_b2), the parameter gradients None unless ``need_params``.
     """
+    act = as_activation(act)
     grad_d = d.new_zeros(d.shape[0]) if need_d else None
     grad_g = torch.zeros_like(g) if need_g else None
     grad_x = torch.zeros_like(x) if need_x else None
     sums = [torch.zeros_like(p) for p in params] if need_params else None
-    args = (params, cutoff, kind, env_kind, need_params, radial_fn)
-    filter_vjp_vjp = as_activation(act).filter_vjp_vjp_from_distances
-    for n, p0 in enumerate(range(0, len(pairs), block)):
+    args = (params, settings, need_params, radial_fn)
+    dc_all, dm_all, mirrored = _mirrored_distances(d, pairs)
+    for p0 in range(0, len(pairs), block):
         p1 = min(p0 + block, len(pairs))
         c, m = pairs.c[p0:p1], pairs.m[p0:p1]
-        dc, dm = d.index_select(0, c), d.index_select(0, m)
+        dc, dm = dc_all[p0:p1], dm_all[p0:p1]
         vc, vm = 0.5 * v.index_select(0, c), 0.5 * v.index_select(0, m)
         u = product_fn(g, x, p0, p1)
-        t = products[n] if products is not None else u @ params[2]
-        if torch.equal(dc, dm):  # the normal case: one pass through the filter per pair
-            slope, w, *gp = filter_vjp_vjp(u, vc + vm, dc, *args, t, need_d)
+        t = products[p0:p1] if products is not None else u @ params[2]
+        if mirrored:  # the normal case: one pass through the filter per pair
+            slope, w, *gp = act.filter_vjp_vjp_from_distances(u, vc + vm, dc, *args, t, need_d)
             slope_m = slope
         else:
-            slope, w, *gp = filter_vjp_vjp(u, vc, dc, *args, t, need_d)
-            slope_m, w_m, *gp_m = filter_vjp_vjp(u, vm, dm, *args, t, need_d)
+            slope, w, *gp = act.filter_vjp_vjp_from_distances(u, vc, dc, *args, t, need_d)
+            slope_m, w_m, *gp_m = act.filter_vjp_vjp_from_distances(u, vm, dm, *args, t,
+                                                                    need_d)
             w = w + w_m
             if need_params:
                 gp = [s + t for s, t in zip(gp, gp_m, strict=True)]
-        if need_d:
+        if grad_d is not None:
             grad_d.index_copy_(0, c, vc * slope)
             grad_d.index_copy_(0, m, vm * slope_m)
         if need_g:
@@ -499,32 +443,32 @@ def blocked_vjp_vjp(v: Tensor, g: Tensor, x: Tensor, d: Tensor, pairs: MirrorPai
         if sums is not None:
             for s, t in zip(sums, gp, strict=True):
                 s += t
-    return (grad_g, grad_x, grad_d, *(sums if sums is not None else [None] * 4))
+    grads = sums if sums is not None else [None, None, None, None]
+    return (grad_g, grad_x, grad_d, *grads)
 
 
 # ---------------------------------------------------------------- PaiNN message (README.md)
 # PaiNN's filter is linear in the basis: W = u (wf b + bf) = [u b, u] [wf, bf]^T. One GEMM with
 # K + 1 inner columns then gives W without a pass over [b, 3F] for the envelope, and in the
-# backward gw [wf, bf] gives both <gw, wf b'>-type dots and <gw, bf>. Measured at F = 128,
-# K = 20, 52k edges (2 cores): the addmm with a transposed weight plus the envelope pass took
-# 2.4x the time of this GEMM.
+# backward gw [wf, bf] gives both <gw, wf b'>-type dots and <gw, bf> (README.md: Tuning).
 def painn_filter(basis: Tensor, env: Tensor, wf: Tensor, bf: Tensor) -> Tensor:
     """W [b, 3F] = env * (basis wf^T + bf) for basis [b, K], env [b]; wf [3F, K]."""
     return torch.addmm(bf, basis, wf.t()) * env.unsqueeze(1)
 
 
-def _augmented_basis(d: Tensor, cutoff: float, kind: str, env_kind: str, num_basis: int,
-                     radial_fn, order: int):
+def _augmented_basis(d: Tensor, settings: RadialSettings, num_basis: int, radial_fn,
+                     order: int):
     """([u b, u] [b, K + 1], b, b' or None, u, u' or None) of the distances d [b]."""
-    (basis, *slope), (env, *env_slope) = radial_fn(d, num_basis, cutoff, kind, env_kind, order)
+    (basis, *slope), (env, *env_slope) = radial_fn(d, num_basis, settings.cutoff, settings.kind,
+                                                   settings.envelope, order)
     aug = torch.cat([basis * env.unsqueeze(1), env.unsqueeze(1)], 1)
     return aug, basis, (slope[0] if order else None), env, (env_slope[0] if order else None)
 
 
 @torch.no_grad()
 def blocked_painn_forward(phi: Tensor, v: Tensor, d: Tensor, i: Tensor, ptr: Tensor, wf: Tensor,
-                          bf: Tensor, cutoff: float, kind: str, env_kind: str, radial_fn,
-                          rows_fn, block: int) -> tuple[Tensor, Tensor]:
+                          bf: Tensor, settings: RadialSettings, radial_fn, rows_fn,
+                          block: int) -> tuple[Tensor, Tensor]:
     """(ds [N, F], dv [N, 3, F]) of the PaiNN message, a block of edges at a time.
 
     ``rows_fn(ds, dv, w_block, e0, a0, a1)`` is the backend's in-place message sum over the rows
@@ -536,15 +480,15 @@ def blocked_painn_forward(phi: Tensor, v: Tensor, d: Tensor, i: Tensor, ptr: Ten
     weight = torch.cat([wf.detach(), bf.detach().unsqueeze(1)], 1).t().contiguous()  # [K+1, 3F]
     for e0 in range(0, d.shape[0], block):
         e1 = min(e0 + block, d.shape[0])
-        aug, *_ = _augmented_basis(d[e0:e1], cutoff, kind, env_kind, wf.shape[1], radial_fn, 0)
+        aug, *_ = _augmented_basis(d[e0:e1], settings, wf.shape[1], radial_fn, 0)
         rows_fn(ds, dv, aug @ weight, e0, int(i[e0]), int(i[e1 - 1]))
     return ds, dv
 
 
 @torch.no_grad()
 def blocked_painn_vjp(phi: Tensor, v: Tensor, d: Tensor, d_rev: Tensor, i: Tensor, ptr: Tensor,
-                      wf: Tensor, bf: Tensor, cutoff: float, kind: str, env_kind: str,
-                      need_params: bool, radial_fn, rows_fn, block: int):
+                      wf: Tensor, bf: Tensor, settings: RadialSettings, need_params: bool,
+                      radial_fn, rows_fn, block: int):
     """Gradients of <gs, ds> + <gv, dv> of the PaiNN message, a block of edges at a time.
 
     ``rows_fn(gphi, r, gunit, w, w_rev, e0, a0, a1) -> gw`` is the backend's pass over the rows
@@ -552,7 +496,8 @@ def blocked_painn_vjp(phi: Tensor, v: Tensor, d: Tensor, d_rev: Tensor, i: Tenso
     mirrored edges, whose filter is ``w_rev``) into ``gphi`` [N, 3F] and ``r`` [N, 3, F]
     (``r[a, k] = sum_e gv[j_e, k] W_vv(d_rev_e)``), writes ``gunit`` [E, 3] and returns the
     filter gradient ``gw`` [b, 3F] of the block's edges. Mirrored pairs have bitwise equal
-    distances, so ``w_rev`` is ``w`` unless the caller's distances say otherwise.
+    distances, so ``w_rev`` is ``w`` unless the caller's distances say otherwise (one
+    comparison per call).
 
     Returns (grad_phi [N, 3F], grad_v [N, 3, F], grad_d [E], grad_unit [E, 3], grad_wf [3F, K],
     grad_bf [3F]); the last two are None unless ``need_params``.
@@ -564,15 +509,15 @@ def blocked_painn_vjp(phi: Tensor, v: Tensor, d: Tensor, d_rev: Tensor, i: Tenso
     weight_t = torch.cat([wf.detach(), bf.detach().unsqueeze(1)], 1)  # [3F, K + 1]
     weight = weight_t.t().contiguous()
     gweight = torch.zeros_like(weight_t) if need_params else None
+    mirrored = torch.equal(d, d_rev)
     for e0 in range(0, d.shape[0], block):
         e1 = min(e0 + block, d.shape[0])
-        db, drb = d[e0:e1], d_rev[e0:e1]
-        aug, basis, slope, env, env_slope = _augmented_basis(db, cutoff, kind, env_kind,
-                                                             num_basis, radial_fn, 1)
+        aug, basis, slope, env, env_slope = _augmented_basis(d[e0:e1], settings, num_basis,
+                                                             radial_fn, 1)
         w = aug @ weight
         w_rev = w
-        if not torch.equal(db, drb):
-            aug_rev, *_ = _augmented_basis(drb, cutoff, kind, env_kind, num_basis, radial_fn, 0)
+        if not mirrored:
+            aug_rev, *_ = _augmented_basis(d_rev[e0:e1], settings, num_basis, radial_fn, 0)
             w_rev = aug_rev @ weight
         gw = rows_fn(gphi, r, gunit, w, w_rev, e0, int(i[e0]), int(i[e1 - 1]))
         # <gw, dW/dd> with W = u (wf b + bf): u' (<gw wf, b> + <gw, bf>) + u <gw wf, b'>

@@ -577,7 +577,7 @@ def _ggm_block(a, b, i, j, e0, e1):
     return out
 
 
-def gms(h, w, i, j, ptr):
+def gms(h, w, i, j, ptr, rev):
     """Launcher: out[a] = sum_{e in row a} h[j_e] * w_e, [N, F]."""
     out = h.new_zeros(ptr.shape[0] - 1, h.shape[1])
     if w.shape[0]:
@@ -585,7 +585,7 @@ def gms(h, w, i, j, ptr):
     return out
 
 
-def ggm(a, b, i, j):
+def ggm(a, b, i, j, ptr, rev):
     """Launcher: out[e] = a[i_e] * b[j_e], [E, F]."""
     return _ggm_block(a, b, _c(i), _c(j), 0, i.shape[0])
 
@@ -610,14 +610,18 @@ def _params(w1, b1, w2, b2):
     return w1.detach(), b1.detach(), w2.detach(), b2.detach()
 
 
-def cfconv_forward(x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act):
-    """Launcher: out[a] = sum_{e in row a} x[j_e] (W(d_e) + W(d_rev e)) / 2, [N, F]; one filter
-    per unordered pair (README.md)."""
+def cfconv(x, d, i, j, ptr, rev, pairs, w1, b1, w2, b2, cutoff, kind, envelope, activation,
+           keep_filters, keep_budget):
+    """Launcher: (out [N, F], filters): out[a] = sum_{e in row a} x[j_e] (W(d_e) + W(d_rev e))
+    / 2, one filter per unordered pair (README.md); filters are the pair filters [P, F] if
+    ``keep_filters`` and they fit in ``keep_budget`` bytes, else an empty [0, F]."""
     with torch.no_grad():
-        pairs = dense.mirror_pairs(i, j, rev)
-        return dense.blocked_forward(_c(x), d.detach(), ptr.shape[0] - 1, pairs,
-                                     _params(w1, b1, w2, b2), cutoff, kind, envelope, act, _radial,
-                                     _scatter_fn(pairs), BLOCK)
+        pairs = dense.MirrorPairs(pairs)
+        keep = keep_filters and dense.keeps(len(pairs), x.shape[1], x, keep_budget)
+        return dense.blocked_forward(
+            _c(x), d.detach(), ptr.shape[0] - 1, pairs, _params(w1, b1, w2, b2),
+            dense.FilterSettings(cutoff, kind, envelope, activation), activation, _radial,
+            _scatter_fn(pairs), BLOCK, keep)
 
 
 def _product_fn(pairs, g, x):
@@ -635,28 +639,35 @@ def _product_fn(pairs, g, x):
     return product
 
 
-def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act,
-               need_params, need_x, need_d=True):
-    """Launcher: (grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of sum <g, out>."""
+def cfconv_vjp(g, x, d, i, j, ptr, rev, pairs, filters, w1, b1, w2, b2, cutoff, kind, envelope,
+               activation, need_params, need_x, need_d, keep_budget):
+    """Launcher: (grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2, products) of
+    sum <g, out>; the x-gradient reads the forward's pair ``filters`` when they were kept;
+    products (t = u w2 [P, F]) are kept within ``keep_budget`` bytes, else empty [0, F]."""
     with torch.no_grad():
-        pairs = dense.mirror_pairs(i, j, rev)
-        out = dense.blocked_vjp(_c(g), _c(x), d.detach(), pairs, _params(w1, b1, w2, b2), cutoff,
-                                kind, envelope, act, need_params, need_x, _radial,
-                                _product_fn(pairs, g, x), _scatter_fn(pairs), BLOCK,
-                                need_d=need_d)
+        pairs = dense.MirrorPairs(pairs)
+        kept = filters.detach() if need_x and filters.shape[0] == len(pairs) else None
+        out = dense.blocked_vjp(
+            _c(g), _c(x), d.detach(), pairs, _params(w1, b1, w2, b2),
+            dense.FilterSettings(cutoff, kind, envelope, activation), activation, need_params,
+            need_x, need_d, _radial, _product_fn(pairs, g, x), _scatter_fn(pairs), BLOCK, kept,
+            dense.keeps(len(pairs), g.shape[1], g, keep_budget))
     return dense.params_or_empty(out, d)
 
 
-def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act,
-                   need_g, need_x, need_params, need_d=True):
+def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, pairs, products, w1, b1, w2, b2, cutoff, kind,
+                   envelope, activation, need_g, need_x, need_params, need_d):
     """Launcher: (grad_g, grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2) of
-    sum_e v_e grad_d_e, grad_d = cfconv_vjp(g, x, d, ...)[1]; empty [0] where not asked for."""
+    sum_e v_e grad_d_e, grad_d = cfconv_vjp(g, x, d, ...)[1]; empty [0] where not asked for.
+    Reads the ``products`` t that cfconv_vjp of the same g and x kept, if it did."""
     with torch.no_grad():
-        pairs = dense.mirror_pairs(i, j, rev)
-        out = dense.blocked_vjp_vjp(v.detach(), _c(g), _c(x), d.detach(), pairs,
-                                    _params(w1, b1, w2, b2), cutoff, kind, envelope, act, need_g,
-                                    need_x, need_params, _radial, _product_fn(pairs, g, x),
-                                    _scatter_fn(pairs), BLOCK, need_d=need_d)
+        pairs = dense.MirrorPairs(pairs)
+        kept = products.detach() if products.shape[0] == len(pairs) else None
+        out = dense.blocked_vjp_vjp(
+            v.detach(), _c(g), _c(x), d.detach(), pairs, _params(w1, b1, w2, b2),
+            dense.FilterSettings(cutoff, kind, envelope, activation), activation, need_g,
+            need_x, need_params, need_d, _radial, _product_fn(pairs, g, x), _scatter_fn(pairs),
+            BLOCK, kept)
     return dense.params_or_empty(out, d)
 
 
@@ -664,7 +675,7 @@ def _cut(cutoff, like):
     return torch.full((1,), float(cutoff), dtype=like.dtype, device=like.device)
 
 
-def spline_conv(x, d, scale, coeffs, i, j, ptr, cutoff, order):
+def spline_conv(x, d, scale, coeffs, i, j, ptr, rev, cutoff, order):
     """Launcher: out[a] = sum_{e in row a} scale_e x[j_e] W^(order)(d_e), [N, F]."""
     n = ptr.shape[0] - 1
     out = x.new_zeros(n, x.shape[1])
@@ -677,7 +688,7 @@ def spline_conv(x, d, scale, coeffs, i, j, ptr, cutoff, order):
     return out
 
 
-def spline_edge_dot(g, x, d, coeffs, i, j, cutoff, order):
+def spline_edge_dot(g, x, d, coeffs, i, j, ptr, rev, cutoff, order):
     """Launcher: out[e] = <g[i_e] * x[j_e], W^(order)(d_e)>, [E]."""
     out = d.new_zeros(d.shape[0])
     if d.shape[0]:
@@ -688,7 +699,7 @@ def spline_edge_dot(g, x, d, coeffs, i, j, cutoff, order):
     return out
 
 
-def spline_conv_vjp(grad, x, d, d_rev, coeffs, i, j, ptr, cutoff, order):
+def spline_conv_vjp(grad, x, d, d_rev, coeffs, i, j, ptr, rev, cutoff, order):
     """Launcher: (grad_x [N, F], grad_d [E]) = (spline_conv(grad, d_rev, order),
     spline_edge_dot(grad, x, d, order + 1)) in one pass over the rows."""
     n, nf, num_edges = ptr.shape[0] - 1, grad.shape[1], d.shape[0]
@@ -745,7 +756,7 @@ def spline_conv_positions_vjp(grad, x, positions, cells, atom_system, i, j, shif
     return dense.params_or_empty((grad_x if need_x else None, gpos.sum(0), cell), positions)
 
 
-def painn_forward(phi, v, d, unit, i, j, ptr, wf, bf, cutoff, kind, envelope):
+def painn_message(phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope):
     """Launcher: (ds [N, F], dv [N, 3, F]) of the PaiNN message; see README.md."""
     jc, pc, phic, vc, uc = _c(j), _c(ptr), _c(phi), _c(v), _c(unit)
     nf = v.shape[2]
@@ -756,12 +767,13 @@ def painn_forward(phi, v, d, unit, i, j, ptr, wf, bf, cutoff, kind, envelope):
                 ds, dv, phic, vc, uc, _c(w), jc, pc, e0, e0 + w.shape[0], a0, phi.shape[0], nf,
                 BLOCK_F=BLOCK_F, num_warps=VJP_WARPS)
 
-    return dense.blocked_painn_forward(phi, v, d, i, ptr, wf, bf, cutoff, kind, envelope, _radial,
+    return dense.blocked_painn_forward(phi, v, d, i, ptr, wf, bf,
+                                       dense.RadialSettings(cutoff, kind, envelope), _radial,
                                        rows, BLOCK)
 
 
-def painn_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope,
-              need_params):
+def painn_message_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope,
+                      need_params):
     """Launcher: gradients (phi, v, d, unit, wf, bf) of <gs, ds> + <gv, dv>; see README.md."""
     nf, num_edges = v.shape[2], d.shape[0]
     blocks = max(triton.cdiv(nf, BLOCK_F), 1)
@@ -777,7 +789,8 @@ def painn_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, env
                 phi.shape[0], num_edges, nf, BLOCK_F=BLOCK_F, num_warps=VJP_WARPS)
         return gw
 
-    out = list(dense.blocked_painn_vjp(phi, v, d, d.index_select(0, rev), i, ptr, wf, bf, cutoff,
-                                       kind, envelope, need_params, _radial, rows, BLOCK))
+    out = list(dense.blocked_painn_vjp(phi, v, d, d.index_select(0, rev), i, ptr, wf, bf,
+                                       dense.RadialSettings(cutoff, kind, envelope), need_params,
+                                       _radial, rows, BLOCK))
     out[3] = parts.sum(0)
     return dense.params_or_empty(tuple(out), d)

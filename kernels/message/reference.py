@@ -14,23 +14,28 @@ from fastff.kernels.neighbors.reference import pair_vectors_transpose as _pair_v
 from fastff.kernels.radial.reference import radial_basis as _basis
 
 
-def gms(h: Tensor, w: Tensor, i: Tensor, j: Tensor, ptr: Tensor) -> Tensor:
+def gms(h: Tensor, w: Tensor, i: Tensor, j: Tensor, ptr: Tensor, rev: Tensor) -> Tensor:
     """out[a] = sum_{e in row a} h[j_e] * w_e, [N, F]."""
     out = h.new_zeros(ptr.shape[0] - 1, h.shape[1])
     return out.index_add_(0, i, h.index_select(0, j) * w)
 
 
-def ggm(a: Tensor, b: Tensor, i: Tensor, j: Tensor) -> Tensor:
+def ggm(a: Tensor, b: Tensor, i: Tensor, j: Tensor, ptr: Tensor, rev: Tensor) -> Tensor:
     """out[e] = a[i_e] * b[j_e], [E, F]."""
     return a.index_select(0, i) * b.index_select(0, j)
 
 
-def filter_matrix(d: Tensor, w1, b1, w2, b2, cutoff: float, kind: str, envelope: str,
-                  act: str) -> Tensor:
+def mirror_pairs(i: Tensor, j: Tensor, rev: Tensor) -> Tensor:
+    """The unordered pairs of a full list as rows (c, m, a, b), int64 [4, P]
+    (``dense.mirror_pairs``; every backend uses this one)."""
+    return dense.mirror_pairs(i, j, rev)
+
+
+def filter_matrix(d: Tensor, w1, b1, w2, b2, settings: dense.FilterSettings) -> Tensor:
     """W(d) [E, F]: SchNet's filter network times the envelope."""
-    basis = _basis(d, w1.shape[1], cutoff, kind, "none", 0)
-    (env,) = dense.envelope(d, cutoff, envelope, 0)
-    return dense.filter_values(basis, env, w1, b1, w2, b2, act)
+    basis = _basis(d, w1.shape[1], settings.cutoff, settings.kind, "none", 0)
+    (env,) = dense.envelope(d, settings.cutoff, settings.envelope, 0)
+    return dense.filter_values(basis, env, w1, b1, w2, b2, settings.activation)
 
 
 def mirror_mean(w: Tensor, rev: Tensor) -> Tensor:
@@ -38,39 +43,53 @@ def mirror_mean(w: Tensor, rev: Tensor) -> Tensor:
     return 0.5 * (w + w.index_select(0, rev))
 
 
-def cfconv_forward(x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act):
-    w = filter_matrix(d, w1, b1, w2, b2, cutoff, kind, envelope, act)
-    return gms(x, mirror_mean(w, rev), i, j, ptr)
+def cfconv(x, d, i, j, ptr, rev, pairs, w1, b1, w2, b2, cutoff, kind, envelope, activation,
+           keep_filters, keep_budget):
+    """(out, filters): out = gms(x, mirror mean of W); filters the pair filters [P, F] (rows
+    ``pairs[0]`` of the mirror mean) when kept (as the other backends decide), else [0, F]."""
+    settings = dense.FilterSettings(cutoff, kind, envelope, activation)
+    w = mirror_mean(filter_matrix(d, w1, b1, w2, b2, settings), rev)
+    out = gms(x, w, i, j, ptr, rev)
+    if keep_filters and dense.keeps(pairs.shape[1], x.shape[1], x, keep_budget):
+        return out, w.index_select(0, dense.MirrorPairs(pairs).c)
+    return out, x.new_empty(0, x.shape[1])
 
 
-def cfconv_vjp(g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act,
-               need_params, need_x, need_d=True):
+def cfconv_vjp(g, x, d, i, j, ptr, rev, pairs, filters, w1, b1, w2, b2, cutoff, kind, envelope,
+               activation, need_params, need_x, need_d, keep_budget):
+    """The gradients, edge by edge (``filters`` are not read: recomputed); products t = u w2 of
+    each pair when kept (as the other backends decide), else [0, F]."""
     # sum_e <u_e, (W(d_e) + W(d_rev e)) / 2> = sum_e <(u_e + u_rev(e)) / 2, W(d_e)>
+    settings = dense.FilterSettings(cutoff, kind, envelope, activation)
     num_basis = w1.shape[1]
     basis = _basis(d, num_basis, cutoff, kind, "none", 0)
     slope = _basis(d, num_basis, cutoff, kind, "none", 1)
     env, env_slope = dense.envelope(d, cutoff, envelope, 1)
-    u = mirror_mean(ggm(g, x, i, j), rev)
-    out = dense.filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, act,
+    u = mirror_mean(ggm(g, x, i, j, ptr, rev), rev)
+    out = dense.filter_vjp(u, basis, slope, env, env_slope, w1, b1, w2, b2, activation,
                            need_params)[:5]
     # the shared filter is symmetric, so the sender-side sum is the op itself on g
-    grad_x = cfconv_forward(g, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope,
-                            act) if need_x else None
+    grad_x = cfconv(g, d, i, j, ptr, rev, pairs, w1, b1, w2, b2, *settings, False,
+                    0)[0] if need_x else None
     grad_d = out[0] if need_d else None
-    return dense.params_or_empty((grad_x, grad_d, *out[1:]), d)
+    products = g.new_empty(0, g.shape[1])
+    if dense.keeps(pairs.shape[1], g.shape[1], g, keep_budget):  # u_p = 2 u_c of the pair
+        products = 2 * u.index_select(0, dense.MirrorPairs(pairs).c) @ w2
+    return dense.params_or_empty((grad_x, grad_d, *out[1:], products), d)
 
 
-def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, w1, b1, w2, b2, cutoff, kind, envelope, act,
-                   need_g, need_x, need_params, need_d=True):
+def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, pairs, products, w1, b1, w2, b2, cutoff, kind,
+                   envelope, activation, need_g, need_x, need_params, need_d):
     """Gradients of sum_e v_e grad_d_e, grad_d = cfconv_vjp(...)[1] = s(u_e, d_e) with
-    u_e = (g[i] x[j] + g[j] x[i]) / 2: one filter per edge."""
-    u = 0.5 * (ggm(g, x, i, j) + ggm(x, g, i, j))
-    slope, w, *gp = dense.filter_vjp_vjp(u, v, d, (w1, b1, w2, b2), cutoff, kind, envelope,
-                                         act, need_params, dense.each_order(_basis))
+    u_e = (g[i] x[j] + g[j] x[i]) / 2: one filter per edge (``products`` are not read)."""
+    settings = dense.FilterSettings(cutoff, kind, envelope, activation)
+    u = 0.5 * (ggm(g, x, i, j, ptr, rev) + ggm(x, g, i, j, ptr, rev))
+    slope, w, *gp = dense.filter_vjp_vjp(u, v, d, (w1, b1, w2, b2), settings, activation,
+                                         need_params, dense.each_order(_basis))
     # d<w, u>/d(one factor): both ends of every edge, halved, is gms over the mirror mean of w
     w = mirror_mean(w, rev)
-    out = (gms(x, w, i, j, ptr) if need_g else None, gms(g, w, i, j, ptr) if need_x else None,
-           v * slope if need_d else None, *gp)
+    out = (gms(x, w, i, j, ptr, rev) if need_g else None,
+           gms(g, w, i, j, ptr, rev) if need_x else None, v * slope if need_d else None, *gp)
     return dense.params_or_empty(out, d)
 
 
@@ -94,28 +113,30 @@ def spline_matrix(d: Tensor, coeffs: Tensor, cutoff: float, order: int) -> Tenso
     return torch.einsum("eq,eqf->ef", p, coeffs[k])
 
 
-def spline_conv(x, d, scale, coeffs, i, j, ptr, cutoff, order):
+def spline_conv(x, d, scale, coeffs, i, j, ptr, rev, cutoff, order):
     w = spline_matrix(d, coeffs, cutoff, order)
     if scale is not None:
         w = w * scale.unsqueeze(1)
-    return gms(x, w, i, j, ptr)
+    return gms(x, w, i, j, ptr, rev)
 
 
-def spline_edge_dot(g, x, d, coeffs, i, j, cutoff, order):
-    return (ggm(g, x, i, j) * spline_matrix(d, coeffs, cutoff, order)).sum(1)
+def spline_edge_dot(g, x, d, coeffs, i, j, ptr, rev, cutoff, order):
+    return (ggm(g, x, i, j, ptr, rev) * spline_matrix(d, coeffs, cutoff, order)).sum(1)
 
 
-def spline_conv_vjp(grad, x, d, d_rev, coeffs, i, j, ptr, cutoff, order):
+def spline_conv_vjp(grad, x, d, d_rev, coeffs, i, j, ptr, rev, cutoff, order):
     """(grad_x, grad_d) of spline_conv without scale: the two unfused expressions."""
-    return (spline_conv(grad, d_rev, None, coeffs, i, j, ptr, cutoff, order),
-            spline_edge_dot(grad, x, d, coeffs, i, j, cutoff, order + 1))
+    return (spline_conv(grad, d_rev, None, coeffs, i, j, ptr, rev, cutoff, order),
+            spline_edge_dot(grad, x, d, coeffs, i, j, ptr, rev, cutoff, order + 1))
 
 
 def spline_conv_positions(x, positions, cells, atom_system, i, j, shifts, ptr, coeffs, cutoff):
     """spline_conv of the distances |r_ij| computed from positions."""
     vectors = _pair_vectors(positions, cells, atom_system, i, j, shifts)
     d = torch.linalg.vector_norm(vectors, dim=1)
-    return spline_conv(x, d, None, coeffs, i, j, ptr, cutoff, 0)
+    # a sum over receiver rows (gms): the mirror index is not needed
+    return x.new_zeros(ptr.shape[0] - 1, x.shape[1]).index_add_(
+        0, i, x.index_select(0, j) * spline_matrix(d, coeffs, cutoff, 0))
 
 
 def spline_conv_positions_vjp(grad, x, positions, cells, atom_system, i, j, shifts, ptr, coeffs,
@@ -124,7 +145,8 @@ def spline_conv_positions_vjp(grad, x, positions, cells, atom_system, i, j, shif
     distances, written out (custom ops run below autograd)."""
     vectors = _pair_vectors(positions, cells, atom_system, i, j, shifts)
     d = torch.linalg.vector_norm(vectors, dim=1)
-    slope = spline_edge_dot(grad, x, d, coeffs, i, j, cutoff, 1)  # dL/dd_e
+    slope = (grad.index_select(0, i) * x.index_select(0, j)
+             * spline_matrix(d, coeffs, cutoff, 1)).sum(1)  # dL/dd_e
     unit = torch.where((d > 0).unsqueeze(1), vectors / d.unsqueeze(1), torch.zeros_like(vectors))
     grad_pos, grad_cells = _pair_vectors_transpose(slope.unsqueeze(1) * unit,
                                                    positions.shape[0], cells, atom_system, i, j,
@@ -144,7 +166,7 @@ def painn_filter_matrix(d: Tensor, wf: Tensor, bf: Tensor, cutoff: float, kind: 
     return dense.painn_filter(_basis(d, wf.shape[1], cutoff, kind, "none", 0), env, wf, bf)
 
 
-def painn_forward(phi, v, d, unit, i, j, ptr, wf, bf, cutoff, kind, envelope):
+def painn_message(phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope):
     """(ds [N, F], dv [N, 3, F]): ds_a = sum_e (phi_j W_e)_s,
     dv_a = sum_e (phi_j W_e)_vs unit_e + (phi_j W_e)_vv v_j."""
     nf, n = v.shape[2], ptr.shape[0] - 1
@@ -155,8 +177,8 @@ def painn_forward(phi, v, d, unit, i, j, ptr, wf, bf, cutoff, kind, envelope):
     return ds, v.new_zeros(n, 3, nf).index_add_(0, i, msg)
 
 
-def painn_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope,
-              need_params):
+def painn_message_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope,
+                      need_params):
     """Gradients (phi, v, d, unit, wf, bf) of <gs, ds> + <gv, dv>, edge by edge (sender sums by
     index_add over j; ``rev`` is not used)."""
     nf, num_basis = v.shape[2], wf.shape[1]

@@ -201,8 +201,7 @@ def _bare_orders(d, num_basis, cutoff, kind, env, out, env_out):
     filter networks read (they apply the envelope to their outputs), and env_out[n, e] =
     u^(n)(d_e), computed in float64. One pass for all orders; the gaussian's upward and
     downward recurrences run in one loop, so their multiplies overlap (one chain alone is
-    bound by multiply latency). Measured at 4096 edges x 32 functions (2 cores): orders 0 and
-    1 in 0.3 ms against 0.7 ms for two _radial_fast calls."""
+    bound by multiply latency; README.md, Tuning)."""
     n = out.shape[0] - 1
     if kind == 1:
         for e in prange(d.shape[0]):
@@ -289,12 +288,9 @@ def _gaussian_orders_f32(d, num_basis, cutoff, env, out, env_out):
     run in SIMD lanes where the recurrence is a chain of dependent multiplies. k - x is
     formed in float32 as (k - floor(x)) - frac(x), exact up to the rounding of frac(x), and a
     float32 copy of k is read from an array (AVX2 has no int64 -> float32 vector conversion).
-    Within a few float32 ulp of max|b| (tests/kernels/test_radial.py). Measured at 4096 edges x
-    32 functions with the cosine envelope (2 cores): orders 0 and 1 in 0.08 ms against 0.14 ms
-    for _bare_orders; SchNet's energy + forces on the 3,000-atom water box took 0.93x the time
-    in interleaved runs. The cosine envelope is evaluated over runs of edges
-    (``_cosine_envelope_f32``): at 16,384 edges, order 0 with it 0.15 ms against 0.25 ms with
-    libm's cos and sin per edge, and the exact SchNet step ~0.97x."""
+    Within a few float32 ulp of max|b| (tests/kernels/test_radial.py). The cosine envelope is
+    evaluated over runs of edges (``_cosine_envelope_f32``) instead of libm's cos and sin per
+    edge (README.md, Tuning)."""
     n = out.shape[0] - 1
     delta = cutoff / (num_basis - 1) if num_basis > 1 else cutoff
     inv_delta = 1.0 / delta

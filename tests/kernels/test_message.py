@@ -12,6 +12,7 @@ from fastff.kernels.message import cpu_numba, dense, gpu_triton, op, reference
 from fastff.testing import tolerance
 
 BACKENDS = ["numba", "triton", "reference"]
+BUDGET = 256 * 2**20  # bytes a pass may keep (fastff.nn.KEEP_BUDGET)
 MODULES = {"numba": cpu_numba, "triton": gpu_triton, "reference": reference}
 
 
@@ -59,33 +60,43 @@ def test_launchers_match_reference(rng, backend, dtype):
     p = params(num_basis, nf, dtype)
     d64, x64, g64, w64 = d.double(), x.double(), g.double(), w.double()
     p64 = [t.double() for t in p]
-    i, j, ptr = nl.i, nl.j, nl.ptr
-    _close(m.gms(x, w, i, j, ptr), reference.gms(x64, w64, i, j, ptr), dtype)
-    _close(m.ggm(x, g, i, j), reference.ggm(x64, g64, i, j), dtype)
+    i, j, ptr, rev, pairs = nl.i, nl.j, nl.ptr, nl.reverse, nl.mirror_pairs
+    _close(m.gms(x, w, i, j, ptr, rev), reference.gms(x64, w64, i, j, ptr, rev), dtype)
+    _close(m.ggm(x, g, i, j, ptr, rev), reference.ggm(x64, g64, i, j, ptr, rev), dtype)
+    empty = x.new_empty(0, nf)
     variants = [("gaussian", "cosine", "shifted_softplus"), ("bessel", "polynomial", "silu")]
     if backend == "triton":  # interpreted: one variant per dtype keeps the run short
         variants = variants[:1] if dtype == torch.float64 else variants[1:]
     for kind, env, act in variants:
         args = (2.0, kind, env, act)
-        rev = nl.reverse
         # one filter per pair (mirrored distances equal, as from positions), or two per pair
         # where they differ (here: every edge, independently skewed)
         skewed = d * (1 + 0.05 * torch.rand(len(nl), dtype=dtype))
         for dd in (d, skewed):
             assert torch.equal(dd, dd[rev]) == (dd is d)
             dd64 = dd.double()
-            _close(m.cfconv_forward(x, dd, i, j, ptr, rev, *p, *args),
-                   reference.cfconv_forward(x64, dd64, i, j, ptr, rev, *p64, *args), dtype)
+            # the pair filters a forward keeps are the reference's mirror mean of its pairs
+            out, kept = m.cfconv(x, dd, i, j, ptr, rev, pairs, *p, *args, True, BUDGET)
+            want_out, want_kept = reference.cfconv(x64, dd64, i, j, ptr, rev, pairs, *p64,
+                                                   *args, True, BUDGET)
+            assert kept.shape == want_kept.shape == (pairs.shape[1], nf)
+            _close(out, want_out, dtype)
+            _close(kept, want_kept, dtype)
             for need, need_x, need_d in ((False, False, True), (True, True, True),
                                          (False, True, True), (True, True, False),
                                          (True, False, False), (False, True, False)):
-                got = m.cfconv_vjp(g, x, dd, i, j, ptr, rev, *p, *args, need, need_x, need_d)
-                want = reference.cfconv_vjp(g64, x64, dd64, i, j, ptr, rev, *p64, *args, need,
-                                            need_x, need_d)
-                for a, b in zip(got, want, strict=True):
-                    assert a.shape == b.shape
-                    if b.numel():
-                        _close(a, b, dtype)
+                # x-gradients from the kept filters and recomputed; products kept or not
+                for filters, budget in ((kept, BUDGET), (empty, 0)):
+                    got = m.cfconv_vjp(g, x, dd, i, j, ptr, rev, pairs, filters, *p, *args,
+                                       need, need_x, need_d, budget)
+                    want = reference.cfconv_vjp(g64, x64, dd64, i, j, ptr, rev, pairs,
+                                                want_kept, *p64, *args, need, need_x, need_d,
+                                                budget)
+                    for a, b in zip(got, want, strict=True):
+                        assert a.shape == b.shape
+                        if b.numel():
+                            _close(a, b, dtype)
+            products = got[-1]  # t = u w2 of every pair, kept for the second backward
             # the second backward of force training: d<v, grad_d>/d(g, x, d, parameters)
             v = torch.randn(len(nl), dtype=dtype)
             for need_g, need_x, need, need_d in ((True, True, True, True),
@@ -94,27 +105,29 @@ def test_launchers_match_reference(rng, backend, dtype):
                                                  (True, True, True, False),
                                                  (False, True, True, False),
                                                  (True, False, False, False)):
-                got = m.cfconv_vjp_vjp(v, g, x, dd, i, j, ptr, rev, *p, *args, need_g, need_x,
-                                       need, need_d)
                 want = reference.cfconv_vjp_vjp(v.double(), g64, x64, dd64, i, j, ptr, rev,
-                                                *p64, *args, need_g, need_x, need, need_d)
-                for a, b in zip(got, want, strict=True):
-                    assert a.shape == b.shape
-                    if b.numel():
-                        _close(a, b, dtype)
+                                                pairs, empty, *p64, *args, need_g, need_x, need,
+                                                need_d)
+                for kept_products in (products, empty):  # read, or recomputed
+                    got = m.cfconv_vjp_vjp(v, g, x, dd, i, j, ptr, rev, pairs, kept_products,
+                                           *p, *args, need_g, need_x, need, need_d)
+                    for a, b in zip(got, want, strict=True):
+                        assert a.shape == b.shape
+                        if b.numel():
+                            _close(a, b, dtype)
     coeffs = torch.randn(9, 4, nf, dtype=dtype)
     scale = torch.randn(len(nl), dtype=dtype)
     for order in range(5):
         for s in (None, scale):
-            _close(m.spline_conv(x, d, s, coeffs, i, j, ptr, 2.0, order),
+            _close(m.spline_conv(x, d, s, coeffs, i, j, ptr, rev, 2.0, order),
                    reference.spline_conv(x64, d64, None if s is None else s.double(),
-                                         coeffs.double(), i, j, ptr, 2.0, order), dtype)
+                                         coeffs.double(), i, j, ptr, rev, 2.0, order), dtype)
         if order < 4:
-            _close(m.spline_edge_dot(g, x, d, coeffs, i, j, 2.0, order),
-                   reference.spline_edge_dot(g64, x64, d64, coeffs.double(), i, j, 2.0, order),
-                   dtype)
+            _close(m.spline_edge_dot(g, x, d, coeffs, i, j, ptr, rev, 2.0, order),
+                   reference.spline_edge_dot(g64, x64, d64, coeffs.double(), i, j, ptr, rev,
+                                             2.0, order), dtype)
         else:
-            assert not m.spline_edge_dot(g, x, d, coeffs, i, j, 2.0, order).any()
+            assert not m.spline_edge_dot(g, x, d, coeffs, i, j, ptr, rev, 2.0, order).any()
 
 
 def _ops(rng, backend, n, nf, num_basis):
@@ -129,26 +142,36 @@ def _ops(rng, backend, n, nf, num_basis):
     return nl, (nl.i, nl.j, nl.ptr, nl.reverse), d, x, g, w, scale, coeffs, p
 
 
+def _cfconv(backend, a, pairs, keep=True):
+    """cfconv's output alone, for gradcheck: (x, d, *params) -> out [N, F]."""
+    def f(x, d, *p, filt=("gaussian", "cosine", "shifted_softplus")):
+        return op.cfconv(x, d, *a, pairs, *p, 2.0, *filt, keep, BUDGET if keep else 0,
+                         backend)[0]
+    return f
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_every_op(rng, backend):
     n, nf, num_basis = (4, 2, 3) if backend == "triton" else (7, 3, 4)
     nl, a, d, x, g, w, scale, coeffs, p = _ops(rng, backend, n, nf, num_basis)
+    pairs, none = nl.mirror_pairs, x.new_empty(0, nf)
     cases = {
         "gms": (lambda x, w: op.gms(x, w, *a, backend), (x, w)),
         "ggm": (lambda x, g: op.ggm(x, g, *a, backend), (x, g)),
-        "cfconv": (lambda x, d, *p: op.cfconv(x, d, *a, *p, 2.0, "gaussian", "cosine",
-                                               "shifted_softplus", backend), (x, d, *p)),
+        # the backward reads the kept pair filters, or recomputes them
+        "cfconv": (_cfconv(backend, a, pairs), (x, d, *p)),
+        "cfconv (recomputed)": (_cfconv(backend, a, pairs, keep=False), (x, d, *p)),
         # its first derivative is the fused cfconv_vjp_vjp (the d-gradient's cotangent alone)
         # or the composite (all outputs); its second the composite
         "cfconv_vjp (distances)": (lambda g, x, d, *p: op.cfconv_vjp(
-            g, x, d, *a, *p, 2.0, "bessel", "polynomial", "silu", True, False, backend)[1],
-            (g, x, d, *p)),
+            g, x, d, *a, pairs, none, *p, 2.0, "bessel", "polynomial", "silu", True, False,
+            True, BUDGET, backend)[1], (g, x, d, *p)),
         "cfconv_vjp (all)": (lambda g, x, d, *p: op.cfconv_vjp(
-            g, x, d, *a, *p, 2.0, "gaussian", "cosine", "shifted_softplus", True, True,
-            backend), (g, x, d, *p)),
+            g, x, d, *a, pairs, none, *p, 2.0, "gaussian", "cosine", "shifted_softplus", True,
+            True, True, 0, backend)[:6], (g, x, d, *p)),
         "cfconv_vjp_vjp": (lambda v, g, x, d, *p: op.cfconv_vjp_vjp(
-            v, g, x, d, *a, *p, 2.0, "gaussian", "cosine", "silu", True, True, True, backend),
-            (scale, g, x, d, *p)),
+            v, g, x, d, *a, pairs, none, *p, 2.0, "gaussian", "cosine", "silu", True, True,
+            True, True, backend), (scale, g, x, d, *p)),
         "spline_conv": (lambda x, d, s: op.spline_conv(x, d, s, coeffs, *a, 2.0, 0, backend),
                         (x, d, scale)),
         "spline_edge_dot": (lambda g, x, d: op.spline_edge_dot(g, x, d, coeffs, *a, 2.0, 0,
@@ -166,10 +189,11 @@ def test_gradcheck_every_op(rng, backend):
 def test_third_order_cfconv(rng):
     """d^3 through cfconv (composite backward of the composite backward) matches the reference."""
     nl, a, d, x, g, w, scale, coeffs, p = _ops(rng, "numba", 4, 2, 2)
+    conv = _cfconv("numba", a, nl.mirror_pairs)
     assert torch.autograd.gradgradcheck(
         lambda d: torch.autograd.grad(
-            op.cfconv(x, d, *a, *p, 2.0, "bessel", "polynomial", "silu", "numba").pow(2).sum(),
-            d, create_graph=True)[0], (d,))
+            conv(x, d, *p, filt=("bessel", "polynomial", "silu")).pow(2).sum(), d,
+            create_graph=True)[0], (d,))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -177,16 +201,29 @@ def test_opcheck_every_op(rng, backend):
     n, nf, num_basis = (4, 2, 3) if backend == "triton" else (7, 3, 4)
     nl, a, d, x, g, w, scale, coeffs, p = _ops(rng, backend, n, nf, num_basis)
     i, j, ptr, rev = a
+    pairs = nl.mirror_pairs
     filt = (2.0, "gaussian", "cosine", "shifted_softplus")
     torch.library.opcheck(op.gms, (x, w, *a, backend))
     torch.library.opcheck(op.ggm, (x, g, *a, backend))
-    torch.library.opcheck(op.cfconv, (x, d, *a, *p, *filt, backend))
+    torch.library.opcheck(op.mirror_pairs, (i, j, rev, "reference"))
+    for keep, budget in ((True, BUDGET), (False, BUDGET), (True, 0)):
+        torch.library.opcheck(op.cfconv, (x, d, *a, pairs, *p, *filt, keep, budget, backend))
     detached = [t.detach() for t in (g, x, d, *p)]
-    torch.library.opcheck(op.cfconv_vjp, (*detached[:3], i, j, ptr, rev, *detached[3:], *filt,
-                                          True, True, backend))
+    with torch.no_grad():
+        _, kept = op.cfconv(*detached[1:3], *a, pairs, *detached[3:], *filt, True, BUDGET,
+                            backend)
+    products = None
+    for filters, budget in ((kept, BUDGET), (kept[:0], 0)):
+        torch.library.opcheck(op.cfconv_vjp, (*detached[:3], *a, pairs, filters, *detached[3:],
+                                              *filt, True, True, True, budget, backend))
+        if products is None:
+            products = op.cfconv_vjp(*detached[:3], *a, pairs, filters, *detached[3:], *filt,
+                                     False, False, True, budget, backend)[-1]
     v = torch.randn(len(nl), dtype=torch.float64)
-    torch.library.opcheck(op.cfconv_vjp_vjp, (v, *detached[:3], i, j, ptr, rev, *detached[3:],
-                                              *filt, True, True, True, backend))
+    for kept_products in (products, products[:0]):
+        torch.library.opcheck(op.cfconv_vjp_vjp, (v, *detached[:3], *a, pairs, kept_products,
+                                                  *detached[3:], *filt, True, True, True, True,
+                                                  backend))
     torch.library.opcheck(op.spline_conv, (x, d, scale, coeffs, *a, 2.0, 1, backend))
     torch.library.opcheck(op.spline_conv, (x, d, None, coeffs, *a, 2.0, 0, backend))
     torch.library.opcheck(op.spline_edge_dot, (g, x, d, coeffs, *a, 2.0, 2, backend))
@@ -225,13 +262,13 @@ def test_spline_conv_vjp_matches_reference(rng, backend, dtype):
     orders = range(4) if backend == "numba" else (0, 2)
     m = MODULES[backend]
     nl, d, d_rev = _vjp_inputs(rng, n, dtype)
-    i, j, ptr = nl.i, nl.j, nl.ptr
+    i, j, ptr, rev = nl.i, nl.j, nl.ptr, nl.reverse
     x, g = torch.randn(n, nf, dtype=dtype), torch.randn(n, nf, dtype=dtype)
     coeffs = torch.randn(9, 4, nf, dtype=dtype)
     wide = [t.double() for t in (g, x, d, d_rev, coeffs)]
     for order in orders:
-        gx, gd = m.spline_conv_vjp(g, x, d, d_rev, coeffs, i, j, ptr, 2.0, order)
-        want_x, want_d = reference.spline_conv_vjp(*wide, i, j, ptr, 2.0, order)
+        gx, gd = m.spline_conv_vjp(g, x, d, d_rev, coeffs, i, j, ptr, rev, 2.0, order)
+        want_x, want_d = reference.spline_conv_vjp(*wide, i, j, ptr, rev, 2.0, order)
         assert gx.dtype == gd.dtype == dtype
         _close(gx, want_x, dtype)
         _close(gd, want_d, dtype)
@@ -241,8 +278,8 @@ def test_spline_conv_vjp_matches_reference(rng, backend, dtype):
     bad_j[5] = n
     far, far_rev = d.clone(), d_rev.clone()
     far[5] = far_rev[5] = 3.0
-    gx, gd = m.spline_conv_vjp(g, x, d, d_rev, coeffs, i, bad_j, ptr, 2.0, 1)
-    want_x, want_d = m.spline_conv_vjp(g, x, far, far_rev, coeffs, i, j, ptr, 2.0, 1)
+    gx, gd = m.spline_conv_vjp(g, x, d, d_rev, coeffs, i, bad_j, ptr, rev, 2.0, 1)
+    want_x, want_d = m.spline_conv_vjp(g, x, far, far_rev, coeffs, i, j, ptr, rev, 2.0, 1)
     assert gd[5] == 0
     torch.testing.assert_close(gx, want_x, rtol=0, atol=0)
     torch.testing.assert_close(gd, want_d, rtol=0, atol=0)
@@ -336,22 +373,22 @@ def test_painn_launchers_match_reference(rng, backend, dtype):
     phi, v, wf, bf = _painn_inputs(n, nf, num_basis, dtype)
     gs, gv = torch.randn(n, nf, dtype=dtype), torch.randn(n, 3, nf, dtype=dtype)
     unit = _units(nl, dtype)
-    a = (nl.i, nl.j, nl.ptr)
+    a = (nl.i, nl.j, nl.ptr, nl.reverse)
     skewed = d * (1 + 0.05 * torch.rand(len(nl), dtype=dtype))
     # interpreted Triton: the second filter in float64, the shared one in float32
     cases = [skewed if dtype == torch.float64 else d] if backend == "triton" else [d, skewed]
     for dist in cases:
         t64 = [t.double() for t in (phi, v, dist, unit)]
         p64 = [t.double() for t in (wf, bf)]
-        got = m.painn_forward(phi, v, dist, unit, *a, wf, bf, *PAINN_FILTER)
-        want = reference.painn_forward(*t64, *a, *p64, *PAINN_FILTER)
+        got = m.painn_message(phi, v, dist, unit, *a, wf, bf, *PAINN_FILTER)
+        want = reference.painn_message(*t64, *a, *p64, *PAINN_FILTER)
         for x, y in zip(got, want, strict=True):
             _close(x, y, dtype)
         for need in (False, True):
-            got = m.painn_vjp(gs, gv, phi, v, dist, unit, *a, nl.reverse, wf, bf, *PAINN_FILTER,
-                              need)
-            want = reference.painn_vjp(gs.double(), gv.double(), *t64, *a, nl.reverse, *p64,
-                                       *PAINN_FILTER, need)
+            got = m.painn_message_vjp(gs, gv, phi, v, dist, unit, *a, wf, bf, *PAINN_FILTER,
+                                      need)
+            want = reference.painn_message_vjp(gs.double(), gv.double(), *t64, *a, *p64,
+                                               *PAINN_FILTER, need)
             for x, y in zip(got, want, strict=True):
                 assert x.shape == y.shape
                 if y.numel():
@@ -372,14 +409,15 @@ def test_painn_out_of_range_sender_is_skipped(rng, backend):
     keep = torch.arange(len(nl)) != 5
     ptr = torch.zeros(n + 1, dtype=torch.int64)
     ptr[1:] = torch.cumsum(torch.bincount(nl.i[keep], minlength=n), 0)
-    got = m.painn_forward(phi, v, d, unit, nl.i, bad_j, nl.ptr, wf, bf, *PAINN_FILTER)
-    want = reference.painn_forward(phi, v, d[keep], unit[keep], nl.i[keep], nl.j[keep], ptr, wf,
-                                   bf, *PAINN_FILTER)
+    got = m.painn_message(phi, v, d, unit, nl.i, bad_j, nl.ptr, nl.reverse, wf, bf,
+                          *PAINN_FILTER)
+    want = reference.painn_message(phi, v, d[keep], unit[keep], nl.i[keep], nl.j[keep], ptr,
+                                   None, wf, bf, *PAINN_FILTER)
     for x, y in zip(got, want, strict=True):
         _close(x, y, torch.float64)
     gs, gv = torch.randn(n, nf, dtype=torch.float64), torch.randn(n, 3, nf, dtype=torch.float64)
-    grads = m.painn_vjp(gs, gv, phi, v, d, unit, nl.i, bad_j, nl.ptr, nl.reverse, wf, bf,
-                        *PAINN_FILTER, True)
+    grads = m.painn_message_vjp(gs, gv, phi, v, d, unit, nl.i, bad_j, nl.ptr, nl.reverse, wf,
+                                bf, *PAINN_FILTER, True)
     assert all(torch.isfinite(g).all() for g in grads)
     assert grads[2][5] == 0 and not grads[3][5].any()
 
@@ -401,7 +439,8 @@ def test_painn_gradcheck_and_opcheck(rng, backend, monkeypatch):
     inputs = (phi, v, d, unit, wf, bf)
     calls = []
     fused = op.painn_message_vjp
-    monkeypatch.setattr(op, "painn_message_vjp", lambda *args: calls.append(1) or fused(*args))
+    monkeypatch.setattr(op, "painn_message_vjp",
+                        lambda *args, **kwargs: calls.append(1) or fused(*args, **kwargs))
     ds, dv = f(*inputs)
     torch.autograd.grad(ds.sum() + dv.pow(2).sum(), phi)
     assert calls  # no graph asked for: the fused op
@@ -464,20 +503,28 @@ def test_cfconv_out_of_range_pair_end_is_skipped(rng, backend):
     ptr = torch.zeros(n + 1, dtype=torch.int64)
     ptr[1:] = torch.cumsum(torch.bincount(nl.i[keep], minlength=n), 0)
     kept = (nl.i[keep], nl.j[keep], ptr, new_index[rev[keep]])
+    kept_pairs = dense.mirror_pairs(kept[0], kept[1], kept[3])
+    pairs = dense.mirror_pairs(nl.i, bad_j, rev)  # the bad pair's end b is out of range
     p = params(num_basis, nf)
     x, g = torch.randn(n, nf, dtype=torch.float64), torch.randn(n, nf, dtype=torch.float64)
     filt = (2.0, "gaussian", "cosine", "shifted_softplus")
-    _close(m.cfconv_forward(x, d, nl.i, bad_j, nl.ptr, rev, *p, *filt),
-           reference.cfconv_forward(x, d[keep], *kept, *p, *filt), torch.float64)
-    got = m.cfconv_vjp(g, x, d, nl.i, bad_j, nl.ptr, rev, *p, *filt, True, True)
-    want = reference.cfconv_vjp(g, x, d[keep], *kept, *p, *filt, True, True)
+    none = x.new_empty(0, nf)
+    _close(m.cfconv(x, d, nl.i, bad_j, nl.ptr, rev, pairs, *p, *filt, False, 0)[0],
+           reference.cfconv(x, d[keep], *kept, kept_pairs, *p, *filt, False, 0)[0],
+           torch.float64)
+    got = m.cfconv_vjp(g, x, d, nl.i, bad_j, nl.ptr, rev, pairs, none, *p, *filt, True, True,
+                       True, 0)[:6]
+    want = reference.cfconv_vjp(g, x, d[keep], *kept, kept_pairs, none, *p, *filt, True, True,
+                                True, 0)[:6]
     assert got[1][bad] == 0 and got[1][rev[bad]] == 0
     _close(got[1][keep], want[1], torch.float64)
     for a, b in zip(got[:1] + got[2:], want[:1] + want[2:], strict=True):
         _close(a, b, torch.float64)
     v = torch.randn(len(nl), dtype=torch.float64)
-    got = m.cfconv_vjp_vjp(v, g, x, d, nl.i, bad_j, nl.ptr, rev, *p, *filt, True, True, True)
-    want = reference.cfconv_vjp_vjp(v[keep], g, x, d[keep], *kept, *p, *filt, True, True, True)
+    got = m.cfconv_vjp_vjp(v, g, x, d, nl.i, bad_j, nl.ptr, rev, pairs, none, *p, *filt, True,
+                           True, True, True)
+    want = reference.cfconv_vjp_vjp(v[keep], g, x, d[keep], *kept, kept_pairs, none, *p, *filt,
+                                    True, True, True, True)
     assert got[2][bad] == 0 and got[2][rev[bad]] == 0
     _close(got[2][keep], want[2], torch.float64)
     for a, b in zip(got[:2] + got[3:], want[:2] + want[3:], strict=True):
@@ -603,16 +650,19 @@ def test_numba_fused_gaussian_filter_matches_float64(num_basis, nf, env_kind, ki
     p64 = [p.double() for p in ps]
     u, weight = torch.randn(b, nf), torch.randn(b)
     fused, exact = FusedFilter(kind), dense.Activation(kind)
-    args, args64 = ("gaussian", env_kind, radial_orders), ("gaussian", env_kind, _radial64)
-    got = fused.filter_from_distances(d, ps, cutoff, *args[:2], radial_orders)
-    want = exact.filter_from_distances(d.double(), p64, cutoff, *args64)
+    settings = dense.FilterSettings(cutoff, "gaussian", env_kind, kind)
+    got = fused.filter_from_distances(d, ps, settings, radial_orders)
+    want = exact.filter_from_distances(d.double(), p64, settings, _radial64)
     assert got.dtype == torch.float32 and got.shape == (b, nf)
     _close(got, want, torch.float32)
+    into = torch.empty(b, nf)  # written into a kept slice
+    assert fused.filter_from_distances(d, ps, settings, radial_orders, into) is into
+    torch.testing.assert_close(into, got, rtol=0, atol=0)
     for need_params in (False, True):
-        want = exact.filter_vjp_from_distances(u.double(), d.double(), p64, cutoff,
-                                               *args64[:2], need_params, True, _radial64)
+        want = exact.filter_vjp_from_distances(u.double(), d.double(), p64, settings,
+                                               need_params, True, _radial64)
         for need_values in (False, True):
-            got = fused.filter_vjp_from_distances(u, d, ps, cutoff, *args[:2], need_params,
+            got = fused.filter_vjp_from_distances(u, d, ps, settings, need_params,
                                                   need_values, radial_orders)
             assert got[0].shape == (b,)
             for g, w in zip(got, want[:5] + (want[5] if need_values else None,), strict=True):
@@ -621,152 +671,127 @@ def test_numba_fused_gaussian_filter_matches_float64(num_basis, nf, env_kind, ki
                 else:
                     assert g.dtype == torch.float32 and g.shape == w.shape
                     _close(g, w, torch.float32)
-        got = fused.filter_vjp_vjp_from_distances(u, weight, d, ps, cutoff, *args[:2],
-                                                  need_params, radial_orders)
+        got = fused.filter_vjp_vjp_from_distances(u, weight, d, ps, settings, need_params,
+                                                  radial_orders)
         want = exact.filter_vjp_vjp_from_distances(u.double(), weight.double(), d.double(),
-                                                   p64, cutoff, *args64[:2], need_params,
-                                                   _radial64)
+                                                   p64, settings, need_params, _radial64)
         for g, w in zip(got, want, strict=True):
             assert (g is None) == (w is None)
             if w is not None:
                 assert g.dtype == torch.float32 and g.shape == w.shape
                 _close(g, w, torch.float32)
     # what the kernels do not cover takes the basis + GEMM path, with the same results
-    bessel = fused.filter_from_distances(d, ps, cutoff, "bessel", env_kind, radial_orders)
-    _close(bessel, exact.filter_from_distances(d.double(), p64, cutoff, "bessel", env_kind,
-                                               _radial64), torch.float32)
+    bessel = settings._replace(kind="bessel")
+    _close(fused.filter_from_distances(d, ps, bessel, radial_orders),
+           exact.filter_from_distances(d.double(), p64, bessel, _radial64), torch.float32)
     trained = [p.clone().requires_grad_(True) for p in ps]  # differentiable: torch formulas
-    assert fused.filter_from_distances(d, trained, cutoff, "gaussian", env_kind,
-                                       radial_orders).requires_grad
+    assert fused.filter_from_distances(d, trained, settings, radial_orders).requires_grad
 
 
-def test_mirror_pairs_reused_only_for_the_same_unchanged_list(rng):
-    """One MirrorPairs serves every call on the same (i, j, rev) tensors; another list, an
-    in-place change or a freed list gets its own, equal to a fresh construction."""
+def test_mirror_pairs_of_a_list(rng):
+    """nl.mirror_pairs: every unordered pair once as (canonical edge c < rev[c], mirror
+    m = rev[c], ends i[c], j[c]), computed once per list."""
     nl, _ = graph(rng, 30)
-    i, j, rev = nl.i, nl.j, nl.reverse
-    first = dense.mirror_pairs(i, j, rev)
-    assert dense.mirror_pairs(i, j, rev) is first
-    fresh = dense.MirrorPairs(i, j, rev)
-    assert all(torch.equal(getattr(first, k), getattr(fresh, k)) for k in "cmab")
-    other = dense.mirror_pairs(i, j, rev.clone())
-    assert other is not first and torch.equal(other.c, first.c)
-    swapped = rev.clone()
-    again = dense.mirror_pairs(i, j, swapped)
-    assert again is dense.mirror_pairs(i, j, swapped)
-    swapped[[0, 1]] = swapped[[1, 0]]  # in place: the pairs must be rebuilt
-    assert dense.mirror_pairs(i, j, swapped) is not again
-    del swapped, again, other
-    assert dense.mirror_pairs(i, j, rev) is not first  # replaced meanwhile: rebuilt
+    pairs = nl.mirror_pairs
+    assert nl.mirror_pairs is pairs  # kept with the list
+    c, m, a, b = pairs
+    assert pairs.dtype == torch.int64 and pairs.shape == (4, len(nl) // 2)
+    assert bool((c < m).all()) and torch.equal(m, nl.reverse[c])
+    assert torch.equal(a, nl.i[c]) and torch.equal(b, nl.j[c])
+    assert torch.equal(torch.sort(torch.cat([c, m])).values, torch.arange(len(nl)))
+    assert torch.equal(op.mirror_pairs(nl.i, nl.j, nl.reverse, "reference"), pairs)
 
 
-def test_kept_filters_match_only_the_same_unchanged_tensors():
-    """KeptBlocks hands an entry out once, only for the very tensors (same versions) and
-    settings it was kept for, drops it with its first tensor, and holds at most ``capacity``."""
-    kept = dense.KeptBlocks(capacity=2)
-    d, w = torch.rand(5), torch.randn(3, 2)
-    blocks = [torch.randn(4, 2)]
-    kept.put((d, w), ("a", 1), blocks)
-    assert kept.take((d, w.clone()), ("a", 1)) is None  # another tensor, equal values
-    assert kept.take((d, w), ("a", 2)) is None  # other settings
-    assert kept.take((d, w), ("a", 1)) is blocks
-    assert kept.take((d, w), ("a", 1)) is None  # handed out once
-    kept.put((d, w), ("a", 1), blocks)
-    w.add_(0)  # in place: another version
-    assert kept.take((d, w), ("a", 1)) is None
-    kept.put((d, w), ("a", 1), blocks)
-    d.data[0] += 1e-3  # through .data: no new version, but other values
-    assert kept.take((d, w), ("a", 1)) is None
-    for k in range(3):
-        kept.put((d, w), ("b", k), blocks)
-    assert len(kept) == 2 and kept.take((d, w), ("b", 0)) is None  # the oldest went first
-    kept.budget = 4 * blocks[0].numel()  # room for one entry of float32 blocks
-    assert kept.fits(kept.budget) and not kept.fits(kept.budget + 1)
-    kept.put((d, w), ("c", 0), blocks)
-    assert len(kept) == 1 and kept.take((d, w), ("b", 2)) is None  # over the budget: dropped
-    assert kept.take((d, w), ("c", 0)) is blocks
-    kept.put((d, w), ("c", 0), blocks)
-    del d  # the distances freed: their entries go with them
-    assert len(kept) == 0
+def test_mirror_pairs_traced_with_a_data_dependent_size(rng):
+    """Inside a symbolic trace (torch.compile, export), a list rebuilt from traced tensors
+    computes its pairs with the custom op (a new symbolic size P) and does not keep them; the
+    traced graph gives the eager pairs on a list of another size."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def pairs_of(i, j, shifts, ptr, cells, pbc, reverse):
+        nl = fastff.NeighborList(i, j, shifts, ptr, cutoff=2.0, half=False,
+                                 num_atoms=ptr.shape[0] - 1, batch=None, cells=cells, pbc=pbc,
+                                 cell=None, backend="reference")
+        nl._reverse = reverse
+        pairs = nl.mirror_pairs
+        assert nl._mirror_pairs is None  # computed while tracing: not kept
+        return pairs
+
+    def tensors(nl):
+        return nl.i, nl.j, nl.shifts, nl.ptr, nl._cells, nl.pbc, nl.reverse
+
+    nl, _ = graph(rng, 20)
+    with fastff.no_checks():
+        traced = make_fx(pairs_of, tracing_mode="symbolic")(*tensors(nl))
+    assert any("mirror_pairs" in str(node.target) for node in traced.graph.nodes)
+    other, _ = graph(rng, 26)
+    assert len(other) != len(nl)
+    assert torch.equal(traced(*tensors(other)), other.mirror_pairs)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_numba_cfconv_x_gradient_from_kept_filters(rng, dtype, monkeypatch):
-    """A forward on an x that requires grad keeps its blocks of W, and the backward's
-    x-gradient reads them: the same gradients as recomputing W (against the float64
-    reference), mirrors with unequal distances included; a backward without an x-gradient
-    frees them."""
-    n, nf, num_basis = 40, 24, 10
-    nl, d = graph(rng, n, dtype=dtype)
-    d = d.clone()
-    d[3] = d[3] * 1.01  # one pair whose mirrored distances differ: the mean of two filters
-    x = torch.randn(n, nf, dtype=dtype, requires_grad=True)
-    g = torch.randn(n, nf, dtype=dtype)
-    p = params(num_basis, nf, dtype)
-    i, j, ptr, rev = nl.i, nl.j, nl.ptr, nl.reverse
-    # a store of its own: entries of earlier tests in this process (full, or dropped as their
-    # distances are collected) would move the counts below
-    kept = dense.KeptBlocks()
-    monkeypatch.setattr(cpu_numba, "KEPT_FILTERS", kept)
-    for kind, env, act in (("gaussian", "cosine", "shifted_softplus"),
-                           ("bessel", "polynomial", "silu")):
-        args = (2.0, kind, env, act)
-        before = len(kept)
-        out = cpu_numba.cfconv_forward(x, d, i, j, ptr, rev, *p, *args)
-        assert len(kept) == before + 1
-        got = cpu_numba.cfconv_vjp(g, x.detach(), d, i, j, ptr, rev, *p, *args, False, True)
-        assert len(kept) == before  # handed out
-        recomputed = cpu_numba.cfconv_vjp(g, x.detach(), d, i, j, ptr, rev, *p, *args, False,
-                                          True)
-        want = reference.cfconv_vjp(g.double(), x.detach().double(), d.double(), i, j, ptr,
-                                    rev, *[t.double() for t in p], *args, False, True)
-        _close(out, reference.cfconv_forward(x.detach().double(), d.double(), i, j, ptr, rev,
-                                             *[t.double() for t in p], *args), dtype)
-        for a, b, c in zip(got[:2], recomputed[:2], want[:2], strict=True):
-            _close(a, c, dtype)
-            _close(b, c, dtype)
-        cpu_numba.cfconv_forward(x, d, i, j, ptr, rev, *p, *args)
-        cpu_numba.cfconv_vjp(g, x.detach(), d, i, j, ptr, rev, *p, *args, False, False)
-        assert len(kept) == before  # a backward without the x-gradient frees them
-    monkeypatch.setattr(kept, "budget", len(nl) // 2 * nf * x.element_size() - 1)
-    cpu_numba.cfconv_forward(x, d, i, j, ptr, rev, *p, *args)
-    assert len(kept) == before  # filters over the memory budget are not kept
+def test_cfconv_keeps_its_pair_filters_within_the_budget(rng):
+    """cfconv returns its pair filters [P, F] when asked and when they fit in the budget (the
+    fake impl decides the same way), else an empty [0, F]; the backward gives the same
+    gradients from them as recomputed."""
+    n, nf, num_basis = 30, 8, 6
+    nl, d = graph(rng, n)
+    pairs, a = nl.mirror_pairs, (nl.i, nl.j, nl.ptr, nl.reverse)
+    p = params(num_basis, nf, grad=True)
+    x = torch.randn(n, nf, dtype=torch.float64, requires_grad=True)
+    d = d.requires_grad_(True)
+    filt = (2.0, "gaussian", "cosine", "shifted_softplus")
+    exact = pairs.shape[1] * nf * x.element_size()
+    want = None
+    for keep, budget, rows in ((False, exact, 0), (True, exact - 1, 0), (True, 0, 0),
+                               (True, exact, pairs.shape[1])):
+        out, kept = op.cfconv(x, d, *a, pairs, *p, *filt, keep, budget, "numba")
+        assert kept.shape == (rows, nf) and not kept.requires_grad
+        grads = torch.autograd.grad((out * torch.cos(out)).sum(), (x, d, *p))
+        want = grads if want is None else want
+        for got_g, want_g in zip(grads, want, strict=True):
+            _close(got_g, want_g, torch.float64)
+    # every backend keeps the same way (the reference's are its mirror mean's rows)
+    detached = [t.detach() for t in (x, d, *p)]
+    for backend in BACKENDS:
+        _, kept = op.cfconv(*detached[:2], *a, pairs, *detached[2:], *filt, True, exact,
+                            backend)
+        assert kept.shape == (pairs.shape[1], nf)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_numba_cfconv_vjp_vjp_from_kept_products(rng, dtype, monkeypatch):
-    """A backward whose g requires grad (one that is itself differentiated: force training)
-    keeps its products t = u w2, and cfconv_vjp_vjp of the same g and x reads them: the same
-    gradients as recomputing t (against the float64 reference), mirrors with unequal distances
-    included. A g without grad keeps nothing."""
+def test_cfconv_one_pair_with_unequal_mirrored_distances(rng, dtype):
+    """One pair whose two distances differ makes every pair take the mean of its two filters
+    (one check per call): forward, both backwards and the kept filters and products against
+    the float64 reference."""
     n, nf, num_basis = 40, 24, 10
     nl, d = graph(rng, n, dtype=dtype)
     d = d.clone()
-    d[3] = d[3] * 1.01  # one pair whose mirrored distances differ: the mean of two filters
-    x = torch.randn(n, nf, dtype=dtype)
-    g = torch.randn(n, nf, dtype=dtype, requires_grad=True)
+    d[3] = d[3] * 1.01
+    i, j, ptr, rev, pairs = nl.i, nl.j, nl.ptr, nl.reverse, nl.mirror_pairs
+    x, g = torch.randn(n, nf, dtype=dtype), torch.randn(n, nf, dtype=dtype)
     v = torch.randn(len(nl), dtype=dtype)
     p = params(num_basis, nf, dtype)
-    i, j, ptr, rev = nl.i, nl.j, nl.ptr, nl.reverse
-    kept = dense.KeptBlocks()  # a store of its own, as above
-    monkeypatch.setattr(cpu_numba, "KEPT_PRODUCTS", kept)
+    p64 = [t.double() for t in p]
+    x64, g64, d64 = x.double(), g.double(), d.double()
     for kind, env, act in (("gaussian", "cosine", "shifted_softplus"),
                            ("bessel", "polynomial", "silu")):
         args = (2.0, kind, env, act)
-        cpu_numba.cfconv_vjp(g.detach(), x, d, i, j, ptr, rev, *p, *args, False, False)
-        assert len(kept) == 0  # g without grad: nothing to differentiate later
-        first = cpu_numba.cfconv_vjp(g, x, d, i, j, ptr, rev, *p, *args, False, False)
-        assert len(kept) == 1
-        got = cpu_numba.cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, *p, *args, True, True, True)
-        assert len(kept) == 0  # handed out
-        recomputed = cpu_numba.cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, *p, *args, True, True,
-                                              True)
-        p64 = [t.double() for t in p]
-        g64, x64, d64 = g.detach().double(), x.double(), d.double()
-        _close(first[1], reference.cfconv_vjp(g64, x64, d64, i, j, ptr, rev, *p64, *args, False,
-                                              False)[1], dtype)
-        want = reference.cfconv_vjp_vjp(v.double(), g64, x64, d64, i, j, ptr, rev, *p64, *args,
-                                        True, True, True)
-        for a, b, c in zip(got, recomputed, want, strict=True):
-            _close(a, c, dtype)
-            _close(b, c, dtype)
+        out, kept = cpu_numba.cfconv(x, d, i, j, ptr, rev, pairs, *p, *args, True, BUDGET)
+        want_out, want_kept = reference.cfconv(x64, d64, i, j, ptr, rev, pairs, *p64, *args,
+                                               True, BUDGET)
+        _close(out, want_out, dtype)
+        _close(kept, want_kept, dtype)
+        got = cpu_numba.cfconv_vjp(g, x, d, i, j, ptr, rev, pairs, kept, *p, *args, True, True,
+                                   True, BUDGET)
+        want = reference.cfconv_vjp(g64, x64, d64, i, j, ptr, rev, pairs, want_kept, *p64,
+                                    *args, True, True, True, BUDGET)
+        for a, b in zip(got, want, strict=True):
+            _close(a, b, dtype)
+        products = got[-1]
+        got = cpu_numba.cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, pairs, products, *p, *args,
+                                       True, True, True, True)
+        want = reference.cfconv_vjp_vjp(v.double(), g64, x64, d64, i, j, ptr, rev, pairs,
+                                        products[:0].double(), *p64, *args, True, True, True,
+                                        True)
+        for a, b in zip(got, want, strict=True):
+            _close(a, b, dtype)
