@@ -109,8 +109,8 @@ def backend_on(request: str, device: torch.device) -> str:
 def cacheable(t) -> bool:
     """Whether a value may be kept for tensor ``t``: a plain eager tensor (not fake, not traced,
     not an inference tensor, whose version counter is not tracked)."""
-    return (type(t) in (Tensor, torch.nn.Parameter) and not t.is_inference()
-            and not torch.compiler.is_compiling())
+    return (not torch.compiler.is_compiling() and type(t) in (Tensor, torch.nn.Parameter)
+            and not t.is_inference())
 
 
 class Stamp:

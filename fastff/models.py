@@ -312,7 +312,8 @@ class SchNet(AtomisticModel):
         tabulate: evaluate each filter from a cubic table of its MLP (rebuilt when the filter's
             parameters change). Inference only: filter parameters get no gradient on that path;
             energies, forces and stress stay within ~1e-7 relative of the MLP path.
-        backend: "numba", "triton", "reference" or None (device default) for every fastff op.
+        backend: "numba", "triton", "reference" or None (``FASTFF_BACKEND`` when set, else the
+            device default; read when built) for every fastff op.
 
     ``forward(species, positions, cell=None, pbc=None, batch=None, *, nl=None)`` returns
     energies [B] in the positions' dtype. Deterministic on CPU (bitwise, run to run).

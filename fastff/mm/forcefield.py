@@ -231,7 +231,8 @@ class ForceField(nn.Module):
                 Values are copied into ``nn.Parameter`` objects of ``dtype``.
             dtype: float64 or float32 for parameters (and expected positions).
             skin: Verlet skin (nm) of the owned neighbor list.
-            backend: kernel path for every term (None: by device).
+            backend: kernel path for every term (None: ``FASTFF_BACKEND`` when set, else by
+                device; read now, see :meth:`set_backend`).
 
         Raises:
             ValueError / TypeError: naming the argument, for wrong shapes, out-of-range atom
@@ -374,7 +375,8 @@ class ForceField(nn.Module):
             system: the OpenMM System (CMMotionRemover is ignored).
             dtype: float64 or float32 for parameters (and expected positions).
             skin: Verlet skin (nm) of the owned neighbor list.
-            backend: kernel path for every term (None: by device).
+            backend: kernel path for every term (None: ``FASTFF_BACKEND`` when set, else by
+                device; read now, see :meth:`set_backend`).
 
         Raises:
             ValueError: for any force or method not listed above (PME, Ewald, LJPME, custom
