@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 
@@ -163,12 +164,14 @@ class TensorCache:
 
     ``get(what, tensors, compute)`` returns ``compute()``, or the value kept for the same
     ``what`` and the same tensors in the same state. At most ``size`` values are kept per
-    ``what`` (most recent first); an entry whose tensor was freed never matches again.
+    ``what`` (most recent first); an entry whose tensor was freed never matches again. Safe to
+    share between threads (``compute`` runs outside the lock).
     """
 
     def __init__(self, size: int = 8):
         self.size = size
         self._entries: dict[Hashable, list[tuple[tuple[Stamp, ...], object]]] = {}
+        self._lock = threading.Lock()
 
     def get(self, what: Hashable, tensors: Sequence[Tensor], compute: Callable, *,
             values: bool = False):
@@ -178,28 +181,39 @@ class TensorCache:
                 values and any(t.device.type != "cpu" for t in tensors)):
             return compute()
         try:
-            entries = self._entries.setdefault(what, [])
+            hash(what)
         except TypeError:  # symbolic sizes in ``what`` (torch.export): not kept
             return compute()
-        for k, (stamps, value) in enumerate(entries):
-            if len(stamps) == len(tensors) and all(
-                    s.matches(t) for s, t in zip(stamps, tensors, strict=True)):
-                if k:
-                    entries.insert(0, entries.pop(k))
-                return value
+        with self._lock:
+            entries = self._entries.setdefault(what, [])
+            for k, (stamps, value) in enumerate(entries):
+                if len(stamps) == len(tensors) and all(
+                        s.matches(t) for s, t in zip(stamps, tensors, strict=True)):
+                    if k:
+                        entries.insert(0, entries.pop(k))
+                    return value
         value = compute()
-        entries.insert(0, (tuple(Stamp(t, values=values) for t in tensors), value))
-        entries[:] = [e for e in entries if all(s._ref() is not None for s in e[0])][:self.size]
+        entry = (tuple(Stamp(t, values=values) for t in tensors), value)
+        with self._lock:
+            entries = self._entries.setdefault(what, [])
+            entries.insert(0, entry)
+            entries[:] = [e for e in entries
+                          if all(s._ref() is not None for s in e[0])][:self.size]
         return value
 
     def clear(self) -> None:
-        self._entries.clear()
+        with self._lock:
+            self._entries.clear()
 
     def forget(self, tensors: Sequence[Tensor]) -> None:
         """Drop every value computed from one of ``tensors``."""
-        for what, entries in self._entries.items():
-            self._entries[what] = [e for e in entries
-                                   if not any(s._ref() is t for s in e[0] for t in tensors)]
+        with self._lock:
+            for what, entries in self._entries.items():
+                self._entries[what] = [e for e in entries if not any(
+                    s._ref() is t for s in e[0] for t in tensors)]
 
     def __getstate__(self):
-        return {"size": self.size, "_entries": {}}  # pickled or copied empty
+        return {"size": self.size}  # pickled or copied empty
+
+    def __setstate__(self, state) -> None:
+        self.__init__(state["size"])
