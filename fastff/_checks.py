@@ -107,11 +107,16 @@ def backend_on(request: str, device: torch.device) -> str:
 
 # ------------------------------------------------------------------- identity of tensor states
 
+def stampable(t) -> bool:
+    """Whether ``t`` can be told apart by a :class:`Stamp`: a plain eager tensor (not fake, not
+    traced)."""
+    return not torch.compiler.is_compiling() and type(t) in (Tensor, torch.nn.Parameter)
+
+
 def cacheable(t) -> bool:
-    """Whether a value may be kept for tensor ``t``: a plain eager tensor (not fake, not traced,
-    not an inference tensor, whose version counter is not tracked)."""
-    return (not torch.compiler.is_compiling() and type(t) in (Tensor, torch.nn.Parameter)
-            and not t.is_inference())
+    """Whether a value computed from ``t`` may be kept: ``t`` is stampable and tracks its
+    version (not an inference tensor)."""
+    return stampable(t) and not t.is_inference()
 
 
 class Stamp:
@@ -192,7 +197,13 @@ class TensorCache:
                     if k:
                         entries.insert(0, entries.pop(k))
                     return value
-        value = compute()
+        if torch.is_inference_mode_enabled():
+            # a kept tensor may serve calls outside inference mode, which inference tensors
+            # cannot enter: compute it as a normal tensor (the inputs are normal tensors)
+            with torch.inference_mode(False):
+                value = compute()
+        else:
+            value = compute()
         entry = (tuple(Stamp(t, values=values) for t in tensors), value)
         with self._lock:
             entries = self._entries.setdefault(what, [])

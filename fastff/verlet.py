@@ -70,6 +70,8 @@ class VerletList:
     def _needs_rebuild(self, positions: Tensor, cell, pbc, batch) -> bool:
         if self._nl is None or self._reference is None:
             return True
+        if self._nl.i.is_inference() and not torch.is_inference_mode_enabled():
+            return True  # built under torch.inference_mode: its tensors cannot enter autograd
         ref = self._reference
         if (positions.shape != ref.shape or positions.dtype != ref.dtype
                 or positions.device != ref.device):
@@ -117,7 +119,7 @@ class _Setting:
 
     def __init__(self, x):
         self.value = None if x is None else torch.as_tensor(x).detach().clone()
-        self.stamp = _checks.Stamp(x) if _checks.cacheable(x) else None
+        self.stamp = _checks.Stamp(x) if _checks.stampable(x) else None
 
     def same(self, x) -> bool:
         """Whether ``x`` holds the value kept: by tensor state when it is the same tensor, else
@@ -131,6 +133,6 @@ class _Setting:
         if not (now.shape == kept.shape and now.dtype == kept.dtype and now.device == kept.device
                 and bool(torch.equal(now.detach(), kept))):
             return False
-        if _checks.cacheable(x):
+        if _checks.stampable(x):
             self.stamp = _checks.Stamp(x)
         return True

@@ -261,6 +261,20 @@ def test_force_field_follows_data_edits_load_state_dict_and_optimizer_steps(rng)
         assert not torch.equal(after, before)
 
 
+@pytest.mark.parametrize("params_grad", [True, False], ids=["parameters", "md"])
+def test_force_field_under_inference_mode_then_with_autograd(params_grad):
+    """Lists and values kept from a call under torch.inference_mode must not leak inference
+    tensors into a later call that records autograd."""
+    box, pos = _water(300)
+    ff = _force_field(box)
+    ff.requires_grad_(params_grad)
+    with torch.inference_mode():
+        e_inference = ff(pos)
+    e, f = _energy_forces(ff, pos)
+    assert_close_scaled(e, e_inference, "mm", F64, "energy after inference mode")
+    assert_close_scaled(f, _energy_forces(copy.deepcopy(ff), pos)[1], "mm", F64, "forces")
+
+
 def test_verlet_list_compares_the_same_cell_by_state():
     box, pos = _water(40)
     cell = box.cell.clone()

@@ -77,8 +77,11 @@ class ClusterVerletList:
         key = (None if cell is None else tuple(cell.detach().double().flatten().tolist()),
                positions.shape[0], positions.dtype)
         reference = self._reference
+        # a list built under torch.inference_mode holds tensors that cannot enter autograd
+        inference = self._list is not None and self._list.entry_j.is_inference()
         if (self._key == key and reference is not None and self._exclusions is not None
-                and self._exclusions.matches(excl_j)):
+                and self._exclusions.matches(excl_j)
+                and not (inference and not torch.is_inference_mode_enabled())):
             if self._list is None:
                 return None  # this box does not take clusters
             moved2 = (positions.detach() - reference).square().sum(1).max()

@@ -475,7 +475,8 @@ class ForceField(nn.Module):
             return self.verlet.update(positions, cell if self.periodic else None)
         n = positions.shape[0]
         nl = self._all_pairs
-        if nl is None or nl.num_atoms != n or nl.i.device != positions.device:
+        if (nl is None or nl.num_atoms != n or nl.i.device != positions.device
+                or (nl.i.is_inference() and not torch.is_inference_mode_enabled())):
             i, j = torch.triu_indices(n, n, offset=1, device=positions.device)  # half list
             ptr = torch.zeros(n + 1, dtype=torch.int64, device=positions.device)
             ptr[1:] = torch.cumsum(torch.bincount(i, minlength=n), 0)
@@ -562,7 +563,7 @@ class ForceField(nn.Module):
             raise ValueError(f"positions has {positions.shape[0]} atoms but the force field was "
                              f"built for {self.num_atoms}")
         cell = self._cell(cell)
-        if cell is self.box and self.box.device.type == "cpu" and _checks.cacheable(self.box):
+        if cell is self.box and self.box.device.type == "cpu" and _checks.stampable(self.box):
             # the lists compare the box by version: an edit of its .data must rebuild them
             if self._box_state is None or not self._box_state.matches(self.box):
                 if self._box_state is not None:
