@@ -9,6 +9,10 @@ picks numba on CPU and Triton on CUDA, ``backend="reference"`` is the eager torc
 Units: lengths are those of the cutoff (the defaults, 0.5, suit nm); energies are in whatever
 unit the model is trained to. Forces come from autograd (:func:`energy_and_forces`), so any
 order of derivative is available (force matching needs the second).
+
+A model's ``forward`` (and :func:`energy_and_forces`) checks its inputs once (one NaN scan of
+the positions, species, batch, cell and list) and runs its layers with the value checks off;
+its backend is resolved when built, on ``set_backend`` and on a move to another device.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from torch.profiler import record_function
 
 from fastff import _checks
 from fastff import nn as fnn
-from fastff.kernels._runtime import registry
 from fastff.kernels.message import dense
 from fastff.neighbors import NeighborList, _normalize_batch, neighbor_list
 from fastff.verlet import VerletList
@@ -67,16 +70,17 @@ class AtomisticModel(nn.Module):
                              f"{num_features}")
         if not isinstance(skin, (int, float)) or not skin >= 0.0 or skin == float("inf"):
             raise ValueError(f"skin must be a finite number >= 0, got {skin!r}")
-        if backend is not None and backend != "auto" and backend not in registry.BACKENDS:
-            raise ValueError(f"backend must be one of {registry.BACKENDS}, 'auto' or None, got "
-                             f"{backend!r}")
+        self._backend_request = _checks.backend_request(backend)
         self.num_features, self.num_interactions = num_features, num_interactions
         self.cutoff = _checks.cutoff(cutoff)
-        self.max_species, self.skin, self.backend = max_species, float(skin), backend
+        self.max_species, self.skin = max_species, float(skin)
         self.embedding = nn.Embedding(max_species, num_features)
         self.readout = nn.Sequential(_dense_ssp(num_features, num_features // 2),
                                      nn.Linear(num_features // 2, 1))
+        #: the backend every fastff op of the model runs on (resolved for its device)
+        self.backend = _checks.backend_on(self._backend_request, self.embedding.weight.device)
         self.verlet = self._owned_verlet() if skin > 0 else None
+        self._species_checked = _checks.TensorCache(size=2)
 
     def _owned_verlet(self) -> VerletList:
         # compact: the reused list holds pairs up to cutoff + skin; the model sees those within
@@ -85,18 +89,31 @@ class AtomisticModel(nn.Module):
 
     def set_backend(self, backend: str | None) -> AtomisticModel:
         """Run every fastff op of this model (neighbor list, convolutions, radial bases) on
-        ``backend`` ("numba", "triton", "reference", or None for the device default) from now on.
-        The weights are untouched; an owned Verlet list is rebuilt on its next update."""
-        if backend is not None and backend != "auto" and backend not in registry.BACKENDS:
-            raise ValueError(f"backend must be one of {registry.BACKENDS}, 'auto' or None, got "
-                             f"{backend!r}")
+        ``backend`` ("numba", "triton", "reference", or None: ``FASTFF_BACKEND`` if set, else
+        the device default) from now on. The weights are untouched; an owned Verlet list is
+        rebuilt on its next update."""
+        self._backend_request = _checks.backend_request(backend)
+        self._resolve_backend(force=True)
+        return self
+
+    def _resolve_backend(self, force: bool = False) -> None:
+        """Give this model and its fastff layers the backend of its request on its device."""
+        backend = _checks.backend_on(self._backend_request, self.embedding.weight.device)
+        if backend == self.backend and not force:
+            return
         self.backend = backend
         for module in self.modules():
             if isinstance(module, (fnn.CFConv, fnn.PaiNNMessage)):
                 module.backend = backend
         if self.verlet is not None:
             self.verlet = self._owned_verlet()
-        return self
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the parameters: the default backend follows the device
+        out = super()._apply(fn, recurse)
+        if "_backend_request" in self.__dict__:
+            self._resolve_backend()
+        return out
 
     def set_tabulate(self, tabulate: bool) -> AtomisticModel:
         """Switch every radial filter between its cubic table (inference: the filter parameters
@@ -129,22 +146,46 @@ class AtomisticModel(nn.Module):
                              f"{list(species.shape)}")
         _checks.same_device("species", species, "positions", positions)
         if _checks.checks_enabled() and n:
-            bad = ((species < 0) | (species >= self.max_species)).nonzero()
-            if bad.numel():
-                k = int(bad[0, 0])
-                raise ValueError(f"species[{k}] = {int(species[k])} is outside [0, "
-                                 f"{self.max_species}) (max_species of the model)")
+            # the same species tensor comes back step after step: checked once per state
+            self._species_checked.get(self.max_species, (species,),
+                                      lambda: self._check_species(species))
         batch, num_systems = _normalize_batch(batch, positions)
         return 1 if batch is None else int(num_systems or 0)
+
+    def _check_species(self, species: Tensor) -> bool:
+        bad = ((species < 0) | (species >= self.max_species)).nonzero()
+        if bad.numel():
+            k = int(bad[0, 0])
+            raise ValueError(f"species[{k}] = {int(species[k])} is outside [0, "
+                             f"{self.max_species}) (max_species of the model)")
+        return True
+
+    def _check_cell(self, cell, positions: Tensor) -> None:
+        if cell is None:
+            return
+        if not isinstance(cell, Tensor):
+            raise TypeError(f"cell must be a torch.Tensor, got {type(cell).__name__}")
+        if cell.shape[-2:] != (3, 3) or cell.dim() not in (2, 3):
+            raise ValueError(f"cell must have shape [3, 3] or [B, 3, 3], got {list(cell.shape)}")
+        _checks.same_float_dtype("cell", cell, "positions", positions)
+        _checks.same_device("cell", cell, "positions", positions)
 
     def neighbors(self, positions: Tensor, cell: Tensor | None = None, pbc=None,
                   batch: Tensor | None = None, nl: NeighborList | None = None) -> NeighborList:
         """The full neighbor list this model uses: ``nl`` (checked), the pairs within the cutoff
         from the owned Verlet list (skin > 0), or a fresh ``fastff.neighbor_list``."""
         if nl is None:
-            if self.verlet is not None:
-                return self.verlet.update(positions, cell, pbc, batch)
-            return neighbor_list(positions, self.cutoff, cell, pbc, batch, backend=self.backend)
+            return self._own_list(positions, cell, pbc, batch)
+        return self._check_list(nl, positions, batch)
+
+    def _own_list(self, positions: Tensor, cell: Tensor | None, pbc,
+                  batch: Tensor | None) -> NeighborList:
+        if self.verlet is not None:
+            return self.verlet.update(positions, cell, pbc, batch)
+        return neighbor_list(positions, self.cutoff, cell, pbc, batch, backend=self.backend)
+
+    def _check_list(self, nl, positions: Tensor, batch: Tensor | None) -> NeighborList:
+        """A given list, checked once for every layer of the model."""
         if not isinstance(nl, NeighborList):
             raise TypeError(f"nl must be a fastff.NeighborList, got {type(nl).__name__}")
         if nl.half:
@@ -156,10 +197,21 @@ class AtomisticModel(nn.Module):
         if nl.num_atoms != positions.shape[0]:
             raise ValueError(f"nl was built for {nl.num_atoms} atoms but positions has "
                              f"{positions.shape[0]}")
+        if nl.i.device != positions.device:
+            raise ValueError(f"nl is on {nl.i.device} but positions is on {positions.device}")
         if (nl.batch is None) != (batch is None) or (
-                batch is not None and nl.batch is not None and _checks.checks_enabled()
-                and not torch.equal(nl.batch, batch)):
+                batch is not None and nl.batch is not None and nl.batch is not batch
+                and _checks.checks_enabled() and not torch.equal(nl.batch, batch)):
             raise ValueError("nl was built with a different batch than the one given")
+        if nl.cutoff > self.cutoff and self.envelope is None:
+            raise ValueError(f"the model has no envelope, so its radial functions do not vanish "
+                             f"at the cutoff {self.cutoff}; it needs a neighbor list with exactly "
+                             f"that cutoff (got {nl.cutoff}; nl.within(positions, "
+                             f"{self.cutoff}) gives one)")
+        if (_checks.checks_enabled() and len(nl) and not nl.symmetric
+                and bool((nl.reverse < 0).any())):
+            raise ValueError("nl has pairs without a mirror pair; build it with "
+                             "fastff.neighbor_list")
         return nl
 
     def _cells(self, cell: Tensor | None, num_systems: int, batched: bool) -> Tensor | None:
@@ -167,6 +219,15 @@ class AtomisticModel(nn.Module):
         if cell is not None and batched and isinstance(cell, Tensor) and cell.dim() == 2:
             return cell.expand(num_systems, 3, 3)
         return cell
+
+    def _checked(self, species: Tensor, positions: Tensor, cell: Tensor | None,
+                 batch: Tensor | None, nl: NeighborList | None) -> int:
+        """The checks of a call, made once for every layer; returns the number of systems."""
+        num_systems = self.check_inputs(species, positions, batch)
+        self._check_cell(cell, positions)
+        if nl is not None:
+            self._check_list(nl, positions, batch)
+        return num_systems
 
     def forward(self, species: Tensor, positions: Tensor, cell: Tensor | None = None, pbc=None,
                 batch: Tensor | None = None, *, nl: NeighborList | None = None) -> Tensor:
@@ -180,15 +241,24 @@ class AtomisticModel(nn.Module):
             batch: int64 [N], sorted system index per atom; None for one system (B = 1).
             nl: a full neighbor list with cutoff >= the model's (else one is built).
         """
-        num_systems = self.check_inputs(species, positions, batch)
+        num_systems = self._checked(species, positions, cell, batch, nl)
+        return self._energies(species, positions, cell, pbc, batch, nl, num_systems)
+
+    def _energies(self, species: Tensor, positions: Tensor, cell: Tensor | None, pbc,
+                  batch: Tensor | None, nl: NeighborList | None, num_systems: int) -> Tensor:
+        """:meth:`forward` after its checks: the layers run with the value checks off (in this
+        thread; while compiling they are off anyway)."""
+        if torch.compiler.is_compiling():
+            return self._run(species, positions, cell, pbc, batch, nl, num_systems)
+        with _checks.no_checks():
+            return self._run(species, positions, cell, pbc, batch, nl, num_systems)
+
+    def _run(self, species: Tensor, positions: Tensor, cell: Tensor | None, pbc,
+             batch: Tensor | None, nl: NeighborList | None, num_systems: int) -> Tensor:
         cell = self._cells(cell, num_systems, batch is not None)
-        with record_function("fastff.model.neighbors"):
-            nl = self.neighbors(positions, cell, pbc, batch, nl)
-        if nl.cutoff > self.cutoff and self.envelope is None:
-            raise ValueError(f"the model has no envelope, so its radial functions do not vanish "
-                             f"at the cutoff {self.cutoff}; it needs a neighbor list with exactly "
-                             f"that cutoff (got {nl.cutoff}; nl.within(positions, "
-                             f"{self.cutoff}) gives one)")
+        if nl is None:
+            with record_function("fastff.model.neighbors"):
+                nl = self._own_list(positions, cell, pbc, batch)
         x = self.atomic_features(species, positions, nl, cell)
         atomic = self.readout(x).squeeze(1)
         if batch is None:
@@ -242,7 +312,8 @@ class SchNet(AtomisticModel):
         tabulate: evaluate each filter from a cubic table of its MLP (rebuilt when the filter's
             parameters change). Inference only: filter parameters get no gradient on that path;
             energies, forces and stress stay within ~1e-7 relative of the MLP path.
-        backend: "numba", "triton", "reference" or None (device default) for every fastff op.
+        backend: "numba", "triton", "reference" or None (``FASTFF_BACKEND`` when set, else the
+            device default; read when built) for every fastff op.
 
     ``forward(species, positions, cell=None, pbc=None, batch=None, *, nl=None)`` returns
     energies [B] in the positions' dtype. Deterministic on CPU (bitwise, run to run).
@@ -256,14 +327,17 @@ class SchNet(AtomisticModel):
         self.envelope = None if envelope in (None, "none") else envelope
         self.interactions = nn.ModuleList(
             SchNetInteraction(num_features, num_basis, self.cutoff, kind=kind, envelope=envelope,
-                              tabulate=tabulate, backend=backend)
+                              tabulate=tabulate, backend=self.backend)
             for _ in range(num_interactions))
+
+    def _blocks(self) -> list[SchNetInteraction]:
+        return [block for block in self.interactions if isinstance(block, SchNetInteraction)]
 
     def atomic_features(self, species: Tensor, positions: Tensor, nl: NeighborList,
                         cell: Tensor | None) -> Tensor:
         x = self.embedding(species)
         # once, for every interaction; tabulated filters compute them inside their kernel
-        d = None if all(b.conv.tabulate for b in self.interactions) else \
+        d = None if all(block.conv.tabulate for block in self._blocks()) else \
             nl.distances(positions, cell)
         for block in self.interactions:
             with record_function("fastff.SchNet.interaction"):
@@ -317,7 +391,7 @@ class PaiNN(AtomisticModel):
                  tabulate: bool = False, backend: str | None = None):
         super().__init__(num_features, num_interactions, cutoff, max_species, skin, backend)
         messages = [fnn.PaiNNMessage(num_features, num_basis, self.cutoff, tabulate=tabulate,
-                                     backend=backend)
+                                     backend=self.backend)
                     for _ in range(num_interactions)]
         # The Bessel basis sqrt(2/c) sin(k pi r/c) / r scales as length^(-3/2): rescaling the
         # initial filter weights by c^(3/2) / sqrt(2) makes each starting filter a function of
@@ -367,7 +441,7 @@ def energy_and_forces(model: AtomisticModel, species: Tensor, positions: Tensor,
 
 
 def _energy_and_forces(model, species, positions, cell, pbc, batch, *, stress, training, nl):
-    num_systems = model.check_inputs(species, positions, batch)
+    num_systems = model._checked(species, positions, cell, batch, nl)
     if not positions.requires_grad:
         positions = positions.detach().requires_grad_(True)
     inputs = [positions]
@@ -398,7 +472,7 @@ def _energy_and_forces(model, species, positions, cell, pbc, batch, *, stress, t
         volume = torch.linalg.det((cell.unsqueeze(0) if cell.dim() == 2 else cell).detach()).abs()
         if not bool((volume > 0).all()):
             raise ValueError("stress=True needs cells of non-zero volume")
-    energy = model(species, pos, cells, pbc, batch, nl=nl)
+    energy = model._energies(species, pos, cells, pbc, batch, nl, num_systems)
     grads = torch.autograd.grad(energy.sum(), inputs, create_graph=training)
     forces = -grads[0]
     if not training:

@@ -17,6 +17,12 @@ class VerletList:
     pairs (and shifts) are reused: they remain a superset of the pairs within ``cutoff`` and
     stay consistent with unwrapped positions.
 
+    The cell, pbc and batch given at the last build are compared by tensor state: the same
+    tensor at the same version is the same input (no value is read, so no host sync); another
+    tensor is compared by value with a copy kept at the build. An in-place change of the same
+    tensor bumps its version and is seen; a change through ``.data`` is not: call
+    :meth:`reset` after one.
+
     With ``compact=False`` (default), :meth:`update` returns that reused list itself; consumers
     apply ``cutoff`` themselves (pairs between ``cutoff`` and ``cutoff + skin`` must contribute
     zero, as with any smooth cutoff). With ``compact=True``, :meth:`update` returns, at every
@@ -47,7 +53,7 @@ class VerletList:
         self.steps = 0
         self._nl: NeighborList | None = None
         self._reference: Tensor | None = None  # positions at the last build
-        self._key: tuple | None = None
+        self._built_for: tuple[_Setting, _Setting, _Setting] | None = None  # cell, pbc, batch
 
     @property
     def skin_list(self) -> NeighborList | None:
@@ -64,13 +70,15 @@ class VerletList:
     def _needs_rebuild(self, positions: Tensor, cell, pbc, batch) -> bool:
         if self._nl is None or self._reference is None:
             return True
+        if self._nl.i.is_inference() and not torch.is_inference_mode_enabled():
+            return True  # built under torch.inference_mode: its tensors cannot enter autograd
         ref = self._reference
         if (positions.shape != ref.shape or positions.dtype != ref.dtype
                 or positions.device != ref.device):
             return True
-        key = self._key
-        assert key is not None
-        if not _same(cell, key[0]) or not _same(pbc, key[1]) or not _same(batch, key[2]):
+        built_for = self._built_for
+        assert built_for is not None
+        if not all(s.same(x) for s, x in zip(built_for, (cell, pbc, batch), strict=True)):
             return True
         moved2 = (positions.detach() - ref).square().sum(dim=1).max() if positions.shape[0] else 0.0
         return bool(moved2 > (0.5 * self.skin) ** 2)
@@ -84,7 +92,7 @@ class VerletList:
             self._nl = neighbor_list(positions, self.cutoff + self.skin, cell, pbc, batch,
                                      half=self.half, backend=self.backend)
             self._reference = positions.detach().clone()
-            self._key = (_snapshot(cell), _snapshot(pbc), _snapshot(batch))
+            self._built_for = (_Setting(cell), _Setting(pbc), _Setting(batch))
             self.rebuilds += 1
         elif not self._compacts:
             _checks.positions(positions)  # within() checks them otherwise
@@ -94,20 +102,37 @@ class VerletList:
         # cell=None: the list's own cell, equal to ``cell`` (a new cell rebuilds)
         return self._nl.within(positions, self.cutoff)
 
+    def reset(self) -> None:
+        """Forget the list: the next :meth:`update` rebuilds it (needed after a change of the
+        cell, pbc or batch tensor that its version counter does not see, e.g. through
+        ``.data``)."""
+        self._nl = self._reference = self._built_for = None
+
     @property
     def _compacts(self) -> bool:
         return self.compact and self.skin > 0.0  # without a skin the list is already exact
 
 
-def _snapshot(x):
-    if isinstance(x, Tensor):
-        return x.detach().clone()
-    return None if x is None else torch.as_tensor(x).clone()
+class _Setting:
+    """One input a list was built for (cell, pbc or batch): its value, kept, and the state of the
+    tensor that gave it (or of the last tensor found equal to it)."""
 
+    def __init__(self, x):
+        self.value = None if x is None else torch.as_tensor(x).detach().clone()
+        self.stamp = _checks.Stamp(x) if _checks.stampable(x) else None
 
-def _same(x, saved) -> bool:
-    if x is None or saved is None:
-        return x is None and saved is None
-    x = torch.as_tensor(x)
-    return (x.shape == saved.shape and x.device == saved.device
-            and bool(torch.equal(x.detach(), saved)))
+    def same(self, x) -> bool:
+        """Whether ``x`` holds the value kept: by tensor state when it is the same tensor, else
+        by value (then its state is kept, so the next call with it reads no value)."""
+        if x is None or self.value is None:
+            return x is None and self.value is None
+        if self.stamp is not None and self.stamp.matches(x):
+            return True
+        now = torch.as_tensor(x)
+        kept = self.value
+        if not (now.shape == kept.shape and now.dtype == kept.dtype and now.device == kept.device
+                and bool(torch.equal(now.detach(), kept))):
+            return False
+        if _checks.stampable(x):
+            self.stamp = _checks.Stamp(x)
+        return True

@@ -311,9 +311,11 @@ def test_models_move_and_switch(rng):
     model.double()
     assert model.dtype == F64
     model.set_backend("reference")
+    assert model.backend == "reference"
     assert all(m.backend == "reference" for m in model.messages)
-    model.set_backend(None)
-    assert all(m.backend is None for m in model.messages)
+    model.set_backend(None)  # resolved now: the device's default (cpu: numba)
+    assert model.backend == "numba"
+    assert all(m.backend == "numba" for m in model.messages)
 
 
 def test_bad_input(rng):

@@ -32,7 +32,7 @@ class ClusterList:
         self.cutoff, self.num_atoms = cutoff, num_atoms
         periodic = cell is not None
         self.pbc = torch.full((1, 3), periodic, dtype=torch.bool)
-        self._cells = (cell.detach().to(dtype).reshape(1, 3, 3).clone() if periodic
+        self._cells = (cell.detach().to(dtype).reshape(1, 3, 3).clone() if cell is not None
                        else torch.zeros(1, 3, 3, dtype=dtype))
 
     @property
@@ -65,25 +65,34 @@ class ClusterVerletList:
         self._list: ClusterList | None = None
         self._reference: Tensor | None = None
         self._key: tuple | None = None
+        self._exclusions: _checks.Stamp | None = None  # the excl_j of the last build
 
     def update(self, positions: Tensor, cell: Tensor | None, excl_ptr: Tensor,
                excl_j: Tensor) -> ClusterList | None:
+        """The list for these positions (checked by the caller: binning assumes finite ones,
+        and stays in bounds otherwise), or None where clusters do not apply."""
         from fastff.kernels.nonbonded import cpu_clusters
 
+        # the cell by value (CPU: a few microseconds); the exclusions by tensor state
         key = (None if cell is None else tuple(cell.detach().double().flatten().tolist()),
-               positions.shape[0], positions.dtype, id(excl_j), excl_j._version)
-        if self._key == key and self._reference is not None:
+               positions.shape[0], positions.dtype)
+        reference = self._reference
+        # a list built under torch.inference_mode holds tensors that cannot enter autograd
+        inference = self._list is not None and self._list.entry_j.is_inference()
+        if (self._key == key and reference is not None and self._exclusions is not None
+                and self._exclusions.matches(excl_j)
+                and not (inference and not torch.is_inference_mode_enabled())):
             if self._list is None:
                 return None  # this box does not take clusters
-            moved2 = (positions.detach() - self._reference).square().sum(1).max()
+            moved2 = (positions.detach() - reference).square().sum(1).max()
             if not bool(moved2 > (0.5 * self.skin) ** 2):
                 return self._list
-        _checks.positions(positions)  # before binning (the nonbonded term checks each call)
         arrays = cpu_clusters.build(
             positions.detach().double().numpy(),
             None if cell is None else cell.detach().double().numpy(),
             self.cutoff + self.skin, excl_ptr.numpy(), excl_j.numpy())
         self._key = key
+        self._exclusions = _checks.Stamp(excl_j)
         self._reference = positions.detach().clone()
         self._list = None if arrays is None else ClusterList(
             arrays, cutoff=self.cutoff + self.skin, num_atoms=positions.shape[0], cell=cell,

@@ -14,13 +14,16 @@ Every kernel is a ``torch.library`` custom op with a fake implementation (``opch
 including AOT dispatch), so the functions trace under ``make_fx`` / ``torch.compile``. Input
 validation reads values (NaN scans, index ranges) unless ``fastff.no_checks()`` is active, and
 the Triton nonbonded launcher reads the longest exclusion row on the host: neither is CUDA-graph
-capturable as is.
+capturable as is. Checks of indices, parameters and cells run once per tensor state (object
+and version counter), and what is derived from them (exclusion rows, cell inverses) is kept
+per state too (:class:`fastff._checks.TensorCache`); :func:`forget` drops it after an edit of
+``.data``.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -63,9 +66,9 @@ def _param(x, name: str, length: int, positions: Tensor, *, nonnegative: bool = 
         raise ValueError(f"{name} must have shape [{length}], got {list(x.shape)}")
     _checks.same_float_dtype(name, x, "positions", positions)
     _checks.same_device(name, x, "positions", positions)
-    if _checks.checks_enabled() and x.numel():
-        _once_per_version(x, ("parameter values", name, nonnegative),
-                          lambda: _param_values(x.detach(), name, nonnegative))
+    if x.numel():
+        _checked_once(x, ("parameter values", name, nonnegative),
+                      lambda: _param_values(x.detach(), name, nonnegative))
     return x
 
 
@@ -77,7 +80,7 @@ def _param_values(x: Tensor, name: str, nonnegative: bool) -> None:
         raise ValueError(f"{name} must be >= 0, got {float(x[bad])} at index {bad}")
 
 
-def _systems(positions: Tensor, batch: Tensor | None, nl: NeighborList | None):
+def _systems(positions: Tensor, batch: Tensor | None, nl: NeighborList | ClusterList | None):
     """(atom_system int64 [N], batched?)"""
     if batch is None and nl is not None and nl.batch is not None:
         batch = nl.batch
@@ -85,11 +88,17 @@ def _systems(positions: Tensor, batch: Tensor | None, nl: NeighborList | None):
         return torch.zeros(positions.shape[0], dtype=torch.int64, device=positions.device), False
     _checks.index_tensor(batch, "batch", positions.shape[0])
     _checks.same_device("batch", batch, "positions", positions)
-    if nl is not None and nl.batch is not None and not torch.equal(batch, nl.batch):
+    if nl is not None and nl.batch is not None and nl.batch is not batch and not torch.equal(
+            batch, nl.batch):
         raise ValueError("batch differs from the batch the neighbor list was built with")
-    if _checks.checks_enabled() and batch.numel() and bool((batch[1:] < batch[:-1]).any()):
-        raise ValueError("batch must be sorted (atoms of one system contiguous)")
+    if batch.numel():
+        _checked_once(batch, ("sorted batch",), lambda: _sorted_batch(batch))
     return batch.contiguous(), True
+
+
+def _sorted_batch(batch: Tensor) -> None:
+    if bool((batch[1:] < batch[:-1]).any()):
+        raise ValueError("batch must be sorted (atoms of one system contiguous)")
 
 
 def _finish(energy: Tensor, batched: bool) -> Tensor:
@@ -104,39 +113,47 @@ def _cell_heights(cells: Tensor) -> Tensor:
     return volume[:, None] / torch.linalg.vector_norm(cross, dim=2)
 
 
-_TOPOLOGY: dict[tuple, tuple] = {}
+#: value checks of tensors, made once per tensor state (again after any in-place change)
+_CHECKED = _checks.TensorCache()
+#: values derived from tensors (exclusion rows, cell inverses, the exceptions that count)
+_DERIVED = _checks.TensorCache()
 
 
-def _once_per_version(index: Tensor, extra, compute):
-    """``compute()`` once per (tensor, its version, ``extra``).
+def _checked_once(t: Tensor | tuple[Tensor, ...], what, check: Callable[[], None]) -> None:
+    """Run the value check ``check()`` of ``t`` (a tensor or a tuple of tensors) once per state
+    of ``t`` (and ``what``).
 
-    Term indices, parameters and the box are the same tensors step after step, so their value
-    checks and derived data (the exclusion CSR, the cell inverse) are kept instead of redone
-    every MD step; an in-place change (an optimizer step) bumps the tensor's version and is
-    seen. Off while tracing.
+    Term indices, parameters and the box are the same tensors step after step: their value
+    checks run once, and again after an in-place change (an optimizer step). Skipped while the
+    value checks are off; not kept while tracing.
     """
-    if type(index) not in (Tensor, torch.nn.Parameter) or torch.compiler.is_compiling():
-        return compute()
-    # one index tensor serves several computations (exceptions: checks, uniqueness, CSR)
-    key = (id(index), extra, _checks.checks_enabled())
-    try:
-        hit = _TOPOLOGY.get(key)
-    except TypeError:  # symbolic sizes in ``extra`` (torch.export): not cached
-        return compute()
-    if hit is not None and hit[0]() is index and hit[1] == index._version:
-        return hit[2]
-    value = compute()
+    if _checks.checks_enabled():
+        _CHECKED.get(what, t if isinstance(t, tuple) else (t,), lambda: _passed(check))
 
-    def forget(_ref, k=key) -> None:
-        _TOPOLOGY.pop(k, None)
 
-    _TOPOLOGY[key] = (weakref.ref(index, forget), index._version, value)
-    return value
+def _passed(check: Callable[[], None]) -> bool:
+    check()  # raises on bad values
+    return True
+
+
+def _derived(tensors: tuple[Tensor, ...], what, compute: Callable, *, values: bool = False):
+    """``compute()``, a value derived from ``tensors``, kept per tensor state. ``values=True``
+    (what parameters decide): kept while they hold the same values, so that ``.data`` edits and
+    fused optimizer steps are seen; on CPU only, recomputed on other devices (comparing values
+    there would be a host sync)."""
+    return _DERIVED.get(what, tensors, compute, values=values)
+
+
+def forget(*tensors: Tensor) -> None:
+    """Drop what is kept for ``tensors`` (after an edit of their ``.data``, which their version
+    counter does not see)."""
+    _CHECKED.forget(tensors)
+    _DERIVED.forget(tensors)
 
 
 def exclusion_rows(pairs: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """The exclusion CSR of exception pairs (kept per tensor version)."""
-    return _once_per_version(pairs, ("exclusion rows", n), lambda: _exclusion_rows(pairs, n))
+    return _derived((pairs,), ("exclusion rows", n), lambda: _exclusion_rows(pairs, n))
 
 
 def _exclusion_rows(index: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -162,7 +179,7 @@ def _term_index(index, name: str, width: int, n: int, positions: Tensor) -> Tens
     if index.dim() != 2 or index.shape[1] != width:
         raise ValueError(f"{name} must have shape [T, {width}], got {list(index.shape)}")
     _checks.same_device(name, index, "positions", positions)
-    _once_per_version(index, (name, n), lambda: _term_values(index, name, width, n))
+    _checked_once(index, (name, n), lambda: _term_values(index, name, width, n))
     return index.contiguous()
 
 
@@ -189,7 +206,7 @@ def _check_exceptions(exceptions, n: int, positions: Tensor) -> Exceptions:
                             f"epsilon [X]), got {type(exceptions).__name__}") from None
     index = _term_index(ex.pairs, "exceptions.pairs", 2, n, positions)
     x = index.shape[0]
-    _once_per_version(index, ("unique pairs", n), lambda: _unique_pairs(index, n))
+    _checked_once(index, ("unique pairs", n), lambda: _unique_pairs(index, n))
     return Exceptions(index, _param(ex.charge_prod, "exceptions.charge_prod", x, positions),
                       _param(ex.sigma, "exceptions.sigma", x, positions, nonnegative=True),
                       _param(ex.epsilon, "exceptions.epsilon", x, positions, nonnegative=True))
@@ -197,16 +214,17 @@ def _check_exceptions(exceptions, n: int, positions: Tensor) -> Exceptions:
 
 def _active_exceptions(ex: Exceptions) -> Exceptions:
     """Without parameter gradients, pure exclusions (charge product 0 and epsilon 0) add
-    exactly nothing: drop them (water's every exception is one). Not while tracing (the kept
-    count depends on the values)."""
-    if torch.compiler.is_compiling() or type(ex.charge_prod) not in (Tensor, torch.nn.Parameter):
+    exactly nothing: drop them (water's every exception is one). On CPU only, and not while
+    tracing: which rows stay depends on the parameters' values (kept while they hold the same
+    values, see ``_derived``), and reading them on another device would be a host sync."""
+    if ex.charge_prod.device.type != "cpu" or not _checks.cacheable(ex.charge_prod):
         return ex
+
     def active() -> Tensor | None:
         keep = (ex.charge_prod != 0) | (ex.epsilon != 0)
         return None if bool(keep.all()) else keep.nonzero().flatten()
 
-    keep = _once_per_version(ex.charge_prod, ("active", id(ex.epsilon), ex.epsilon._version),
-                             active)
+    keep = _derived((ex.charge_prod, ex.epsilon), ("active exceptions",), active, values=True)
     if keep is None:
         return ex
     return Exceptions(ex.pairs[keep], ex.charge_prod[keep], ex.sigma[keep], ex.epsilon[keep])
@@ -225,10 +243,16 @@ def _needs_grad(*xs) -> bool:
     return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
 
 
-def _pair_terms(positions: Tensor, nl: NeighborList, charges, sigma, epsilon, *, cutoff,
-                cell, batch, switch_distance, method, dielectric, ewald_alpha, coulomb_constant,
-                exceptions, exceptions_use_pbc, backend):
+def _pair_terms(positions: Tensor, nl: NeighborList, charges, sigma, epsilon, **settings):
     _checks.positions(positions)
+    return _pair_energy(positions, nl, charges, sigma, epsilon, **settings)
+
+
+def _pair_energy(positions: Tensor, nl: NeighborList | ClusterList, charges, sigma, epsilon, *,
+                 cutoff, cell, batch, switch_distance, method, dielectric, ewald_alpha,
+                 coulomb_constant, exceptions, exceptions_use_pbc, backend):
+    """:func:`nonbonded` after the positions check (which a :class:`ForceField` makes once for
+    all its terms); the other checks are structural or kept per tensor state."""
     if not isinstance(nl, (NeighborList, ClusterList)):
         raise TypeError(f"nl must be a fastff.NeighborList, got {type(nl).__name__}")
     n = positions.shape[0]
@@ -254,16 +278,9 @@ def _pair_terms(positions: Tensor, nl: NeighborList, charges, sigma, epsilon, *,
                 raise ValueError(f"dielectric must be >= 1, got {dielectric}")
             k_rf = (d - 1.0) / ((2.0 * d + 1.0) * rc ** 3) if math.isfinite(d) else 0.5 / rc ** 3
             c_rf = 1.0 / rc + k_rf * rc * rc
-            if _checks.checks_enabled() and bool(nl.pbc.any()):
-                pbc = nl.pbc
-                key = cell if isinstance(cell, Tensor) else cells
-                limit = _once_per_version(
-                    key, ("half height", tuple(pbc.flatten().tolist())),
-                    lambda: 0.5 * float(_cell_heights(cells).masked_fill(~pbc, math.inf).min()))
-                if rc > limit:
-                    raise ValueError(f"cutoff={rc} is larger than half the shortest cell height "
-                                     f"({limit:.6g}): periodic reaction field needs cutoff <= "
-                                     "half the shortest cell height (minimum image)")
+            key = cell if isinstance(cell, Tensor) else cells
+            _checked_once((key, nl.pbc), ("half height", rc),
+                          lambda: _reaction_field_reach(rc, cells, nl.pbc))
         elif coul == _nbref.COULOMB_EWALD_REAL:
             if ewald_alpha is None:
                 raise ValueError("method='ewald_real' needs ewald_alpha (1/nm)")
@@ -311,15 +328,32 @@ def _pair_terms(positions: Tensor, nl: NeighborList, charges, sigma, epsilon, *,
     if ex is not None and ex.pairs.shape[0]:
         inv = cells.detach()
         if exceptions_use_pbc:
-            inv = _once_per_version(cell if isinstance(cell, Tensor) else cells,
-                                    ("inverse", cells.shape[0]),
-                                    lambda: torch.linalg.inv(cells.detach()))
+            inv = _inverse(cell if isinstance(cell, Tensor) else cells, cells)
         name, _ = registry.resolve("lj_coulomb_pairs", positions.device, backend)
         energy = energy + _bonded.lj_coulomb_pairs(
             positions, cells, inv, atom_system, bool(exceptions_use_pbc), ex.pairs,
             ex.charge_prod, ex.sigma, ex.epsilon, float(coulomb_constant),
             _needs_grad(ex.charge_prod, ex.sigma, ex.epsilon), name)[0]
     return _finish(energy, batched)
+
+
+def _reaction_field_reach(rc: float, cells: Tensor, pbc: Tensor) -> None:
+    """Periodic reaction field takes the minimum image: the cutoff must not pass half the
+    shortest height of the periodic cell."""
+    if not bool(pbc.any()):
+        return
+    limit = 0.5 * float(_cell_heights(cells).masked_fill(~pbc, math.inf).min())
+    if rc > limit:
+        raise ValueError(f"cutoff={rc} is larger than half the shortest cell height "
+                         f"({limit:.6g}): periodic reaction field needs cutoff <= half the "
+                         "shortest cell height (minimum image)")
+
+
+def _inverse(cell: Tensor, cells: Tensor) -> Tensor:
+    """The inverse of ``cells`` [B, 3, 3] (from ``cell``, as given), kept per state of ``cell``.
+    ``inv_ex``: no host sync; singular cells are refused by the cell checks."""
+    return _derived((cell,), ("inverse", cells.shape[0]),
+                    lambda: torch.linalg.inv_ex(cells.detach())[0])
 
 
 def lennard_jones(positions: Tensor, nl: NeighborList, sigma: Tensor, epsilon: Tensor, *,
@@ -394,7 +428,8 @@ def nonbonded(positions: Tensor, nl: NeighborList, charges: Tensor, sigma: Tenso
 
 
 def _term_setup(positions, cell, batch):
-    _checks.positions(positions)
+    """(cells [B, 3, 3], their inverse, atom_system, batched, has_cell) of a bonded term; the
+    caller checks positions."""
     atom_system, batched = _systems(positions, batch, None)
     nsys = int(atom_system[-1]) + 1 if batched and atom_system.numel() else 1
     if cell is None:
@@ -410,18 +445,15 @@ def _term_setup(positions, cell, batch):
         cells = cell
     else:
         raise ValueError(f"cell must have shape [3, 3] or [{nsys}, 3, 3], got {list(cell.shape)}")
-    inverse = _once_per_version(cell, ("checked inverse", nsys),
-                                lambda: _checked_inverse(cells.detach()))
-    return cells, inverse, atom_system, batched, True
+    _checked_once(cell, ("cell values", nsys), lambda: _invertible(cells.detach()))
+    return cells, _inverse(cell, cells), atom_system, batched, True
 
 
-def _checked_inverse(cells: Tensor) -> Tensor:
-    if _checks.checks_enabled():
-        det = torch.linalg.det(cells)
-        if not bool(torch.isfinite(cells).all()) or bool((det.abs() < 1e-12).any()):
-            raise ValueError("cell must be finite and non-singular (minimum image needs its "
-                             "inverse)")
-    return torch.linalg.inv(cells)
+def _invertible(cells: Tensor) -> None:
+    det = torch.linalg.det(cells)
+    if not bool(torch.isfinite(cells).all()) or bool((det.abs() < 1e-12).any()):
+        raise ValueError("cell must be finite and non-singular (minimum image needs its "
+                         "inverse)")
 
 
 def harmonic_bonds(positions: Tensor, bonds: Tensor, k: Tensor, r0: Tensor, *,
@@ -438,6 +470,7 @@ def harmonic_bonds(positions: Tensor, bonds: Tensor, k: Tensor, r0: Tensor, *,
     Returns:
         Energy (kJ/mol), scalar or [B]. Deterministic on CPU.
     """
+    _checks.positions(positions)
     cells, inv, atom_system, batched, periodic = _term_setup(positions, cell, batch)
     index = _term_index(bonds, "bonds", 2, positions.shape[0], positions)
     t = index.shape[0]
@@ -457,6 +490,7 @@ def harmonic_angles(positions: Tensor, angles: Tensor, k: Tensor, theta0: Tensor
     Args: as :func:`harmonic_bonds`, with angles int64 [T, 3], k [T] (kJ/mol/rad^2),
     theta0 [T] (rad).
     """
+    _checks.positions(positions)
     cells, inv, atom_system, batched, periodic = _term_setup(positions, cell, batch)
     index = _term_index(angles, "angles", 3, positions.shape[0], positions)
     t = index.shape[0]
@@ -478,6 +512,7 @@ def periodic_torsions(positions: Tensor, torsions: Tensor, k: Tensor, periodicit
     Args: as :func:`harmonic_bonds`, with torsions int64 [T, 4], k [T] (kJ/mol),
     periodicity int64 [T] (n >= 0, not differentiable), phase [T] (rad).
     """
+    _checks.positions(positions)
     cells, inv, atom_system, batched, periodic = _term_setup(positions, cell, batch)
     index = _term_index(torsions, "torsions", 4, positions.shape[0], positions)
     t = index.shape[0]
@@ -495,9 +530,9 @@ def _periodicity(periodicity, t: int) -> Tensor:
         raise TypeError("periodicity must be an int64 tensor")
     if periodicity.shape != (t,):
         raise ValueError(f"periodicity must have shape [{t}], got {list(periodicity.shape)}")
-    if _checks.checks_enabled() and t:
-        _once_per_version(periodicity, ("periodicity values",),
-                          lambda: _nonnegative_periodicity(periodicity))
+    if t:
+        _checked_once(periodicity, ("periodicity values",),
+                      lambda: _nonnegative_periodicity(periodicity))
     return periodicity.contiguous()
 
 
@@ -530,6 +565,14 @@ def bonded(positions: Tensor, *, bonds=None, angles=None, torsions=None,
         Energy (kJ/mol), scalar or [B]. Deterministic on CPU; differentiable to any order in
         positions, cell and every parameter.
     """
+    _checks.positions(positions)
+    return _bonded_energy(positions, bonds=bonds, angles=angles, torsions=torsions, cell=cell,
+                          batch=batch, periodic=periodic, backend=backend)
+
+
+def _bonded_energy(positions: Tensor, *, bonds, angles, torsions, cell, batch, periodic,
+                   backend) -> Tensor:
+    """:func:`bonded` after the positions check (which a :class:`ForceField` makes once)."""
     cells, inv, atom_system, batched, has_cell = _term_setup(positions, cell, batch)
     if periodic is None:
         periodic = (has_cell,) * 3

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fastff import _checks
 from fastff.kernels._runtime import registry
 from fastff.mm import _terms
 from fastff.mm._clusters import ClusterList, ClusterVerletList
@@ -158,6 +159,14 @@ class ForceField(nn.Module):
     clusters with partner lists, OpenMM's CPU layout; about 2x faster), for orthorhombic boxes
     longer than 2 (cutoff + skin + ~0.35 nm) and non-periodic systems. Set
     ``use_clusters = False`` to always use the pair list. Both give the same energy and forces.
+
+    A call checks its inputs once (positions scanned for NaN/inf once, for every term), and the
+    value checks of parameters, indices and the box once per tensor state. What the module
+    derives from its tensors is kept while they stay the same: in-place changes,
+    ``load_state_dict``, optimizer steps (fused ones too) and ``.data`` edits of parameters are
+    seen on the next call, as are ``box.data`` edits on CPU; after editing ``.data`` of an index
+    buffer, or of the box on another device, call :meth:`invalidate`. The backend is resolved
+    when built, on :meth:`set_backend` and when the module moves to another device.
     """
 
     # parameters and buffers set by from_parameters (declared for type checkers)
@@ -181,7 +190,7 @@ class ForceField(nn.Module):
     torsion_periodicity: Tensor
     lj_class: Tensor
     lj_class_count: Tensor
-    backend: str | None
+    backend: str
     num_atoms: int
     cutoff: float
     bonds_periodic: bool
@@ -199,6 +208,10 @@ class ForceField(nn.Module):
         self._all_pairs: NeighborList | None = None
         self.dispersion_correction = False
         self.terms: list[str] = []
+        self._backend_request = "auto"  # "auto" (by device) or a backend name
+        self.backend = "reference"  # resolved in from_parameters
+        self._box_state: _checks.Stamp | None = None  # the box the lists were last used with
+        self.register_load_state_dict_post_hook(_invalidate_after_load)
 
     @classmethod
     def from_parameters(cls, num_atoms: int, *, box: Tensor | None = None,
@@ -218,7 +231,8 @@ class ForceField(nn.Module):
                 Values are copied into ``nn.Parameter`` objects of ``dtype``.
             dtype: float64 or float32 for parameters (and expected positions).
             skin: Verlet skin (nm) of the owned neighbor list.
-            backend: kernel path for every term (None: by device).
+            backend: kernel path for every term (None: ``FASTFF_BACKEND`` when set, else by
+                device; read now, see :meth:`set_backend`).
 
         Raises:
             ValueError / TypeError: naming the argument, for wrong shapes, out-of-range atom
@@ -231,7 +245,7 @@ class ForceField(nn.Module):
             raise TypeError(f"ForceField.from_parameters: dtype must be torch.float32 or "
                             f"torch.float64, got {dtype}")
         ff = cls()
-        ff.backend = backend
+        ff._backend_request = _checks.backend_request(backend)
         ff.num_atoms = num_atoms
         ff.cutoff = math.inf
         if box is None:
@@ -244,6 +258,7 @@ class ForceField(nn.Module):
             if abs(float(torch.linalg.det(b.double()))) < 1e-12:
                 raise ValueError("ForceField.from_parameters: box is singular")
             ff.register_buffer("box", b.clone())
+        ff.backend = _checks.backend_on(ff._backend_request, ff.box.device)
         if nonbonded is not None:
             ff._set_nonbonded(nonbonded, box is not None, dtype, skin)
         for spec, kind in ((bonds, BondParameters), (angles, AngleParameters),
@@ -324,14 +339,17 @@ class ForceField(nn.Module):
         self.has_nonbonded = True
         self.terms.insert(0, "nonbonded")
         self.periodic = periodic
+        # every setting of fastff.mm.nonbonded but the tensors, the cell and the backend
         kwargs: dict = dict(coulomb_constant=float(spec.coulomb_constant),
-                            exceptions_use_pbc=bool(spec.exceptions_use_pbc))
+                            exceptions_use_pbc=bool(spec.exceptions_use_pbc),
+                            dielectric=float(spec.dielectric)
+                            if spec.method == "reaction_field" and rc is not None else 1.0,
+                            switch_distance=None,
+                            ewald_alpha=None)
         if rc is None:
             kwargs.update(cutoff=None, method="plain")
         else:
             kwargs.update(cutoff=float(rc), method=spec.method)
-            if spec.method == "reaction_field":
-                kwargs["dielectric"] = float(spec.dielectric)
             if spec.switch_distance is not None:
                 kwargs["switch_distance"] = float(spec.switch_distance)
             self.cutoff = float(rc)
@@ -357,7 +375,8 @@ class ForceField(nn.Module):
             system: the OpenMM System (CMMotionRemover is ignored).
             dtype: float64 or float32 for parameters (and expected positions).
             skin: Verlet skin (nm) of the owned neighbor list.
-            backend: kernel path for every term (None: by device).
+            backend: kernel path for every term (None: ``FASTFF_BACKEND`` when set, else by
+                device; read now, see :meth:`set_backend`).
 
         Raises:
             ValueError: for any force or method not listed above (PME, Ewald, LJPME, custom
@@ -402,6 +421,41 @@ class ForceField(nn.Module):
         return cls.from_parameters(system.getNumParticles(), box=box, dtype=dtype, skin=skin,
                                    backend=backend, **groups)
 
+    def set_backend(self, backend: str | None) -> ForceField:
+        """Run every term on ``backend`` ("numba", "triton", "reference", or None:
+        ``FASTFF_BACKEND`` if set, else by device) from now on; the owned list is rebuilt."""
+        self._backend_request = _checks.backend_request(backend)
+        self._resolve_backend(force=True)
+        return self
+
+    def _resolve_backend(self, force: bool = False) -> None:
+        backend = _checks.backend_on(self._backend_request, self.box.device)
+        if backend == self.backend and not force:
+            return
+        self.backend = backend
+        if self.verlet is not None:
+            self.verlet = VerletList(self.verlet.cutoff, self.verlet.skin, half=True,
+                                     backend=backend)
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves the parameters: the default backend follows the device
+        out = super()._apply(fn, recurse)
+        if hasattr(self, "box"):
+            self._resolve_backend()
+        self.invalidate()
+        return out
+
+    def invalidate(self) -> None:
+        """Forget the owned neighbor lists and what was derived from the buffers (rebuilt on the
+        next call): needed only after an edit the module does not see, of an index buffer's
+        ``.data`` or, on a device other than the CPU, of ``box.data``."""
+        if self.verlet is not None:
+            self.verlet.reset()
+        if self.clusters is not None:
+            self.clusters = ClusterVerletList(self.clusters.cutoff, self.clusters.skin)
+        _terms.forget(*self.buffers())
+        self._box_state = None
+
     def _cluster_list(self, positions: Tensor, cell: Tensor | None) -> ClusterList | None:
         """The cluster-pair list of the CPU fast path, when it applies: numba backend, no
         parameter gradients needed, not tracing, a box the layout handles (else None)."""
@@ -421,7 +475,8 @@ class ForceField(nn.Module):
             return self.verlet.update(positions, cell if self.periodic else None)
         n = positions.shape[0]
         nl = self._all_pairs
-        if nl is None or nl.num_atoms != n or nl.i.device != positions.device:
+        if (nl is None or nl.num_atoms != n or nl.i.device != positions.device
+                or (nl.i.is_inference() and not torch.is_inference_mode_enabled())):
             i, j = torch.triu_indices(n, n, offset=1, device=positions.device)  # half list
             ptr = torch.zeros(n + 1, dtype=torch.int64, device=positions.device)
             ptr[1:] = torch.cumsum(torch.bincount(i, minlength=n), 0)
@@ -472,23 +527,14 @@ class ForceField(nn.Module):
             cell: [3, 3] box (rows are vectors, nm); default: the System's default box.
             nl: a full neighbor list to use instead of the owned Verlet list.
         """
-        cell = self._cell(cell)
+        cell = self._checked_call(positions, cell)
         out: dict[str, Tensor] = {}
-        be = self.backend
         if self.has_nonbonded:
             out["nonbonded"] = self._nonbonded_energy(positions, cell, nl)
-        if "harmonic_bonds" in self.terms:
-            out["harmonic_bonds"] = _terms.harmonic_bonds(
-                positions, self.bond_index, self.bond_k, self.bond_r0,
-                cell=cell if self.bonds_periodic else None, backend=be)
-        if "harmonic_angles" in self.terms:
-            out["harmonic_angles"] = _terms.harmonic_angles(
-                positions, self.angle_index, self.angle_k, self.angle_theta0,
-                cell=cell if self.angles_periodic else None, backend=be)
-        if "periodic_torsions" in self.terms:
-            out["periodic_torsions"] = _terms.periodic_torsions(
-                positions, self.torsion_index, self.torsion_k, self.torsion_periodicity,
-                self.torsion_phase, cell=cell if self.torsions_periodic else None, backend=be)
+        for term, kind in (("harmonic_bonds", "bonds"), ("harmonic_angles", "angles"),
+                           ("periodic_torsions", "torsions")):
+            if term in self.terms:
+                out[term] = self._bonded_energy(positions, cell, (kind,))
         return out
 
     def forward(self, positions: Tensor, cell: Tensor | None = None,
@@ -496,30 +542,51 @@ class ForceField(nn.Module):
         """Total potential energy (kJ/mol, scalar); forces are ``-d energy / d positions``.
 
         The same sum as :meth:`energies`, with every bonded term in one fused op."""
-        cell = self._cell(cell)
+        cell = self._checked_call(positions, cell)
         total = positions.new_zeros(())
         if self.has_nonbonded:
             total = total + self._nonbonded_energy(positions, cell, nl)
         if any(t != "nonbonded" for t in self.terms):
-            total = total + self.bonded_energy(positions, cell)
+            total = total + self._bonded_energy(positions, cell)
         return total
 
     def bonded_energy(self, positions: Tensor, cell: Tensor | None = None) -> Tensor:
         """Bonds + angles + torsions (kJ/mol, scalar) in one fused op (:func:`fastff.mm.bonded`).
         """
+        return self._bonded_energy(positions, self._checked_call(positions, cell))
+
+    def _checked_call(self, positions: Tensor, cell: Tensor | None) -> Tensor | None:
+        """The checks of a call, made once for every term: positions (shape, NaN/inf); returns
+        the box to use. Cell, parameters and indices are checked inside, once per state."""
+        _checks.positions(positions)
+        if positions.shape[0] != self.num_atoms:
+            raise ValueError(f"positions has {positions.shape[0]} atoms but the force field was "
+                             f"built for {self.num_atoms}")
         cell = self._cell(cell)
-        specs = {}
-        if "harmonic_bonds" in self.terms:
+        if cell is self.box and self.box.device.type == "cpu" and _checks.stampable(self.box):
+            # the lists compare the box by version: an edit of its .data must rebuild them
+            if self._box_state is None or not self._box_state.matches(self.box):
+                if self._box_state is not None:
+                    self.invalidate()
+                self._box_state = _checks.Stamp(self.box, values=True)
+        return cell
+
+    def _bonded_energy(self, positions: Tensor, cell: Tensor | None,
+                       kinds: tuple[str, ...] = ("bonds", "angles", "torsions")) -> Tensor:
+        specs: dict[str, tuple[Tensor, ...]] = {}
+        if "bonds" in kinds and "harmonic_bonds" in self.terms:
             specs["bonds"] = (self.bond_index, self.bond_k, self.bond_r0)
-        if "harmonic_angles" in self.terms:
+        if "angles" in kinds and "harmonic_angles" in self.terms:
             specs["angles"] = (self.angle_index, self.angle_k, self.angle_theta0)
-        if "periodic_torsions" in self.terms:
+        if "torsions" in kinds and "periodic_torsions" in self.terms:
             specs["torsions"] = (self.torsion_index, self.torsion_k, self.torsion_periodicity,
                                  self.torsion_phase)
         periodic = tuple(arg in specs and getattr(self, f"{arg}_periodic")
                          for arg in ("bonds", "angles", "torsions"))
-        return _terms.bonded(positions, cell=cell if any(periodic) else None,
-                             periodic=periodic, backend=self.backend, **specs)
+        return _terms._bonded_energy(
+            positions, cell=cell if any(periodic) else None, batch=None, periodic=periodic,
+            backend=self.backend, bonds=specs.get("bonds"), angles=specs.get("angles"),
+            torsions=specs.get("torsions"))
 
     def _cell(self, cell: Tensor | None) -> Tensor | None:
         """The box to use: the one given, else the System's default box when any term is
@@ -530,18 +597,25 @@ class ForceField(nn.Module):
         return cell
 
     def _nonbonded_energy(self, positions: Tensor, cell: Tensor | None,
-                          nl: NeighborList | None) -> Tensor:
+                          nl: NeighborList | ClusterList | None) -> Tensor:
         if nl is None:
-            nl = self._cluster_list(positions, cell) or self._neighbor_list(positions, cell)
+            # the positions are checked: building or reusing the lists reads no value again
+            with _checks.no_checks():
+                nl = self._cluster_list(positions, cell) or self._neighbor_list(positions, cell)
         exceptions = _terms.Exceptions(self.exception_index, self.exception_charge_prod,
                                        self.exception_sigma, self.exception_epsilon)
-        e = _terms.nonbonded(positions, nl, self.charges, self.sigma, self.epsilon,
-                             cell=cell if self.periodic else None, exceptions=exceptions,
-                             backend=self.backend, **self.nonbonded_kwargs)
+        e = _terms._pair_energy(positions, nl, self.charges, self.sigma, self.epsilon,
+                                cell=cell if self.periodic else None, batch=None,
+                                exceptions=exceptions, backend=self.backend,
+                                **self.nonbonded_kwargs)
         if self.dispersion_correction:
             assert cell is not None  # periodic: the default box at least
             e = e + self._dispersion(cell)
         return e
+
+
+def _invalidate_after_load(module: ForceField, incompatible_keys) -> None:
+    module.invalidate()
 
 
 def _floats(values) -> Tensor:
