@@ -1,7 +1,8 @@
 """Ahead-of-time compilation report of every Triton kernel in fastff, without a GPU.
 
 Run ``python -m fastff.aot [--json FILE] [--arch 80 90]``. Every ``fastff.kernels.<family>``
-package that has a ``gpu_triton`` module is imported (families are discovered, so new ones are
+package that has a ``gpu_triton`` module is imported (and every ``fastff.kernels.gpu_*``
+module of shared helpers) (families are discovered, so new ones are
 picked up without changes here); each entry of its module-level ``AOT_SPECS`` list is compiled
 with ``triton.compile`` for an explicit ``GPUTarget`` (sm_80 and sm_90 by default) and the PTX is
 assembled by the ``ptxas`` shipped in the Triton wheel, whose ``-v`` report gives registers,
@@ -63,14 +64,18 @@ def _reexec_without_interpreter(argv: list[str]) -> int:
 
 
 def discover() -> tuple[list[tuple[str, Any]], list[dict[str, Any]]]:
-    """([(module name, module)], [failure rows]) for every fastff.kernels.*.gpu_triton."""
+    """([(module name, module)], [failure rows]) for every fastff.kernels.*.gpu_triton and
+    fastff.kernels.gpu_*."""
     import fastff.kernels as kernels
 
     modules, failures = [], []
     for info in sorted(pkgutil.iter_modules(kernels.__path__), key=lambda m: m.name):
-        if not info.ispkg:
+        if info.ispkg:
+            name = f"{kernels.__name__}.{info.name}.gpu_triton"
+        elif info.name.startswith("gpu_"):  # Triton helpers shared by the families
+            name = f"{kernels.__name__}.{info.name}"
+        else:
             continue
-        name = f"{kernels.__name__}.{info.name}.gpu_triton"
         try:
             if importlib.util.find_spec(name) is None:
                 continue
