@@ -28,14 +28,14 @@ import torch
 import triton
 import triton.language as tl
 
+from fastff.kernels._runtime import status
+
 FIXED_SCALE = 2.0**32  # OpenMM's 0x100000000: 2^-32 resolution, +-2^31 range in int64
 
-# Bits of the status word of a capacity-mode list (int32 [1] on the device).
-REBUILD = 1  # the list is rebuilt in this step
-OVERFLOW = 2  # more pairs (or tiles) than the capacity: the list is incomplete
-NONFINITE = 4  # a position was NaN or inf at the last check
-BAD_CELL = 8  # the cell no longer suits the list's layout (cluster path: box too small)
-INVALID = OVERFLOW | NONFINITE | BAD_CELL
+# the status word of capacity-mode lists (flags, rebuild count): see _runtime/status.py
+REBUILD, OVERFLOW, NONFINITE, BAD_CELL, INVALID = (status.REBUILD, status.OVERFLOW,
+                                                   status.NONFINITE, status.BAD_CELL,
+                                                   status.INVALID)
 
 
 def deterministic() -> bool:

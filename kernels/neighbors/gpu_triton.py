@@ -270,7 +270,8 @@ def neighbor_pad_kernel(row_ptr, i_out_ptr, j_out_ptr, shift_out_ptr, dist_out_p
                         BLOCK: tl.constexpr):
     """Capacity mode, after the fill pass: slots past the last pair hold the padding pair
     (i = j = N, no shift, infinite distance); OVERFLOW is raised when the pairs exceed the
-    capacity; the cells become the Verlet reference. Guarded by the status word."""
+    capacity; the rebuild count goes up by one; the cells become the Verlet reference. Guarded
+    by the status word (int32 [2]: flags, rebuilds)."""
     if (tl.load(status_ptr) & 1) != 0:
         pid = tl.program_id(0).to(tl.int64)
         num_pairs = tl.load(row_ptr + n_atoms)
@@ -286,6 +287,7 @@ def neighbor_pad_kernel(row_ptr, i_out_ptr, j_out_ptr, shift_out_ptr, dist_out_p
         tl.store(dist_out_ptr + k, tl.zeros([BLOCK], dtype=dist_out_ptr.dtype.element_ty)
                  + float("inf"), mask=pad)
         if pid == 0:
+            tl.atomic_add(status_ptr + 1, 1, sem="relaxed")  # rebuilds so far
             if num_pairs > capacity:
                 tl.atomic_or(status_ptr, 2, sem="relaxed")  # OVERFLOW
             c = tl.arange(0, BLOCK)
@@ -533,7 +535,7 @@ def neighbor_list_into(positions: Tensor, cutoff: float, cells: Tensor, pbc: Ten
 
     Args:
         positions, cutoff, cells, pbc, system_ptr, half: as :func:`neighbor_list`.
-        status: int32 [1] status word (kernels/gpu_common.py). reference: [N, 3] and
+        status: int32 [2] status word (kernels/_runtime/status.py). reference: [N, 3] and
             ref_cells: [B, 3, 3] in the positions' dtype. i, j: int64 [C]; shifts int32 [C, 3];
             ptr int64 [N + 1]; distances [C] (positions' dtype). All written in place.
     """
@@ -566,7 +568,7 @@ def verlet_check(positions: Tensor, cells: Tensor, reference: Tensor, ref_cells:
     atom moved more than ``skin / 2`` since the reference or a cell differs from its reference,
     and NONFINITE when a position is not finite. No host synchronisation."""
     n = positions.shape[0]
-    status.bitwise_and_(gpu_common.OVERFLOW)
+    status[:1].bitwise_and_(gpu_common.OVERFLOW)
     if n == 0:
         return
     limit = gpu_common.constants((0.5 * skin,), positions.dtype, positions.device)
