@@ -510,5 +510,5 @@ def poison_invalid(x: Tensor, status: Tensor) -> Tensor:
     """``x``, or NaN everywhere (and in its gradients) when the status word of the list it was
     computed from reports a problem: results of a truncated or invalid list never pass as
     numbers. Device ops only (no synchronisation)."""
-    bad = (status[:1] & status_bits.INVALID) != 0
+    bad = (status[0] & status_bits.INVALID) != 0  # 0-dim: x keeps its shape
     return x * torch.where(bad, math.nan, 1.0).to(x.dtype)

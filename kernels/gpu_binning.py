@@ -294,7 +294,8 @@ def _grid_kernel(height_ptr, pbc_ptr, sys_ptr, fmin_ptr, fmax_ptr, width_ptr, sp
                  GUARDED: tl.constexpr, BLOCK_S: tl.constexpr):
     """One program: bins per axis of every system (at least one cutoff wide and at most about
     one per atom, as reference and the former torch binning), the reach of a cell list, and
-    the offsets of each system's bins (offset[B] = the total)."""
+    the offsets of each system's bins (offset[B] = the total). ``width_ptr``: the bin widths
+    (cell lists), or (atoms per cluster, column height in cluster edges, -) for clusters."""
     if _guard(status_ptr, GUARDED):
         carry = tl.zeros([], dtype=tl.int64)
         tl.store(offset_ptr, carry.to(tl.int32))
@@ -307,7 +308,6 @@ def _grid_kernel(height_ptr, pbc_ptr, sys_ptr, fmin_ptr, fmax_ptr, width_ptr, sp
             count = (tl.load(sys_ptr + s + 1, mask=ms, other=0)
                      - tl.load(sys_ptr + s, mask=ms, other=0))
             cap = tl.maximum(count, 1).to(tl.float64)
-            n0, n1, n2 = cap * 0.0, cap * 0.0, cap * 0.0
             l0, l1, l2 = cap * 0.0, cap * 0.0, cap * 0.0
             for d in tl.static_range(3):
                 periodic = tl.load(pbc_ptr + s * 3 + d, mask=ms, other=0) != 0
@@ -318,16 +318,27 @@ def _grid_kernel(height_ptr, pbc_ptr, sys_ptr, fmin_ptr, fmax_ptr, width_ptr, sp
                 span = tl.where(periodic, 1.0, tl.maximum(span, 0.0))
                 tl.store(span_ptr + s * 3 + d, span.to(span_ptr.dtype.element_ty), mask=ms)
                 length = tl.load(height_ptr + s * 3 + d, mask=ms, other=1.0) * span
-                width = w_x if d == 0 else (w_y if d == 1 else w_z)
-                nb = tl.floor(length / width)
-                nb = tl.where(nb == nb, nb, 1.0)
-                nb = tl.minimum(tl.maximum(nb, 1.0), 1048576.0)
                 if d == 0:
-                    n0, l0 = nb, length
+                    l0 = length
                 elif d == 1:
-                    n1, l1 = nb, length
+                    l1 = length
                 else:
-                    n2, l2 = nb, length
+                    l2 = length
+            if MODE == 0:  # cell list: bins at least the (slackened) cutoff wide
+                v_x, v_y, v_z = w_x + cap * 0.0, w_y + cap * 0.0, w_z + cap * 0.0
+            else:
+                # clusters: columns as wide as a cluster of w_x atoms is tall at this density,
+                # and w_y times as tall (flat axes count as one unit of length)
+                ell = (tl.maximum(l0, 1e-30) * tl.maximum(l1, 1e-30)
+                       * tl.maximum(l2, 1e-30))
+                edge = tl.exp(tl.log(w_x * ell / cap) / 3.0)
+                v_x, v_y, v_z = edge, edge, w_y * edge
+            n0 = tl.floor(l0 / v_x)
+            n1 = tl.floor(l1 / v_y)
+            n2 = tl.floor(l2 / v_z)
+            n0 = tl.minimum(tl.maximum(tl.where(n0 == n0, n0, 1.0), 1.0), 1048576.0)
+            n1 = tl.minimum(tl.maximum(tl.where(n1 == n1, n1, 1.0), 1.0), 1048576.0)
+            n2 = tl.minimum(tl.maximum(tl.where(n2 == n2, n2, 1.0), 1.0), 1048576.0)
             # at most about one bin per atom: each round meets the cap or pins an axis to one
             for _r in tl.static_range(3):
                 prod = n0 * n1 * n2

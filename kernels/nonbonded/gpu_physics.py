@@ -53,7 +53,8 @@ def pair_terms(d2, m, qa, qb, sa, sb, ea, eb, scal_ptr, coulomb, lj, use_switch)
         x6 = x2 * x2 * x2
         w = 4.0 * (x6 * x6 - x6)
         dudd = ep * 4.0 * (-12.0 * x6 * x6 + 6.0 * x6) * inv
-        duds = tl.where(sg != 0.0, ep * 4.0 * (12.0 * x6 * x6 - 6.0 * x6) / sg, 0.0)
+        duds = tl.where(sg != 0.0, ep * 4.0 * (12.0 * x6 * x6 - 6.0 * x6)
+                        / tl.where(sg != 0.0, sg, 1.0), 0.0)
         if use_switch != 0:
             switch_distance = tl.load(scal_ptr + 1)
             width = cutoff - switch_distance

@@ -28,9 +28,12 @@ import triton
 import triton.language as tl
 
 from fastff.kernels import gpu_common as common
+from fastff.kernels.nonbonded.gpu_clusters import AOT_SPECS as _CLUSTER_SPECS
+from fastff.kernels.nonbonded.gpu_clusters import (  # noqa: F401  (launchers of op.py)
+    cluster_list_into,
+    nonbonded_tiles,
+)
 from fastff.kernels.nonbonded.gpu_physics import pair_terms
-
-_CLUSTER_SPECS: list = []
 
 # Pairs per step of a row: rows of liquid-density lists hold 50-300 pairs; 64 lanes on two
 # warps keep the sixteen per-row accumulators at one element per thread (ptxas: see README
