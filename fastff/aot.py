@@ -1,11 +1,11 @@
 """Ahead-of-time compilation report of every Triton kernel in fastff, without a GPU.
 
-Run ``python -m fastff.aot [--json FILE] [--arch 80 90]``. Every ``fastff.kernels.<family>``
-package that has a ``gpu_triton`` module is imported (and every ``fastff.kernels.gpu_*``
-module of shared helpers) (families are discovered, so new ones are
+Run ``python -m fastff.aot [--json FILE] [--arch 80 90] [--jobs N]``. Every
+``fastff.kernels.<family>`` package that has a ``gpu_triton`` module is imported, and every
+``fastff.kernels.gpu_*`` module of shared helpers (families are discovered, so new ones are
 picked up without changes here); each entry of its module-level ``AOT_SPECS`` list is compiled
-with ``triton.compile`` for an explicit ``GPUTarget`` (sm_80 and sm_90 by default) and the PTX is
-assembled by the ``ptxas`` shipped in the Triton wheel, whose ``-v`` report gives registers,
+with ``triton.compile`` for an explicit ``GPUTarget`` (sm_80 and sm_90 by default) and the PTX
+is assembled by the ``ptxas`` shipped in the Triton wheel, whose ``-v`` report gives registers,
 spills and stack frame; shared memory comes from Triton's metadata. Prints one row per
 (kernel, dtype, arch), and exits with status 1 if any module fails to import or any kernel fails
 to compile (naming it and why).
@@ -17,9 +17,10 @@ Each row also reports what the GPU will execute, read from the compiled code:
   ``sem="relaxed"`` gives one ``RED``); ``membar``: GPU-wide memory barriers in the SASS
   (``cuobjdump -sass`` from the Triton wheel; the PTX's ``membar.gl`` / ``fence.*.gpu`` where
   cuobjdump is absent).
-* ``i32 offs``: pointer offsets computed in 32-bit integers from run-time values (sizes,
-  program ids, loaded indices), found in the Triton IR (``tt.addptr`` with an ``i32`` offset
-  that is not a compile-time range or constant): such an offset wraps past 2^31 elements.
+* ``i32 offs``: pointer offsets computed in 32-bit arithmetic that can wrap past 2^31: a
+  product with a run-time factor (index x stride, program id x block) or a sum of two run-time
+  values, found in the Triton IR (``tt.addptr`` with an ``i32`` offset). Kernels compute such
+  offsets in 64 bits.
 
 An ``AOT_SPECS`` entry is a dict::
 
@@ -241,9 +242,31 @@ def compile_spec(spec: dict, arch: int) -> dict:
     return row
 
 
-def run(archs=ARCHS) -> list[dict]:
-    """Compile everything; one row per (module, kernel, arch), failures included."""
+_JOBS: list[tuple[str, dict, int]] = []  # (module, spec, arch): read by forked workers
+
+
+def _compile_job(index: int) -> dict:
+    module_name, spec, arch = _JOBS[index]
+    fn = spec.get("kernel")
+    base = getattr(fn, "__name__", None) or getattr(getattr(fn, "fn", None), "__name__", "?")
+    row = {"module": module_name, "kernel": base, "name": spec["name"], "arch": f"sm_{arch}"}
+    start = time.perf_counter()
+    try:
+        row.update(compile_spec(spec, arch))
+        row["ok"] = True
+    except Exception as exc:
+        row["ok"] = False
+        lines = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        row["error"] = lines[-2000:]
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return row
+
+
+def run(archs=ARCHS, jobs: int = 1) -> list[dict]:
+    """Compile everything; one row per (module, kernel, arch), failures included. ``jobs`` > 1
+    compiles in that many forked processes (the rows keep their order)."""
     modules, rows = discover()
+    _JOBS.clear()
     for module_name, module in modules:
         specs = getattr(module, "AOT_SPECS", None)
         if not isinstance(specs, (list, tuple)) or not specs:
@@ -251,22 +274,14 @@ def run(archs=ARCHS) -> list[dict]:
                          "error": "no AOT_SPECS list (every Triton kernel must be listed)"})
             continue
         for spec in (variant for entry in specs for variant in expand(entry)):
-            fn = spec.get("kernel")
-            base = getattr(fn, "__name__", None) or getattr(getattr(fn, "fn", None), "__name__",
-                                                            "?")
-            label = spec["name"]
-            for arch in archs:
-                row = {"module": module_name, "kernel": base, "name": label, "arch": f"sm_{arch}"}
-                start = time.perf_counter()
-                try:
-                    row.update(compile_spec(spec, arch))
-                    row["ok"] = True
-                except Exception as exc:
-                    row["ok"] = False
-                    lines = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-                    row["error"] = lines[-2000:]
-                row["seconds"] = round(time.perf_counter() - start, 2)
-                rows.append(row)
+            _JOBS.extend((module_name, spec, arch) for arch in archs)
+    if jobs > 1 and len(_JOBS) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            rows.extend(pool.map(_compile_job, range(len(_JOBS)), chunksize=1))
+    else:
+        rows.extend(_compile_job(k) for k in range(len(_JOBS)))
     return rows
 
 
@@ -301,8 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the table as JSON to FILE")
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS),
                         help="compute capabilities to compile for (default: 80 90)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="compile in this many processes (default: one per CPU)")
     args = parser.parse_args(argv)
-    rows = run(tuple(args.arch))
+    rows = run(tuple(args.arch), jobs=max(1, args.jobs))
     print(format_table(rows))
     failed = [r for r in rows if not r.get("ok")]
     if args.json:

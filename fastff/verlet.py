@@ -171,7 +171,7 @@ class VerletList:
 
     def _update_in_place(self, positions: Tensor, cell, pbc, batch) -> NeighborList:
         key = _host_key(positions, pbc, batch)
-        if self._poll is not None:
+        if self._poll is not None and not capturing(positions):
             self._take_poll()
         if self._buffers is None or key != self._key or self._next_capacity is not None:
             return self._first_build(positions, cell, pbc, batch, key)
@@ -187,7 +187,8 @@ class VerletList:
             buffers.build(positions, self.cutoff + self.skin, cells, periodic, self._system_ptr,
                           self.half, self.backend)
         self._nl._cells, self._nl.cell = cells.detach(), None if cell is None else cell.detach()
-        self._start_poll()
+        if not capturing(positions):  # a graph replays kernels, not this host-side reading
+            self._start_poll()
         return self._nl
 
     def _first_build(self, positions: Tensor, cell, pbc, batch, key) -> NeighborList:
@@ -264,6 +265,11 @@ class VerletList:
         if flags & status_bits.INVALID:
             status = torch.tensor([flags, 0], dtype=torch.int32)
             raise_for_status(status, count, capacity)
+
+
+def capturing(x: Tensor) -> bool:
+    """True while a CUDA graph is being captured on x's device."""
+    return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class _StatusPoll:

@@ -157,11 +157,11 @@ class TileVerletList:
                max_exclusions: int, exclusions_key=None) -> TileList:
         """The list for these positions. ``exclusions_key``: an object that changes when the
         exclusions do (default: the ``excl_j`` tensor and its version)."""
-        from fastff.verlet import _Identity, _StatusPoll
+        from fastff.verlet import _Identity, _StatusPoll, capturing
 
         key = (positions.shape, positions.dtype, positions.device, cell is not None,
                _Identity(excl_j if exclusions_key is None else exclusions_key), max_exclusions)
-        if self._list is not None and self._poll is not None:
+        if self._list is not None and self._poll is not None and not capturing(positions):
             self._take_poll()
         if self._list is None or key != self._key or self._grow is not None:
             self._first_build(positions, cell, excl_ptr, excl_j, max_exclusions)
@@ -170,8 +170,17 @@ class TileVerletList:
         else:
             self._build(positions, cell, excl_ptr, excl_j, max_exclusions)
         assert self._list is not None and self._poll is not None
-        self._poll.start(self._list.status, self._list.tile_ptr)
+        if not capturing(positions):
+            self._poll.start(self._list.status, self._list.tile_ptr)
         return self._list
+
+    def check(self) -> None:
+        """Raise if the list is unusable (overflow, non-finite positions, a box it does not
+        suit): reads its status word, a host synchronisation."""
+        from fastff.neighbors import raise_for_status
+
+        if self._list is not None:
+            raise_for_status(self._list.status, self._list.counts()[0], self._list.num_entries)
 
     def _cells(self, positions: Tensor, cell: Tensor | None) -> Tensor:
         if cell is None:

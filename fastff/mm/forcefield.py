@@ -561,6 +561,15 @@ class ForceField(nn.Module):
             self._steady = key  # this step ran with checks: the next ones like it skip them
         return total
 
+    def check(self) -> None:
+        """Raise if a list the module owns is unusable (more pairs or tiles than its capacity,
+        non-finite positions, a box it does not suit): reads their status words, a host
+        synchronisation. Steady GPU steps never read them (results from such a list are NaN);
+        call this where the host waits anyway, e.g. when energies are logged."""
+        for owned in (self.verlet, self.tiles):
+            if owned is not None:
+                owned.check()
+
     def _steady_step(self, positions: Tensor) -> tuple[tuple | None, bool]:
         """(key of a GPU MD step, whether a checked step with that key ran before): on the
         Triton backend, with no parameter needing a gradient; (None, False) elsewhere."""

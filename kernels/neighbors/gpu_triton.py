@@ -55,11 +55,11 @@ from fastff.kernels._runtime import memory
 
 # Tile of (atoms of the bin) x (candidates of a bin in reach) tested at once, per dtype and
 # pass. Bins are >= 1 cutoff wide: at 0.1 atoms/A^3 and a 5 A cutoff a bin holds ~13 atoms on
-# average. Chosen within 128 registers and without spills on sm_90 (python -m fastff.aot;
-# README "Tuning"); distances are computed as (x_j - x_i) + offset for exact pair/mirror
+# average. Chosen within 128 registers and without spills on sm_80 and sm_90 (python -m
+# fastff.aot; README "Tuning"); distances are computed as (x_j - x_i) + offset for exact pair/mirror
 # symmetry, which costs registers.
-_COUNT_TILES = {torch.float32: (8, 32), torch.float64: (8, 16)}
-_FILL_TILES = {torch.float32: (8, 32), torch.float64: (8, 16)}
+_COUNT_TILES = {torch.float32: (8, 32), torch.float64: (8, 8)}
+_FILL_TILES = {torch.float32: (8, 32), torch.float64: (4, 32)}
 _CELL_WARPS = 4
 _PAIR_BLOCK = 128
 _REVERSE_BLOCK = 128

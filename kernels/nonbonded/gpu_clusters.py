@@ -40,7 +40,10 @@ from fastff.kernels.nonbonded.gpu_physics import pair_terms
 CLUSTER = 32  # atoms per cluster: a 32 x 32 tile of pairs per step of the kernel
 _COLUMN = 4.0  # bins of the clustering grid: a cluster's edge wide, four edges tall
 _BLOCK_C = 64  # candidate clusters tested at once by the tile search
-_WARPS = 4
+# warps of the count and fill passes: the only pairing without spills on sm_80 and sm_90 for
+# every MAXEX and dtype (ptxas; README "Tuning")
+_COUNT_WARPS = 4
+_WARPS = 8
 # The tile kernel takes J's lanes SUB at a time: float32 the whole 32 x 32 block on 8 warps
 # (125 registers; 225 on 4 warps), float64 two 32 x 16 halves on 16 warps (126; 248 for the
 # whole block on 8, 128 with spills on 16): ptxas, sm_90, see README "Tuning".
@@ -407,7 +410,8 @@ def cluster_list_into(positions, cells, periodic, cutoff, rlist, excl_ptr, excl_
     xcounts = torch.empty(nclus, dtype=torch.int64, device=dev)
     common = (boxes, order, slot, excl_ptr, excl_j, cells, rl)
     tile_count_kernel[(nclus,)](*common, counts, xcounts, n, nclus, int(bool(periodic)), status,
-                                CL=CLUSTER, MAXEX=maxex, BLOCK_C=_BLOCK_C, num_warps=_WARPS)
+                                CL=CLUSTER, MAXEX=maxex, BLOCK_C=_BLOCK_C,
+                                num_warps=_COUNT_WARPS)
     size = _index(nclus, dev)
     gpu_common.scan(counts, tile_ptr, size, status)
     gpu_common.scan(xcounts, xtile_ptr, size, status)
@@ -499,7 +503,7 @@ def _build_specs():
                                         "n_clusters": "i32", "periodic": "i32",
                                         "status_ptr": "*i32", "CL": "constexpr",
                                         "MAXEX": "constexpr", "BLOCK_C": "constexpr"},
-                          "constexprs": const, "options": {"num_warps": _WARPS}})
+                          "constexprs": const, "options": {"num_warps": _COUNT_WARPS}})
             specs.append({"kernel": tile_fill_kernel, "name": f"tile_fill_kernel[ex{maxex},{fp}]",
                           "signature": {**common, "tile_ptr_ptr": "*i64", "xtile_ptr_ptr": "*i64",
                                         "tile_j_ptr": "*i32", "tile_x_ptr": "*i32",
