@@ -257,6 +257,7 @@ def cat(cls, lists):
     for k, nl in enumerate(lists):
         if not isinstance(nl, cls):
             raise TypeError(f"lists[{k}] must be a fastff.NeighborList, got {type(nl).__name__}")
+        nl._exact(f"NeighborList.cat (lists[{k}])")
     first = lists[0]
     device = first.i.device
     for k, nl in enumerate(lists):

@@ -25,6 +25,8 @@ compiled graphs (their fake impls give symbolic output sizes), with no graph bre
   loss -> parameter gradients into one graph of aten and fastff ops, with symbolic N and E, then
   ``torch.compile`` compiles it. (AOTAutograd cannot differentiate a compiled graph twice, so
   ``torch.compile`` of the eager training step is not an option.)
+* :func:`cuda_graph_step`: an MD step captured in a CUDA graph (steady steps of the Triton
+  path never synchronise with the host, so the whole step replays without Python).
 * :func:`export_energy_and_forces` / :func:`load_energy_and_forces`: the same traced
   energy-and-forces graph, with the weights as constants, through ``torch.export`` (dynamic N
   and E) and AOTInductor (``torch._inductor.aoti_compile_and_package``) into one ``.pt2`` file;
@@ -65,9 +67,10 @@ from fastff import _checks
 from fastff.kernels._runtime import registry
 from fastff.neighbors import NeighborList
 
-__all__ = ["CompiledEnergyAndForces", "CompiledTrainingStep", "ExportedEnergyAndForces",
-           "compile_energy_and_forces", "compile_training_step", "export_energy_and_forces",
-           "load_energy_and_forces", "trace_energy_and_forces"]
+__all__ = ["CompiledEnergyAndForces", "CompiledTrainingStep", "CudaGraphStep",
+           "ExportedEnergyAndForces", "compile_energy_and_forces", "compile_training_step",
+           "cuda_graph_step", "export_energy_and_forces", "load_energy_and_forces",
+           "trace_energy_and_forces"]
 
 _METADATA_KEY = "fastff"
 _FORMAT = 1
@@ -644,3 +647,71 @@ def load_energy_and_forces(path: str | os.PathLike) -> ExportedEnergyAndForces:
         raise ValueError(f"{os.fspath(path)} has package format {metadata.get('format')}, this "
                          f"fastff reads format {_FORMAT}")
     return ExportedEnergyAndForces(runner, metadata)
+
+
+# ---------------------------------------------------------------- CUDA graphs
+class CudaGraphStep:
+    """A step captured in a CUDA graph (see :func:`cuda_graph_step`): ``step(*inputs)`` copies
+    the inputs into the graph's static buffers, replays it and returns its static outputs
+    (overwritten by the next call: clone what must be kept)."""
+
+    def __init__(self, graph, static_inputs: list[Tensor], static_outputs):
+        self.graph, self.static_inputs, self.static_outputs = graph, static_inputs, static_outputs
+
+    def __call__(self, *inputs: Tensor):
+        if len(inputs) != len(self.static_inputs):
+            raise ValueError(f"expected {len(self.static_inputs)} inputs, got {len(inputs)}")
+        for static, x in zip(self.static_inputs, inputs, strict=True):
+            if x is not static:
+                static.copy_(x)
+        self.graph.replay()
+        return self.static_outputs
+
+
+def cuda_graph_step(step: Callable[..., Any], *example_inputs: Tensor,
+                    warmup: int = 3) -> CudaGraphStep:
+    """Capture an MD step (any function of tensors that never synchronises with the host, e.g.
+    energy and forces of a :class:`fastff.mm.ForceField` on the Triton backend) in a CUDA graph.
+
+    The graph replays the step's kernels without Python, dispatch or launch overhead (what
+    dominates small systems: tens of microseconds per kernel). Requirements, checked by the
+    capture: CUDA tensors; no host synchronisation and no upload of host data inside ``step``
+    (fastff's steady MD steps on the Triton backend have none; count them on any machine with
+    :func:`fastff.testing.count_host_syncs`); the same shapes at every call. State kept on the
+    host (Python counters, caches) is not updated by replays: lists are rebuilt on the device,
+    and their status words are read at the caller's own synchronisation points (e.g.
+    ``ff.check()`` when energies are logged).
+
+    Args:
+        step: the function to capture, called as ``step(*inputs)``.
+        example_inputs: CUDA tensors of the shapes and dtypes of every later call; copied into
+            the graph's static input buffers.
+        warmup: calls before the capture (on a side stream), which run value checks, fill
+            caches and build the lists.
+
+    Returns:
+        :class:`CudaGraphStep`.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("cuda_graph_step needs a CUDA device")
+    for k, x in enumerate(example_inputs):
+        if not isinstance(x, Tensor) or x.device.type != "cuda":
+            raise ValueError(f"input {k} must be a CUDA tensor, got "
+                             f"{type(x).__name__ if not isinstance(x, Tensor) else x.device}")
+    static = [x.detach().clone() for x in example_inputs]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(int(warmup), 1)):
+            step(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            outputs = step(*static)
+    except RuntimeError as exc:
+        raise RuntimeError("cuda_graph_step: the step could not be captured (a host "
+                           "synchronisation, an upload of host data or a CPU tensor inside "
+                           "it?); fastff.testing.count_host_syncs() lists them: "
+                           f"{exc}") from exc
+    return CudaGraphStep(graph, static, outputs)

@@ -18,6 +18,9 @@ from torch._subclasses.fake_tensor import is_fake
 from fastff import _checks
 from fastff.kernels._runtime import registry
 from fastff.kernels.message import op as _message_op
+
+
+from fastff.kernels._runtime import status as status_bits
 from fastff.kernels.neighbors import op as _op
 
 
@@ -38,12 +41,25 @@ class NeighborList:
             list: full lists built by :func:`neighbor_list` (their pair test is exactly
             antisymmetric) and lists compacted from them with :meth:`within`. Message-passing
             modules check other full lists for mirrors.
+        status: capacity mode only (else None): int32 [2] on the list's device, (flags, number
+            of builds); see :meth:`check`.
+
+    **Capacity mode** (``neighbor_list(..., capacity=C)``, ``VerletList(..., capacity=...)``):
+    ``i``, ``j``, ``shifts`` hold ``C`` slots; the pairs are the first ``ptr[-1]`` of them
+    (a number that stays on the device), sorted by ``i`` as usual, and the other slots hold the
+    padding pair ``(N, N, 0)``. Such a list is built and updated without any host
+    synchronisation; consumers read it by row through ``ptr`` (the nonbonded kernels do).
+    Methods that need the pairs themselves (:meth:`vectors`, :meth:`distances`,
+    :attr:`reverse`, :meth:`within`) refuse it: :meth:`compacted` gives the exact list (one
+    synchronisation). When the pairs exceed ``C`` the OVERFLOW flag is raised on the device and
+    the list is incomplete: :meth:`check` reads the flags (one synchronisation) and raises.
     """
 
     def __init__(self, i: Tensor, j: Tensor, shifts: Tensor, ptr: Tensor, *, cutoff: float,
                  half: bool, num_atoms: int, batch: Tensor | None, cells: Tensor, pbc: Tensor,
-                 cell: Tensor | None, backend: str):
+                 cell: Tensor | None, backend: str, status: Tensor | None = None):
         self.i, self.j, self.shifts, self.ptr = i, j, shifts, ptr
+        self.status = status
         self.cutoff, self.half, self.num_atoms = cutoff, half, num_atoms
         self.batch, self.pbc, self.cell, self.backend = batch, pbc, cell, backend
         self._cells = cells  # [B, 3, 3], zeros where no cell was given
@@ -61,12 +77,54 @@ class NeighborList:
 
     @property
     def num_pairs(self) -> int:
+        """The number of pairs (the number of slots, ``capacity``, in capacity mode)."""
         return int(self.i.shape[0])
+
+    @property
+    def capacity(self) -> int | None:
+        """Slots of a capacity-mode list, None for an exact list."""
+        return None if self.status is None else int(self.i.shape[0])
+
+    @property
+    def count(self) -> Tensor:
+        """int64 [1] on the device: the number of pairs (in capacity mode, possibly more than
+        the capacity after an overflow). Reading it is a host synchronisation."""
+        return self.ptr[-1:]
 
     def __repr__(self) -> str:
         kind = "half" if self.half else "full"
-        return (f"NeighborList({kind}, atoms={self.num_atoms}, pairs={self.num_pairs}, "
+        size = (f"pairs={self.num_pairs}" if self.status is None
+                else f"capacity={self.capacity}")
+        return (f"NeighborList({kind}, atoms={self.num_atoms}, {size}, "
                 f"cutoff={self.cutoff}, backend={self.backend!r})")
+
+    def check(self) -> NeighborList:
+        """Raise if a capacity-mode list is unusable (overflow, non-finite positions, a cell it
+        does not suit); reads its status word (one host synchronisation). Returns self."""
+        if self.status is not None:
+            raise_for_status(self.status, int(self.ptr[-1]), self.capacity)
+        return self
+
+    def compacted(self) -> NeighborList:
+        """The exact list of a capacity-mode list (its first ``count`` pairs; raises on
+        overflow); self for an exact list. One host synchronisation."""
+        if self.status is None:
+            return self
+        count = int(self.ptr[-1])
+        raise_for_status(self.status, count, self.capacity)
+        out = NeighborList(self.i[:count], self.j[:count], self.shifts[:count], self.ptr,
+                           cutoff=self.cutoff, half=self.half, num_atoms=self.num_atoms,
+                           batch=self.batch, cells=self._cells, pbc=self.pbc, cell=self.cell,
+                           backend=self.backend)
+        out.symmetric = self.symmetric
+        return out
+
+    def _exact(self, what: str) -> None:
+        if self.status is not None:
+            raise ValueError(f"{what} needs the pairs themselves, but this list was built in "
+                             "capacity mode (padding after the last pair): use "
+                             "nl.compacted() (one host synchronisation), or a consumer that "
+                             "reads the list by row (ptr)")
 
     @property
     def reverse(self) -> Tensor:
@@ -77,6 +135,7 @@ class NeighborList:
         """
         if self.half:
             raise ValueError("a half neighbor list has no mirror pairs; build it with half=False")
+        self._exact("reverse")
         if self._reverse is None:
             reverse = self._mirrors()
             if is_fake(reverse):  # computed while tracing (make_fx, export): do not keep it
@@ -146,6 +205,7 @@ class NeighborList:
             then write). On CUDA this runs as a few torch ops (no Triton kernel); it reads the
             pair count back to the host, so it cannot be captured in a CUDA graph.
         """
+        self._exact("within()")
         c = _checks.cutoff(cutoff)
         if c > self.cutoff:
             raise ValueError(f"cutoff {c} is larger than the neighbor list's cutoff {self.cutoff}:"
@@ -176,6 +236,7 @@ class NeighborList:
         Differentiable (to any order) in ``positions`` and ``cell``; ``cell=None`` uses the cell
         the list was built with (detached). Deterministic on CPU.
         """
+        self._exact("vectors()")
         cells = self._cell_for(positions, cell)
         name, _ = registry.resolve("pair_vectors", positions.device, self.backend)
         return _op.pair_vectors(positions, cells, self.batch, self.i, self.j, self.shifts, name)
@@ -195,6 +256,7 @@ class NeighborList:
 
         Deterministic on CPU. On CUDA the second path runs the torch composition (no Triton kernel).
         """
+        self._exact("distances()")
         needs_grad = torch.is_grad_enabled() and (
             positions.requires_grad or (cell is not None and cell.requires_grad))
         if needs_grad:
@@ -292,6 +354,7 @@ class NeighborList:
         for ``"target_to_source"``; pair ``k`` keeps its ``shifts[k]``."""
         from fastff._edge_index import check_flow
 
+        self._exact("edge_index()")
         if check_flow(flow) == "source_to_target":
             return torch.stack((self.j, self.i))
         return torch.stack((self.i, self.j))
@@ -302,6 +365,7 @@ class NeighborList:
         chosen by device (numba -> triton on CUDA)."""
         from fastff._edge_index import moved
 
+        self._exact("to()")
         return moved(self, torch.device(device))
 
     @classmethod
@@ -372,9 +436,10 @@ def _normalize_cell(cell: Tensor | None, pbc, positions: Tensor, num_systems: in
             periodic = periodic.expand(b, 3)
         elif periodic.shape != (b, 3):
             raise ValueError(f"pbc must have shape [3] or [{b}, 3], got {list(periodic.shape)}")
-    if bool(periodic.any()):
-        if cell is None:
+    if cell is None:
+        if pbc is not None and bool(periodic.any()):
             raise ValueError("pbc is True along some axis but no cell was given")
+    elif _checks.checks_enabled() and bool(periodic.any()):  # a value check of the cell
         _check_periodic_cells(cells, periodic)
     return cells.contiguous(), periodic.contiguous()
 
@@ -458,7 +523,7 @@ def _compact(nl: NeighborList, positions: Tensor, cutoff: float, cells: Tensor,
 
 def neighbor_list(positions: Tensor, cutoff: float, cell: Tensor | None = None, pbc=None,
                   batch: Tensor | None = None, *, half: bool = False,
-                  backend: str | None = None) -> NeighborList:
+                  backend: str | None = None, capacity: int | None = None) -> NeighborList:
     """All pairs of atoms closer than ``cutoff``, with periodic images.
 
     Args:
@@ -470,21 +535,27 @@ def neighbor_list(positions: Tensor, cutoff: float, cell: Tensor | None = None, 
         batch: int64 [N], sorted system index of each atom; pairs never cross systems.
         half: store each unordered pair once (i < j, or i == j with S lexicographically > 0).
         backend: "numba", "triton", "reference" or None (``FASTFF_BACKEND``, then by device).
+        capacity: build in capacity mode with this many pair slots (see :class:`NeighborList`):
+            no host synchronisation on CUDA (the exact list reads its size back once); check
+            for overflow with ``nl.check()`` at a point where the host waits anyway.
 
     Returns:
-        A :class:`NeighborList`. Deterministic on CPU (order and values), and the same pair set on
-        every backend. Not differentiable itself: use ``nl.vectors`` / ``nl.distances``.
+        A :class:`NeighborList`. Deterministic on CPU and with the Triton backend (order and
+        values), and the same pair set on every backend. Not differentiable itself: use
+        ``nl.vectors`` / ``nl.distances``.
     """
     _checks.positions(positions)
     c = _checks.cutoff(cutoff)
     batch, num_systems = _normalize_batch(batch, positions)
     cells, periodic = _normalize_cell(cell, pbc, positions, num_systems, batch is not None)
     n = positions.shape[0]
-    if batch is None:
-        system_ptr = torch.tensor([0, n], dtype=torch.int64, device=positions.device)
-    else:
-        system_ptr = torch.searchsorted(
-            batch, torch.arange(cells.shape[0] + 1, device=positions.device))
+    system_ptr = _system_ptr(batch, cells.shape[0], n, positions.device)
+    if capacity is not None:
+        buffers = CapacityBuffers(n, int(capacity), positions, cells)
+        buffers.status[0] = status_bits.REBUILD
+        name = buffers.build(positions, c, cells, periodic, system_ptr, half, backend)
+        buffers.status[:1].bitwise_and_(~status_bits.REBUILD)  # built: flags report problems
+        return buffers.neighbor_list(c, half, batch, cells, periodic, cell, name)
     name, launch = registry.resolve("neighbor_list", positions.device, backend)
     pos = positions.detach().contiguous()
     args = (pos, c, cells.detach(), periodic, system_ptr, half)
@@ -500,3 +571,94 @@ def neighbor_list(positions: Tensor, cutoff: float, cell: Tensor | None = None, 
     nl.symmetric = not half
     nl._remember(positions, dist, cell)
     return nl
+
+
+def _system_ptr(batch: Tensor | None, num_systems: int, n: int, device) -> Tensor:
+    """int64 [B + 1]: atoms of system s are system_ptr[s]:system_ptr[s + 1] (device ops only:
+    no upload)."""
+    if batch is None:
+        ptr = torch.full((2,), n, dtype=torch.int64, device=device)
+        ptr[0] = 0
+        return ptr
+    return torch.searchsorted(batch, torch.arange(num_systems + 1, device=device))
+
+
+class CapacityBuffers:
+    """The device buffers of a capacity-mode list: pairs (``capacity`` slots), CSR ``ptr``,
+    the status word (flags, builds) and the Verlet reference (positions and cells of the last
+    build). Updated in place, so a list built on them stays valid (and a CUDA graph that
+    captured them replays on the same memory)."""
+
+    def __init__(self, n: int, capacity: int, positions: Tensor, cells: Tensor):
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        dev, dtype = positions.device, positions.dtype
+        self.i = torch.full((capacity,), n, dtype=torch.int64, device=dev)
+        self.j = torch.full((capacity,), n, dtype=torch.int64, device=dev)
+        self.shifts = torch.zeros(capacity, 3, dtype=torch.int32, device=dev)
+        self.distances = torch.full((capacity,), math.inf, dtype=dtype, device=dev)
+        self.ptr = torch.zeros(n + 1, dtype=torch.int64, device=dev)
+        self.status = torch.zeros(2, dtype=torch.int32, device=dev)
+        self.reference = torch.zeros(n, 3, dtype=dtype, device=dev)
+        self.ref_cells = torch.zeros(cells.shape, dtype=dtype, device=dev)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.i.shape[0])
+
+    def build(self, positions: Tensor, cutoff: float, cells: Tensor, pbc: Tensor,
+              system_ptr: Tensor, half: bool, backend: str | None) -> str:
+        """Rebuild in place when the status word asks for it (on the device); returns the
+        backend that ran."""
+        name, launch = registry.resolve("neighbor_list_into", positions.device, backend)
+        args = (positions.detach().contiguous(), cutoff, cells.detach(), pbc, system_ptr, half,
+                self.status, self.reference, self.ref_cells, self.i, self.j, self.shifts,
+                self.ptr, self.distances)
+        if _plain_eager(positions):
+            launch(*args)
+        else:
+            _op.neighbor_list_into(*args, name)
+        return name
+
+    def check(self, positions: Tensor, cells: Tensor, skin: float, backend: str | None) -> None:
+        """The Verlet test on the device: flags a rebuild when needed (no synchronisation)."""
+        name, launch = registry.resolve("verlet_check", positions.device, backend)
+        args = (positions.detach(), cells.detach(), self.reference, self.ref_cells, skin,
+                self.status)
+        if _plain_eager(positions):
+            launch(*args)
+        else:
+            _op.verlet_check(*args, name)
+
+    def neighbor_list(self, cutoff: float, half: bool, batch: Tensor | None, cells: Tensor,
+                      pbc: Tensor, cell: Tensor | None, backend: str) -> NeighborList:
+        nl = NeighborList(self.i, self.j, self.shifts, self.ptr, cutoff=cutoff, half=half,
+                          num_atoms=self.ptr.shape[0] - 1, batch=batch, cells=cells.detach(),
+                          pbc=pbc, cell=None if cell is None else cell.detach(),
+                          backend=backend, status=self.status)
+        nl.symmetric = not half
+        return nl
+
+
+def raise_for_status(status: Tensor, count: int | None = None,
+                     capacity: int | None = None) -> None:
+    """Raise RuntimeError naming what the flags of a capacity-mode status word report (reads
+    it: a host synchronisation unless it is host memory)."""
+    flags = int(status[0])
+    problems = [name for bit, name in status_bits.NAMES.items() if flags & bit]
+    if not problems:
+        return
+    detail = ""
+    if flags & status_bits.OVERFLOW and count is not None:
+        detail = f" ({count} pairs for {capacity} slots)"
+    raise RuntimeError(f"capacity-mode neighbor list unusable: {', '.join(problems)}{detail}; "
+                       "results computed from it are NaN. Rebuild with a larger capacity (or "
+                       "finite positions) and rerun the steps since the last check")
+
+
+def poison_invalid(x: Tensor, status: Tensor) -> Tensor:
+    """``x``, or NaN everywhere (and in its gradients) when the status word of the list it was
+    computed from reports a problem: results of a truncated or invalid list never pass as
+    numbers. Device ops only (no synchronisation)."""
+    bad = (status[0] & status_bits.INVALID) != 0  # 0-dim: x keeps its shape
+    return x * torch.where(bad, math.nan, 1.0).to(x.dtype)

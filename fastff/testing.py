@@ -6,6 +6,9 @@ the allowed differences live, each with the reason for its value.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
@@ -134,3 +137,222 @@ def neighbor_list_from_pairs(i, j, shifts, *, num_atoms: int, cutoff: float,
     given = None if cell is None and not bool(s.any()) else s
     return NeighborList.from_edge_index(edge_index, num_atoms, shifts=given, cell=cell, pbc=pbc,
                                         cutoff=cutoff, flow="target_to_source")
+
+# ---------------------------------------------------------------------------------------------
+# Host synchronisations
+
+
+# Operators whose result the host must wait for on a GPU: scalar reads, comparisons that return
+# a Python bool, and ops whose output size depends on the data (the size comes back to the host
+# before the output can be allocated). Names are aten overload packets.
+_READS = frozenset({"_local_scalar_dense", "item", "equal", "is_nonzero", "allclose",
+                    "_linalg_check_errors", "nonzero", "nonzero_numpy", "argwhere",
+                    "masked_select", "_unique", "_unique2", "unique_dim", "unique_consecutive",
+                    "unique_dim_consecutive", "bincount"})
+
+
+def _is_data_dependent(func, args, kwargs) -> str | None:
+    """Why ``func(*args, **kwargs)`` makes the host wait for the device, or None."""
+    name = func._overloadpacket.__name__
+    if name in _READS:
+        return name
+    if name == "repeat_interleave" and kwargs.get("output_size") is None and (
+            len(args) < 4 or args[3] is None):
+        return "repeat_interleave without output_size"
+    if name in ("index", "index_put", "index_put_", "_index_put_impl_") and len(args) > 1:
+        if any(isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
+               for t in args[1] if t is not None):
+            return f"{name} with a boolean mask"
+    if name in ("masked_fill", "masked_fill_") and len(args) > 2 and isinstance(args[2],
+                                                                                torch.Tensor):
+        return f"{name} with a tensor value"  # the value is read back (.item()) on CUDA
+    if name in ("_to_copy", "copy_"):
+        src = args[1] if name == "copy_" else args[0]
+        dst_dev = args[0].device if name == "copy_" else kwargs.get("device")
+        if (isinstance(src, torch.Tensor) and dst_dev is not None
+                and torch.device(dst_dev).type != src.device.type and not _is_host(args[0])):
+            return f"{name} from {src.device.type} to {torch.device(dst_dev).type}"
+    return None
+
+
+def mark_host_buffer(t: torch.Tensor) -> torch.Tensor:
+    """Declare ``t`` host memory (a pinned buffer that the device copies into asynchronously):
+    reading it is never a device synchronisation, and :func:`count_host_syncs` ignores it."""
+    t._fastff_host_buffer = True
+    return t
+
+
+def _is_host(t) -> bool:
+    return isinstance(t, torch.Tensor) and getattr(t, "_fastff_host_buffer", False)
+
+
+class HostSyncs:
+    """What :func:`count_host_syncs` saw: ``int(syncs)`` is the number of device-to-host
+    synchronisations (and host-to-device uploads); ``events`` lists (kind, where) for each."""
+
+    def __init__(self):
+        self.events: list[tuple[str, str]] = []
+
+    def __int__(self) -> int:
+        return len(self.events)
+
+    def __index__(self) -> int:
+        return len(self.events)
+
+    def __repr__(self) -> str:
+        return f"HostSyncs({len(self.events)}: {[kind for kind, _ in self.events]})"
+
+    def report(self) -> str:
+        """One line per event: its kind and the innermost fastff frame that caused it."""
+        return "\n".join(f"{kind}  at {where}" for kind, where in self.events) or "no syncs"
+
+
+class _Counter:
+    """The state of one count_host_syncs block (a stack: blocks may nest)."""
+
+    def __init__(self, syncs: HostSyncs):
+        self.syncs = syncs
+        self.suspended = 0
+
+    def record(self, kind: str) -> None:
+        if not self.suspended:
+            self.syncs.events.append((kind, _caller()))
+
+
+_ACTIVE: list[_Counter] = []
+
+
+def _record(kind: str) -> None:
+    for counter in _ACTIVE:
+        counter.record(kind)
+
+
+def _caller() -> str:
+    """file:line of the innermost frame outside torch and this module."""
+    import traceback
+
+    here = __file__
+    for frame in reversed(traceback.extract_stack()[:-3]):
+        f = frame.filename
+        if f == here or "/torch/" in f or "/triton/" in f or f.startswith("<"):
+            continue
+        return f"{f}:{frame.lineno} ({frame.name})"
+    return "?"
+
+
+def _wrap_method(cls, name: str, kind: str, when=None):
+    original = getattr(cls, name)
+
+    def wrapper(self, *args, **kwargs):
+        if not _is_host(self) and (when is None or when(self, *args, **kwargs)):
+            _record(kind)
+            for counter in _ACTIVE:
+                counter.suspended += 1  # what the read does inside is not counted again
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                for counter in _ACTIVE:
+                    counter.suspended -= 1
+        return original(self, *args, **kwargs)
+
+    return original, wrapper
+
+
+def _upload(data) -> bool:
+    """torch.tensor / torch.as_tensor of host data (not a tensor already on a device)."""
+    return not isinstance(data, torch.Tensor)
+
+
+@contextlib.contextmanager
+def count_host_syncs() -> Iterator[HostSyncs]:
+    """Count the device-to-host synchronisations made inside the block: ``int(syncs)`` after.
+
+    Counted: scalar reads (``.item()``, ``int()``, ``float()``, ``bool()``, ``if t:``),
+    ``.tolist()``, ``.numpy()`` (and ``np.asarray``), ``.cpu()``, printing a tensor,
+    comparisons that return a bool (``torch.equal``, ``allclose``), ops whose output size depends
+    on the data (``nonzero``, boolean-mask indexing, ``unique``, ``masked_select``,
+    ``repeat_interleave`` without ``output_size``, ``bincount``), linalg error checks,
+    ``masked_fill`` with a tensor value, ``torch.cuda.synchronize`` and event or stream
+    synchronisation, cross-device copies (visible on a GPU), and uploads of host data with
+    ``torch.tensor`` / ``torch.as_tensor`` (a pageable host-to-device copy waits for the
+    stream, and none may run inside a CUDA graph capture).
+
+    Aten operators are seen by a dispatch mode; reads that bypass the dispatcher on CPU tensors
+    (``tolist``, ``numpy``, ``cpu``, printing, uploads) by wrapping those methods for the
+    duration of the block. Every tensor is treated as a device tensor, so that steps run on CPU
+    tensors with the Triton backend under ``TRITON_INTERPRET=1`` (the route CUDA takes) count
+    what they would count on a GPU; the interpreter's own reads while it runs a kernel are
+    not counted (a kernel launch is asynchronous on a GPU). Buffers declared with
+    :func:`mark_host_buffer` are host memory and never counted.
+
+    Not counted on CPU tensors: ``.to(device)`` between devices (all tensors share one device
+    there; on a GPU the dispatch mode sees the copy).
+
+    Yields:
+        :class:`HostSyncs`; ``syncs.report()`` says where each one happened.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    syncs = HostSyncs()
+    counter = _Counter(syncs)
+
+    class _Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            why = _is_data_dependent(func, args, kwargs)
+            if why is not None and not any(_is_host(a) for a in args):
+                _record(why)
+            return func(*args, **kwargs)
+
+    patches = []
+
+    def patch(owner, name, replacement):
+        patches.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, replacement)
+
+    for name in ("tolist", "numpy", "cpu", "__repr__"):
+        _, wrapper = _wrap_method(torch.Tensor, name, name)
+        patch(torch.Tensor, name, wrapper)
+    for name in ("tensor", "as_tensor"):
+        original = getattr(torch, name)
+
+        def creator(data, *args, _original=original, _name=name, **kwargs):
+            if _upload(data):
+                _record(f"torch.{_name} upload")
+            return _original(data, *args, **kwargs)
+
+        patch(torch, name, creator)
+    for owner, name in ((torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize"),
+                        (torch.cuda.Stream, "synchronize")):
+        original = getattr(owner, name)
+
+        def waiting(*args, _original=original, _name=name, **kwargs):
+            _record(f"cuda {_name}")
+            return _original(*args, **kwargs)
+
+        patch(owner, name, waiting)
+    try:  # the interpreter reads every argument while it runs a kernel: not a sync
+        from triton.runtime.interpreter import GridExecutor
+
+        run = GridExecutor.__call__
+
+        def interpreted(self, *args, **kwargs):
+            for c in _ACTIVE:
+                c.suspended += 1
+            try:
+                return run(self, *args, **kwargs)
+            finally:
+                for c in _ACTIVE:
+                    c.suspended -= 1
+
+        patch(GridExecutor, "__call__", interpreted)
+    except ImportError:
+        pass
+    _ACTIVE.append(counter)
+    try:
+        with _Mode():
+            yield syncs
+    finally:
+        _ACTIVE.remove(counter)
+        for owner, name, original in reversed(patches):
+            setattr(owner, name, original)

@@ -34,7 +34,7 @@ from fastff.kernels._runtime import registry
 from fastff.kernels.bonded import op as _bonded
 from fastff.kernels.nonbonded import op as _nonbonded
 from fastff.kernels.nonbonded import reference as _nbref
-from fastff.mm._clusters import ClusterList
+from fastff.mm._clusters import ClusterList, TileList
 from fastff.neighbors import NeighborList
 
 #: 1/(4 pi eps0) in kJ mol^-1 nm e^-2, the default ``coulomb_constant``.
@@ -313,11 +313,18 @@ def _pair_energy(positions: Tensor, nl: NeighborList | ClusterList, charges, sig
         if param_grads:
             raise ValueError("a ClusterList computes no parameter gradients: use a "
                              "NeighborList when charges, sigma or epsilon need gradients")
-        name, _ = registry.resolve("nonbonded_clusters", positions.device, backend)
-        energy = _nonbonded.nonbonded_clusters(
-            positions, cells, nl.slot_atom, nl.slot_wrap, nl.cluster_ptr, nl.entry_j,
-            nl.entry_shift, nl.entry_mask, q.detach(), s.detach(), e.detach(), rc, sw, coul, lj,
-            k_rf, c_rf, alpha, float(coulomb_constant), name)[0]
+        if isinstance(nl, TileList):  # the GPU's 32-atom tiles
+            name, _ = registry.resolve("nonbonded_tiles", positions.device, backend)
+            energy = _nonbonded.nonbonded_tiles(
+                positions, cells, nl.order, nl.tile_ptr, nl.tile_j, nl.tile_x, nl.masks,
+                q.detach(), s.detach(), e.detach(), rc, sw, coul, lj, k_rf, c_rf, alpha,
+                float(coulomb_constant), nl.periodic, name)[0]
+        else:
+            name, _ = registry.resolve("nonbonded_clusters", positions.device, backend)
+            energy = _nonbonded.nonbonded_clusters(
+                positions, cells, nl.slot_atom, nl.slot_wrap, nl.cluster_ptr, nl.entry_j,
+                nl.entry_shift, nl.entry_mask, q.detach(), s.detach(), e.detach(), rc, sw,
+                coul, lj, k_rf, c_rf, alpha, float(coulomb_constant), name)[0]
     else:
         energy = _nonbonded.nonbonded(
             positions, cells, atom_system, nl.i, nl.j, nl.shifts, nl.ptr, excl_ptr, excl_j, q,

@@ -8,6 +8,7 @@ reads the System's parameters into those groups and takes the same path.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -17,8 +18,8 @@ from torch import Tensor, nn
 from fastff import _checks
 from fastff.kernels._runtime import registry
 from fastff.mm import _terms
-from fastff.mm._clusters import ClusterList, ClusterVerletList
-from fastff.neighbors import NeighborList
+from fastff.mm._clusters import ClusterList, ClusterVerletList, TileList, TileVerletList
+from fastff.neighbors import NeighborList, poison_invalid
 from fastff.verlet import VerletList
 
 #: OpenMM's ONE_4PI_EPS0 (kJ mol^-1 nm e^-2, CODATA 2018), used so energies match OpenMM's.
@@ -204,6 +205,10 @@ class ForceField(nn.Module):
         self.has_nonbonded = False
         self.verlet: VerletList | None = None
         self.clusters: ClusterVerletList | None = None
+        self.tiles: TileVerletList | None = None
+        self._tile_box: tuple | None = None  # (box tensor, version, suits the tiles)
+        self._max_exclusions: tuple | None = None  # (exception index, version, longest row)
+        self._steady: tuple | None = None  # the inputs of a checked GPU step (see forward)
         self.use_clusters = True
         self._all_pairs: NeighborList | None = None
         self.dispersion_correction = False
@@ -353,7 +358,9 @@ class ForceField(nn.Module):
             if spec.switch_distance is not None:
                 kwargs["switch_distance"] = float(spec.switch_distance)
             self.cutoff = float(rc)
-            self.verlet = VerletList(float(rc), skin, half=True, backend=self.backend)
+            # capacity mode on the Triton backend: steps without host synchronisation
+            self.verlet = VerletList(float(rc), skin, half=True, backend=self.backend,
+                                     capacity="auto")
             self.clusters = ClusterVerletList(float(rc), skin)
         self.nonbonded_kwargs = kwargs
         self.dispersion_correction = bool(spec.dispersion_correction)
@@ -453,22 +460,63 @@ class ForceField(nn.Module):
             self.verlet.reset()
         if self.clusters is not None:
             self.clusters = ClusterVerletList(self.clusters.cutoff, self.clusters.skin)
+        self.tiles = None  # rebuilt from the exclusions on the next call
         _terms.forget(*self.buffers())
         self._box_state = None
+        self._steady = None
 
     def _cluster_list(self, positions: Tensor, cell: Tensor | None) -> ClusterList | None:
-        """The cluster-pair list of the CPU fast path, when it applies: numba backend, no
-        parameter gradients needed, not tracing, a box the layout handles (else None)."""
-        if (self.clusters is None or not self.use_clusters or positions.device.type != "cpu"
-                or torch.compiler.is_compiling() or positions.dim() != 2
-                or _terms._needs_grad(self.charges, self.sigma, self.epsilon)
-                or registry.resolve("nonbonded", positions.device, self.backend)[0] != "numba"):
+        """The cluster list of the fast path, when it applies: no parameter gradients needed,
+        not tracing, a box the layout handles (else None). Numba: the CPU's 8-atom cluster
+        pairs; Triton: the GPU's 32-atom tiles (built on the device)."""
+        if (self.clusters is None or not self.use_clusters or torch.compiler.is_compiling()
+                or positions.dim() != 2
+                or _terms._needs_grad(self.charges, self.sigma, self.epsilon)):
             return None
         if self.periodic and (cell is None or cell.shape != (3, 3)):
+            return None
+        path = registry.resolve("nonbonded", positions.device, self.backend)[0]
+        if path == "triton":
+            return self._tile_list(positions, cell)
+        if path != "numba" or positions.device.type != "cpu":
             return None
         excl_ptr, excl_j = _terms.exclusion_rows(self.exception_index, self.num_atoms)
         return self.clusters.update(positions, cell if self.periodic else None, excl_ptr,
                                     excl_j)
+
+    def _tile_list(self, positions: Tensor, cell: Tensor | None) -> TileList | None:
+        """The GPU path's tile list: orthorhombic boxes longer than twice the cutoff (read from
+        the box once per box tensor and version) and at most 32 exclusions per atom."""
+        from fastff.kernels.nonbonded.gpu_clusters import MAX_EXCLUSIONS
+
+        if self.periodic and not self._suits_tiles(cell):
+            return None
+        excl_ptr, excl_j = _terms.exclusion_rows(self.exception_index, self.num_atoms)
+        index = self.exception_index
+        kept = self._max_exclusions
+        if kept is None or kept[0] is not index or kept[1] != index._version:
+            counts = excl_ptr[1:] - excl_ptr[:-1]
+            kept = (index, index._version, int(counts.max()) if counts.numel() else 0)
+            self._max_exclusions = kept
+        if kept[2] > MAX_EXCLUSIONS:
+            return None
+        if self.tiles is None:
+            assert self.verlet is not None
+            self.tiles = TileVerletList(self.cutoff, self.verlet.skin, backend=self.backend)
+        return self.tiles.update(positions, cell if self.periodic else None, excl_ptr, excl_j,
+                                 kept[2], exclusions_key=index)
+
+    def _suits_tiles(self, cell: Tensor | None) -> bool:
+        if cell is None:
+            return False
+        kept = self._tile_box
+        if kept is not None and kept[0] is cell and kept[1] == cell._version:
+            return kept[2]
+        c = cell.detach().double()
+        ok = (bool((c - torch.diag(torch.diagonal(c))).abs().max() == 0)
+              and bool((torch.diagonal(c) > 2.0 * self.cutoff).all()))
+        self._tile_box = (cell, cell._version, ok)
+        return ok
 
     def _neighbor_list(self, positions: Tensor, cell: Tensor | None) -> NeighborList:
         if self.verlet is not None:
@@ -541,14 +589,43 @@ class ForceField(nn.Module):
                 nl: NeighborList | None = None) -> Tensor:
         """Total potential energy (kJ/mol, scalar); forces are ``-d energy / d positions``.
 
-        The same sum as :meth:`energies`, with every bonded term in one fused op."""
-        cell = self._checked_call(positions, cell)
-        total = positions.new_zeros(())
-        if self.has_nonbonded:
-            total = total + self._nonbonded_energy(positions, cell, nl)
-        if any(t != "nonbonded" for t in self.terms):
-            total = total + self._bonded_energy(positions, cell)
+        The same sum as :meth:`energies`, with every bonded term in one fused op.
+
+        On the Triton backend an MD step (no parameter needing a gradient) after the first
+        checked one reads nothing back from the device: value checks of the inputs give way to
+        the device flags of the neighbor list (non-finite positions make the energy NaN), the
+        lists are rebuilt on the device, and the step can be captured in a CUDA graph
+        (:func:`fastff.compile.cuda_graph_step`)."""
+        key, steady = self._steady_step(positions)
+        with _checks.no_checks() if steady else contextlib.nullcontext():
+            cell = self._checked_call(positions, cell)
+            total = positions.new_zeros(())
+            if self.has_nonbonded:
+                total = total + self._nonbonded_energy(positions, cell, nl)
+            if any(t != "nonbonded" for t in self.terms):
+                total = total + self._bonded_energy(positions, cell)
+        if key is not None:
+            self._steady = key  # this step ran with checks: the next ones like it skip them
         return total
+
+    def check(self) -> None:
+        """Raise if a list the module owns is unusable (more pairs or tiles than its capacity,
+        non-finite positions, a box it does not suit): reads their status words, a host
+        synchronisation. Steady GPU steps never read them (results from such a list are NaN);
+        call this where the host waits anyway, e.g. when energies are logged."""
+        for owned in (self.verlet, self.tiles):
+            if owned is not None:
+                owned.check()
+
+    def _steady_step(self, positions: Tensor) -> tuple[tuple | None, bool]:
+        """(key of a GPU MD step, whether a checked step with that key ran before): on the
+        Triton backend, with no parameter needing a gradient; (None, False) elsewhere."""
+        if (registry.resolve("nonbonded" if self.has_nonbonded else "bonded_terms",
+                             positions.device, self.backend)[0] != "triton"
+                or _terms._needs_grad(*self.parameters()) or not _checks.checks_enabled()):
+            return None, False
+        key = (positions.shape, positions.dtype, positions.device)
+        return key, self._steady == key
 
     def bonded_energy(self, positions: Tensor, cell: Tensor | None = None) -> Tensor:
         """Bonds + angles + torsions (kJ/mol, scalar) in one fused op (:func:`fastff.mm.bonded`).
@@ -608,6 +685,9 @@ class ForceField(nn.Module):
                                 cell=cell if self.periodic else None, batch=None,
                                 exceptions=exceptions, backend=self.backend,
                                 **self.nonbonded_kwargs)
+        status = getattr(nl, "status", None)
+        if status is not None:  # a capacity-mode list: NaN (never a number) if it is invalid
+            e = poison_invalid(e, status)
         if self.dispersion_correction:
             assert cell is not None  # periodic: the default box at least
             e = e + self._dispersion(cell)

@@ -2,9 +2,14 @@
 gradients with respect to the term's atoms, the cell (minimum-image virial) and its parameters.
 
 Algorithm: the same analytic derivatives as cpu_numba.py (atan2 angle, Blondel-Karplus
-dihedral gradient); per-atom gradients, per-system energies and virials are accumulated with
-atomics. The trade-off: sums are not bitwise reproducible, in exchange for a single pass with
-no per-term scratch memory.
+dihedral gradient). A term touches 2-4 atoms anywhere in the system, so per-atom gradients are
+added with relaxed atomics (``RED`` instructions, no memory barriers); per-system energies and
+virials are first summed over the program's block of terms and added with one atomic per
+value (terms of one block belonging to several systems, at batch boundaries, add one by one),
+and only minimum-image shifts that are nonzero add to the virial. In torch's deterministic
+mode every accumulator is 64-bit fixed point (kernels/gpu_common.py): bitwise reproducible,
+at a resolution of 2^-32 kJ/mol (nm). Otherwise sums are not bitwise reproducible. Offsets are
+64-bit.
 """
 
 from __future__ import annotations
@@ -13,9 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
+from fastff.kernels import gpu_common as common
 from fastff.kernels.bonded.reference import bonded_terms_by_kind
 
-_BLOCK = 128  # terms per program
+# Terms per program on two warps: the only shape without spills for every kernel, dtype and
+# mode (sm_90 ptxas spilled 8-16 bytes in a deterministic variant at 128 terms on 4 or 8 warps).
+_BLOCK = 64
+_WARPS = 2
 
 
 @triton.jit
@@ -52,32 +61,47 @@ def _load_vec(pos_ptr, cells_ptr, inv_ptr, s, a, b, m, periodic):
 
 
 @triton.jit
-def _add_grad(gpos_ptr, a, gx, gy, gz, m):
-    tl.atomic_add(gpos_ptr + a * 3 + 0, gx, mask=m)
-    tl.atomic_add(gpos_ptr + a * 3 + 1, gy, mask=m)
-    tl.atomic_add(gpos_ptr + a * 3 + 2, gz, mask=m)
+def _add_grad(gpos_ptr, a, gx, gy, gz, m, DET: tl.constexpr):
+    common.atomic_add_to(gpos_ptr + a * 3 + 0, gx, m, DET)
+    common.atomic_add_to(gpos_ptr + a * 3 + 1, gy, m, DET)
+    common.atomic_add_to(gpos_ptr + a * 3 + 2, gz, m, DET)
 
 
 @triton.jit
-def _add_virial(vir_ptr, s, n0, n1, n2, gx, gy, gz, m, periodic):
-    """virial[s] += -n (outer) dE/dr."""
+def _system_add(ptr, stride, c, s, value, m, DET: tl.constexpr):
+    """ptr[s * stride + c] += value per lane: the block's first system takes one atomic with its
+    lanes' sum, lanes of other systems (batch boundaries) add one by one."""
+    s0 = tl.min(tl.where(m, s, 2147483647), 0)
+    first = m & (s == s0)
+    total = tl.sum(tl.where(first, value, 0.0), 0)
+    common.atomic_add_to(ptr + s0 * stride + c, total, tl.max(first.to(tl.int32), 0) != 0, DET)
+    rest = m & (s != s0)
+    if tl.max(rest.to(tl.int32), 0) != 0:
+        common.atomic_add_to(ptr + s * stride + c, value, rest, DET)
+
+
+@triton.jit
+def _add_virial(vir_ptr, s, n0, n1, n2, gx, gy, gz, m, periodic, DET: tl.constexpr):
+    """virial[s] += -n (outer) dE/dr, for lanes with a nonzero image shift only."""
     if periodic != 0:
-        vb = vir_ptr + s * 9
-        tl.atomic_add(vb + 0, -n0 * gx, mask=m)
-        tl.atomic_add(vb + 1, -n0 * gy, mask=m)
-        tl.atomic_add(vb + 2, -n0 * gz, mask=m)
-        tl.atomic_add(vb + 3, -n1 * gx, mask=m)
-        tl.atomic_add(vb + 4, -n1 * gy, mask=m)
-        tl.atomic_add(vb + 5, -n1 * gz, mask=m)
-        tl.atomic_add(vb + 6, -n2 * gx, mask=m)
-        tl.atomic_add(vb + 7, -n2 * gy, mask=m)
-        tl.atomic_add(vb + 8, -n2 * gz, mask=m)
+        shifted = m & ((n0 != 0.0) | (n1 != 0.0) | (n2 != 0.0))
+        if tl.max(shifted.to(tl.int32), 0) != 0:
+            _system_add(vir_ptr, 9, 0, s, -n0 * gx, shifted, DET)
+            _system_add(vir_ptr, 9, 1, s, -n0 * gy, shifted, DET)
+            _system_add(vir_ptr, 9, 2, s, -n0 * gz, shifted, DET)
+            _system_add(vir_ptr, 9, 3, s, -n1 * gx, shifted, DET)
+            _system_add(vir_ptr, 9, 4, s, -n1 * gy, shifted, DET)
+            _system_add(vir_ptr, 9, 5, s, -n1 * gz, shifted, DET)
+            _system_add(vir_ptr, 9, 6, s, -n2 * gx, shifted, DET)
+            _system_add(vir_ptr, 9, 7, s, -n2 * gy, shifted, DET)
+            _system_add(vir_ptr, 9, 8, s, -n2 * gz, shifted, DET)
 
 
 @triton.jit
 def _bonds_kernel(pos_ptr, cells_ptr, inv_ptr, sys_ptr, idx_ptr, k_ptr, r0_ptr, e_ptr, gpos_ptr,
-                  vir_ptr, gp0_ptr, gp1_ptr, n_terms, periodic, BLOCK: tl.constexpr):
-    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                  vir_ptr, gp0_ptr, gp1_ptr, n_terms, periodic, BLOCK: tl.constexpr,
+                  DET: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = t < n_terms
     a = tl.load(idx_ptr + t * 2 + 0, mask=m, other=0)
     b = tl.load(idx_ptr + t * 2 + 1, mask=m, other=0)
@@ -88,18 +112,19 @@ def _bonds_kernel(pos_ptr, cells_ptr, inv_ptr, sys_ptr, idx_ptr, k_ptr, r0_ptr, 
     d = tl.sqrt(tl.where(m, rx * rx + ry * ry + rz * rz, 1.0))
     dev = d - r0
     f = k * dev / d
-    tl.atomic_add(e_ptr + s, 0.5 * k * dev * dev, mask=m)
-    _add_grad(gpos_ptr, b, f * rx, f * ry, f * rz, m)
-    _add_grad(gpos_ptr, a, -f * rx, -f * ry, -f * rz, m)
-    _add_virial(vir_ptr, s, n0, n1, n2, f * rx, f * ry, f * rz, m, periodic)
+    _system_add(e_ptr, 1, 0, s, 0.5 * k * dev * dev, m, DET)
+    _add_grad(gpos_ptr, b, f * rx, f * ry, f * rz, m, DET)
+    _add_grad(gpos_ptr, a, -f * rx, -f * ry, -f * rz, m, DET)
+    _add_virial(vir_ptr, s, n0, n1, n2, f * rx, f * ry, f * rz, m, periodic, DET)
     tl.store(gp0_ptr + t, 0.5 * dev * dev, mask=m)
     tl.store(gp1_ptr + t, -k * dev, mask=m)
 
 
 @triton.jit
 def _angles_kernel(pos_ptr, cells_ptr, inv_ptr, sys_ptr, idx_ptr, k_ptr, t0_ptr, e_ptr, gpos_ptr,
-                   vir_ptr, gp0_ptr, gp1_ptr, n_terms, periodic, BLOCK: tl.constexpr):
-    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                   vir_ptr, gp0_ptr, gp1_ptr, n_terms, periodic, BLOCK: tl.constexpr,
+                  DET: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = t < n_terms
     a = tl.load(idx_ptr + t * 3 + 0, mask=m, other=0)
     c = tl.load(idx_ptr + t * 3 + 1, mask=m, other=0)
@@ -125,12 +150,12 @@ def _angles_kernel(pos_ptr, cells_ptr, inv_ptr, sys_ptr, idx_ptr, k_ptr, t0_ptr,
     gvx = fu * (dot * vx / lv2 - ux)
     gvy = fu * (dot * vy / lv2 - uy)
     gvz = fu * (dot * vz / lv2 - uz)
-    tl.atomic_add(e_ptr + s, 0.5 * k * dev * dev, mask=m)
-    _add_grad(gpos_ptr, a, gux, guy, guz, m)
-    _add_grad(gpos_ptr, b, gvx, gvy, gvz, m)
-    _add_grad(gpos_ptr, c, -gux - gvx, -guy - gvy, -guz - gvz, m)
-    _add_virial(vir_ptr, s, m0, m1, m2, gux, guy, guz, m, periodic)
-    _add_virial(vir_ptr, s, n0, n1, n2, gvx, gvy, gvz, m, periodic)
+    _system_add(e_ptr, 1, 0, s, 0.5 * k * dev * dev, m, DET)
+    _add_grad(gpos_ptr, a, gux, guy, guz, m, DET)
+    _add_grad(gpos_ptr, b, gvx, gvy, gvz, m, DET)
+    _add_grad(gpos_ptr, c, -gux - gvx, -guy - gvy, -guz - gvz, m, DET)
+    _add_virial(vir_ptr, s, m0, m1, m2, gux, guy, guz, m, periodic, DET)
+    _add_virial(vir_ptr, s, n0, n1, n2, gvx, gvy, gvz, m, periodic, DET)
     tl.store(gp0_ptr + t, 0.5 * dev * dev, mask=m)
     tl.store(gp1_ptr + t, -dedt, mask=m)
 
@@ -177,8 +202,9 @@ def _atan(z):
 
 @triton.jit
 def _torsions_kernel(pos_ptr, cells_ptr, inv_ptr, sys_ptr, idx_ptr, k_ptr, n_ptr, ph_ptr, e_ptr,
-                     gpos_ptr, vir_ptr, gp0_ptr, gp1_ptr, n_terms, periodic, BLOCK: tl.constexpr):
-    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                     gpos_ptr, vir_ptr, gp0_ptr, gp1_ptr, n_terms, periodic,
+                     BLOCK: tl.constexpr, DET: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = t < n_terms
     i0 = tl.load(idx_ptr + t * 4 + 0, mask=m, other=0)
     i1 = tl.load(idx_ptr + t * 4 + 1, mask=m, other=0)
@@ -221,14 +247,14 @@ def _torsions_kernel(pos_ptr, cells_ptr, inv_ptr, sys_ptr, idx_ptr, k_ptr, n_ptr
     gkx = (q - 1.0) * glx - p * gix
     gky = (q - 1.0) * gly - p * giy
     gkz = (q - 1.0) * glz - p * giz
-    tl.atomic_add(e_ptr + s, k * (1.0 + cos_arg), mask=m)
-    _add_grad(gpos_ptr, i0, gix, giy, giz, m)
-    _add_grad(gpos_ptr, i1, gjx, gjy, gjz, m)
-    _add_grad(gpos_ptr, i2, gkx, gky, gkz, m)
-    _add_grad(gpos_ptr, i3, glx, gly, glz, m)
-    _add_virial(vir_ptr, s, l0, l1, l2, -gix, -giy, -giz, m, periodic)
-    _add_virial(vir_ptr, s, m0, m1, m2, gkx + glx, gky + gly, gkz + glz, m, periodic)
-    _add_virial(vir_ptr, s, n0, n1, n2, glx, gly, glz, m, periodic)
+    _system_add(e_ptr, 1, 0, s, k * (1.0 + cos_arg), m, DET)
+    _add_grad(gpos_ptr, i0, gix, giy, giz, m, DET)
+    _add_grad(gpos_ptr, i1, gjx, gjy, gjz, m, DET)
+    _add_grad(gpos_ptr, i2, gkx, gky, gkz, m, DET)
+    _add_grad(gpos_ptr, i3, glx, gly, glz, m, DET)
+    _add_virial(vir_ptr, s, l0, l1, l2, -gix, -giy, -giz, m, periodic, DET)
+    _add_virial(vir_ptr, s, m0, m1, m2, gkx + glx, gky + gly, gkz + glz, m, periodic, DET)
+    _add_virial(vir_ptr, s, n0, n1, n2, glx, gly, glz, m, periodic, DET)
     tl.store(gp0_ptr + t, 1.0 + cos_arg, mask=m)
     tl.store(gp1_ptr + t, k * sin_arg, mask=m)
 
@@ -236,8 +262,8 @@ def _torsions_kernel(pos_ptr, cells_ptr, inv_ptr, sys_ptr, idx_ptr, k_ptr, n_ptr
 @triton.jit
 def _pairs_kernel(pos_ptr, cells_ptr, inv_ptr, sys_ptr, idx_ptr, qq_ptr, sig_ptr, eps_ptr,
                   kc_ptr, e_ptr, gpos_ptr, vir_ptr, gp0_ptr, gp1_ptr, gp2_ptr, n_terms, periodic,
-                  BLOCK: tl.constexpr):
-    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+                  BLOCK: tl.constexpr, DET: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = t < n_terms
     a = tl.load(idx_ptr + t * 2 + 0, mask=m, other=0)
     b = tl.load(idx_ptr + t * 2 + 1, mask=m, other=0)
@@ -253,19 +279,20 @@ def _pairs_kernel(pos_ptr, cells_ptr, inv_ptr, sys_ptr, idx_ptr, qq_ptr, sig_ptr
     ec = kc * _ld(qq_ptr + t, m) * inv_d
     dedd = -ec * inv_d + ep * 4.0 * (-12.0 * x6 * x6 + 6.0 * x6) * inv_d
     f = dedd * inv_d
-    tl.atomic_add(e_ptr + s, ec + ep * w, mask=m)
-    _add_grad(gpos_ptr, b, f * rx, f * ry, f * rz, m)
-    _add_grad(gpos_ptr, a, -f * rx, -f * ry, -f * rz, m)
-    _add_virial(vir_ptr, s, n0, n1, n2, f * rx, f * ry, f * rz, m, periodic)
+    _system_add(e_ptr, 1, 0, s, ec + ep * w, m, DET)
+    _add_grad(gpos_ptr, b, f * rx, f * ry, f * rz, m, DET)
+    _add_grad(gpos_ptr, a, -f * rx, -f * ry, -f * rz, m, DET)
+    _add_virial(vir_ptr, s, n0, n1, n2, f * rx, f * ry, f * rz, m, periodic, DET)
     tl.store(gp0_ptr + t, kc * inv_d, mask=m)
     tl.store(gp1_ptr + t, tl.where(sg != 0.0, ep * 4.0 * (12.0 * x6 * x6 - 6.0 * x6) / sg, 0.0),
              mask=m)
     tl.store(gp2_ptr + t, w, mask=m)
 
 
-def _sig(ft: str, names: list[str], ints: dict[str, str]) -> dict:
-    sig = {n: ints.get(n, f"*{ft}") for n in names}
-    sig.update({"n_terms": "i32", "periodic": "i32", "BLOCK": "constexpr"})
+def _sig(ft: str, names: list[str], ints: dict[str, str], det: bool) -> dict:
+    acc = {n: "*i64" for n in ("e_ptr", "gpos_ptr", "vir_ptr")} if det else {}
+    sig = {n: acc.get(n, ints.get(n, f"*{ft}")) for n in names}
+    sig.update({"n_terms": "i32", "periodic": "i32", "BLOCK": "constexpr", "DET": "constexpr"})
     return sig
 
 
@@ -283,24 +310,30 @@ _KERNELS = {
 }
 
 AOT_SPECS = [
-    {"kernel": fn, "signature": _sig(ft, _COMMON + names, _INTS), "constexprs": {"BLOCK": _BLOCK}}
-    for fn, names in _KERNELS.values() for ft in ("fp32", "fp64")
+    {"kernel": fn, "signature": _sig(ft, _COMMON + names, _INTS, det),
+     "name": f"{fn.__name__}[{'det,' if det else ''}{ft}]",
+     "constexprs": {"BLOCK": _BLOCK, "DET": det}, "options": {"num_warps": _WARPS}}
+    for fn, names in _KERNELS.values() for det in (False, True) for ft in ("fp32", "fp64")
 ]
 
 
 def _run(kernel, positions, cells, inv_cells, atom_system, periodic, index, params, num_grads):
     dtype, dev = positions.dtype, positions.device
     n, t, nsys = positions.shape[0], index.shape[0], cells.shape[0]
-    energy = torch.zeros(nsys, dtype=dtype, device=dev)
-    g_pos = torch.zeros(n, 3, dtype=dtype, device=dev)
-    vir = torch.zeros(nsys, 9, dtype=dtype, device=dev)
+    det = common.deterministic()
+    acc = torch.int64 if det else dtype  # fixed point in deterministic mode
+    energy = torch.zeros(nsys, dtype=acc, device=dev)
+    g_pos = torch.zeros(n, 3, dtype=acc, device=dev)
+    vir = torch.zeros(nsys, 9, dtype=acc, device=dev)
     gp = [torch.zeros(t, dtype=dtype, device=dev) for _ in range(num_grads)]
     if t:
         kernel[(triton.cdiv(t, _BLOCK),)](
             positions.detach().contiguous(), cells.detach().contiguous(),
             inv_cells.detach().contiguous(), atom_system.contiguous(), index.contiguous(),
             *(p.detach().contiguous() for p in params), energy, g_pos, vir, *gp, t,
-            int(bool(periodic)), BLOCK=_BLOCK)
+            int(bool(periodic)), BLOCK=_BLOCK, DET=det, num_warps=_WARPS)
+    if det:
+        energy, g_pos, vir = (common.from_fixed(x, dtype) for x in (energy, g_pos, vir))
     return (energy, g_pos, vir.view(nsys, 3, 3), *gp)
 
 
@@ -323,7 +356,7 @@ def periodic_torsions(positions, cells, inv_cells, atom_system, periodic, index,
 
 def lj_coulomb_pairs(positions, cells, inv_cells, atom_system, periodic, index, charge_prod,
                      sigma, epsilon, coulomb_constant, param_grads):
-    kc = torch.tensor([coulomb_constant], dtype=positions.dtype, device=positions.device)
+    kc = common.constants((coulomb_constant,), positions.dtype, positions.device)
     return _run(_pairs_kernel, positions, cells, inv_cells, atom_system, periodic, index,
                 (charge_prod, sigma, epsilon, kc), 3)
 

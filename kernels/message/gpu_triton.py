@@ -61,8 +61,8 @@ def _row_edges(ptr_ptr, a, e0, e1):
 @triton.jit
 def _gms_rows_kernel(out_ptr, h_ptr, w_ptr, j_ptr, ptr_ptr, e0, e1, a0, n_h, nf,
                      BLOCK_F: tl.constexpr):
-    a = a0 + tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    a = a0 + tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = offs < nf
     lo, hi = _row_edges(ptr_ptr, a, e0, e1)
     acc = tl.zeros((BLOCK_F,), dtype=tl.float32).to(out_ptr.dtype.element_ty)
@@ -80,8 +80,8 @@ def _gms_rows_kernel(out_ptr, h_ptr, w_ptr, j_ptr, ptr_ptr, e0, e1, a0, n_h, nf,
 @triton.jit
 def _ggm_kernel(out_ptr, a_ptr, b_ptr, i_ptr, j_ptr, e0, num, n_a, n_b, nf,
                 BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr):
-    k = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
-    offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    k = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
     emask = k < num
     ia = tl.load(i_ptr + e0 + k, mask=emask, other=0)
     jb = tl.load(j_ptr + e0 + k, mask=emask, other=0)
@@ -98,7 +98,7 @@ def _ggm_kernel(out_ptr, a_ptr, b_ptr, i_ptr, j_ptr, e0, num, n_a, n_b, nf,
 @triton.jit
 def _pair_ends(a_ptr, b_ptr, p0, num, n, BLOCK_E: tl.constexpr):
     """Ends (a, b) of the pairs p0 + k, k < BLOCK_E, with the mask of those in range."""
-    k = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    k = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
     pmask = k < num
     pa = tl.load(a_ptr + p0 + k, mask=pmask, other=0)
     pb = tl.load(b_ptr + p0 + k, mask=pmask, other=0)
@@ -111,7 +111,7 @@ def _pair_product_kernel(out_ptr, g_ptr, x_ptr, a_ptr, b_ptr, p0, num, n, nf,
                          BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr):
     """out[k] = g[a] * x[b] + g[b] * x[a] for the pairs p0 + k (0 for out-of-range ends)."""
     k, pmask, pa, pb, ok = _pair_ends(a_ptr, b_ptr, p0, num, n, BLOCK_E)
-    offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
     fm = offs[None, :] < nf
     m = ok[:, None] & fm
     ga = tl.load(g_ptr + pa[:, None] * nf + offs[None, :], mask=m, other=0.0)
@@ -129,20 +129,20 @@ def _pair_scatter_kernel(out_ptr, h_ptr, w_ptr, a_ptr, b_ptr, p0, num, n, nf,
     are written, so rows have many writers: atomic adds (the sums' order, and so their last
     bits, vary from run to run on a GPU)."""
     k, pmask, pa, pb, ok = _pair_ends(a_ptr, b_ptr, p0, num, n, BLOCK_E)
-    offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
     m = ok[:, None] & (offs[None, :] < nf)
     w = tl.load(w_ptr + k[:, None] * nf + offs[None, :], mask=m, other=0.0)
     ha = tl.load(h_ptr + pa[:, None] * nf + offs[None, :], mask=m, other=0.0)
     hb = tl.load(h_ptr + pb[:, None] * nf + offs[None, :], mask=m, other=0.0)
-    tl.atomic_add(out_ptr + pa[:, None] * nf + offs[None, :], hb * w, mask=m)
-    tl.atomic_add(out_ptr + pb[:, None] * nf + offs[None, :], ha * w, mask=m)
+    tl.atomic_add(out_ptr + pa[:, None] * nf + offs[None, :], hb * w, mask=m, sem="relaxed")
+    tl.atomic_add(out_ptr + pb[:, None] * nf + offs[None, :], ha * w, mask=m, sem="relaxed")
 
 
 @triton.jit
 def _spline_weights(r, cutoff, nint, order):
     inv_h = nint / cutoff
     s = r * inv_h
-    k = tl.minimum(tl.maximum(s.to(tl.int32), 0), nint - 1)
+    k = tl.minimum(tl.maximum(s.to(tl.int32), 0), nint - 1).to(tl.int64)  # rows of 4 * nf
     t = s - k
     one = t * 0.0 + 1.0
     zero = t * 0.0
@@ -161,8 +161,9 @@ def _spline_weights(r, cutoff, nint, order):
 @triton.jit
 def _spline_conv_kernel(out_ptr, x_ptr, d_ptr, scale_ptr, coeffs_ptr, j_ptr, ptr_ptr, cutoff_ptr,
                         has_scale, n_x, nf, nint, order, BLOCK_F: tl.constexpr):
-    a = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    nf = nf.to(tl.int64)  # row strides: 3 * nf * rows passes 2^31
+    a = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = offs < nf
     cutoff = tl.load(cutoff_ptr)
     lo = tl.load(ptr_ptr + a)
@@ -190,7 +191,7 @@ def _spline_conv_kernel(out_ptr, x_ptr, d_ptr, scale_ptr, coeffs_ptr, j_ptr, ptr
 def _spline_edge_dot_kernel(out_ptr, g_ptr, x_ptr, d_ptr, coeffs_ptr, i_ptr, j_ptr, cutoff_ptr,
                             num_edges, n_g, n_x, nf, nint, order,
                             BLOCK_E: tl.constexpr, BLOCK_F: tl.constexpr):
-    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
     emask = e < num_edges
     cutoff = tl.load(cutoff_ptr)
     r = tl.load(d_ptr + e, mask=emask, other=0.0)
@@ -200,36 +201,43 @@ def _spline_edge_dot_kernel(out_ptr, g_ptr, x_ptr, d_ptr, coeffs_ptr, i_ptr, j_p
     dst = tl.where(ok, dst, 0)
     src = tl.where(ok, src, 0)
     k, p0, p1, p2, p3 = _spline_weights(r, cutoff, nint, order)
+    nf64 = nf.to(tl.int64)
+    crow = coeffs_ptr + k * 4 * nf64
+    grow = g_ptr + dst * nf64
+    xrow = x_ptr + src * nf64
     acc = r * 0.0
-    for f0 in range(0, nf, BLOCK_F):
-        offs = f0 + tl.arange(0, BLOCK_F)
+    # half-width feature blocks, each product summed as soon as it is loaded: a 32 x 32 tile
+    # of six gathered loads needed 168 registers (254 in float64); this stays below 128
+    for f0 in range(0, nf, BLOCK_F // 2):
+        offs = f0 + tl.arange(0, BLOCK_F // 2)
         m = ok[:, None] & (offs[None, :] < nf)
-        base = coeffs_ptr + k[:, None] * 4 * nf + offs[None, :]
-        w = (p0[:, None] * tl.load(base, mask=m, other=0.0)
-             + p1[:, None] * tl.load(base + nf, mask=m, other=0.0)
-             + p2[:, None] * tl.load(base + 2 * nf, mask=m, other=0.0)
-             + p3[:, None] * tl.load(base + 3 * nf, mask=m, other=0.0))
-        gv = tl.load(g_ptr + dst[:, None] * nf + offs[None, :], mask=m, other=0.0)
-        xv = tl.load(x_ptr + src[:, None] * nf + offs[None, :], mask=m, other=0.0)
-        acc += tl.sum(gv * xv * w, axis=1)
+        c = crow[:, None] + offs[None, :]
+        w = p0[:, None] * tl.load(c, mask=m, other=0.0)
+        w += p1[:, None] * tl.load(c + nf64, mask=m, other=0.0)
+        w += p2[:, None] * tl.load(c + 2 * nf64, mask=m, other=0.0)
+        w += p3[:, None] * tl.load(c + 3 * nf64, mask=m, other=0.0)
+        gx = (tl.load(grow[:, None] + offs[None, :], mask=m, other=0.0)
+              * tl.load(xrow[:, None] + offs[None, :], mask=m, other=0.0))
+        acc += tl.sum(gx * w, axis=1)
     tl.store(out_ptr + e, acc, mask=emask)
 
 
 @triton.jit
 def _interval_rows(coeffs_ptr, k, nf, offs, fmask):
     """The four coefficient rows of table interval k (one block of features)."""
-    base = coeffs_ptr + k * 4 * nf + offs
-    return (tl.load(base, mask=fmask, other=0.0), tl.load(base + nf, mask=fmask, other=0.0),
-            tl.load(base + 2 * nf, mask=fmask, other=0.0),
-            tl.load(base + 3 * nf, mask=fmask, other=0.0))
+    nf64 = nf.to(tl.int64)
+    base = coeffs_ptr + k * 4 * nf64 + offs
+    return (tl.load(base, mask=fmask, other=0.0), tl.load(base + nf64, mask=fmask, other=0.0),
+            tl.load(base + 2 * nf64, mask=fmask, other=0.0),
+            tl.load(base + 3 * nf64, mask=fmask, other=0.0))
 
 
 @triton.jit
 def _spline_conv_vjp_kernel(gx_ptr, gd_part_ptr, g_ptr, x_ptr, d_ptr, d_rev_ptr, coeffs_ptr,
                             j_ptr, ptr_ptr, cutoff_ptr, num_edges, n_g, n_x, nf, nint, order,
                             BLOCK_F: tl.constexpr):
-    a = tl.program_id(0)
-    fb = tl.program_id(1)
+    a = tl.program_id(0).to(tl.int64)
+    fb = tl.program_id(1).to(tl.int64)
     offs = fb * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = offs < nf
     cutoff = tl.load(cutoff_ptr)
@@ -279,8 +287,9 @@ def _painn_rows_kernel(ds_ptr, dv_ptr, phi_ptr, v_ptr, unit_ptr, w_ptr, j_ptr, p
                        a0, n_phi, nf, BLOCK_F: tl.constexpr):
     """One program per (receiver row, block of features): the PaiNN message of the row's edges
     inside [e0, e1), accumulated in registers and added to ds [N, F], dv [N, 3, F]."""
-    a = a0 + tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    nf = nf.to(tl.int64)  # row strides: 3 * nf * rows passes 2^31
+    a = a0 + tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = offs < nf
     lo, hi = _row_edges(ptr_ptr, a, e0, e1)
     zero = tl.zeros((BLOCK_F,), dtype=tl.float32).to(ds_ptr.dtype.element_ty)
@@ -315,8 +324,9 @@ def _painn_vjp_rows_kernel(gphi_ptr, r_ptr, gunit_part_ptr, gw_ptr, gs_ptr, gv_p
     [e0, e1), the filter gradient gw, this block's partial d/d unit (its own row of
     gunit_part [blocks, E, 3]: one writer per value), and the sender-side gradients of atom a
     through the mirrored edges, added to gphi[a, :2F] and r[a] at the end."""
-    a = a0 + tl.program_id(0)
-    fb = tl.program_id(1)
+    nf = nf.to(tl.int64)  # row strides: 3 * nf * rows passes 2^31
+    a = a0 + tl.program_id(0).to(tl.int64)
+    fb = tl.program_id(1).to(tl.int64)
     offs = fb * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = offs < nf
     lo, hi = _row_edges(ptr_ptr, a, e0, e1)
@@ -398,8 +408,8 @@ def _pair_geometry(pos_ptr, cells_ptr, system_ptr, batched, a, b, shifts_ptr, e)
 def _spline_conv_positions_kernel(out_ptr, x_ptr, pos_ptr, cells_ptr, system_ptr, coeffs_ptr,
                                   j_ptr, shifts_ptr, ptr_ptr, cutoff_ptr, batched, n, nf, nint,
                                   BLOCK_F: tl.constexpr):
-    a = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    a = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = offs < nf
     cutoff = tl.load(cutoff_ptr)
     lo, hi = _row_edges(ptr_ptr, a, 0, tl.load(ptr_ptr + a + 1))
@@ -421,8 +431,8 @@ def _spline_conv_positions_vjp_kernel(gx_ptr, gpos_part_ptr, cell_part_ptr, g_pt
                                       nf, nint, BLOCK_F: tl.constexpr):
     """Row a, one block of features: grad_x[a] (need_x) and this block's share of
     grad_pos[a] and of the row's cell gradient, each in its own row of a [blocks, N, .] buffer."""
-    a = tl.program_id(0)
-    fb = tl.program_id(1)
+    a = tl.program_id(0).to(tl.int64)
+    fb = tl.program_id(1).to(tl.int64)
     offs = fb * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = offs < nf
     cutoff = tl.load(cutoff_ptr)
@@ -794,3 +804,6 @@ def painn_message_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, k
                                        _radial, rows, BLOCK))
     out[3] = parts.sum(0)
     return dense.params_or_empty(tuple(out), d)
+
+for _spec in AOT_SPECS:  # every kernel runs in the dtype of its inputs: float32 or float64
+    _spec["dtypes"] = ("fp32", "fp64")

@@ -12,6 +12,12 @@
   is built from ``pair_vectors`` and ``pair_vectors_transpose``, so any order works. No Triton
   kernel (CUDA runs the torch path).
 
+
+* ``verlet_check`` and ``neighbor_list_into``: the capacity mode of Verlet lists, in place on
+  device buffers: the rebuild test sets flags of a status word, and the list is rebuilt into
+  fixed-capacity buffers only when a flag asks for it; no host synchronisation on CUDA
+  (kernels/_runtime/status.py). Triton and the torch reference.
+
 Every op takes the already resolved backend name (see fastff.kernels._runtime.registry); only
 this file knows all three paths.
 """
@@ -34,6 +40,11 @@ registry.register("neighbor_compact_reverse", "neighbors", "neighbor_compact_rev
                   backends=("numba", "reference"))
 registry.register("pair_distances", "neighbors", "pair_distances",
                   backends=("numba", "reference"))
+
+
+registry.register("verlet_check", "neighbors", "verlet_check", backends=("triton", "reference"))
+registry.register("neighbor_list_into", "neighbors", "neighbor_list_into",
+                  backends=("triton", "reference"))
 
 
 @torch.library.custom_op("fastff::neighbor_list", mutates_args=())
@@ -191,6 +202,34 @@ def _pair_distances_backward(ctx, grad):
 pair_distances.register_autograd(_pair_distances_backward, setup_context=_pair_distances_setup)
 
 
+@torch.library.custom_op("fastff::verlet_check", mutates_args=("status",))
+def verlet_check(positions: Tensor, cells: Tensor, reference: Tensor, ref_cells: Tensor,
+                 skin: float, status: Tensor, backend: str) -> None:
+    registry.launch("verlet_check", _SPECS["verlet_check"], locals())
+
+
+@verlet_check.register_fake
+def _(positions, cells, reference, ref_cells, skin, status, backend):
+    return None
+
+
+@torch.library.custom_op("fastff::neighbor_list_into",
+                         mutates_args=("status", "reference", "ref_cells", "i", "j", "shifts",
+                                       "ptr", "distances"))
+def neighbor_list_into(positions: Tensor, cutoff: float, cells: Tensor, pbc: Tensor,
+                       system_ptr: Tensor, half: bool, status: Tensor, reference: Tensor,
+                       ref_cells: Tensor, i: Tensor, j: Tensor, shifts: Tensor, ptr: Tensor,
+                       distances: Tensor, backend: str) -> None:
+    registry.launch("neighbor_list_into", _SPECS["neighbor_list_into"], locals())
+
+
+@neighbor_list_into.register_fake
+def _(positions, cutoff, cells, pbc, system_ptr, half, status, reference, ref_cells, i, j,
+      shifts, ptr, distances, backend):
+    return None
+
+
 _SPECS = {op._name: OpArgs(op)
           for op in (neighbor_list, pair_vectors, pair_vectors_transpose, neighbor_reverse,
-                     neighbor_compact, neighbor_compact_reverse, pair_distances)}
+                     neighbor_compact, neighbor_compact_reverse, pair_distances, verlet_check,
+                     neighbor_list_into)}

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor
 
+from fastff.kernels._runtime import status as status_bits
+
 
 def lattice_frame(cell: Tensor, pbc: Tensor) -> Tensor:
     """A well-conditioned [3,3] frame: the periodic rows of ``cell``, and unit vectors
@@ -238,3 +240,44 @@ def pair_distances(positions: Tensor, cells: Tensor, atom_system: Tensor | None,
     ``pair_vectors``; materialises the [E, 3] vectors that the numba kernel avoids)."""
     vectors = pair_vectors(positions, cells.to(positions.dtype), atom_system, i, j, shifts)
     return torch.linalg.vector_norm(vectors, dim=1)
+
+
+def verlet_check(positions: Tensor, cells: Tensor, reference: Tensor, ref_cells: Tensor,
+                 skin: float, status: Tensor) -> None:
+    """Sets the REBUILD flag of ``status`` when an atom moved more than ``skin / 2`` since
+    ``reference`` or a cell differs from ``ref_cells``, NONFINITE (and REBUILD) for NaN or inf
+    positions; keeps OVERFLOW, clears the other flags (kernels/_runtime/status.py)."""
+    flags = int(status[0]) & status_bits.OVERFLOW
+    if positions.shape[0]:
+        x = positions.detach()
+        moved2 = (x - reference).square().sum(1)
+        if bool((moved2 > (0.5 * skin) ** 2).any()) or not torch.equal(
+                cells.to(ref_cells.dtype), ref_cells):
+            flags |= status_bits.REBUILD
+        if not bool(torch.isfinite(x).all()):
+            flags |= status_bits.REBUILD | status_bits.NONFINITE
+    status[0] = flags
+
+
+def neighbor_list_into(positions: Tensor, cutoff: float, cells: Tensor, pbc: Tensor,
+                       system_ptr: Tensor, half: bool, status: Tensor, reference: Tensor,
+                       ref_cells: Tensor, i: Tensor, j: Tensor, shifts: Tensor, ptr: Tensor,
+                       distances: Tensor) -> None:
+    """Capacity mode (see gpu_triton.neighbor_list_into): when ``status`` asks for a rebuild,
+    the first ``len(i)`` pairs of :func:`neighbor_list` go into the buffers, the rest of them
+    is padding (N, N, 0, inf), OVERFLOW is set when pairs were left out; the positions and cells
+    become the reference and the rebuild count goes up."""
+    if not int(status[0]) & status_bits.REBUILD or positions.shape[0] == 0:
+        return
+    n, capacity = positions.shape[0], i.shape[0]
+    ii, jj, ss, pp, dd = neighbor_list(positions.detach(), cutoff, cells.detach(), pbc,
+                                       system_ptr, half)
+    k = min(ii.shape[0], capacity)
+    i[:k], j[:k], shifts[:k], distances[:k] = ii[:k], jj[:k], ss[:k], dd[:k].to(distances.dtype)
+    i[k:], j[k:], shifts[k:], distances[k:] = n, n, 0, math.inf
+    ptr.copy_(pp)
+    reference.copy_(positions.detach())
+    ref_cells.copy_(cells.detach().to(ref_cells.dtype))
+    status[1] += 1
+    if ii.shape[0] > capacity:
+        status[0] |= status_bits.OVERFLOW

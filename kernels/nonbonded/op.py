@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from fastff.kernels._runtime import registry
+from fastff.kernels._runtime.args import OpArgs
 from fastff.kernels._runtime.energy_op import register_energy_autograd
 from fastff.kernels.nonbonded import reference
 
@@ -109,3 +110,64 @@ def _cluster_reference(x) -> Tensor:
 NONBONDED_CLUSTERS = register_energy_autograd(
     nonbonded_clusters, diff=("positions", "cells"), rows=lambda x, name: None,
     reference=_cluster_reference, name="fastff.mm.nonbonded (clusters)")
+
+
+# The cluster-tile layout (gpu_clusters.py) is the GPU's MD path for one system: Triton and the
+# reference (which expands the tiles into pairs). Forces, energy and cell gradient only; the
+# list is built in place, in capacity mode, by cluster_list_into.
+registry.register("nonbonded_tiles", "nonbonded", "nonbonded_tiles",
+                  backends=("triton", "reference"))
+registry.register("cluster_list_into", "nonbonded", "cluster_list_into",
+                  backends=("triton", "reference"))
+
+
+@torch.library.custom_op("fastff::nonbonded_tiles", mutates_args=())
+def nonbonded_tiles(positions: Tensor, cells: Tensor, order: Tensor, tile_ptr: Tensor,
+                    tile_j: Tensor, tile_x: Tensor, masks: Tensor, charges: Tensor,
+                    sigma: Tensor, epsilon: Tensor, cutoff: float, switch_distance: float,
+                    coulomb: int, lj: bool, k_rf: float, c_rf: float, alpha: float,
+                    coulomb_constant: float, periodic: bool, backend: str
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    return registry.launch("nonbonded_tiles", NONBONDED_TILES, locals())
+
+
+@nonbonded_tiles.register_fake
+def _(positions, cells, order, tile_ptr, tile_j, tile_x, masks, charges, sigma, epsilon, cutoff,
+      switch_distance, coulomb, lj, k_rf, c_rf, alpha, coulomb_constant, periodic, backend):
+    return positions.new_empty(1), torch.empty_like(positions), torch.empty_like(cells)
+
+
+def _tiles_reference(x) -> Tensor:
+    i, j, shifts = reference.tile_pairs(x.positions, x.cells, x.order, x.tile_ptr, x.tile_j,
+                                        x.tile_x, x.masks, x.periodic)
+    n = x.positions.shape[0]
+    system = torch.zeros(n, dtype=torch.int64, device=x.positions.device)
+    no_excl = torch.zeros(n + 1, dtype=torch.int64, device=x.positions.device)
+    return reference.nonbonded_energy(x.positions, x.cells, system, i, j, shifts, no_excl,
+                                      no_excl[:0], x.charges, x.sigma, x.epsilon,
+                                      *NONBONDED_TILES.settings(x, PairSettings), half=True)
+
+
+NONBONDED_TILES = register_energy_autograd(
+    nonbonded_tiles, diff=("positions", "cells"), rows=lambda x, name: None,
+    reference=_tiles_reference, name="fastff.mm.nonbonded (tiles)")
+
+
+@torch.library.custom_op("fastff::cluster_list_into",
+                         mutates_args=("status", "reference", "ref_cells", "order", "slot",
+                                       "tile_ptr", "xtile_ptr", "tile_j", "tile_x", "masks"))
+def cluster_list_into(positions: Tensor, cells: Tensor, periodic: bool, cutoff: float,
+                      rlist: float, excl_ptr: Tensor, excl_j: Tensor, max_exclusions: int,
+                      status: Tensor, reference: Tensor, ref_cells: Tensor, order: Tensor,
+                      slot: Tensor, tile_ptr: Tensor, xtile_ptr: Tensor, tile_j: Tensor,
+                      tile_x: Tensor, masks: Tensor, backend: str) -> None:
+    registry.launch("cluster_list_into", CLUSTER_LIST_INTO, locals())
+
+
+@cluster_list_into.register_fake
+def _(positions, cells, periodic, cutoff, rlist, excl_ptr, excl_j, max_exclusions, status,
+      reference, ref_cells, order, slot, tile_ptr, xtile_ptr, tile_j, tile_x, masks, backend):
+    return None
+
+
+CLUSTER_LIST_INTO = OpArgs(cluster_list_into)

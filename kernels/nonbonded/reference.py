@@ -143,3 +143,143 @@ def nonbonded_clusters(positions, cells, slot_atom, slot_wrap, cluster_ptr, entr
 
     e, grads = reference_gradients(energy, (positions, cells), (True, True))
     return (e, *grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cluster tiles (the GPU layout of gpu_clusters.py): reference build and energy
+
+TILE_LANES = 32  # atoms per cluster of the tile layout (gpu_clusters.CLUSTER)
+_REBUILD, _OVERFLOW, _BAD_CELL = 1, 2, 8  # status flags (kernels/_runtime/status.py)
+
+
+def _orthorhombic_ok(cells: Tensor, cutoff: float) -> bool:
+    c = cells[0]
+    return bool((c - torch.diag(torch.diagonal(c))).abs().max() == 0) and bool(
+        (torch.diagonal(c) > 2.0 * cutoff).all())
+
+
+def tile_pairs(positions: Tensor, cells: Tensor, order: Tensor, tile_ptr: Tensor,
+               tile_j: Tensor, tile_x: Tensor, masks: Tensor, periodic: bool
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """The half pair list (i, j, shifts) that a cluster-tile list stands for: every lane pair of
+    every tile (each pair of a diagonal tile once), real atoms only, not excluded by the tile's
+    bits; shifts give the minimum image at these positions."""
+    dev = positions.device
+    n = positions.shape[0]
+    lanes = TILE_LANES
+    nclus = tile_ptr.shape[0] - 1
+    capacity = tile_j.shape[0]
+    ptr = tile_ptr.clamp(max=capacity)
+    counts = ptr[1:] - ptr[:-1]
+    ci = torch.repeat_interleave(torch.arange(nclus, device=dev), counts)
+    t = torch.arange(ci.shape[0], device=dev)  # tiles are stored row after row from slot 0
+    cj = tile_j[t].to(torch.int64)
+    li = torch.arange(lanes, device=dev)
+    si = ci[:, None, None] * lanes + li[None, :, None]  # [T, 32, 1]
+    sj = cj[:, None, None] * lanes + li[None, None, :]  # [T, 1, 32]
+    keep = (si < n) & (sj < n) & ((cj != ci)[:, None, None] | (li[None, None, :] > li[None, :,
+                                                                                      None]))
+    xt = tile_x[t].to(torch.int64)
+    words = torch.where(xt[:, None] >= 0, masks[xt.clamp(min=0)].to(torch.int64),
+                        torch.zeros(1, dtype=torch.int64, device=dev))  # [T, 32]
+    excluded = ((words[:, :, None] >> li[None, None, :]) & 1).bool()
+    keep = keep & ~excluded
+    si, sj = torch.broadcast_tensors(si, sj)
+    a = order[si[keep].clamp(max=n - 1)].to(torch.int64)
+    b = order[sj[keep].clamp(max=n - 1)].to(torch.int64)
+    shifts = torch.zeros(a.shape[0], 3, dtype=torch.int32, device=dev)
+    if periodic:
+        lengths = torch.diagonal(cells[0]).detach()
+        r = positions.detach()[b] - positions.detach()[a]
+        shifts = (-torch.floor(r / lengths + 0.5)).to(torch.int32)
+    return a, b, shifts
+
+
+def cluster_list_into(positions, cells, periodic, cutoff, rlist, excl_ptr, excl_j,
+                      max_exclusions, status, reference, ref_cells, order, slot, tile_ptr,
+                      xtile_ptr, tile_j, tile_x, masks):
+    """A valid cluster-tile list in the layout of gpu_clusters.cluster_list_into, built simply:
+    clusters of atoms in index order, tiles from the same box test in torch."""
+    if periodic and not _orthorhombic_ok(cells.detach(), cutoff):
+        status[0] |= _BAD_CELL
+    n = positions.shape[0]
+    if not int(status[0]) & _REBUILD or n == 0:
+        return
+    dev, lanes = positions.device, TILE_LANES
+    x = positions.detach()
+    if periodic:
+        lengths = torch.diagonal(cells[0]).detach().to(x.dtype)
+        x = x - torch.floor(x / lengths) * lengths
+    order.copy_(torch.arange(n, dtype=torch.int32, device=dev))
+    slot.copy_(order)
+    nclus = tile_ptr.shape[0] - 1
+    pad = nclus * lanes - n
+    xs = torch.cat([x, x[-1:].expand(pad, 3)]).view(nclus, lanes, 3)
+    centre = 0.5 * (xs.amin(1) + xs.amax(1))
+    half = 0.5 * (xs.amax(1) - xs.amin(1))
+    dc = centre[None, :, :] - centre[:, None, :]
+    if periodic:
+        dc = dc - lengths * torch.floor(dc / lengths + 0.5)
+    gap = (dc.abs() - half[:, None, :] - half[None, :, :]).clamp(min=0.0)
+    hit = ((gap * gap).sum(-1) < rlist * rlist) & torch.ones(nclus, nclus, dtype=torch.bool,
+                                                            device=dev).triu()
+    rows = torch.repeat_interleave(torch.arange(n, device=dev), excl_ptr[1:] - excl_ptr[:-1])
+    pair_tile = torch.zeros(nclus, nclus, dtype=torch.bool, device=dev)
+    ca, cb = rows // lanes, excl_j // lanes
+    pair_tile[torch.minimum(ca, cb), torch.maximum(ca, cb)] = True
+    ti, tj = hit.nonzero(as_tuple=True)  # row-major: sorted by I, then J
+    xhit = pair_tile[ti, tj]
+    counts = torch.bincount(ti, minlength=nclus)
+    xcounts = torch.bincount(ti[xhit], minlength=nclus)
+    tile_ptr.zero_()
+    xtile_ptr.zero_()
+    tile_ptr[1:] = torch.cumsum(counts, 0)
+    xtile_ptr[1:] = torch.cumsum(xcounts, 0)
+    xslot = torch.cumsum(xhit.to(torch.int64), 0) - 1
+    k, kx = min(ti.shape[0], tile_j.shape[0]), min(int(xhit.sum()), masks.shape[0])
+    tile_j[:k] = tj[:k].to(torch.int32)
+    ok = xhit & (xslot < masks.shape[0])
+    tile_x[:k] = torch.where(ok, xslot, -1)[:k].to(torch.int32)
+    # bit (b mod 32) of word (a mod 32) of tile (cluster(a), cluster(b)), for I <= J: every
+    # (a, b) is distinct, so a sum of the bits is their OR
+    key = ti * nclus + tj
+    ca, cb = rows // lanes, excl_j // lanes
+    upper = ca <= cb
+    a_, b_, want = rows[upper], excl_j[upper], (ca * nclus + cb)[upper]
+    found = torch.zeros(want.shape[0], dtype=torch.bool, device=dev)
+    t = torch.zeros_like(want)
+    if key.numel():
+        t = torch.searchsorted(key, want).clamp(max=key.numel() - 1)
+        found = (key[t] == want) & ok[t]
+    words = torch.zeros(max(kx, 1), lanes, dtype=torch.int64, device=dev)
+    if bool(found.any()):
+        words.index_put_((xslot[t[found]], a_[found] % lanes),
+                         torch.ones_like(b_[found]) << (b_[found] % lanes), accumulate=True)
+    words = words[:kx]
+    masks[:kx] = ((words + 2**31) % 2**32 - 2**31).to(torch.int32)  # bit 31 as int32
+    reference.copy_(positions.detach())
+    ref_cells.copy_(cells.detach().to(ref_cells.dtype))
+    status[1] += 1
+    if ti.shape[0] > tile_j.shape[0] or int(xhit.sum()) > masks.shape[0]:
+        status[0] |= _OVERFLOW
+
+
+def nonbonded_tiles(positions, cells, order, tile_ptr, tile_j, tile_x, masks, charges, sigma,
+                    epsilon, cutoff, switch_distance, coulomb, lj, k_rf, c_rf, alpha,
+                    coulomb_constant, periodic):
+    """Launcher: energy [1] and its gradients for positions and cell over the tiles' pairs."""
+    from fastff.kernels._runtime.energy_op import reference_gradients
+
+    i, j, shifts = tile_pairs(positions, cells, order, tile_ptr, tile_j, tile_x, masks,
+                              periodic)
+    n = positions.shape[0]
+    system = torch.zeros(n, dtype=torch.int64, device=positions.device)
+    no_excl = torch.zeros(n + 1, dtype=torch.int64, device=positions.device)
+
+    def energy(p, c):
+        return nonbonded_energy(p, c, system, i, j, shifts, no_excl, no_excl[:0], charges,
+                                sigma, epsilon, cutoff, switch_distance, coulomb, lj, k_rf,
+                                c_rf, alpha, coulomb_constant, half=True)
+
+    e, grads = reference_gradients(energy, (positions, cells), (True, True))
+    return (e, *grads)

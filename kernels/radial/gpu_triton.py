@@ -3,9 +3,11 @@
 Algorithm: the closed forms of README.md, with run-time loops over derivative orders (Hermite
 recurrence, Leibniz sums), so one compiled kernel per basis x envelope serves every order and
 size. The basis and envelope are compile-time constants: a kernel evaluates only its own
-transcendentals, and registers stay low. Deterministic (no reductions). Block sizes: 32
-(gaussian) or 16 (bessel) edges x 32 bases, without spills (``python -m fastff.aot`` reports
-each specialisation).
+transcendentals, and registers stay low. Deterministic (no reductions). Block sizes per basis
+and dtype (``BLOCK_E``) x 32 bases, within 128 registers and without spills (``python -m
+fastff.aot`` reports each specialisation). Offsets are 64-bit: E x K passes 2^31 at 34 million
+edges x 64 bases. In float32, exp, sin, cos and division compile to fast approximate
+instructions (a few ulp); the kernels are compared with the float64 reference at 1e-5.
 """
 
 from __future__ import annotations
@@ -16,15 +18,20 @@ import triton.language as tl
 
 KINDS = {"gaussian": 0, "bessel": 1}
 ENVELOPES = {"none": 0, "cosine": 1, "polynomial": 2}
-BLOCK_E = {"gaussian": 32, "bessel": 16}  # bessel at 32 x 32: 96-128 registers and spills
+# Edges per program by basis and dtype (x BLOCK_K = 32 bases): the largest block within 128
+# registers and without spills on sm_90 for every envelope (python -m fastff.aot; README
+# "Tuning").
+BLOCK_E = {("gaussian", torch.float32): 32, ("gaussian", torch.float64): 16,
+           ("bessel", torch.float32): 8, ("bessel", torch.float64): 8}
 BLOCK_K = 32
+_FP = {torch.float32: "fp32", torch.float64: "fp64"}
 
 
 @triton.jit
 def _cosine_deriv(r, cutoff, m):
     """u^(m) of the cosine envelope inside the cutoff: 0.5 w^m cos(w r + m pi/2) (+0.5 at m = 0)."""
     w = 3.141592653589793 / cutoff
-    wm = 1.0
+    wm = w * 0.0 + 1.0  # loop-carried: in the dtype of the inputs (a literal is float32)
     for _t in range(0, m):
         wm = wm * w
     val = 0.5 * wm * tl.cos(w * r + m * 1.5707963267948966)
@@ -40,7 +47,7 @@ def _polynomial_deriv(r, cutoff, m):
     omx = 1.0 - x
     val = x * 0.0
     for t in range(0, 4):  # d^t/dx^t (1 - x)^3 = (-1)^t 3! / (3 - t)! (1 - x)^(3 - t)
-        binom = 1.0
+        binom = x * 0.0 + 1.0
         for i in range(0, t):
             binom = binom * (m - i) / (i + 1)  # C(m, t); zero for t > m
         h = x * 0.0 + tl.where(t % 2 == 0, 1.0, -1.0)
@@ -52,7 +59,7 @@ def _polynomial_deriv(r, cutoff, m):
         g = x * 0.0  # g^(s)(x): positive terms only
         xp = x * 0.0 + 1.0
         for k in range(s, 6):
-            c = (k + 1) * (k + 2) * 0.5
+            c = x * 0.0 + (k + 1) * (k + 2) * 0.5
             for i in range(0, s):
                 c = c * (k - i)
             g += c * xp
@@ -91,7 +98,7 @@ def _gaussian_deriv(r, k, num_basis, cutoff, q):
         h_prev = h
         h = h_new
     hq = tl.where(q == 0, z * 0.0 + 1.0, h)
-    scale = 1.0
+    scale = s * 0.0 + 1.0
     for _t in range(0, q):
         scale = scale * (-s)
     return scale * hq * e
@@ -109,10 +116,10 @@ def _bessel_deriv(r, k, cutoff, q):
     rs = tl.where(near, 1.0, r)  # keeps the unused closed form finite
     closed = r * a * 0.0
     for m in range(0, q + 1):
-        c = 1.0
+        c = a * 0.0 + 1.0
         for t in range(0, m):
             c = c * (q - t) / (t + 1)
-        f = 1.0
+        f = a * 0.0 + 1.0
         for t in range(1, q - m + 1):
             f = f * t
         am = a * 0.0 + 1.0
@@ -142,8 +149,8 @@ def _bessel_deriv(r, k, cutoff, q):
 def radial_basis_kernel(d_ptr, cutoff_ptr, out_ptr, num_edges, num_basis, order,
                         KIND: tl.constexpr, ENV: tl.constexpr, BLOCK_E: tl.constexpr,
                         BLOCK_K: tl.constexpr):
-    pid_e = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_e = tl.program_id(0).to(tl.int64)  # offs_e * num_basis passes 2^31 at E K > 2^31
+    pid_k = tl.program_id(1).to(tl.int64)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_e = offs_e < num_edges
@@ -152,7 +159,7 @@ def radial_basis_kernel(d_ptr, cutoff_ptr, out_ptr, num_edges, num_basis, order,
     r = tl.load(d_ptr + offs_e, mask=mask_e, other=1.0)[:, None]
     k = offs_k[None, :]
     acc = tl.zeros((BLOCK_E, BLOCK_K), dtype=r.dtype)
-    comb = 1.0
+    comb = cutoff * 0.0 + 1.0
     for m in range(0, order + 1):
         u = _envelope_deriv(r, cutoff, ENV, m)
         if KIND == 0:
@@ -171,9 +178,10 @@ AOT_SPECS = [
      "signature": {"d_ptr": "*fp32", "cutoff_ptr": "*fp32", "out_ptr": "*fp32", "num_edges": "i32",
                    "num_basis": "i32", "order": "i32", "KIND": "constexpr", "ENV": "constexpr",
                    "BLOCK_E": "constexpr", "BLOCK_K": "constexpr"},
-     "constexprs": {"KIND": KINDS[kind], "ENV": ENVELOPES[env], "BLOCK_E": BLOCK_E[kind],
-                    "BLOCK_K": BLOCK_K}}
-    for kind in KINDS for env in ENVELOPES
+     "constexprs": {"KIND": KINDS[kind], "ENV": ENVELOPES[env],
+                    "BLOCK_E": BLOCK_E[kind, dtype], "BLOCK_K": BLOCK_K},
+     "dtypes": (_FP[dtype],)}
+    for kind in KINDS for env in ENVELOPES for dtype in _FP
 ]
 
 
@@ -182,7 +190,7 @@ def radial_basis(distances, num_basis: int, cutoff: float, kind: str, envelope: 
     d = distances.detach().contiguous()
     out = torch.empty(d.shape[0], num_basis, dtype=d.dtype, device=d.device)
     if d.shape[0]:
-        block_e = BLOCK_E[kind]
+        block_e = BLOCK_E[kind, d.dtype if d.dtype == torch.float64 else torch.float32]
         grid = (triton.cdiv(d.shape[0], block_e), triton.cdiv(num_basis, BLOCK_K))
         cut = torch.full((1,), float(cutoff), dtype=d.dtype, device=d.device)
         radial_basis_kernel[grid](d, cut, out, d.shape[0], num_basis, int(order),
