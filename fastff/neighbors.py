@@ -17,10 +17,8 @@ from torch._subclasses.fake_tensor import is_fake
 
 from fastff import _checks
 from fastff.kernels._runtime import registry
-from fastff.kernels.message import op as _message_op
-
-
 from fastff.kernels._runtime import status as status_bits
+from fastff.kernels.message import op as _message_op
 from fastff.kernels.neighbors import op as _op
 
 
