@@ -282,11 +282,13 @@ def test_graph_errors_name_the_problem(rng, float64_defaults):
     def too_long(p, b):
         return brute_force_graph(CUTOFF + 1.0)(p, b)
 
+    far = pos.clone()
+    far[1] = far[0] + torch.tensor([5.5, 0.0, 0.0])  # a pair within too_long's reach only
     for graph, message in ((one_way, "without their mirror"), (twice, "repeated edges"),
                            (too_long, "> cutoff")):
         model = fp.accelerate(make_model(rng, interaction_graph=graph))
         with pytest.raises(ValueError, match=message):
-            model(z, pos, batch)
+            model(z, far, batch)
 
 
 # --- from_pyg -------------------------------------------------------------------------------------

@@ -272,9 +272,9 @@ def _full_list(edge_index: Tensor, n: int, cutoff: float, pos: Tensor,
             a = int(src[loops[0, 0]])
             raise ValueError(f"interaction_graph returned {loops.shape[0]} self-loops (e.g. "
                              f"atom {a} to itself); SchNet's pairs join distinct atoms")
-    order: Tensor | None = torch.argsort(dst, stable=True)
-    if e < 2 or bool((dst[1:] >= dst[:-1]).all()):
-        order = None  # already sorted by target
+    order: Tensor | None = None  # already sorted by target: fastff's lists, most graphs
+    if e > 1 and not bool((dst[1:] >= dst[:-1]).all()):
+        order = torch.argsort(dst, stable=True)
     i = dst if order is None else dst[order]
     j = src if order is None else src[order]
     keys = torch.sort(i * n + j).values
@@ -294,7 +294,8 @@ def _full_list(edge_index: Tensor, n: int, cutoff: float, pos: Tensor,
                       cells=torch.zeros(1, 3, 3, dtype=pos.dtype, device=i.device),
                       pbc=torch.zeros(1, 3, dtype=torch.bool, device=i.device), cell=None,
                       backend=backend)
-    lonely = (nl.reverse < 0).nonzero()
+    reverse = nl.reverse
+    lonely = (reverse < 0).nonzero()
     if lonely.numel():
         k = int(lonely[0, 0])
         raise ValueError(
