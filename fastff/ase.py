@@ -79,7 +79,10 @@ def _model_unit(model, own, given, table: dict[str, float], name: str, meaning: 
     if mine is not None and stated is not None and not math.isclose(mine, stated, rel_tol=1e-9):
         raise ValueError(f"{name}={given!r} contradicts the model's {name} {own!r}: a model "
                          f"computes in one unit; drop the argument or fix model.{name}")
-    return stated if mine is None else mine
+    if mine is None:
+        assert stated is not None
+        return stated
+    return mine
 
 
 def _first_tensor(model: torch.nn.Module) -> Tensor | None:

@@ -46,8 +46,12 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from fastff.systems import WaterBox
 
 #: Random-walk step per coordinate (nm): about the distance a water atom travels in 1-2 fs.
 STEP_NM = 0.002
@@ -125,7 +129,7 @@ class BenchSystem:
     positions: torch.Tensor  # [N, 3] nm, the run's dtype
     cell: torch.Tensor | None  # [3, 3] nm, rows are lattice vectors; None without pbc
     pbc: torch.Tensor  # bool [3]
-    box: object | None = None  # the WaterBox (its MM force field), for the built-in system
+    box: WaterBox | None = None  # the built-in water box (its MM force field)
     path: str | None = None  # the structure file (MM parameters from it where OpenMM can)
 
     @property
@@ -153,7 +157,7 @@ def load_structure(path: str, dtype: torch.dtype = torch.float32) -> BenchSystem
     import numpy as np
 
     try:
-        atoms = ase.io.read(path, index=0)
+        atoms: Any = ase.io.read(path, index=0)
     except Exception as err:  # ASE raises many kinds for unreadable files
         raise ValueError(f"ASE cannot read it ({type(err).__name__}: {err})") from None
     if len(atoms) < 2:
@@ -176,7 +180,7 @@ def load_structure(path: str, dtype: torch.dtype = torch.float32) -> BenchSystem
 class LoadedModel:
     """A model read by :func:`load_model`."""
 
-    model: torch.nn.Module
+    model: Any  # a fastff AtomisticModel or a torch_geometric SchNet
     kind: str  # "fastff" or "torch_geometric"
     nm_per_length: float  # nm per unit of the model's positions
 
@@ -256,7 +260,7 @@ def _openmm_system(system: BenchSystem):
         reader = app.PDBFile if path.lower().endswith(".pdb") else app.PDBxFile
         structure = reader(path)
         periodic = system.cell is not None and bool(system.pbc.all())
-        if periodic:
+        if periodic and system.cell is not None:
             structure.topology.setPeriodicBoxVectors(system.cell.double().numpy() * unit.nanometer)
         forcefield = app.ForceField("amber14-all.xml", "amber14/tip3p.xml")
         method = app.CutoffPeriodic if periodic else app.NoCutoff
@@ -486,8 +490,14 @@ def _pyg_rows(original, species, cell, pbc, settings: Settings, timed, rows, on_
     for label, model, backend in zip(labels, (base, fast, tabulated),
                                      ("torch_geometric", be or "auto", be or "auto"),
                                      strict=True):
-        timed(label, backend, _energy_forces_step(
-            lambda x, m=model: m(species, x * 10.0).sum()))
+        timed(label, backend, _energy_forces_step(_scaled_energy(model, species, 10.0)))
+
+
+def _scaled_energy(model, species: torch.Tensor, scale: float):
+    """energy(x [nm]) of a model called as ``model(species, x * scale)``."""
+    def energy(x: torch.Tensor) -> torch.Tensor:
+        return model(species, x * scale).sum()
+    return energy
 
 
 def _cell_widths(cell: torch.Tensor, pbc: torch.Tensor) -> float:

@@ -78,7 +78,7 @@ def model_units(model, length: str | None = None, energy: str | None = None) -> 
             raise ValueError(f"{kind}={given!r} contradicts the model's {kind} {own!r}: a model "
                              f"computes in one unit; drop the argument or fix model.{kind}")
         out.append(own if own is not None else given)
-    return out[0], out[1]
+    return str(out[0]), str(out[1])
 
 
 def check_cutoff(cutoff: float, nm_per_unit: float, unit: str) -> None:

@@ -354,3 +354,22 @@ def test_from_pyg_model_in_ase_reads_its_units(rng, float64_defaults):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         atoms.get_potential_energy()
+
+
+def test_from_pyg_model_compiles_and_exports(rng, float64_defaults):
+    from fastff import compile as fc
+
+    original = make_model(rng, interaction_graph=brute_force_graph(),
+                          atomref=torch.as_tensor(rng.normal(size=(100, 1))))
+    converted = FastSchNet.from_pyg(original, energy_unit="eV")
+    box = systems.water_box(27, seed=int(rng.integers(2**31)), dtype=torch.float64)
+    species, pos, cell = box.species, box.positions * 10.0, box.cell * 10.0
+    nl = fastff.neighbor_list(pos, converted.cutoff, cell)
+    want_e, want_f = energy_and_forces(converted, species, pos, cell, nl=nl)
+    exported = fc.trace_energy_and_forces(converted, (species, pos, cell, nl))
+    energy, forces = exported(species, pos, cell, nl=nl)
+    assert_close_scaled(energy, want_e, "model", torch.float64, "exported energy")
+    assert_close_scaled(forces, want_f, "model", torch.float64, "exported forces")
+    compiled = fc.compile_energy_and_forces(converted, backend="eager")
+    energy, forces = compiled(species, pos, cell, nl=nl)
+    assert_close_scaled(forces, want_f, "model", torch.float64, "compiled forces")

@@ -28,6 +28,7 @@ from torch_geometric.nn.models import schnet as _pyg
 from fastff import _checks, models
 from fastff import nn as fnn
 from fastff import units as _units
+from fastff.kernels._runtime import registry
 from fastff.neighbors import NeighborList, neighbor_list
 
 __all__ = ["AcceleratedSchNet", "ConvertedSchNet", "accelerate", "from_pyg", "restore"]
@@ -293,7 +294,7 @@ def _full_list(edge_index: Tensor, n: int, cutoff: float, pos: Tensor,
                       cutoff=cutoff, half=False, num_atoms=n, batch=None,
                       cells=torch.zeros(1, 3, 3, dtype=pos.dtype, device=i.device),
                       pbc=torch.zeros(1, 3, dtype=torch.bool, device=i.device), cell=None,
-                      backend=backend)
+                      backend=registry.resolve("neighbor_reverse", i.device, backend)[0])
     reverse = nl.reverse
     lonely = (reverse < 0).nonzero()
     if lonely.numel():
@@ -475,12 +476,12 @@ def from_pyg(model, *, energy_unit: str, length_unit: str = "Angstrom", skin: fl
         raise ValueError("num_interactions must be >= 1 for a fastff SchNet")
     mean_readout = type(model.readout) is MeanAggregation
     atomref = None if model.atomref is None else model.atomref.weight
-    cls = ConvertedSchNet if (atomref is not None or mean_readout) else models.SchNet
-    extra = {"atomref": atomref, "mean_readout": mean_readout} if cls is ConvertedSchNet else {}
     ref = model.embedding.weight
-    out = cls(shape.hidden, len(shape.filters), shape.num_gaussians, shape.cutoff,
-              max_species=model.embedding.num_embeddings, skin=skin, tabulate=tabulate,
-              backend=backend, **extra)
+    args = (shape.hidden, len(shape.filters), shape.num_gaussians, shape.cutoff)
+    kwargs = {"max_species": model.embedding.num_embeddings, "skin": skin, "tabulate": tabulate,
+              "backend": backend}
+    out = (ConvertedSchNet(*args, atomref=atomref, mean_readout=mean_readout, **kwargs)
+           if atomref is not None or mean_readout else models.SchNet(*args, **kwargs))
     with torch.no_grad():
         out.embedding = nn.Embedding.from_pretrained(
             ref.detach().clone(), freeze=False, padding_idx=model.embedding.padding_idx)
