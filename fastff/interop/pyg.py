@@ -31,7 +31,8 @@ from fastff import units as _units
 from fastff.kernels._runtime import registry
 from fastff.neighbors import NeighborList, neighbor_list
 
-__all__ = ["AcceleratedSchNet", "ConvertedSchNet", "accelerate", "from_pyg", "restore"]
+__all__ = ["AcceleratedSchNet", "ConvertedSchNet", "Layout", "accelerate", "from_pyg", "layout",
+           "restore"]
 
 # torch_geometric builds its gaussian centres (linspace), width (from the first spacing) and
 # log 2 (ShiftedSoftplus) in the default dtype at construction. Built under float64 they agree
@@ -190,9 +191,9 @@ class _Served:
                 f"fastff: this torch_geometric SchNet was built with float32 defaults: its "
                 f"gaussian centres, width and log 2 carry float32 rounding (up to "
                 f"{shape.constants_error:.1e} relative), which fastff computes exactly, so its "
-                f"float64 energies and forces differ from the unmodified model's by ~1e-7 "
-                f"relative. Build it under torch.set_default_dtype(torch.float64) for float64 "
-                f"agreement.", stacklevel=4)
+                "float64 energies and forces differ from the unmodified model's by about 1e-7 "
+                "to 1e-6 relative. Build it under torch.set_default_dtype(torch.float64) for "
+                "float64 agreement.", stacklevel=4)
         self.convs = convs
         offset = model.distance_expansion.offset
         self._offset = (weakref.ref(offset), offset._version)
