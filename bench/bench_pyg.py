@@ -22,6 +22,8 @@ Speed:   python -m pytest bench/bench_pyg.py --benchmark-json=OUT.json
          python bench/bench_pyg.py --ratios OUT.json        (ratios of medians per group)
 Memory:  python bench/bench_pyg.py --memory                 (each case in a fresh process;
          extra peak RSS of one call over the RSS before it, /proc/self/clear_refs)
+Alternating (a busy machine):  python bench/bench_pyg.py --alternate ROUNDS [CASE ...]
+         the peers of a case called in turn, ROUNDS times, one JSON line per case
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 import warnings
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -197,12 +201,111 @@ def ratios(path: str) -> dict[str, dict[str, float]]:
         groups.setdefault(b["group"], {})[b["name"]] = b["stats"]["median"]
     out = {}
     for group, medians in groups.items():
-        names = sorted(medians, key=lambda k: ("torch_geometric" not in k and
-                                               "openmm_step" not in k, k))
+        names = sorted(medians, key=lambda k: ("[torch_geometric" not in k and
+                                               "[openmm_step" not in k, k))
         first = names[0]
         out[group] = {f"{first} / {k}": medians[first] / medians[k] for k in names[1:]}
         out[group]["medians_s"] = medians  # type: ignore[assignment]
     return out
+
+
+def _timed(call) -> float:
+    t0 = time.perf_counter()
+    call()
+    return time.perf_counter() - t0
+
+
+def _openmm_calls(n: int = 3000) -> dict:
+    """One MD step through as_force, and fastff's direct energy + forces (fresh list, reused
+    Verlet list) along a random walk, on the same model and box."""
+    import openmm
+
+    from fastff.openmm import DEFAULT_SKIN, as_force
+
+    box = systems.water_box(n // 3, seed=0)
+    torch.manual_seed(0)
+    model = models.SchNet().requires_grad_(False)
+    system = box.to_openmm()
+    for k in reversed(range(system.getNumForces())):
+        system.removeForce(k)
+    system.addForce(as_force(model, box.species, periodic=True))
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001),
+                         openmm.Platform.getPlatformByName("CPU"),
+                         {"Threads": os.environ["OMP_NUM_THREADS"]})
+    ctx.setPositions(box.positions.double().numpy())
+    ctx.setVelocitiesToTemperature(300.0, 1)
+    walkers = {"fresh": Walker(box.positions, 3, 0.002), "verlet": Walker(box.positions, 3, 0.002)}
+    verlet = fastff.VerletList(model.cutoff, DEFAULT_SKIN, compact=True)
+
+    def direct(kind):
+        x = walkers[kind]()
+        nl = verlet.update(x, box.cell) if kind == "verlet" else None
+        return models.energy_and_forces(model, box.species, x, box.cell, nl=nl)
+
+    return {"openmm_step": lambda: ctx.getIntegrator().step(1),
+            "direct_fresh_list": lambda: direct("fresh"),
+            "direct_verlet_list": lambda: direct("verlet")}
+
+
+def _pyg_calls(n: int, config: dict, what: str) -> dict:
+    original, accelerated = pyg_models(n, config, tabulate=what == "tabulated")
+    species, pos, _, _ = water(n)
+    walkers = {"torch_geometric": Walker(pos), "fastff": Walker(pos)}
+    if what == "training_step":
+        target_f = 0.1 * torch.randn(pos.shape, generator=torch.Generator().manual_seed(2))
+        return {name: (lambda m=m, w=walkers[name]: training_step(m, species, w(), -100.0,
+                                                                  target_f))
+                for name, m in (("torch_geometric", original), ("fastff", accelerated))}
+    original.requires_grad_(False)
+    accelerated.requires_grad_(False)
+    return {name: (lambda m=m, w=walkers[name]: energy_forces(m, species, w()))
+            for name, m in (("torch_geometric", original), ("fastff", accelerated))}
+
+
+ALTERNATING = {
+    "energy+forces 3000 atoms, small": lambda: _pyg_calls(3000, SMALL, "energy_forces"),
+    "energy+forces 10000 atoms, small": lambda: _pyg_calls(10000, SMALL, "energy_forces"),
+    "energy+forces 10000 atoms, large": lambda: _pyg_calls(10000, LARGE, "energy_forces"),
+    "training step 3000 atoms, small": lambda: _pyg_calls(3000, SMALL, "training_step"),
+    "training step 10000 atoms, small": lambda: _pyg_calls(10000, SMALL, "training_step"),
+    "energy+forces 3000 atoms, small, tabulated": lambda: _pyg_calls(3000, SMALL, "tabulated"),
+    "one MD step, fastff SchNet 3000 atoms": _openmm_calls,
+}
+
+
+def alternate(rounds: int, cases: list[str]) -> list[dict]:
+    """Each case's peers called in turn, ``rounds`` times (after a warm-up call each), so that
+    a busy machine slows them alike; per case: every time, the medians, and the ratio of the
+    first peer's median to each other's with the range of the per-round ratios."""
+    results = []
+    for case in cases:
+        calls = ALTERNATING[case]()
+        for call in calls.values():
+            call()  # warm-up: JIT compilation (or cache load), tables, lists
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(rounds):
+            for name, call in calls.items():
+                times[name].append(_timed(call))
+        first, *others = list(calls)
+        med = {name: statistics.median(t) for name, t in times.items()}
+        row = {"case": case, "rounds": rounds, "times_s": times, "medians_s": med,
+               "ratios": {f"{first} / {o}": med[first] / med[o] for o in others},
+               "round_ratio_range": {f"{first} / {o}": [
+                   min(a / b for a, b in zip(times[first], times[o], strict=True)),
+                   max(a / b for a, b in zip(times[first], times[o], strict=True))]
+                   for o in others}}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    return results
+
+
+def _trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the measurement may then undercount
+        pass
 
 
 def _rss(field: str) -> int:
@@ -225,6 +328,10 @@ def _one_memory_case(case: str, n: int) -> dict:
     x = pos.detach().requires_grad_(True)
     if what == "energy_forces":
         model.requires_grad_(False)
+    import gc
+
+    gc.collect()
+    _trim()  # freed heap memory back to the OS: the resident size is then what is alive
     base = _rss("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident size
@@ -254,3 +361,5 @@ if __name__ == "__main__":
         measure_memory(tuple(int(a) for a in sys.argv[2:]) or (3000, 10000))
     elif sys.argv[1:2] == ["--ratios"]:
         print(json.dumps(ratios(sys.argv[2]), indent=1))
+    elif sys.argv[1:2] == ["--alternate"]:
+        alternate(int(sys.argv[2]), sys.argv[3:] or list(ALTERNATING))
