@@ -12,6 +12,7 @@ CPU platform calls it once per step (PythonForce's own cost is tens of microseco
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Sequence
@@ -63,6 +64,14 @@ class ModelComputation:
         state = dict(self.__dict__)
         state["verlet"] = None if self.verlet is None else (self.verlet.cutoff, self.verlet.skin,
                                                             self.verlet.backend)
+        own = getattr(self.model, "verlet", None)
+        if isinstance(own, VerletList) and own.skin_list is not None:
+            # a used list holds weak references, which do not pickle: a shallow copy of the
+            # model (same parameters) with an empty list of the same settings goes instead
+            model = copy.copy(self.model)
+            model.__dict__["verlet"] = VerletList(own.cutoff, own.skin, half=own.half,
+                                                  backend=own.backend, compact=own.compact)
+            state["model"] = model
         return state
 
     def __setstate__(self, state):

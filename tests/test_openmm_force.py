@@ -322,6 +322,21 @@ def test_system_serializes_with_the_model(rng, water):
         assert_matches(*energy_forces(ctx), float(e0), f0.numpy())
 
 
+def test_model_with_a_used_verlet_list_serializes(rng, water):
+    """A model that keeps its own Verlet list (skin > 0), already used: the System still
+    serializes (the list's weak references stay behind)."""
+    torch.manual_seed(int(rng.integers(2**31)))
+    model = SchNet(16, 2, 16, cutoff=0.4, skin=0.05).double()
+    e0, f0 = energy_and_forces(model, water.species, water.positions, water.cell)
+    system = ml_only_system(water)
+    system.addForce(as_force(model, water.species, periodic=True))
+    copied = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(system))
+    ctx = context(copied)
+    ctx.setPositions(water.positions.numpy())
+    assert_matches(*energy_forces(ctx), float(e0), f0.numpy())
+    assert model.verlet.skin_list is not None  # the original keeps its list
+
+
 def test_bad_input(rng):
     model = small_schnet(rng)
     with pytest.raises(TypeError, match="torch.nn.Module"):
