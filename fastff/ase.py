@@ -22,7 +22,7 @@ import torch
 from ase.stress import full_3x3_to_voigt_6_stress
 from torch import Tensor
 
-from fastff import _checks
+from fastff import _checks, units
 from fastff.mm import ForceField
 from fastff.neighbors import NeighborList
 from fastff.verlet import VerletList
@@ -56,16 +56,35 @@ _SINGULAR = 1e-10
 
 def _unit(value, table: dict[str, float], name: str, meaning: str) -> float:
     if isinstance(value, str):
-        if value not in table:
+        canonical = units.length_unit if table is LENGTH_UNITS else units.energy_unit
+        try:
+            return table[canonical(value)]
+        except (ValueError, KeyError):
             raise ValueError(f"{name} must be one of {sorted(table)} or a positive number "
-                             f"({meaning}), got {value!r}")
-        return table[value]
+                             f"({meaning}), got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a unit name or a number ({meaning}), got "
                         f"{type(value).__name__}")
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be finite and positive ({meaning}), got {value}")
     return float(value)
+
+
+def _model_unit(model, own, given, table: dict[str, float], name: str, meaning: str) -> float:
+    """The model's unit (``own``, a name or None) as a number of ASE's units; ``given`` (the
+    argument) must agree with it, and is required where the model has none."""
+    mine = None if own is None else _unit(own, table, f"{type(model).__name__}.{name}", meaning)
+    stated = None if given is None else _unit(given, table, name, meaning)
+    if mine is None and stated is None:
+        raise ValueError(f"the model ({type(model).__name__}) has no {name} and none was given: "
+                         f"pass {name}=... or set model.{name}")
+    if mine is not None and stated is not None and not math.isclose(mine, stated, rel_tol=1e-9):
+        raise ValueError(f"{name}={given!r} contradicts the model's {name} {own!r}: a model "
+                         f"computes in one unit; drop the argument or fix model.{name}")
+    if mine is None:
+        assert stated is not None
+        return stated
+    return mine
 
 
 def _first_tensor(model: torch.nn.Module) -> Tensor | None:
@@ -80,12 +99,15 @@ def _first_tensor(model: torch.nn.Module) -> Tensor | None:
 class Calculator(ase_calculator.Calculator):
     """Energy, forces and stress of a fastff model or force field, in ASE's units.
 
-    Units. ``energy_unit`` and ``length_unit`` say what the model computes in: a name from
-    :data:`ENERGY_UNITS` / :data:`LENGTH_UNITS` or a number (eV per model energy unit, Angstrom
-    per model length unit). Both default to OpenMM's units, nm and kJ/mol, which is what
-    :class:`fastff.mm.ForceField` always uses and what the built-in water box uses; a model
-    trained on eV and Angstrom data needs ``energy_unit="eV", length_unit="A"``. Results come
-    back in ASE's units: energy eV, forces eV/A, stress eV/A^3.
+    Units. The model says what it computes in: ``model.length_unit`` and ``model.energy_unit``
+    (fastff's models: nm and kJ/mol unless set otherwise; a converted torch_geometric model:
+    Angstrom and the energy unit given to ``from_pyg``; a :class:`fastff.mm.ForceField`: always
+    nm and kJ/mol). ``energy_unit`` and ``length_unit`` are for a model without them: a name
+    from :data:`ENERGY_UNITS` / :data:`LENGTH_UNITS` or a number (eV per model energy unit,
+    Angstrom per model length unit). Given for a model that has units, they must agree with
+    them; a model with neither raises. A cutoff shorter than 1 Angstrom in the model's unit
+    raises too (a cutoff meant for another unit, see :func:`fastff.units.check_cutoff`).
+    Results come back in ASE's units: energy eV, forces eV/A, stress eV/A^3.
 
     Stress is ``(1 / V) dE / d(strain)`` for a symmetric strain applied to positions and cell
     together (ASE's sign: negative for a compressed system, i.e. at positive pressure), Voigt
@@ -114,8 +136,8 @@ class Calculator(ase_calculator.Calculator):
             model's parameters are.
         dtype: float32 or float64; the model is converted (``model.to``). Default: the model's.
         skin: Verlet skin in Angstrom for a list the calculator owns (see above), >= 0.
-        energy_unit: the model's energy unit, see above. Default "kJ/mol".
-        length_unit: the model's length unit, see above. Default "nm".
+        energy_unit: the model's energy unit, see above. Default: ``model.energy_unit``.
+        length_unit: the model's length unit, see above. Default: ``model.length_unit``.
         species: for a ForceField, the atomic numbers [N] in the order it was built for.
             Default: ``model.species`` if the force field has it, else the numbers of the
             first Atoms calculated.
@@ -126,7 +148,7 @@ class Calculator(ase_calculator.Calculator):
 
     def __init__(self, model: torch.nn.Module, *, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None, skin: float | None = None,
-                 energy_unit: str | float = "kJ/mol", length_unit: str | float = "nm",
+                 energy_unit: str | float | None = None, length_unit: str | float | None = None,
                  species: Sequence[int] | Tensor | np.ndarray | None = None, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(model, torch.nn.Module):
@@ -134,10 +156,16 @@ class Calculator(ase_calculator.Calculator):
                             f"fastff.mm.ForceField), got {type(model).__name__}")
         if dtype is not None and dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        self.energy_scale = _unit(energy_unit, ENERGY_UNITS, "energy_unit",
-                                  "eV per model energy unit")
-        self.length_scale = _unit(length_unit, LENGTH_UNITS, "length_unit",
-                                  "Angstrom per model length unit")
+        own = (("nm", "kJ/mol") if isinstance(model, ForceField) else
+               (getattr(model, "length_unit", None), getattr(model, "energy_unit", None)))
+        self.energy_scale = _model_unit(model, own[1], energy_unit, ENERGY_UNITS, "energy_unit",
+                                        "eV per model energy unit")
+        self.length_scale = _model_unit(model, own[0], length_unit, LENGTH_UNITS, "length_unit",
+                                        "Angstrom per model length unit")
+        cutoff = getattr(model, "cutoff", None)
+        if isinstance(cutoff, (int, float)) and not isinstance(model, ForceField):
+            label = own[0] if own[0] is not None else f"(units of {self.length_scale:g} A)"
+            units.check_cutoff(float(cutoff), self.length_scale * 0.1, label)
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
         ref = _first_tensor(model)

@@ -47,6 +47,16 @@ def _sizes(text: str) -> list[int]:
                                          ) from None
 
 
+MODEL_NAMES = ("schnet", "painn", "all")
+
+
+def _model_option(text: str) -> str:
+    if text in MODEL_NAMES or os.path.isfile(text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(MODEL_NAMES)} or a model file,"
+                                     f" got {text!r} (no such file)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastff", description="fused kernels for machine-learning force fields")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -55,9 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Time energy + forces per atom-step of the neighbor list, MM "
                        "(fastff and OpenMM), and SchNet / PaiNN on fastff kernels and on the "
                        "torch reference backend, on a TIP3P water box.")
-    b.add_argument("--atoms", type=_atoms, default=3000,
+    b.add_argument("--atoms", type=_atoms, default=None,
                    help="atoms in the water box (rounded to whole molecules; default 3000)")
-    b.add_argument("--model", choices=("schnet", "painn", "all"), default="all")
+    b.add_argument("--structure", metavar="FILE",
+                   help="measure on this system instead of the water box: any file ASE reads "
+                   "(Angstrom); MM rows where OpenMM's amber14/TIP3P parametrise it (PDB)")
+    b.add_argument("--model", type=_model_option, default="all", metavar="{schnet,painn,all,FILE}",
+                   help="fastff's SchNet and/or PaiNN, or a torch-saved model: a fastff model "
+                   "(in its length_unit) or a torch_geometric SchNet (Angstrom), timed as given "
+                   "and accelerated (default all)")
     b.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
                    help="fastff kernel path (default: by device)")
     b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -192,6 +208,8 @@ def _bench(args) -> int:
             raise UsageError("--plot needs matplotlib (pip install matplotlib)") from None
     device = _device(args.device)
     backend = _check_backend(args.backend, device)
+    model_file = None if args.model in MODEL_NAMES else args.model
+    _check_system_options(args, model_file)
     _tune_malloc(args)
 
     from fastff import benchmark
@@ -202,12 +220,13 @@ def _bench(args) -> int:
             import openmm as _  # noqa: F401
         except ImportError:
             openmm = False  # the row then says why
+    models = () if model_file else benchmark.MODELS if args.model == "all" else (args.model,)
     settings = benchmark.Settings(
-        atoms=args.atoms, models=benchmark.MODELS if args.model == "all" else (args.model,),
+        atoms=args.atoms or 3000, models=models,
         backend=backend, device=device, dtype=_dtype(args.dtype), threads=args.threads,
         repeat=args.repeat, steps=args.steps, budget=args.budget, openmm=openmm,
-        reference=not args.no_reference)
-    sizes = args.sweep or [args.atoms]
+        reference=not args.no_reference, structure=args.structure, model_file=model_file)
+    sizes = args.sweep or [settings.atoms]
     bar = ProgressBar(len(sizes) * benchmark.samples_per_size(settings), "fastff bench",
                       enabled=bool(args.sweep) or sys.stderr.isatty())
     results: list[dict] = []
@@ -218,7 +237,8 @@ def _bench(args) -> int:
         rows = benchmark.run(settings, on_sample=bar.update,
                              previous=results[-1]["rows"] if results else None)
         results.append({"atoms": rows[0].atoms, "seconds": time.perf_counter() - t0,
-                        "rows": rows, "headline": benchmark.headline(rows)})
+                        "rows": rows, "headline": benchmark.headline(rows),
+                        "system": args.structure and benchmark.bench_system(settings).label})
     bar.close()
     for res in results:
         print(_table(res, settings))
@@ -227,7 +247,7 @@ def _bench(args) -> int:
         doc["settings"].pop("atoms")
         doc["results"] = [{"atoms": r["atoms"], "seconds": r["seconds"],
                            "rows": [row.as_dict() for row in r["rows"]],
-                           "headline": r["headline"]} for r in results]
+                           "headline": r["headline"], "system": r["system"]} for r in results]
         with open(args.json, "w") as fh:
             json.dump(doc, fh, indent=1)
         print(f"wrote {args.json}")
@@ -237,13 +257,36 @@ def _bench(args) -> int:
     return 0
 
 
+def _check_system_options(args, model_file: str | None) -> None:
+    """--structure and --model FILE: readable and usable, before any measurement."""
+    if args.structure is not None:
+        if args.sweep or args.atoms is not None:
+            raise UsageError("--structure measures the system in the file; drop --atoms/--sweep")
+        if not os.path.isfile(args.structure):
+            raise UsageError(f"--structure {args.structure}: no such file")
+    from fastff import benchmark
+
+    for option, path, load in (("--structure", args.structure, benchmark.load_structure),
+                               ("--model", model_file, benchmark.load_model)):
+        if path is None:
+            continue
+        try:
+            load(path)
+        except ImportError as err:
+            raise UsageError(f"{option} {path}: {err} (install it to read this file)") from None
+        except ValueError as err:
+            raise UsageError(f"{option} {path}: {err}") from None
+
+
 TARGETS = {"SchNet (fastff) / MM (fastff)": "<= 10x",
            "SchNet (fastff, tabulated) / MM (fastff)": "<= 10x",
            "SchNet: reference / fastff": ">= 10x",
            "SchNet: reference / fastff, tabulated": ">= 10x",
            "PaiNN: reference / fastff": ">= 10x",
            "PaiNN: reference / fastff, tabulated": ">= 10x",
-           "MM (fastff) / MM (OpenMM)": "<= 1.5x"}
+           "MM (fastff) / MM (OpenMM)": "<= 1.5x",
+           "torch_geometric SchNet: original / fastff": ">= 5x",
+           "torch_geometric SchNet: original / fastff, tabulated": ">= 20x"}
 
 
 def _table(res: dict, settings) -> str:
@@ -254,7 +297,8 @@ def _table(res: dict, settings) -> str:
     rows = res["rows"]
     threads = settings.threads or torch.get_num_threads()
     dtype = str(settings.dtype).replace("torch.", "")
-    lines = [f"fastff bench: {res['atoms']} atoms ({res['atoms'] // 3} TIP3P waters), {dtype} "
+    system = res.get("system") or f"{res['atoms'] // 3} TIP3P waters"
+    lines = [f"fastff bench: {res['atoms']} atoms ({system}), {dtype} "
              f"on {settings.device}, {threads} threads, backend {settings.backend or 'auto'}, "
              f"malloc {'tuned' if malloc_tuned() else 'default'}",
              "energy + forces per atom-step: median (IQR) over samples of consecutive MD-like "

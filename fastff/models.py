@@ -7,7 +7,8 @@ picks numba on CPU and Triton on CUDA, ``backend="reference"`` is the eager torc
 ``model.set_backend(name)`` switches an existing model.
 
 Units: lengths are those of the cutoff (the defaults, 0.5, suit nm); energies are in whatever
-unit the model is trained to. Forces come from autograd (:func:`energy_and_forces`), so any
+unit the model is trained to; ``length_unit`` and ``energy_unit`` say which (default nm and
+kJ/mol), for the MD engine adapters. Forces come from autograd (:func:`energy_and_forces`), so any
 order of derivative is available (force matching needs the second).
 
 A model's ``forward`` (and :func:`energy_and_forces`) checks its inputs once (one NaN scan of
@@ -57,6 +58,12 @@ class AtomisticModel(nn.Module):
 
     #: envelope of the radial functions; None means contributions do not vanish at the cutoff
     envelope: str | None = "cosine"
+    #: Units of positions (and the cutoff) and of energies, read by the MD engine adapters
+    #: (fastff.ase.Calculator, fastff.openmm.as_force; see fastff.units). fastff's models speak
+    #: OpenMM's units; a model trained on other data says so, e.g. ``model.length_unit =
+    #: "Angstrom"; model.energy_unit = "eV"``. None: unknown (the adapters then need arguments).
+    length_unit: str | None = "nm"
+    energy_unit: str | None = "kJ/mol"
 
     def __init__(self, num_features: int, num_interactions: int, cutoff: float, max_species: int,
                  skin: float, backend: str | None):
@@ -332,6 +339,17 @@ class SchNet(AtomisticModel):
 
     def _blocks(self) -> list[SchNetInteraction]:
         return [block for block in self.interactions if isinstance(block, SchNetInteraction)]
+
+
+    @classmethod
+    def from_pyg(cls, model, *, energy_unit: str, length_unit: str = "Angstrom",
+                 **kwargs) -> SchNet:
+        """A fastff SchNet with the weights of a ``torch_geometric.nn.models.SchNet``; see
+        :func:`fastff.interop.pyg.from_pyg` (``energy_unit`` is required: torch_geometric
+        models carry no units)."""
+        from fastff.interop.pyg import from_pyg
+
+        return from_pyg(model, energy_unit=energy_unit, length_unit=length_unit, **kwargs)
 
     def atomic_features(self, species: Tensor, positions: Tensor, nl: NeighborList,
                         cell: Tensor | None) -> Tensor:

@@ -84,8 +84,9 @@ def test_model_matches_direct_call_in_nm_and_kj_per_mol(rng, kind, pbc):
 
 def test_model_in_ev_and_angstrom_needs_no_conversion(rng):
     model = small_schnet(int(rng.integers(2**31)), cutoff=4.0)  # a model trained in eV, A
+    model.length_unit, model.energy_unit = "Angstrom", "eV"
     atoms = random_atoms(rng)
-    atoms.calc = Calculator(model, energy_unit="eV", length_unit="A")
+    atoms.calc = Calculator(model)  # the model's own units
     energy, forces, stress = energy_and_forces(
         model, torch.as_tensor(atoms.numbers), torch.as_tensor(atoms.positions),
         torch.as_tensor(np.asarray(atoms.cell)), stress=True)
@@ -93,10 +94,41 @@ def test_model_in_ev_and_angstrom_needs_no_conversion(rng):
     assert_close(atoms.get_forces(), forces.numpy())
     s = stress[0].numpy()
     assert_close(atoms.get_stress(), s[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]])
-    # numeric units: eV per model energy unit, Angstrom per model length unit
+    # stated units that agree with the model's are accepted (names or numbers)
+    same = atoms.copy()
+    same.calc = Calculator(model, energy_unit="eV", length_unit=1.0)
+    assert_close(same.get_potential_energy(), float(energy[0]))
+    # a model without units takes them from the arguments: eV per model energy unit, Angstrom
+    # per model length unit
+    model.length_unit = model.energy_unit = None
     numeric = atoms.copy()
     numeric.calc = Calculator(model, energy_unit=2.0, length_unit=1.0)
     assert_close(numeric.get_potential_energy(), 2.0 * float(energy[0]))
+
+
+def test_units_must_agree_with_the_model(rng):
+    model = small_schnet(int(rng.integers(2**31)))  # fastff's units: nm, kJ/mol
+    with pytest.raises(ValueError, match="length_unit='A' contradicts the model's length_unit"):
+        Calculator(model, length_unit="A")
+    with pytest.raises(ValueError, match="energy_unit=1.0 contradicts"):
+        Calculator(model, energy_unit=1.0)
+    assert Calculator(model, length_unit="nanometer", energy_unit="kJ/mol").length_scale == NM
+    model.length_unit = None
+    with pytest.raises(ValueError, match="has no length_unit and none was given"):
+        Calculator(model)
+    with pytest.raises(ValueError, match="contradicts"):
+        Calculator(water_force_field(water_box(8, seed=1), cutoff=0.3), energy_unit="eV")
+
+
+def test_cutoff_in_the_wrong_unit_is_caught(rng):
+    """fastff's SchNet() has cutoff 0.5 (nm); labelled Angstrom it would find no pairs."""
+    model = small_schnet(int(rng.integers(2**31)), cutoff=0.5)
+    model.length_unit = "Angstrom"
+    with pytest.raises(ValueError, match=r"cutoff 0.5 Angstrom is shorter than any bond"):
+        Calculator(model)
+    model.length_unit = None
+    with pytest.raises(ValueError, match="shorter than any bond"):
+        Calculator(model, length_unit=1.0)
 
 
 def test_forcefield_matches_direct_call(water):
@@ -382,7 +414,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="species is only for"):
         Calculator(model, species=[1, 1])
     with pytest.raises(ValueError, match="no cutoff attribute"):
-        Calculator(torch.nn.Linear(3, 1), skin=0.5)
+        Calculator(torch.nn.Linear(3, 1), skin=0.5, length_unit="nm", energy_unit="kJ/mol")
 
 
 # ---- fastff.ase.neighbor_list: ASE's function, same pairs -------------------------------------

@@ -186,3 +186,83 @@ def test_progress_bar_is_tqdm_with_a_settable_label():
         bar.label = "still off"
         bar.update()
     assert silent.getvalue() == ""
+
+
+# --- the user's system and model: --structure FILE, --model FILE ---------------------------------
+
+@pytest.fixture(scope="module")
+def user_files(tmp_path_factory):
+    """A water structure (extended XYZ, Angstrom), OpenMM's TIP3P box (PDB), a torch-saved
+    torch_geometric SchNet, a fastff SchNet in Angstrom, a state_dict and a garbage file."""
+    import ase.io
+
+    from fastff import models, systems
+
+    pyg = pytest.importorskip("torch_geometric.nn.models")
+    out = tmp_path_factory.mktemp("user")
+    ase.io.write(out / "water.xyz", systems.water_box(60, seed=2).to_ase(), format="extxyz")
+    torch.manual_seed(0)
+    torch.save(pyg.SchNet(16, 16, 1, 8, cutoff=4.0), out / "pyg.pt")
+    fast = models.SchNet(16, 1, 8, cutoff=4.0)
+    fast.length_unit, fast.energy_unit = "Angstrom", "eV"
+    torch.save(fast, out / "fastff.pt")
+    torch.save(fast.state_dict(), out / "state.pt")
+    (out / "garbage.xyz").write_text("this is not a structure\n")
+    openmm_app = pytest.importorskip("openmm.app")
+    pdb = os.path.join(os.path.dirname(openmm_app.__file__), "data", "tip3p.pdb")
+    return {name.split(".")[0]: str(out / name) for name in (
+        "water.xyz", "pyg.pt", "fastff.pt", "state.pt", "garbage.xyz")} | {"tip3p": pdb}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--structure", "/nonexistent/water.xyz"], "--structure /nonexistent/water.xyz: no such"),
+    (["--structure", "{water}", "--atoms", "300"], "drop --atoms"),
+    (["--structure", "{garbage}"], "ASE cannot read it"),
+    (["--model", "/nonexistent/model.pt"], "--model"),
+    (["--model", "{state}"], "state_dict"),
+    (["--model", "{water}"], "torch.load cannot read it"),
+])
+def test_bad_system_options_fail_before_measuring(argv, message, user_files, capsys,
+                                                  monkeypatch):
+    def no_measurement(*args, **kwargs):
+        raise AssertionError("measured despite a bad option")
+
+    monkeypatch.setattr(benchmark, "run", no_measurement)
+    code, out, err = _run(["bench", *(a.format(**user_files) for a in argv)], capsys)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastff: error:"), err
+    assert message in lines[0]
+
+
+def test_bench_torch_geometric_model_on_a_structure(user_files, tmp_path, capsys):
+    out_json = tmp_path / "user.json"
+    code, out, _ = _run(["bench", "--structure", user_files["water"], "--model",
+                         user_files["pyg"], "--repeat", "2", "--steps", "1", "--threads", "1",
+                         "--json", str(out_json)], capsys)
+    assert code == 0
+    assert "180 atoms (water.xyz, H120O60)" in out
+    doc = json.loads(out_json.read_text())
+    (result,) = doc["results"]
+    assert result["system"] == "water.xyz, H120O60"
+    by_name = {r["component"]: r for r in result["rows"]}
+    for name in ("torch_geometric SchNet", "torch_geometric SchNet (fastff)",
+                 "torch_geometric SchNet (fastff, tabulated)"):
+        assert by_name[name]["skipped"] is None and by_name[name]["median_s"] > 0, name
+    # an XYZ file carries no force field: MM is said to be missing, not measured
+    assert "PDB" in by_name["MM (fastff)"]["skipped"]
+    ratio = (by_name["torch_geometric SchNet"]["median_s"]
+             / by_name["torch_geometric SchNet (fastff)"]["median_s"])
+    assert result["headline"]["torch_geometric SchNet: original / fastff"] == pytest.approx(ratio)
+    assert "torch_geometric SchNet: original / fastff" in out and "target >= 5x" in out
+
+
+def test_bench_fastff_model_on_a_pdb_with_mm(user_files, capsys):
+    code, out, _ = _run(["bench", "--structure", user_files["tip3p"], "--model",
+                         user_files["fastff"], "--repeat", "2", "--steps", "1", "--threads",
+                         "1", "--no-reference"], capsys)
+    assert code == 0
+    rows = {line.split("  ")[0].strip(): line for line in out.splitlines()}
+    for name in ("MM (fastff)", "MM (OpenMM)", "SchNet (fastff)", "SchNet (fastff, tabulated)"):
+        assert name in rows and "skipped" not in rows[name], out
+    assert "SchNet (fastff) / MM (fastff)" in out
