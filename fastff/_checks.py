@@ -227,4 +227,4 @@ class TensorCache:
         return {"size": self.size}  # pickled or copied empty
 
     def __setstate__(self, state) -> None:
-        self.__init__(state["size"])
+        TensorCache.__init__(self, state["size"])

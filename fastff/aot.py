@@ -132,8 +132,9 @@ def expand(spec: dict) -> list[dict]:
         if dtype is not None:
             out["signature"] = {k: v.replace("fp32", dtype) for k, v in spec["signature"].items()}
         fn = spec.get("kernel")
-        base = getattr(fn, "__name__", None) or getattr(getattr(fn, "fn", None), "__name__", "?")
-        label = spec.get("name", base)
+        base = str(getattr(fn, "__name__", None)
+                   or getattr(getattr(fn, "fn", None), "__name__", "?"))
+        label: str = spec.get("name") or base
         if dtype is not None and "name" in spec:
             label = f"{label}[{dtype}]" if "[" not in label else label.replace("]", f",{dtype}]")
         elif "[" not in label:
@@ -288,7 +289,7 @@ def run(archs=ARCHS, jobs: int = 1) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     head = ("module", "kernel", "dtype", "arch", "regs", "spill st", "spill ld", "smem", "stack",
             "warps", "atomics", "acq_rel", "membar", "i32 offs")
-    table = [head]
+    table: list[tuple[str, ...]] = [head]
     for r in rows:
         short = r["module"].removeprefix("fastff.kernels.")
         if r.get("ok"):

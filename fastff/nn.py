@@ -182,7 +182,8 @@ class RadialFilter(_Backend, nn.Module):
     def params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(w1, b1, w2, b2) as the fused ops take them (``track``ed: see
         fastff.kernels._runtime.autograd)."""
-        return tuple(track(p) for p in self.weights())
+        w1, b1, w2, b2 = self.weights()
+        return track(w1), track(b1), track(w2), track(b2)
 
     def forward(self, distances: Tensor, *, backend: str | None = None) -> Tensor:
         """W(r) [E, F] for distances [E]; differentiable to any order. ``backend`` overrides

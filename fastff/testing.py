@@ -182,7 +182,7 @@ def _is_data_dependent(func, args, kwargs) -> str | None:
 def mark_host_buffer(t: torch.Tensor) -> torch.Tensor:
     """Declare ``t`` host memory (a pinned buffer that the device copies into asynchronously):
     reading it is never a device synchronisation, and :func:`count_host_syncs` ignores it."""
-    t._fastff_host_buffer = True
+    t._fastff_host_buffer = True  # type: ignore[attr-defined]
     return t
 
 

@@ -19,6 +19,7 @@ from fastff.neighbors import (
     neighbor_list,
     raise_for_status,
 )
+from fastff.testing import mark_host_buffer
 
 
 class VerletList:
@@ -225,7 +226,8 @@ class VerletList:
         elif self.capacity == "auto":
             capacity = int(math.ceil(self.headroom * len(exact))) + 64
         else:
-            capacity = int(self.capacity)
+            assert isinstance(self.capacity, int)  # checked in __init__
+            capacity = self.capacity
         self._next_capacity = None
         buffers = CapacityBuffers(positions.shape[0], capacity, positions, cells)
         count = min(len(exact), capacity)
@@ -301,7 +303,7 @@ class _StatusPoll:
         self.flags = torch.zeros(2, dtype=torch.int32, pin_memory=pinned)
         self.count = torch.zeros(1, dtype=torch.int64, pin_memory=pinned)
         for t in (self.flags, self.count):  # host memory: reading it waits for nothing
-            t._fastff_host_buffer = True
+            mark_host_buffer(t)
         self.event = torch.cuda.Event() if pinned else None
         self.pending = False
 

@@ -12,12 +12,17 @@ parameter gradients, batches, triclinic or small boxes take the pair list.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from fastff import _checks
 from fastff.kernels._runtime import registry
 from fastff.kernels._runtime import status as status_bits
+
+if TYPE_CHECKING:
+    from fastff.verlet import _StatusPoll
 
 
 class ClusterList:
@@ -116,6 +121,7 @@ class TileList(ClusterList):
                  cell: Tensor | None, *, cutoff: float):
         dev, dtype = positions.device, positions.dtype
         nclus = -(-n // 32)
+        self.cell: Tensor | None = None  # the box of the last build, as NeighborList.cell
         self.order = torch.zeros(n, dtype=torch.int32, device=dev)
         self.slot = torch.zeros(n, dtype=torch.int32, device=dev)
         self.tile_ptr = torch.zeros(nclus + 1, dtype=torch.int64, device=dev)
@@ -129,7 +135,7 @@ class TileList(ClusterList):
         self.cutoff, self.num_atoms = cutoff, n
         self.periodic = cell is not None
         self.pbc = torch.full((1, 3), self.periodic, dtype=torch.bool, device=dev)
-        self._cells = (cell.detach().to(dtype).reshape(1, 3, 3) if self.periodic
+        self._cells = (cell.detach().to(dtype).reshape(1, 3, 3) if cell is not None
                        else torch.zeros(1, 3, 3, dtype=dtype, device=dev))
 
     @property
@@ -154,7 +160,7 @@ class TileVerletList:
                                                                backend, float(headroom))
         self._list: TileList | None = None
         self._key: tuple | None = None
-        self._poll = None
+        self._poll: _StatusPoll | None = None
         self._grow: tuple[int, int] | None = None
 
     @property
@@ -235,6 +241,7 @@ class TileVerletList:
                 break
             tiles = int(self.headroom * need_tiles) + 64
             xtiles = int(self.headroom * need_x) + 16
+        assert self._list is not None
         self._list.status[:1].bitwise_and_(~status_bits.REBUILD)
 
     def _take_poll(self) -> None:
