@@ -223,6 +223,7 @@ def _tp_conv_kernel(x, y, w, senders, by_receiver, ptr, pa_path, pa_in, pa_ptr, 
         kval = np.empty(b_out.shape[0], dtype=x.dtype)
         rx = np.empty(nc, dtype=x.dtype)
         for r in range(chunk * ROWS, min(n_rows, (chunk + 1) * ROWS)):
+            out[r] = 0.0
             for k in range(ptr[r], ptr[r + 1]):
                 e = by_receiver[k]
                 if e < 0 or e >= n_edges:
@@ -250,6 +251,7 @@ def _tp_sender_kernel(g, y, w, receivers, by_sender, sender_ptr, pa_path, pa_in,
         kval = np.empty(b_out.shape[0], dtype=g.dtype)
         tmp = np.empty(nc, dtype=g.dtype)
         for s in range(chunk * ROWS, min(n_rows, (chunk + 1) * ROWS)):
+            out[s] = 0.0
             for k in range(sender_ptr[s], sender_ptr[s + 1]):
                 e = by_sender[k]
                 if e < 0 or e >= n_edges:
@@ -283,6 +285,10 @@ def _tp_edge_kernel(g, x, y, w, senders, by_receiver, ptr, pa_path, pa_in, pa_pt
                 e = by_receiver[k]
                 if e < 0 or e >= n_edges:
                     continue
+                if need_w:
+                    gw[e] = 0.0
+                if need_y:
+                    gy[e] = 0.0
                 s = senders[e]
                 if s < 0 or s >= n_x:
                     continue
@@ -322,8 +328,10 @@ def _plan(coupling, out_path, dtype):
 def tp_conv(x, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender, sender_ptr,
             coupling, out_path):
     """Launcher: see reference.py."""
-    out = x.new_zeros(receiver_ptr.shape[0] - 1, coupling.shape[2], x.shape[2])
-    if y.shape[0] and out.numel():
+    out = x.new_empty(receiver_ptr.shape[0] - 1, coupling.shape[2], x.shape[2])
+    if not y.shape[0]:
+        return out.zero_()
+    if out.numel():
         _tp_conv_kernel(_np(x), _np(y), _np(w), _np(senders), _np(by_receiver),
                         _np(receiver_ptr), *_plan(coupling, out_path, x.dtype), out.numpy())
     return out
@@ -332,8 +340,10 @@ def tp_conv(x, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender, s
 def tp_conv_sender(g, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender,
                    sender_ptr, coupling, out_path):
     """Launcher: see reference.py."""
-    out = g.new_zeros(sender_ptr.shape[0] - 1, coupling.shape[0], g.shape[2])
-    if y.shape[0] and out.numel():
+    out = g.new_empty(sender_ptr.shape[0] - 1, coupling.shape[0], g.shape[2])
+    if not y.shape[0]:
+        return out.zero_()
+    if out.numel():
         _tp_sender_kernel(_np(g), _np(y), _np(w), _np(receivers), _np(by_sender),
                           _np(sender_ptr), *_plan(coupling, out_path, g.dtype), out.numpy())
     return out
@@ -342,8 +352,12 @@ def tp_conv_sender(g, y, w, senders, receivers, by_receiver, receiver_ptr, by_se
 def tp_conv_edge(g, x, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender,
                  sender_ptr, coupling, out_path, need_y, need_w):
     """Launcher: see reference.py."""
-    gy = g.new_zeros(y.shape if need_y else (0,))
-    gw = g.new_zeros(w.shape if need_w else (0,))
+    # every edge of a valid receiver row is written by the kernel; edges outside every row
+    # (possible only with value checks off) keep zeros from the fill below
+    complete = bool(receiver_ptr.shape[0]) and int(receiver_ptr[-1]) == y.shape[0]
+    empty = torch.empty if complete else torch.zeros
+    gy = empty(y.shape if need_y else (0,), dtype=g.dtype)
+    gw = empty(w.shape if need_w else (0,), dtype=g.dtype)
     if y.shape[0] and (need_y or need_w):
         gy_np = gy.numpy() if need_y else np.zeros((1, 1), dtype=gy.numpy().dtype)
         gw_np = gw.numpy() if need_w else np.zeros((1, 1, 1), dtype=gw.numpy().dtype)

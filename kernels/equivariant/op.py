@@ -33,7 +33,7 @@ from fastff.kernels.equivariant import reference
 for _name in ("spherical_harmonics", "spherical_harmonics_vjp", "spherical_harmonics_jvp",
               "tp_conv", "tp_conv_sender", "tp_conv_edge", "symmetric_contraction",
               "symmetric_contraction_vjp", "symmetric_contraction_vjp_vjp"):
-    registry.register(_name, "equivariant", _name)
+    registry.register(_name, "equivariant", _name, backends=("numba", "reference"))
 
 
 # ---------------------------------------------------------------- saving named inputs

@@ -82,14 +82,14 @@ def _unit_vjp(gu: Tensor, u: Tensor, rr: Tensor, inside: Tensor) -> Tensor:
 def spherical_harmonics(vectors, lmax):
     """Launcher: Y(v / |v|) [E, (lmax+1)^2], e3nn's order and "component" normalisation."""
     u, _, _ = _unit(vectors)
-    return _harmonics_of_unit(u, lmax)[0]
+    return _harmonics_of_unit(u, lmax)[0].contiguous()
 
 
 def spherical_harmonics_vjp(grad, vectors, lmax):
     """Launcher: sum_m grad[e, m] dY_m/dv [E, 3]."""
     u, rr, inside = _unit(vectors)
     dy = _harmonics_of_unit(u, lmax)[1]
-    return _unit_vjp(torch.einsum("em,emk->ek", grad, dy), u, rr, inside)
+    return _unit_vjp(torch.einsum("em,emk->ek", grad, dy), u, rr, inside).contiguous()
 
 
 def spherical_harmonics_jvp(tangent, vectors, lmax):
@@ -97,7 +97,7 @@ def spherical_harmonics_jvp(tangent, vectors, lmax):
     u, rr, inside = _unit(vectors)
     dy = _harmonics_of_unit(u, lmax)[1]
     du = _unit_vjp(tangent, u, rr, inside)  # the unit map's Jacobian is symmetric
-    return torch.einsum("emk,ek->em", dy, du)
+    return torch.einsum("emk,ek->em", dy, du).contiguous()
 
 
 # ---------------------------------------------------------------- tensor-product convolution
@@ -131,7 +131,7 @@ def tp_conv_edge(g, x, y, w, senders, receivers, by_receiver, receiver_ptr, by_s
     gr, xs = g[receivers], x[senders]
     gy = gw = g.new_zeros(0)
     if need_y:
-        gy = torch.einsum("amb,eac,ebc->em", coupling, xs, gr * w[:, out_path, :])
+        gy = torch.einsum("amb,eac,ebc->em", coupling, xs, gr * w[:, out_path, :]).contiguous()
     if need_w:
         per_out = _coupled(coupling, xs, y) * gr
         gw = g.new_zeros(w.shape).index_add(1, out_path, per_out)
@@ -206,7 +206,7 @@ def symmetric_contraction_vjp(g, x, elements, weights, tuples, need_x, need_weig
     gx = gw = x.new_zeros(0)
     if need_x:
         big_g = _pull(g, elements, weights)
-        gx = _to_rows([big_g * _others(factors, q) for q in range(3)], slots, x)
+        gx = _to_rows([big_g * _others(factors, q) for q in range(3)], slots, x).contiguous()
     if need_weights:
         gw = _collect(g, elements, mono, weights)
     return gx, gw
@@ -240,5 +240,5 @@ def symmetric_contraction_vjp_vjp(v, g, x, elements, weights, tuples, need_g, ne
         for q in range(3):
             a, b = (t for t in range(3) if t != q)
             per_slot.append(big_g * (tangents[a] * factors[b] + factors[a] * tangents[b]))
-        gx = _to_rows(per_slot, slots, x)
+        gx = _to_rows(per_slot, slots, x).contiguous()
     return gg, gx, gw
