@@ -66,6 +66,12 @@ class _Shared:
     _graph: tuple = field(default=(None, -1, -1, None))
     _elements: tuple = field(default=(None, -1, None))
 
+    def __getstate__(self):  # pickling (torch.save of a model) keeps the backend, not the caches
+        return {"backend": self.backend}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
     def graph(self, edge_index: Tensor, num_nodes: int) -> tuple[Tensor, ...]:
         ref, version, n, value = self._graph
         if ref is not None and ref() is edge_index and version == edge_index._version \
@@ -711,6 +717,10 @@ def model_inputs(model, positions: Tensor, atomic_numbers: Tensor, edge_index: T
     cells = torch.zeros(num_graphs, 3, 3, dtype=dtype, device=device) if cell is None else \
         cell.to(dtype).reshape(-1, 3, 3).expand(num_graphs, 3, 3)
     edge_index = edge_index.to(device).long()
+    if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+        raise ValueError(f"edge_index must be [2, E], got {list(edge_index.shape)}")
+    if edge_index.numel() and (int(edge_index.min()) < 0 or int(edge_index.max()) >= n):
+        raise ValueError(f"edge_index holds atom indices outside [0, {n}) for {n} atoms")
     unit = torch.zeros(edge_index.shape[1], 3, dtype=dtype, device=device) \
         if unit_shifts is None else unit_shifts.to(device=device, dtype=dtype)
     shifts = torch.einsum("ek,ekc->ec", unit, cells[batch[edge_index[0]]])
