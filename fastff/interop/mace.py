@@ -19,6 +19,7 @@ Maths: kernels/equivariant/README.md.
 
 from __future__ import annotations
 
+import copy
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ __all__ = ["accelerate", "restore", "is_accelerated", "evaluate", "model_inputs"
 _MAX_ELL = 3  # spherical harmonics l <= 3
 _MAX_HIDDEN_L = 1  # hidden features l <= 1
 _MAX_CORRELATION = 3
+_PERMUTED_KEPT = 4  # harmonics, distances, radial features (+1): one forward's edge tensors
+_KNOTS = 2048  # knots of the radial table (see kernels/equivariant/README.md, "Tabulation")
 
 
 class UnsupportedMACEError(ValueError):
@@ -62,22 +65,34 @@ class _Shared:
     once per graph (edge CSR orders) and per node-attribute tensor (element groups), reused
     while the same tensor (weak reference, same ``_version``) comes back."""
 
+    radial: object  # the model's RadialEmbeddingBlock (basis and cutoff modules)
     backend: str | None = None
+    tabulate: bool = False
     _graph: tuple = field(default=(None, -1, -1, None))
     _elements: tuple = field(default=(None, -1, None))
 
-    def __getstate__(self):  # pickling (torch.save of a model) keeps the backend, not the caches
-        return {"backend": self.backend}
+    def __getstate__(self):  # pickling (torch.save of a model) keeps the settings, not caches
+        return {"radial": self.radial, "backend": self.backend, "tabulate": self.tabulate}
+
+    def use_table(self, interaction) -> bool:
+        """Whether this call may read the radial table: asked for, and no gradient of a radial
+        weight can be wanted (frozen weights, or no graph being recorded)."""
+        if not self.tabulate:
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        sources = [*_RadialMLP.weights(interaction.conv_tp_weights), *self.radial.parameters()]
+        return not any(t.requires_grad for t in sources)
 
     def __setstate__(self, state):
         self.__init__(**state)
 
-    def graph(self, edge_index: Tensor, num_nodes: int) -> tuple[Tensor, ...]:
+    def graph(self, edge_index: Tensor, num_nodes: int) -> _Graph:
         ref, version, n, value = self._graph
         if ref is not None and ref() is edge_index and version == edge_index._version \
                 and n == num_nodes:
             return value
-        value = _edge_structure(edge_index, num_nodes)
+        value = _Graph.of(edge_index, num_nodes)
         self._graph = (weakref.ref(edge_index), edge_index._version, num_nodes, value)
         return value
 
@@ -89,29 +104,78 @@ class _Shared:
         return value.agnostic() if agnostic else value
 
 
-def _edge_structure(edge_index: Tensor, num_nodes: int) -> tuple[Tensor, ...]:
-    """(senders, receivers, by_receiver, receiver_ptr, by_sender, sender_ptr): mace's
-    edge_index [2, E] (row 0 senders, row 1 receivers) as the CSR orders the kernels walk."""
-    if edge_index.dim() != 2 or edge_index.shape[0] != 2:
-        raise ValueError(f"edge_index must be [2, E], got {list(edge_index.shape)}")
-    senders = edge_index[0].contiguous().long()
-    receivers = edge_index[1].contiguous().long()
-    if _checks.checks_enabled() and senders.numel():
-        low = int(torch.minimum(senders.min(), receivers.min()))
-        high = int(torch.maximum(senders.max(), receivers.max()))
-        if low < 0 or high >= num_nodes:
-            raise ValueError(f"edge_index holds atom indices in [{low}, {high}], outside "
-                             f"[0, {num_nodes}) for {num_nodes} atoms")
+class _Permute(torch.autograd.Function):
+    """t[order] whose backward is the gather by the inverse permutation (parallel,
+    deterministic; a scatter-add would do the same work serially), itself differentiable."""
 
-    def csr(index):
-        order = torch.argsort(index, stable=True)
-        ptr = torch.zeros(num_nodes + 1, dtype=torch.int64, device=index.device)
-        ptr[1:] = torch.cumsum(torch.bincount(index, minlength=num_nodes), 0)
-        return order, ptr
+    @staticmethod
+    def forward(ctx, t, order, inverse):
+        ctx.save_for_backward(order, inverse)
+        return t.index_select(0, order)
 
-    by_receiver, receiver_ptr = csr(receivers)
-    by_sender, sender_ptr = csr(senders)
-    return senders, receivers, by_receiver, receiver_ptr, by_sender, sender_ptr
+    @staticmethod
+    def backward(ctx, grad):
+        order, inverse = ctx.saved_tensors
+        return _Permute.apply(grad, inverse, order), None, None
+
+
+@dataclass
+class _Graph:
+    """mace's edges (edge_index [2, E]: row 0 senders, row 1 receivers) stored in receiver
+    order, so that the kernels stream every per-edge tensor (harmonics, MLP weights and their
+    gradients) instead of reading it at random: ``order`` sorts the edges by receiver and
+    ``structure`` is the CSR the kernels walk, in that order (by_receiver is the identity)."""
+
+    order: Tensor
+    inverse: Tensor
+    structure: tuple[Tensor, ...]  # senders, receivers, by_receiver, receiver_ptr, by_sender,
+    # sender_ptr
+    _permuted: list = field(default_factory=list)  # (weakref, version, permuted), newest last
+
+    @staticmethod
+    def of(edge_index: Tensor, num_nodes: int) -> _Graph:
+        if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+            raise ValueError(f"edge_index must be [2, E], got {list(edge_index.shape)}")
+        senders, receivers = edge_index[0].long(), edge_index[1].long()
+        if _checks.checks_enabled() and senders.numel():
+            low = int(torch.minimum(senders.min(), receivers.min()))
+            high = int(torch.maximum(senders.max(), receivers.max()))
+            if low < 0 or high >= num_nodes:
+                raise ValueError(f"edge_index holds atom indices in [{low}, {high}], outside "
+                                 f"[0, {num_nodes}) for {num_nodes} atoms")
+        order = torch.argsort(receivers, stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        senders, receivers = senders[order], receivers[order]
+
+        def pointer(index):
+            ptr = torch.zeros(num_nodes + 1, dtype=torch.int64, device=index.device)
+            ptr[1:] = torch.cumsum(torch.bincount(index, minlength=num_nodes), 0)
+            return ptr
+
+        structure = (senders, receivers, torch.arange(order.numel(), device=order.device),
+                     pointer(receivers), torch.argsort(senders, stable=True), pointer(senders))
+        return _Graph(order, inverse, structure)
+
+    def permuted(self, t: Tensor) -> Tensor:
+        """t (per edge, mace's order) in receiver order; the same tensor (same version) gives
+        the same result within a forward (both interactions read the same edge tensors)."""
+        return self._cached(t, "permuted", lambda: _Permute.apply(t, self.order, self.inverse))
+
+    def features(self, r: Tensor, radial) -> tuple[Tensor, Tensor | None]:
+        """mace's radial features of the (receiver-ordered) distances r, once per forward."""
+        return self._cached(r, "features", lambda: _radial_features(radial, r))
+
+    def _cached(self, t: Tensor, tag: str, make):
+        for ref, version, kind, value in self._permuted:
+            if ref() is t and version == t._version and kind == tag:
+                return value
+        value = make()
+        # a forward makes ~3 of these; older entries (earlier calls on a reused edge_index) go,
+        # so the cache never holds more than about one forward's worth
+        self._permuted = [*self._permuted[-(_PERMUTED_KEPT - 1):],
+                          (weakref.ref(t), t._version, tag, value)]
+        return value
 
 
 @dataclass
@@ -203,6 +267,13 @@ class _Cast:
 
 
 # ---------------------------------------------------------------- equivariant linears
+def _gemm(x: Tensor, w: Tensor) -> Tensor:
+    """[N, d, Cin] @ [Cin, Cout] as one 2-D GEMM (torch.matmul on a strided 3-D operand falls
+    back to a batched product with the weight expanded per row: ~5x slower at 3,000 atoms)."""
+    n, d, c = x.shape
+    return torch.mm(x.reshape(n * d, c), w).view(n, d, w.shape[1])
+
+
 class _Linear:
     """e3nn's ``o3.Linear`` as one GEMM over channels per output irrep (its inputs of that
     irrep concatenated): out_l = [x_l1 | x_l2 | ...] [a1 W1; a2 W2; ...]."""
@@ -234,7 +305,7 @@ class _Linear:
             xs = [blocks[i_in] for i_in, *_ in paths]
             x = xs[0] if len(xs) == 1 else torch.cat(xs, 2)
             w = ws[0] if len(ws) == 1 else torch.cat(ws, 0)
-            out.append(torch.matmul(x, w))
+            out.append(_gemm(x, w))
         return out
 
 
@@ -277,8 +348,7 @@ class _ElementLinear:
             w = torch.cat([weight.narrow(0, off, mi * z_count * mo).view(mi, z_count, mo) * pw
                            for _, pw, off, mi, mo in paths], 0)  # [sum mul_in, Z, mul_out]
             x_sorted = x.index_select(0, elements.order)
-            parts = [torch.matmul(x_sorted[start:end], w[:, z])
-                     for z, start, end in elements.slices]
+            parts = [_gemm(x_sorted[start:end], w[:, z]) for z, start, end in elements.slices]
             if not parts:
                 out.append(weight.new_zeros(n, ir.dim, mul))
                 continue
@@ -306,15 +376,83 @@ class _RadialMLP:
             self.layers.append((act.f, 1.0 / math.sqrt(layer.h_in * layer.var_in),
                                 cst * math.sqrt(layer.var_out)))
 
-    def __call__(self, net, x: Tensor) -> Tensor:
+    @staticmethod
+    def weights(net) -> list[Tensor]:
+        return [getattr(net, f"layer{k}").weight for k in range(len(net.hs) - 1)]
+
+    def __call__(self, weights: list[Tensor], x: Tensor) -> Tensor:
         carry = 1.0
-        for k, (f, w_scale, out_scale) in enumerate(self.layers):
-            x = torch.matmul(x, getattr(net, f"layer{k}").weight * (w_scale * carry))
+        for weight, (f, w_scale, out_scale) in zip(weights, self.layers, strict=True):
+            x = torch.matmul(x, weight * (w_scale * carry))
             carry = 1.0
             if f is not None:
                 x = f(x)
                 carry = out_scale
         return x * carry if carry != 1.0 else x
+
+
+def _radial_features(radial, r: Tensor) -> tuple[Tensor, Tensor | None]:
+    """mace's RadialEmbeddingBlock at distances r [E]: (basis x cutoff, None), or (basis,
+    cutoff) when the model applies the cutoff after its radial network (apply_cutoff=False)."""
+    r = r.unsqueeze(1)
+    cutoff = radial.cutoff_fn(r)
+    basis = radial.bessel_fn(r)
+    if getattr(radial, "apply_cutoff", True):
+        return basis * cutoff, None
+    return basis, cutoff
+
+
+class _RadialWeights:
+    """The per-edge weights of one interaction's tensor product, w(r) = MLP(basis(r) cutoff(r))
+    [E, paths x channels]: exactly (GEMMs), or from a cubic table of w(r) built in float64
+    from the same weights (``radial_spline``: ~1 k instead of ~25 k multiply-adds per edge at
+    64 channels), rebuilt whenever a weight or the basis changes value."""
+
+    def __init__(self, net, knots: int):
+        self.mlp = _RadialMLP(net)
+        self.knots = knots
+        self._table: tuple | None = None  # (snapshot, dtype, device, coeffs, step)
+
+    def exact(self, net, radial, r: Tensor, features) -> Tensor:
+        basis, cutoff = features
+        w = self.mlp(_RadialMLP.weights(net), basis)
+        return w if cutoff is None else w * cutoff
+
+    def table(self, net, radial, like: Tensor) -> tuple[Tensor, float]:
+        sources = [*_RadialMLP.weights(net), *radial.parameters(), *radial.buffers()]
+        cached = self._table
+        if cached is not None and cached[1] == like.dtype and cached[2] == like.device and \
+                len(cached[0]) == len(sources) and all(
+                    a.shape == b.shape and torch.equal(a, b.detach())
+                    for a, b in zip(cached[0], sources, strict=True)):
+            return cached[3], cached[4]
+        coeffs, step = self._build(net, radial)
+        coeffs = coeffs.to(device=like.device, dtype=like.dtype)
+        self._table = ([t.detach().clone() for t in sources], like.dtype, like.device, coeffs,
+                       step)
+        return coeffs, step
+
+    def _build(self, net, radial) -> tuple[Tensor, float]:
+        """Hermite cubic coefficients [knots - 1, 4, F] of w(r) on [0, r_max] (values and slopes
+        at the knots by forward-mode autograd, in float64)."""
+        r_max = float(radial.cutoff_fn.r_max)
+        step = r_max / (self.knots - 1)
+        r = torch.arange(self.knots, dtype=torch.float64) * step
+        r[0] = 1e-6 * step  # the Bessel basis sin(a r) / r is 0 / 0 at r = 0 in mace's form
+        radial64 = copy.deepcopy(radial).to(torch.float64).cpu()
+        weights = [w.detach().to(torch.float64).cpu() for w in _RadialMLP.weights(net)]
+
+        def weights_at(r):
+            basis, cutoff = _radial_features(radial64, r)
+            w = self.mlp(weights, basis)
+            return w if cutoff is None else w * cutoff
+
+        with torch.no_grad():
+            values, slopes = torch.func.jvp(weights_at, (r,), (torch.ones_like(r),))
+        v0, v1 = values[:-1], values[1:]
+        s0, s1 = slopes[:-1] * step, slopes[1:] * step
+        coeffs = torch.stack([v0, s0, 3 * (v1 - v0) - 2 * s0 - s1, 2 * (v0 - v1) + s0 + s1], 1)
+        return coeffs, step
 
 
 # ---------------------------------------------------------------- tensor-product coupling
@@ -408,6 +546,16 @@ class _Contraction:
 
 
 # ---------------------------------------------------------------- accelerated blocks
+class _FastRadialEmbedding(_blocks.RadialEmbeddingBlock):
+    """Hands the distances [E, 1] on as the edge features: the accelerated interactions compute
+    the basis, the cutoff and the radial network (or read its table) from them, in receiver
+    order."""
+
+    def forward(self, edge_lengths: Tensor, node_attrs: Tensor, edge_index: Tensor,
+                atomic_numbers: Tensor):
+        return edge_lengths, None
+
+
 class _FastSphericalHarmonics(o3.SphericalHarmonics):
     def forward(self, x: Tensor) -> Tensor:
         shared = self._fastff_shared
@@ -429,14 +577,24 @@ def _interaction_forward(self, node_attrs: Tensor, node_feats: Tensor, edge_attr
     if plan.residual:
         sc = _join_flat(plan.skip(self.skip_tp.weight, blocks, elements))
     x = torch.cat(plan.up(self.linear_up.weight, blocks), 1)  # [N, Din, C]
-    w = plan.mlp(self.conv_tp_weights, edge_feats)
-    if cutoff is not None:
-        w = w * cutoff
+    if cutoff is not None or edge_feats.dim() != 2 or edge_feats.shape[1] != 1:
+        raise ValueError("an accelerated interaction takes the edge distances [E, 1] as "
+                         "edge_feats (the accelerated model's radial_embedding returns them)")
+    graph = shared.graph(edge_index, n)  # every per-edge tensor below is in receiver order
+    y = graph.permuted(edge_attrs).to(x.dtype)
+    r = graph.permuted(edge_feats)[:, 0]
     backend = _backend(shared, "tp_conv", x.device)
-    message = _eq.tp_conv(x.contiguous(), edge_attrs.contiguous().to(x.dtype),
-                          w.reshape(num_edges, -1, x.shape[2]).contiguous(),
-                          *shared.graph(edge_index, n), plan.coupling.get("coupling", x),
-                          plan.coupling.get("out_path", x), backend)
+    coupling = (plan.coupling.get("coupling", x), plan.coupling.get("out_path", x))
+    if shared.use_table(self):  # weights from the table, inside the kernels
+        coeffs, step = plan.radial.table(self.conv_tp_weights, shared.radial, x)
+        message = _eq.tp_conv_spline(x.contiguous(), y.contiguous(), r.to(x.dtype).contiguous(),
+                                     coeffs, step, *graph.structure, *coupling, backend)
+    else:
+        w = plan.radial.exact(self.conv_tp_weights, shared.radial, r,
+                              graph.features(r, shared.radial))
+        message = _eq.tp_conv(x.contiguous(), y.contiguous(),
+                              w.reshape(num_edges, -1, x.shape[2]).contiguous(),
+                              *graph.structure, *coupling, backend)
     out = plan.linear(self.linear.weight, _split_rows(message, plan.irreps_mid))
     if not plan.residual:
         out = plan.skip(self.skip_tp.weight, out, elements)
@@ -457,7 +615,7 @@ class _InteractionPlan:
     residual: bool
     skip: _ElementLinear
     up: _Linear
-    mlp: _RadialMLP
+    radial: _RadialWeights
     coupling: _Cast
     irreps_mid: o3.Irreps
     linear: _Linear
@@ -512,6 +670,7 @@ class _ReadoutPlan:
 
 _SWAPS = {
     o3.SphericalHarmonics: _FastSphericalHarmonics,
+    _blocks.RadialEmbeddingBlock: _FastRadialEmbedding,
     _blocks.RealAgnosticInteractionBlock: _FastInteraction,
     _blocks.RealAgnosticResidualInteractionBlock: _FastResidualInteraction,
     _blocks.EquivariantProductBasisBlock: _FastProduct,
@@ -566,7 +725,7 @@ def _uniform_mul(irreps: o3.Irreps, name: str) -> int:
     return muls.pop()
 
 
-def _interaction_plan(block, name: str) -> _InteractionPlan:
+def _interaction_plan(block, name: str, knots: int) -> _InteractionPlan:
     _check_config(block, name)
     if block.node_feats_irreps.lmax > _MAX_HIDDEN_L:
         _refuse("hidden_irreps", str(block.node_feats_irreps), f"l <= {_MAX_HIDDEN_L}")
@@ -578,7 +737,7 @@ def _interaction_plan(block, name: str) -> _InteractionPlan:
     return _InteractionPlan(
         residual=isinstance(block, _blocks.RealAgnosticResidualInteractionBlock),
         skip=_ElementLinear(block.skip_tp), up=_Linear(block.linear_up),
-        mlp=_RadialMLP(block.conv_tp_weights),
+        radial=_RadialWeights(block.conv_tp_weights, knots),
         coupling=_coupling(block.conv_tp, channels, float(block.avg_num_neighbors)),
         irreps_mid=block.conv_tp.irreps_out, linear=_Linear(block.linear))
 
@@ -618,7 +777,8 @@ def _swap(block, plan, shared: _Shared, name: str) -> None:
     block._fastff_shared = shared
 
 
-def accelerate(model, *, backend: str | None = None):
+def accelerate(model, *, backend: str | None = None, tabulate: bool = False,
+               knots: int = _KNOTS):
     """Serve a mace-torch model's spherical harmonics, interactions, products and readouts with
     fastff's kernels, in place.
 
@@ -631,6 +791,13 @@ def accelerate(model, *, backend: str | None = None):
             ``UnsupportedMACEError`` naming the option, before the model is changed.
         backend: "numba", "triton", "reference" or None (``FASTFF_BACKEND``, then by device),
             resolved at each call; ``set_backend`` changes it later.
+        tabulate: read each interaction's radial weights w(r) from a cubic table of ``knots``
+            points (built in float64 from the current weights, rebuilt when they change) instead
+            of evaluating its network per edge, whenever no gradient of a radial weight can be
+            wanted (frozen weights, as in mace's MACECalculator, or no grad mode); training
+            runs the exact network. Differs from the exact model by the interpolation error
+            (README.md beside the kernels).
+        knots: knots of that table over [0, r_max].
 
     Returns:
         ``model`` itself: same parameters (state_dict keys, optimizers and checkpoints are
@@ -638,9 +805,13 @@ def accelerate(model, *, backend: str | None = None):
         brings back mace's own forward.
     """
     _check_model(model)
-    plans = [(model.spherical_harmonics, None, "spherical_harmonics")]
+    if knots < 4:
+        raise ValueError(f"knots must be at least 4, got {knots}")
+    plans = [(model.spherical_harmonics, None, "spherical_harmonics"),
+             (model.radial_embedding, None, "radial_embedding")]
     for k, block in enumerate(model.interactions):
-        plans.append((block, _interaction_plan(block, f"interactions.{k}"), f"interactions.{k}"))
+        plans.append((block, _interaction_plan(block, f"interactions.{k}", knots),
+                      f"interactions.{k}"))
     for k, block in enumerate(model.products):
         plans.append((block, _product_plan(block, f"products.{k}"), f"products.{k}"))
     for k, block in enumerate(model.readouts):
@@ -650,7 +821,7 @@ def accelerate(model, *, backend: str | None = None):
             _refuse(name, type(block).__name__,
                     ", ".join(sorted(c.__name__ for c in _SWAPS
                                      if c is not o3.SphericalHarmonics)))
-    shared = _Shared(backend=backend)
+    shared = _Shared(radial=model.radial_embedding, backend=backend, tabulate=bool(tabulate))
     for block, plan, name in plans:
         _swap(block, plan, shared, name)
     model._fastff_shared = shared

@@ -5,12 +5,14 @@ Algorithms (maths in README.md):
 * ``spherical_harmonics`` and its vjp / jvp: e3nn's polynomials of the unit vector and their
   gradients, one edge per iteration, float64 inside.
 * ``tp_conv`` walks the CSR rows of the receivers (edges in any order, reached through the
-  ``by_receiver`` permutation), so each output row has one writer: no atomics, deterministic.
-  Per edge, the coupling contracted with y gives one scalar per (path, input, output)
-  component; the channel loops (innermost, contiguous) then do one multiply per (path, input)
-  and one multiply-add per output component. ``tp_conv_sender`` walks the senders' rows the same
-  way (the x-gradient), ``tp_conv_edge`` the receivers' rows again, writing each edge's y- and
-  w-gradients (one writer per edge). No [E, D, C] tensor exists.
+  ``by_receiver`` permutation, fastest when the edges are stored in that order), so each
+  output row has one writer: no atomics, deterministic. Per edge, the coupling contracted with
+  y gives one scalar per (path, input, output) component; the channel loops (innermost,
+  contiguous) then do one multiply per (path, input) and one multiply-add per output
+  component. ``tp_conv_vjp`` walks the receivers' rows again and writes each edge's y- and
+  w-gradients and its share of the sender's x-gradient ([E, Din, C], Din <= 4: the hidden
+  features' components, not the messages'), which one pass over the senders' rows sums
+  (``tp_conv_sender`` is that alone). No [E, Dout, C] tensor exists.
 * The symmetric contraction evaluates each atom's polynomial from its sparse list of monomials
   (index tuples, degree <= 3) with the element's coefficients; the coefficient gradients are
   summed per element over the atoms of that element (element-sorted), one writer per block.
@@ -214,157 +216,288 @@ def _edge_scalars(y, e, b_ptr, ent_m, ent_coef, kval):
         kval[q] = t
 
 
-@njit(cache=True, parallel=True, fastmath=_MATH)
-def _tp_conv_kernel(x, y, w, senders, by_receiver, ptr, pa_path, pa_in, pa_ptr, b_out, b_ptr,
-                    ent_m, ent_coef, out):
-    n_rows = ptr.shape[0] - 1
+@njit(cache=True, inline="always")
+def _edge_weights(w, e, d, coeffs, step, order, wq, table_w):
+    """The edge's weights [P, C]: the row w[e], or (``coeffs`` non-empty: tabulated) the
+    table's order-th derivative at d[e] written into table_w; None beyond the table."""
+    if coeffs.shape[2] == 0:
+        return w[e]
+    k = _spline_weights(np.float64(d[e]), step, coeffs.shape[0], order, wq)
+    if k < 0:
+        return None
+    flat = table_w.reshape(table_w.shape[0] * table_w.shape[1])
+    w0, w1 = coeffs.dtype.type(wq[0]), coeffs.dtype.type(wq[1])
+    w2, w3 = coeffs.dtype.type(wq[2]), coeffs.dtype.type(wq[3])
+    for f in range(flat.shape[0]):
+        flat[f] = (w0 * coeffs[k, 0, f] + w1 * coeffs[k, 1, f] + w2 * coeffs[k, 2, f]
+                   + w3 * coeffs[k, 3, f])
+    return table_w
+
+
+@njit(cache=True, fastmath=_MATH)
+def _conv_rows(r0, r1, x, y, w, d, coeffs, step, senders, by_receiver, ptr, pa_path, pa_in,
+               pa_ptr, b_out, b_ptr, ent_m, ent_coef, kval, rx, wq, table_w, out):
+    """tp_conv over receiver rows [r0, r1) (one prange task; a separate function so that
+    numba's parallel analysis does not see the weights' two sources)."""
     n_x, n_edges, nc = x.shape[0], y.shape[0], x.shape[2]
+    for r in range(r0, r1):
+        out[r] = 0.0
+        for k in range(ptr[r], ptr[r + 1]):
+            e = by_receiver[k]
+            if e < 0 or e >= n_edges:
+                continue
+            s = senders[e]
+            if s < 0 or s >= n_x:
+                continue
+            we = _edge_weights(w, e, d, coeffs, step, 0, wq, table_w)
+            if we is None:
+                continue
+            _edge_scalars(y, e, b_ptr, ent_m, ent_coef, kval)
+            for gp in range(pa_path.shape[0]):
+                p, a = pa_path[gp], pa_in[gp]
+                for c in range(nc):
+                    rx[c] = we[p, c] * x[s, a, c]
+                for q in range(pa_ptr[gp], pa_ptr[gp + 1]):
+                    kv, b = kval[q], b_out[q]
+                    for c in range(nc):
+                        out[r, b, c] += kv * rx[c]
+
+
+@njit(cache=True, parallel=True)
+def _tp_conv_kernel(x, y, w, d, coeffs, step, n_paths, senders, by_receiver, ptr, pa_path, pa_in,
+                    pa_ptr, b_out, b_ptr, ent_m, ent_coef, out):
+    n_rows, nc = ptr.shape[0] - 1, x.shape[2]
     for chunk in prange((n_rows + ROWS - 1) // ROWS):
         kval = np.empty(b_out.shape[0], dtype=x.dtype)
         rx = np.empty(nc, dtype=x.dtype)
-        for r in range(chunk * ROWS, min(n_rows, (chunk + 1) * ROWS)):
-            out[r] = 0.0
-            for k in range(ptr[r], ptr[r + 1]):
-                e = by_receiver[k]
-                if e < 0 or e >= n_edges:
-                    continue
-                s = senders[e]
-                if s < 0 or s >= n_x:
-                    continue
+        wq = np.empty(4)
+        table_w = np.empty((n_paths, nc), dtype=x.dtype)
+        _conv_rows(chunk * ROWS, min(n_rows, (chunk + 1) * ROWS), x, y, w, d, coeffs, step,
+                   senders, by_receiver, ptr, pa_path, pa_in, pa_ptr, b_out, b_ptr, ent_m,
+                   ent_coef, kval, rx, wq, table_w, out)
+
+
+@njit(cache=True, fastmath=_MATH)
+def _vjp_rows(r0, r1, g, x, y, w, d, coeffs, step, senders, by_receiver, ptr, pa_path, pa_in,
+              pa_ptr, b_out, b_ptr, ent_m, ent_coef, n_x, need_q, need_y, need_w, need_d, kval,
+              qval, local_w, local_q, tmp, u, wq, table_w, q, gy, gw, gd):
+    """Per edge of receiver rows [r0, r1) (g[r] stays in cache): the y-gradient, the
+    w-gradient (stored, or with tabulated weights dotted at once with the table's slope: the
+    distance gradient), and the sender's share q_e = d/dx[sender] of the edge's term (summed
+    per sender afterwards), each accumulated in a small local buffer and stored once. Per
+    (path, input) group, t = sum_b k_b g[r, b] serves both the w-gradient (x t) and the share
+    (w t); the y-gradient takes one dot <w x, g[r, b]> per output component."""
+    n_edges, nc = y.shape[0], g.shape[2]
+    grads_w = need_w or need_d
+    for r in range(r0, r1):
+        for k in range(ptr[r], ptr[r + 1]):
+            e = by_receiver[k]
+            if e < 0 or e >= n_edges:
+                continue
+            s = senders[e]
+            if grads_w:
+                local_w[:] = 0.0
+            if need_q:
+                local_q[:] = 0.0
+            qval[:] = 0.0
+            we = _edge_weights(w, e, d, coeffs, step, 0, wq, table_w)
+            if 0 <= s < n_x:
                 _edge_scalars(y, e, b_ptr, ent_m, ent_coef, kval)
                 for gp in range(pa_path.shape[0]):
                     p, a = pa_path[gp], pa_in[gp]
-                    for c in range(nc):
-                        rx[c] = w[e, p, c] * x[s, a, c]
-                    for q in range(pa_ptr[gp], pa_ptr[gp + 1]):
-                        kv, b = kval[q], b_out[q]
+                    t0, t1 = pa_ptr[gp], pa_ptr[gp + 1]
+                    if grads_w or need_q:
+                        kv, b = kval[t0], b_out[t0]
                         for c in range(nc):
-                            out[r, b, c] += kv * rx[c]
+                            tmp[c] = kv * g[r, b, c]
+                        for t in range(t0 + 1, t1):
+                            kv, b = kval[t], b_out[t]
+                            for c in range(nc):
+                                tmp[c] += kv * g[r, b, c]
+                        if grads_w:
+                            for c in range(nc):
+                                local_w[p, c] += x[s, a, c] * tmp[c]
+                        if need_q and we is not None:
+                            for c in range(nc):
+                                local_q[a, c] += we[p, c] * tmp[c]
+                    if need_y and we is not None:
+                        for c in range(nc):
+                            u[c] = we[p, c] * x[s, a, c]
+                        for t in range(t0, t1):
+                            b = b_out[t]
+                            acc = 0.0
+                            for c in range(nc):
+                                acc += u[c] * g[r, b, c]
+                            qval[t] = acc
+            if need_w:
+                gw[e] = local_w
+            if need_d:
+                gd[e] = _table_slope_dot(local_w, d, e, coeffs, step, wq)
+            if need_q:
+                q[e] = local_q
+            if need_y:
+                gy[e] = 0.0
+                for t in range(b_out.shape[0]):
+                    for j in range(b_ptr[t], b_ptr[t + 1]):
+                        gy[e, ent_m[j]] += ent_coef[j] * qval[t]
+
+
+@njit(cache=True, parallel=True)
+def _tp_vjp_kernel(g, x, y, w, d, coeffs, step, n_paths, senders, by_receiver, ptr, pa_path,
+                   pa_in, pa_ptr, b_out, b_ptr, ent_m, ent_coef, n_x, need_q, need_y, need_w,
+                   need_d, q, gy, gw, gd):
+    n_rows, nc, d_in = ptr.shape[0] - 1, g.shape[2], q.shape[1]
+    for chunk in prange((n_rows + ROWS - 1) // ROWS):
+        kval = np.empty(b_out.shape[0], dtype=g.dtype)
+        qval = np.empty(b_out.shape[0], dtype=g.dtype)
+        local_w = np.empty((n_paths, nc), dtype=g.dtype)
+        local_q = np.empty((d_in, nc), dtype=g.dtype)
+        tmp = np.empty(nc, dtype=g.dtype)
+        u = np.empty(nc, dtype=g.dtype)
+        wq = np.empty(4)
+        table_w = np.empty((n_paths, nc), dtype=g.dtype)
+        _vjp_rows(chunk * ROWS, min(n_rows, (chunk + 1) * ROWS), g, x, y, w, d, coeffs, step,
+                  senders, by_receiver, ptr, pa_path, pa_in, pa_ptr, b_out, b_ptr, ent_m,
+                  ent_coef, n_x, need_q, need_y, need_w, need_d, kval, qval, local_w, local_q,
+                  tmp, u, wq, table_w, q, gy, gw, gd)
+
+
+@njit(cache=True, inline="always")
+def _table_slope_dot(local_w, d, e, coeffs, step, wq):
+    """<local_w, d/dr table(d[e])>: the interval's coefficient rows dotted with local_w."""
+    k = _spline_weights(np.float64(d[e]), step, coeffs.shape[0], 1, wq)
+    if k < 0:
+        return 0.0
+    flat = local_w.reshape(local_w.shape[0] * local_w.shape[1])
+    acc = 0.0
+    for qq in range(1, 4):
+        dot = 0.0
+        for f in range(flat.shape[0]):
+            dot += flat[f] * coeffs[k, qq, f]
+        acc += wq[qq] * dot
+    return acc
 
 
 @njit(cache=True, parallel=True, fastmath=_MATH)
-def _tp_sender_kernel(g, y, w, receivers, by_sender, sender_ptr, pa_path, pa_in, pa_ptr, b_out,
-                      b_ptr, ent_m, ent_coef, out):
-    n_rows = sender_ptr.shape[0] - 1
-    n_g, n_edges, nc = g.shape[0], y.shape[0], g.shape[2]
+def _sender_sums(q, by_sender, sender_ptr, out):
+    """out[s] = sum of q[e] over the edges of sender s (sender CSR order: one writer per row)."""
+    n_rows, n_edges = sender_ptr.shape[0] - 1, q.shape[0]
     for chunk in prange((n_rows + ROWS - 1) // ROWS):
-        kval = np.empty(b_out.shape[0], dtype=g.dtype)
-        tmp = np.empty(nc, dtype=g.dtype)
         for s in range(chunk * ROWS, min(n_rows, (chunk + 1) * ROWS)):
             out[s] = 0.0
             for k in range(sender_ptr[s], sender_ptr[s + 1]):
                 e = by_sender[k]
-                if e < 0 or e >= n_edges:
-                    continue
-                r = receivers[e]
-                if r < 0 or r >= n_g:
-                    continue
-                _edge_scalars(y, e, b_ptr, ent_m, ent_coef, kval)
-                for gp in range(pa_path.shape[0]):
-                    p, a = pa_path[gp], pa_in[gp]
-                    for c in range(nc):
-                        tmp[c] = 0.0
-                    for q in range(pa_ptr[gp], pa_ptr[gp + 1]):
-                        kv, b = kval[q], b_out[q]
-                        for c in range(nc):
-                            tmp[c] += kv * g[r, b, c]
-                    for c in range(nc):
-                        out[s, a, c] += w[e, p, c] * tmp[c]
-
-
-@njit(cache=True, parallel=True, fastmath=_MATH)
-def _tp_edge_kernel(g, x, y, w, senders, by_receiver, ptr, pa_path, pa_in, pa_ptr, b_out, b_ptr,
-                    ent_m, ent_coef, need_y, need_w, gy, gw):
-    n_rows = ptr.shape[0] - 1
-    n_x, n_edges, nc = x.shape[0], y.shape[0], x.shape[2]
-    for chunk in prange((n_rows + ROWS - 1) // ROWS):
-        kval = np.empty(b_out.shape[0], dtype=x.dtype)
-        qval = np.empty(b_out.shape[0], dtype=x.dtype)
-        for r in range(chunk * ROWS, min(n_rows, (chunk + 1) * ROWS)):
-            for k in range(ptr[r], ptr[r + 1]):
-                e = by_receiver[k]
-                if e < 0 or e >= n_edges:
-                    continue
-                if need_w:
-                    gw[e] = 0.0
-                if need_y:
-                    gy[e] = 0.0
-                s = senders[e]
-                if s < 0 or s >= n_x:
-                    continue
-                if need_w:
-                    _edge_scalars(y, e, b_ptr, ent_m, ent_coef, kval)
-                for gp in range(pa_path.shape[0]):
-                    p, a = pa_path[gp], pa_in[gp]
-                    for q in range(pa_ptr[gp], pa_ptr[gp + 1]):
-                        b = b_out[q]
-                        if need_w and need_y:
-                            kv = kval[q]
-                            acc = 0.0
-                            for c in range(nc):
-                                t = x[s, a, c] * g[r, b, c]
-                                gw[e, p, c] += kv * t
-                                acc += w[e, p, c] * t
-                            qval[q] = acc
-                        elif need_w:
-                            kv = kval[q]
-                            for c in range(nc):
-                                gw[e, p, c] += kv * x[s, a, c] * g[r, b, c]
-                        else:
-                            acc = 0.0
-                            for c in range(nc):
-                                acc += w[e, p, c] * x[s, a, c] * g[r, b, c]
-                            qval[q] = acc
-                if need_y:
-                    for q in range(b_out.shape[0]):
-                        for t in range(b_ptr[q], b_ptr[q + 1]):
-                            gy[e, ent_m[t]] += ent_coef[t] * qval[q]
+                if 0 <= e < n_edges:
+                    for a in range(q.shape[1]):
+                        for c in range(q.shape[2]):
+                            out[s, a, c] += q[e, a, c]
 
 
 def _plan(coupling, out_path, dtype):
     return coupling_plan(coupling, out_path, np.dtype(str(dtype).replace("torch.", "")))
 
 
-def tp_conv(x, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender, sender_ptr,
-            coupling, out_path):
-    """Launcher: see reference.py."""
+def _no_table(like):
+    """(distances, coeffs) placeholders for the exact-weights path (coeffs with F = 0)."""
+    return np.zeros(1, like.dtype), np.zeros((1, 4, 0), like.dtype)
+
+
+def _conv(x, y, w, d, coeffs, step, n_paths, senders, by_receiver, receiver_ptr, coupling,
+          out_path):
     out = x.new_empty(receiver_ptr.shape[0] - 1, coupling.shape[2], x.shape[2])
     if not y.shape[0]:
         return out.zero_()
     if out.numel():
-        _tp_conv_kernel(_np(x), _np(y), _np(w), _np(senders), _np(by_receiver),
-                        _np(receiver_ptr), *_plan(coupling, out_path, x.dtype), out.numpy())
+        _tp_conv_kernel(_np(x), _np(y), w, d, coeffs, float(step), n_paths, _np(senders),
+                        _np(by_receiver), _np(receiver_ptr), *_plan(coupling, out_path, x.dtype),
+                        out.numpy())
     return out
+
+
+def tp_conv(x, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender, sender_ptr,
+            coupling, out_path):
+    """Launcher: see reference.py."""
+    wn = _np(w)
+    return _conv(x, y, wn, *_no_table(wn), 1.0, w.shape[1], senders, by_receiver, receiver_ptr,
+                 coupling, out_path)
+
+
+def tp_conv_spline(x, y, distances, coeffs, step, senders, receivers, by_receiver,
+                   receiver_ptr, by_sender, sender_ptr, coupling, out_path):
+    """Launcher: see reference.py (the weights read from the table inside the edge loop)."""
+    cn = _np(coeffs)
+    nc = x.shape[2]
+    return _conv(x, y, np.zeros((1, 1, nc), cn.dtype), _np(distances), cn, step,
+                 coeffs.shape[2] // nc, senders, by_receiver, receiver_ptr, coupling, out_path)
+
+
+def _vjp(g, x, y, w, d, coeffs, step, n_paths, senders, receivers, by_receiver, receiver_ptr,
+         by_sender, sender_ptr, coupling, out_path, need_x, need_y, need_w, need_d):
+    """(gx, gy, gw, gd) with empty [0] tensors where not asked for."""
+    dtype = g.dtype
+    num_senders = sender_ptr.shape[0] - 1
+    gx = torch.empty(num_senders, coupling.shape[0], g.shape[2], dtype=dtype) if need_x \
+        else g.new_zeros(0)
+    # every edge of a receiver row is written; edges in no row (possible only with value checks
+    # off) keep the zeros of the fill
+    complete = int(receiver_ptr[-1]) == y.shape[0] if receiver_ptr.shape[0] else False
+    alloc = torch.empty if complete else torch.zeros
+    gy = alloc(y.shape, dtype=dtype) if need_y else g.new_zeros(0)
+    gw = alloc((y.shape[0], n_paths, g.shape[2]), dtype=dtype) if need_w else g.new_zeros(0)
+    gd = alloc(y.shape[0], dtype=dtype) if need_d else g.new_zeros(0)
+    if not y.shape[0] or not (need_x or need_y or need_w or need_d):
+        return gx.zero_(), gy, gw, gd
+    plan = _plan(coupling, out_path, dtype)
+    # the x-gradient: per-edge shares (written in the receivers' pass, where the edge's
+    # weights are at hand) summed per sender; re-reading the weights (or re-evaluating the
+    # table) and g[receiver] at random in a senders' pass cost more
+    shares = bool(need_x)
+    q = alloc((y.shape[0], coupling.shape[0], g.shape[2]), dtype=dtype) if shares else \
+        torch.zeros(1, coupling.shape[0], g.shape[2], dtype=dtype)
+    dummy = np.zeros((1, 1), dtype=q.numpy().dtype)
+    if need_y or need_w or need_d or shares:
+        _tp_vjp_kernel(_np(g), _np(x), _np(y), w, d, coeffs, float(step), n_paths,
+                       _np(senders), _np(by_receiver), _np(receiver_ptr), *plan, num_senders,
+                       shares, bool(need_y), bool(need_w), bool(need_d), q.numpy(),
+                       gy.numpy() if need_y else dummy,
+                       gw.numpy() if need_w else dummy.reshape(1, 1, 1),
+                       gd.numpy() if need_d else dummy.reshape(1))
+    if shares and num_senders:
+        _sender_sums(q.numpy(), _np(by_sender), _np(sender_ptr), gx.numpy())
+    return gx, gy, gw, gd
 
 
 def tp_conv_sender(g, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender,
                    sender_ptr, coupling, out_path):
-    """Launcher: see reference.py."""
-    out = g.new_empty(sender_ptr.shape[0] - 1, coupling.shape[0], g.shape[2])
-    if not y.shape[0]:
-        return out.zero_()
-    if out.numel():
-        _tp_sender_kernel(_np(g), _np(y), _np(w), _np(receivers), _np(by_sender),
-                          _np(sender_ptr), *_plan(coupling, out_path, g.dtype), out.numpy())
-    return out
+    """Launcher: see reference.py. A pass over the receivers' rows (y and w read in their
+    order) writes each edge's share, then the senders' rows sum them."""
+    x = g.new_zeros(1, coupling.shape[0], g.shape[2])  # not read when only shares are wanted
+    wn = _np(w)
+    return _vjp(g, x, y, wn, *_no_table(wn), 1.0, w.shape[1], senders, receivers, by_receiver,
+                receiver_ptr, by_sender, sender_ptr, coupling, out_path, True, False, False,
+                False)[0]
 
 
-def tp_conv_edge(g, x, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender,
-                 sender_ptr, coupling, out_path, need_y, need_w):
+def tp_conv_vjp(g, x, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender,
+                sender_ptr, coupling, out_path, need_x, need_y, need_w):
     """Launcher: see reference.py."""
-    # every edge of a valid receiver row is written by the kernel; edges outside every row
-    # (possible only with value checks off) keep zeros from the fill below
-    complete = bool(receiver_ptr.shape[0]) and int(receiver_ptr[-1]) == y.shape[0]
-    empty = torch.empty if complete else torch.zeros
-    gy = empty(y.shape if need_y else (0,), dtype=g.dtype)
-    gw = empty(w.shape if need_w else (0,), dtype=g.dtype)
-    if y.shape[0] and (need_y or need_w):
-        gy_np = gy.numpy() if need_y else np.zeros((1, 1), dtype=gy.numpy().dtype)
-        gw_np = gw.numpy() if need_w else np.zeros((1, 1, 1), dtype=gw.numpy().dtype)
-        _tp_edge_kernel(_np(g), _np(x), _np(y), _np(w), _np(senders), _np(by_receiver),
-                        _np(receiver_ptr), *_plan(coupling, out_path, g.dtype), bool(need_y),
-                        bool(need_w), gy_np, gw_np)
-    return gy, gw
+    wn = _np(w)
+    return _vjp(g, x, y, wn, *_no_table(wn), 1.0, w.shape[1], senders, receivers, by_receiver,
+                receiver_ptr, by_sender, sender_ptr, coupling, out_path, need_x, need_y, need_w,
+                False)[:3]
+
+
+def tp_conv_spline_vjp(g, x, y, distances, coeffs, step, senders, receivers, by_receiver,
+                       receiver_ptr, by_sender, sender_ptr, coupling, out_path, need_x, need_y,
+                       need_d):
+    """Launcher: see reference.py."""
+    nc = g.shape[2]
+    cn = _np(coeffs)
+    gx, gy, _, gd = _vjp(g, x, y, np.zeros((1, 1, nc), cn.dtype), _np(distances), cn, step,
+                         coeffs.shape[2] // nc, senders, receivers, by_receiver, receiver_ptr,
+                         by_sender, sender_ptr, coupling, out_path, need_x, need_y, False,
+                         need_d)
+    return gx, gy, gd
 
 
 # ---------------------------------------------------------------- symmetric contraction
@@ -556,3 +689,79 @@ def symmetric_contraction_vjp_vjp(v, g, x, elements, weights, tuples, need_g, ne
         order, ptr = _element_rows(elements, weights.shape[0])
         _symc_collect(gn, xn, vn, order, ptr, tn, True, gw.numpy())
     return gg, gx, gw
+
+
+# ---------------------------------------------------------------- tabulated radial weights
+@njit(cache=True, inline="always")
+def _spline_weights(r, step, intervals, order, wq):
+    """Interval of r and wq[q] = d^order/dr^order t^q (t = r / step - k); -1 outside."""
+    x = r / step
+    if not (r >= 0.0 and x < intervals):
+        return -1
+    k = min(int(math.floor(x)), intervals - 1)
+    t = x - k
+    scale = 1.0 / step**order
+    for q in range(4):
+        if q < order:
+            wq[q] = 0.0
+        else:
+            f = 1.0
+            for m in range(order):
+                f *= q - m
+            wq[q] = f * t ** (q - order) * scale
+    return k
+
+
+@njit(cache=True, parallel=True, fastmath=_MATH)
+def _spline_values(d, coeffs, step, order, out):
+    """out[e] = table^(order)(d_e)."""
+    n_edges, nf, intervals = d.shape[0], coeffs.shape[2], coeffs.shape[0]
+    for chunk in prange((n_edges + EDGES - 1) // EDGES):
+        wq = np.empty(4)
+        for e in range(chunk * EDGES, min(n_edges, (chunk + 1) * EDGES)):
+            k = _spline_weights(np.float64(d[e]), step, intervals, order, wq)
+            if k < 0:
+                out[e] = 0.0
+                continue
+            w0, w1 = coeffs.dtype.type(wq[0]), coeffs.dtype.type(wq[1])
+            w2, w3 = coeffs.dtype.type(wq[2]), coeffs.dtype.type(wq[3])
+            for f in range(nf):
+                out[e, f] = (w0 * coeffs[k, 0, f] + w1 * coeffs[k, 1, f]
+                             + w2 * coeffs[k, 2, f] + w3 * coeffs[k, 3, f])
+
+
+@njit(cache=True, parallel=True, fastmath=_MATH)
+def _spline_dots(grad, d, coeffs, step, order, out):
+    """out[e] = <grad[e], table^(order + 1)(d_e)>: the coefficient rows dotted with grad, then
+    weighted, so no [F] value is formed."""
+    n_edges, nf, intervals = d.shape[0], coeffs.shape[2], coeffs.shape[0]
+    for chunk in prange((n_edges + EDGES - 1) // EDGES):
+        wq = np.empty(4)
+        for e in range(chunk * EDGES, min(n_edges, (chunk + 1) * EDGES)):
+            k = _spline_weights(np.float64(d[e]), step, intervals, order + 1, wq)
+            acc = 0.0
+            if k >= 0:
+                for q in range(4):
+                    if wq[q] != 0.0:
+                        dot = 0.0
+                        for f in range(nf):
+                            dot += grad[e, f] * coeffs[k, q, f]
+                        acc += wq[q] * dot
+            out[e] = acc
+
+
+def radial_spline(distances, coeffs, step, order):
+    """Launcher: see reference.py."""
+    out = coeffs.new_empty(distances.shape[0], coeffs.shape[2])
+    if distances.shape[0]:
+        _spline_values(_np(distances), _np(coeffs), float(step), int(order), out.numpy())
+    return out
+
+
+def radial_spline_vjp(grad, distances, coeffs, step, order):
+    """Launcher: see reference.py."""
+    out = distances.new_empty(distances.shape[0])
+    if distances.shape[0]:
+        _spline_dots(_np(grad), _np(distances), _np(coeffs), float(step), int(order),
+                     out.numpy())
+    return out

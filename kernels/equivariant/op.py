@@ -6,10 +6,19 @@
   (second derivatives of Y, only a Hessian of the energy needs them) run autograd through the
   torch formulas of reference.py: every order exists.
 * ``tp_conv`` (the channelwise tensor-product convolution), ``tp_conv_sender`` (its x-gradient)
-  and ``tp_conv_edge`` (its y- and w-gradients) are the partial contractions of one 4-linear
-  form F(g, x, y, w) = sum_e <g[receiver], w_e (x[sender] (x) y_e)>, each leaving one argument
-  free. The derivative of any of them in any argument is another of them with the cotangent put
-  in its argument's place: the set is closed, every order is exact and fused.
+  and ``tp_conv_vjp`` (its x-, y- and w-gradients in one pass) are partial contractions of one
+  4-linear form F(g, x, y, w) = sum_e <g[receiver], w_e (x[sender] (x) y_e)>, each leaving
+  arguments free. The derivative of any of them in any argument is another of them with the
+  cotangent put in its argument's place: the set is closed, every order is exact and fused.
+* ``radial_spline`` (a cubic table of the per-edge radial weights as a function of the
+  distance, at any derivative order) and ``radial_spline_vjp`` (the distance gradient without
+  forming the [E, F] derivative): the derivative of each at order n is the pair at order n + 1,
+  and order >= 4 is exactly zero, so every order exists. The table itself has no gradient.
+* ``tp_conv_spline``: ``tp_conv`` with the edge weights read from such a table inside the
+  edge loop (no [E, P, C] tensor). Its backward without a graph is the fused
+  ``tp_conv_spline_vjp`` (x-, y- and distance gradients in one pass; the senders' pass
+  re-reads the table); with a graph (a Hessian), autograd through ``radial_spline`` and the
+  tp ops, every order. ``tp_conv_spline_vjp`` itself refuses to be differentiated.
 * ``symmetric_contraction`` (per atom, a polynomial of degree <= 3 in the atom's features with
   its element's coefficients), its backward ``symmetric_contraction_vjp`` and that one's
   backward ``symmetric_contraction_vjp_vjp`` (force training); beyond that, autograd through the
@@ -31,8 +40,9 @@ from fastff.kernels._runtime.autograd import wanted_grads
 from fastff.kernels.equivariant import reference
 
 for _name in ("spherical_harmonics", "spherical_harmonics_vjp", "spherical_harmonics_jvp",
-              "tp_conv", "tp_conv_sender", "tp_conv_edge", "symmetric_contraction",
-              "symmetric_contraction_vjp", "symmetric_contraction_vjp_vjp"):
+              "tp_conv", "tp_conv_sender", "tp_conv_vjp", "symmetric_contraction",
+              "symmetric_contraction_vjp", "symmetric_contraction_vjp_vjp", "radial_spline",
+              "radial_spline_vjp", "tp_conv_spline", "tp_conv_spline_vjp"):
     registry.register(_name, "equivariant", _name, backends=("numba", "reference"))
 
 
@@ -204,26 +214,29 @@ def _(g, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender, sender_
     return g.new_empty(sender_ptr.shape[0] - 1, coupling.shape[0], g.shape[2])
 
 
-@torch.library.custom_op("fastff::tp_conv_edge", mutates_args=())
-def tp_conv_edge(g: Tensor, x: Tensor, y: Tensor, w: Tensor, senders: Tensor, receivers: Tensor,
-                 by_receiver: Tensor, receiver_ptr: Tensor, by_sender: Tensor,
-                 sender_ptr: Tensor, coupling: Tensor, out_path: Tensor, need_y: bool,
-                 need_w: bool, backend: str) -> tuple[Tensor, Tensor]:
-    """(y-gradient [E, nY], w-gradient [E, P, C]) of sum <g, tp_conv(x, y, w)>; each an empty
-    [0] tensor unless need_y / need_w."""
-    return registry.launch("tp_conv_edge", TP_CONV_EDGE, locals())
+@torch.library.custom_op("fastff::tp_conv_vjp", mutates_args=())
+def tp_conv_vjp(g: Tensor, x: Tensor, y: Tensor, w: Tensor, senders: Tensor, receivers: Tensor,
+                by_receiver: Tensor, receiver_ptr: Tensor, by_sender: Tensor,
+                sender_ptr: Tensor, coupling: Tensor, out_path: Tensor, need_x: bool,
+                need_y: bool, need_w: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(x-gradient [N, Din, C], y-gradient [E, nY], w-gradient [E, P, C]) of
+    sum <g, tp_conv(x, y, w)> in one pass over the edges; each an empty [0] tensor unless
+    need_x / need_y / need_w."""
+    return registry.launch("tp_conv_vjp", TP_CONV_VJP, locals())
 
 
-@tp_conv_edge.register_fake
+@tp_conv_vjp.register_fake
 def _(g, x, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender, sender_ptr, coupling,
-      out_path, need_y, need_w, backend):
-    return (torch.empty_like(y) if need_y else y.new_empty(0),
+      out_path, need_x, need_y, need_w, backend):
+    return (g.new_empty(sender_ptr.shape[0] - 1, coupling.shape[0], g.shape[2]) if need_x
+            else g.new_empty(0),
+            torch.empty_like(y) if need_y else y.new_empty(0),
             torch.empty_like(w) if need_w else w.new_empty(0))
 
 
 TP_CONV = OpArgs(tp_conv)
 TP_CONV_SENDER = OpArgs(tp_conv_sender)
-TP_CONV_EDGE = OpArgs(tp_conv_edge)
+TP_CONV_VJP = OpArgs(tp_conv_vjp)
 _GRAPH = ("senders", "receivers", "by_receiver", "receiver_ptr", "by_sender", "sender_ptr",
           "coupling", "out_path", "backend")
 
@@ -242,16 +255,12 @@ def _no_coupling_grad(want) -> None:
 def _tp_conv_backward(ctx, g):
     x, want = _restore(ctx, TP_CONV)
     _no_coupling_grad(want)
-    if g is None:
+    if g is None or not (want.x or want.y or want.w):
         return TP_CONV.grads()
-    g = g.contiguous()
-    result = {}
-    if want.x:
-        result["x"] = tp_conv_sender(g, x.y, x.w, **_graph(x))
-    if want.y or want.w:
-        gy, gw = tp_conv_edge(g, x.x, x.y, x.w, **_graph(x), need_y=want.y, need_w=want.w)
-        result |= {"y": gy if want.y else None, "w": gw if want.w else None}
-    return TP_CONV.grads(**result)
+    gx, gy, gw = tp_conv_vjp(g.contiguous(), x.x, x.y, x.w, **_graph(x), need_x=want.x,
+                             need_y=want.y, need_w=want.w)
+    return TP_CONV.grads(x=gx if want.x else None, y=gy if want.y else None,
+                         w=gw if want.w else None)
 
 
 def _tp_sender_backward(ctx, v):
@@ -265,40 +274,49 @@ def _tp_sender_backward(ctx, v):
     if want.g:
         result["g"] = tp_conv(v, x.y, x.w, **_graph(x))
     if want.y or want.w:
-        gy, gw = tp_conv_edge(x.g, v, x.y, x.w, **_graph(x), need_y=want.y, need_w=want.w)
+        _, gy, gw = tp_conv_vjp(x.g, v, x.y, x.w, **_graph(x), need_x=False, need_y=want.y,
+                                need_w=want.w)
         result |= {"y": gy if want.y else None, "w": gw if want.w else None}
     return TP_CONV_SENDER.grads(**result)
 
 
-def _tp_edge_backward(ctx, cy, cw):
-    """<cy, gy> + <cw, gw> = F(g, x, cy, w) + F(g, x, y, cw)."""
-    x, want = _restore(ctx, TP_CONV_EDGE)
+def _tp_vjp_backward(ctx, cx, cy, cw):
+    """<cx, gx> + <cy, gy> + <cw, gw> = F(g, cx, y, w) + F(g, x, cy, w) + F(g, x, y, cw): each
+    term's gradients are the forward, the sender sum or the vjp with the cotangent in its
+    argument's place."""
+    x, want = _restore(ctx, TP_CONV_VJP)
     _no_coupling_grad(want)
-    cy = cy.contiguous() if cy is not None and cy.numel() else None
-    cw = cw.contiguous() if cw is not None and cw.numel() else None
+    cx, cy, cw = (c.contiguous() if c is not None and c.numel() else None for c in (cx, cy, cw))
+    graph = _graph(x)
     result: dict = {}
-    for ys, ws in ((cy, x.w), (x.y, cw)):
-        if ys is None or ws is None:
-            continue
-        if want.g:
-            _add(result, "g", tp_conv(x.x, ys, ws, **_graph(x)))
-        if want.x:
-            _add(result, "x", tp_conv_sender(x.g, ys, ws, **_graph(x)))
-    if cw is not None and want.y:  # the y in F(g, x, y, cw)
-        _add(result, "y", tp_conv_edge(x.g, x.x, x.y, cw, **_graph(x), need_y=True,
-                                       need_w=False)[0])
-    if cy is not None and want.w:  # the w in F(g, x, cy, w)
-        _add(result, "w", tp_conv_edge(x.g, x.x, cy, x.w, **_graph(x), need_y=False,
-                                       need_w=True)[1])
-    return TP_CONV_EDGE.grads(**result)
+    terms = [t for t in ((cx, x.y, x.w), (x.x, cy, x.w), (x.x, x.y, cw)) if None not in t]
+    if want.g:
+        for xs, ys, ws in terms:
+            _add(result, "g", tp_conv(xs, ys, ws, **graph))
+    if want.x:
+        for ys, ws in ((cy, x.w), (x.y, cw)):
+            if ys is not None and ws is not None:
+                _add(result, "x", tp_conv_sender(x.g, ys, ws, **graph))
+    if cx is not None and (want.y or want.w):  # the y and w of F(g, cx, y, w)
+        _, gy, gw = tp_conv_vjp(x.g, cx, x.y, x.w, **graph, need_x=False, need_y=want.y,
+                                need_w=want.w)
+        _add(result, "y", gy if want.y else None)
+        _add(result, "w", gw if want.w else None)
+    if cw is not None and want.y:  # the y of F(g, x, y, cw)
+        _add(result, "y", tp_conv_vjp(x.g, x.x, x.y, cw, **graph, need_x=False, need_y=True,
+                                      need_w=False)[1])
+    if cy is not None and want.w:  # the w of F(g, x, cy, w)
+        _add(result, "w", tp_conv_vjp(x.g, x.x, cy, x.w, **graph, need_x=False, need_y=False,
+                                      need_w=True)[2])
+    return TP_CONV_VJP.grads(**result)
 
 
 tp_conv.register_autograd(_tp_conv_backward, setup_context=lambda ctx, inputs, output:
                           _save(ctx, TP_CONV, inputs))
 tp_conv_sender.register_autograd(_tp_sender_backward, setup_context=lambda ctx, inputs, output:
                                  _save(ctx, TP_CONV_SENDER, inputs))
-tp_conv_edge.register_autograd(_tp_edge_backward, setup_context=lambda ctx, inputs, output:
-                               _save(ctx, TP_CONV_EDGE, inputs))
+tp_conv_vjp.register_autograd(_tp_vjp_backward, setup_context=lambda ctx, inputs, output:
+                              _save(ctx, TP_CONV_VJP, inputs))
 
 
 # ---------------------------------------------------------------- symmetric contraction
@@ -417,3 +435,150 @@ symmetric_contraction_vjp.register_autograd(
 symmetric_contraction_vjp_vjp.register_autograd(
     _symc_vjp_vjp_backward, setup_context=lambda ctx, inputs, output:
     _save(ctx, SYMMETRIC_CONTRACTION_VJP_VJP, inputs))
+
+
+# ---------------------------------------------------------------- tabulated radial weights
+@torch.library.custom_op("fastff::radial_spline", mutates_args=())
+def radial_spline(distances: Tensor, coeffs: Tensor, step: float, order: int,
+                  backend: str) -> Tensor:
+    """d^order/dr^order of the cubic table coeffs [P-1, 4, F] (knots every ``step``) at each
+    distance, [E, F]; zero outside the table."""
+    return registry.launch("radial_spline", RADIAL_SPLINE, locals())
+
+
+@radial_spline.register_fake
+def _(distances, coeffs, step, order, backend):
+    return coeffs.new_empty(distances.shape[0], coeffs.shape[2])
+
+
+@torch.library.custom_op("fastff::radial_spline_vjp", mutates_args=())
+def radial_spline_vjp(grad: Tensor, distances: Tensor, coeffs: Tensor, step: float, order: int,
+                      backend: str) -> Tensor:
+    """sum_f grad[e, f] d^(order+1)/dr^(order+1) table_f(r_e), [E]: the distance gradient of
+    sum <grad, radial_spline(distances, order)>."""
+    return registry.launch("radial_spline_vjp", RADIAL_SPLINE_VJP, locals())
+
+
+@radial_spline_vjp.register_fake
+def _(grad, distances, coeffs, step, order, backend):
+    return distances.new_empty(distances.shape[0])
+
+
+RADIAL_SPLINE = OpArgs(radial_spline)
+RADIAL_SPLINE_VJP = OpArgs(radial_spline_vjp)
+
+
+def _no_table_grad(want) -> None:
+    if want.coeffs:
+        raise RuntimeError("fastff.radial_spline: the table has no gradient (tabulate from "
+                           "frozen weights; train with the exact radial network)")
+
+
+def _radial_spline_backward(ctx, grad):
+    x, want = _restore(ctx, RADIAL_SPLINE)
+    _no_table_grad(want)
+    if grad is None or not want.distances:
+        return RADIAL_SPLINE.grads()
+    return RADIAL_SPLINE.grads(distances=radial_spline_vjp(grad.contiguous(), x.distances,
+                                                           x.coeffs, x.step, x.order,
+                                                           x.backend))
+
+
+def _radial_spline_vjp_backward(ctx, cot):
+    x, want = _restore(ctx, RADIAL_SPLINE_VJP)
+    _no_table_grad(want)
+    if cot is None:
+        return RADIAL_SPLINE_VJP.grads()
+    result = {}
+    if want.grad:
+        result["grad"] = cot.unsqueeze(1) * radial_spline(x.distances, x.coeffs, x.step,
+                                                          x.order + 1, x.backend)
+    if want.distances:
+        result["distances"] = cot * radial_spline_vjp(x.grad, x.distances, x.coeffs, x.step,
+                                                      x.order + 1, x.backend)
+    return RADIAL_SPLINE_VJP.grads(**result)
+
+
+radial_spline.register_autograd(
+    _radial_spline_backward, setup_context=lambda ctx, inputs, output:
+    _save(ctx, RADIAL_SPLINE, inputs))
+radial_spline_vjp.register_autograd(
+    _radial_spline_vjp_backward, setup_context=lambda ctx, inputs, output:
+    _save(ctx, RADIAL_SPLINE_VJP, inputs))
+
+
+# ---------------------------------------------------------------- tabulated convolution
+@torch.library.custom_op("fastff::tp_conv_spline", mutates_args=())
+def tp_conv_spline(x: Tensor, y: Tensor, distances: Tensor, coeffs: Tensor, step: float,
+                   senders: Tensor, receivers: Tensor, by_receiver: Tensor,
+                   receiver_ptr: Tensor, by_sender: Tensor, sender_ptr: Tensor,
+                   coupling: Tensor, out_path: Tensor, backend: str) -> Tensor:
+    """tp_conv(x, y, w) with w = radial_spline(distances, coeffs, step, 0) viewed [E, P, C],
+    evaluated inside the edge loop, [N, Dout, C]."""
+    return registry.launch("tp_conv_spline", TP_CONV_SPLINE, locals())
+
+
+@tp_conv_spline.register_fake
+def _(x, y, distances, coeffs, step, senders, receivers, by_receiver, receiver_ptr, by_sender,
+      sender_ptr, coupling, out_path, backend):
+    return x.new_empty(receiver_ptr.shape[0] - 1, coupling.shape[2], x.shape[2])
+
+
+@torch.library.custom_op("fastff::tp_conv_spline_vjp", mutates_args=())
+def tp_conv_spline_vjp(g: Tensor, x: Tensor, y: Tensor, distances: Tensor, coeffs: Tensor,
+                       step: float, senders: Tensor, receivers: Tensor, by_receiver: Tensor,
+                       receiver_ptr: Tensor, by_sender: Tensor, sender_ptr: Tensor,
+                       coupling: Tensor, out_path: Tensor, need_x: bool, need_y: bool,
+                       need_d: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(x-gradient [N, Din, C], y-gradient [E, nY], distance gradient [E]) of
+    sum <g, tp_conv_spline(...)>; each an empty [0] tensor unless asked for."""
+    return registry.launch("tp_conv_spline_vjp", TP_CONV_SPLINE_VJP, locals())
+
+
+@tp_conv_spline_vjp.register_fake
+def _(g, x, y, distances, coeffs, step, senders, receivers, by_receiver, receiver_ptr,
+      by_sender, sender_ptr, coupling, out_path, need_x, need_y, need_d, backend):
+    return (g.new_empty(sender_ptr.shape[0] - 1, coupling.shape[0], g.shape[2]) if need_x
+            else g.new_empty(0),
+            torch.empty_like(y) if need_y else y.new_empty(0),
+            torch.empty_like(distances) if need_d else distances.new_empty(0))
+
+
+TP_CONV_SPLINE = OpArgs(tp_conv_spline)
+TP_CONV_SPLINE_VJP = OpArgs(tp_conv_spline_vjp)
+
+
+def _tp_spline_backward(ctx, g):
+    x, want = _restore(ctx, TP_CONV_SPLINE)
+    _no_coupling_grad(want)
+    _no_table_grad(want)
+    if g is None or not (want.x or want.y or want.distances):
+        return TP_CONV_SPLINE.grads()
+    g = g.contiguous()
+    graph = _graph(x)
+    if not torch.is_grad_enabled():  # no graph wanted: one fused pass
+        gx, gy, gd = tp_conv_spline_vjp(g, x.x, x.y, x.distances, x.coeffs, x.step, **graph,
+                                        need_x=want.x, need_y=want.y, need_d=want.distances)
+    else:  # differentiable: the table's weights, then the tp ops' own (closed) backward
+        num_edges = x.distances.shape[0]
+        w = radial_spline(x.distances, x.coeffs, x.step, 0, x.backend)
+        gx, gy, gw = tp_conv_vjp(g, x.x, x.y, w.reshape(num_edges, -1, x.x.shape[2]), **graph,
+                                 need_x=want.x, need_y=want.y, need_w=want.distances)
+        gd = radial_spline_vjp(gw.reshape(num_edges, -1), x.distances, x.coeffs, x.step, 0,
+                               x.backend) if want.distances else None
+    return TP_CONV_SPLINE.grads(x=gx if want.x else None, y=gy if want.y else None,
+                                distances=gd if want.distances else None)
+
+
+def _refuse_spline_vjp_derivative(ctx, *cotangents):
+    raise RuntimeError("fastff::tp_conv_spline_vjp is the no-graph fast path of tp_conv_spline's "
+                       "backward and has no derivative; differentiate tp_conv_spline with "
+                       "create_graph=True instead (that backward is built from differentiable "
+                       "ops)")
+
+
+tp_conv_spline.register_autograd(
+    _tp_spline_backward, setup_context=lambda ctx, inputs, output:
+    _save(ctx, TP_CONV_SPLINE, inputs))
+tp_conv_spline_vjp.register_autograd(_refuse_spline_vjp_derivative,
+                                     setup_context=lambda ctx, inputs, output: None)

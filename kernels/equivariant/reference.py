@@ -124,18 +124,21 @@ def tp_conv_sender(g, y, w, senders, receivers, by_receiver, receiver_ptr, by_se
     return out.index_add(0, senders, per_edge)
 
 
-def tp_conv_edge(g, x, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender,
-                 sender_ptr, coupling, out_path, need_y, need_w):
-    """Launcher: (y-gradient [E, nY], w-gradient [E, P, C]) of sum <g, tp_conv(x, y, w)>, each
-    an empty [0] tensor unless asked for."""
+def tp_conv_vjp(g, x, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender,
+                sender_ptr, coupling, out_path, need_x, need_y, need_w):
+    """Launcher: (x-gradient [N, Din, C], y-gradient [E, nY], w-gradient [E, P, C]) of
+    sum <g, tp_conv(x, y, w)>, each an empty [0] tensor unless asked for."""
     gr, xs = g[receivers], x[senders]
-    gy = gw = g.new_zeros(0)
+    gx, gy, gw = g.new_zeros(0), g.new_zeros(0), g.new_zeros(0)
+    if need_x:
+        gx = tp_conv_sender(g, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender,
+                            sender_ptr, coupling, out_path)
     if need_y:
         gy = torch.einsum("amb,eac,ebc->em", coupling, xs, gr * w[:, out_path, :]).contiguous()
     if need_w:
         per_out = _coupled(coupling, xs, y) * gr
         gw = g.new_zeros(w.shape).index_add(1, out_path, per_out)
-    return gy, gw
+    return gx, gy, gw
 
 
 # ---------------------------------------------------------------- symmetric contraction
@@ -203,7 +206,7 @@ def symmetric_contraction_vjp(g, x, elements, weights, tuples, need_x, need_weig
     """Launcher: (x-gradient [N, D, C], weights-gradient [Z, K, M, C]) of
     sum <g, symmetric_contraction(x)>, each an empty [0] tensor unless asked for."""
     mono, factors, slots = _monomials(x, tuples)
-    gx = gw = x.new_zeros(0)
+    gx, gw = x.new_zeros(0), x.new_zeros(0)
     if need_x:
         big_g = _pull(g, elements, weights)
         gx = _to_rows([big_g * _others(factors, q) for q in range(3)], slots, x).contiguous()
@@ -229,7 +232,7 @@ def symmetric_contraction_vjp_vjp(v, g, x, elements, weights, tuples, need_g, ne
     tangents = [vp[:, slots[:, q]] for q in range(3)]
     # J = d mono along v; dJ_q its derivative in the factor at position q
     jac = sum(tangents[q] * _others(factors, q) for q in range(3))
-    gg = gx = gw = x.new_zeros(0)
+    gg, gx, gw = x.new_zeros(0), x.new_zeros(0), x.new_zeros(0)
     if need_g:
         gg = _apply(weights, elements, jac)
     if need_weights:
@@ -242,3 +245,62 @@ def symmetric_contraction_vjp_vjp(v, g, x, elements, weights, tuples, need_g, ne
             per_slot.append(big_g * (tangents[a] * factors[b] + factors[a] * tangents[b]))
         gx = _to_rows(per_slot, slots, x).contiguous()
     return gg, gx, gw
+
+
+# ---------------------------------------------------------------- tabulated radial weights
+def _spline_terms(distances: Tensor, coeffs: Tensor, step: float, order: int):
+    """(interval coefficients [E, 4, F], powers-of-t weights [E, 4], inside mask [E])."""
+    intervals = coeffs.shape[0]
+    x = distances / step
+    inside = (distances >= 0) & (x < intervals)
+    k = torch.clamp(torch.floor(x), 0, intervals - 1).long()
+    t = x - k.to(x.dtype)
+    # d^order/dt^order of t^q, q = 0..3, over step^order
+    weights = []
+    for q in range(4):
+        if q < order:
+            weights.append(torch.zeros_like(t))
+        else:
+            weights.append(math.perm(q, order) * t ** (q - order))
+    return coeffs[k], torch.stack(weights, 1) / step**order, inside
+
+
+def radial_spline(distances, coeffs, step, order):
+    """Launcher: d^order/dr^order of the cubic table at each distance, [E, F]: on interval
+    k = floor(r / step), t = r / step - k, value sum_q coeffs[k, q] t^q; zero outside
+    [0, step * len(coeffs))."""
+    rows, weights, inside = _spline_terms(distances, coeffs, step, order)
+    value = torch.einsum("eqf,eq->ef", rows, weights)
+    return torch.where(inside.unsqueeze(1), value, torch.zeros_like(value)).contiguous()
+
+
+def radial_spline_vjp(grad, distances, coeffs, step, order):
+    """Launcher: sum_f grad[e, f] d^(order+1)/dr^(order+1) table_f(r_e), [E]."""
+    return (grad * radial_spline(distances, coeffs, step, order + 1)).sum(1)
+
+
+def _table_weights(distances, coeffs, step, channels):
+    w = radial_spline(distances, coeffs, step, 0)
+    return w.reshape(w.shape[0], -1, channels)
+
+
+def tp_conv_spline(x, y, distances, coeffs, step, senders, receivers, by_receiver,
+                   receiver_ptr, by_sender, sender_ptr, coupling, out_path):
+    """Launcher: tp_conv with w = radial_spline(distances, coeffs, step, 0) viewed [E, P, C]."""
+    w = _table_weights(distances, coeffs, step, x.shape[2])
+    return tp_conv(x, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender, sender_ptr,
+                   coupling, out_path)
+
+
+def tp_conv_spline_vjp(g, x, y, distances, coeffs, step, senders, receivers, by_receiver,
+                       receiver_ptr, by_sender, sender_ptr, coupling, out_path, need_x, need_y,
+                       need_d):
+    """Launcher: (x-, y- and distance-gradient) of sum <g, tp_conv_spline(...)>, each an empty
+    [0] tensor unless asked for."""
+    w = _table_weights(distances, coeffs, step, g.shape[2])
+    gx, gy, gw = tp_conv_vjp(g, x, y, w, senders, receivers, by_receiver, receiver_ptr,
+                             by_sender, sender_ptr, coupling, out_path, need_x, need_y, need_d)
+    gd = g.new_zeros(0)
+    if need_d:
+        gd = radial_spline_vjp(gw.reshape(gw.shape[0], -1), distances, coeffs, step, 0)
+    return gx, gy, gd

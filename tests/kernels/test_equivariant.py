@@ -83,12 +83,12 @@ def test_numba_matches_reference(rng, dtype):
     _same(cpu_numba.tp_conv_sender(g, y, w, *graph, c, out_path),
           reference.tp_conv_sender(d64[3], d64[1], d64[2], *graph, coupling, out_path), dtype,
           "tp_conv_sender")
-    for need_y, need_w in ((True, True), (True, False), (False, True)):
-        got = cpu_numba.tp_conv_edge(g, x, y, w, *graph, c, out_path, need_y, need_w)
-        want = reference.tp_conv_edge(d64[3], d64[0], d64[1], d64[2], *graph, coupling,
-                                      out_path, need_y, need_w)
-        for a, b, name in zip(got, want, ("y", "w"), strict=True):
-            _same(a, b, dtype, f"tp_conv_edge {name} ({need_y}, {need_w})")
+    for needs in itertools.product((True, False), repeat=3):
+        got = cpu_numba.tp_conv_vjp(g, x, y, w, *graph, c, out_path, *needs)
+        want = reference.tp_conv_vjp(d64[3], d64[0], d64[1], d64[2], *graph, coupling,
+                                     out_path, *needs)
+        for a, b, name in zip(got, want, ("x", "y", "w"), strict=True):
+            _same(a, b, dtype, f"tp_conv_vjp {name} {needs}")
     x, elements, weights, tuples, g, v = _sc_case(rng, dtype)
     x64, w64, g64, v64 = x.double(), weights.double(), g.double(), v.double()
     _same(cpu_numba.symmetric_contraction(x, elements, weights, tuples),
@@ -116,6 +116,36 @@ def test_numba_matches_reference(rng, dtype):
               reference.spherical_harmonics_jvp(t.double(), v64, lmax), dtype, "Y jvp")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_tabulated_weights_match_reference(rng, dtype):
+    """radial_spline at every order, and tp_conv with the weights read from the table inside the
+    kernels (forward and the fused backward, every combination of wanted gradients)."""
+    x, y, w, g, graph, coupling, out_path = _tp_case(rng, dtype)
+    paths, channels = w.shape[1], w.shape[2]
+    coeffs = torch.randn(30, 4, paths * channels, dtype=dtype)
+    step = 0.1
+    d = torch.from_numpy(rng.random(y.shape[0]) * 3.3).to(dtype)  # some beyond the table
+    d64, c64 = d.double(), coeffs.double()
+    for order in range(5):
+        _same(cpu_numba.radial_spline(d, coeffs, step, order),
+              reference.radial_spline(d64, c64, step, order), dtype, f"spline order {order}")
+        gf = torch.randn(d.shape[0], coeffs.shape[2], dtype=dtype)
+        _same(cpu_numba.radial_spline_vjp(gf, d, coeffs, step, order),
+              reference.radial_spline_vjp(gf.double(), d64, c64, step, order), dtype,
+              f"spline vjp order {order}")
+    c = coupling.to(dtype)
+    x64, y64, g64 = x.double(), y.double(), g.double()
+    _same(cpu_numba.tp_conv_spline(x, y, d, coeffs, step, *graph, c, out_path),
+          reference.tp_conv_spline(x64, y64, d64, c64, step, *graph, coupling, out_path), dtype,
+          "tp_conv_spline")
+    for needs in itertools.product((True, False), repeat=3):
+        got = cpu_numba.tp_conv_spline_vjp(g, x, y, d, coeffs, step, *graph, c, out_path, *needs)
+        want = reference.tp_conv_spline_vjp(g64, x64, y64, d64, c64, step, *graph, coupling,
+                                            out_path, *needs)
+        for a, b, name in zip(got, want, ("x", "y", "d"), strict=True):
+            _same(a, b, dtype, f"tp_conv_spline_vjp {name} {needs}")
+
+
 def test_reference_gradients_are_autograd_of_the_forward(rng):
     """The explicit vjp / vjp-of-vjp formulas of reference.py against torch autograd of its
     forward definitions (which the numba kernels are compared with above)."""
@@ -124,7 +154,9 @@ def test_reference_gradients_are_autograd_of_the_forward(rng):
     out = reference.tp_conv(*leaves, *graph, coupling, out_path)
     gx, gy, gw = torch.autograd.grad(out, leaves, g)
     _same(reference.tp_conv_sender(g, y, w, *graph, coupling, out_path), gx, torch.float64, "x")
-    ey, ew = reference.tp_conv_edge(g, x, y, w, *graph, coupling, out_path, True, True)
+    ex, ey, ew = reference.tp_conv_vjp(g, x, y, w, *graph, coupling, out_path, True, True,
+                                       True)
+    _same(ex, gx, torch.float64, "x")
     _same(ey, gy, torch.float64, "y")
     _same(ew, gw, torch.float64, "w")
 
@@ -183,8 +215,8 @@ def test_gradcheck_every_op(rng, backend):
          (x, y, w)),
         ("tp_conv_sender", lambda g, y, w: op.tp_conv_sender(g, y, w, *graph, coupling, out_path,
                                                              backend), (g, y, w)),
-        ("tp_conv_edge", lambda g, x, y, w: op.tp_conv_edge(g, x, y, w, *graph, coupling,
-                                                            out_path, True, True, backend),
+        ("tp_conv_vjp", lambda g, x, y, w: op.tp_conv_vjp(g, x, y, w, *graph, coupling,
+                                                          out_path, True, True, True, backend),
          (g, x, y, w)),
     ]
     xs, elements, weights, tuples, gs, v = _sc_case(rng, torch.float64, n=4, dim=3, count=8,
@@ -198,6 +230,17 @@ def test_gradcheck_every_op(rng, backend):
          (gs, xs, weights)),
         ("symc_vjp_vjp", lambda v, g, x, w: op.symmetric_contraction_vjp_vjp(
             v, g, x, elements, w, tuples, True, True, True, backend), (v, gs, xs, weights)),
+    ]
+    coeffs = torch.randn(12, 4, 4, dtype=torch.float64)
+    d = torch.from_numpy(rng.random(9) * 1.1).requires_grad_(True)
+    gd = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
+    cases += [
+        ("radial_spline", lambda d: op.radial_spline(d, coeffs, 0.1, 1, backend), (d,)),
+        ("radial_spline_vjp", lambda g, d: op.radial_spline_vjp(g, d, coeffs, 0.1, 0, backend),
+         (gd, d)),
+        ("tp_conv_spline", lambda x, y, d: op.tp_conv_spline(x, y, d, coeffs, 0.1, *graph,
+                                                             coupling, out_path, backend),
+         (x, y, d)),
     ]
     vectors = (torch.randn(6, 3, dtype=torch.float64) * 2).requires_grad_(True)
     gy = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
@@ -236,15 +279,26 @@ def test_opcheck_every_op(rng, backend):
                                                      paths=3)
     torch.library.opcheck(op.tp_conv, (x, y, w, *graph, coupling, out_path, backend))
     torch.library.opcheck(op.tp_conv_sender, (g, y, w, *graph, coupling, out_path, backend))
-    for need_y, need_w in ((True, True), (False, True)):
-        torch.library.opcheck(op.tp_conv_edge, (g, x, y, w, *graph, coupling, out_path, need_y,
-                                                need_w, backend))
+    for needs in ((True, True, True), (False, False, True)):
+        torch.library.opcheck(op.tp_conv_vjp, (g, x, y, w, *graph, coupling, out_path, *needs,
+                                               backend))
     xs, elements, weights, tuples, gs, v = _sc_case(rng, torch.float64, n=5, dim=4, count=10)
     torch.library.opcheck(op.symmetric_contraction, (xs, elements, weights, tuples, backend))
     torch.library.opcheck(op.symmetric_contraction_vjp, (gs, xs, elements, weights, tuples,
                                                          True, True, backend))
     torch.library.opcheck(op.symmetric_contraction_vjp_vjp, (v, gs, xs, elements, weights,
                                                              tuples, True, False, True, backend))
+    coeffs = torch.randn(10, 4, 3 * w.shape[2], dtype=torch.float64)
+    d = torch.rand(y.shape[0], dtype=torch.float64)
+    torch.library.opcheck(op.radial_spline, (d, coeffs, 0.1, 1, backend))
+    torch.library.opcheck(op.radial_spline_vjp, (torch.randn(d.shape[0], coeffs.shape[2],
+                                                             dtype=torch.float64), d, coeffs,
+                                                 0.1, 0, backend))
+    torch.library.opcheck(op.tp_conv_spline, (x, y, d, coeffs, 0.1, *graph, coupling, out_path,
+                                              backend))
+    torch.library.opcheck(op.tp_conv_spline_vjp, (g, x, y, d, coeffs, 0.1, *graph, coupling,
+                                                  out_path, True, True, True, backend),
+                          test_utils=("test_schema", "test_faketensor"))
     vectors = torch.randn(7, 3, dtype=torch.float64)
     torch.library.opcheck(op.spherical_harmonics, (vectors, 3, backend))
     torch.library.opcheck(op.spherical_harmonics_vjp, (torch.randn(7, 16, dtype=torch.float64),
@@ -254,11 +308,25 @@ def test_opcheck_every_op(rng, backend):
 
 
 def test_constant_inputs_refuse_gradients(rng):
+    """Constants have no gradient (asking raises), and the no-graph fused backward of the
+    tabulated convolution refuses a derivative: it never returns zeros."""
     x, y, w, g, graph, coupling, out_path = _tp_case(rng, torch.float64, n=4, num_edges=8)
     coupling.requires_grad_(True)
     out = op.tp_conv(x.requires_grad_(True), y, w, *graph, coupling, out_path, "numba")
     with pytest.raises(RuntimeError, match="coupling"):
         out.sum().backward()
+    coupling.requires_grad_(False)
+    coeffs = torch.randn(10, 4, w.shape[1] * w.shape[2], dtype=torch.float64,
+                         requires_grad=True)
+    d = torch.rand(y.shape[0], dtype=torch.float64)
+    out = op.tp_conv_spline(x, y, d, coeffs, 0.1, *graph, coupling, out_path, "numba")
+    with pytest.raises(RuntimeError, match="table"):
+        out.sum().backward()
+    grads = op.tp_conv_spline_vjp(g.requires_grad_(True), x, y, d.requires_grad_(True),
+                                  coeffs.detach(), 0.1, *graph, coupling, out_path, True, True,
+                                  True, "numba")
+    with pytest.raises(RuntimeError, match="no derivative"):
+        grads[2].sum().backward()
 
 
 def test_empty_graph_and_zero_vectors():
