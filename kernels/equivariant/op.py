@@ -19,6 +19,9 @@
   ``tp_conv_spline_vjp`` (x-, y- and distance gradients in one pass; the senders' pass
   re-reads the table); with a graph (a Hessian), autograd through ``radial_spline`` and the
   tp ops, every order. ``tp_conv_spline_vjp`` itself refuses to be differentiated.
+* ``silu_term`` (a * b * silu^(n)(x), the radial network's activation and every derivative of
+  it in one pass each): its derivative in a factor is the op with the cotangent in the
+  factor's place, in x the op at order n + 1; closed, any order.
 * ``symmetric_contraction`` (per atom, a polynomial of degree <= 3 in the atom's features with
   its element's coefficients), its backward ``symmetric_contraction_vjp`` and that one's
   backward ``symmetric_contraction_vjp_vjp`` (force training); beyond that, autograd through the
@@ -42,7 +45,7 @@ from fastff.kernels.equivariant import reference
 for _name in ("spherical_harmonics", "spherical_harmonics_vjp", "spherical_harmonics_jvp",
               "tp_conv", "tp_conv_sender", "tp_conv_vjp", "symmetric_contraction",
               "symmetric_contraction_vjp", "symmetric_contraction_vjp_vjp", "radial_spline",
-              "radial_spline_vjp", "tp_conv_spline", "tp_conv_spline_vjp"):
+              "radial_spline_vjp", "tp_conv_spline", "tp_conv_spline_vjp", "silu_term"):
     registry.register(_name, "equivariant", _name, backends=("numba", "reference"))
 
 
@@ -582,3 +585,42 @@ tp_conv_spline.register_autograd(
     _save(ctx, TP_CONV_SPLINE, inputs))
 tp_conv_spline_vjp.register_autograd(_refuse_spline_vjp_derivative,
                                      setup_context=lambda ctx, inputs, output: None)
+
+
+# ---------------------------------------------------------------- the radial network's SiLU
+@torch.library.custom_op("fastff::silu_term", mutates_args=())
+def silu_term(x: Tensor, order: int, a: Tensor | None, b: Tensor | None,
+              backend: str) -> Tensor:
+    """a * b * d^order/dx^order silu(x), elementwise (a missing factor is 1)."""
+    return registry.launch("silu_term", SILU_TERM, locals())
+
+
+@silu_term.register_fake
+def _(x, order, a, b, backend):
+    return torch.empty_like(x)
+
+
+SILU_TERM = OpArgs(silu_term)
+
+
+def _silu_backward(ctx, cot):
+    x, want = _restore(ctx, SILU_TERM)
+    if cot is None:
+        return SILU_TERM.grads()
+    cot = cot.contiguous()
+    result = {}
+    if want.a:
+        result["a"] = silu_term(x.x, x.order, cot, x.b, x.backend)
+    if want.b:
+        result["b"] = silu_term(x.x, x.order, x.a, cot, x.backend)
+    if want.x:
+        if x.a is not None and x.b is not None:
+            result["x"] = silu_term(x.x, x.order + 1, cot * x.a, x.b, x.backend)
+        else:
+            other = x.a if x.a is not None else x.b
+            result["x"] = silu_term(x.x, x.order + 1, cot, other, x.backend)
+    return SILU_TERM.grads(**result)
+
+
+silu_term.register_autograd(_silu_backward, setup_context=lambda ctx, inputs, output:
+                            _save(ctx, SILU_TERM, inputs))

@@ -304,3 +304,35 @@ def tp_conv_spline_vjp(g, x, y, distances, coeffs, step, senders, receivers, by_
     if need_d:
         gd = radial_spline_vjp(gw.reshape(gw.shape[0], -1), distances, coeffs, step, 0)
     return gx, gy, gd
+
+
+# ---------------------------------------------------------------- the radial network's SiLU
+def sigmoid_polynomials(order: int) -> list[list[float]]:
+    """Coefficients (ascending powers of s) of the polynomials P_k(s) = d^k/dx^k sigmoid(x),
+    s = sigmoid(x), for k = 0..order: P_0 = s, P_{k+1} = P_k'(s) s (1 - s)."""
+    polys = [[0.0, 1.0]]
+    for _ in range(order):
+        p = polys[-1]
+        dp = [q * p[q] for q in range(1, len(p))]  # P'(s), ascending
+        nxt = [0.0] * (len(dp) + 2)
+        for q, c in enumerate(dp):  # times s - s^2
+            nxt[q + 1] += c
+            nxt[q + 2] -= c
+        polys.append(nxt)
+    return polys
+
+
+def silu_term(x, order, a, b):
+    """Launcher: a * b * d^order/dx^order silu(x) (a missing factor is 1), elementwise:
+    silu^(n) = x s^(n) + n s^(n-1), s = sigmoid(x)."""
+    s = torch.sigmoid(x)
+    polys = sigmoid_polynomials(order)
+
+    def poly(k):
+        return sum(c * s**q for q, c in enumerate(polys[k]) if c)
+
+    value = x * poly(order) + (order * poly(order - 1) if order else 0)
+    for factor in (a, b):
+        if factor is not None:
+            value = value * factor
+    return value.contiguous()

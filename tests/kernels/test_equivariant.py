@@ -146,6 +146,24 @@ def test_tabulated_weights_match_reference(rng, dtype):
             _same(a, b, dtype, f"tp_conv_spline_vjp {name} {needs}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_silu_terms_match_reference_and_autograd(rng, dtype):
+    """a * b * silu^(n)(x) for n = 0..4 and 0..2 factors against the reference, whose closed
+    forms are checked against torch's autograd of SiLU (float64)."""
+    x = torch.from_numpy(rng.standard_normal((300, 5)) * 4)
+    a, b = torch.randn_like(x), torch.randn_like(x)
+    leaf = x.clone().requires_grad_(True)
+    derivative = torch.nn.functional.silu(leaf)
+    for order in range(5):
+        _same(reference.silu_term(x, order, None, None), derivative.detach(), torch.float64,
+              f"silu^({order})")
+        (derivative,) = torch.autograd.grad(derivative.sum(), leaf, create_graph=True)
+        for factors in ((None, None), (a, None), (None, b), (a, b)):
+            got = cpu_numba.silu_term(x.to(dtype), order,
+                                      *(f if f is None else f.to(dtype) for f in factors))
+            _same(got, reference.silu_term(x, order, *factors), dtype, f"order {order}")
+
+
 def test_reference_gradients_are_autograd_of_the_forward(rng):
     """The explicit vjp / vjp-of-vjp formulas of reference.py against torch autograd of its
     forward definitions (which the numba kernels are compared with above)."""
@@ -242,6 +260,12 @@ def test_gradcheck_every_op(rng, backend):
                                                              coupling, out_path, backend),
          (x, y, d)),
     ]
+    xa, fa, fb = (torch.randn(5, 3, dtype=torch.float64).requires_grad_(True) for _ in range(3))
+    cases += [
+        ("silu", lambda x: op.silu_term(x, 0, None, None, backend), (xa,)),
+        ("silu slope", lambda x, a: op.silu_term(x, 1, a, None, backend), (xa, fa)),
+        ("silu curvature", lambda x, a, b: op.silu_term(x, 2, a, b, backend), (xa, fa, fb)),
+    ]
     vectors = (torch.randn(6, 3, dtype=torch.float64) * 2).requires_grad_(True)
     gy = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
     t = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
@@ -299,6 +323,10 @@ def test_opcheck_every_op(rng, backend):
     torch.library.opcheck(op.tp_conv_spline_vjp, (g, x, y, d, coeffs, 0.1, *graph, coupling,
                                                   out_path, True, True, True, backend),
                           test_utils=("test_schema", "test_faketensor"))
+    xs = torch.randn(6, 4, dtype=torch.float64)
+    torch.library.opcheck(op.silu_term, (xs, 0, None, None, backend))
+    torch.library.opcheck(op.silu_term, (xs, 2, torch.randn_like(xs), torch.randn_like(xs),
+                                         backend))
     vectors = torch.randn(7, 3, dtype=torch.float64)
     torch.library.opcheck(op.spherical_harmonics, (vectors, 3, backend))
     torch.library.opcheck(op.spherical_harmonics_vjp, (torch.randn(7, 16, dtype=torch.float64),
