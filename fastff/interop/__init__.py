@@ -1,9 +1,10 @@
 """Adapters between fastff and other people's code (models, data pipelines, MD engines).
 
 Each adapter is a submodule that imports its outside package only when used, so
-``import fastff.interop`` costs nothing: ``fastff.interop.pyg`` accelerates torch_geometric
-models in place, ``fastff.interop.pipelines`` holds the neighbor lists of data pipelines (MACE,
-NequIP). Submodules load on first attribute access.
+``import fastff.interop`` costs nothing: ``fastff.interop.pyg`` and ``fastff.interop.mace``
+accelerate torch_geometric and mace-torch models in place, ``fastff.interop.pipelines`` holds
+the neighbor lists of data pipelines (MACE, NequIP). Submodules load on first attribute
+access.
 """
 
 import importlib

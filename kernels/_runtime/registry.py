@@ -164,7 +164,7 @@ def backends(device: str | torch.device | None = None, *, file=None) -> dict[str
     return table
 
 
-FAMILIES = ("neighbors", "nonbonded", "bonded", "radial", "message")
+FAMILIES = ("neighbors", "nonbonded", "bonded", "radial", "message", "equivariant")
 
 
 def import_all_ops() -> None:
