@@ -23,6 +23,7 @@ import copy
 import math
 import weakref
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -454,7 +455,7 @@ class _RadialWeights:
             return w if cutoff is None else w * cutoff
 
         with torch.no_grad():
-            values, slopes = torch.func.jvp(weights_at, (r,), (torch.ones_like(r),))
+            values, slopes = torch.func.jvp(weights_at, (r,), (torch.ones_like(r),))[:2]
         v0, v1 = values[:-1], values[1:]
         s0, s1 = slopes[:-1] * step, slopes[1:] * step
         coeffs = torch.stack([v0, s0, 3 * (v1 - v0) - 2 * s0 - s1, 2 * (v0 - v1) + s0 + s1], 1)
@@ -513,7 +514,7 @@ def _symmetrized(u: np.ndarray, nu: int, dim: int, num_m: int):
         if k is None:
             k = index[idx] = len(rows)
             rows.append(np.zeros((num_m, u.shape[-1])))
-        rows[k][m] += u[(m, *entry[1:])]
+        rows[k][m] += u[(m,) + tuple(entry[1:])]
     keys = sorted(index)
     usym = np.stack([rows[index[t]] for t in keys], 1) if keys else \
         np.zeros((num_m, 0, u.shape[-1]))
@@ -609,11 +610,11 @@ def _interaction_forward(self, node_attrs: Tensor, node_feats: Tensor, edge_attr
 
 
 class _FastInteraction(_blocks.RealAgnosticInteractionBlock):
-    forward = _interaction_forward
+    forward = _interaction_forward  # type: ignore[assignment]  # returns mace's (message, sc)
 
 
 class _FastResidualInteraction(_blocks.RealAgnosticResidualInteractionBlock):
-    forward = _interaction_forward
+    forward = _interaction_forward  # type: ignore[assignment]
 
 
 @dataclass
@@ -629,7 +630,8 @@ class _InteractionPlan:
 
 class _FastProduct(_blocks.EquivariantProductBasisBlock):
     def forward(self, node_feats: Tensor, sc: Tensor | None, node_attrs: Tensor) -> Tensor:
-        plan, shared = self._fastff, self._fastff_shared
+        plan = cast(_ProductPlan, self._fastff)
+        shared = cast(_Shared, self._fastff_shared)
         x = node_feats.transpose(1, 2).contiguous()  # mace's [N, C, D] -> [N, D, C]
         elements = shared.elements(node_attrs, agnostic=plan.agnostic)
         backend = _backend(shared, "symmetric_contraction", x.device)
@@ -813,7 +815,8 @@ def accelerate(model, *, backend: str | None = None, tabulate: bool = False,
     _check_model(model)
     if knots < 4:
         raise ValueError(f"knots must be at least 4, got {knots}")
-    plans = [(model.spherical_harmonics, None, "spherical_harmonics"),
+    plans: list[tuple[Any, Any, str]] = [
+        (model.spherical_harmonics, None, "spherical_harmonics"),
              (model.radial_embedding, None, "radial_embedding")]
     for k, block in enumerate(model.interactions):
         plans.append((block, _interaction_plan(block, f"interactions.{k}", knots),

@@ -38,7 +38,7 @@ def _harmonics_of_unit(u: Tensor, lmax: int) -> tuple[Tensor, Tensor]:
         da = [(_S3 * z, zero, _S3 * x), (_S3 * y, _S3 * x, zero), (-x, 2 * y, -z),
               (zero, _S3 * z, _S3 * y), (-_S3 * x, zero, _S3 * z)]
         values += [_S5 * t for t in a]
-        grads += [tuple(_S5 * t for t in g) for g in da]
+        grads += [(_S5 * gx, _S5 * gy, _S5 * gz) for gx, gy, gz in da]
     if lmax >= 3:
         q = 4 * y * y - x * x - z * z
         dq = (-2 * x, 8 * y, -2 * z)
