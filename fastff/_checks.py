@@ -138,6 +138,9 @@ class Stamp:
         self._ref = weakref.ref(t)
         self._version = _version(t)
         self._values = t.detach().clone() if values or self._version is None else None
+        if self._values is not None and self._values.device.type == "cpu":
+            # host memory: comparing with it is no device sync (fastff.testing.count_host_syncs)
+            self._values._fastff_host_buffer = True  # type: ignore[attr-defined]
 
     def matches(self, t: Tensor) -> bool:
         if self._ref() is not t or self._version != _version(t):

@@ -630,7 +630,8 @@ def _specs():
                                         "USE_KEY": "constexpr", "GUARDED": "constexpr",
                                         "BLOCK": "constexpr"},
                           "constexprs": {"USE_KEY": use_key, "GUARDED": g, "BLOCK": _BLOCK_RANK},
-                          "dtypes": ("fp32", "fp64") if use_key else (None,)})
+                          # the key pointer takes the positions' dtype even where unused
+                          "dtypes": ("fp32", "fp64")})
     return specs
 
 

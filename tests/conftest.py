@@ -39,6 +39,15 @@ else:
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+# torch_geometric 2.8 replaces torch.index_select with a function TorchScript cannot compile, and
+# nequip 0.6 scripts functions that call it when nequip.data is imported: nequip goes first.
+# e3nn 0.4 (under nequip and mace) loads constants.pt, tensors and slices, with torch.load.
+torch.serialization.add_safe_globals([slice])
+try:
+    import nequip.data  # noqa: E402, F401
+except ImportError:
+    pass
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "triton: runs Triton kernels (on the GPU when compiled)")

@@ -88,13 +88,25 @@ def _reused(make_old, use, make_new, key, tries=5000):
 
 
 def _maker(view: torch.Tensor, key):
-    """New tensors holding ``view``'s values. For ``data_ptr``: views of a copy of its base, of a
-    size that no temporary of a cache or kernel frees (so that the freed slot comes back); for
-    ``id``: plain copies (one new Python object each)."""
+    """New tensors holding ``view``'s values. For ``id``: plain copies (one new Python object
+    each). For ``data_ptr``: fresh tensors (version 0) over one memory block that every maker of
+    that size shares, as a freed block handed back by the allocator would be; made
+    deterministic so that the test never depends on the allocator's mood."""
     if key is id:
         return lambda: view.clone()
     base, offset = view._base if view._base is not None else view, view.storage_offset()
-    return lambda: base.clone().as_strided(view.shape, view.stride(), offset)
+    block = _BLOCKS.setdefault((base.numel(), base.dtype), base.clone())
+
+    def make():
+        fresh = torch.empty(0, dtype=base.dtype).set_(block.untyped_storage())
+        with torch.no_grad():
+            fresh.view(base.shape).copy_(base)
+        return torch.empty(0, dtype=base.dtype).set_(block.untyped_storage()).as_strided(
+            view.shape, view.stride(), offset)
+    return make
+
+
+_BLOCKS: dict = {}
 
 
 def _water(n_molecules=40):

@@ -12,6 +12,9 @@ Install one into its pipeline by assigning it where the pipeline looks it up::
     nequip.data.AtomicData.neighbor_list_and_relative_vec = (
         fastff.interop.pipelines.nequip_neighbor_list)
 
+Import nequip before torch_geometric (or fastff.interop.pyg): torch_geometric 2.8 replaces
+``torch.index_select`` with a function that nequip 0.6's TorchScript cannot compile.
+
 Where the original would silently run a periodic axis without a lattice vector (both substitute
 a unit vector, a 1 A box), these raise instead.
 """

@@ -428,9 +428,10 @@ class ConvertedSchNet(models.SchNet):
             atomref.detach().reshape(-1, 1).clone(), freeze=False)
         self.mean_readout = bool(mean_readout)
 
-    def forward(self, species: Tensor, positions: Tensor, cell: Tensor | None = None, pbc=None,
-                batch: Tensor | None = None, *, nl: NeighborList | None = None) -> Tensor:
-        energy = super().forward(species, positions, cell, pbc, batch, nl=nl)
+    def _run(self, species: Tensor, positions: Tensor, cell: Tensor | None, pbc,
+             batch: Tensor | None, nl: NeighborList | None, num_systems: int) -> Tensor:
+        # _run, not forward: energy_and_forces and the ASE/OpenMM wrappers enter here too
+        energy = super()._run(species, positions, cell, pbc, batch, nl, num_systems)
         index = torch.zeros_like(species) if batch is None else batch
         if self.atomref is not None:
             energy = energy.index_add(0, index, self.atomref(species).squeeze(1))
