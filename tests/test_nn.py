@@ -608,14 +608,22 @@ def test_table_load_state_dict_and_optimizer_step(rng):
 
 
 def _random(shape, dtype=torch.float64):
-    """A tensor of normal values at ``_version`` 1, whatever memory it was allocated in."""
-    return torch.empty(shape, dtype=dtype).normal_()
+    """A new tensor of normal values over the memory block that every tensor of its shape and
+    dtype made here shares, at the same ``_version`` each time: what the allocator does when it
+    hands a freed block back, made deterministic."""
+    block = _BLOCKS.setdefault((tuple(shape), dtype), torch.empty(shape, dtype=dtype))
+    fresh = torch.empty(0, dtype=dtype).set_(block.untyped_storage(), 0, block.shape,
+                                             block.stride())
+    return fresh.normal_()
 
 
-def _reused_address(cache_one, tries: int = 500):
+_BLOCKS: dict = {}
+
+
+def _reused_address(cache_one, tries: int = 3):
     """Repeat ``cache_one()`` (which makes a tensor, lets a cache take an entry for it, frees
     it and returns its address) until a new tensor of the same size and version lands at that
-    address; returns the new tensor, or None if the allocator never hands the address out."""
+    address (at once, with :func:`_random`'s shared blocks); returns the new tensor, or None."""
     for _ in range(tries):
         old_ptr, shape, dtype = cache_one()
         new = _random(shape, dtype)
