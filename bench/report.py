@@ -12,7 +12,8 @@
   drops that row or prints "not recorded"; it never fails.
 
 Run: python bench/report.py results.json [more.json ...] [--plot FILE.png]
-     python bench/report.py --readme [--check]
+     python bench/report.py --readme [--check]     (the README's headline table)
+     python bench/report.py --docs [--check]       (every JSON's table, docs/benchmarks.md)
 """
 
 import json
@@ -23,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
+DOCS = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -57,7 +59,7 @@ def fastff_bench_table(doc) -> str:
     results = doc["results"]
     sizes = [r["atoms"] for r in results]
     names = list(dict.fromkeys(row["component"] for r in results for row in r["rows"]))
-    lines = ["| component | " + " | ".join(f"{n:,} atoms" for n in sizes) + " |",
+    lines = ["| component (us per atom-step) | " + " | ".join(f"{n:,} atoms" for n in sizes) + " |",
              "|---|" + "---|" * len(sizes)]
     for name in names:
         cells = []
@@ -249,14 +251,70 @@ def readme_table():
     return "\n".join(lines)
 
 
-def update_readme(path=README, check=False):
+def _pytest_table(doc):
+    lines = ["| benchmark | case | median ± IQR | ratio | notes |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(doc)]
+    return "\n".join(lines)
+
+
+def _alternating_table(doc):
+    lines = ["| case | rounds | medians | ratio (range over rounds) | command |",
+             "|---|---|---|---|---|"]
+    for run in doc.get("runs", []):
+        for r in run.get("results", []):
+            medians = ", ".join(f"{k} {_fmt(v)}" for k, v in (r.get("medians_s") or {}).items())
+            ratios = "; ".join(
+                f"{k} {v:.3g}x" + (f" ({lo:.3g}-{hi:.3g})" if (lo_hi := (
+                    r.get("round_ratio_range") or {}).get(k)) and (lo := lo_hi[0]) is not None
+                    and (hi := lo_hi[1]) is not None else "")
+                for k, v in (r.get("ratios") or {}).items())
+            lines.append(f"| {r.get('case', '')} | {r.get('rounds', '')} | {medians} | {ratios} "
+                         f"| `{run.get('command', 'not recorded')}` |")
+    return "\n".join(lines)
+
+
+def docs_tables():
+    """Every committed JSON as a table (docs/benchmarks.md), each with its provenance."""
+    out = []
+    for path in sorted(RESULTS.glob("*.json")):
+        doc = _load(path.name)
+        if not isinstance(doc, dict):
+            continue
+        if "results" in doc:
+            try:
+                table = fastff_bench_table(doc)
+            except (KeyError, TypeError):
+                continue
+        elif "benchmarks" in doc:
+            table = _pytest_table(doc)
+        elif "runs" in doc:
+            table = _alternating_table(doc)
+        elif "rows" in doc:
+            keys = list(dict.fromkeys(k for r in doc["rows"] for k in r))
+            table = "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)] + [
+                "| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in doc["rows"]])
+        else:
+            continue
+        command = doc.get("command")
+        out.append(f"### `{path.name}`\n\n"
+                   f"Machine: {_machine(doc) or 'not recorded'}; commit: "
+                   f"{_commit(doc) or 'not recorded'}"
+                   + (f"; command: `{command}`" if command else "")
+                   + (f"; {doc['datetime'][:10]}" if isinstance(doc.get("datetime"), str)
+                      else "") + ".\n"
+                   + (f"\n{doc['note']}\n" if isinstance(doc.get("note"), str) else "")
+                   + f"\n{table}\n")
+    return "\n".join(out)
+
+
+def update_readme(path=README, check=False, table=None):
     """Rewrite the table between the markers; with ``check``, only say whether it differs."""
     text = Path(path).read_text()
     if START not in text or END not in text:
         raise SystemExit(f"{path}: no {START} / {END} markers")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    new = f"{head}{START}\n{readme_table()}\n{END}{tail}"
+    new = f"{head}{START}\n{(table or readme_table)()}\n{END}{tail}"
     if check:
         return new == text
     if new != text:
@@ -265,6 +323,11 @@ def update_readme(path=README, check=False):
 
 
 def main(argv):
+    if "--docs" in argv:
+        ok = update_readme(DOCS, check="--check" in argv, table=docs_tables)
+        print(("docs tables up to date" if ok else "docs tables differ")
+              if "--check" in argv else f"wrote the tables in {os.path.relpath(DOCS)}")
+        sys.exit(0 if ok else 1)
     if "--readme" in argv:
         ok = update_readme(check="--check" in argv)
         print(("README table up to date" if ok else "README table differs")

@@ -23,3 +23,11 @@ def test_mkdocs_build_strict(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "site" / "index.html").exists()
     assert (tmp_path / "site" / "api" / "neighbors" / "index.html").exists()
+
+
+def test_benchmark_tables_match_the_committed_json():
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "bench" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    assert report.update_readme(report.DOCS, check=True, table=report.docs_tables), (
+        "run: python bench/report.py --docs")
