@@ -59,7 +59,7 @@ def fastff_bench_table(doc) -> str:
     results = doc["results"]
     sizes = [r["atoms"] for r in results]
     names = list(dict.fromkeys(row["component"] for r in results for row in r["rows"]))
-    lines = ["| component (us per atom-step) | " + " | ".join(f"{n:,} atoms" for n in sizes) + " |",
+    lines = ["| component | " + " | ".join(f"{n:,} atoms" for n in sizes) + " |",
              "|---|" + "---|" * len(sizes)]
     for name in names:
         cells = []
@@ -282,7 +282,8 @@ def docs_tables():
             continue
         if "results" in doc:
             try:
-                table = fastff_bench_table(doc)
+                table = "Energy + forces, us per atom-step (median ± IQR).\n\n" + (
+                    fastff_bench_table(doc))
             except (KeyError, TypeError):
                 continue
         elif "benchmarks" in doc:
