@@ -69,3 +69,12 @@ def test_python_snippets_run(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "README snippets done" in proc.stdout
+
+
+def test_relative_links_exist():
+    text = README.read_text()
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [link for link in links if "://" not in link]
+    assert local, "the README links to the docs"
+    missing = [link for link in local if not (ROOT / link).exists()]
+    assert not missing, missing
