@@ -6,11 +6,26 @@
 * ``fastff bench --json`` output: one row per component, one column per size (us per
   atom-step, median), then the headline ratios; ``--plot FILE.png`` redraws the plot.
 
+* ``--readme``: the README's headline table (fastff against the peers people run), rebuilt
+  from the committed JSON under bench/results/ and written between the README's
+  ``<!-- results:start -->`` and ``<!-- results:end -->`` markers. A missing file or field
+  drops that row or prints "not recorded"; it never fails.
+
 Run: python bench/report.py results.json [more.json ...] [--plot FILE.png]
+     python bench/report.py --readme [--check]     (the README's headline table)
+     python bench/report.py --docs [--check]       (every JSON's table, docs/benchmarks.md)
 """
 
 import json
+import os
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+DOCS = ROOT / "docs" / "benchmarks.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def _fmt(seconds):
@@ -77,7 +92,253 @@ def _plot(doc, path):
     cli.plot(results, path)
 
 
+def _load(name):
+    try:
+        with open(RESULTS / name) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _commit(doc, run=None):
+    """The commit a document (or one run inside it) records, short, or None."""
+    for d in (run or {}, doc):
+        for value in (d.get("commit"), d.get("git_commit"),
+                      (d.get("commit_info") or {}).get("id"),
+                      (d.get("versions") or {}).get("commit")):
+            if isinstance(value, str) and value:
+                dirty = (d.get("commit_info") or {}).get("dirty")
+                return value[:7] + (" (dirty)" if dirty else "")
+    return None
+
+
+def _machine(doc):
+    """'AMD EPYC, 2 cores' from either JSON format, or None."""
+    m = doc.get("machine")
+    if isinstance(m, dict):
+        name, cores = m.get("processor") or m.get("platform"), m.get("cpu_count")
+    elif isinstance(m, str):
+        name, cores = m, None
+    else:
+        cpu = (doc.get("machine_info") or {}).get("cpu") or {}
+        name, cores = cpu.get("brand_raw"), cpu.get("count")
+    if not name:
+        return None
+    return f"{name}, {cores} cores" if cores else str(name)
+
+
+def _time(seconds):
+    return _fmt(seconds) if seconds is not None else ""
+
+
+def _pytest_cases(doc, group):
+    """{implementation: (median seconds, extra_info)} of one pytest-benchmark group."""
+    out = {}
+    for b in doc.get("benchmarks", []):
+        if b.get("group") == group and "stats" in b:
+            impl = (b.get("params") or {}).get("impl") or b["name"].split("[", 1)[-1]
+            out[str(impl).split("-")[0]] = (b["stats"]["median"], b.get("extra_info") or {})
+    return out
+
+
+def _alternating_case(doc, case):
+    """The newest run of ``case`` in bench_pyg_alternating.json: (medians, run) or None."""
+    found = None
+    for run in doc.get("runs", []):
+        for r in run.get("results", []):
+            if r.get("case") == case and r.get("medians_s"):
+                found = (r["medians_s"], run)
+    return found
+
+
+def _pyg_rows():
+    """torch_geometric SchNet against fastff's accelerated copy, from the JSON that records
+    its commit (the alternating runs first, then the pytest-benchmark run)."""
+    cases = [("energy+forces 3000 atoms, small", "SchNet energy + forces, 3,000 atoms",
+              "exact filters"),
+             ("energy+forces 3000 atoms, small, tabulated", "SchNet energy + forces, 3,000 atoms",
+              "tabulated (cubic spline)"),
+             ("energy+forces 10000 atoms, small", "SchNet energy + forces, 10,000 atoms",
+              "exact filters"),
+             ("training step 3000 atoms, small", "SchNet force-matching training step, "
+              "3,000 atoms", "exact filters")]
+    alt, pyt = _load("bench_pyg_alternating.json"), _load("bench_pyg.json")
+    sources = [(n, d) for n, d in (("bench_pyg_alternating.json", alt), ("bench_pyg.json", pyt))
+               if d is not None]
+    # a row must name its commit: take the first source that records one, else the first
+    with_commit = [(n, d) for n, d in sources if _commit(d) or any(
+        _commit(d, run) for run in d.get("runs", []))]
+    ordered = with_commit + [x for x in sources if x not in with_commit]
+    rows = []
+    for case, what, path in cases:
+        for name, doc in ordered:
+            if "runs" in doc:
+                hit = _alternating_case(doc, case)
+                if hit is None:
+                    continue
+                medians, run = hit
+                peer, ours, extra, commit = (medians.get("torch_geometric"),
+                                             medians.get("fastff"), {}, _commit(doc, run))
+            else:
+                got = _pytest_cases(doc, case)
+                ours = got.get("fastff") or got.get("fastff_tabulated")
+                peer = got.get("torch_geometric")
+                extra = (ours or (None, {}))[1]
+                peer, ours, commit = peer and peer[0], ours and ours[0], _commit(doc)
+            if not peer or not ours:
+                continue
+            err = extra.get("max_force_error_relative")
+            rows.append((f"{what}, {path}", ours, "torch_geometric SchNet", peer, "",
+                         f"{err:.1e}" if isinstance(err, (int, float)) else "",
+                         _machine(doc), commit, name))
+            break
+    return rows
+
+
+def _mm_rows():
+    """fastff's MM against OpenMM's CPU platform on the same System (``fastff bench``)."""
+    rows = []
+    for name in ("bench_3000.json", "bench_30000.json"):
+        doc = _load(name)
+        if doc is None:
+            continue
+        for r in doc.get("results", []):
+            got = {x.get("component"): x.get("median_s") for x in r.get("rows", [])
+                   if not x.get("skipped")}
+            ours, peer = got.get("MM (fastff)"), got.get("MM (OpenMM)")
+            if ours and peer:
+                rows.append((f"MM energy + forces (LJ, reaction field, bonds, angles), water "
+                             f"box, {r.get('atoms', 0):,} atoms", ours, "OpenMM CPU platform", peer,
+                             "/atom-step", "", _machine(doc), _commit(doc), name))
+    return rows
+
+
+def _vesin_rows():
+    """Neighbor lists against vesin, from any pytest-benchmark JSON that has both."""
+    rows = []
+    for path in sorted(RESULTS.glob("*.json")):
+        doc = _load(path.name)
+        if not doc or "benchmarks" not in doc:
+            continue
+        groups = dict.fromkeys(b.get("group") for b in doc["benchmarks"])
+        for group in groups:
+            got = {}
+            for b in doc["benchmarks"]:
+                if b.get("group") == group and "stats" in b:
+                    key = "vesin" if "vesin" in b["name"] else (
+                        "fastff" if "fastff" in b["name"] else None)
+                    if key and key not in got:
+                        got[key] = b["stats"]["median"]
+            if "vesin" in got and "fastff" in got:
+                rows.append((f"neighbor list, {group}", got["fastff"], "vesin", got["vesin"], "",
+                             "", _machine(doc), _commit(doc), path.name))
+    return rows
+
+
+def readme_table():
+    """The README's results table, as markdown, from the committed JSON."""
+    rows = []
+    for part in (_pyg_rows, _mm_rows, _vesin_rows):
+        try:  # a JSON in another shape drops its rows, never the table
+            rows += [r for r in part() if r[1] and r[3]]
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+            continue
+    lines = ["| case | fastff | peer | speed-up | force error | machine, commit, data |",
+             "|---|---|---|---|---|---|"]
+    for what, ours, peer_name, peer, unit, err, machine, commit, name in rows:
+        lines.append(f"| {what} | {_time(ours)}{unit} | {peer_name}: {_time(peer)}{unit} | "
+                     f"**{peer / ours:.2g}x** | {err or '-'} | {machine or 'machine not recorded'}"
+                     f", {commit or 'commit not recorded'}, `{name}` |")
+    lines += ["", "Medians per call (MM: per atom-step); speed-up = peer time / fastff time in "
+              "the same run; force error: largest relative deviation of the tabulated forces "
+              "from the exact model's. Data: bench/results/; generated by "
+              "`python bench/report.py --readme`."]
+    return "\n".join(lines)
+
+
+def _pytest_table(doc):
+    lines = ["| benchmark | case | median ± IQR | ratio | notes |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(doc)]
+    return "\n".join(lines)
+
+
+def _alternating_table(doc):
+    lines = ["| case | rounds | medians | ratio (range over rounds) | command |",
+             "|---|---|---|---|---|"]
+    for run in doc.get("runs", []):
+        for r in run.get("results", []):
+            medians = ", ".join(f"{k} {_fmt(v)}" for k, v in (r.get("medians_s") or {}).items())
+            ratios = "; ".join(
+                f"{k} {v:.3g}x" + (f" ({lo:.3g}-{hi:.3g})" if (lo_hi := (
+                    r.get("round_ratio_range") or {}).get(k)) and (lo := lo_hi[0]) is not None
+                    and (hi := lo_hi[1]) is not None else "")
+                for k, v in (r.get("ratios") or {}).items())
+            lines.append(f"| {r.get('case', '')} | {r.get('rounds', '')} | {medians} | {ratios} "
+                         f"| `{run.get('command', 'not recorded')}` |")
+    return "\n".join(lines)
+
+
+def docs_tables():
+    """Every committed JSON as a table (docs/benchmarks.md), each with its provenance."""
+    out = []
+    for path in sorted(RESULTS.glob("*.json")):
+        doc = _load(path.name)
+        if not isinstance(doc, dict):
+            continue
+        if "results" in doc:
+            try:
+                table = "Energy + forces, us per atom-step (median ± IQR).\n\n" + (
+                    fastff_bench_table(doc))
+            except (KeyError, TypeError):
+                continue
+        elif "benchmarks" in doc:
+            table = _pytest_table(doc)
+        elif "runs" in doc:
+            table = _alternating_table(doc)
+        elif "rows" in doc:
+            keys = list(dict.fromkeys(k for r in doc["rows"] for k in r))
+            table = "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)] + [
+                "| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in doc["rows"]])
+        else:
+            continue
+        command = doc.get("command")
+        out.append(f"### `{path.name}`\n\n"
+                   f"Machine: {_machine(doc) or 'not recorded'}; commit: "
+                   f"{_commit(doc) or 'not recorded'}"
+                   + (f"; command: `{command}`" if command else "")
+                   + (f"; {doc['datetime'][:10]}" if isinstance(doc.get("datetime"), str)
+                      else "") + ".\n"
+                   + (f"\n{doc['note']}\n" if isinstance(doc.get("note"), str) else "")
+                   + f"\n{table}\n")
+    return "\n".join(out)
+
+
+def update_readme(path=README, check=False, table=None):
+    """Rewrite the table between the markers; with ``check``, only say whether it differs."""
+    text = Path(path).read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{path}: no {START} / {END} markers")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{START}\n{(table or readme_table)()}\n{END}{tail}"
+    if check:
+        return new == text
+    if new != text:
+        Path(path).write_text(new)
+    return True
+
+
 def main(argv):
+    if "--docs" in argv:
+        ok = update_readme(DOCS, check="--check" in argv, table=docs_tables)
+        print(("docs tables up to date" if ok else "docs tables differ")
+              if "--check" in argv else f"wrote the tables in {os.path.relpath(DOCS)}")
+        sys.exit(0 if ok else 1)
+    if "--readme" in argv:
+        ok = update_readme(check="--check" in argv)
+        print(("README table up to date" if ok else "README table differs")
+              if "--check" in argv else f"wrote the table in {os.path.relpath(README)}")
+        sys.exit(0 if ok else 1)
     plot = None
     if "--plot" in argv:
         k = argv.index("--plot")

@@ -331,8 +331,11 @@ def compile_energy_and_forces(model: nn.Module, *, positions_index: int | None =
         model: SchNet, PaiNN, ForceField, or a module taking ``nl=`` (then ``positions_index``).
         positions_index: position of the positions among the model's positional arguments;
             default 1 for SchNet/PaiNN, 0 for a ForceField.
-        backend, mode, options, dynamic: passed to ``torch.compile`` (``fullgraph=True``
-            always: a graph break is an error, not a slow path). With the default
+        backend: passed to ``torch.compile`` (``fullgraph=True``
+            always: a graph break is an error, not a slow path).
+        mode: passed to ``torch.compile``.
+        options: passed to ``torch.compile``.
+        dynamic: passed to ``torch.compile``. With the default
             ``dynamic=None``, the pair count E and the number of atoms N are marked dynamic on
             every call, so new values of E or N reuse the compiled code. Exceptions: sizes 0
             and 1 are always specialised, and inductor's small-matrix rule on CPU (a matmul
@@ -468,7 +471,9 @@ def compile_training_step(model: nn.Module, loss_fn: Callable[..., Tensor], *,
             ``lambda e, f, e_ref, f_ref: (e - e_ref).square().mean()
             + (f - f_ref).square().mean()``; torch ops only (it is traced).
         positions_index: as for :func:`compile_energy_and_forces`.
-        backend, mode, options: passed to ``torch.compile`` (``fullgraph=True``).
+        backend: passed to ``torch.compile`` (``fullgraph=True``).
+        mode: passed to ``torch.compile``.
+        options: passed to ``torch.compile``.
 
     Returns:
         A :class:`CompiledTrainingStep`; it traces and compiles on its first call. Loss and
@@ -620,7 +625,9 @@ def export_energy_and_forces(model: nn.Module, example_inputs: Sequence, path: s
     Python custom ops; see the module notes).
 
     Args:
-        model, example_inputs, positions_index: as for :func:`trace_energy_and_forces`.
+        model: as for :func:`trace_energy_and_forces`.
+        example_inputs: as for :func:`trace_energy_and_forces`.
+        positions_index: as for :func:`trace_energy_and_forces`.
         path: the ``.pt2`` file to write.
         inductor_configs: extra ``torch._inductor`` settings for the AOT compile.
 

@@ -441,7 +441,12 @@ def energy_and_forces(model: AtomisticModel, species: Tensor, positions: Tensor,
 
     Args:
         model: the model.
-        species, positions, cell, pbc, batch, nl: as for the model's forward.
+        species: as for the model's forward.
+        positions: as for the model's forward.
+        cell: as for the model's forward.
+        pbc: as for the model's forward.
+        batch: as for the model's forward.
+        nl: as for the model's forward.
         stress: also return the stress ``(1 / V) dE / d(strain)`` [B, 3, 3] (ASE's convention:
             energy / length^3; a symmetric strain deforms positions and cell together). Needs a
             cell of non-zero volume.

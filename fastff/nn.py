@@ -329,7 +329,9 @@ class CFConv(_Backend, nn.Module):
         num_features: F, width of x and of the filter.
         num_basis: K radial basis functions of the filter network.
         cutoff: interaction cutoff (<= the neighbor list's cutoff).
-        kind, envelope, activation: of the :class:`RadialFilter` (``self.filter``).
+        kind: of the :class:`RadialFilter` (``self.filter``).
+        envelope: as ``kind``.
+        activation: as ``kind``.
         tabulate: evaluate W from a cubic table (``filter.tabulate(num_points)``, rebuilt when
             the filter's parameters change) instead of the MLP. Inference only: the filter
             parameters receive no gradient on this path (forces and x-gradients do).

@@ -134,8 +134,9 @@ def as_force(model: torch.nn.Module, species: Sequence[int] | np.ndarray | Tenso
             periodicity.
         skin: Verlet skin in nm of the list the force keeps for a model without its own
             (default :data:`DEFAULT_SKIN`); the list is reused until an atom moved skin / 2.
-        length_unit, energy_unit: for a model without ``length_unit`` / ``energy_unit``; given
+        length_unit: for a model without ``length_unit`` / ``energy_unit``; given
             for one with them, they must agree (:func:`fastff.units.model_units`).
+        energy_unit: as ``length_unit``.
 
     Returns:
         The force, in OpenMM's units (kJ/mol, kJ/mol/nm), named "fastff <model class>"; its

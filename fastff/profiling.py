@@ -131,7 +131,8 @@ def profile(*, trace: str | os.PathLike | None = None, record_shapes: bool = Fal
 
     Args:
         trace: write a Chrome trace (JSON) here on exit.
-        record_shapes, with_stack: passed to ``torch.profiler.profile``.
+        record_shapes: passed to ``torch.profiler.profile``.
+        with_stack: as ``record_shapes``.
         device: where peak memory is measured; default cuda when available, else cpu.
 
     Yields:

@@ -116,7 +116,8 @@ def nequip_neighbor_list(pos, r_max, self_interaction: bool = False,
     Args:
         pos: [N, 3] tensor (any device) or array.
         r_max: the cutoff (units of pos).
-        self_interaction, strict_self_interaction: as in NequIP, see above.
+        self_interaction: as in NequIP, see above.
+        strict_self_interaction: as in NequIP, see above.
         cell: [3, 3] tensor, array or ``ase.cell.Cell``, rows are lattice vectors; or None.
         pbc: a bool or three bools.
 

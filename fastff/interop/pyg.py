@@ -459,7 +459,9 @@ def from_pyg(model, *, energy_unit: str, length_unit: str = "Angstrom", skin: fl
             "Hartree", ...): required, torch_geometric models carry none.
         length_unit: the unit of its positions and cutoff (torch_geometric's examples and QM9
             use Angstrom).
-        skin, tabulate, backend: as for :class:`fastff.models.SchNet`.
+        skin: as for :class:`fastff.models.SchNet`.
+        tabulate: as for :class:`fastff.models.SchNet`.
+        backend: as for :class:`fastff.models.SchNet`.
 
     Returns:
         The fastff model, in the dtype and on the device of ``model``, with ``length_unit`` and

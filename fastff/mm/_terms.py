@@ -371,9 +371,10 @@ def lennard_jones(positions: Tensor, nl: NeighborList, sigma: Tensor, epsilon: T
     Args:
         positions: [N, 3] float32/float64 (nm).
         nl: full or half neighbor list with cutoff >= ``cutoff``.
-        sigma, epsilon: [N] per atom (nm, kJ/mol), >= 0, combined by Lorentz-Berthelot
+        sigma: [N] per atom (nm, kJ/mol), >= 0, combined by Lorentz-Berthelot
             (s_ij = (s_i + s_j)/2, eps_ij = sqrt(eps_i eps_j)). The gradient with respect to an
             epsilon that is exactly 0 is undefined (square root).
+        epsilon: as ``sigma``.
         cutoff: pairs at r >= cutoff contribute 0 (None: no cutoff).
         cell: [3, 3] or [B, 3, 3]; None uses the list's cell (detached, no virial).
         batch: int64 [N] system per atom; returns [B] energies.
@@ -564,7 +565,8 @@ def bonded(positions: Tensor, *, bonds=None, angles=None, torsions=None,
         bonds: (index int64 [T, 2], k [T], r0 [T]) or None.
         angles: (index int64 [T, 3], k [T], theta0 [T]) or None.
         torsions: (index int64 [T, 4], k [T], periodicity int64 [T], phase [T]) or None.
-        cell, batch: as :func:`harmonic_bonds`.
+        cell: as :func:`harmonic_bonds`.
+        batch: as :func:`harmonic_bonds`.
         periodic: (bonds, angles, torsions): which kinds take the minimum image in ``cell``
             (OpenMM sets this per force); default: all of them when a cell is given.
 

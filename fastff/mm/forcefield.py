@@ -232,8 +232,11 @@ class ForceField(nn.Module):
             num_atoms: N, the number of atoms.
             box: [3, 3] default periodic box (nm, rows are lattice vectors), used when the
                 module is called without a cell; needed by any periodic term.
-            nonbonded, bonds, angles, torsions: the terms' parameters (see their classes).
+            nonbonded: the terms' parameters (see their classes).
                 Values are copied into ``nn.Parameter`` objects of ``dtype``.
+            bonds: as ``nonbonded``.
+            angles: as ``nonbonded``.
+            torsions: as ``nonbonded``.
             dtype: float64 or float32 for parameters (and expected positions).
             skin: Verlet skin (nm) of the owned neighbor list.
             backend: kernel path for every term (None: ``FASTFF_BACKEND`` when set, else by
