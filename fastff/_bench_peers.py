@@ -88,7 +88,9 @@ class EagerPaiNN(nn.Module):
         """The same function as a :class:`fastff.models.PaiNN` (its weights copied)."""
         f = model.num_features
         messages, updates = list(model.messages), list(model.updates)
-        out = cls(f, len(messages), messages[0].num_basis, model.cutoff, model.max_species)
+        ref = model.embedding.weight
+        out = cls(f, len(messages), messages[0].num_basis, model.cutoff, model.max_species
+                  ).to(ref.device, ref.dtype)
         with torch.no_grad():
             out.embedding.weight.copy_(model.embedding.weight)
             out.filter_net.weight.copy_(torch.cat([m.filter.weight for m in messages], 0))
@@ -107,7 +109,7 @@ class EagerPaiNN(nn.Module):
         import copy
 
         out.readout = copy.deepcopy(model.readout)
-        return out.to(model.embedding.weight.dtype)
+        return out
 
     def forward(self, species: Tensor, vectors: Tensor, nl: NeighborList) -> Tensor:
         f = self.num_features
