@@ -1013,8 +1013,26 @@ def environment(settings: Settings) -> dict:
     s["threads"] = settings.threads or torch.get_num_threads()
     return {"machine": {"platform": platform.platform(), "processor": _cpu_name(),
                         "cpu_count": os.cpu_count(), "python": platform.python_version()},
+            "commit": _git_commit(),
             "versions": versions, "settings": s, "skin_nm": SKIN,
             "malloc_tuned": malloc_tuned()}
+
+
+def _git_commit() -> str | None:
+    """The commit of the fastff source tree (with "+changes" when files differ), or None."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def _cpu_name() -> str:

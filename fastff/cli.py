@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         return train.main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
+        args.argv = argv  # recorded with the results
         if args.command == "bench":
             return _bench(args)
         return _profile(args)
@@ -249,6 +250,7 @@ def _bench(args) -> int:
         print(_table(res, settings))
     if args.json:
         doc = benchmark.environment(settings)
+        doc["command"] = "fastff " + " ".join(getattr(args, "argv", ["bench"]))
         doc["settings"].pop("atoms")
         doc["results"] = [{"atoms": r["atoms"], "seconds": r["seconds"],
                            "rows": [row.as_dict() for row in r["rows"]],
