@@ -144,7 +144,7 @@ class Row:
         return d
 
 
-class Rows(list):
+class Rows(list[Row]):
     """The rows of one :func:`run`, with the trajectory they were timed on
     (``trajectory``: integrator, temperature, energies, Verlet-list rebuilds per step)."""
 
@@ -444,8 +444,8 @@ def _frames(system: BenchSystem, mm_system, settings: Settings, model_cutoff: fl
         record: dict = {"integrator": f"random walk of {STEP_NM} nm per coordinate (no MM "
                         "force field for dynamics)", "frames": count, "seed": seed}
     else:
-        ff.requires_grad_(False)
-        xs, record = md_trajectory(lambda x: ff(x, md_cell), system.positions, masses, count,
+        md_ff = ff.requires_grad_(False)
+        xs, record = md_trajectory(lambda x: md_ff(x, md_cell), system.positions, masses, count,
                                    seed)
         record["force_field"] = label
         frames = [x.to(settings.dtype) for x in xs]
@@ -1014,6 +1014,8 @@ def environment(settings: Settings) -> dict:
     return {"machine": {"platform": platform.platform(), "processor": _cpu_name(),
                         "cpu_count": os.cpu_count(), "python": platform.python_version()},
             "commit": _git_commit(),
+            # a shared machine's load moves every row: recorded beside the figures
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "versions": versions, "settings": s, "skin_nm": SKIN,
             "malloc_tuned": malloc_tuned()}
 
