@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -87,25 +88,29 @@ class EagerPaiNN(nn.Module):
     def from_fastff(cls, model) -> EagerPaiNN:
         """The same function as a :class:`fastff.models.PaiNN` (its weights copied)."""
         f = model.num_features
-        messages, updates = list(model.messages), list(model.updates)
+        messages: list[Any] = list(model.messages)
+        updates: list[Any] = list(model.updates)
         ref = model.embedding.weight
         out = cls(f, len(messages), messages[0].num_basis, model.cutoff, model.max_species
                   ).to(ref.device, ref.dtype)
+        context: list[Any] = list(out.context)
+        mix: list[Any] = list(out.mu_channel_mix)
+        intra: list[Any] = list(out.intra)
         with torch.no_grad():
             out.embedding.weight.copy_(model.embedding.weight)
             out.filter_net.weight.copy_(torch.cat([m.filter.weight for m in messages], 0))
             out.filter_net.bias.copy_(torch.cat([m.filter.bias for m in messages], 0))
             for k, (message, update) in enumerate(zip(messages, updates, strict=True)):
-                out.context[k].load_state_dict(message.context.state_dict())
+                context[k].load_state_dict(message.context.state_dict())
                 # schnetpack's (mu_V, mu_W): V gives the norm, W multiplies; fastff's V and U
-                out.mu_channel_mix[k].weight.copy_(torch.cat([update.V.weight, update.U.weight]))
-                out.intra[k][0].load_state_dict(update.mlp[0].state_dict())
+                mix[k].weight.copy_(torch.cat([update.V.weight, update.U.weight]))
+                intra[k][0].load_state_dict(update.mlp[0].state_dict())
                 # fastff splits (a_vv, a_sv, a_ss), schnetpack (dq, dmu, dqmu) = (a_ss, a_vv, a_sv)
                 w, b = update.mlp[2].weight, update.mlp[2].bias
                 order = torch.cat([torch.arange(2 * f, 3 * f), torch.arange(0, f),
                                    torch.arange(f, 2 * f)])
-                out.intra[k][2].weight.copy_(w[order])
-                out.intra[k][2].bias.copy_(b[order])
+                intra[k][2].weight.copy_(w[order])
+                intra[k][2].bias.copy_(b[order])
         import copy
 
         out.readout = copy.deepcopy(model.readout)

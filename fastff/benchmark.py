@@ -163,7 +163,7 @@ class Component:
 
     name: str
     backend: str
-    make_step: Callable[[], Callable[[torch.Tensor], None]] | None = None
+    make_step: Callable[[], Callable[[torch.Tensor], object]] | None = None
     make_energy: Callable[[], Callable[[torch.Tensor], torch.Tensor]] | None = None
     skip: str | None = None  # a reason not to run it
     filters: str | None = None
@@ -458,7 +458,7 @@ def _frames(system: BenchSystem, mm_system, settings: Settings, model_cutoff: fl
     return frames, record
 
 
-def _time_samples(step: Callable[[torch.Tensor], None], frames: list[torch.Tensor],
+def _time_samples(step: Callable[[torch.Tensor], object], frames: list[torch.Tensor],
                   settings: Settings, row: Row, on_sample: Callable[[], None] | None) -> Row:
     """Two warm-up steps (JIT compilation, first list build; the second gives the step time),
     then up to ``repeat`` samples of up to ``steps`` consecutive steps along ``frames``.
@@ -587,7 +587,7 @@ def _measure(spec: Component, ctx: BenchContext, specs: list[Component], before:
              on_sample) -> Row:
     """Time one component (or say why not), then its force error against its exact twin."""
     settings, n = ctx.settings, ctx.system.num_atoms
-    meta = {"filters": spec.filters, "peer": spec.peer, "ratio": spec.ratio,
+    meta: dict[str, Any] = {"filters": spec.filters, "peer": spec.peer, "ratio": spec.ratio,
             "agreement": spec.agreement, "oracle": spec.oracle}
     if spec.skip is not None or spec.make_step is None:
         row = _skipped(spec.name, spec.backend, n, spec.skip or "nothing to run", settings,
@@ -749,6 +749,7 @@ def _model_components(ctx: BenchContext, name: str) -> list[Component]:
     label = "SchNet" if name == "schnet" else "PaiNN"
     torch.manual_seed(settings.seed)
     pyg_model, why_no_peer = None, None
+    model: models.AtomisticModel
     if name == "schnet":
         try:
             pyg_model = peers.pyg_schnet()
@@ -911,7 +912,9 @@ def _pyg_components(ctx: BenchContext, original) -> list[Component]:
     for label, model, backend in zip(labels, (base, fast, tabulated), backends, strict=True):
         def make(model=model):
             return _scaled_energy(model, species, 10.0)
-        spec = Component(label, backend, lambda make=make: _energy_forces_step(make()), make,
+        def step(make=make):
+            return _energy_forces_step(make())
+        spec = Component(label, backend, step, make,
                          filters="tabulated (cubic spline)" if "tabulated" in label else "exact",
                          force_scale=0.1, force_unit="model energy/A")
         if label != labels[0]:
