@@ -14,7 +14,9 @@ A *sample* is ``steps`` consecutive steps timed together; a component runs two w
 (JIT compilation, first list build, OpenMM context set-up) and then ``repeat`` samples, fewer and
 shorter ones for a component that would exceed its time ``budget`` (see ``_time_samples``). The
 figure of a component is the MEAN time per atom-step over every timed step, list rebuilds
-included; the median over samples and its interquartile range are extra columns. Every
+included; the median over samples and its interquartile range are extra columns. A component
+shortened by the budget times the first frames only (its "samples x steps" says how many),
+which may come before the first rebuild. Every
 headline speed-up names its peer and is a ratio of means measured in the same run.
 
 Components (a list of :class:`Component` specs; ``COMPONENT_HOOKS`` adds more):
