@@ -55,8 +55,13 @@ def fastff_bench_table(doc) -> str:
             else:
                 # the mean over MD steps (rebuilds included) where the JSON has it
                 mean = row.get("mean_s", row["median_s"])
-                cells.append(f"{mean * 1e6:.3g} (median {row['median_s'] * 1e6:.3g} ± "
-                             f"{row['iqr_s'] * 1e6:.2g})")
+                cell = (f"{mean * 1e6:.3g} (median {row['median_s'] * 1e6:.3g} ± "
+                        f"{row['iqr_s'] * 1e6:.2g})")
+                error = row.get("force_error")
+                if error:  # a tabulated row beside its force error against the exact network
+                    cell += (f"; force error max {error['max_abs']:.2g}, RMS {error['rms']:.2g}"
+                             f" {error['unit']}")
+                cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     keys = list(dict.fromkeys(k for r in results for k in r["headline"]))
     lines += ["", "| ratio | " + " | ".join(f"{n:,}" for n in sizes) + " |",
@@ -65,6 +70,14 @@ def fastff_bench_table(doc) -> str:
         cells = [f"{r['headline'][key]:.3g}x" if key in r["headline"] else "" for r in results]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     s, m = doc["settings"], doc["machine"]
+    traj = results[0].get("trajectory") or {}
+    if traj:
+        lines.append(f"\nframes: {traj.get('integrator')}"
+                     + (f", {traj['timestep_fs']:g} fs, {traj['temperature_K']:g} K"
+                        if "timestep_fs" in traj else "")
+                     + "; Verlet-list rebuilds per step: "
+                     + ", ".join(f"{k} {v:.3g}" for k, v in
+                                 traj.get("rebuilds_per_step", {}).items()))
     lines.append(f"\n{m['processor']}, {s['threads']} threads, {s['dtype']}, fastff "
                  f"{doc['versions']['fastff']}, torch {doc['versions']['torch']}")
     return "\n".join(lines)
