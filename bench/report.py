@@ -4,7 +4,7 @@
   group measured in the same run (to the slowest case of a group without peers, e.g. reuse vs
   rebuild).
 * ``fastff bench --json`` output: one row per component, one column per size (us per
-  atom-step, median), then the headline ratios; ``--plot FILE.png`` redraws the plot.
+  atom-step, mean and median), then the headline ratios; ``--plot FILE.png`` redraws the plot.
 
 * ``--readme``: the README's headline table (fastff against the peers people run), rebuilt
   from the committed JSON under bench/results/ and written between the README's
@@ -68,7 +68,15 @@ def fastff_bench_table(doc) -> str:
             if row is None or row["skipped"]:
                 cells.append("skipped" if row is None else f"({row['skipped']})")
             else:
-                cells.append(f"{row['median_s'] * 1e6:.3g} ± {row['iqr_s'] * 1e6:.2g}")
+                # the mean over MD steps (rebuilds included) where the JSON has it
+                mean = row.get("mean_s", row["median_s"])
+                cell = (f"{mean * 1e6:.3g} (median {row['median_s'] * 1e6:.3g} ± "
+                        f"{row['iqr_s'] * 1e6:.2g})")
+                error = row.get("force_error")
+                if error:  # a tabulated row beside its force error against the exact network
+                    cell += (f"; force error max {error['max_abs']:.2g}, RMS {error['rms']:.2g}"
+                             f" {error['unit']}")
+                cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     keys = list(dict.fromkeys(k for r in results for k in r["headline"]))
     lines += ["", "| ratio | " + " | ".join(f"{n:,}" for n in sizes) + " |",
@@ -77,6 +85,14 @@ def fastff_bench_table(doc) -> str:
         cells = [f"{r['headline'][key]:.3g}x" if key in r["headline"] else "" for r in results]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     s, m = doc["settings"], doc["machine"]
+    traj = results[0].get("trajectory") or {}
+    if traj:
+        lines.append(f"\nframes: {traj.get('integrator')}"
+                     + (f", {traj['timestep_fs']:g} fs, {traj['temperature_K']:g} K"
+                        if "timestep_fs" in traj else "")
+                     + "; Verlet-list rebuilds per step: "
+                     + ", ".join(f"{k} {v:.3g}" for k, v in
+                                 traj.get("rebuilds_per_step", {}).items()))
     lines.append(f"\n{m['processor']}, {s['threads']} threads, {s['dtype']}, fastff "
                  f"{doc['versions']['fastff']}, torch {doc['versions']['torch']}")
     return "\n".join(lines)
@@ -87,7 +103,7 @@ def _plot(doc, path):
     from fastff import benchmark, cli
 
     results = [{"rows": [benchmark.Row(**{k: v for k, v in row.items()
-                                          if k not in ("median_s", "iqr_s")})
+                                          if k not in ("mean_s", "median_s", "iqr_s")})
                          for row in r["rows"]]} for r in doc["results"]]
     cli.plot(results, path)
 

@@ -85,19 +85,43 @@ def test_bench_small_run_writes_json_and_plot(tmp_path, capsys):
     assert doc["malloc_tuned"] is allocator.malloc_tuned() is (allocator._libc() is not None)
     assert ("malloc tuned" if doc["malloc_tuned"] else "malloc default") in out
     assert [r["atoms"] for r in doc["results"]] == [300, 600]
+    assert doc["command"].startswith("fastff bench --sweep 300,600")
+    assert doc["commit"] is None or len(doc["commit"].split("+")[0]) == 40
     small, large = doc["results"]
     by_name = {r["component"]: r for r in large["rows"]}
     for name in ("neighbor list", "MM (fastff)", "MM (OpenMM)", "SchNet (fastff)",
-                 "SchNet (fastff, tabulated)", "SchNet (reference)"):
+                 "SchNet (fastff, tabulated)", "SchNet (torch_geometric)",
+                 "SchNet reference (correctness oracle)"):
         row = by_name[name]
         assert row["skipped"] is None, name
-        assert row["samples"] == len(row["per_atom_step"]) >= 2 and row["median_s"] > 0, name
+        assert row["samples"] == len(row["per_atom_step"]) >= 2 and row["mean_s"] > 0, name
+        assert row["mean_s"] == pytest.approx(sum(row["per_atom_step"]) / row["samples"])
     # the 300-atom box (1.45 nm) is too small for the 0.9 nm MM cutoff: said, not measured
     mm_small = next(r for r in small["rows"] if r["component"] == "MM (fastff)")
     assert mm_small["skipped"] and "cutoff" in mm_small["skipped"]
+    # frames of real dynamics, with the rebuild rate of the lists recorded and printed
+    traj = large["trajectory"]
+    assert traj["integrator"] == "velocity Verlet" and traj["temperature_K"] == 300.0
+    assert len(traj["kinetic_energy_kj_mol"]) == traj["frames"] == 2 * 1 + 2
+    assert all(0 <= v <= 1 for v in traj["rebuilds_per_step"].values())
+    assert "Verlet-list rebuilds per step: model list (0.5 + 0.1 nm)" in out
+    # the tabulated row beside its force error against the exact network
+    error = by_name["SchNet (fastff, tabulated)"]["force_error"]
+    assert by_name["SchNet (fastff, tabulated)"]["filters"] == "tabulated (cubic spline)"
+    assert by_name["SchNet (fastff)"]["filters"] == "exact"
+    assert 0 < error["rms"] <= error["max_abs"] < 1e-3 * error["max_abs_force"]
+    assert "tabulated (cubic spline) against exact" in out
+    # the peer computes the same energy; the speed-up names it; none against the oracle
+    assert by_name["SchNet (torch_geometric)"]["agreement"]["ok"]
     head = large["headline"]
-    ratio = by_name["SchNet (fastff)"]["median_s"] / by_name["MM (fastff)"]["median_s"]
+    ratio = by_name["SchNet (fastff)"]["mean_s"] / by_name["MM (fastff)"]["mean_s"]
     assert head["SchNet (fastff) / MM (fastff)"] == pytest.approx(ratio)
+    speedup = by_name["SchNet (torch_geometric)"]["mean_s"] / by_name["SchNet (fastff)"]["mean_s"]
+    assert head["SchNet fastff vs torch_geometric"] == pytest.approx(speedup)
+    openmm = by_name["MM (OpenMM)"]["mean_s"] / by_name["MM (fastff)"]["mean_s"]
+    assert head["MM fastff vs OpenMM CPU"] == pytest.approx(openmm)
+    assert not any("reference" in key for key in head)
+    assert "SchNet fastff vs torch_geometric" in out and "correctness oracle" in out
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # bench/report.py turns the saved JSON into the README's table and redraws the plot
     report = os.path.join(os.path.dirname(__file__), "..", "bench", "report.py")
@@ -251,10 +275,15 @@ def test_bench_torch_geometric_model_on_a_structure(user_files, tmp_path, capsys
         assert by_name[name]["skipped"] is None and by_name[name]["median_s"] > 0, name
     # an XYZ file carries no force field: MM is said to be missing, not measured
     assert "PDB" in by_name["MM (fastff)"]["skipped"]
-    ratio = (by_name["torch_geometric SchNet"]["median_s"]
-             / by_name["torch_geometric SchNet (fastff)"]["median_s"])
-    assert result["headline"]["torch_geometric SchNet: original / fastff"] == pytest.approx(ratio)
-    assert "torch_geometric SchNet: original / fastff" in out and "target >= 5x" in out
+    ratio = (by_name["torch_geometric SchNet"]["mean_s"]
+             / by_name["torch_geometric SchNet (fastff)"]["mean_s"])
+    key = "torch_geometric SchNet accelerated (fastff) vs torch_geometric"
+    assert result["headline"][key] == pytest.approx(ratio)
+    assert key in out and "target >= 5x" in out
+    # no MM force field in an XYZ file: the frames are a random walk, and say so
+    assert result["trajectory"]["integrator"].startswith("random walk")
+    error = by_name["torch_geometric SchNet (fastff, tabulated)"]["force_error"]
+    assert error["against"] == "torch_geometric SchNet (fastff)" and error["max_abs"] > 0
 
 
 def test_bench_fastff_model_on_a_pdb_with_mm(user_files, capsys):
@@ -266,3 +295,5 @@ def test_bench_fastff_model_on_a_pdb_with_mm(user_files, capsys):
     for name in ("MM (fastff)", "MM (OpenMM)", "SchNet (fastff)", "SchNet (fastff, tabulated)"):
         assert name in rows and "skipped" not in rows[name], out
     assert "SchNet (fastff) / MM (fastff)" in out
+    # dynamics on the file's own amber14/TIP3P System
+    assert "frames: velocity Verlet" in out and "amber14/TIP3P" in out
