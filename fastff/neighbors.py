@@ -16,6 +16,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from fastff import _checks
+from fastff.kernels._runtime import memory as _memory
 from fastff.kernels._runtime import registry
 from fastff.kernels._runtime import status as status_bits
 from fastff.kernels.message import op as _message_op
@@ -215,6 +216,7 @@ class NeighborList:
                         self.cell if cell is None else cell.detach())
 
     def _cell_for(self, positions: Tensor, cell: Tensor | None) -> Tensor:
+        _checks.float_dtype(positions, "positions")
         if positions.shape[0] != self.num_atoms:
             raise ValueError(f"positions has {positions.shape[0]} atoms but this neighbor list "
                              f"was built for {self.num_atoms}")
@@ -548,6 +550,8 @@ def neighbor_list(positions: Tensor, cutoff: float, cell: Tensor | None = None, 
     cells, periodic = _normalize_cell(cell, pbc, positions, num_systems, batch is not None)
     n = positions.shape[0]
     system_ptr = _system_ptr(batch, cells.shape[0], n, positions.device)
+    if capacity is None:
+        _check_pair_memory(positions, c, cells, periodic, batch, system_ptr)
     if capacity is not None:
         buffers = CapacityBuffers(n, int(capacity), positions, cells)
         buffers.status[0] = status_bits.REBUILD
@@ -569,6 +573,70 @@ def neighbor_list(positions: Tensor, cutoff: float, cell: Tensor | None = None, 
     nl.symmetric = not half
     nl._remember(positions, dist, cell)
     return nl
+
+
+#: bytes a list keeps per pair besides its distance: i, j (int64) and shifts (int32 [3])
+_PAIR_BYTES = 8 + 8 + 12
+#: below this many bytes for every atom paired with every other, no estimate is made
+_SMALL_LIST_BYTES = 1 << 26
+
+
+def _check_pair_memory(positions: Tensor, cutoff: float, cells: Tensor, pbc: Tensor,
+                       batch: Tensor | None, system_ptr: Tensor) -> None:
+    """Refuse, before any pass runs, a cutoff whose expected pairs do not fit in free memory.
+
+    Expected pairs of a system of n atoms in volume V: ``n * n / V * (4/3) pi cutoff^3``
+    (homogeneous density), at most ``n * n`` without periodic axes. V is the cell's volume,
+    a non-periodic axis taking the extent of the atoms along it plus ``2 * cutoff``. An
+    estimate, not a bound: the build still checks the exact count. Reads values (cell,
+    extents): on CPU always, elsewhere only while value checks are on (a host sync).
+    """
+    if not _plain_eager(positions) or not (positions.device.type == "cpu"
+                                           or _checks.checks_enabled()):
+        return
+    bytes_per_pair = _PAIR_BYTES + positions.element_size()
+    sizes = (system_ptr[1:] - system_ptr[:-1]).double()
+    if cells.shape[0] == 1:
+        n = float(positions.shape[0])
+        flags = pbc[0].tolist()
+        if not any(flags) and n * n * bytes_per_pair < _SMALL_LIST_BYTES:
+            return
+        rows = cells[0].tolist()
+        if not all(flags):
+            extent = ((positions.detach().amax(0) - positions.detach().amin(0)).tolist()
+                      if n else [0.0, 0.0, 0.0])
+            for k in range(3):
+                if not flags[k]:
+                    rows[k] = [0.0, 0.0, 0.0]
+                    rows[k][k] = extent[k] + 2.0 * cutoff
+        volume = abs(rows[0][0] * (rows[1][1] * rows[2][2] - rows[1][2] * rows[2][1])
+                     - rows[0][1] * (rows[1][0] * rows[2][2] - rows[1][2] * rows[2][0])
+                     + rows[0][2] * (rows[1][0] * rows[2][1] - rows[1][1] * rows[2][0]))
+        per_atom = n * (4.0 / 3.0) * math.pi * cutoff**3 / volume if volume > 0 else math.inf
+        pairs = n * (per_atom if any(flags) else min(n, per_atom))
+    else:
+        if not bool(pbc.any()) and float((sizes * sizes).sum()) * bytes_per_pair \
+                < _SMALL_LIST_BYTES:
+            return
+        rows = cells.detach().double().clone()
+        if not bool(pbc.all()):
+            pos = positions.detach().double()
+            index = (torch.zeros(pos.shape[0], dtype=torch.int64, device=pos.device)
+                     if batch is None else batch).unsqueeze(1).expand(-1, 3)
+            hi = pos.new_full((rows.shape[0], 3), -math.inf).scatter_reduce(0, index, pos, "amax")
+            lo = pos.new_full((rows.shape[0], 3), math.inf).scatter_reduce(0, index, pos, "amin")
+            extent = torch.where(hi >= lo, hi - lo, 0.0) + 2.0 * cutoff
+            rows = torch.where(pbc.unsqueeze(-1), rows, torch.diag_embed(extent))
+        volume = torch.linalg.det(rows).abs()
+        per_atom = sizes * (4.0 / 3.0) * math.pi * cutoff**3 / volume
+        per_atom = torch.where(pbc.any(1), per_atom, torch.minimum(per_atom, sizes))
+        pairs = float((sizes * per_atom).sum())
+    free = _memory.free_memory(positions.device)
+    if free is not None and pairs * bytes_per_pair > free:
+        raise MemoryError(f"cutoff {cutoff} would give about {pairs:.3g} pairs "
+                          f"({pairs * bytes_per_pair / 2**30:.3g} GiB) for "
+                          f"{positions.shape[0]} atoms, but only {free / 2**30:.2f} GiB is "
+                          f"free on {positions.device}; use a smaller cutoff")
 
 
 def _system_ptr(batch: Tensor | None, num_systems: int, n: int, device) -> Tensor:
