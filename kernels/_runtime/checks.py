@@ -14,7 +14,6 @@ from collections.abc import Iterator
 
 import torch
 
-
 #: the float dtypes every kernel computes in (numba and Triton have no half-precision path)
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
