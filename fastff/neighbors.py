@@ -9,7 +9,6 @@ caller's back). A full list holds both (i, j, S) and (j, i, -S); a half list one
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 from torch import Tensor
@@ -67,8 +66,7 @@ class NeighborList:
         self._mirror_pairs: Tensor | None = None  # computed from _reverse, kept with it
         # of a compacted list until its reverse is needed: (source list, rank int32 [E_source])
         self._compacted_from: tuple[NeighborList, Tensor] | None = None
-        # the build's distances: (weakref to positions, version, weakref to cell or None, its
-        # version, distances)
+        # the build's distances: (Stamp of positions, _CellStamp or None, distances)
         self._cached: tuple | None = None
 
     def __len__(self) -> int:
@@ -242,31 +240,32 @@ class NeighborList:
         return _op.pair_vectors(positions, cells, self.batch, self.i, self.j, self.shifts, name)
 
     def distances(self, positions: Tensor, cell: Tensor | None = None) -> Tensor:
-        """|r_ij| [E] in the dtype of positions; differentiable like :meth:`vectors`.
-
-        Three paths, by what the call needs:
+        """|r_ij| [E] in the dtype of positions; differentiable (to any order) in ``positions``
+        and ``cell`` like :meth:`vectors`.
 
         * ``positions`` and ``cell`` are the tensors the list was built from (the same objects,
-          unchanged: same ``_version``; ``cell=None`` stands for the build's cell) and no gradient
-          is needed: the distances the build computed, without new work.
-        * No gradient is needed otherwise: one fused pass over the pairs (``pair_distances``),
-          without the [E, 3] vectors.
-        * A gradient is needed (grad mode on and ``positions`` or ``cell`` requires grad):
-          ``|vectors(positions, cell)|``, differentiable to any order.
+          unchanged: same ``_version``, see :class:`fastff._checks.Stamp`; ``cell=None`` stands
+          for the build's cell) and no gradient is needed: the distances the build computed,
+          without new work.
+        * Otherwise one fused pass over the pairs (``pair_distances``): |x_j - x_i + S @ cell|
+          per pair, without the [E, 3] vectors. Its backward (when a gradient is needed) is
+          built from ``pair_vectors`` and its transpose, so any order of derivative works.
 
-        Deterministic on CPU. On CUDA the second path runs the torch composition (no Triton kernel).
+        Deterministic on CPU. On CUDA the fused op runs the torch composition (no Triton kernel).
         """
         self._exact("distances()")
         needs_grad = torch.is_grad_enabled() and (
             positions.requires_grad or (cell is not None and cell.requires_grad))
-        if needs_grad:
-            return torch.linalg.vector_norm(self.vectors(positions, cell), dim=1)
-        cached = self._built_distances(positions, cell)
-        if cached is not None:
-            return cached
-        cells = self._cell_for(positions, cell).detach()
+        if not needs_grad:
+            cached = self._built_distances(positions, cell)
+            if cached is not None:
+                return cached
+        cells = self._cell_for(positions, cell)
         name, launch = registry.resolve("pair_distances", positions.device, self.backend)
-        args = (positions.detach(), cells, self.batch, self.i, self.j, self.shifts)
+        if needs_grad:
+            return _op.pair_distances(positions, cells, self.batch, self.i, self.j, self.shifts,
+                                      name)
+        args = (positions.detach(), cells.detach(), self.batch, self.i, self.j, self.shifts)
         if _plain_eager(positions):  # no gradient: skip the custom op's dispatch, as the build
             return launch(*args)
         return _op.pair_distances(*args, name)
@@ -275,20 +274,24 @@ class NeighborList:
         """The build's distances if ``positions`` and ``cell`` are its unchanged inputs."""
         if self._cached is None:
             return None
-        pos_ref, pos_version, cell_ref, cell_version, distances = self._cached
-        if pos_ref() is not positions or positions._version != pos_version:
+        pos_stamp, cell_stamp, distances = self._cached
+        if not pos_stamp.matches(positions):
             return None
-        if cell is None:  # the build's cell: self.cell shares its version counter
-            same_cell = self.cell is None or self.cell._version == cell_version
-        else:
-            same_cell = (cell_ref is not None and cell_ref() is cell
-                         and cell._version == cell_version)
-        return distances if same_cell else None
+        if cell is None:  # the build's cell: self.cell shares the given cell's version counter
+            cell = self.cell
+        if cell is None:
+            return distances if cell_stamp is None else None
+        return distances if cell_stamp is not None and cell_stamp.matches(cell) else None
 
     def _remember(self, positions: Tensor, distances: Tensor, cell: Tensor | None = None) -> None:
-        self._cached = (weakref.ref(positions), positions._version,
-                        None if cell is None else weakref.ref(cell),
-                        None if cell is None else cell._version, distances)
+        """Keep the build's distances for :meth:`distances`, keyed by the state of positions
+        and cell (nothing is kept for tensors without a version counter: inference tensors)."""
+        if not _checks.cacheable(positions) or not (cell is None or _checks.cacheable(cell)):
+            self._cached = None
+            return
+        # the cell is matched as given, or as self.cell (cell=None), a view of it
+        self._cached = (_checks.Stamp(positions),
+                        None if cell is None else _CellStamp(cell, self.cell), distances)
 
     # ---- pairs in and out: edge lists, devices, batches (see fastff/_edge_index.py) ----------
 
@@ -382,6 +385,20 @@ class NeighborList:
         from fastff._edge_index import cat
 
         return cat(cls, lists)
+
+
+class _CellStamp:
+    """The build's cell as given and as kept by the list (``cell.detach()``, one version
+    counter): either tensor, unchanged, matches."""
+
+    __slots__ = ("_given", "_kept")
+
+    def __init__(self, given: Tensor, kept: Tensor | None):
+        self._given = _checks.Stamp(given)
+        self._kept = None if kept is None else _checks.Stamp(kept)
+
+    def matches(self, t: Tensor) -> bool:
+        return self._given.matches(t) or (self._kept is not None and self._kept.matches(t))
 
 
 def _normalize_batch(batch: Tensor | None, positions: Tensor):
