@@ -2,8 +2,10 @@
 
 * Import: ``python -X importtime -c "import torch"`` and ``... "import fastff"`` in fresh
   processes, alternating, ``--rounds`` of each; the cumulative time of the top-level ``torch``
-  and ``fastff`` entries (fastff's includes torch's), their medians and the difference. Also
-  which toolchains ``import fastff`` loaded (numba and Triton load when first used).
+  and ``fastff`` entries (fastff's includes torch's), their medians and the difference; and,
+  less noisy, ``import fastff`` timed alone in a process that imported torch first. Also
+  which toolchains ``import fastff`` loaded (numba and Triton load when first used; torch itself
+  imports Triton, through torch._dynamo, at the first dispatch of any custom op).
 * First call: in a fresh process with ``NUMBA_CACHE_DIR`` an empty temporary folder,
   ``import fastff``, ``fastff.systems.water_box(1000)`` (3,000 atoms), a default SchNet and its
   first energy + forces (numba compiles here), then a second call; then the same in another
@@ -92,6 +94,13 @@ def measure_imports(rounds: int) -> dict:
             cumulative, wall = _importtime(module)
             times[module].append(cumulative)
             walls[module].append(wall)
+    after_torch = []  # in one process: torch first, then the time of import fastff alone
+    for _ in range(rounds):
+        out = subprocess.run(
+            [sys.executable, "-c", "import time, torch; t = time.perf_counter(); import fastff; "
+             "print(time.perf_counter() - t)"],
+            capture_output=True, text=True, check=True, cwd=ROOT)
+        after_torch.append(float(out.stdout.strip().splitlines()[-1]))
     loaded = subprocess.run(
         [sys.executable, "-c", "import sys, fastff; print(','.join(m for m in ('numba', "
          "'triton', 'sympy') if m in sys.modules))"],
@@ -104,6 +113,8 @@ def measure_imports(rounds: int) -> dict:
         "median_importtime_s": medians,
         "median_process_wall_s": {m: statistics.median(v) for m, v in walls.items()},
         "fastff_adds_s": medians["fastff"] - medians["torch"],
+        "import_fastff_after_torch_s": after_torch,
+        "median_import_fastff_after_torch_s": statistics.median(after_torch),
         "loaded_by_import_fastff": [m for m in loaded.split(",") if m],
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
     }

@@ -612,7 +612,6 @@ def _check_pair_memory(positions: Tensor, cutoff: float, cells: Tensor, pbc: Ten
                                            or _checks.checks_enabled()):
         return
     bytes_per_pair = _PAIR_BYTES + positions.element_size()
-    sizes = (system_ptr[1:] - system_ptr[:-1]).double()
     if cells.shape[0] == 1:
         n = float(positions.shape[0])
         flags = pbc[0].tolist()
@@ -632,6 +631,7 @@ def _check_pair_memory(positions: Tensor, cutoff: float, cells: Tensor, pbc: Ten
         per_atom = n * (4.0 / 3.0) * math.pi * cutoff**3 / volume if volume > 0 else math.inf
         pairs = n * (per_atom if any(flags) else min(n, per_atom))
     else:
+        sizes = (system_ptr[1:] - system_ptr[:-1]).double()
         if not bool(pbc.any()) and float((sizes * sizes).sum()) * bytes_per_pair \
                 < _SMALL_LIST_BYTES:
             return
