@@ -635,19 +635,20 @@ def _check_pair_memory(positions: Tensor, cutoff: float, cells: Tensor, pbc: Ten
         if not bool(pbc.any()) and float((sizes * sizes).sum()) * bytes_per_pair \
                 < _SMALL_LIST_BYTES:
             return
-        rows = cells.detach().double().clone()
+        lattice = cells.detach().double().clone()
         if not bool(pbc.all()):
             pos = positions.detach().double()
             index = (torch.zeros(pos.shape[0], dtype=torch.int64, device=pos.device)
                      if batch is None else batch).unsqueeze(1).expand(-1, 3)
-            hi = pos.new_full((rows.shape[0], 3), -math.inf).scatter_reduce(0, index, pos, "amax")
-            lo = pos.new_full((rows.shape[0], 3), math.inf).scatter_reduce(0, index, pos, "amin")
-            extent = torch.where(hi >= lo, hi - lo, 0.0) + 2.0 * cutoff
-            rows = torch.where(pbc.unsqueeze(-1), rows, torch.diag_embed(extent))
-        volume = torch.linalg.det(rows).abs()
-        per_atom = sizes * (4.0 / 3.0) * math.pi * cutoff**3 / volume
-        per_atom = torch.where(pbc.any(1), per_atom, torch.minimum(per_atom, sizes))
-        pairs = float((sizes * per_atom).sum())
+            empty = pos.new_full((lattice.shape[0], 3), math.inf)
+            hi = (-empty).scatter_reduce(0, index, pos, "amax")
+            lo = empty.scatter_reduce(0, index, pos, "amin")
+            spans = torch.where(hi >= lo, hi - lo, 0.0) + 2.0 * cutoff
+            lattice = torch.where(pbc.unsqueeze(-1), lattice, torch.diag_embed(spans))
+        volumes = torch.linalg.det(lattice).abs()
+        neighbours = sizes * (4.0 / 3.0) * math.pi * cutoff**3 / volumes
+        neighbours = torch.where(pbc.any(1), neighbours, torch.minimum(neighbours, sizes))
+        pairs = float((sizes * neighbours).sum())
     free = _memory.free_memory(positions.device)
     if free is not None and pairs * bytes_per_pair > free:
         raise MemoryError(f"cutoff {cutoff} would give about {pairs:.3g} pairs "

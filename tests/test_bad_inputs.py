@@ -109,12 +109,14 @@ def test_radial_basis_refuses_negative_or_nan_distances(rng, bad):
     torch.testing.assert_close(torch.cat((out[:k], out[k + 1:])), expected)
 
 
-@pytest.mark.parametrize("periodic", [True, False], ids=["cell", "batched-cells"])
-def test_cutoff_beyond_memory_is_refused_from_the_estimate(rng, periodic):
+@pytest.mark.parametrize("case", ["cell", "batched-cells", "batched-slabs"])
+def test_cutoff_beyond_memory_is_refused_from_the_estimate(rng, case):
     positions = torch.from_numpy(rng.uniform(0.0, 3.0, (1000, 3)))
     cell = torch.eye(3, dtype=torch.float64) * 3.0
-    kwargs = {"cell": cell} if periodic else {
+    kwargs = {"cell": cell} if case == "cell" else {
         "cell": torch.stack((cell, cell)), "batch": torch.arange(2).repeat_interleave(500)}
+    if case == "batched-slabs":  # z not periodic: V counts the atoms' extent plus 2 cutoffs
+        kwargs["pbc"] = torch.tensor([True, True, False])
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     with pytest.raises(MemoryError, match=r"cutoff 10000.0 would give about .* pairs") as err:
@@ -123,8 +125,11 @@ def test_cutoff_beyond_memory_is_refused_from_the_estimate(rng, periodic):
     # peak resident memory grew by less than 100 MiB (ru_maxrss is in KiB on Linux)
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 100 * 1024
     # the estimate: (4/3) pi rc^3 * density * atoms, to 1 %
-    per_system = 1000 if periodic else 500
+    per_system = 1000 if case == "cell" else 500
     expected = 1000 * per_system / 27.0 * 4.0 / 3.0 * math.pi * 1e12
+    if case == "batched-slabs":
+        expected = sum(500 * 500 / (9.0 * (float(z.max() - z.min()) + 2e4))
+                       for z in positions[:, 2].split(500)) * 4.0 / 3.0 * math.pi * 1e12
     estimate = float(str(err.value).split("about ")[1].split(" pairs")[0])
     assert estimate == pytest.approx(expected, rel=1e-2)
     with pytest.raises(MemoryError, match="cutoff"):
