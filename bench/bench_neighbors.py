@@ -10,10 +10,9 @@ Compaction of a Verlet list to the model cutoff is timed against a fresh list at
 
 ASE's interface (``fastff.ase.neighbor_list("ijdDS", atoms, 5.0)``, numpy in and out) against
 ``vesin.ase_neighbor_list`` and matscipy's ``neighbour_list``, 10^4 atoms; targets <= 1.0x
-vesin and <= 0.3x matscipy in default settings, i.e. without bench/conftest.py's tune_malloc:
+vesin and <= 0.3x matscipy in default settings (bench/conftest.py leaves malloc untuned):
 
-    OMP_NUM_THREADS=2 NUMBA_NUM_THREADS=2 python -m pytest bench/bench_neighbors.py \
-        --noconftest -k ase_interface --benchmark-group-by=group
+    python -m pytest bench/bench_neighbors.py -k ase_interface --benchmark-group-by=group
 
 (``extra_info["malloc_tuned"]`` records which settings a run had.)
 """

@@ -4,10 +4,7 @@ Neighbor lists, MM terms and low-order message passing as PyTorch operators with
 each with a numba (CPU), a Triton (CUDA) and a pure-torch reference path.
 """
 
-# OpenMP: numba's OpenMP layer and torch each load their own libgomp. fastff leaves both at
-# libgomp's default (idle threads spin briefly, then sleep): with OMP_WAIT_POLICY=PASSIVE every
-# small torch op of a blocked kernel (cfconv, PaiNN) pays a thread wake-up, which took exact
-# SchNet on the 3,000-atom water box from 116-155 to 288-366 us/atom-step (2 cores, README).
+# OMP_WAIT_POLICY is left at libgomp's default: PASSIVE makes every small torch op pay a wake-up.
 
 from fastff import mm, models, mp, nn, profiling, systems
 from fastff._checks import no_checks, set_checks

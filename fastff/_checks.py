@@ -25,7 +25,13 @@ from torch import Tensor
 from fastff.kernels._runtime import registry
 
 # the switch lives in the kernel runtime (thread-local); re-exported for fastff's modules
-from fastff.kernels._runtime.checks import checks_enabled, no_checks, set_checks  # noqa: F401
+from fastff.kernels._runtime.checks import (  # noqa: F401
+    FLOAT_DTYPES,
+    checks_enabled,
+    float_dtype,
+    no_checks,
+    set_checks,
+)
 
 
 def positions(x: Tensor, name: str = "positions") -> Tensor:
@@ -33,8 +39,7 @@ def positions(x: Tensor, name: str = "positions") -> Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2 or x.shape[1] != 3:
         raise ValueError(f"{name} must have shape [N, 3], got {list(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating point tensor, got {x.dtype}")
+    float_dtype(x, name)
     # One reduction finds NaN/inf (they propagate through a sum); the exact scan runs only when
     # the sum is not finite, which large finite values can also cause.
     if checks_enabled() and x.numel() and not math.isfinite(float(x.detach().sum())):
@@ -42,6 +47,23 @@ def positions(x: Tensor, name: str = "positions") -> Tensor:
         if not bool(finite.all()):
             bad = int((~finite).any(dim=1).nonzero()[0, 0])
             raise ValueError(f"{name} contains NaN or inf (first at atom {bad})")
+    return x
+
+
+def distances(x: Tensor, name: str = "distances") -> Tensor:
+    """Pair distances [E]: float32/float64; with value checks on, none negative or NaN (one
+    reduction: the minimum is NaN when any entry is)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 1:
+        raise ValueError(f"{name} must have shape [E], got {list(x.shape)}")
+    float_dtype(x, name)
+    if checks_enabled() and x.numel():
+        low = float(x.detach().min())
+        if not low >= 0.0:
+            bad = torch.isnan(x) | (x < 0)
+            k = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{name} must be >= 0 and not NaN, got {float(x[k])} at pair {k}")
     return x
 
 

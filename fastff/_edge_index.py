@@ -68,8 +68,7 @@ def _check_structure(edge_index, shifts, cell) -> None:
     if cell is not None:
         if not isinstance(cell, Tensor):
             raise TypeError(f"cell must be a torch.Tensor, got {type(cell).__name__}")
-        if not cell.is_floating_point():
-            raise TypeError(f"cell must be a floating point tensor, got {cell.dtype}")
+        _checks.float_dtype(cell, "cell")
         _checks.same_device("cell", cell, "edge_index", edge_index)
 
 

@@ -29,7 +29,8 @@ def radial_basis(distances: Tensor, *, num_basis: int, cutoff: float, kind: str 
     """Radial basis functions times an envelope, fused in one kernel.
 
     Args:
-        distances: [E] float32 or float64, pair distances (any length unit, the cutoff's).
+        distances: [E] float32 or float64, pair distances (any length unit, the cutoff's);
+            while value checks are on, negative or NaN distances raise ValueError.
         num_basis: K, number of basis functions (> 0).
         cutoff: radius where the envelope reaches zero (> 0, same unit as distances).
         kind: "gaussian" (SchNet's grid: centres 0..cutoff, width the spacing) or "bessel"
@@ -44,11 +45,6 @@ def radial_basis(distances: Tensor, *, num_basis: int, cutoff: float, kind: str 
         (fake impl with symbolic E).
     """
     k, c, kind, env = check_basis_args(num_basis, cutoff, kind, envelope)
-    if not isinstance(distances, Tensor):
-        raise TypeError(f"distances must be a torch.Tensor, got {type(distances).__name__}")
-    if distances.dim() != 1:
-        raise ValueError(f"distances must have shape [E], got {list(distances.shape)}")
-    if not distances.is_floating_point():
-        raise TypeError(f"distances must be a floating point tensor, got {distances.dtype}")
+    _checks.distances(distances)
     name, _ = registry.resolve("radial_basis", distances.device, backend)
     return _radial_op.radial_basis(distances.contiguous(), k, c, kind, env, 0, name)

@@ -9,13 +9,13 @@ caller's back). A full list holds both (i, j, S) and (j, i, -S); a half list one
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from fastff import _checks
+from fastff.kernels._runtime import memory as _memory
 from fastff.kernels._runtime import registry
 from fastff.kernels._runtime import status as status_bits
 from fastff.kernels.message import op as _message_op
@@ -66,8 +66,7 @@ class NeighborList:
         self._mirror_pairs: Tensor | None = None  # computed from _reverse, kept with it
         # of a compacted list until its reverse is needed: (source list, rank int32 [E_source])
         self._compacted_from: tuple[NeighborList, Tensor] | None = None
-        # the build's distances: (weakref to positions, version, weakref to cell or None, its
-        # version, distances)
+        # the build's distances: (Stamp of positions, _CellStamp or None, distances)
         self._cached: tuple | None = None
 
     def __len__(self) -> int:
@@ -215,6 +214,7 @@ class NeighborList:
                         self.cell if cell is None else cell.detach())
 
     def _cell_for(self, positions: Tensor, cell: Tensor | None) -> Tensor:
+        _checks.float_dtype(positions, "positions")
         if positions.shape[0] != self.num_atoms:
             raise ValueError(f"positions has {positions.shape[0]} atoms but this neighbor list "
                              f"was built for {self.num_atoms}")
@@ -240,31 +240,32 @@ class NeighborList:
         return _op.pair_vectors(positions, cells, self.batch, self.i, self.j, self.shifts, name)
 
     def distances(self, positions: Tensor, cell: Tensor | None = None) -> Tensor:
-        """|r_ij| [E] in the dtype of positions; differentiable like :meth:`vectors`.
-
-        Three paths, by what the call needs:
+        """|r_ij| [E] in the dtype of positions; differentiable (to any order) in ``positions``
+        and ``cell`` like :meth:`vectors`.
 
         * ``positions`` and ``cell`` are the tensors the list was built from (the same objects,
-          unchanged: same ``_version``; ``cell=None`` stands for the build's cell) and no gradient
-          is needed: the distances the build computed, without new work.
-        * No gradient is needed otherwise: one fused pass over the pairs (``pair_distances``),
-          without the [E, 3] vectors.
-        * A gradient is needed (grad mode on and ``positions`` or ``cell`` requires grad):
-          ``|vectors(positions, cell)|``, differentiable to any order.
+          unchanged: same ``_version``, see :class:`fastff._checks.Stamp`; ``cell=None`` stands
+          for the build's cell) and no gradient is needed: the distances the build computed,
+          without new work.
+        * Otherwise one fused pass over the pairs (``pair_distances``): |x_j - x_i + S @ cell|
+          per pair, without the [E, 3] vectors. Its backward (when a gradient is needed) is
+          built from ``pair_vectors`` and its transpose, so any order of derivative works.
 
-        Deterministic on CPU. On CUDA the second path runs the torch composition (no Triton kernel).
+        Deterministic on CPU. On CUDA the fused op runs the torch composition (no Triton kernel).
         """
         self._exact("distances()")
         needs_grad = torch.is_grad_enabled() and (
             positions.requires_grad or (cell is not None and cell.requires_grad))
-        if needs_grad:
-            return torch.linalg.vector_norm(self.vectors(positions, cell), dim=1)
-        cached = self._built_distances(positions, cell)
-        if cached is not None:
-            return cached
-        cells = self._cell_for(positions, cell).detach()
+        if not needs_grad:
+            cached = self._built_distances(positions, cell)
+            if cached is not None:
+                return cached
+        cells = self._cell_for(positions, cell)
         name, launch = registry.resolve("pair_distances", positions.device, self.backend)
-        args = (positions.detach(), cells, self.batch, self.i, self.j, self.shifts)
+        if needs_grad:
+            return _op.pair_distances(positions, cells, self.batch, self.i, self.j, self.shifts,
+                                      name)
+        args = (positions.detach(), cells.detach(), self.batch, self.i, self.j, self.shifts)
         if _plain_eager(positions):  # no gradient: skip the custom op's dispatch, as the build
             return launch(*args)
         return _op.pair_distances(*args, name)
@@ -273,20 +274,24 @@ class NeighborList:
         """The build's distances if ``positions`` and ``cell`` are its unchanged inputs."""
         if self._cached is None:
             return None
-        pos_ref, pos_version, cell_ref, cell_version, distances = self._cached
-        if pos_ref() is not positions or positions._version != pos_version:
+        pos_stamp, cell_stamp, distances = self._cached
+        if not pos_stamp.matches(positions):
             return None
-        if cell is None:  # the build's cell: self.cell shares its version counter
-            same_cell = self.cell is None or self.cell._version == cell_version
-        else:
-            same_cell = (cell_ref is not None and cell_ref() is cell
-                         and cell._version == cell_version)
-        return distances if same_cell else None
+        if cell is None:  # the build's cell: self.cell shares the given cell's version counter
+            cell = self.cell
+        if cell is None:
+            return distances if cell_stamp is None else None
+        return distances if cell_stamp is not None and cell_stamp.matches(cell) else None
 
     def _remember(self, positions: Tensor, distances: Tensor, cell: Tensor | None = None) -> None:
-        self._cached = (weakref.ref(positions), positions._version,
-                        None if cell is None else weakref.ref(cell),
-                        None if cell is None else cell._version, distances)
+        """Keep the build's distances for :meth:`distances`, keyed by the state of positions
+        and cell (nothing is kept for tensors without a version counter: inference tensors)."""
+        if not _checks.cacheable(positions) or not (cell is None or _checks.cacheable(cell)):
+            self._cached = None
+            return
+        # the cell is matched as given, or as self.cell (cell=None), a view of it
+        self._cached = (_checks.Stamp(positions),
+                        None if cell is None else _CellStamp(cell, self.cell), distances)
 
     # ---- pairs in and out: edge lists, devices, batches (see fastff/_edge_index.py) ----------
 
@@ -380,6 +385,20 @@ class NeighborList:
         from fastff._edge_index import cat
 
         return cat(cls, lists)
+
+
+class _CellStamp:
+    """The build's cell as given and as kept by the list (``cell.detach()``, one version
+    counter): either tensor, unchanged, matches."""
+
+    __slots__ = ("_given", "_kept")
+
+    def __init__(self, given: Tensor, kept: Tensor | None):
+        self._given = _checks.Stamp(given)
+        self._kept = None if kept is None else _checks.Stamp(kept)
+
+    def matches(self, t: Tensor) -> bool:
+        return self._given.matches(t) or (self._kept is not None and self._kept.matches(t))
 
 
 def _normalize_batch(batch: Tensor | None, positions: Tensor):
@@ -548,6 +567,8 @@ def neighbor_list(positions: Tensor, cutoff: float, cell: Tensor | None = None, 
     cells, periodic = _normalize_cell(cell, pbc, positions, num_systems, batch is not None)
     n = positions.shape[0]
     system_ptr = _system_ptr(batch, cells.shape[0], n, positions.device)
+    if capacity is None:
+        _check_pair_memory(positions, c, cells, periodic, batch, system_ptr)
     if capacity is not None:
         buffers = CapacityBuffers(n, int(capacity), positions, cells)
         buffers.status[0] = status_bits.REBUILD
@@ -569,6 +590,71 @@ def neighbor_list(positions: Tensor, cutoff: float, cell: Tensor | None = None, 
     nl.symmetric = not half
     nl._remember(positions, dist, cell)
     return nl
+
+
+#: bytes a list keeps per pair besides its distance: i, j (int64) and shifts (int32 [3])
+_PAIR_BYTES = 8 + 8 + 12
+#: below this many bytes for every atom paired with every other, no estimate is made
+_SMALL_LIST_BYTES = 1 << 26
+
+
+def _check_pair_memory(positions: Tensor, cutoff: float, cells: Tensor, pbc: Tensor,
+                       batch: Tensor | None, system_ptr: Tensor) -> None:
+    """Refuse, before any pass runs, a cutoff whose expected pairs do not fit in free memory.
+
+    Expected pairs of a system of n atoms in volume V: ``n * n / V * (4/3) pi cutoff^3``
+    (homogeneous density), at most ``n * n`` without periodic axes. V is the cell's volume,
+    a non-periodic axis taking the extent of the atoms along it plus ``2 * cutoff``. An
+    estimate, not a bound: the build still checks the exact count. Reads values (cell,
+    extents): on CPU always, elsewhere only while value checks are on (a host sync).
+    """
+    if not _plain_eager(positions) or not (positions.device.type == "cpu"
+                                           or _checks.checks_enabled()):
+        return
+    bytes_per_pair = _PAIR_BYTES + positions.element_size()
+    if cells.shape[0] == 1:
+        n = float(positions.shape[0])
+        flags = pbc[0].tolist()
+        if not any(flags) and n * n * bytes_per_pair < _SMALL_LIST_BYTES:
+            return
+        rows = cells[0].tolist()
+        if not all(flags):
+            extent = ((positions.detach().amax(0) - positions.detach().amin(0)).tolist()
+                      if n else [0.0, 0.0, 0.0])
+            for k in range(3):
+                if not flags[k]:
+                    rows[k] = [0.0, 0.0, 0.0]
+                    rows[k][k] = extent[k] + 2.0 * cutoff
+        volume = abs(rows[0][0] * (rows[1][1] * rows[2][2] - rows[1][2] * rows[2][1])
+                     - rows[0][1] * (rows[1][0] * rows[2][2] - rows[1][2] * rows[2][0])
+                     + rows[0][2] * (rows[1][0] * rows[2][1] - rows[1][1] * rows[2][0]))
+        per_atom = n * (4.0 / 3.0) * math.pi * cutoff**3 / volume if volume > 0 else math.inf
+        pairs = n * (per_atom if any(flags) else min(n, per_atom))
+    else:
+        sizes = (system_ptr[1:] - system_ptr[:-1]).double()
+        if not bool(pbc.any()) and float((sizes * sizes).sum()) * bytes_per_pair \
+                < _SMALL_LIST_BYTES:
+            return
+        lattice = cells.detach().double().clone()
+        if not bool(pbc.all()):
+            pos = positions.detach().double()
+            index = (torch.zeros(pos.shape[0], dtype=torch.int64, device=pos.device)
+                     if batch is None else batch).unsqueeze(1).expand(-1, 3)
+            empty = pos.new_full((lattice.shape[0], 3), math.inf)
+            hi = (-empty).scatter_reduce(0, index, pos, "amax")
+            lo = empty.scatter_reduce(0, index, pos, "amin")
+            spans = torch.where(hi >= lo, hi - lo, 0.0) + 2.0 * cutoff
+            lattice = torch.where(pbc.unsqueeze(-1), lattice, torch.diag_embed(spans))
+        volumes = torch.linalg.det(lattice).abs()
+        neighbours = sizes * (4.0 / 3.0) * math.pi * cutoff**3 / volumes
+        neighbours = torch.where(pbc.any(1), neighbours, torch.minimum(neighbours, sizes))
+        pairs = float((sizes * neighbours).sum())
+    free = _memory.free_memory(positions.device)
+    if free is not None and pairs * bytes_per_pair > free:
+        raise MemoryError(f"cutoff {cutoff} would give about {pairs:.3g} pairs "
+                          f"({pairs * bytes_per_pair / 2**30:.3g} GiB) for "
+                          f"{positions.shape[0]} atoms, but only {free / 2**30:.2f} GiB is "
+                          f"free on {positions.device}; use a smaller cutoff")
 
 
 def _system_ptr(batch: Tensor | None, num_systems: int, n: int, device) -> Tensor:

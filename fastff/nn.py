@@ -188,8 +188,7 @@ class RadialFilter(_Backend, nn.Module):
     def forward(self, distances: Tensor, *, backend: str | None = None) -> Tensor:
         """W(r) [E, F] for distances [E]; differentiable to any order. ``backend`` overrides
         the module's for this call."""
-        if not isinstance(distances, Tensor) or distances.dim() != 1:
-            raise ValueError("distances must be a 1-D tensor [E]")
+        _checks.distances(distances)
         name = (self._backend_for("radial_basis", distances.device) if backend is None
                 else registry.resolve("radial_basis", distances.device, backend)[0])
         basis = _rop.radial_basis(distances.contiguous(), self.num_basis, self.cutoff, self.kind,

@@ -20,7 +20,8 @@ def random_pos(rng, n, edge=5.0, dtype=torch.float64):
 
 @pytest.mark.parametrize("bad, error, words", [
     (torch.zeros(4, 2), ValueError, "positions must have shape [N, 3]"),
-    (torch.zeros(4, 3, dtype=torch.int64), TypeError, "positions must be a floating point"),
+    (torch.zeros(4, 3, dtype=torch.int64), TypeError,
+     "positions must be float32 or float64, got torch.int64"),
     (np.zeros((4, 3)), TypeError, "positions must be a torch.Tensor"),
 ])
 def test_bad_positions(bad, error, words):
@@ -162,8 +163,12 @@ def test_half_list_has_no_reverse(rng):
 def test_too_many_pairs_reports_estimate(rng, monkeypatch):
     """The output size is checked against free memory before it is allocated."""
     monkeypatch.setattr("os.sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else 4096)
-    with pytest.raises(MemoryError, match=r"neighbor list \(\d+ pairs\) would need .* GiB"):
+    # a homogeneous box: the estimate from density refuses it before any pass
+    with pytest.raises(MemoryError, match=r"cutoff 3.0 would give about .* pairs"):
         fastff.neighbor_list(random_pos(rng, 50), 3.0, cubic(), backend="numba")
+    # a cluster in a large cell: the estimate fits (~35 pairs), the exact count does not
+    with pytest.raises(MemoryError, match=r"neighbor list \(\d+ pairs\) would need .* GiB"):
+        fastff.neighbor_list(random_pos(rng, 50, edge=0.5), 3.0, cubic(20.0), backend="numba")
 
 
 def test_no_checks_skips_value_scans(rng):
@@ -441,15 +446,79 @@ def test_fused_distances_skip_the_vectors(rng):
     assert len(nl) > 5000 and peak < 0.5 * vectors_bytes, (peak, vectors_bytes)
 
 
-def test_distances_with_gradients_stay_differentiable(rng):
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+def test_distances_with_gradients_stay_differentiable(rng, backend):
+    """With a gradient the fused op runs too: values and first and second derivatives in
+    positions and cell against torch's norm of the vectors (float64), and gradcheck."""
     pos, cell = triclinic_system(rng, 12)
-    nl = fastff.neighbor_list(pos, 2.5, cell)
+    nl = fastff.neighbor_list(pos, 2.5, cell, backend=backend)
     p = pos.clone().requires_grad_(True)
     c = cell.clone().requires_grad_(True)
     d = nl.distances(p, c)
-    assert d.grad_fn is not None and "Norm" in d.grad_fn.name()
+    assert d.grad_fn is not None and "Norm" not in d.grad_fn.name()
+    expected = torch.linalg.vector_norm(nl.vectors(p, c), dim=1)
+    torch.testing.assert_close(d, expected, rtol=1e-13, atol=1e-13)
+    weights = torch.randn(len(nl), dtype=torch.float64)
+    grads = torch.autograd.grad((weights * d).sum(), (p, c), create_graph=True)
+    ref_grads = torch.autograd.grad((weights * expected).sum(), (p, c), create_graph=True)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+    second = torch.autograd.grad(grads[0].square().sum(), (p, c))
+    ref_second = torch.autograd.grad(ref_grads[0].square().sum(), (p, c))
+    for g, r in zip(second, ref_second, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
     assert torch.autograd.gradcheck(nl.distances, (p, c))
     assert torch.autograd.gradgradcheck(nl.distances, (p, c))
+    # the build's cell (cell=None) is fixed: gradients to positions only
+    (g_pos,) = torch.autograd.grad((weights * nl.distances(p)).sum(), p)
+    (ref_pos,) = torch.autograd.grad((weights * torch.linalg.vector_norm(
+        nl.vectors(p), dim=1)).sum(), p)
+    torch.testing.assert_close(g_pos, ref_pos, rtol=1e-12, atol=1e-12)
+
+
+def test_distances_with_gradients_skip_the_vectors(rng):
+    """The forward with a gradient needed allocates no [E, 3] array either (numpy allocations
+    traced, as in the test above)."""
+    import tracemalloc
+
+    pos, cell = triclinic_system(rng, 400)
+    nl = fastff.neighbor_list(pos * 2.0, 4.0, cell * 2.0)
+    moved = (pos * 2.0 + 0.01).requires_grad_(True)
+    nl.distances(moved, cell * 2.0)
+    tracemalloc.start()
+    try:
+        d = nl.distances(moved, cell * 2.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert d.requires_grad
+    vectors_bytes = len(nl) * 3 * 8
+    assert len(nl) > 5000 and peak < 0.5 * vectors_bytes, (peak, vectors_bytes)
+
+
+def test_distances_of_the_build_under_inference_mode(rng):
+    """Inference tensors track no version: the list builds, and its distances are computed
+    (never a kept value that a later in-place edit would make stale)."""
+    pos, cell = triclinic_system(rng, 30)
+    with torch.inference_mode():
+        p, c = pos.clone(), cell.clone()
+        nl = fastff.neighbor_list(p, 2.5, c)
+        first = nl.distances(p, c)
+        p.add_(0.05 * torch.randn_like(p))
+        expected = torch.linalg.vector_norm(nl.vectors(p, c), dim=1)
+        torch.testing.assert_close(nl.distances(p, c), expected, rtol=1e-13, atol=1e-13)
+    assert not torch.allclose(first, expected)
+
+
+def test_distances_of_the_build_follow_in_place_edits_of_positions(rng):
+    pos, cell = triclinic_system(rng, 30)
+    nl = fastff.neighbor_list(pos, 2.5, cell)
+    built = nl.distances(pos, cell)
+    pos.add_(0.05 * torch.randn_like(pos))  # same object, new version: computed again
+    again = nl.distances(pos, cell)
+    assert again is not built
+    torch.testing.assert_close(again, torch.linalg.vector_norm(nl.vectors(pos, cell), dim=1),
+                               rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("backend", ["numba", "reference"])

@@ -14,6 +14,15 @@ from collections.abc import Iterator
 
 import torch
 
+#: the float dtypes every kernel computes in (numba and Triton have no half-precision path)
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def float_dtype(x: torch.Tensor, name: str) -> None:
+    """Structural check: ``x`` is float32 or float64 (raises TypeError naming ``name``)."""
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {x.dtype}")
+
 
 class _Switch(threading.local):
     enabled = True

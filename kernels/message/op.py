@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fastff.kernels._runtime import registry
 from fastff.kernels._runtime.args import OpArgs
@@ -146,6 +145,9 @@ def _kept_like(like: Tensor, pairs: Tensor, budget: int) -> Tensor:
     """The fake of a kept [P, F] tensor (an empty [0, F] when not kept), decided as
     ``dense.keeps`` decides, from shapes; where symbolic shapes cannot tell without a guard on
     P, a new symbolic size (the real op then returns either)."""
+    # imported here: symbolic_shapes brings sympy (about 1 s), needed only while tracing
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
     num_pairs, nf = pairs.shape[1], like.shape[1]
     if budget <= 0:
         return like.new_empty(0, nf)
