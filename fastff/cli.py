@@ -122,13 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _malloc_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--default-malloc", action="store_true",
-                   help="keep glibc malloc's defaults (by default the command first calls "
-                   "fastff.allocator.tune_malloc, for every component it runs)")
+    p.add_argument("--tune-malloc", action="store_true",
+                   help="first call fastff.tune_malloc (glibc keeps freed blocks), for every "
+                   "component it runs; by default malloc keeps the defaults a user gets")
 
 
 def _tune_malloc(args) -> None:
-    if not args.default_malloc:
+    if args.tune_malloc:
         from fastff.allocator import tune_malloc
 
         tune_malloc()
