@@ -191,34 +191,43 @@ def run_cases(args) -> list[dict]:
     fresh processes, the two sides in turn, K rounds; ratios per round, then their median."""
     results = []
     for case in args.cases:
-        rounds = []
-        for r in range(max(1, args.alternate)):
-            sides = {}
-            for impl in IMPLS:
-                if args.alternate:
-                    sides[impl] = _sub(args, ["--one", case, impl])
-                else:
-                    sides[impl] = time_case(args, case, impl)
-            rounds.append({"round": r, **_pairs_of(sides),
-                           "sides": {k: _strip(v) for k, v in sides.items()}})
-            print(json.dumps({"case": case, "round": r, "ratio_median":
-                              rounds[-1]["ratio_median"]}), flush=True)
-        row = {"case": case, "target": TARGETS[case], "rounds": rounds,
-               "atoms": rounds[0]["sides"]["original"]["atoms"],
-               "ratio": statistics.median(x["ratio_median"] for x in rounds),
-               "ratio_range": [min(x["ratio_median"] for x in rounds),
-                               max(x["ratio_median"] for x in rounds)]}
-        for impl in IMPLS:
-            med = statistics.median(x["sides"][impl]["median_s"] for x in rounds)
-            mean = statistics.median(x["sides"][impl]["mean_s"] for x in rounds)
-            row[impl] = {"median_s_per_step": med, "mean_s_per_step": mean,
-                         "us_per_atom_step_median": med / row["atoms"] * 1e6,
-                         "us_per_atom_step_mean": mean / row["atoms"] * 1e6}
-        for key in ("energy_rel_diff", "forces_max_diff_over_max"):
-            if key in rounds[0]:
-                row[key] = rounds[0][key]
-        results.append(row)
+        try:
+            results.append(_run_case(args, case))
+        except RuntimeError as err:  # a failed process (out of memory): recorded, others go on
+            results.append({"case": case, "target": TARGETS[case], "error": str(err)[-2000:]})
+            print(json.dumps({"case": case, "error": str(err)[-300:]}), flush=True)
     return results
+
+
+def _run_case(args, case: str) -> dict:
+    """One case: its rounds, the medians of its sides and of the per-round ratios."""
+    rounds = []
+    for r in range(max(1, args.alternate)):
+        sides = {}
+        for impl in IMPLS:
+            if args.alternate:
+                sides[impl] = _sub(args, ["--one", case, impl])
+            else:
+                sides[impl] = time_case(args, case, impl)
+        rounds.append({"round": r, **_pairs_of(sides),
+                       "sides": {k: _strip(v) for k, v in sides.items()}})
+        print(json.dumps({"case": case, "round": r, "ratio_median":
+                          rounds[-1]["ratio_median"]}), flush=True)
+    row = {"case": case, "target": TARGETS[case], "rounds": rounds,
+           "atoms": rounds[0]["sides"]["original"]["atoms"],
+           "ratio": statistics.median(x["ratio_median"] for x in rounds),
+           "ratio_range": [min(x["ratio_median"] for x in rounds),
+                           max(x["ratio_median"] for x in rounds)]}
+    for impl in IMPLS:
+        med = statistics.median(x["sides"][impl]["median_s"] for x in rounds)
+        mean = statistics.median(x["sides"][impl]["mean_s"] for x in rounds)
+        row[impl] = {"median_s_per_step": med, "mean_s_per_step": mean,
+                     "us_per_atom_step_median": med / row["atoms"] * 1e6,
+                     "us_per_atom_step_mean": mean / row["atoms"] * 1e6}
+    for key in ("energy_rel_diff", "forces_max_diff_over_max"):
+        if key in rounds[0]:
+            row[key] = rounds[0][key]
+    return row
 
 
 # ------------------------------------------------------------------------------- memory
@@ -408,8 +417,11 @@ def main(argv: list[str] | None = None) -> dict:
                        "num_interactions": 2}
     doc["load_before"] = os.getloadavg()
     doc["cases"] = run_cases(args)
-    doc["memory"] = None if args.no_memory else measure_memory(args)
-    ef = next((c for c in doc["cases"] if c["case"] == "64x0e"), None)
+    try:
+        doc["memory"] = None if args.no_memory else measure_memory(args)
+    except RuntimeError as err:  # a failed process: recorded
+        doc["memory"] = {"error": str(err)[-2000:]}
+    ef = next((c for c in doc["cases"] if c["case"] == "64x0e" and "error" not in c), None)
     doc["mm"] = None if args.no_mm else measure_mm(args, ef)
     doc["cueq"] = try_cueq(args)
     if args.profile:
@@ -426,11 +438,15 @@ def summary(doc: dict) -> dict:
     """Each target with the measured value and whether it is met."""
     out = {}
     for c in doc["cases"]:
+        if "error" in c:
+            out[c["case"]] = {"value": None, "target": c["target"], "met": None,
+                              "error": c["error"][-200:]}
+            continue
         bar = float(c["target"].split()[1].rstrip("x"))
         out[f"{c['case']} ({c['atoms']} atoms): original / accelerated"] = {
             "value": c["ratio"], "target": c["target"], "met": c["ratio"] >= bar}
     mem = doc.get("memory")
-    if mem and mem["accelerated_over_original"] is not None:
+    if mem and mem.get("accelerated_over_original") is not None:
         out["extra peak memory, accelerated / original"] = {
             "value": mem["accelerated_over_original"], "target": mem["target"],
             "met": mem["accelerated_over_original"] <= 0.2}
