@@ -408,6 +408,8 @@ def run(settings: Settings, *, on_sample: Callable[[], None] | None = None,
     built = {"schnet": models.SchNet, "painn": models.PaiNN}
     named = []
     for name in settings.models:
+        if name == "mace":  # mace-torch's own model, original and accelerated: below
+            continue
         torch.manual_seed(settings.seed)
         named.append(("SchNet" if name == "schnet" else "PaiNN", built[name](), 1.0))
     if loaded is not None and loaded.kind == "fastff":
@@ -430,6 +432,10 @@ def run(settings: Settings, *, on_sample: Callable[[], None] | None = None,
                 continue
             model.set_backend("reference")
             timed(f"{label} (reference)", "reference", _energy_forces_step(energy))
+    if "mace" in settings.models:
+        from fastff import _bench_mace
+
+        _bench_mace.bench_rows(species, cell, settings, timed, rows, on_sample, n, _skipped)
     if loaded is not None and loaded.kind == "torch_geometric":
         _pyg_rows(loaded.model, species, cell, pbc, settings, timed, rows, on_sample, n)
     return rows
@@ -527,6 +533,7 @@ def samples_per_size(settings: Settings) -> int:
     # the two neighbor-list rows and MM (fastff), OpenMM, then per model: fastff, tabulated
     # and reference
     components = 3 + int(settings.openmm) + len(settings.models) * (2 + int(settings.reference))
+    components -= int("mace" in settings.models and settings.reference)  # MACE: 2 rows
     if settings.model_file is not None:  # a fastff model: 2 or 3 rows; torch_geometric: 3
         components += 3
     return components * per_component
@@ -585,6 +592,9 @@ def headline(rows: list[Row]) -> dict[str, float]:
             out[f"torch_geometric SchNet: original / {kind}"] = original / fast
     if mm and by.get("MM (OpenMM)"):
         out["MM (fastff) / MM (OpenMM)"] = mm / by["MM (OpenMM)"]
+    from fastff import _bench_mace
+
+    out.update(_bench_mace.headline(by))
     return out
 
 

@@ -48,3 +48,35 @@ def test_tiny_run_writes_complete_json_and_models_agree(tmp_path):
     assert case["forces_max_diff_over_max"] <= 1e-8
     assert "skipped" in saved["mm"]  # a 20-water box is smaller than twice the MM cutoff
     assert isinstance(saved["cueq"]["status"], str) and saved["cueq"]["status"]
+
+
+def test_fastff_bench_mace_rows(tmp_path, capsys):
+    """``fastff bench --model mace``: both MACE rows measured on the same steps, the headline's
+    speed-up is their ratio, and the progress units match the rows the run reports."""
+    import torch
+
+    from fastff import benchmark, cli
+
+    threads = torch.get_num_threads()
+    out_json = tmp_path / "bench.json"
+    try:
+        code = cli.main(["bench", "--model", "mace", "--atoms", "60", "--steps", "1",
+                         "--repeat", "1", "--no-openmm", "--json", str(out_json)])
+    finally:  # keep the rest of the suite's threads as they were
+        benchmark.set_threads(threads)
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "MACE (mace-torch)" in out and "MACE (fastff accelerated)" in out
+    doc = json.loads(out_json.read_text())
+    (res,) = doc["results"]
+    rows = {r["component"]: r for r in res["rows"]}
+    assert not any(name.startswith(("SchNet", "PaiNN")) for name in rows)
+    original, fast = rows["MACE (mace-torch)"], rows["MACE (fastff accelerated)"]
+    for row in (original, fast):
+        assert row["skipped"] is None and row["samples"] == 1 and row["median_s"] > 0
+    assert original["backend"] == "mace-torch"
+    assert res["headline"]["MACE: mace-torch / fastff accelerated"] == pytest.approx(
+        original["median_s"] / fast["median_s"])
+    assert rows["MM (fastff)"]["skipped"]  # the 20-water box is under twice the MM cutoff
+    settings = benchmark.Settings(atoms=60, models=("mace",), openmm=False, repeat=1)
+    assert benchmark.samples_per_size(settings) == len(res["rows"]) * (settings.repeat + 1)
