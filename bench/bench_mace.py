@@ -31,6 +31,7 @@ import copy
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -403,7 +404,7 @@ def environment(argv: list[str]) -> dict:
                         "cpu_count": os.cpu_count()},
             "versions": versions, "commit": git("rev-parse", "HEAD"),
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-            "command": "python bench/bench_mace.py " + " ".join(argv),
+            "command": shlex.join(["python", "bench/bench_mace.py", *argv]),
             "threads": {"torch": torch.get_num_threads(),
                         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
                         "NUMBA_NUM_THREADS": os.environ.get("NUMBA_NUM_THREADS")},
