@@ -154,6 +154,8 @@ def time_case(args, case: str, impl: str) -> dict:
            "warmup_s": warm_s, "pairs": int(len(stepper.verlet.update(frames[-1], cell).i))}
     if first is not None:
         out["energy_first"] = float(first["energy"].detach().sum())
+        if first.get("interaction_energy") is not None:  # without the E0 sum that hides it
+            out["interaction_energy_first"] = float(first["interaction_energy"].detach().sum())
         out["forces_first_max_abs"] = float(first["forces"].abs().max())
         out["forces_first"] = first["forces"].detach().double()
     return out
@@ -165,6 +167,9 @@ def _pairs_of(rows: dict) -> dict:
     res = {"ratio_median": o["median_s"] / f["median_s"], "ratio_mean": o["mean_s"] / f["mean_s"]}
     if "energy_first" in o:
         res["energy_rel_diff"] = abs(o["energy_first"] - f["energy_first"]) / abs(o["energy_first"])
+        if "interaction_energy_first" in o and "interaction_energy_first" in f:
+            e = o["interaction_energy_first"]
+            res["interaction_energy_rel_diff"] = abs(e - f["interaction_energy_first"]) / abs(e)
         if "forces_first" in o:
             res["forces_max_diff_over_max"] = float(
                 (o["forces_first"] - f["forces_first"]).abs().max() / o["forces_first"].abs().max())
@@ -234,7 +239,7 @@ def _run_case(args, case: str) -> dict:
         row[impl] = {"median_s_per_step": med, "mean_s_per_step": mean,
                      "us_per_atom_step_median": med / row["atoms"] * 1e6,
                      "us_per_atom_step_mean": mean / row["atoms"] * 1e6}
-    for key in ("energy_rel_diff", "forces_max_diff_over_max"):
+    for key in ("energy_rel_diff", "interaction_energy_rel_diff", "forces_max_diff_over_max"):
         if key in rounds[0]:
             row[key] = rounds[0][key]
     return row

@@ -45,6 +45,7 @@ def test_tiny_run_writes_complete_json_and_models_agree(tmp_path):
     assert case["ratio"] == pytest.approx(side["original"]["median_s"]
                                           / side["accelerated"]["median_s"])
     assert case["energy_rel_diff"] <= 1e-8
+    assert case["interaction_energy_rel_diff"] <= 1e-8  # the part E0 does not dominate
     assert case["forces_max_diff_over_max"] <= 1e-8
     assert "skipped" in saved["mm"]  # a 20-water box is smaller than twice the MM cutoff
     assert isinstance(saved["cueq"]["status"], str) and saved["cueq"]["status"]
