@@ -11,6 +11,8 @@ Cases:
   128x0e+128x1o         the same, hidden 128x0e+128x1o, 1,000 atoms
   training 64x0e        force-matching training step (loss on energy and forces, parameter
                         gradients through the double backward), 64x0e, 3,000 atoms
+  64x0e tabulated       (only when named in --cases) energy+forces of accelerate(tabulate=True):
+                        frozen weights, radial MLP read from cubic tables, as in MD
 Also: extra peak memory of one energy+forces call (64x0e, each side in a fresh process: peak
 resident size over the size before the call, /proc/self/clear_refs); fastff MM (LJ +
 reaction-field water force field, nm) per atom-step on the same box and MACE / MM; mace's
