@@ -572,7 +572,12 @@ def run(settings: Settings, *, on_sample: Callable[[], None] | None = None,
              Component("neighbor list (Verlet)", be or "auto", verlet_step)]
     specs += _mm_components(ctx, mm_system, mm_why)
     for name in settings.models:
-        specs += _model_components(ctx, name)
+        if name == "mace":  # mace-torch's model, unmodified and accelerated
+            from fastff import _bench_mace
+
+            specs += _bench_mace.components(ctx)
+        else:
+            specs += _model_components(ctx, name)
     if loaded is not None and loaded.kind == "fastff":
         specs += _loaded_components(ctx, loaded)
     if loaded is not None and loaded.kind == "torch_geometric":
@@ -962,7 +967,9 @@ def samples_per_size(settings: Settings) -> int:
     per_component = settings.repeat + 1
     # the two neighbor-list rows and MM (fastff), OpenMM, then per model: fastff, tabulated,
     # the eager peer and the reference oracle
-    components = 3 + int(settings.openmm) + len(settings.models) * (3 + int(settings.reference))
+    fastff_models = [m for m in settings.models if m != "mace"]  # MACE: 2 rows
+    components = (3 + int(settings.openmm) + len(fastff_models) * (3 + int(settings.reference))
+                  + 2 * int("mace" in settings.models))
     if settings.model_file is not None:  # a fastff model: 2 or 3 rows; torch_geometric: 3
         try:
             kind = load_model(settings.model_file).kind

@@ -27,7 +27,7 @@ def _run(argv, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["bench", "--atoms", "-5"], "--atoms"),
     (["bench", "--atoms", "2"], "at least 3 atoms"),
-    (["bench", "--model", "mace"], "--model"),
+    (["bench", "--model", "nequip"], "--model"),
     (["bench", "--backend", "cuda"], "--backend"),
     (["bench", "--dtype", "float16"], "--dtype"),
     (["bench", "--repeat", "0"], "--repeat"),
