@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
 
 import torch
 
