@@ -114,12 +114,9 @@ def water(n_atoms: int, dtype: torch.dtype = torch.float32):
 def walk(positions: torch.Tensor, steps: int, seed: int = 1,
          step: float = 0.02) -> list[torch.Tensor]:
     """``steps`` positions along a seeded random walk of ``step`` A per coordinate per call."""
-    g = torch.Generator().manual_seed(seed)
-    out, x = [], positions.detach().clone()
-    for _ in range(steps):
-        x = x + step * torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype)
-        out.append(x)
-    return out
+    from fastff.benchmark import trajectory
+
+    return trajectory(positions, steps, seed, step)
 
 
 class Stepper:

@@ -339,13 +339,14 @@ def _openmm_system(system: BenchSystem):
         return None, f"amber14/TIP3P cannot parametrise it ({str(err).splitlines()[0][:120]})"
 
 
-def trajectory(positions: torch.Tensor, steps: int, seed: int) -> list[torch.Tensor]:
-    """``steps`` positions along a seeded random walk of ``STEP_NM`` per coordinate (the
+def trajectory(positions: torch.Tensor, steps: int, seed: int,
+               step: float = STEP_NM) -> list[torch.Tensor]:
+    """``steps`` positions along a seeded random walk of ``step`` per coordinate (the
     fallback of a structure without MM force field, and ``fastff profile``'s frames)."""
     g = torch.Generator().manual_seed(seed)
     out, x = [], positions.detach().clone()
     for _ in range(steps):
-        x = x + STEP_NM * torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype)
+        x = x + step * torch.randn(x.shape, generator=g, dtype=torch.float64).to(x.dtype)
         out.append(x)
     return out
 

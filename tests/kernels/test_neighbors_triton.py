@@ -183,11 +183,16 @@ def test_nan_positions_without_checks_stay_in_bounds(rng):
 
 
 def test_memory_estimate_before_allocation(rng, monkeypatch):
-    positions = torch.rand(6, 3, dtype=torch.float64) * 3.0
+    # one free page: a homogeneous box is refused by the density estimate before any pass
+    monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else 4096)
     cell = torch.eye(3, dtype=torch.float64) * 3.0
-    monkeypatch.setattr(os, "sysconf", lambda name: 1)  # one free byte
+    with pytest.raises(MemoryError, match=r"cutoff 1.9 would give about .* pairs"):
+        fastff.neighbor_list(torch.rand(50, 3, dtype=torch.float64) * 3.0, 1.9, cell,
+                             backend="triton")
+    # a cluster in a large cell: the estimate fits, the kernel's exact count does not
     with pytest.raises(MemoryError, match="the neighbor list would need"):
-        fastff.neighbor_list(positions, 1.9, cell, backend="triton")
+        fastff.neighbor_list(torch.rand(50, 3, dtype=torch.float64) * 0.5, 1.9, cell * 6.0,
+                             backend="triton")
 
 
 def _with_backend(nl, backend):
