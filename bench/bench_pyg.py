@@ -299,6 +299,32 @@ def alternate(rounds: int, cases: list[str]) -> list[dict]:
     return results
 
 
+def record_run(results: list[dict], load_before: list[float],
+               path: str = "bench/results/bench_pyg_alternating.json") -> None:
+    """Append one ``--alternate`` run, with its command, commit, machine, threads and load, to
+    the committed JSON of alternating runs."""
+    import platform
+    import shlex
+
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        doc = {"runs": []}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    doc["runs"].append({
+        "command": "python " + shlex.join(["bench/bench_pyg.py", *sys.argv[1:]]),
+        "commit": commit or None, "machine": {"platform": platform.platform(),
+                                              "processor": platform.processor(),
+                                              "cpu_count": os.cpu_count()},
+        "threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")},
+        "load_average": {"before": load_before, "after": list(os.getloadavg())},
+        "results": results})
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+
+
 def _trim() -> None:
     try:
         import ctypes
@@ -362,4 +388,6 @@ if __name__ == "__main__":
     elif sys.argv[1:2] == ["--ratios"]:
         print(json.dumps(ratios(sys.argv[2]), indent=1))
     elif sys.argv[1:2] == ["--alternate"]:
-        alternate(int(sys.argv[2]), sys.argv[3:] or list(ALTERNATING))
+        load_before = list(os.getloadavg())
+        found = alternate(int(sys.argv[2]), sys.argv[3:] or list(ALTERNATING))
+        record_run(found, load_before)
