@@ -58,6 +58,7 @@ import torch  # noqa: E402
 torch.serialization.add_safe_globals([slice])  # e3nn 0.4's constants.pt (before mace imports)
 
 from fastff import _bench_mace as bm  # noqa: E402
+from fastff.profiling import peak_memory  # noqa: E402
 
 CASES = {  # name: (hidden irreps, atoms, atoms with --quick, training)
     "64x0e": ("64x0e", 3000, 300, False),
@@ -249,12 +250,6 @@ def _run_case(args, case: str) -> dict:
 
 # ------------------------------------------------------------------------------- memory
 
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def memory_one(args, impl: str) -> dict:
@@ -275,12 +270,9 @@ def memory_one(args, impl: str) -> dict:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the OS
     except (OSError, AttributeError):  # not glibc: the measurement may then undercount
         pass
-    base = _rss("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident size
-    stepper(pos)
-    return {"impl": impl, "atoms": len(species),
-            "extra_peak_MiB": round((_rss("VmHWM") - base) / 2**20, 1)}
+    with peak_memory() as mem:  # resident high-water mark over the size at entry
+        stepper(pos)
+    return {"impl": impl, "atoms": len(species), "extra_peak_MiB": round(mem.extra / 2**20, 1)}
 
 
 def measure_memory(args) -> dict:

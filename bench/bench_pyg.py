@@ -45,6 +45,7 @@ import torch  # noqa: E402
 
 import fastff  # noqa: E402
 from fastff import models, systems  # noqa: E402
+from fastff.profiling import peak_memory  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 warnings.filterwarnings("ignore", message="fastff:")
@@ -334,12 +335,6 @@ def _trim() -> None:
         pass
 
 
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _one_memory_case(case: str, n: int) -> dict:
@@ -358,14 +353,12 @@ def _one_memory_case(case: str, n: int) -> dict:
 
     gc.collect()
     _trim()  # freed heap memory back to the OS: the resident size is then what is alive
-    base = _rss("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident size
-    if what == "energy_forces":
-        energy_forces(model, species, x)
-    else:
-        training_step(model, species, x, 0.0, torch.zeros_like(pos))
-    return {"case": case, "atoms": n, "extra_peak_MiB": round((_rss("VmHWM") - base) / 2**20, 1)}
+    with peak_memory() as mem:  # resident high-water mark over the size at entry
+        if what == "energy_forces":
+            energy_forces(model, species, x)
+        else:
+            training_step(model, species, x, 0.0, torch.zeros_like(pos))
+    return {"case": case, "atoms": n, "extra_peak_MiB": round(mem.extra / 2**20, 1)}
 
 
 def measure_memory(sizes=(3000, 10000)) -> list[dict]:
