@@ -32,6 +32,7 @@ from fastff.kernels._runtime.checks import (  # noqa: F401
     no_checks,
     set_checks,
 )
+from fastff.testing import mark_host_buffer
 
 
 def positions(x: Tensor, name: str = "positions") -> Tensor:
@@ -161,8 +162,7 @@ class Stamp:
         self._version = _version(t)
         self._values = t.detach().clone() if values or self._version is None else None
         if self._values is not None and self._values.device.type == "cpu":
-            # host memory: comparing with it is no device sync (fastff.testing.count_host_syncs)
-            self._values._fastff_host_buffer = True  # type: ignore[attr-defined]
+            mark_host_buffer(self._values)  # host memory: comparing with it is no device sync
 
     def matches(self, t: Tensor) -> bool:
         if self._ref() is not t or self._version != _version(t):
