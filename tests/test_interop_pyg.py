@@ -263,7 +263,8 @@ def test_rejects_what_it_cannot_serve(rng, float64_defaults):
     assert type(model) is pyg.SchNet
 
 
-def test_graph_errors_name_the_problem(rng, float64_defaults):
+@pytest.mark.parametrize("backend", ["numba", "reference"])
+def test_graph_errors_name_the_problem(rng, float64_defaults, backend):
     z, pos, batch = molecules(rng)
     dense = fp.accelerate(make_model(rng, max_num_neighbors=3))
     with pytest.raises(ValueError, match="max_num_neighbors"):
@@ -279,14 +280,20 @@ def test_graph_errors_name_the_problem(rng, float64_defaults):
         edge_index, w = base(p, b)
         return torch.cat([edge_index, edge_index], 1), torch.cat([w, w])
 
+    def one_repeat(p, b):  # a single edge twice, its mirror once
+        edge_index, w = base(p, b)
+        k = int(torch.randint(edge_index.shape[1], ()))
+        return (torch.cat([edge_index, edge_index[:, k:k + 1]], 1),
+                torch.cat([w, w[k:k + 1]]))
+
     def too_long(p, b):
         return brute_force_graph(CUTOFF + 1.0)(p, b)
 
     far = pos.clone()
     far[1] = far[0] + torch.tensor([5.5, 0.0, 0.0])  # a pair within too_long's reach only
     for graph, message in ((one_way, "without their mirror"), (twice, "repeated edges"),
-                           (too_long, "> cutoff")):
-        model = fp.accelerate(make_model(rng, interaction_graph=graph))
+                           (one_repeat, "repeated edges"), (too_long, "> cutoff")):
+        model = fp.accelerate(make_model(rng, interaction_graph=graph), backend=backend)
         with pytest.raises(ValueError, match=message):
             model(z, far, batch)
 

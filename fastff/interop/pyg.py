@@ -279,6 +279,37 @@ def _full_list(edge_index: Tensor, n: int, cutoff: float, pos: Tensor,
         order = torch.argsort(dst, stable=True)
     i = dst if order is None else dst[order]
     j = src if order is None else src[order]
+    reverse_backend = registry.resolve("neighbor_reverse", i.device, backend)[0]
+    if e and reverse_backend != "numba":
+        _no_repeated_edges(i, j, n)
+    ptr = torch.zeros(n + 1, dtype=torch.int64, device=i.device)
+    ptr[1:] = torch.cumsum(torch.bincount(i, minlength=n), 0)
+    nl = NeighborList(i.contiguous(), j.contiguous(),
+                      torch.zeros(e, 3, dtype=torch.int32, device=i.device), ptr,
+                      cutoff=cutoff, half=False, num_atoms=n, batch=None,
+                      cells=torch.zeros(1, 3, 3, dtype=pos.dtype, device=i.device),
+                      pbc=torch.zeros(1, 3, dtype=torch.bool, device=i.device), cell=None,
+                      backend=reverse_backend)
+    reverse = nl.reverse
+    # numba's mirror search takes the first match, so a repeated edge leaves a mirror without a
+    # partner or makes the mirror map a non-involution: one gather tests both, and the sort that
+    # names a repeat runs only then (the other backends pair repeats up: sorted above).
+    mirrored = reverse >= 0
+    if e and not bool((mirrored & (reverse[reverse.clamp(min=0)] ==
+                                   torch.arange(e, device=i.device))).all()):
+        _no_repeated_edges(i, j, n)
+        lonely = (~mirrored).nonzero()
+        k = int(lonely[0, 0])
+        raise ValueError(
+            f"interaction_graph returned {lonely.shape[0]} edges without their mirror (e.g. "
+            f"{int(j[k])} -> {int(i[k])} but not {int(i[k])} -> {int(j[k])}); fastff computes "
+            "each pair's filter once for both directions and needs a symmetric graph (a radius "
+            "graph truncated by max_num_neighbors is not)")
+    nl.symmetric = True
+    return nl, order
+
+
+def _no_repeated_edges(i: Tensor, j: Tensor, n: int) -> None:
     keys = torch.sort(i * n + j).values
     repeated = (keys[1:] == keys[:-1]).nonzero()
     if repeated.numel():
@@ -288,25 +319,6 @@ def _full_list(edge_index: Tensor, n: int, cutoff: float, pos: Tensor,
             f"{key % n} -> {key // n}), as periodic images of one pair in a small cell are: "
             "without cell shifts fastff cannot tell their mirrors apart; use a cell wider than "
             "twice the cutoff, or fastff.models.SchNet.from_pyg for small cells")
-    ptr = torch.zeros(n + 1, dtype=torch.int64, device=i.device)
-    ptr[1:] = torch.cumsum(torch.bincount(i, minlength=n), 0)
-    nl = NeighborList(i.contiguous(), j.contiguous(),
-                      torch.zeros(e, 3, dtype=torch.int32, device=i.device), ptr,
-                      cutoff=cutoff, half=False, num_atoms=n, batch=None,
-                      cells=torch.zeros(1, 3, 3, dtype=pos.dtype, device=i.device),
-                      pbc=torch.zeros(1, 3, dtype=torch.bool, device=i.device), cell=None,
-                      backend=registry.resolve("neighbor_reverse", i.device, backend)[0])
-    reverse = nl.reverse
-    lonely = (reverse < 0).nonzero()
-    if lonely.numel():
-        k = int(lonely[0, 0])
-        raise ValueError(
-            f"interaction_graph returned {lonely.shape[0]} edges without their mirror (e.g. "
-            f"{int(j[k])} -> {int(i[k])} but not {int(i[k])} -> {int(j[k])}); fastff computes "
-            "each pair's filter once for both directions and needs a symmetric graph (a radius "
-            "graph truncated by max_num_neighbors is not)")
-    nl.symmetric = True
-    return nl, order
 
 
 def _readout(model, h: Tensor, z: Tensor, pos: Tensor, batch: Tensor) -> Tensor:

@@ -8,9 +8,10 @@
 * ``neighbor_compact`` and ``neighbor_compact_reverse``: the pairs of a list within a smaller
   cutoff (a Verlet list's pairs within the interaction cutoff) and their mirror index, mapped
   from the source list's. Integer outputs only; no Triton kernel (CUDA runs the torch path).
-* ``pair_distances``: |r_ij| without the [E, 3] vectors; its backward
-  is built from ``pair_vectors`` and ``pair_vectors_transpose``, so any order works. No Triton
-  kernel (CUDA runs the torch path).
+* ``pair_distances``: |r_ij| without the [E, 3] vectors. Its first-order backward is one fused
+  pass (``pair_distances_transpose``: g_e r_ij / |r_ij| to the atoms and the cell without [E, 3]
+  temporaries); with ``create_graph`` it is built from ``pair_vectors`` and
+  ``pair_vectors_transpose``, so any order works. No Triton kernels (CUDA runs the torch path).
 
 
 * ``verlet_check`` and ``neighbor_list_into``: the capacity mode of Verlet lists, in place on
@@ -39,6 +40,8 @@ registry.register("neighbor_compact", "neighbors", "neighbor_compact",
 registry.register("neighbor_compact_reverse", "neighbors", "neighbor_compact_reverse",
                   backends=("numba", "reference"))
 registry.register("pair_distances", "neighbors", "pair_distances",
+                  backends=("numba", "reference"))
+registry.register("pair_distances_transpose", "neighbors", "pair_distances_transpose",
                   backends=("numba", "reference"))
 
 
@@ -186,15 +189,36 @@ def _pair_distances_setup(ctx, inputs, output):
     ctx.backend = x.backend
 
 
+@torch.library.custom_op("fastff::pair_distances_transpose", mutates_args=())
+def pair_distances_transpose(grad: Tensor, positions: Tensor, cells: Tensor,
+                             atom_system: Tensor | None, i: Tensor, j: Tensor, shifts: Tensor,
+                             backend: str) -> tuple[Tensor, Tensor]:
+    """The adjoint of pair_distances at ``positions``: (grad_positions [N,3], grad_cells
+    [B,3,3]) of sum_e grad_e |r_ij|; no derivative of its own (the backward of pair_distances
+    uses it only when no graph of the gradient is asked for)."""
+    return registry.launch("pair_distances_transpose", _SPECS["pair_distances_transpose"],
+                           locals())
+
+
+@pair_distances_transpose.register_fake
+def _(grad, positions, cells, atom_system, i, j, shifts, backend):
+    return positions.new_empty(positions.shape), positions.new_empty(cells.shape)
+
+
 def _pair_distances_backward(ctx, grad):
     positions, cells, atom_system, i, j, shifts = ctx.saved_tensors
     needs = PAIR_DISTANCES(ctx.needs_input_grad)
-    vectors = pair_vectors(positions, cells, atom_system, i, j, shifts, ctx.backend)
-    norm = torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
-    unit = vectors / torch.where(norm == 0, 1, norm)  # 0 for coincident atoms, as torch's norm
-    grad_pos, grad_cells = pair_vectors_transpose((grad.unsqueeze(1) * unit).contiguous(),
-                                                  positions.shape[0], cells, atom_system, i, j,
-                                                  shifts, ctx.backend)
+    if torch.is_grad_enabled():  # create_graph: differentiable to any order
+        vectors = pair_vectors(positions, cells, atom_system, i, j, shifts, ctx.backend)
+        norm = torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+        unit = vectors / torch.where(norm == 0, 1, norm)  # 0 for coincident atoms, as torch
+        grad_pos, grad_cells = pair_vectors_transpose(
+            (grad.unsqueeze(1) * unit).contiguous(), positions.shape[0], cells, atom_system, i,
+            j, shifts, ctx.backend)
+    else:  # forces: one pass, no [E, 3] temporaries
+        grad_pos, grad_cells = pair_distances_transpose(
+            grad.contiguous(), positions.detach(), cells.detach(), atom_system, i, j, shifts,
+            ctx.backend)  # the same backends as pair_distances
     return PAIR_DISTANCES.grads(positions=grad_pos if needs.positions else None,
                                 cells=grad_cells if needs.cells else None)
 
@@ -231,5 +255,6 @@ def _(positions, cutoff, cells, pbc, system_ptr, half, status, reference, ref_ce
 
 _SPECS = {op._name: OpArgs(op)
           for op in (neighbor_list, pair_vectors, pair_vectors_transpose, neighbor_reverse,
-                     neighbor_compact, neighbor_compact_reverse, pair_distances, verlet_check,
+                     neighbor_compact, neighbor_compact_reverse, pair_distances,
+                     pair_distances_transpose, verlet_check,
                      neighbor_list_into)}

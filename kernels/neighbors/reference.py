@@ -242,6 +242,17 @@ def pair_distances(positions: Tensor, cells: Tensor, atom_system: Tensor | None,
     return torch.linalg.vector_norm(vectors, dim=1)
 
 
+def pair_distances_transpose(grad: Tensor, positions: Tensor, cells: Tensor,
+                             atom_system: Tensor | None, i: Tensor, j: Tensor, shifts: Tensor):
+    """Launcher: (grad_positions [N,3], grad_cells [B,3,3]) of sum_e grad_e |r_ij|: the unit
+    vectors (0 for coincident atoms, as torch's norm) times grad, through pair_vectors_transpose."""
+    vectors = pair_vectors(positions, cells.to(positions.dtype), atom_system, i, j, shifts)
+    norm = torch.linalg.vector_norm(vectors, dim=1, keepdim=True)
+    unit = vectors / torch.where(norm == 0, 1, norm)
+    return pair_vectors_transpose(grad.unsqueeze(1).to(unit.dtype) * unit, positions.shape[0],
+                                  cells.to(positions.dtype), atom_system, i, j, shifts)
+
+
 def verlet_check(positions: Tensor, cells: Tensor, reference: Tensor, ref_cells: Tensor,
                  skin: float, status: Tensor) -> None:
     """Sets the REBUILD flag of ``status`` when an atom moved more than ``skin / 2`` since
