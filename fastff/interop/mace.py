@@ -123,39 +123,6 @@ class _Permute(torch.autograd.Function):
         return _Permute.apply(grad, inverse, order), None, None
 
 
-class _PairRows(torch.autograd.Function):
-    """w[source]: each mirror pair's row read by both of its edges. The backward sums the two
-    readers' gradients with two parallel gathers (``_PairSum``; an index_add would run
-    serially), and the two are each other's adjoint, so every derivative order exists."""
-
-    @staticmethod
-    def forward(ctx, w, rows, source, other, paired):
-        ctx.save_for_backward(rows, source, other, paired)
-        return w.index_select(0, source)
-
-    @staticmethod
-    def backward(ctx, grad):
-        rows, source, other, paired = ctx.saved_tensors
-        return _PairSum.apply(grad, rows, source, other, paired), None, None, None, None
-
-
-class _PairSum(torch.autograd.Function):
-    """g[rows] + g[other] (where paired): the adjoint of ``_PairRows``."""
-
-    @staticmethod
-    def forward(ctx, grad, rows, source, other, paired):
-        ctx.save_for_backward(rows, source, other, paired)
-        second = grad.index_select(0, other)
-        if paired is not None:  # some rows are read by one edge only: no second reader
-            second = second * paired.to(second.dtype).view(-1, *([1] * (grad.dim() - 1)))
-        return grad.index_select(0, rows) + second
-
-    @staticmethod
-    def backward(ctx, grad):
-        rows, source, other, paired = ctx.saved_tensors
-        return _PairRows.apply(grad, rows, source, other, paired), None, None, None, None
-
-
 @dataclass
 class _Graph:
     """mace's edges (edge_index [2, E]: row 0 senders, row 1 receivers) stored in receiver
@@ -200,21 +167,19 @@ class _Graph:
         return self._cached(t, "permuted", lambda: _Permute.apply(t, self.order, self.inverse))
 
     def mirror_rows(self, r: Tensor, y: Tensor, backend: str | None
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-        """(rows, source, other, paired) when edges come in mirror pairs: the radial weights
-        depend on the length alone, so each pair's are computed once, at ``r[rows]``, and edge
-        e reads row ``source[e]``; row k is read by edge ``rows[k]`` and, where ``paired[k]``,
-        by edge ``other[k]`` (``paired`` None: every row). None when no edge has its mirror.
-        Mirrors are found from the geometry (swapped ends, equal length, opposite l = 1
-        harmonics, hence opposite vectors), once per forward: the gradient of a pair's weights
-        flows through one of its two lengths, the same function of the positions and the
-        cell as the other."""
+                    ) -> tuple[Tensor, Tensor] | None:
+        """(rows, source) when edges come in mirror pairs: the radial weights depend on the
+        length alone, so each pair's are computed once, at ``r[rows]``, and edge e reads row
+        ``source[e]``; None when no edge has its mirror. Mirrors are found from the geometry
+        (swapped ends, equal length, opposite l = 1 harmonics, hence opposite vectors), once
+        per forward: the gradient of a pair's weights flows through one of its two lengths,
+        the same function of the positions and the cell as the other."""
         if y.shape[1] < 4 or r.shape[0] == 0:  # no l = 1 harmonics: no direction to compare
             return None
         return self._cached(r, "mirror rows", lambda: self._mirror_rows(r, y, backend))
 
     def _mirror_rows(self, r: Tensor, y: Tensor, backend: str | None
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+                     ) -> tuple[Tensor, Tensor] | None:
         senders, receivers, _, receiver_ptr = self.structure[:4]
         name = registry.resolve("mirror_edges", r.device, backend)[0]
         mirror = _nb.mirror_edges(senders, receivers, receiver_ptr, r.detach().contiguous(),
@@ -228,10 +193,7 @@ class _Graph:
         rows = kept.nonzero()[:, 0]
         if rows.shape[0] == r.shape[0]:
             return None
-        # the other reader of each row: its mirror, or the row's own edge again (weight 0)
-        paired = mutual[rows]
-        other = torch.where(paired, partner[rows], rows)
-        return rows, rank[source], other, None if bool(paired.all()) else paired
+        return rows, rank[source]
 
     def rows_of(self, r: Tensor, rows: Tensor) -> Tensor:
         """r[rows], the same tensor for every interaction of a forward (so that its radial
@@ -677,7 +639,7 @@ def _interaction_forward(self, node_attrs: Tensor, node_feats: Tensor, edge_attr
         w = plan.radial.exact(self.conv_tp_weights, graph.features(r_rows, shared.radial),
                               _backend(shared, "silu_term", x.device))
         if mirrors is not None:  # one row per mirror pair, read by both edges
-            w = _PairRows.apply(w, *mirrors)
+            w = w.index_select(0, mirrors[1])
         message = _eq.tp_conv(x.contiguous(), y.contiguous(),
                               w.reshape(num_edges, -1, x.shape[2]).contiguous(),
                               *graph.structure, *coupling, backend)
