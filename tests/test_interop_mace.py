@@ -111,32 +111,6 @@ def test_energies_forces_stress_match_mace(rng, name):
             same(want[key], got[key], torch.float64, f"{name} {key} periodic={periodic}")
 
 
-def test_mirror_pairs_share_radial_weights(rng):
-    """Each mirror pair's radial weights are computed once (one row per pair) and read by both
-    edges. A bcc crystal in a cell smaller than the cutoff has periodic self-images and many
-    edges of bitwise equal length between different atoms: energies, forces and stress still
-    equal mace's, perfect and shaken."""
-    model = build()
-    fast = fm.accelerate(copy.deepcopy(model))
-    cell = 2.4 * torch.eye(3, dtype=torch.float64)
-    perfect = torch.tensor([[0.0, 0.0, 0.0], [1.2, 1.2, 1.2]], dtype=torch.float64)
-    z = torch.tensor([6, 8])
-    for shake in (0.0, 0.05):
-        pos = perfect + shake * torch.from_numpy(rng.normal(size=(2, 3)))
-        nl = fastff.neighbor_list(pos, CUTOFF, cell)
-        want = outputs(model, pos, z, nl, cell, compute_stress=True)
-        got = outputs(fast, pos, z, nl, cell, compute_stress=True)
-        for key in ("energy", "stress") + (("forces",) if shake else ()):  # perfect: F = 0
-            same(want[key], got[key], torch.float64, f"{key} shake={shake}")
-        graph = fm._Graph.of(torch.stack([nl.i, nl.j]), 2)
-        vectors = nl.vectors(pos, cell)[graph.order]
-        r = torch.linalg.vector_norm(vectors, dim=1)
-        y = torch.cat([torch.ones_like(r)[:, None], vectors / r[:, None]], 1)
-        rows, source = graph.mirror_rows(r, y, None)
-        assert 2 * rows.shape[0] == len(nl)  # a full list: every edge has its mirror
-        assert torch.equal(r[rows][source], r)
-
-
 def test_batch_of_systems(rng):
     """A molecule and two boxes of different cells in one call (mace's batch / ptr)."""
     model = build(hidden="8x0e+8x1o", max_ell=2)

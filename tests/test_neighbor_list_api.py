@@ -575,32 +575,6 @@ def test_pair_distances_transpose_is_the_gradient(rng, backend):
     torch.testing.assert_close(graphed.detach(), want_pos, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", ["numba", "reference"])
-def test_mirror_edges_from_geometry(rng, backend):
-    """mirror_edges finds each pair's mirror from lengths and directions alone (a triclinic cell
-    smaller than twice the cutoff: several images of one pair, self-images): the list's
-    reverse. An edge whose mirror was dropped finds none."""
-    from fastff.kernels.neighbors import op
-
-    pos, cell = triclinic_system(rng, 8)
-    nl = fastff.neighbor_list(pos, 3.0, cell)
-    vectors = nl.vectors(pos, cell)
-    r = torch.linalg.vector_norm(vectors, dim=1)
-    unit = vectors / r[:, None]
-    mirror = op.mirror_edges(nl.j, nl.i, nl.ptr, r, unit, backend)
-    assert torch.equal(mirror, nl.reverse)
-    # drop edge k's mirror: k finds none; the others keep theirs (indices shift past the gap)
-    k = int(torch.randint(len(nl), ()))
-    gone = int(nl.reverse[k])
-    keep = torch.arange(len(nl)) != gone
-    ptr = torch.zeros_like(nl.ptr)
-    ptr[1:] = torch.cumsum(torch.bincount(nl.i[keep], minlength=len(pos)), 0)
-    found = op.mirror_edges(nl.j[keep], nl.i[keep], ptr, r[keep], unit[keep], backend)
-    new_index = torch.cumsum(keep, 0) - 1
-    want = torch.where(nl.reverse[keep] == gone, -1, new_index[nl.reverse[keep]])
-    assert torch.equal(found, want)
-
-
 def test_pair_distances_visible_to_profiler(rng):
     pos, cell = triclinic_system(rng, 10)
     nl = fastff.neighbor_list(pos, 2.5, cell)

@@ -40,16 +40,13 @@ from mace.modules.symmetric_contraction import SymmetricContraction  # noqa: E40
 from fastff import _checks  # noqa: E402
 from fastff.kernels._runtime import registry  # noqa: E402
 from fastff.kernels.equivariant import op as _eq  # noqa: E402
-from fastff.kernels.neighbors import op as _nb  # noqa: E402
 
 __all__ = ["accelerate", "restore", "is_accelerated", "evaluate", "model_inputs"]
 
 _MAX_ELL = 3  # spherical harmonics l <= 3
 _MAX_HIDDEN_L = 1  # hidden features l <= 1
 _MAX_CORRELATION = 3
-# harmonics, distances, mirror rows, their lengths, radial features (+1): one forward's
-# edge tensors
-_PERMUTED_KEPT = 6
+_PERMUTED_KEPT = 4  # harmonics, distances, radial features (+1): one forward's edge tensors
 _KNOTS = 2048  # knots of the radial table (see kernels/equivariant/README.md, "Tabulation")
 
 
@@ -165,40 +162,6 @@ class _Graph:
         """t (per edge, mace's order) in receiver order; the same tensor (same version) gives
         the same result within a forward (both interactions read the same edge tensors)."""
         return self._cached(t, "permuted", lambda: _Permute.apply(t, self.order, self.inverse))
-
-    def mirror_rows(self, r: Tensor, y: Tensor, backend: str | None
-                    ) -> tuple[Tensor, Tensor] | None:
-        """(rows, source) when edges come in mirror pairs: the radial weights depend on the
-        length alone, so each pair's are computed once, at ``r[rows]``, and edge e reads row
-        ``source[e]``; None when no edge has its mirror. Mirrors are found from the geometry
-        (swapped ends, equal length, opposite l = 1 harmonics, hence opposite vectors), once
-        per forward: the gradient of a pair's weights flows through one of its two lengths,
-        the same function of the positions and the cell as the other."""
-        if y.shape[1] < 4 or r.shape[0] == 0:  # no l = 1 harmonics: no direction to compare
-            return None
-        return self._cached(r, "mirror rows", lambda: self._mirror_rows(r, y, backend))
-
-    def _mirror_rows(self, r: Tensor, y: Tensor, backend: str | None
-                     ) -> tuple[Tensor, Tensor] | None:
-        senders, receivers, _, receiver_ptr = self.structure[:4]
-        name = registry.resolve("mirror_edges", r.device, backend)[0]
-        mirror = _nb.mirror_edges(senders, receivers, receiver_ptr, r.detach().contiguous(),
-                                  y.detach()[:, 1:4].contiguous(), name)
-        edge = torch.arange(r.shape[0], device=r.device)
-        partner = mirror.clamp(min=0)
-        mutual = (mirror >= 0) & (mirror[partner] == edge)  # repeated edges keep their own
-        source = torch.where(mutual, torch.minimum(edge, partner), edge)
-        kept = source == edge
-        rank = torch.cumsum(kept, 0) - 1
-        rows = kept.nonzero()[:, 0]
-        if rows.shape[0] == r.shape[0]:
-            return None
-        return rows, rank[source]
-
-    def rows_of(self, r: Tensor, rows: Tensor) -> Tensor:
-        """r[rows], the same tensor for every interaction of a forward (so that its radial
-        features are computed once)."""
-        return self._cached(r, "rows", lambda: r.index_select(0, rows))
 
     def features(self, r: Tensor, radial) -> tuple[Tensor, Tensor | None]:
         """mace's radial features of the (receiver-ordered) distances r, once per forward."""
@@ -634,12 +597,8 @@ def _interaction_forward(self, node_attrs: Tensor, node_feats: Tensor, edge_attr
         message = _eq.tp_conv_spline(x.contiguous(), y.contiguous(), r.to(x.dtype).contiguous(),
                                      coeffs, step, *graph.structure, *coupling, backend)
     else:
-        mirrors = graph.mirror_rows(r, y, shared.backend)
-        r_rows = r if mirrors is None else graph.rows_of(r, mirrors[0])
-        w = plan.radial.exact(self.conv_tp_weights, graph.features(r_rows, shared.radial),
+        w = plan.radial.exact(self.conv_tp_weights, graph.features(r, shared.radial),
                               _backend(shared, "silu_term", x.device))
-        if mirrors is not None:  # one row per mirror pair, read by both edges
-            w = w.index_select(0, mirrors[1])
         message = _eq.tp_conv(x.contiguous(), y.contiguous(),
                               w.reshape(num_edges, -1, x.shape[2]).contiguous(),
                               *graph.structure, *coupling, backend)

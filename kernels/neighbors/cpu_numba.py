@@ -628,35 +628,6 @@ def pair_distances_transpose(grad, positions, cells, atom_system, i, j, shifts):
     return torch.from_numpy(grad_pos).to(dtype), torch.from_numpy(grad_cells).to(dtype)
 
 
-@njit(cache=True, parallel=True)
-def _mirror_edges(senders, receivers, ptr, lengths, directions, out):
-    """Each edge scans its sender's row for its mirror (rows hold ~50 edges: a scan beats a
-    sort) and writes only its own entry: no two threads write one entry."""
-    num_rows = ptr.shape[0] - 1
-    for a in prange(num_rows):
-        for e in range(ptr[a], ptr[a + 1]):
-            b = senders[e]
-            out[e] = -1
-            if b < 0 or b >= num_rows:
-                continue
-            for f in range(ptr[b], ptr[b + 1]):
-                if f != e and senders[f] == a and lengths[f] == lengths[e] and \
-                        directions[f, 0] == -directions[e, 0] and \
-                        directions[f, 1] == -directions[e, 1] and \
-                        directions[f, 2] == -directions[e, 2]:
-                    out[e] = f
-                    break
-
-
-def mirror_edges(senders, receivers, receiver_ptr, lengths, directions):
-    """Launcher: see op.mirror_edges."""
-    out = np.empty(senders.shape[0], np.int64)
-    if out.shape[0]:
-        _mirror_edges(_as_numpy(senders), _as_numpy(receivers), _as_numpy(receiver_ptr),
-                      _as_numpy(lengths), _as_numpy(directions.to(lengths.dtype)), out)
-    return torch.from_numpy(out)
-
-
 # ---- compaction: the pairs of a (Verlet) list that are within a smaller cutoff ---------------
 
 

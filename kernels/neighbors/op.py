@@ -14,9 +14,6 @@
   ``pair_vectors_transpose``, so any order works. No Triton kernels (CUDA runs the torch path).
 
 
-* ``mirror_edges``: the mirror of every edge of a receiver-sorted edge list found from its
-  geometry (swapped ends, equal length, exactly opposite direction), for lists that come
-  without cell shifts; integer output. No Triton kernel (CUDA runs the torch path).
 * ``verlet_check`` and ``neighbor_list_into``: the capacity mode of Verlet lists, in place on
   device buffers: the rebuild test sets flags of a status word, and the list is rebuilt into
   fixed-capacity buffers only when a flag asks for it; no host synchronisation on CUDA
@@ -46,7 +43,6 @@ registry.register("pair_distances", "neighbors", "pair_distances",
                   backends=("numba", "reference"))
 registry.register("pair_distances_transpose", "neighbors", "pair_distances_transpose",
                   backends=("numba", "reference"))
-registry.register("mirror_edges", "neighbors", "mirror_edges", backends=("numba", "reference"))
 
 
 registry.register("verlet_check", "neighbors", "verlet_check", backends=("triton", "reference"))
@@ -230,22 +226,6 @@ def _pair_distances_backward(ctx, grad):
 pair_distances.register_autograd(_pair_distances_backward, setup_context=_pair_distances_setup)
 
 
-@torch.library.custom_op("fastff::mirror_edges", mutates_args=())
-def mirror_edges(senders: Tensor, receivers: Tensor, receiver_ptr: Tensor, lengths: Tensor,
-                 directions: Tensor, backend: str) -> Tensor:
-    """int64 [E]: for edges sorted by receiver (CSR ``receiver_ptr``), the first other edge f
-    with receivers[f] = senders[e], senders[f] = receivers[e], lengths[f] = lengths[e] and
-    directions[f] = -directions[e] (bitwise; directions [E, 3]), -1 where none. Two edges
-    between the same atoms with exactly opposite vectors are mirror images of one pair, so
-    any quantity of the pair's geometry may be computed once for both."""
-    return registry.launch("mirror_edges", _SPECS["mirror_edges"], locals())
-
-
-@mirror_edges.register_fake
-def _(senders, receivers, receiver_ptr, lengths, directions, backend):
-    return torch.empty_like(senders)
-
-
 @torch.library.custom_op("fastff::verlet_check", mutates_args=("status",))
 def verlet_check(positions: Tensor, cells: Tensor, reference: Tensor, ref_cells: Tensor,
                  skin: float, status: Tensor, backend: str) -> None:
@@ -276,5 +256,5 @@ def _(positions, cutoff, cells, pbc, system_ptr, half, status, reference, ref_ce
 _SPECS = {op._name: OpArgs(op)
           for op in (neighbor_list, pair_vectors, pair_vectors_transpose, neighbor_reverse,
                      neighbor_compact, neighbor_compact_reverse, pair_distances,
-                     pair_distances_transpose, mirror_edges, verlet_check,
+                     pair_distances_transpose, verlet_check,
                      neighbor_list_into)}

@@ -253,29 +253,6 @@ def pair_distances_transpose(grad: Tensor, positions: Tensor, cells: Tensor,
                                   cells.to(positions.dtype), atom_system, i, j, shifts)
 
 
-def mirror_edges(senders: Tensor, receivers: Tensor, receiver_ptr: Tensor, lengths: Tensor,
-                 directions: Tensor) -> Tensor:
-    """Launcher: see op.mirror_edges. Every edge against every edge of its sender's row."""
-    num_edges, num_rows = senders.shape[0], receiver_ptr.shape[0] - 1
-    out = torch.full_like(senders, -1)
-    valid = (senders >= 0) & (senders < num_rows)
-    if num_edges == 0 or not bool(valid.any()):
-        return out
-    edge = torch.arange(num_edges, device=senders.device)
-    row = senders.clamp(0, max(num_rows - 1, 0))
-    start = receiver_ptr[row]
-    counts = torch.where(valid, receiver_ptr[row + 1] - start, 0)
-    e = torch.repeat_interleave(edge, counts)  # each edge once per candidate of its row
-    first = torch.cumsum(counts, 0) - counts
-    f = start[e] + torch.arange(e.shape[0], device=e.device) - first[e]
-    dirs = directions.to(lengths.dtype)
-    match = (f != e) & (senders[f] == receivers[e]) & (lengths[f] == lengths[e]) & \
-        (dirs[f] == -dirs[e]).all(1)
-    candidate = torch.where(match, f, num_edges)
-    best = torch.full_like(senders, num_edges).scatter_reduce(0, e, candidate, "amin")
-    return torch.where(best < num_edges, best, out)
-
-
 def verlet_check(positions: Tensor, cells: Tensor, reference: Tensor, ref_cells: Tensor,
                  skin: float, status: Tensor) -> None:
     """Sets the REBUILD flag of ``status`` when an atom moved more than ``skin / 2`` since
