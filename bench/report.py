@@ -332,6 +332,31 @@ def _alternating_table(doc):
     return "\n".join(lines)
 
 
+def _first_run_machine(doc):
+    runs = doc.get("runs")
+    return _machine(runs[0]) if isinstance(runs, list) and runs and isinstance(runs[0], dict) \
+        else None
+
+
+def _paths_table(doc):
+    """Two code paths timed in turn (``timing``: median CPU seconds per path) and their peak
+    memory (``memory``), one row per run."""
+    lines = ["| run | median CPU s per step | extra peak MiB | ratio | commit |",
+             "|---|---|---|---|---|"]
+    for run in doc["runs"]:
+        med = run["timing"]["median_cpu_s"]
+        mem = run.get("memory", {})
+        paths = list(med)
+        ratio = med[paths[1]] / med[paths[0]] if len(paths) == 2 and med[paths[0]] else None
+        lines.append("| " + " | ".join([
+            str(run.get("hidden", "")),
+            ", ".join(f"{p}: {med[p]:.3f}" for p in paths),
+            ", ".join(f"{p}: {mem[p].get('extra_peak_MiB')}" for p in mem),
+            f"{paths[1]} / {paths[0]}: {ratio:.3f}" if ratio else "",
+            _commit(run) or ""]) + " |")
+    return "\n".join(lines)
+
+
 def docs_tables():
     """Every committed JSON as a table (docs/benchmarks.md), each with its provenance."""
     out = []
@@ -347,6 +372,11 @@ def docs_tables():
                 continue
         elif "benchmarks" in doc:
             table = _pytest_table(doc)
+        elif "runs" in doc and all("benchmarks" in run for run in doc["runs"]):
+            table = "\n\n".join(f"Run {k + 1}, commit {_commit(run) or 'not recorded'}:\n\n"
+                                 + _pytest_table(run) for k, run in enumerate(doc["runs"]))
+        elif "runs" in doc and all("timing" in run for run in doc["runs"]):
+            table = _paths_table(doc)
         elif "runs" in doc:
             table = _alternating_table(doc)
         elif "rows" in doc:
@@ -356,8 +386,9 @@ def docs_tables():
         else:
             continue
         command = doc.get("command")
+        machine = _machine(doc) or _first_run_machine(doc)
         out.append(f"### `{path.name}`\n\n"
-                   f"Machine: {_machine(doc) or 'not recorded'}; commit: "
+                   f"Machine: {machine or 'not recorded'}; commit: "
                    f"{_commit(doc) or 'not recorded'}"
                    + (f"; command: `{command}`" if command else "")
                    + (f"; {doc['datetime'][:10]}" if isinstance(doc.get("datetime"), str)
