@@ -40,7 +40,12 @@ EDGE_TILE = 512
 # registers per thread of the default 4 (README "Tuning").
 TP_WARPS = 8
 # Atoms per step of the coefficient-gradient kernel.
-BLOCK_N = 16
+BLOCK_N = 8
+# Elements of the [components, channels] tiles of the symmetric-contraction kernels: the
+# polynomial's [M, channels] tile at 512 (4 x 128) spilled 4 bytes in float64 on sm_90, 256
+# does not (README "Tuning").
+SYMC_TILE = 512
+APPLY_TILE = 256
 _SIZES = ["num_edges", "n_x", "n_rows", "nc", "d_in", "n_y", "d_out", "n_paths", "intervals",
           "n_atoms", "dim", "n_k", "n_m", "n_z", "n_g"]
 
@@ -521,6 +526,210 @@ def tp_conv_spline_vjp(g, x, y, distances, coeffs, step, senders, receivers, by_
     return gx, gy, gd
 
 
+# ---------------------------------------------------------------- symmetric contraction
+@triton.jit
+def _factor(x_ptr, v_ptr, n, t, dim, nc, offs_c, cm, TANGENT: tl.constexpr):
+    """(x[n, t, c], v[n, t, c]) of one tuple entry: (1, 0) for an unused entry (t = -1)."""
+    used = t >= 0
+    at = (n * dim + tl.where(used, t, 0)) * nc + offs_c
+    f = tl.where(used, tl.load(x_ptr + at, mask=cm & used, other=0.0), 1.0)
+    dv = f * 0.0
+    if TANGENT:
+        dv = tl.load(v_ptr + at, mask=cm & used, other=0.0)
+    return f, dv
+
+
+@triton.jit
+def _tuple(tuples_ptr, k):
+    return (tl.load(tuples_ptr + k * 3), tl.load(tuples_ptr + k * 3 + 1),
+            tl.load(tuples_ptr + k * 3 + 2))
+
+
+@triton.jit(do_not_specialize=_SIZES)
+def _symc_apply_kernel(out_ptr, x_ptr, v_ptr, elements_ptr, weights_ptr, tuples_ptr, dim, n_k,
+                       n_m, nc, n_z, DIRECTIONAL: tl.constexpr, M_P: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    """out[n, m, c] = sum_k weights[z_n, k, m, c] mono_k[n, c] (DIRECTIONAL: the monomial's
+    derivative along v); one program per (atom, block of channels)."""
+    n_k = n_k.to(tl.int64)  # the tuple loop's index in 64 bits (k * 3 offsets)
+    n = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = offs_c < nc
+    offs_m = tl.arange(0, M_P).to(tl.int64)
+    m2 = (offs_m < n_m)[:, None] & cm[None, :]
+    z = tl.load(elements_ptr + n)
+    ok = (z >= 0) & (z < n_z)
+    z = tl.where(ok, z, 0)
+    acc = tl.zeros((M_P, BLOCK_C), dtype=out_ptr.dtype.element_ty)
+    for k in range(0, n_k):
+        t0, t1, t2 = _tuple(tuples_ptr, k)
+        f0, v0 = _factor(x_ptr, v_ptr, n, t0, dim, nc, offs_c, cm, DIRECTIONAL)
+        f1, v1 = _factor(x_ptr, v_ptr, n, t1, dim, nc, offs_c, cm, DIRECTIONAL)
+        f2, v2 = _factor(x_ptr, v_ptr, n, t2, dim, nc, offs_c, cm, DIRECTIONAL)
+        if DIRECTIONAL:
+            mono = v0 * f1 * f2 + f0 * v1 * f2 + f0 * f1 * v2
+        else:
+            mono = f0 * f1 * f2
+        wk = tl.load(weights_ptr + ((z * n_k + k) * n_m + offs_m[:, None]) * nc + offs_c[None, :],
+                     mask=m2 & ok, other=0.0)
+        acc += wk * mono[None, :]
+    tl.store(out_ptr + (n * n_m + offs_m[:, None]) * nc + offs_c[None, :], acc, mask=m2)
+
+
+@triton.jit(do_not_specialize=_SIZES)
+def _symc_grad_x_kernel(out_ptr, g_ptr, x_ptr, v_ptr, elements_ptr, weights_ptr, tuples_ptr,
+                        dim, n_k, n_m, nc, n_z, SECOND: tl.constexpr, D_P: tl.constexpr,
+                        M_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[n, d, c] = sum_k G_k[c] d(mono_k)/dx[n, d, c] (SECOND: of the monomial's derivative
+    along v), G_k = sum_m g[n, m, c] weights[z_n, k, m, c]; one program per (atom, channels)."""
+    n_k = n_k.to(tl.int64)  # the tuple loop's index in 64 bits (k * 3 offsets)
+    n = tl.program_id(0).to(tl.int64)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = offs_c < nc
+    offs_m = tl.arange(0, M_P).to(tl.int64)
+    m2 = (offs_m < n_m)[:, None] & cm[None, :]
+    rows = tl.arange(0, D_P).to(tl.int64)
+    z = tl.load(elements_ptr + n)
+    ok = (z >= 0) & (z < n_z)
+    z = tl.where(ok, z, 0)
+    gn = tl.load(g_ptr + (n * n_m + offs_m[:, None]) * nc + offs_c[None, :], mask=m2 & ok,
+                 other=0.0)
+    acc = tl.zeros((D_P, BLOCK_C), dtype=out_ptr.dtype.element_ty)
+    for k in range(0, n_k):
+        wk = tl.load(weights_ptr + ((z * n_k + k) * n_m + offs_m[:, None]) * nc + offs_c[None, :],
+                     mask=m2 & ok, other=0.0)
+        big_g = tl.sum(gn * wk, axis=0)
+        t0, t1, t2 = _tuple(tuples_ptr, k)
+        f0, v0 = _factor(x_ptr, v_ptr, n, t0, dim, nc, offs_c, cm, SECOND)
+        f1, v1 = _factor(x_ptr, v_ptr, n, t1, dim, nc, offs_c, cm, SECOND)
+        f2, v2 = _factor(x_ptr, v_ptr, n, t2, dim, nc, offs_c, cm, SECOND)
+        if SECOND:
+            o0 = v1 * f2 + f1 * v2
+            o1 = v0 * f2 + f0 * v2
+            o2 = v0 * f1 + f0 * v1
+        else:
+            o0 = f1 * f2
+            o1 = f0 * f2
+            o2 = f0 * f1
+        # an unused entry (t = -1) matches no row
+        acc += tl.where((rows == t0)[:, None], (big_g * o0)[None, :], 0.0)
+        acc += tl.where((rows == t1)[:, None], (big_g * o1)[None, :], 0.0)
+        acc += tl.where((rows == t2)[:, None], (big_g * o2)[None, :], 0.0)
+    tl.store(out_ptr + (n * dim + rows[:, None]) * nc + offs_c[None, :], acc,
+             mask=(rows < dim)[:, None] & cm[None, :])
+
+
+@triton.jit(do_not_specialize=_SIZES)
+def _symc_collect_kernel(out_ptr, g_ptr, x_ptr, v_ptr, order_ptr, elem_ptr_ptr, tuples_ptr, dim,
+                         n_k, n_m, nc, DIRECTIONAL: tl.constexpr, M_P: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[z, k, m, c] = sum over the atoms n of element z of g[n, m, c] mono_k[n, c]
+    (DIRECTIONAL: its derivative along v); one program per (element, tuple, block of
+    channels), BLOCK_N atoms a step, columns (m, c) flattened."""
+    zk = tl.program_id(0).to(tl.int64)
+    z = zk // n_k
+    k = zk % n_k
+    cols = tl.arange(0, M_P * BLOCK_C)
+    m = (cols // BLOCK_C).to(tl.int64)
+    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + (cols % BLOCK_C)
+    colm = (m < n_m) & (offs_c < nc)
+    lo = tl.load(elem_ptr_ptr + z)
+    hi = tl.load(elem_ptr_ptr + z + 1)
+    t0, t1, t2 = _tuple(tuples_ptr, k)
+    acc = tl.zeros((BLOCK_N, M_P * BLOCK_C), dtype=out_ptr.dtype.element_ty)
+    for i0 in range(lo, hi, BLOCK_N):
+        idx = i0 + tl.arange(0, BLOCK_N)
+        im = idx < hi
+        n = tl.load(order_ptr + idx, mask=im, other=0)[:, None]
+        mask = im[:, None] & colm[None, :]
+        c = offs_c[None, :]
+        f0, v0 = _factor(x_ptr, v_ptr, n, t0, dim, nc, c, mask, DIRECTIONAL)
+        f1, v1 = _factor(x_ptr, v_ptr, n, t1, dim, nc, c, mask, DIRECTIONAL)
+        f2, v2 = _factor(x_ptr, v_ptr, n, t2, dim, nc, c, mask, DIRECTIONAL)
+        if DIRECTIONAL:
+            mono = v0 * f1 * f2 + f0 * v1 * f2 + f0 * f1 * v2
+        else:
+            mono = f0 * f1 * f2
+        gt = tl.load(g_ptr + (n * n_m + m[None, :]) * nc + c, mask=mask, other=0.0)
+        acc += gt * mono
+    tl.store(out_ptr + ((z * n_k + k) * n_m + m) * nc + offs_c, tl.sum(acc, axis=0), mask=colm)
+
+
+def _symc_blocks(rows: int, nc: int, tile: int = SYMC_TILE) -> tuple[int, int]:
+    """(rows padded, channels per program): a [rows, channels] tile of at most ``tile``."""
+    rows_p = triton.next_power_of_2(max(rows, 1))
+    return rows_p, max(1, min(triton.next_power_of_2(max(nc, 1)), tile // rows_p))
+
+
+def _symc_apply(x, v, elements, weights, tuples, directional):
+    n, dim, nc = x.shape
+    n_z, n_k, n_m, _ = weights.shape
+    out = x.new_zeros(n, n_m, nc)
+    if out.numel() == 0 or n_k == 0:
+        return out
+    m_p, block_c = _symc_blocks(n_m, nc, APPLY_TILE)
+    _symc_apply_kernel[(n, triton.cdiv(nc, block_c))](
+        out, _c(x), _c(v), _c(elements), _c(weights), _c(tuples), dim, n_k, n_m, nc, n_z,
+        DIRECTIONAL=directional, M_P=m_p, BLOCK_C=block_c)
+    return out
+
+
+def _symc_grad_x(g, x, v, elements, weights, tuples, second):
+    n, dim, nc = x.shape
+    n_z, n_k, n_m, _ = weights.shape
+    out = torch.zeros_like(x)
+    if out.numel() == 0 or n_k == 0:
+        return out
+    d_p, block_c = _symc_blocks(max(dim, n_m), nc)
+    _symc_grad_x_kernel[(n, triton.cdiv(nc, block_c))](
+        out, _c(g), _c(x), _c(v), _c(elements), _c(weights), _c(tuples), dim, n_k, n_m, nc, n_z,
+        SECOND=second, D_P=triton.next_power_of_2(dim), M_P=triton.next_power_of_2(n_m),
+        BLOCK_C=block_c)
+    return out
+
+
+def _symc_collect(g, x, v, elements, weights, tuples, directional):
+    """The coefficient gradient: atoms sorted by element on the device (no host copy), their
+    segments found by a search over the sorted elements; out-of-range elements fall outside
+    every segment."""
+    n, dim, nc = x.shape
+    n_z, n_k, n_m, _ = weights.shape
+    out = torch.zeros_like(weights)
+    if out.numel() == 0 or n == 0:
+        return out
+    keys, order = torch.sort(_c(elements), stable=True)
+    bounds = torch.arange(n_z + 1, dtype=keys.dtype, device=keys.device)
+    elem_ptr = torch.searchsorted(keys, bounds)
+    m_p, block_c = _symc_blocks(n_m, nc, SYMC_TILE // BLOCK_N)
+    _symc_collect_kernel[(n_z * n_k, triton.cdiv(nc, block_c))](
+        out, _c(g), _c(x), _c(v), order, elem_ptr, _c(tuples), dim, n_k, n_m, nc,
+        DIRECTIONAL=directional, M_P=m_p, BLOCK_C=block_c, BLOCK_N=BLOCK_N)
+    return out
+
+
+def symmetric_contraction(x, elements, weights, tuples):
+    """Launcher: see reference.py."""
+    return _symc_apply(x, x, elements, weights, tuples, False)
+
+
+def symmetric_contraction_vjp(g, x, elements, weights, tuples, need_x, need_weights):
+    """Launcher: see reference.py."""
+    gx = _symc_grad_x(g, x, x, elements, weights, tuples, False) if need_x else x.new_zeros(0)
+    gw = _symc_collect(g, x, x, elements, weights, tuples, False) if need_weights \
+        else x.new_zeros(0)
+    return gx, gw
+
+
+def symmetric_contraction_vjp_vjp(v, g, x, elements, weights, tuples, need_g, need_x,
+                                  need_weights):
+    """Launcher: see reference.py."""
+    gg = _symc_apply(x, v, elements, weights, tuples, True) if need_g else x.new_zeros(0)
+    gx = _symc_grad_x(g, x, v, elements, weights, tuples, True) if need_x else x.new_zeros(0)
+    gw = _symc_collect(g, x, v, elements, weights, tuples, True) if need_weights \
+        else x.new_zeros(0)
+    return gg, gx, gw
+
+
 # ---------------------------------------------------------------- ahead-of-time compilation
 def _sig(names: str, kinds: dict[str, str]) -> dict[str, str]:
     """Signature from space-separated names: *_ptr float pointers unless listed in ``kinds``,
@@ -561,8 +770,26 @@ AOT_SPECS = [
       for name, sp, ny, nw, nd in (("y,w", False, True, True, False),
                                    ("w", False, False, True, False),
                                    ("spline,y,d", True, True, False, True))),
+    # M <= 4 outputs per channel (MACE: one irrep block), x of D = 16 components (l <= 3)
+    *({"kernel": _symc_apply_kernel, "name": f"_symc_apply_kernel[{'jvp' if dr else 'value'}]",
+       "signature": _sig("out_ptr x_ptr v_ptr elements_ptr weights_ptr tuples_ptr dim n_k n_m nc "
+                         "n_z DIRECTIONAL M_P BLOCK_C", _IDX | _CONST),
+       "constexprs": {"DIRECTIONAL": dr, "M_P": 4, "BLOCK_C": APPLY_TILE // 4}}
+      for dr in (False, True)),
+    *({"kernel": _symc_grad_x_kernel, "name": f"_symc_grad_x_kernel[{'second' if sc else 'first'}]",
+       "signature": _sig("out_ptr g_ptr x_ptr v_ptr elements_ptr weights_ptr tuples_ptr dim n_k "
+                         "n_m nc n_z SECOND D_P M_P BLOCK_C", _IDX | _CONST),
+       "constexprs": {"SECOND": sc, "D_P": 16, "M_P": 4, "BLOCK_C": SYMC_TILE // 16}}
+      for sc in (False, True)),
+    *({"kernel": _symc_collect_kernel,
+       "name": f"_symc_collect_kernel[{'jvp' if dr else 'value'}]",
+       "signature": _sig("out_ptr g_ptr x_ptr v_ptr order_ptr elem_ptr_ptr tuples_ptr dim n_k n_m "
+                         "nc DIRECTIONAL M_P BLOCK_C BLOCK_N", _IDX | _CONST),
+       "constexprs": {"DIRECTIONAL": dr, "M_P": 4, "BLOCK_C": SYMC_TILE // BLOCK_N // 4,
+                      "BLOCK_N": BLOCK_N}}
+      for dr in (False, True)),
 ]
 for _spec in AOT_SPECS:  # every kernel runs in the dtype of its inputs: float32 or float64
     _spec["dtypes"] = ("fp32", "fp64")
-    if _spec["kernel"] is not _sh_kernel:
+    if _spec["kernel"] in (_tp_rows_kernel, _tp_sender_kernel, _tp_edge_kernel):
         _spec["options"] = {"num_warps": TP_WARPS}

@@ -45,7 +45,8 @@ from fastff.kernels.equivariant import reference
 # ops with a Triton kernel (gpu_triton.py); the others run the reference when the backend is
 # triton (registry.launcher), and fastff.backends() says so
 _TRITON = ("spherical_harmonics", "spherical_harmonics_vjp", "spherical_harmonics_jvp",
-           "tp_conv", "tp_conv_sender", "tp_conv_vjp", "tp_conv_spline", "tp_conv_spline_vjp")
+           "tp_conv", "tp_conv_sender", "tp_conv_vjp", "tp_conv_spline", "tp_conv_spline_vjp",
+           "symmetric_contraction", "symmetric_contraction_vjp", "symmetric_contraction_vjp_vjp")
 for _name in ("spherical_harmonics", "spherical_harmonics_vjp", "spherical_harmonics_jvp",
               "tp_conv", "tp_conv_sender", "tp_conv_vjp", "symmetric_contraction",
               "symmetric_contraction_vjp", "symmetric_contraction_vjp_vjp", "radial_spline",
