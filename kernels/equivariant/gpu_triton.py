@@ -466,10 +466,10 @@ def _edge_grads(g, x, y, table, senders, receivers, coupling, out_path, need_y, 
     """(gy [E, nY], gw [E, P, C], gd [E]), each an empty [0] unless asked for."""
     num_edges, nc = y.shape[0], g.shape[2]
     d_in, n_y, d_out = coupling.shape
-    empty = g.new_zeros(0)
-    gy = g.new_zeros(y.shape) if need_y else empty
-    gw = g.new_zeros(num_edges, table.n_paths, nc) if need_w else empty
-    gd = g.new_zeros(num_edges) if need_d else empty
+    # distinct empty tensors: a custom op's outputs must not alias one another
+    gy = g.new_zeros(y.shape) if need_y else g.new_zeros(0)
+    gw = g.new_zeros(num_edges, table.n_paths, nc) if need_w else g.new_zeros(0)
+    gd = g.new_zeros(num_edges) if need_d else g.new_zeros(0)
     if not (need_y or need_w or need_d) or num_edges == 0:
         return gy, gw, gd
     dout_p, block_c = _blocks(d_out, nc, EDGE_TILE)
