@@ -204,6 +204,32 @@ def test_autograd_on_the_triton_backend(rng):
         _same(got, want, torch.float64, "autograd")
 
 
+def test_opcheck_on_the_triton_backend(rng):
+    """torch.library.opcheck of the ops with a Triton kernel, run on it: every check for
+    tp_conv and the harmonics, the schema and fake impls for the rest (their autograd is
+    compared with the reference backend above; the interpreter is slow)."""
+    x, y, w, g, graph, coupling, out_path = _tp_case(rng, torch.float64, n=4, num_edges=7,
+                                                     channels=2, d_in=2, lmax=1, d_out=4,
+                                                     paths=2)
+    torch.library.opcheck(op.tp_conv, (x, y, w, *graph, coupling, out_path, "triton"))
+    cheap = ("test_schema", "test_faketensor")
+    torch.library.opcheck(op.tp_conv_vjp, (g, x, y, w, *graph, coupling, out_path, True, False,
+                                           True, "triton"), test_utils=cheap)
+    coeffs = torch.randn(8, 4, 2 * 2, dtype=torch.float64)
+    d = torch.rand(7, dtype=torch.float64)
+    torch.library.opcheck(op.tp_conv_spline_vjp, (g, x, y, d, coeffs, 0.1, *graph, coupling,
+                                                  out_path, True, True, True, "triton"),
+                          test_utils=cheap)
+    xs, elements, weights, tuples, gs, v = _sc_case(rng, torch.float64, n=3, dim=3, count=5,
+                                                    num_m=2, channels=2, num_z=2)
+    torch.library.opcheck(op.symmetric_contraction_vjp_vjp, (v, gs, xs, elements, weights,
+                                                             tuples, True, True, True, "triton"),
+                          test_utils=cheap)
+    vectors = torch.randn(5, 3, dtype=torch.float64)
+    torch.library.opcheck(op.spherical_harmonics_vjp, (torch.randn(5, 16, dtype=torch.float64),
+                                                       vectors, 3, "triton"))
+
+
 def test_backends_report_the_triton_ops(monkeypatch):
     """fastff.backends(): the ops with a Triton kernel take it, the others name the fallback."""
     device = torch.empty(0).device  # cuda when the Triton tests run compiled
