@@ -31,11 +31,18 @@ def _d64(*tensors):
     return [t.double() for t in tensors]
 
 
+def _here(t):
+    """t on the default device (the GPU when the Triton tests run compiled; numpy-made tensors
+    start on the CPU)."""
+    return t.to(torch.empty(0).device)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_harmonics_match_reference(rng, dtype):
     """Y, its vjp and jvp for lmax 0..3; vectors of every length, a zero vector (e3nn's
     normalize: Y = [1, 0, ...], gradients through the I / eps branch) and a tiny one."""
-    vectors = torch.from_numpy(rng.standard_normal((37, 3)) * rng.uniform(0.1, 5, (37, 1)))
+    vectors = _here(torch.from_numpy(rng.standard_normal((37, 3))
+                                     * rng.uniform(0.1, 5, (37, 1))))
     vectors[3] = 0.0
     vectors[5] = torch.tensor([1e-7, -2e-7, 0.5e-7])
     vectors = vectors.to(dtype)
@@ -65,8 +72,8 @@ def test_harmonics_match_reference(rng, dtype):
 
 
 def _tp_case(rng, dtype, n, num_edges, channels, d_in, lmax, d_out, paths):
-    graph = _graph(rng, n, num_edges)  # the last atom receives nothing
-    coupling, out_path = _coupling(rng, d_in, (lmax + 1) ** 2, d_out, paths)
+    graph = tuple(map(_here, _graph(rng, n, num_edges)))  # the last atom receives nothing
+    coupling, out_path = map(_here, _coupling(rng, d_in, (lmax + 1) ** 2, d_out, paths))
     x = torch.randn(n, d_in, channels, dtype=dtype)
     y = torch.randn(num_edges, (lmax + 1) ** 2, dtype=dtype)
     w = torch.randn(num_edges, paths, channels, dtype=dtype)
@@ -110,7 +117,7 @@ def test_tp_conv_spline_matches_reference(rng, dtype):
                                                      d_in=4, lmax=2, d_out=7, paths=3)
     coeffs = torch.randn(20, 4, 3 * 3, dtype=dtype)
     step = 0.1
-    d = torch.from_numpy(rng.random(12) * 2.4).to(dtype)
+    d = _here(torch.from_numpy(rng.random(12) * 2.4)).to(dtype)
     d[0] = -0.05
     x64, y64, g64, d64, c64 = _d64(x, y, g, d, coeffs)
     c = coupling.to(dtype)
@@ -131,7 +138,7 @@ def test_tp_conv_without_edges(rng):
     empty = torch.zeros(0, dtype=torch.int64)
     ptr = torch.zeros(n + 1, dtype=torch.int64)
     graph = (empty, empty, empty, ptr, empty, ptr)
-    coupling, out_path = _coupling(rng, 4, 16, 9, 3)
+    coupling, out_path = map(_here, _coupling(rng, 4, 16, 9, 3))
     x = torch.randn(n, 4, 2, dtype=torch.float64)
     y, w = torch.zeros(0, 16, dtype=torch.float64), torch.zeros(0, 3, 2, dtype=torch.float64)
     out = gpu_triton.tp_conv(x, y, w, *graph, coupling, out_path)
@@ -143,7 +150,7 @@ def test_tp_conv_without_edges(rng):
 
 def _sc_case(rng, dtype, n, dim, count, num_m, channels, num_z):
     tuples = _tuples(rng, dim, count)
-    elements = torch.from_numpy(rng.integers(0, num_z, n))
+    elements = _here(torch.from_numpy(rng.integers(0, num_z, n)))
     x = torch.randn(n, dim, channels, dtype=dtype)
     weights = torch.randn(num_z, tuples.shape[0], num_m, channels, dtype=dtype)
     g = torch.randn(n, num_m, channels, dtype=dtype)
@@ -254,10 +261,10 @@ def test_mace_model_on_the_triton_backend(rng):
 
     from fastff.interop import mace as fm
 
-    model = t.build(hidden="2x0e+2x1o", max_ell=2, correlation=2, num_interactions=2)
+    model = _here(t.build(hidden="2x0e+2x1o", max_ell=2, correlation=2, num_interactions=2))
     fast = fm.accelerate(copy.deepcopy(model), backend="triton")
-    pos = torch.from_numpy(rng.random((4, 3)) * 2.0)  # every pair closer than 2 sqrt(3) < 3.5
-    z = torch.from_numpy(rng.choice([1, 6, 8], 4))
+    pos = _here(torch.from_numpy(rng.random((4, 3)) * 2.0))  # pairs closer than 2 sqrt(3) < 3.5
+    z = _here(torch.from_numpy(rng.choice([1, 6, 8], 4)))
     nl, cell = fastff.neighbor_list(pos, t.CUTOFF), None
     assert nl.i.shape[0] == 12
     want = t.outputs(model, pos, z, nl, cell)
