@@ -18,7 +18,7 @@ from test_equivariant import _coupling, _graph, _tuples  # noqa: E402
 import fastff  # noqa: E402
 from fastff.kernels._runtime import registry  # noqa: E402
 from fastff.kernels.equivariant import gpu_triton, op, reference  # noqa: E402
-from fastff.testing import assert_close_scaled  # noqa: E402
+from fastff.testing import assert_close_scaled, count_host_syncs  # noqa: E402
 
 DTYPES = [torch.float64, torch.float32]
 
@@ -235,6 +235,35 @@ def test_opcheck_on_the_triton_backend(rng):
     vectors = torch.randn(5, 3, dtype=torch.float64)
     torch.library.opcheck(op.spherical_harmonics_vjp, (torch.randn(5, 16, dtype=torch.float64),
                                                        vectors, 3, "triton"))
+
+
+def test_launchers_do_not_synchronise(rng):
+    """A steady step of every Triton launcher reads nothing back from the device (sizes from
+    shapes, the table's step from a cached device scalar, atoms sorted by element on the
+    device): the GPU path can be captured in a CUDA graph."""
+    x, y, w, g, graph, coupling, out_path = _tp_case(rng, torch.float64, n=4, num_edges=7,
+                                                     channels=2, d_in=4, lmax=2, d_out=5,
+                                                     paths=2)
+    coeffs = torch.randn(8, 4, 2 * 2, dtype=torch.float64)
+    d = torch.rand(7, dtype=torch.float64)
+    vectors = torch.randn(7, 3, dtype=torch.float64)
+    xs, elements, weights, tuples, gs, v = _sc_case(rng, torch.float64, n=3, dim=3, count=5,
+                                                    num_m=2, channels=2, num_z=2)
+
+    def step():
+        gpu_triton.spherical_harmonics_vjp(y, vectors, 2)
+        gpu_triton.tp_conv(x, y, w, *graph, coupling, out_path)
+        gpu_triton.tp_conv_vjp(g, x, y, w, *graph, coupling, out_path, True, True, True)
+        gpu_triton.tp_conv_spline(x, y, d, coeffs, 0.1, *graph, coupling, out_path)
+        gpu_triton.tp_conv_spline_vjp(g, x, y, d, coeffs, 0.1, *graph, coupling, out_path, True,
+                                      True, True)
+        gpu_triton.symmetric_contraction_vjp_vjp(v, gs, xs, elements, weights, tuples, True,
+                                                 True, True)
+
+    step()  # the first call caches the table's step on the device
+    with count_host_syncs() as syncs:
+        step()
+    assert int(syncs) == 0, syncs.report()
 
 
 def test_backends_report_the_triton_ops(monkeypatch):
