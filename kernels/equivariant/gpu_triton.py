@@ -5,10 +5,11 @@ Algorithms (maths in README.md; the same sums as cpu_numba.py, ordered for a GPU
 * ``_sh_kernel``: e3nn's polynomials of the unit vector (and their gradients), one program per
   block of edges, in the inputs' dtype; value, vjp or jvp chosen at compile time.
 * ``_tp_rows_kernel`` (``tp_conv``): one program per (receiver, block of channels) walks the
-  receiver's CSR row, so each output row has one writer: no atomics, deterministic. The dense
-  coupling of one input component stays in registers ([nY, Dout]) while the row is walked;
-  per edge it is contracted with y (a [nY] x [nY, Dout] product) and the channel products are
-  elementwise ("uvu": no channel mixing, so no ``tl.dot``; see README.md "Triton path").
+  receiver's CSR row, so each output row has one writer: no atomics, deterministic. Per edge
+  the dense coupling of each input component ([nY, Dout], the same for every program, so read
+  from cache) is contracted with y (a [nY] x [nY, Dout] product); the edge's y and weights are
+  read once, and the channel products are elementwise ("uvu": no channel mixing, so no
+  ``tl.dot``; see README.md "Triton path").
 * ``_tp_sender_kernel`` (the x-gradient): the same per sender row (``by_sender`` CSR), reading
   g at each edge's receiver: one writer per row, no atomics.
 * ``_tp_edge_kernel``: the y-, w- and (tabulated weights) distance gradients, one program per
@@ -279,21 +280,24 @@ def _tp_rows_kernel(out_ptr, x_ptr, y_ptr, w_ptr, d_ptr, coeffs_ptr, step_ptr, c
     lo = tl.load(ptr_ptr + row)
     hi = tl.load(ptr_ptr + row + 1)
     acc = tl.zeros((DOUT_P, BLOCK_C), dtype=out_ptr.dtype.element_ty)
-    for a in range(0, d_in):
-        ca = _coupling_tile(coupling_ptr, a, offs_m, offs_b, n_y, d_out)
-        for k in range(lo, hi):
-            e = tl.load(by_receiver_ptr + k)
-            e_ok = (e >= 0) & (e < num_edges)
-            e = tl.where(e_ok, e, 0)
-            s = tl.load(senders_ptr + e)
-            ok = e_ok & (s >= 0) & (s < n_x)
-            s = tl.where(ok, s, 0)
-            ye = tl.load(y_ptr + e * n_y + offs_m, mask=ym & ok, other=0.0)
+    for k in range(lo, hi):
+        e = tl.load(by_receiver_ptr + k)
+        e_ok = (e >= 0) & (e < num_edges)
+        e = tl.where(e_ok, e, 0)
+        s = tl.load(senders_ptr + e)
+        ok = e_ok & (s >= 0) & (s < n_x)
+        s = tl.where(ok, s, 0)
+        ye = tl.load(y_ptr + e * n_y + offs_m, mask=ym & ok, other=0.0)
+        # t[b, c] = sum_a K_a[e, b] x[s, a, c]; the coupling tiles (shared by every program)
+        # are re-read from cache, the edge's weights and y once
+        t = tl.zeros((DOUT_P, BLOCK_C), dtype=out_ptr.dtype.element_ty)
+        for a in range(0, d_in):
+            ca = _coupling_tile(coupling_ptr, a, offs_m, offs_b, n_y, d_out)
             ka = tl.sum(ca * ye[:, None], axis=0)
             xa = tl.load(x_ptr + (s * d_in + a) * nc + offs_c, mask=cm & ok, other=0.0)
-            we = _edge_weights(w_ptr, d_ptr, coeffs_ptr, step_ptr, e, ok, path, offs_c, m2,
-                               n_paths, nc, intervals, SPLINE, 0)
-            acc += ka[:, None] * xa[None, :] * we
+            t += ka[:, None] * xa[None, :]
+        acc += t * _edge_weights(w_ptr, d_ptr, coeffs_ptr, step_ptr, e, ok, path, offs_c, m2,
+                                 n_paths, nc, intervals, SPLINE, 0)
     tl.store(out_ptr + (row * d_out + offs_b[:, None]) * nc + offs_c[None, :], acc, mask=m2)
 
 
@@ -301,7 +305,8 @@ def _tp_rows_kernel(out_ptr, x_ptr, y_ptr, w_ptr, d_ptr, coeffs_ptr, step_ptr, c
 def _tp_sender_kernel(gx_ptr, g_ptr, y_ptr, w_ptr, d_ptr, coeffs_ptr, step_ptr, coupling_ptr,
                       out_path_ptr, receivers_ptr, by_sender_ptr, sender_ptr_ptr, num_edges,
                       n_g, nc, d_in, n_y, d_out, n_paths, intervals, SPLINE: tl.constexpr,
-                      NY_P: tl.constexpr, DOUT_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                      NY_P: tl.constexpr, DOUT_P: tl.constexpr, DIN_P: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
     """gx[s, a, c] = sum over sender s's edges of sum_b K_a[e, b] w[e, path(b), c] g[r_e, b, c]."""
     row = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -314,24 +319,27 @@ def _tp_sender_kernel(gx_ptr, g_ptr, y_ptr, w_ptr, d_ptr, coeffs_ptr, step_ptr, 
     path = tl.load(out_path_ptr + offs_b, mask=bm, other=0)
     lo = tl.load(sender_ptr_ptr + row)
     hi = tl.load(sender_ptr_ptr + row + 1)
-    for a in range(0, d_in):
-        ca = _coupling_tile(coupling_ptr, a, offs_m, offs_b, n_y, d_out)
-        acc = tl.zeros((DOUT_P, BLOCK_C), dtype=gx_ptr.dtype.element_ty)
-        for k in range(lo, hi):
-            e = tl.load(by_sender_ptr + k)
-            e_ok = (e >= 0) & (e < num_edges)
-            e = tl.where(e_ok, e, 0)
-            r = tl.load(receivers_ptr + e)
-            ok = e_ok & (r >= 0) & (r < n_g)
-            r = tl.where(ok, r, 0)
-            ye = tl.load(y_ptr + e * n_y + offs_m, mask=ym & ok, other=0.0)
+    rows_a = tl.arange(0, DIN_P).to(tl.int64)
+    acc = tl.zeros((DIN_P, BLOCK_C), dtype=gx_ptr.dtype.element_ty)
+    for k in range(lo, hi):
+        e = tl.load(by_sender_ptr + k)
+        e_ok = (e >= 0) & (e < num_edges)
+        e = tl.where(e_ok, e, 0)
+        r = tl.load(receivers_ptr + e)
+        ok = e_ok & (r >= 0) & (r < n_g)
+        r = tl.where(ok, r, 0)
+        ye = tl.load(y_ptr + e * n_y + offs_m, mask=ym & ok, other=0.0)
+        gr = tl.load(g_ptr + (r * d_out + offs_b[:, None]) * nc + offs_c[None, :],
+                     mask=m2 & ok, other=0.0)
+        gw = gr * _edge_weights(w_ptr, d_ptr, coeffs_ptr, step_ptr, e, ok, path, offs_c, m2,
+                                n_paths, nc, intervals, SPLINE, 0)
+        for a in range(0, d_in):
+            ca = _coupling_tile(coupling_ptr, a, offs_m, offs_b, n_y, d_out)
             ka = tl.sum(ca * ye[:, None], axis=0)
-            gr = tl.load(g_ptr + (r * d_out + offs_b[:, None]) * nc + offs_c[None, :],
-                         mask=m2 & ok, other=0.0)
-            we = _edge_weights(w_ptr, d_ptr, coeffs_ptr, step_ptr, e, ok, path, offs_c, m2,
-                               n_paths, nc, intervals, SPLINE, 0)
-            acc += ka[:, None] * gr * we
-        tl.store(gx_ptr + (row * d_in + a) * nc + offs_c, tl.sum(acc, axis=0), mask=cm)
+            part = tl.sum(ka[:, None] * gw, axis=0)
+            acc += tl.where((rows_a == a)[:, None], part[None, :], 0.0)
+    tl.store(gx_ptr + (row * d_in + rows_a[:, None]) * nc + offs_c[None, :], acc,
+             mask=(rows_a < d_in)[:, None] & cm[None, :])
 
 
 @triton.jit(do_not_specialize=_SIZES)
@@ -457,7 +465,8 @@ def _sender_sum(g, y, table, receivers, by_sender, sender_ptr, coupling, out_pat
         out, _c(g), _c(y), *table.args(), c, path, _c(receivers), _c(by_sender),
         _c(sender_ptr), y.shape[0], g.shape[0], nc, d_in, n_y, d_out, table.n_paths,
         table.intervals, SPLINE=table.spline, NY_P=triton.next_power_of_2(n_y),
-        DOUT_P=dout_p, BLOCK_C=block_c, num_warps=TP_WARPS)
+        DOUT_P=dout_p, DIN_P=triton.next_power_of_2(d_in), BLOCK_C=block_c,
+        num_warps=TP_WARPS)
     return out
 
 
@@ -743,7 +752,7 @@ _IDX = {n: "*i64" for n in ("out_path_ptr", "senders_ptr", "receivers_ptr", "by_
 _TP = {"NY_P": 16, "DOUT_P": 64, "BLOCK_C": 16}  # lmax = 3, Dout <= 64 (MACE's l <= 3 outputs)
 _CONST = {n: "constexpr" for n in ("LMAX", "MODE", "BLOCK_E", "SPLINE", "NY_P", "DOUT_P",
                                    "BLOCK_C", "NEED_Y", "NEED_W", "NEED_D", "DIRECTIONAL",
-                                   "SECOND", "D_P", "M_P", "BLOCK_N")}
+                                   "SECOND", "D_P", "M_P", "BLOCK_N", "DIN_P")}
 
 AOT_SPECS = [
     *({"kernel": _sh_kernel, "name": f"_sh_kernel[{('Y', 'vjp', 'jvp')[mode]}]",
@@ -757,9 +766,9 @@ AOT_SPECS = [
     *({"kernel": _tp_sender_kernel, "name": f"_tp_sender_kernel[{'spline' if sp else 'w'}]",
        "signature": _sig("gx_ptr g_ptr y_ptr w_ptr d_ptr coeffs_ptr step_ptr coupling_ptr "
                          "out_path_ptr receivers_ptr by_sender_ptr sender_ptr_ptr num_edges n_g "
-                         "nc d_in n_y d_out n_paths intervals SPLINE NY_P DOUT_P BLOCK_C",
+                         "nc d_in n_y d_out n_paths intervals SPLINE NY_P DOUT_P DIN_P BLOCK_C",
                          _IDX | _CONST),
-       "constexprs": {"SPLINE": sp, **_TP}} for sp in (False, True)),
+       "constexprs": {"SPLINE": sp, **_TP, "DIN_P": 4}} for sp in (False, True)),
     *({"kernel": _tp_edge_kernel, "name": f"_tp_edge_kernel[{name}]",
        "signature": _sig("gy_ptr gw_ptr gd_ptr g_ptr x_ptr y_ptr w_ptr d_ptr coeffs_ptr step_ptr "
                          "coupling_ptr out_path_ptr senders_ptr receivers_ptr n_x n_g nc d_in "
