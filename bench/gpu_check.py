@@ -46,7 +46,8 @@ sys.path.insert(0, HERE)  # roofline.py
 LIMITS = {"environment": (30, 60), "tests": (210, 900), "neighbors": (45, 300),
           "mm": (90, 600), "cfconv": (40, 300), "bench": (60, 600)}
 # Test files of the GPU path, and the files whose tests with backend "triton" run as well.
-GPU_TESTS = ["tests/kernels/test_neighbors_triton.py", "tests/test_gpu_capacity.py",
+GPU_TESTS = ["tests/kernels/test_neighbors_triton.py", "tests/kernels/test_equivariant_triton.py",
+             "tests/test_gpu_capacity.py",
              "tests/test_gpu_mm.py", "tests/test_gpu_graph.py", "tests/test_sync_counter.py"]
 TRITON_TESTS = ["tests/kernels/test_nonbonded.py", "tests/kernels/test_bonded.py",
                 "tests/kernels/test_radial.py", "tests/kernels/test_message.py",

@@ -98,8 +98,11 @@ def op_family(name: str) -> tuple[str, str, tuple[str, ...]]:
 
 
 def launcher(name: str, backend: str) -> Callable:
-    """The launcher of op ``name`` on an already resolved ``backend``."""
-    return _load(_OPS[name], backend)
+    """The launcher of op ``name`` on an already resolved ``backend``; the reference's where the
+    op has no kernel on that backend (a backward chain passes its op's backend to ops that may
+    lack one, as ``resolve`` maps them)."""
+    op = _OPS[name]
+    return _load(op, backend if backend in op.backends else "reference")
 
 
 def resolve(name: str, device: torch.device, backend: str | None = None) -> tuple[str, Callable]:

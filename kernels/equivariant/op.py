@@ -42,11 +42,18 @@ from fastff.kernels._runtime.args import OpArgs
 from fastff.kernels._runtime.autograd import wanted_grads
 from fastff.kernels.equivariant import reference
 
+# ops with a Triton kernel (gpu_triton.py); the others run the reference when the backend is
+# triton (registry.launcher), and fastff.backends() says so
+_TRITON = ("spherical_harmonics", "spherical_harmonics_vjp", "spherical_harmonics_jvp",
+           "tp_conv", "tp_conv_sender", "tp_conv_vjp", "tp_conv_spline", "tp_conv_spline_vjp",
+           "symmetric_contraction", "symmetric_contraction_vjp", "symmetric_contraction_vjp_vjp")
 for _name in ("spherical_harmonics", "spherical_harmonics_vjp", "spherical_harmonics_jvp",
               "tp_conv", "tp_conv_sender", "tp_conv_vjp", "symmetric_contraction",
               "symmetric_contraction_vjp", "symmetric_contraction_vjp_vjp", "radial_spline",
               "radial_spline_vjp", "tp_conv_spline", "tp_conv_spline_vjp", "silu_term"):
-    registry.register(_name, "equivariant", _name, backends=("numba", "reference"))
+    registry.register(_name, "equivariant", _name,
+                      backends=("numba", "triton", "reference") if _name in _TRITON
+                      else ("numba", "reference"))
 
 
 # ---------------------------------------------------------------- saving named inputs
