@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from fastff.kernels.message import dense
+from fastff.kernels.message import gpu_triton_filter as _fused
 from fastff.kernels.radial.gpu_triton import radial_basis as _radial_basis
 
 _radial = dense.each_order(_radial_basis)  # orders 0..n for the blocked functions
@@ -623,19 +624,33 @@ def _params(w1, b1, w2, b2):
 def cfconv(x, d, i, j, ptr, rev, pairs, w1, b1, w2, b2, cutoff, kind, envelope, activation,
            keep_filters, keep_budget):
     """Launcher: (out [N, F], filters): out[a] = sum_{e in row a} x[j_e] (W(d_e) + W(d_rev e))
-    / 2, one filter per unordered pair (README.md); filters are the pair filters [P, F] if
-    ``keep_filters`` and they fit in ``keep_budget`` bytes, else an empty [0, F]."""
-    with torch.no_grad():
-        pairs = dense.MirrorPairs(pairs)
-        keep = keep_filters and dense.keeps(len(pairs), x.shape[1], x, keep_budget)
-        return dense.blocked_forward(
-            _c(x), d.detach(), ptr.shape[0] - 1, pairs, _params(w1, b1, w2, b2),
-            dense.FilterSettings(cutoff, kind, envelope, activation), activation, _radial,
-            _scatter_fn(pairs), BLOCK, keep)
+    / 2, the filter network fused into one kernel per receiver row (gpu_triton_filter.py);
+    filters are the pair filters [P, F] if ``keep_filters`` and they fit in ``keep_budget``
+    bytes, else an empty [0, F]."""
+    keep = keep_filters and dense.keeps(pairs.shape[1], x.shape[1], x, keep_budget)
+    return _fused.conv(x, d, i, j, ptr, rev, pairs, w1, b1, w2, b2, cutoff, kind, envelope,
+                       activation, keep)
+
+
+def cfconv_vjp(g, x, d, i, j, ptr, rev, pairs, filters, w1, b1, w2, b2, cutoff, kind, envelope,
+               activation, need_params, need_x, need_d, keep_budget):
+    """Launcher: (grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2, products) of
+    sum <g, out>, the filter network recomputed in the fused kernels (``filters`` are not read:
+    the x-gradient is the fused forward on g); products (t = u w2 [P, F]) are kept within
+    ``keep_budget`` bytes, else empty [0, F]."""
+    keep = dense.keeps(pairs.shape[1], g.shape[1], g, keep_budget)
+    grad_d, *grads, products = _fused.conv_vjp(g, x, d, i, j, ptr, rev, pairs, w1, b1, w2, b2,
+                                               cutoff, kind, envelope, activation, need_params,
+                                               need_d, keep)
+    grad_x = None
+    if need_x:  # the pair filter is symmetric: the sender-side sum is the op itself on g
+        grad_x, _ = _fused.conv(g, d, i, j, ptr, rev, pairs, w1, b1, w2, b2, cutoff, kind,
+                                envelope, activation, False)
+    return dense.params_or_empty((grad_x, grad_d, *grads, products), d)
 
 
 def _product_fn(pairs, g, x):
-    """product_fn of dense.blocked_vjp: u_p = g[a_p] x[b_p] + g[b_p] x[a_p] for a block."""
+    """product_fn of dense.blocked_vjp_vjp: u_p = g[a_p] x[b_p] + g[b_p] x[a_p] for a block."""
     gc, xc, a, b = _c(g), _c(x), _c(pairs.a), _c(pairs.b)
 
     def product(g_, x_, p0, p1):
@@ -647,22 +662,6 @@ def _product_fn(pairs, g, x):
         return out
 
     return product
-
-
-def cfconv_vjp(g, x, d, i, j, ptr, rev, pairs, filters, w1, b1, w2, b2, cutoff, kind, envelope,
-               activation, need_params, need_x, need_d, keep_budget):
-    """Launcher: (grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2, products) of
-    sum <g, out>; the x-gradient reads the forward's pair ``filters`` when they were kept;
-    products (t = u w2 [P, F]) are kept within ``keep_budget`` bytes, else empty [0, F]."""
-    with torch.no_grad():
-        pairs = dense.MirrorPairs(pairs)
-        kept = filters.detach() if need_x and filters.shape[0] == len(pairs) else None
-        out = dense.blocked_vjp(
-            _c(g), _c(x), d.detach(), pairs, _params(w1, b1, w2, b2),
-            dense.FilterSettings(cutoff, kind, envelope, activation), activation, need_params,
-            need_x, need_d, _radial, _product_fn(pairs, g, x), _scatter_fn(pairs), BLOCK, kept,
-            dense.keeps(len(pairs), g.shape[1], g, keep_budget))
-    return dense.params_or_empty(out, d)
 
 
 def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, pairs, products, w1, b1, w2, b2, cutoff, kind,
@@ -807,3 +806,4 @@ def painn_message_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, k
 
 for _spec in AOT_SPECS:  # every kernel runs in the dtype of its inputs: float32 or float64
     _spec["dtypes"] = ("fp32", "fp64")
+AOT_SPECS += _fused.AOT_SPECS  # one spec per dtype, with the block sizes the launchers use

@@ -1,0 +1,403 @@
+"""SchNet's continuous-filter convolution fused into Triton kernels: basis, both layers of the
+filter network (``tl.dot``), activation, envelope and message in registers, no [E, F] tensor.
+
+Algorithm (README.md beside this file: "Fused CFConv on GPU"). The forward gives each receiver
+row (CSR ``ptr``) to one program per block of output features, which walks the row's edges
+``BLOCK_E`` at a time: the basis of the edges' distances [BLOCK_E, K], ``h = b w1^T + b1`` and
+``W = u (act(h) w2^T + b2)`` as two ``tl.dot``, then ``sum_e x[j_e] W_e`` in registers. One
+writer per output row: no atomics, deterministic. The trade-off against the CPU's one filter
+per unordered pair: each edge evaluates its own filter (twice the GEMM work) to keep row
+ownership; the mirror mean ``(W(d_e) + W(d_rev e)) / 2`` takes a second evaluation only in a
+block where some mirrored distance differs (a branch per block, no host check). The backward
+(``_cfconv_vjp_kernel``) recomputes the network per block of edges and output features: the
+per-edge distance gradient as [feature blocks, E] partial sums, the parameter gradients reduced
+in registers over a chunk of edges into a [chunks, ...] buffer summed after (deterministic, no
+atomics). Float32 GEMMs use TF32 tensor cores unless ``TF32`` is off (``FASTFF_TF32=0``);
+float64 GEMMs are IEEE (DMMA on sm_80+).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from fastff.kernels import gpu_common
+from fastff.kernels.radial.gpu_triton import (
+    ENVELOPES,
+    KINDS,
+    _bessel_deriv,
+    _envelope_deriv,
+    _gaussian_deriv,
+)
+
+ACTIVATIONS = {"shifted_softplus": 0, "silu": 1}
+# float32 filter GEMMs on TF32 tensor cores (10-bit mantissa, ~1e-3 relative); FASTFF_TF32=0 or
+# ``TF32 = False`` here gives IEEE float32 (read at each launch)
+TF32 = os.environ.get("FASTFF_TF32", "1") != "0"
+# Block sizes by dtype: edges per tl.dot (M >= 16), output features per program (the hidden
+# layer is always whole), warps; sm_90 registers and spills in README.md "Tuning"
+CONFIG = {
+    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 64, "num_warps": 4},
+    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 32, "num_warps": 4},
+}
+VJP_CONFIG = {
+    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 32, "num_warps": 4},
+    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "num_warps": 8},
+}
+# Chunks of edges whose parameter gradients one program reduces (the partial buffer holds
+# PARAM_CHUNKS x F x (F + K + 2) values: 12 MB at F = 128, K = 50 in float32)
+PARAM_CHUNKS = 128
+
+
+def precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision for the filter GEMMs of a dtype."""
+    return "tf32" if dtype == torch.float32 and TF32 else "ieee"
+
+
+@triton.jit
+def _activation(h, ACT: tl.constexpr):
+    """(act(h), act'(h)) from one exp: shifted softplus ln(1 + e^h) - ln 2, or SiLU."""
+    e = tl.exp(-tl.abs(h))
+    s = tl.where(h >= 0, 1.0 / (1.0 + e), e / (1.0 + e))  # sigmoid(h), no overflow
+    if ACT == 0:
+        val = tl.maximum(h, 0.0) + tl.log(1.0 + e) - 0.6931471805599453
+        slope = s
+    else:
+        val = h * s
+        slope = s * (1.0 + h * (1.0 - s))
+    return val, slope
+
+
+@triton.jit
+def _basis(r, num_basis, cutoff, KIND: tl.constexpr, Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """b^(Q)(r) [BLOCK_E, BLOCK_K], the bare radial basis (zero in the padding k >= K)."""
+    k = tl.arange(0, BLOCK_K)[None, :]
+    rr = r[:, None]
+    if KIND == 0:
+        b = _gaussian_deriv(rr, k, num_basis, cutoff, Q)
+    else:
+        b = _bessel_deriv(rr, k, cutoff, Q)
+    return tl.where(k < num_basis, b, 0.0)
+
+
+@triton.jit
+def _w1_cols(w1_ptr, cols, nf, num_basis, BLOCK_K: tl.constexpr):
+    """w1^T restricted to the hidden units ``cols``: [BLOCK_K, len(cols)] (w1 is [F, K])."""
+    k = tl.arange(0, BLOCK_K).to(tl.int64)
+    m = (k < num_basis)[:, None] & (cols < nf)[None, :]
+    return tl.load(w1_ptr + cols[None, :] * num_basis + k[:, None], mask=m, other=0.0)
+
+
+@triton.jit
+def _filter(r, cutoff, fo, w1_ptr, b1_ptr, w2_ptr, b2_ptr, nf, num_basis, KIND: tl.constexpr,
+            ENV: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr, BLOCK_K: tl.constexpr,
+            BLOCK_H: tl.constexpr):
+    """W(r)[:, fo] = u(r) (act(b(r) w1^T + b1) w2^T + b2)[:, fo], [BLOCK_E, len(fo)]."""
+    hid = tl.arange(0, BLOCK_H).to(tl.int64)
+    basis = _basis(r, num_basis, cutoff, KIND, 0, BLOCK_K)
+    h = tl.dot(basis, _w1_cols(w1_ptr, hid, nf, num_basis, BLOCK_K), input_precision=PREC)
+    h += tl.load(b1_ptr + hid, mask=hid < nf, other=0.0)[None, :]
+    a, _ = _activation(h, ACT)
+    fmask = fo < nf
+    w2t = tl.load(w2_ptr + fo[None, :] * nf + hid[:, None],
+                  mask=(hid < nf)[:, None] & fmask[None, :], other=0.0)  # w2^T [H, F block]
+    w = tl.dot(a.to(w2t.dtype), w2t, input_precision=PREC)
+    w += tl.load(b2_ptr + fo, mask=fmask, other=0.0)[None, :]
+    return w * _envelope_deriv(r, cutoff, ENV, 0)[:, None]
+
+
+@triton.jit
+def _edges(i_ptr, j_ptr, rev_ptr, e, em, n, num_edges):
+    """(a = i[e], b = j[e], m = rev[e], valid): an edge counts when its mirror exists and both
+    of its ends and its mirror's sender are atoms (out-of-range values are skipped as the pair
+    kernels skip them: only with value checks off). Invalid entries read index 0."""
+    a = tl.load(i_ptr + e, mask=em, other=0)
+    b = tl.load(j_ptr + e, mask=em, other=0)
+    m = tl.load(rev_ptr + e, mask=em, other=0)
+    okm = em & (m >= 0) & (m < num_edges) & (m != e)
+    m = tl.where(okm, m, 0)
+    bm = tl.load(j_ptr + m, mask=okm, other=-1)
+    ok = okm & (a >= 0) & (a < n) & (b >= 0) & (b < n) & (bm >= 0) & (bm < n)
+    return tl.where(ok, a, 0), tl.where(ok, b, 0), m, okm, ok
+
+
+@triton.jit
+def _cfconv_rows_kernel(out_ptr, kept_ptr, x_ptr, d_ptr, i_ptr, j_ptr, ptr_ptr, rev_ptr,
+                        slot_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, cutoff_ptr, n, num_edges, nf,
+                        num_basis, KIND: tl.constexpr, ENV: tl.constexpr, ACT: tl.constexpr,
+                        KEEP: tl.constexpr, PREC: tl.constexpr, BLOCK_E: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr):
+    """out[a, fo] = sum_{e in row a} x[j_e, fo] (W(d_e) + W(d_rev e))[fo] / 2; with KEEP the
+    pair filter of each canonical edge (e < rev[e]) also goes to kept[slot[e]]."""
+    nf = nf.to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)
+    fo = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
+    fmask = fo < nf
+    cutoff = tl.load(cutoff_ptr)
+    lo = tl.load(ptr_ptr + row)
+    hi = tl.load(ptr_ptr + row + 1)
+    acc = tl.zeros((BLOCK_F,), dtype=out_ptr.dtype.element_ty)
+    for e0 in range(lo, hi, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E).to(tl.int64)
+        em = e < hi
+        _, b, m, okm, ok = _edges(i_ptr, j_ptr, rev_ptr, e, em, n, num_edges)
+        r = tl.load(d_ptr + e, mask=em, other=0.0)
+        r_m = tl.load(d_ptr + m, mask=okm, other=0.0)
+        w = _filter(r, cutoff, fo, w1_ptr, b1_ptr, w2_ptr, b2_ptr, nf, num_basis, KIND, ENV,
+                    ACT, PREC, BLOCK_K, BLOCK_H)
+        if tl.max(tl.where(okm & (r_m != r), 1, 0), axis=0) > 0:  # the mirror mean
+            w = 0.5 * (w + _filter(r_m, cutoff, fo, w1_ptr, b1_ptr, w2_ptr, b2_ptr, nf,
+                                   num_basis, KIND, ENV, ACT, PREC, BLOCK_K, BLOCK_H))
+        xm = ok[:, None] & fmask[None, :]
+        xv = tl.load(x_ptr + b[:, None] * nf + fo[None, :], mask=xm, other=0.0)
+        acc += tl.sum(tl.where(xm, xv * w, 0.0), axis=0)
+        if KEEP:
+            canon = okm & (m > e)
+            p = tl.load(slot_ptr + e, mask=canon, other=-1)
+            pm = (canon & (p >= 0))[:, None] & fmask[None, :]
+            tl.store(kept_ptr + tl.where(p >= 0, p, 0)[:, None] * nf + fo[None, :], w, mask=pm)
+    tl.store(out_ptr + row * nf + fo, acc, mask=fmask)
+
+
+@triton.jit
+def _cfconv_vjp_kernel(gd_part_ptr, gw1_part_ptr, gb1_part_ptr, gw2_part_ptr, gb2_part_ptr,
+                       products_ptr, g_ptr, x_ptr, d_ptr, i_ptr, j_ptr, rev_ptr, slot_ptr,
+                       w1_ptr, b1_ptr, w2_ptr, b2_ptr, cutoff_ptr, n, num_edges, chunk, nf,
+                       num_basis, KIND: tl.constexpr, ENV: tl.constexpr, ACT: tl.constexpr,
+                       NEED_D: tl.constexpr, NEED_P: tl.constexpr, KEEP: tl.constexpr,
+                       PREC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Gradients of L = sum_e <ū_e, W(d_e)>, ū_e = (g[a] x[b] + g[b] x[a]) / 2, for the edges
+    of one chunk and the output features fo of one block (README.md): this block's share of
+    dL/dd_e (row fb of gd_part [blocks, E]), of the parameter gradients (rows fo of this chunk's
+    partials [chunks, F, .]), and with KEEP the products t = 2 ū w2 of canonical edges."""
+    nf = nf.to(tl.int64)
+    num_basis = num_basis.to(tl.int64)
+    c = tl.program_id(0).to(tl.int64)
+    fb = tl.program_id(1).to(tl.int64)
+    fo = fb * BLOCK_F + tl.arange(0, BLOCK_F)
+    fmask = fo < nf
+    hid = tl.arange(0, BLOCK_H).to(tl.int64)
+    hmask = hid < nf
+    cutoff = tl.load(cutoff_ptr)
+    c0 = c * chunk
+    c1 = tl.minimum(c0 + chunk, num_edges)
+    kk = tl.arange(0, BLOCK_K).to(tl.int64)
+    dt = g_ptr.dtype.element_ty
+    gw2 = tl.zeros((BLOCK_F, BLOCK_H), dtype=dt)
+    gw1 = tl.zeros((BLOCK_F, BLOCK_K), dtype=dt)
+    gb1 = tl.zeros((BLOCK_F,), dtype=dt)
+    gb2 = tl.zeros((BLOCK_F,), dtype=dt)
+    b1 = tl.load(b1_ptr + fo, mask=fmask, other=0.0)
+    b2 = tl.load(b2_ptr + fo, mask=fmask, other=0.0)
+    for e0 in range(c0, c1, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E).to(tl.int64)
+        em = e < c1
+        a, b, m, okm, ok = _edges(i_ptr, j_ptr, rev_ptr, e, em, n, num_edges)
+        r = tl.load(d_ptr + e, mask=em, other=0.0)
+        # ū over every hidden unit (the t GEMM's inner dimension) and over this block
+        um = ok[:, None] & hmask[None, :]
+        ga = tl.load(g_ptr + a[:, None] * nf + hid[None, :], mask=um, other=0.0)
+        xb = tl.load(x_ptr + b[:, None] * nf + hid[None, :], mask=um, other=0.0)
+        gb = tl.load(g_ptr + b[:, None] * nf + hid[None, :], mask=um, other=0.0)
+        xa = tl.load(x_ptr + a[:, None] * nf + hid[None, :], mask=um, other=0.0)
+        ubar = 0.5 * (ga * xb + gb * xa)
+        fm = ok[:, None] & fmask[None, :]
+        ubar_f = 0.5 * (tl.load(g_ptr + a[:, None] * nf + fo[None, :], mask=fm, other=0.0)
+                        * tl.load(x_ptr + b[:, None] * nf + fo[None, :], mask=fm, other=0.0)
+                        + tl.load(g_ptr + b[:, None] * nf + fo[None, :], mask=fm, other=0.0)
+                        * tl.load(x_ptr + a[:, None] * nf + fo[None, :], mask=fm, other=0.0))
+        w2c = tl.load(w2_ptr + hid[:, None] * nf + fo[None, :],
+                      mask=hmask[:, None] & fmask[None, :], other=0.0)  # w2[:, fo]
+        t = tl.dot(ubar, w2c, input_precision=PREC)  # (ū w2)[:, fo]
+        if KEEP:  # the pair's products u_p w2 = 2 ū w2
+            canon = okm & (m > e)
+            p = tl.load(slot_ptr + e, mask=canon, other=-1)
+            pm = (canon & (p >= 0))[:, None] & fmask[None, :]
+            tl.store(products_ptr + tl.where(p >= 0, p, 0)[:, None] * nf + fo[None, :], 2.0 * t,
+                     mask=pm)
+        if NEED_D or NEED_P:
+            basis = _basis(r, num_basis, cutoff, KIND, 0, BLOCK_K)
+            w1f = _w1_cols(w1_ptr, fo, nf, num_basis, BLOCK_K)
+            hf = tl.dot(basis, w1f, input_precision=PREC) + b1[None, :]
+            af, sf = _activation(hf, ACT)
+            env = _envelope_deriv(r, cutoff, ENV, 0)
+            big = env[:, None] * t * sf  # G = u t act'(h), [BLOCK_E, BLOCK_F]
+            big = tl.where(fm, big, 0.0)
+            if NEED_D:
+                slope = _basis(r, num_basis, cutoff, KIND, 1, BLOCK_K)
+                h1 = tl.dot(slope, w1f, input_precision=PREC)  # h' = b' w1^T
+                env1 = _envelope_deriv(r, cutoff, ENV, 1)
+                part = env1 * tl.sum(tl.where(fm, t * af + ubar_f * b2[None, :], 0.0), axis=1)
+                part += tl.sum(big * h1, axis=1)
+                tl.store(gd_part_ptr + fb * num_edges + e, part, mask=em)
+            if NEED_P:
+                ha = tl.dot(basis, _w1_cols(w1_ptr, hid, nf, num_basis, BLOCK_K),
+                            input_precision=PREC)
+                ha += tl.load(b1_ptr + hid, mask=hmask, other=0.0)[None, :]
+                act_all, _ = _activation(ha, ACT)
+                eu = tl.where(fm, env[:, None] * ubar_f, 0.0)
+                gw2 += tl.dot(tl.trans(eu), act_all.to(dt), input_precision=PREC)
+                gb2 += tl.sum(eu, axis=0)
+                gw1 += tl.dot(tl.trans(big.to(dt)), basis.to(dt), input_precision=PREC)
+                gb1 += tl.sum(big, axis=0)
+    if NEED_P:
+        pm = fmask[:, None] & hmask[None, :]
+        tl.store(gw2_part_ptr + (c * nf + fo[:, None]) * nf + hid[None, :], gw2, mask=pm)
+        km = fmask[:, None] & (kk < num_basis)[None, :]
+        tl.store(gw1_part_ptr + (c * nf + fo[:, None]) * num_basis + kk[None, :], gw1, mask=km)
+        tl.store(gb1_part_ptr + c * nf + fo, gb1, mask=fmask)
+        tl.store(gb2_part_ptr + c * nf + fo, gb2, mask=fmask)
+
+
+def _blocks(nf: int, num_basis: int, block_f: int) -> dict:
+    """The size constexprs of a call: K and F padded to powers of two >= 16 (tl.dot's least
+    inner dimension), and the block of output features."""
+    hidden = max(16, triton.next_power_of_2(nf))
+    return {"BLOCK_K": max(16, triton.next_power_of_2(num_basis)), "BLOCK_H": hidden,
+            "BLOCK_F": min(hidden, block_f)}
+
+
+def _settings(kind: str, envelope: str, activation: str) -> dict:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {tuple(KINDS)}, got {kind!r}")
+    if envelope not in ENVELOPES:
+        raise ValueError(f"envelope must be one of {tuple(ENVELOPES)}, got {envelope!r}")
+    return {"KIND": KINDS[kind], "ENV": ENVELOPES[envelope], "ACT": ACTIVATIONS[activation]}
+
+
+def _config(table: dict, dtype: torch.dtype) -> dict:
+    return table[torch.float64 if dtype == torch.float64 else torch.float32]
+
+
+def pair_slots(pairs: torch.Tensor, num_edges: int) -> torch.Tensor:
+    """int64 [E]: the pair index of each canonical edge (the row of a kept [P, F] tensor it
+    writes), -1 elsewhere; device ops only (no host synchronisation)."""
+    c = pairs[0]
+    slots = torch.full((num_edges,), -1, dtype=torch.int64, device=c.device)
+    return slots.index_copy_(0, c, torch.arange(c.shape[0], device=c.device))
+
+
+def _c(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous()
+
+
+def _weights(w1, b1, w2, b2):
+    return tuple(_c(t) for t in (w1, b1, w2, b2))
+
+
+def conv(x, d, i, j, ptr, rev, pairs, w1, b1, w2, b2, cutoff, kind, envelope, activation,
+         keep: bool):
+    """(out [N, F], kept [P, F] or [0, F]): the fused forward (module docstring)."""
+    n, nf, num_edges = ptr.shape[0] - 1, x.shape[1], d.shape[0]
+    num_basis = w1.shape[1]
+    out = x.new_zeros(n, nf)
+    kept = x.new_zeros(pairs.shape[1] if keep else 0, nf)
+    if n == 0 or nf == 0:
+        return out, kept
+    cfg = _config(CONFIG, x.dtype)
+    sizes = _blocks(nf, num_basis, cfg["BLOCK_F"])
+    slots = pair_slots(pairs, num_edges) if keep else ptr
+    cut = gpu_common.constants((cutoff,), d.dtype, d.device)
+    grid = (n, triton.cdiv(nf, sizes["BLOCK_F"]))
+    _cfconv_rows_kernel[grid](
+        out, kept if keep else out, _c(x), _c(d), _c(i), _c(j), _c(ptr), _c(rev), slots,
+        *_weights(w1, b1, w2, b2), cut, min(n, x.shape[0]), num_edges, nf, num_basis,
+        **_settings(kind, envelope, activation), KEEP=bool(keep), PREC=precision(x.dtype),
+        BLOCK_E=cfg["BLOCK_E"], num_warps=cfg["num_warps"], **sizes)
+    return out, kept
+
+
+def conv_vjp(g, x, d, i, j, ptr, rev, pairs, w1, b1, w2, b2, cutoff, kind, envelope,
+             activation, need_params: bool, need_d: bool, keep: bool):
+    """(grad_d [E] or None, grad_w1, grad_b1, grad_w2, grad_b2 (None unless need_params),
+    products [P, F] or [0, F]) of sum <g, cfconv(x, d)>: the fused backward (module
+    docstring). The x-gradient is the forward on g (``conv``)."""
+    n, nf, num_edges, num_basis = ptr.shape[0] - 1, g.shape[1], d.shape[0], w1.shape[1]
+    cfg = _config(VJP_CONFIG, g.dtype)
+    sizes = _blocks(nf, num_basis, cfg["BLOCK_F"])
+    blocks = triton.cdiv(nf, sizes["BLOCK_F"]) if nf else 1
+    block_e = cfg["BLOCK_E"]
+    # one sub-block of edges per program, or PARAM_CHUNKS chunks when parameter gradients are
+    # reduced (their partial buffer is [chunks, F, .])
+    chunk = block_e
+    if need_params:
+        chunk = max(block_e, triton.cdiv(triton.cdiv(num_edges, PARAM_CHUNKS), block_e) * block_e)
+    chunks = max(1, triton.cdiv(num_edges, chunk))
+    gd_part = d.new_zeros(blocks if need_d else 0, num_edges)
+    rows = chunks if need_params else 0
+    gw1 = w1.new_zeros(rows, nf, num_basis)
+    gb1 = b1.new_zeros(rows, nf)
+    gw2 = w2.new_zeros(rows, nf, nf)
+    gb2 = b2.new_zeros(rows, nf)
+    products = g.new_zeros(pairs.shape[1] if keep else 0, nf)
+    if num_edges and n and nf and (need_d or need_params or keep):
+        slots = pair_slots(pairs, num_edges) if keep else ptr
+        cut = gpu_common.constants((cutoff,), d.dtype, d.device)
+        dummy = gd_part if need_d else products
+        _cfconv_vjp_kernel[(chunks, blocks)](
+            gd_part if need_d else dummy, *((gw1, gb1, gw2, gb2) if need_params
+                                           else (dummy,) * 4),
+            products if keep else dummy, _c(g), _c(x), _c(d), _c(i), _c(j), _c(rev), slots,
+            *_weights(w1, b1, w2, b2), cut, min(n, g.shape[0], x.shape[0]), num_edges, chunk,
+            nf, num_basis, **_settings(kind, envelope, activation), NEED_D=bool(need_d),
+            NEED_P=bool(need_params), KEEP=bool(keep), PREC=precision(g.dtype),
+            BLOCK_E=block_e, num_warps=cfg["num_warps"], **sizes)
+    grad_d = None
+    if need_d:
+        grad_d = gd_part[0] if blocks == 1 else gd_part.sum(0)
+    if not need_params:
+        return grad_d, None, None, None, None, products
+    return grad_d, gw1.sum(0), gb1.sum(0), gw2.sum(0), gb2.sum(0), products
+
+
+def _spec(kernel, signature: dict, constexprs: dict, name: str, dtype: str, warps: int) -> dict:
+    return {"kernel": kernel, "name": name, "signature": signature, "constexprs": constexprs,
+            "dtypes": (dtype,), "options": {"num_warps": warps}}
+
+
+_ROWS_SIG = {"out_ptr": "*fp32", "kept_ptr": "*fp32", "x_ptr": "*fp32", "d_ptr": "*fp32",
+             "i_ptr": "*i64", "j_ptr": "*i64", "ptr_ptr": "*i64", "rev_ptr": "*i64",
+             "slot_ptr": "*i64", "w1_ptr": "*fp32", "b1_ptr": "*fp32", "w2_ptr": "*fp32",
+             "b2_ptr": "*fp32", "cutoff_ptr": "*fp32", "n": "i64", "num_edges": "i64",
+             "nf": "i32", "num_basis": "i32", **dict.fromkeys(
+                 ("KIND", "ENV", "ACT", "KEEP", "PREC", "BLOCK_E", "BLOCK_K", "BLOCK_H",
+                  "BLOCK_F"), "constexpr")}
+_VJP_SIG = {**{f"{name}_ptr": "*fp32" for name in ("gd_part", "gw1_part", "gb1_part", "gw2_part",
+                                                   "gb2_part", "products", "g", "x", "d")},
+            "i_ptr": "*i64", "j_ptr": "*i64", "rev_ptr": "*i64", "slot_ptr": "*i64",
+            "w1_ptr": "*fp32", "b1_ptr": "*fp32", "w2_ptr": "*fp32", "b2_ptr": "*fp32",
+            "cutoff_ptr": "*fp32", "n": "i64", "num_edges": "i64", "chunk": "i64", "nf": "i32",
+            "num_basis": "i32", **dict.fromkeys(
+                ("KIND", "ENV", "ACT", "NEED_D", "NEED_P", "KEEP", "PREC", "BLOCK_E", "BLOCK_K",
+                 "BLOCK_H", "BLOCK_F"), "constexpr")}
+# SchNet's sizes: F = 128 hidden units with K = 50 bases (padded to 64), and F = 64, K = 32
+_SIZES = ((128, 50), (64, 32))
+_FILTERS = (("gaussian", "cosine", "shifted_softplus"), ("bessel", "polynomial", "silu"))
+_DT = {torch.float32: "fp32", torch.float64: "fp64"}
+
+AOT_SPECS = [
+    *(_spec(_cfconv_rows_kernel, _ROWS_SIG,
+            {**_settings(*filt), "KEEP": keep, "PREC": precision(dtype) if dtype == torch.float64
+             else "tf32", "BLOCK_E": CONFIG[dtype]["BLOCK_E"],
+             **_blocks(nf, nb, CONFIG[dtype]["BLOCK_F"])},
+            f"_cfconv_rows_kernel[F={nf},K={nb},{filt[0]},keep={int(keep)}]", _DT[dtype],
+            CONFIG[dtype]["num_warps"])
+      for nf, nb in _SIZES for filt in _FILTERS for keep in (False, True) for dtype in _DT
+      if keep == (filt[0] == "gaussian")),
+    *(_spec(_cfconv_vjp_kernel, _VJP_SIG,
+            {**_settings(*filt), "NEED_D": need_d, "NEED_P": need_p, "KEEP": need_p,
+             "PREC": "ieee" if dtype == torch.float64 else "tf32",
+             "BLOCK_E": VJP_CONFIG[dtype]["BLOCK_E"],
+             **_blocks(nf, nb, VJP_CONFIG[dtype]["BLOCK_F"])},
+            f"_cfconv_vjp_kernel[F={nf},K={nb},{filt[0]},d={int(need_d)},p={int(need_p)}]",
+            _DT[dtype], VJP_CONFIG[dtype]["num_warps"])
+      for nf, nb in _SIZES for filt in _FILTERS for need_d, need_p in ((True, False),
+                                                                       (True, True))
+      for dtype in _DT if (filt[0] == "gaussian") or need_p),
+]
