@@ -37,15 +37,20 @@ ACTIVATIONS = {"shifted_softplus": 0, "silu": 1}
 # float32 filter GEMMs on TF32 tensor cores (10-bit mantissa, ~1e-3 relative); FASTFF_TF32=0 or
 # ``TF32 = False`` here gives IEEE float32 (read at each launch)
 TF32 = os.environ.get("FASTFF_TF32", "1") != "0"
-# Block sizes by dtype: edges per tl.dot (M >= 16), output features per program (the hidden
-# layer is always whole), warps; sm_90 registers and spills in README.md "Tuning"
+# Block sizes by dtype: edges per tl.dot (M >= 16), output features per program, hidden units
+# per step of the hidden-layer loop (the inner dimension of the second GEMM), warps; sm_90
+# registers and spills of each in README.md "Tuning" (python -m fastff.aot)
 CONFIG = {
-    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 64, "num_warps": 4},
-    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 32, "num_warps": 4},
+    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 64, "BLOCK_C": 32, "num_warps": 4},
+    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 32, "BLOCK_C": 16, "num_warps": 4},
 }
 VJP_CONFIG = {
-    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 32, "num_warps": 4},
-    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "num_warps": 8},
+    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 32, "BLOCK_C": 32, "num_warps": 4},
+    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 32, "BLOCK_C": 16, "num_warps": 4},
+}
+GW2_CONFIG = {
+    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 32, "BLOCK_C": 32, "num_warps": 4},
+    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 32, "BLOCK_C": 32, "num_warps": 4},
 }
 # Chunks of edges whose parameter gradients one program reduces (the partial buffer holds
 # PARAM_CHUNKS x F x (F + K + 2) values: 12 MB at F = 128, K = 50 in float32)
@@ -94,17 +99,21 @@ def _w1_cols(w1_ptr, cols, nf, num_basis, BLOCK_K: tl.constexpr):
 @triton.jit
 def _filter(r, cutoff, fo, w1_ptr, b1_ptr, w2_ptr, b2_ptr, nf, num_basis, KIND: tl.constexpr,
             ENV: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr, BLOCK_K: tl.constexpr,
-            BLOCK_H: tl.constexpr):
-    """W(r)[:, fo] = u(r) (act(b(r) w1^T + b1) w2^T + b2)[:, fo], [BLOCK_E, len(fo)]."""
-    hid = tl.arange(0, BLOCK_H).to(tl.int64)
+            BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+    """W(r)[:, fo] = u(r) (act(b(r) w1^T + b1) w2^T + b2)[:, fo], [BLOCK_E, len(fo)]: the
+    hidden layer BLOCK_C units at a time (the second GEMM's inner dimension), so no operand
+    tile larger than [max(K, BLOCK_C), BLOCK_F] is held."""
     basis = _basis(r, num_basis, cutoff, KIND, 0, BLOCK_K)
-    h = tl.dot(basis, _w1_cols(w1_ptr, hid, nf, num_basis, BLOCK_K), input_precision=PREC)
-    h += tl.load(b1_ptr + hid, mask=hid < nf, other=0.0)[None, :]
-    a, _ = _activation(h, ACT)
     fmask = fo < nf
-    w2t = tl.load(w2_ptr + fo[None, :] * nf + hid[:, None],
-                  mask=(hid < nf)[:, None] & fmask[None, :], other=0.0)  # w2^T [H, F block]
-    w = tl.dot(a.to(w2t.dtype), w2t, input_precision=PREC)
+    w = tl.zeros((r.shape[0], fo.shape[0]), dtype=w2_ptr.dtype.element_ty)
+    for h0 in range(0, BLOCK_H, BLOCK_C):
+        hid = h0 + tl.arange(0, BLOCK_C).to(tl.int64)
+        h = tl.dot(basis, _w1_cols(w1_ptr, hid, nf, num_basis, BLOCK_K), input_precision=PREC)
+        h += tl.load(b1_ptr + hid, mask=hid < nf, other=0.0)[None, :]
+        act, _ = _activation(h, ACT)
+        w2t = tl.load(w2_ptr + fo[None, :] * nf + hid[:, None],
+                      mask=(hid < nf)[:, None] & fmask[None, :], other=0.0)  # w2^T block
+        w += tl.dot(act.to(w2t.dtype), w2t, input_precision=PREC)
     w += tl.load(b2_ptr + fo, mask=fmask, other=0.0)[None, :]
     return w * _envelope_deriv(r, cutoff, ENV, 0)[:, None]
 
@@ -129,7 +138,8 @@ def _cfconv_rows_kernel(out_ptr, kept_ptr, x_ptr, d_ptr, i_ptr, j_ptr, ptr_ptr, 
                         slot_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, cutoff_ptr, n, num_edges, nf,
                         num_basis, KIND: tl.constexpr, ENV: tl.constexpr, ACT: tl.constexpr,
                         KEEP: tl.constexpr, PREC: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr):
+                        BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_F: tl.constexpr):
     """out[a, fo] = sum_{e in row a} x[j_e, fo] (W(d_e) + W(d_rev e))[fo] / 2; with KEEP the
     pair filter of each canonical edge (e < rev[e]) also goes to kept[slot[e]]."""
     nf = nf.to(tl.int64)
@@ -147,10 +157,11 @@ def _cfconv_rows_kernel(out_ptr, kept_ptr, x_ptr, d_ptr, i_ptr, j_ptr, ptr_ptr, 
         r = tl.load(d_ptr + e, mask=em, other=0.0)
         r_m = tl.load(d_ptr + m, mask=okm, other=0.0)
         w = _filter(r, cutoff, fo, w1_ptr, b1_ptr, w2_ptr, b2_ptr, nf, num_basis, KIND, ENV,
-                    ACT, PREC, BLOCK_K, BLOCK_H)
+                    ACT, PREC, BLOCK_K, BLOCK_H, BLOCK_C)
         if tl.max(tl.where(okm & (r_m != r), 1, 0), axis=0) > 0:  # the mirror mean
             w = 0.5 * (w + _filter(r_m, cutoff, fo, w1_ptr, b1_ptr, w2_ptr, b2_ptr, nf,
-                                   num_basis, KIND, ENV, ACT, PREC, BLOCK_K, BLOCK_H))
+                                   num_basis, KIND, ENV, ACT, PREC, BLOCK_K, BLOCK_H,
+                                   BLOCK_C))
         xm = ok[:, None] & fmask[None, :]
         xv = tl.load(x_ptr + b[:, None] * nf + fo[None, :], mask=xm, other=0.0)
         acc += tl.sum(tl.where(xm, xv * w, 0.0), axis=0)
@@ -163,56 +174,57 @@ def _cfconv_rows_kernel(out_ptr, kept_ptr, x_ptr, d_ptr, i_ptr, j_ptr, ptr_ptr, 
 
 
 @triton.jit
-def _cfconv_vjp_kernel(gd_part_ptr, gw1_part_ptr, gb1_part_ptr, gw2_part_ptr, gb2_part_ptr,
-                       products_ptr, g_ptr, x_ptr, d_ptr, i_ptr, j_ptr, rev_ptr, slot_ptr,
-                       w1_ptr, b1_ptr, w2_ptr, b2_ptr, cutoff_ptr, n, num_edges, chunk, nf,
-                       num_basis, KIND: tl.constexpr, ENV: tl.constexpr, ACT: tl.constexpr,
+def _pair_products(g_ptr, x_ptr, a, b, cols, nf, ok):
+    """ū[:, cols] = (g[a] x[b] + g[b] x[a]) / 2 of a block of edges (0 where not ok)."""
+    m = ok[:, None] & (cols < nf)[None, :]
+    ia = a[:, None] * nf + cols[None, :]
+    ib = b[:, None] * nf + cols[None, :]
+    return 0.5 * (tl.load(g_ptr + ia, mask=m, other=0.0) * tl.load(x_ptr + ib, mask=m, other=0.0)
+                  + tl.load(g_ptr + ib, mask=m, other=0.0) * tl.load(x_ptr + ia, mask=m,
+                                                                      other=0.0))
+
+
+@triton.jit
+def _cfconv_vjp_kernel(gd_part_ptr, gw1_part_ptr, gb1_part_ptr, gb2_part_ptr, products_ptr,
+                       g_ptr, x_ptr, d_ptr, i_ptr, j_ptr, rev_ptr, slot_ptr, w1_ptr, b1_ptr,
+                       w2_ptr, b2_ptr, cutoff_ptr, n, num_edges, chunk, nf, num_basis,
+                       KIND: tl.constexpr, ENV: tl.constexpr, ACT: tl.constexpr,
                        NEED_D: tl.constexpr, NEED_P: tl.constexpr, KEEP: tl.constexpr,
                        PREC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr):
+                       BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr):
     """Gradients of L = sum_e <ū_e, W(d_e)>, ū_e = (g[a] x[b] + g[b] x[a]) / 2, for the edges
     of one chunk and the output features fo of one block (README.md): this block's share of
-    dL/dd_e (row fb of gd_part [blocks, E]), of the parameter gradients (rows fo of this chunk's
-    partials [chunks, F, .]), and with KEEP the products t = 2 ū w2 of canonical edges."""
+    dL/dd_e (row fb of gd_part [blocks, E]), of the first layer's and b2's gradients (rows fo
+    of this chunk's partials [chunks, F, .]; w2's: ``_cfconv_gw2_kernel``), and with KEEP the
+    products t = 2 ū w2 of canonical edges."""
     nf = nf.to(tl.int64)
     num_basis = num_basis.to(tl.int64)
     c = tl.program_id(0).to(tl.int64)
     fb = tl.program_id(1).to(tl.int64)
     fo = fb * BLOCK_F + tl.arange(0, BLOCK_F)
     fmask = fo < nf
-    hid = tl.arange(0, BLOCK_H).to(tl.int64)
-    hmask = hid < nf
     cutoff = tl.load(cutoff_ptr)
     c0 = c * chunk
     c1 = tl.minimum(c0 + chunk, num_edges)
-    kk = tl.arange(0, BLOCK_K).to(tl.int64)
     dt = g_ptr.dtype.element_ty
-    gw2 = tl.zeros((BLOCK_F, BLOCK_H), dtype=dt)
     gw1 = tl.zeros((BLOCK_F, BLOCK_K), dtype=dt)
     gb1 = tl.zeros((BLOCK_F,), dtype=dt)
     gb2 = tl.zeros((BLOCK_F,), dtype=dt)
     b1 = tl.load(b1_ptr + fo, mask=fmask, other=0.0)
     b2 = tl.load(b2_ptr + fo, mask=fmask, other=0.0)
+    w1f = _w1_cols(w1_ptr, fo, nf, num_basis, BLOCK_K)  # w1^T [K, F block]
     for e0 in range(c0, c1, BLOCK_E):
         e = e0 + tl.arange(0, BLOCK_E).to(tl.int64)
         em = e < c1
         a, b, m, okm, ok = _edges(i_ptr, j_ptr, rev_ptr, e, em, n, num_edges)
         r = tl.load(d_ptr + e, mask=em, other=0.0)
-        # ū over every hidden unit (the t GEMM's inner dimension) and over this block
-        um = ok[:, None] & hmask[None, :]
-        ga = tl.load(g_ptr + a[:, None] * nf + hid[None, :], mask=um, other=0.0)
-        xb = tl.load(x_ptr + b[:, None] * nf + hid[None, :], mask=um, other=0.0)
-        gb = tl.load(g_ptr + b[:, None] * nf + hid[None, :], mask=um, other=0.0)
-        xa = tl.load(x_ptr + a[:, None] * nf + hid[None, :], mask=um, other=0.0)
-        ubar = 0.5 * (ga * xb + gb * xa)
-        fm = ok[:, None] & fmask[None, :]
-        ubar_f = 0.5 * (tl.load(g_ptr + a[:, None] * nf + fo[None, :], mask=fm, other=0.0)
-                        * tl.load(x_ptr + b[:, None] * nf + fo[None, :], mask=fm, other=0.0)
-                        + tl.load(g_ptr + b[:, None] * nf + fo[None, :], mask=fm, other=0.0)
-                        * tl.load(x_ptr + a[:, None] * nf + fo[None, :], mask=fm, other=0.0))
-        w2c = tl.load(w2_ptr + hid[:, None] * nf + fo[None, :],
-                      mask=hmask[:, None] & fmask[None, :], other=0.0)  # w2[:, fo]
-        t = tl.dot(ubar, w2c, input_precision=PREC)  # (ū w2)[:, fo]
+        t = tl.zeros((BLOCK_E, BLOCK_F), dtype=dt)  # (ū w2)[:, fo], BLOCK_C hidden at a time
+        for h0 in range(0, BLOCK_H, BLOCK_C):
+            hid = h0 + tl.arange(0, BLOCK_C).to(tl.int64)
+            w2c = tl.load(w2_ptr + hid[:, None] * nf + fo[None, :],
+                          mask=(hid < nf)[:, None] & fmask[None, :], other=0.0)
+            t += tl.dot(_pair_products(g_ptr, x_ptr, a, b, hid, nf, ok), w2c,
+                        input_precision=PREC)
         if KEEP:  # the pair's products u_p w2 = 2 ū w2
             canon = okm & (m > e)
             p = tl.load(slot_ptr + e, mask=canon, other=-1)
@@ -220,45 +232,71 @@ def _cfconv_vjp_kernel(gd_part_ptr, gw1_part_ptr, gb1_part_ptr, gw2_part_ptr, gb
             tl.store(products_ptr + tl.where(p >= 0, p, 0)[:, None] * nf + fo[None, :], 2.0 * t,
                      mask=pm)
         if NEED_D or NEED_P:
+            fm = ok[:, None] & fmask[None, :]
+            ubar = _pair_products(g_ptr, x_ptr, a, b, fo, nf, ok)
             basis = _basis(r, num_basis, cutoff, KIND, 0, BLOCK_K)
-            w1f = _w1_cols(w1_ptr, fo, nf, num_basis, BLOCK_K)
             hf = tl.dot(basis, w1f, input_precision=PREC) + b1[None, :]
             af, sf = _activation(hf, ACT)
             env = _envelope_deriv(r, cutoff, ENV, 0)
-            big = env[:, None] * t * sf  # G = u t act'(h), [BLOCK_E, BLOCK_F]
-            big = tl.where(fm, big, 0.0)
+            big = tl.where(fm, env[:, None] * t * sf, 0.0)  # G = u t act'(h)
             if NEED_D:
                 slope = _basis(r, num_basis, cutoff, KIND, 1, BLOCK_K)
                 h1 = tl.dot(slope, w1f, input_precision=PREC)  # h' = b' w1^T
                 env1 = _envelope_deriv(r, cutoff, ENV, 1)
-                part = env1 * tl.sum(tl.where(fm, t * af + ubar_f * b2[None, :], 0.0), axis=1)
+                part = env1 * tl.sum(tl.where(fm, t * af + ubar * b2[None, :], 0.0), axis=1)
                 part += tl.sum(big * h1, axis=1)
                 tl.store(gd_part_ptr + fb * num_edges + e, part, mask=em)
             if NEED_P:
-                ha = tl.dot(basis, _w1_cols(w1_ptr, hid, nf, num_basis, BLOCK_K),
-                            input_precision=PREC)
-                ha += tl.load(b1_ptr + hid, mask=hmask, other=0.0)[None, :]
-                act_all, _ = _activation(ha, ACT)
-                eu = tl.where(fm, env[:, None] * ubar_f, 0.0)
-                gw2 += tl.dot(tl.trans(eu), act_all.to(dt), input_precision=PREC)
-                gb2 += tl.sum(eu, axis=0)
+                gb2 += tl.sum(env[:, None] * ubar, axis=0)
                 gw1 += tl.dot(tl.trans(big.to(dt)), basis.to(dt), input_precision=PREC)
                 gb1 += tl.sum(big, axis=0)
     if NEED_P:
-        pm = fmask[:, None] & hmask[None, :]
-        tl.store(gw2_part_ptr + (c * nf + fo[:, None]) * nf + hid[None, :], gw2, mask=pm)
+        kk = tl.arange(0, BLOCK_K).to(tl.int64)
         km = fmask[:, None] & (kk < num_basis)[None, :]
         tl.store(gw1_part_ptr + (c * nf + fo[:, None]) * num_basis + kk[None, :], gw1, mask=km)
         tl.store(gb1_part_ptr + c * nf + fo, gb1, mask=fmask)
         tl.store(gb2_part_ptr + c * nf + fo, gb2, mask=fmask)
 
 
-def _blocks(nf: int, num_basis: int, block_f: int) -> dict:
+@triton.jit
+def _cfconv_gw2_kernel(gw2_part_ptr, g_ptr, x_ptr, d_ptr, i_ptr, j_ptr, rev_ptr, w1_ptr,
+                       b1_ptr, cutoff_ptr, n, num_edges, chunk, nf, num_basis,
+                       KIND: tl.constexpr, ENV: tl.constexpr, ACT: tl.constexpr,
+                       PREC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dL/dw2[fo, hid] = sum_e u(d_e) ū_e[fo] act(h_e)[hid] over one chunk of edges: one block
+    of output features x hidden units per program, into this chunk's partial [chunks, F, F]."""
+    nf = nf.to(tl.int64)
+    c = tl.program_id(0).to(tl.int64)
+    fo = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
+    hid = tl.program_id(2).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cutoff = tl.load(cutoff_ptr)
+    c0 = c * chunk
+    c1 = tl.minimum(c0 + chunk, num_edges)
+    dt = g_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_F, BLOCK_C), dtype=dt)
+    w1h = _w1_cols(w1_ptr, hid, nf, num_basis, BLOCK_K)
+    b1h = tl.load(b1_ptr + hid, mask=hid < nf, other=0.0)
+    for e0 in range(c0, c1, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E).to(tl.int64)
+        em = e < c1
+        a, b, _, _, ok = _edges(i_ptr, j_ptr, rev_ptr, e, em, n, num_edges)
+        r = tl.load(d_ptr + e, mask=em, other=0.0)
+        basis = _basis(r, num_basis, cutoff, KIND, 0, BLOCK_K)
+        act, _ = _activation(tl.dot(basis, w1h, input_precision=PREC) + b1h[None, :], ACT)
+        eu = _envelope_deriv(r, cutoff, ENV, 0)[:, None] * _pair_products(
+            g_ptr, x_ptr, a, b, fo, nf, ok)
+        acc += tl.dot(tl.trans(eu.to(dt)), act.to(dt), input_precision=PREC)
+    m = (fo < nf)[:, None] & (hid < nf)[None, :]
+    tl.store(gw2_part_ptr + (c * nf + fo[:, None]) * nf + hid[None, :], acc, mask=m)
+
+
+def _blocks(nf: int, num_basis: int, cfg: dict) -> dict:
     """The size constexprs of a call: K and F padded to powers of two >= 16 (tl.dot's least
-    inner dimension), and the block of output features."""
+    inner dimension), and the blocks of output features and hidden units."""
     hidden = max(16, triton.next_power_of_2(nf))
     return {"BLOCK_K": max(16, triton.next_power_of_2(num_basis)), "BLOCK_H": hidden,
-            "BLOCK_F": min(hidden, block_f)}
+            "BLOCK_F": min(hidden, cfg["BLOCK_F"]), "BLOCK_C": min(hidden, cfg["BLOCK_C"])}
 
 
 def _settings(kind: str, envelope: str, activation: str) -> dict:
@@ -301,7 +339,7 @@ def conv(x, d, i, j, ptr, rev, pairs, w1, b1, w2, b2, cutoff, kind, envelope, ac
     if n == 0 or nf == 0:
         return out, kept
     cfg = _config(CONFIG, x.dtype)
-    sizes = _blocks(nf, num_basis, cfg["BLOCK_F"])
+    sizes = _blocks(nf, num_basis, cfg)
     slots = pair_slots(pairs, num_edges) if keep else ptr
     cut = gpu_common.constants((cutoff,), d.dtype, d.device)
     grid = (n, triton.cdiv(nf, sizes["BLOCK_F"]))
@@ -320,11 +358,11 @@ def conv_vjp(g, x, d, i, j, ptr, rev, pairs, w1, b1, w2, b2, cutoff, kind, envel
     docstring). The x-gradient is the forward on g (``conv``)."""
     n, nf, num_edges, num_basis = ptr.shape[0] - 1, g.shape[1], d.shape[0], w1.shape[1]
     cfg = _config(VJP_CONFIG, g.dtype)
-    sizes = _blocks(nf, num_basis, cfg["BLOCK_F"])
+    sizes = _blocks(nf, num_basis, cfg)
     blocks = triton.cdiv(nf, sizes["BLOCK_F"]) if nf else 1
     block_e = cfg["BLOCK_E"]
     # one sub-block of edges per program, or PARAM_CHUNKS chunks when parameter gradients are
-    # reduced (their partial buffer is [chunks, F, .])
+    # reduced (their partial buffers are [chunks, F, .])
     chunk = block_e
     if need_params:
         chunk = max(block_e, triton.cdiv(triton.cdiv(num_edges, PARAM_CHUNKS), block_e) * block_e)
@@ -336,18 +374,29 @@ def conv_vjp(g, x, d, i, j, ptr, rev, pairs, w1, b1, w2, b2, cutoff, kind, envel
     gw2 = w2.new_zeros(rows, nf, nf)
     gb2 = b2.new_zeros(rows, nf)
     products = g.new_zeros(pairs.shape[1] if keep else 0, nf)
+    valid = min(n, g.shape[0], x.shape[0])
     if num_edges and n and nf and (need_d or need_params or keep):
         slots = pair_slots(pairs, num_edges) if keep else ptr
         cut = gpu_common.constants((cutoff,), d.dtype, d.device)
+        settings = _settings(kind, envelope, activation)
+        tensors = (_c(g), _c(x), _c(d), _c(i), _c(j), _c(rev))
+        weights = _weights(w1, b1, w2, b2)
         dummy = gd_part if need_d else products
         _cfconv_vjp_kernel[(chunks, blocks)](
-            gd_part if need_d else dummy, *((gw1, gb1, gw2, gb2) if need_params
-                                           else (dummy,) * 4),
-            products if keep else dummy, _c(g), _c(x), _c(d), _c(i), _c(j), _c(rev), slots,
-            *_weights(w1, b1, w2, b2), cut, min(n, g.shape[0], x.shape[0]), num_edges, chunk,
-            nf, num_basis, **_settings(kind, envelope, activation), NEED_D=bool(need_d),
-            NEED_P=bool(need_params), KEEP=bool(keep), PREC=precision(g.dtype),
-            BLOCK_E=block_e, num_warps=cfg["num_warps"], **sizes)
+            gd_part if need_d else dummy, *((gw1, gb1, gb2) if need_params else (dummy,) * 3),
+            products if keep else dummy, *tensors, slots, *weights, cut, valid, num_edges,
+            chunk, nf, num_basis, **settings, NEED_D=bool(need_d), NEED_P=bool(need_params),
+            KEEP=bool(keep), PREC=precision(g.dtype), BLOCK_E=block_e,
+            num_warps=cfg["num_warps"], **sizes)
+        if need_params:
+            cfg2 = _config(GW2_CONFIG, g.dtype)
+            sizes2 = _blocks(nf, num_basis, cfg2)
+            del sizes2["BLOCK_H"]
+            grid = (chunks, triton.cdiv(nf, sizes2["BLOCK_F"]), triton.cdiv(nf, sizes2["BLOCK_C"]))
+            _cfconv_gw2_kernel[grid](
+                gw2, *tensors, weights[0], weights[1], cut, valid, num_edges, chunk, nf,
+                num_basis, **settings, PREC=precision(g.dtype), BLOCK_E=cfg2["BLOCK_E"],
+                num_warps=cfg2["num_warps"], **sizes2)
     grad_d = None
     if need_d:
         grad_d = gd_part[0] if blocks == 1 else gd_part.sum(0)
@@ -356,48 +405,66 @@ def conv_vjp(g, x, d, i, j, ptr, rev, pairs, w1, b1, w2, b2, cutoff, kind, envel
     return grad_d, gw1.sum(0), gb1.sum(0), gw2.sum(0), gb2.sum(0), products
 
 
-def _spec(kernel, signature: dict, constexprs: dict, name: str, dtype: str, warps: int) -> dict:
+def _spec(kernel, signature: dict, constexprs: dict, name: str, dtype: torch.dtype,
+          warps: int) -> dict:
     return {"kernel": kernel, "name": name, "signature": signature, "constexprs": constexprs,
-            "dtypes": (dtype,), "options": {"num_warps": warps}}
+            "dtypes": (_DT[dtype],), "options": {"num_warps": warps}}
 
 
-_ROWS_SIG = {"out_ptr": "*fp32", "kept_ptr": "*fp32", "x_ptr": "*fp32", "d_ptr": "*fp32",
-             "i_ptr": "*i64", "j_ptr": "*i64", "ptr_ptr": "*i64", "rev_ptr": "*i64",
-             "slot_ptr": "*i64", "w1_ptr": "*fp32", "b1_ptr": "*fp32", "w2_ptr": "*fp32",
-             "b2_ptr": "*fp32", "cutoff_ptr": "*fp32", "n": "i64", "num_edges": "i64",
-             "nf": "i32", "num_basis": "i32", **dict.fromkeys(
-                 ("KIND", "ENV", "ACT", "KEEP", "PREC", "BLOCK_E", "BLOCK_K", "BLOCK_H",
-                  "BLOCK_F"), "constexpr")}
-_VJP_SIG = {**{f"{name}_ptr": "*fp32" for name in ("gd_part", "gw1_part", "gb1_part", "gw2_part",
-                                                   "gb2_part", "products", "g", "x", "d")},
-            "i_ptr": "*i64", "j_ptr": "*i64", "rev_ptr": "*i64", "slot_ptr": "*i64",
-            "w1_ptr": "*fp32", "b1_ptr": "*fp32", "w2_ptr": "*fp32", "b2_ptr": "*fp32",
-            "cutoff_ptr": "*fp32", "n": "i64", "num_edges": "i64", "chunk": "i64", "nf": "i32",
-            "num_basis": "i32", **dict.fromkeys(
-                ("KIND", "ENV", "ACT", "NEED_D", "NEED_P", "KEEP", "PREC", "BLOCK_E", "BLOCK_K",
-                 "BLOCK_H", "BLOCK_F"), "constexpr")}
-# SchNet's sizes: F = 128 hidden units with K = 50 bases (padded to 64), and F = 64, K = 32
+def _signature(names: str, ints: str, constexprs: str) -> dict:
+    """A kernel's AOT signature: float pointers (``*_ptr``, int64 index pointers listed in
+    _INDEX), int64 / int32 scalars, constexprs."""
+    sig = {name: "*i64" if name in _INDEX else "*fp32" for name in names.split()}
+    sig.update({name: "i32" if name in ("nf", "num_basis") else "i64" for name in ints.split()})
+    sig.update(dict.fromkeys(constexprs.split(), "constexpr"))
+    return sig
+
+
+_INDEX = ("i_ptr", "j_ptr", "ptr_ptr", "rev_ptr", "slot_ptr")
+_DT = {torch.float32: "fp32", torch.float64: "fp64"}
+_ROWS_SIG = _signature(
+    "out_ptr kept_ptr x_ptr d_ptr i_ptr j_ptr ptr_ptr rev_ptr slot_ptr w1_ptr b1_ptr w2_ptr "
+    "b2_ptr cutoff_ptr", "n num_edges nf num_basis",
+    "KIND ENV ACT KEEP PREC BLOCK_E BLOCK_K BLOCK_H BLOCK_C BLOCK_F")
+_VJP_SIG = _signature(
+    "gd_part_ptr gw1_part_ptr gb1_part_ptr gb2_part_ptr products_ptr g_ptr x_ptr d_ptr i_ptr "
+    "j_ptr rev_ptr slot_ptr w1_ptr b1_ptr w2_ptr b2_ptr cutoff_ptr",
+    "n num_edges chunk nf num_basis",
+    "KIND ENV ACT NEED_D NEED_P KEEP PREC BLOCK_E BLOCK_K BLOCK_H BLOCK_C BLOCK_F")
+_GW2_SIG = _signature(
+    "gw2_part_ptr g_ptr x_ptr d_ptr i_ptr j_ptr rev_ptr w1_ptr b1_ptr cutoff_ptr",
+    "n num_edges chunk nf num_basis", "KIND ENV ACT PREC BLOCK_E BLOCK_K BLOCK_F BLOCK_C")
+# SchNet's sizes: F = 128 hidden units with K = 50 bases (padded to 64), and F = 64, K = 32;
+# gaussian + cosine + shifted softplus and bessel + polynomial + SiLU (the costliest basis)
 _SIZES = ((128, 50), (64, 32))
 _FILTERS = (("gaussian", "cosine", "shifted_softplus"), ("bessel", "polynomial", "silu"))
-_DT = {torch.float32: "fp32", torch.float64: "fp64"}
 
-AOT_SPECS = [
-    *(_spec(_cfconv_rows_kernel, _ROWS_SIG,
-            {**_settings(*filt), "KEEP": keep, "PREC": precision(dtype) if dtype == torch.float64
-             else "tf32", "BLOCK_E": CONFIG[dtype]["BLOCK_E"],
-             **_blocks(nf, nb, CONFIG[dtype]["BLOCK_F"])},
-            f"_cfconv_rows_kernel[F={nf},K={nb},{filt[0]},keep={int(keep)}]", _DT[dtype],
-            CONFIG[dtype]["num_warps"])
-      for nf, nb in _SIZES for filt in _FILTERS for keep in (False, True) for dtype in _DT
-      if keep == (filt[0] == "gaussian")),
-    *(_spec(_cfconv_vjp_kernel, _VJP_SIG,
-            {**_settings(*filt), "NEED_D": need_d, "NEED_P": need_p, "KEEP": need_p,
-             "PREC": "ieee" if dtype == torch.float64 else "tf32",
-             "BLOCK_E": VJP_CONFIG[dtype]["BLOCK_E"],
-             **_blocks(nf, nb, VJP_CONFIG[dtype]["BLOCK_F"])},
-            f"_cfconv_vjp_kernel[F={nf},K={nb},{filt[0]},d={int(need_d)},p={int(need_p)}]",
-            _DT[dtype], VJP_CONFIG[dtype]["num_warps"])
-      for nf, nb in _SIZES for filt in _FILTERS for need_d, need_p in ((True, False),
-                                                                       (True, True))
-      for dtype in _DT if (filt[0] == "gaussian") or need_p),
-]
+
+def _aot_specs() -> list[dict]:
+    specs = []
+    for (nf, nb), filt, dtype in ((s, f, t) for s in _SIZES for f in _FILTERS for t in _DT):
+        prec = "ieee" if dtype == torch.float64 else "tf32"
+        label = f"F={nf},K={nb},{filt[0]}"
+        common = {**_settings(*filt), "PREC": prec}
+        cfg = CONFIG[dtype]
+        specs.append(_spec(_cfconv_rows_kernel, _ROWS_SIG,
+                           {**common, "KEEP": True, "BLOCK_E": cfg["BLOCK_E"],
+                            **_blocks(nf, nb, cfg)},
+                           f"_cfconv_rows_kernel[{label}]", dtype, cfg["num_warps"]))
+        cfg = VJP_CONFIG[dtype]
+        for need_p in (False, True):  # forces; force training (products kept)
+            specs.append(_spec(_cfconv_vjp_kernel, _VJP_SIG,
+                               {**common, "NEED_D": True, "NEED_P": need_p, "KEEP": need_p,
+                                "BLOCK_E": cfg["BLOCK_E"], **_blocks(nf, nb, cfg)},
+                               f"_cfconv_vjp_kernel[{label},params={int(need_p)}]", dtype,
+                               cfg["num_warps"]))
+        cfg = GW2_CONFIG[dtype]
+        sizes = _blocks(nf, nb, cfg)
+        del sizes["BLOCK_H"]
+        specs.append(_spec(_cfconv_gw2_kernel, _GW2_SIG,
+                           {**common, "BLOCK_E": cfg["BLOCK_E"], **sizes},
+                           f"_cfconv_gw2_kernel[{label}]", dtype, cfg["num_warps"]))
+    return specs
+
+
+AOT_SPECS = _aot_specs()
