@@ -41,16 +41,16 @@ TF32 = os.environ.get("FASTFF_TF32", "1") != "0"
 # per step of the hidden-layer loop (the inner dimension of the second GEMM), warps; sm_90
 # registers and spills of each in README.md "Tuning" (python -m fastff.aot)
 CONFIG = {
-    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 64, "BLOCK_C": 32, "num_warps": 4},
-    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 32, "BLOCK_C": 16, "num_warps": 4},
+    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 64, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1},
+    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 32, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
 }
 VJP_CONFIG = {
-    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 32, "BLOCK_C": 32, "num_warps": 4},
-    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 32, "BLOCK_C": 16, "num_warps": 4},
+    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 32, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1},
+    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 32, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
 }
 GW2_CONFIG = {
-    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 32, "BLOCK_C": 32, "num_warps": 4},
-    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 32, "BLOCK_C": 32, "num_warps": 4},
+    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 32, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1},
+    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 32, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1},
 }
 # Chunks of edges whose parameter gradients one program reduces (the partial buffer holds
 # PARAM_CHUNKS x F x (F + K + 2) values: 12 MB at F = 128, K = 50 in float32)
@@ -89,32 +89,32 @@ def _basis(r, num_basis, cutoff, KIND: tl.constexpr, Q: tl.constexpr, BLOCK_K: t
 
 
 @triton.jit
-def _w1_cols(w1_ptr, cols, nf, num_basis, BLOCK_K: tl.constexpr):
-    """w1^T restricted to the hidden units ``cols``: [BLOCK_K, len(cols)] (w1 is [F, K])."""
-    k = tl.arange(0, BLOCK_K).to(tl.int64)
-    m = (k < num_basis)[:, None] & (cols < nf)[None, :]
-    return tl.load(w1_ptr + cols[None, :] * num_basis + k[:, None], mask=m, other=0.0)
+def _tile(ptr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The [ROWS, COLS] tile at ``ptr`` of a zero-padded [., BLOCK_H] weight (``padded``; the
+    caller offsets the scalar pointer): no masks, offsets with compile-time strides."""
+    return tl.load(ptr + tl.arange(0, ROWS)[:, None] * BLOCK_H + tl.arange(0, COLS)[None, :])
 
 
 @triton.jit
-def _filter(r, cutoff, fo, w1_ptr, b1_ptr, w2_ptr, b2_ptr, nf, num_basis, KIND: tl.constexpr,
-            ENV: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr, BLOCK_K: tl.constexpr,
-            BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
-    """W(r)[:, fo] = u(r) (act(b(r) w1^T + b1) w2^T + b2)[:, fo], [BLOCK_E, len(fo)]: the
-    hidden layer BLOCK_C units at a time (the second GEMM's inner dimension), so no operand
-    tile larger than [max(K, BLOCK_C), BLOCK_F] is held."""
+def _filter(r, cutoff, f0, w1t_ptr, b1_ptr, w2t_ptr, b2_ptr, nf, num_basis,
+            KIND: tl.constexpr, ENV: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
+            BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+            BLOCK_F: tl.constexpr):
+    """W(r)[:, f0:f0 + BLOCK_F] = u(r) (act(b(r) w1^T + b1) w2^T + b2), [BLOCK_E, BLOCK_F], from
+    the padded w1^T [BLOCK_K, BLOCK_H], w2^T [BLOCK_H, BLOCK_H]: the hidden layer BLOCK_C units
+    at a time (the second GEMM's inner dimension), so no operand tile is larger than
+    [max(BLOCK_K, BLOCK_C), BLOCK_F]."""
     basis = _basis(r, num_basis, cutoff, KIND, 0, BLOCK_K)
-    fmask = fo < nf
-    w = tl.zeros((r.shape[0], fo.shape[0]), dtype=w2_ptr.dtype.element_ty)
-    for h0 in range(0, BLOCK_H, BLOCK_C):
-        hid = h0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        h = tl.dot(basis, _w1_cols(w1_ptr, hid, nf, num_basis, BLOCK_K), input_precision=PREC)
-        h += tl.load(b1_ptr + hid, mask=hid < nf, other=0.0)[None, :]
+    w = tl.zeros((r.shape[0], BLOCK_F), dtype=w2t_ptr.dtype.element_ty)
+    for h0 in range(0, nf, BLOCK_C):  # run-time bound: not unrolled (registers)
+        h = tl.dot(basis, _tile(w1t_ptr + h0, BLOCK_K, BLOCK_C, BLOCK_H),
+                   input_precision=PREC)
+        h += tl.load(b1_ptr + h0 + tl.arange(0, BLOCK_C))[None, :]
         act, _ = _activation(h, ACT)
-        w2t = tl.load(w2_ptr + fo[None, :] * nf + hid[:, None],
-                      mask=(hid < nf)[:, None] & fmask[None, :], other=0.0)  # w2^T block
-        w += tl.dot(act.to(w2t.dtype), w2t, input_precision=PREC)
-    w += tl.load(b2_ptr + fo, mask=fmask, other=0.0)[None, :]
+        w += tl.dot(act, _tile(w2t_ptr + f0 + h0.to(tl.int64) * BLOCK_H, BLOCK_C,
+                          BLOCK_F, BLOCK_H),
+                    input_precision=PREC)
+    w += tl.load(b2_ptr + f0 + tl.arange(0, BLOCK_F))[None, :]
     return w * _envelope_deriv(r, cutoff, ENV, 0)[:, None]
 
 
@@ -135,17 +135,18 @@ def _edges(i_ptr, j_ptr, rev_ptr, e, em, n, num_edges):
 
 @triton.jit
 def _cfconv_rows_kernel(out_ptr, kept_ptr, x_ptr, d_ptr, i_ptr, j_ptr, ptr_ptr, rev_ptr,
-                        slot_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, cutoff_ptr, n, num_edges, nf,
+                        slot_ptr, w1t_ptr, b1_ptr, w2t_ptr, b2_ptr, cutoff_ptr, n, num_edges, nf,
                         num_basis, KIND: tl.constexpr, ENV: tl.constexpr, ACT: tl.constexpr,
                         KEEP: tl.constexpr, PREC: tl.constexpr, BLOCK_E: tl.constexpr,
                         BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
                         BLOCK_F: tl.constexpr):
     """out[a, fo] = sum_{e in row a} x[j_e, fo] (W(d_e) + W(d_rev e))[fo] / 2; with KEEP the
     pair filter of each canonical edge (e < rev[e]) also goes to kept[slot[e]]."""
-    nf = nf.to(tl.int64)
     row = tl.program_id(0).to(tl.int64)
-    fo = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
-    fmask = fo < nf
+    f0 = tl.program_id(1).to(tl.int64) * BLOCK_F
+    nf64 = nf.to(tl.int64)
+    fo = f0 + tl.arange(0, BLOCK_F)
+    fmask = fo < nf64
     cutoff = tl.load(cutoff_ptr)
     lo = tl.load(ptr_ptr + row)
     hi = tl.load(ptr_ptr + row + 1)
@@ -156,21 +157,22 @@ def _cfconv_rows_kernel(out_ptr, kept_ptr, x_ptr, d_ptr, i_ptr, j_ptr, ptr_ptr, 
         _, b, m, okm, ok = _edges(i_ptr, j_ptr, rev_ptr, e, em, n, num_edges)
         r = tl.load(d_ptr + e, mask=em, other=0.0)
         r_m = tl.load(d_ptr + m, mask=okm, other=0.0)
-        w = _filter(r, cutoff, fo, w1_ptr, b1_ptr, w2_ptr, b2_ptr, nf, num_basis, KIND, ENV,
-                    ACT, PREC, BLOCK_K, BLOCK_H, BLOCK_C)
+        w = _filter(r, cutoff, f0, w1t_ptr, b1_ptr, w2t_ptr, b2_ptr, nf, num_basis, KIND, ENV,
+                    ACT, PREC, BLOCK_K, BLOCK_H, BLOCK_C, BLOCK_F)
         if tl.max(tl.where(okm & (r_m != r), 1, 0), axis=0) > 0:  # the mirror mean
-            w = 0.5 * (w + _filter(r_m, cutoff, fo, w1_ptr, b1_ptr, w2_ptr, b2_ptr, nf,
-                                   num_basis, KIND, ENV, ACT, PREC, BLOCK_K, BLOCK_H,
-                                   BLOCK_C))
+            w = 0.5 * (w + _filter(r_m, cutoff, f0, w1t_ptr, b1_ptr, w2t_ptr, b2_ptr, nf,
+                                   num_basis, KIND, ENV, ACT, PREC, BLOCK_K, BLOCK_H, BLOCK_C,
+                                   BLOCK_F))
         xm = ok[:, None] & fmask[None, :]
-        xv = tl.load(x_ptr + b[:, None] * nf + fo[None, :], mask=xm, other=0.0)
+        xv = tl.load(x_ptr + b[:, None] * nf64 + fo[None, :], mask=xm, other=0.0)
         acc += tl.sum(tl.where(xm, xv * w, 0.0), axis=0)
         if KEEP:
             canon = okm & (m > e)
             p = tl.load(slot_ptr + e, mask=canon, other=-1)
             pm = (canon & (p >= 0))[:, None] & fmask[None, :]
-            tl.store(kept_ptr + tl.where(p >= 0, p, 0)[:, None] * nf + fo[None, :], w, mask=pm)
-    tl.store(out_ptr + row * nf + fo, acc, mask=fmask)
+            tl.store(kept_ptr + tl.where(p >= 0, p, 0)[:, None] * nf64 + fo[None, :], w,
+                     mask=pm)
+    tl.store(out_ptr + row * nf64 + fo, acc, mask=fmask)
 
 
 @triton.jit
@@ -186,7 +188,7 @@ def _pair_products(g_ptr, x_ptr, a, b, cols, nf, ok):
 
 @triton.jit
 def _cfconv_vjp_kernel(gd_part_ptr, gw1_part_ptr, gb1_part_ptr, gb2_part_ptr, products_ptr,
-                       g_ptr, x_ptr, d_ptr, i_ptr, j_ptr, rev_ptr, slot_ptr, w1_ptr, b1_ptr,
+                       g_ptr, x_ptr, d_ptr, i_ptr, j_ptr, rev_ptr, slot_ptr, w1t_ptr, b1_ptr,
                        w2_ptr, b2_ptr, cutoff_ptr, n, num_edges, chunk, nf, num_basis,
                        KIND: tl.constexpr, ENV: tl.constexpr, ACT: tl.constexpr,
                        NEED_D: tl.constexpr, NEED_P: tl.constexpr, KEEP: tl.constexpr,
@@ -196,13 +198,13 @@ def _cfconv_vjp_kernel(gd_part_ptr, gw1_part_ptr, gb1_part_ptr, gb2_part_ptr, pr
     of one chunk and the output features fo of one block (README.md): this block's share of
     dL/dd_e (row fb of gd_part [blocks, E]), of the first layer's and b2's gradients (rows fo
     of this chunk's partials [chunks, F, .]; w2's: ``_cfconv_gw2_kernel``), and with KEEP the
-    products t = 2 ū w2 of canonical edges."""
-    nf = nf.to(tl.int64)
-    num_basis = num_basis.to(tl.int64)
+    products t = 2 ū w2 of canonical edges. Weights padded (``padded``): w1^T, w2."""
+    nf64 = nf.to(tl.int64)
     c = tl.program_id(0).to(tl.int64)
     fb = tl.program_id(1).to(tl.int64)
-    fo = fb * BLOCK_F + tl.arange(0, BLOCK_F)
-    fmask = fo < nf
+    f0 = fb * BLOCK_F
+    fo = f0 + tl.arange(0, BLOCK_F)
+    fmask = fo < nf64
     cutoff = tl.load(cutoff_ptr)
     c0 = c * chunk
     c1 = tl.minimum(c0 + chunk, num_edges)
@@ -210,33 +212,33 @@ def _cfconv_vjp_kernel(gd_part_ptr, gw1_part_ptr, gb1_part_ptr, gb2_part_ptr, pr
     gw1 = tl.zeros((BLOCK_F, BLOCK_K), dtype=dt)
     gb1 = tl.zeros((BLOCK_F,), dtype=dt)
     gb2 = tl.zeros((BLOCK_F,), dtype=dt)
-    b1 = tl.load(b1_ptr + fo, mask=fmask, other=0.0)
-    b2 = tl.load(b2_ptr + fo, mask=fmask, other=0.0)
-    w1f = _w1_cols(w1_ptr, fo, nf, num_basis, BLOCK_K)  # w1^T [K, F block]
+    cols = tl.arange(0, BLOCK_F)
+    b1 = tl.load(b1_ptr + f0 + cols)
+    b2 = tl.load(b2_ptr + f0 + cols)
     for e0 in range(c0, c1, BLOCK_E):
         e = e0 + tl.arange(0, BLOCK_E).to(tl.int64)
         em = e < c1
         a, b, m, okm, ok = _edges(i_ptr, j_ptr, rev_ptr, e, em, n, num_edges)
         r = tl.load(d_ptr + e, mask=em, other=0.0)
         t = tl.zeros((BLOCK_E, BLOCK_F), dtype=dt)  # (ū w2)[:, fo], BLOCK_C hidden at a time
-        for h0 in range(0, BLOCK_H, BLOCK_C):
+        for h0 in range(0, nf, BLOCK_C):  # run-time bound: not unrolled (registers)
             hid = h0 + tl.arange(0, BLOCK_C).to(tl.int64)
-            w2c = tl.load(w2_ptr + hid[:, None] * nf + fo[None, :],
-                          mask=(hid < nf)[:, None] & fmask[None, :], other=0.0)
-            t += tl.dot(_pair_products(g_ptr, x_ptr, a, b, hid, nf, ok), w2c,
+            t += tl.dot(_pair_products(g_ptr, x_ptr, a, b, hid, nf64, ok),
+                        _tile(w2_ptr + f0 + h0.to(tl.int64) * BLOCK_H, BLOCK_C, BLOCK_F,
+                              BLOCK_H),
                         input_precision=PREC)
         if KEEP:  # the pair's products u_p w2 = 2 ū w2
             canon = okm & (m > e)
             p = tl.load(slot_ptr + e, mask=canon, other=-1)
             pm = (canon & (p >= 0))[:, None] & fmask[None, :]
-            tl.store(products_ptr + tl.where(p >= 0, p, 0)[:, None] * nf + fo[None, :], 2.0 * t,
-                     mask=pm)
+            tl.store(products_ptr + tl.where(p >= 0, p, 0)[:, None] * nf64 + fo[None, :],
+                     2.0 * t, mask=pm)
         if NEED_D or NEED_P:
             fm = ok[:, None] & fmask[None, :]
-            ubar = _pair_products(g_ptr, x_ptr, a, b, fo, nf, ok)
+            ubar = _pair_products(g_ptr, x_ptr, a, b, fo, nf64, ok)
             basis = _basis(r, num_basis, cutoff, KIND, 0, BLOCK_K)
-            hf = tl.dot(basis, w1f, input_precision=PREC) + b1[None, :]
-            af, sf = _activation(hf, ACT)
+            w1f = _tile(w1t_ptr + f0, BLOCK_K, BLOCK_F, BLOCK_H)  # w1^T [K, F block]
+            af, sf = _activation(tl.dot(basis, w1f, input_precision=PREC) + b1[None, :], ACT)
             env = _envelope_deriv(r, cutoff, ENV, 0)
             big = tl.where(fm, env[:, None] * t * sf, 0.0)  # G = u t act'(h)
             if NEED_D:
@@ -251,32 +253,34 @@ def _cfconv_vjp_kernel(gd_part_ptr, gw1_part_ptr, gb1_part_ptr, gb2_part_ptr, pr
                 gw1 += tl.dot(tl.trans(big.to(dt)), basis.to(dt), input_precision=PREC)
                 gb1 += tl.sum(big, axis=0)
     if NEED_P:
-        kk = tl.arange(0, BLOCK_K).to(tl.int64)
+        nb64 = num_basis.to(tl.int64)
+        kk = tl.arange(0, BLOCK_K)
         km = fmask[:, None] & (kk < num_basis)[None, :]
-        tl.store(gw1_part_ptr + (c * nf + fo[:, None]) * num_basis + kk[None, :], gw1, mask=km)
-        tl.store(gb1_part_ptr + c * nf + fo, gb1, mask=fmask)
-        tl.store(gb2_part_ptr + c * nf + fo, gb2, mask=fmask)
+        tl.store(gw1_part_ptr + (c * nf64 + fo[:, None]) * nb64 + kk[None, :], gw1, mask=km)
+        tl.store(gb1_part_ptr + c * nf64 + fo, gb1, mask=fmask)
+        tl.store(gb2_part_ptr + c * nf64 + fo, gb2, mask=fmask)
 
 
 @triton.jit
-def _cfconv_gw2_kernel(gw2_part_ptr, g_ptr, x_ptr, d_ptr, i_ptr, j_ptr, rev_ptr, w1_ptr,
+def _cfconv_gw2_kernel(gw2_part_ptr, g_ptr, x_ptr, d_ptr, i_ptr, j_ptr, rev_ptr, w1t_ptr,
                        b1_ptr, cutoff_ptr, n, num_edges, chunk, nf, num_basis,
                        KIND: tl.constexpr, ENV: tl.constexpr, ACT: tl.constexpr,
                        PREC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr):
+                       BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr):
     """dL/dw2[fo, hid] = sum_e u(d_e) ū_e[fo] act(h_e)[hid] over one chunk of edges: one block
     of output features x hidden units per program, into this chunk's partial [chunks, F, F]."""
-    nf = nf.to(tl.int64)
+    nf64 = nf.to(tl.int64)
     c = tl.program_id(0).to(tl.int64)
     fo = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
-    hid = tl.program_id(2).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    h0 = tl.program_id(2).to(tl.int64) * BLOCK_C
+    hid = h0 + tl.arange(0, BLOCK_C)
     cutoff = tl.load(cutoff_ptr)
     c0 = c * chunk
     c1 = tl.minimum(c0 + chunk, num_edges)
     dt = g_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_F, BLOCK_C), dtype=dt)
-    w1h = _w1_cols(w1_ptr, hid, nf, num_basis, BLOCK_K)
-    b1h = tl.load(b1_ptr + hid, mask=hid < nf, other=0.0)
+    w1h = _tile(w1t_ptr + h0, BLOCK_K, BLOCK_C, BLOCK_H)
+    b1h = tl.load(b1_ptr + h0 + tl.arange(0, BLOCK_C))
     for e0 in range(c0, c1, BLOCK_E):
         e = e0 + tl.arange(0, BLOCK_E).to(tl.int64)
         em = e < c1
@@ -285,10 +289,26 @@ def _cfconv_gw2_kernel(gw2_part_ptr, g_ptr, x_ptr, d_ptr, i_ptr, j_ptr, rev_ptr,
         basis = _basis(r, num_basis, cutoff, KIND, 0, BLOCK_K)
         act, _ = _activation(tl.dot(basis, w1h, input_precision=PREC) + b1h[None, :], ACT)
         eu = _envelope_deriv(r, cutoff, ENV, 0)[:, None] * _pair_products(
-            g_ptr, x_ptr, a, b, fo, nf, ok)
+            g_ptr, x_ptr, a, b, fo, nf64, ok)
         acc += tl.dot(tl.trans(eu.to(dt)), act.to(dt), input_precision=PREC)
-    m = (fo < nf)[:, None] & (hid < nf)[None, :]
-    tl.store(gw2_part_ptr + (c * nf + fo[:, None]) * nf + hid[None, :], acc, mask=m)
+    m = (fo < nf64)[:, None] & (hid < nf64)[None, :]
+    tl.store(gw2_part_ptr + (c * nf64 + fo[:, None]) * nf64 + hid[None, :], acc, mask=m)
+
+
+def padded(w1, b1, w2, b2, sizes: dict, transpose_w2: bool):
+    """The weights as the kernels read them, zero-padded to the block sizes: w1^T [BLOCK_K,
+    BLOCK_H], b1 [BLOCK_H], w2^T (forward) or w2 (backward) [BLOCK_H, BLOCK_H], b2 [BLOCK_H]
+    (F x F values: small copies, and no masks or run-time strides in the kernels)."""
+    nf, num_basis = w1.shape
+    bk, bh = sizes["BLOCK_K"], sizes["BLOCK_H"]
+    w1t = w1.new_zeros(bk, bh)
+    w1t[:num_basis, :nf] = w1.detach().t()
+    w2p = w2.new_zeros(bh, bh)
+    w2p[:nf, :nf] = w2.detach().t() if transpose_w2 else w2.detach()
+    b1p, b2p = b1.new_zeros(bh), b2.new_zeros(bh)
+    b1p[:nf] = b1.detach()
+    b2p[:nf] = b2.detach()
+    return w1t, b1p, w2p, b2p
 
 
 def _blocks(nf: int, num_basis: int, cfg: dict) -> dict:
@@ -325,10 +345,6 @@ def _c(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous()
 
 
-def _weights(w1, b1, w2, b2):
-    return tuple(_c(t) for t in (w1, b1, w2, b2))
-
-
 def conv(x, d, i, j, ptr, rev, pairs, w1, b1, w2, b2, cutoff, kind, envelope, activation,
          keep: bool):
     """(out [N, F], kept [P, F] or [0, F]): the fused forward (module docstring)."""
@@ -345,9 +361,9 @@ def conv(x, d, i, j, ptr, rev, pairs, w1, b1, w2, b2, cutoff, kind, envelope, ac
     grid = (n, triton.cdiv(nf, sizes["BLOCK_F"]))
     _cfconv_rows_kernel[grid](
         out, kept if keep else out, _c(x), _c(d), _c(i), _c(j), _c(ptr), _c(rev), slots,
-        *_weights(w1, b1, w2, b2), cut, min(n, x.shape[0]), num_edges, nf, num_basis,
+        *padded(w1, b1, w2, b2, sizes, True), cut, min(n, x.shape[0]), num_edges, nf, num_basis,
         **_settings(kind, envelope, activation), KEEP=bool(keep), PREC=precision(x.dtype),
-        BLOCK_E=cfg["BLOCK_E"], num_warps=cfg["num_warps"], **sizes)
+        BLOCK_E=cfg["BLOCK_E"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **sizes)
     return out, kept
 
 
@@ -380,23 +396,22 @@ def conv_vjp(g, x, d, i, j, ptr, rev, pairs, w1, b1, w2, b2, cutoff, kind, envel
         cut = gpu_common.constants((cutoff,), d.dtype, d.device)
         settings = _settings(kind, envelope, activation)
         tensors = (_c(g), _c(x), _c(d), _c(i), _c(j), _c(rev))
-        weights = _weights(w1, b1, w2, b2)
+        weights = padded(w1, b1, w2, b2, sizes, False)
         dummy = gd_part if need_d else products
         _cfconv_vjp_kernel[(chunks, blocks)](
             gd_part if need_d else dummy, *((gw1, gb1, gb2) if need_params else (dummy,) * 3),
             products if keep else dummy, *tensors, slots, *weights, cut, valid, num_edges,
             chunk, nf, num_basis, **settings, NEED_D=bool(need_d), NEED_P=bool(need_params),
             KEEP=bool(keep), PREC=precision(g.dtype), BLOCK_E=block_e,
-            num_warps=cfg["num_warps"], **sizes)
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **sizes)
         if need_params:
             cfg2 = _config(GW2_CONFIG, g.dtype)
             sizes2 = _blocks(nf, num_basis, cfg2)
-            del sizes2["BLOCK_H"]
             grid = (chunks, triton.cdiv(nf, sizes2["BLOCK_F"]), triton.cdiv(nf, sizes2["BLOCK_C"]))
             _cfconv_gw2_kernel[grid](
                 gw2, *tensors, weights[0], weights[1], cut, valid, num_edges, chunk, nf,
                 num_basis, **settings, PREC=precision(g.dtype), BLOCK_E=cfg2["BLOCK_E"],
-                num_warps=cfg2["num_warps"], **sizes2)
+                num_warps=cfg2["num_warps"], num_stages=cfg2["num_stages"], **sizes2)
     grad_d = None
     if need_d:
         grad_d = gd_part[0] if blocks == 1 else gd_part.sum(0)
@@ -406,9 +421,10 @@ def conv_vjp(g, x, d, i, j, ptr, rev, pairs, w1, b1, w2, b2, cutoff, kind, envel
 
 
 def _spec(kernel, signature: dict, constexprs: dict, name: str, dtype: torch.dtype,
-          warps: int) -> dict:
+          cfg: dict) -> dict:
     return {"kernel": kernel, "name": name, "signature": signature, "constexprs": constexprs,
-            "dtypes": (_DT[dtype],), "options": {"num_warps": warps}}
+            "dtypes": (_DT[dtype],),
+            "options": {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}}
 
 
 def _signature(names: str, ints: str, constexprs: str) -> dict:
@@ -423,17 +439,17 @@ def _signature(names: str, ints: str, constexprs: str) -> dict:
 _INDEX = ("i_ptr", "j_ptr", "ptr_ptr", "rev_ptr", "slot_ptr")
 _DT = {torch.float32: "fp32", torch.float64: "fp64"}
 _ROWS_SIG = _signature(
-    "out_ptr kept_ptr x_ptr d_ptr i_ptr j_ptr ptr_ptr rev_ptr slot_ptr w1_ptr b1_ptr w2_ptr "
+    "out_ptr kept_ptr x_ptr d_ptr i_ptr j_ptr ptr_ptr rev_ptr slot_ptr w1t_ptr b1_ptr w2t_ptr "
     "b2_ptr cutoff_ptr", "n num_edges nf num_basis",
     "KIND ENV ACT KEEP PREC BLOCK_E BLOCK_K BLOCK_H BLOCK_C BLOCK_F")
 _VJP_SIG = _signature(
     "gd_part_ptr gw1_part_ptr gb1_part_ptr gb2_part_ptr products_ptr g_ptr x_ptr d_ptr i_ptr "
-    "j_ptr rev_ptr slot_ptr w1_ptr b1_ptr w2_ptr b2_ptr cutoff_ptr",
+    "j_ptr rev_ptr slot_ptr w1t_ptr b1_ptr w2_ptr b2_ptr cutoff_ptr",
     "n num_edges chunk nf num_basis",
     "KIND ENV ACT NEED_D NEED_P KEEP PREC BLOCK_E BLOCK_K BLOCK_H BLOCK_C BLOCK_F")
 _GW2_SIG = _signature(
-    "gw2_part_ptr g_ptr x_ptr d_ptr i_ptr j_ptr rev_ptr w1_ptr b1_ptr cutoff_ptr",
-    "n num_edges chunk nf num_basis", "KIND ENV ACT PREC BLOCK_E BLOCK_K BLOCK_F BLOCK_C")
+    "gw2_part_ptr g_ptr x_ptr d_ptr i_ptr j_ptr rev_ptr w1t_ptr b1_ptr cutoff_ptr",
+    "n num_edges chunk nf num_basis", "KIND ENV ACT PREC BLOCK_E BLOCK_K BLOCK_H BLOCK_F BLOCK_C")
 # SchNet's sizes: F = 128 hidden units with K = 50 bases (padded to 64), and F = 64, K = 32;
 # gaussian + cosine + shifted softplus and bessel + polynomial + SiLU (the costliest basis)
 _SIZES = ((128, 50), (64, 32))
@@ -450,20 +466,19 @@ def _aot_specs() -> list[dict]:
         specs.append(_spec(_cfconv_rows_kernel, _ROWS_SIG,
                            {**common, "KEEP": True, "BLOCK_E": cfg["BLOCK_E"],
                             **_blocks(nf, nb, cfg)},
-                           f"_cfconv_rows_kernel[{label}]", dtype, cfg["num_warps"]))
+                           f"_cfconv_rows_kernel[{label}]", dtype, cfg))
         cfg = VJP_CONFIG[dtype]
         for need_p in (False, True):  # forces; force training (products kept)
             specs.append(_spec(_cfconv_vjp_kernel, _VJP_SIG,
                                {**common, "NEED_D": True, "NEED_P": need_p, "KEEP": need_p,
                                 "BLOCK_E": cfg["BLOCK_E"], **_blocks(nf, nb, cfg)},
                                f"_cfconv_vjp_kernel[{label},params={int(need_p)}]", dtype,
-                               cfg["num_warps"]))
+                               cfg))
         cfg = GW2_CONFIG[dtype]
         sizes = _blocks(nf, nb, cfg)
-        del sizes["BLOCK_H"]
         specs.append(_spec(_cfconv_gw2_kernel, _GW2_SIG,
                            {**common, "BLOCK_E": cfg["BLOCK_E"], **sizes},
-                           f"_cfconv_gw2_kernel[{label}]", dtype, cfg["num_warps"]))
+                           f"_cfconv_gw2_kernel[{label}]", dtype, cfg))
     return specs
 
 
