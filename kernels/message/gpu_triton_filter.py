@@ -41,12 +41,18 @@ TF32 = os.environ.get("FASTFF_TF32", "1") != "0"
 # per step of the hidden-layer loop (the inner dimension of the second GEMM), warps; sm_90
 # registers and spills of each in README.md "Tuning" (python -m fastff.aot)
 CONFIG = {
-    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 64, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1},
-    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 32, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
+    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 64, "BLOCK_C": 32, "num_warps": 8, "num_stages": 1},
+    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1},
 }
+# the backward in two passes when it wants both: the distance gradients (and kept products),
+# one block of edges per program; the first layer's gradients, a chunk of edges per program
 VJP_CONFIG = {
-    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 32, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1},
-    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 32, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
+    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
+    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
+}
+PARAM_CONFIG = {
+    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
+    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
 }
 GW2_CONFIG = {
     torch.float32: {"BLOCK_E": 16, "BLOCK_F": 32, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1},
@@ -111,7 +117,7 @@ def _filter(r, cutoff, f0, w1t_ptr, b1_ptr, w2t_ptr, b2_ptr, nf, num_basis,
                    input_precision=PREC)
         h += tl.load(b1_ptr + h0 + tl.arange(0, BLOCK_C))[None, :]
         act, _ = _activation(h, ACT)
-        w += tl.dot(act, _tile(w2t_ptr + f0 + h0.to(tl.int64) * BLOCK_H, BLOCK_C,
+        w += tl.dot(act, _tile(w2t_ptr + f0 + tl.cast(h0, tl.int64) * BLOCK_H, BLOCK_C,
                           BLOCK_F, BLOCK_H),
                     input_precision=PREC)
     w += tl.load(b2_ptr + f0 + tl.arange(0, BLOCK_F))[None, :]
@@ -224,7 +230,7 @@ def _cfconv_vjp_kernel(gd_part_ptr, gw1_part_ptr, gb1_part_ptr, gb2_part_ptr, pr
         for h0 in range(0, nf, BLOCK_C):  # run-time bound: not unrolled (registers)
             hid = h0 + tl.arange(0, BLOCK_C).to(tl.int64)
             t += tl.dot(_pair_products(g_ptr, x_ptr, a, b, hid, nf64, ok),
-                        _tile(w2_ptr + f0 + h0.to(tl.int64) * BLOCK_H, BLOCK_C, BLOCK_F,
+                        _tile(w2_ptr + f0 + tl.cast(h0, tl.int64) * BLOCK_H, BLOCK_C, BLOCK_F,
                               BLOCK_H),
                         input_precision=PREC)
         if KEEP:  # the pair's products u_p w2 = 2 ū w2
@@ -367,57 +373,75 @@ def conv(x, d, i, j, ptr, rev, pairs, w1, b1, w2, b2, cutoff, kind, envelope, ac
     return out, kept
 
 
+def _vjp_pass(g, x, d, i, j, rev, slots, w1, b1, w2, b2, cut, valid, settings, cfg,
+              need_d: bool, need_params: bool, keep: bool, products):
+    """One launch of ``_cfconv_vjp_kernel``: (gd_part [blocks, E] or None, (gw1, gb1, gb2)
+    partials [chunks, F, .] or None, chunks)."""
+    nf, num_edges, num_basis = g.shape[1], d.shape[0], w1.shape[1]
+    sizes = _blocks(nf, num_basis, cfg)
+    blocks = triton.cdiv(nf, sizes["BLOCK_F"])
+    block_e = cfg["BLOCK_E"]
+    # one block of edges per program, or PARAM_CHUNKS chunks when parameter gradients are
+    # reduced (their partial buffers are [chunks, F, .])
+    chunk = block_e
+    if need_params:
+        chunk = max(block_e, triton.cdiv(triton.cdiv(num_edges, PARAM_CHUNKS), block_e) * block_e)
+    chunks = triton.cdiv(num_edges, chunk)
+    gd_part = d.new_empty(blocks, num_edges) if need_d else None
+    parts = None
+    if need_params:
+        parts = (w1.new_empty(chunks, nf, num_basis), b1.new_empty(chunks, nf),
+                 b2.new_empty(chunks, nf))
+    dummy = gd_part if need_d else (parts[0] if need_params else products)
+    _cfconv_vjp_kernel[(chunks, blocks)](
+        gd_part if need_d else dummy, *(parts if need_params else (dummy,) * 3),
+        products if keep else dummy, g, x, d, i, j, rev, slots,
+        *padded(w1, b1, w2, b2, sizes, False), cut, valid, num_edges, chunk, nf, num_basis,
+        **settings, NEED_D=need_d, NEED_P=need_params, KEEP=keep, PREC=precision(g.dtype),
+        BLOCK_E=block_e, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **sizes)
+    return gd_part, parts, chunk
+
+
 def conv_vjp(g, x, d, i, j, ptr, rev, pairs, w1, b1, w2, b2, cutoff, kind, envelope,
              activation, need_params: bool, need_d: bool, keep: bool):
     """(grad_d [E] or None, grad_w1, grad_b1, grad_w2, grad_b2 (None unless need_params),
     products [P, F] or [0, F]) of sum <g, cfconv(x, d)>: the fused backward (module
     docstring). The x-gradient is the forward on g (``conv``)."""
     n, nf, num_edges, num_basis = ptr.shape[0] - 1, g.shape[1], d.shape[0], w1.shape[1]
-    cfg = _config(VJP_CONFIG, g.dtype)
-    sizes = _blocks(nf, num_basis, cfg)
-    blocks = triton.cdiv(nf, sizes["BLOCK_F"]) if nf else 1
-    block_e = cfg["BLOCK_E"]
-    # one sub-block of edges per program, or PARAM_CHUNKS chunks when parameter gradients are
-    # reduced (their partial buffers are [chunks, F, .])
-    chunk = block_e
-    if need_params:
-        chunk = max(block_e, triton.cdiv(triton.cdiv(num_edges, PARAM_CHUNKS), block_e) * block_e)
-    chunks = max(1, triton.cdiv(num_edges, chunk))
-    gd_part = d.new_zeros(blocks if need_d else 0, num_edges)
-    rows = chunks if need_params else 0
-    gw1 = w1.new_zeros(rows, nf, num_basis)
-    gb1 = b1.new_zeros(rows, nf)
-    gw2 = w2.new_zeros(rows, nf, nf)
-    gb2 = b2.new_zeros(rows, nf)
     products = g.new_zeros(pairs.shape[1] if keep else 0, nf)
+    grad_d = d.new_zeros(num_edges) if need_d else None
+    grads = None
+    if need_params:
+        grads = [w1.new_zeros(w1.shape), b1.new_zeros(b1.shape), w2.new_zeros(w2.shape),
+                 b2.new_zeros(b2.shape)]
     valid = min(n, g.shape[0], x.shape[0])
     if num_edges and n and nf and (need_d or need_params or keep):
         slots = pair_slots(pairs, num_edges) if keep else ptr
         cut = gpu_common.constants((cutoff,), d.dtype, d.device)
         settings = _settings(kind, envelope, activation)
         tensors = (_c(g), _c(x), _c(d), _c(i), _c(j), _c(rev))
-        weights = padded(w1, b1, w2, b2, sizes, False)
-        dummy = gd_part if need_d else products
-        _cfconv_vjp_kernel[(chunks, blocks)](
-            gd_part if need_d else dummy, *((gw1, gb1, gb2) if need_params else (dummy,) * 3),
-            products if keep else dummy, *tensors, slots, *weights, cut, valid, num_edges,
-            chunk, nf, num_basis, **settings, NEED_D=bool(need_d), NEED_P=bool(need_params),
-            KEEP=bool(keep), PREC=precision(g.dtype), BLOCK_E=block_e,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **sizes)
+        if need_d or keep:
+            gd_part, _, _ = _vjp_pass(*tensors, slots, w1, b1, w2, b2, cut, valid, settings,
+                                      _config(VJP_CONFIG, g.dtype), bool(need_d), False,
+                                      bool(keep), products)
+            if need_d:
+                grad_d = gd_part[0] if gd_part.shape[0] == 1 else gd_part.sum(0)
         if need_params:
-            cfg2 = _config(GW2_CONFIG, g.dtype)
-            sizes2 = _blocks(nf, num_basis, cfg2)
-            grid = (chunks, triton.cdiv(nf, sizes2["BLOCK_F"]), triton.cdiv(nf, sizes2["BLOCK_C"]))
+            _, (gw1, gb1, gb2), chunk = _vjp_pass(
+                *tensors, slots, w1, b1, w2, b2, cut, valid, settings,
+                _config(PARAM_CONFIG, g.dtype), False, True, False, products)
+            cfg = _config(GW2_CONFIG, g.dtype)
+            sizes = _blocks(nf, num_basis, cfg)
+            gw2 = w2.new_empty(gw1.shape[0], nf, nf)
+            grid = (gw1.shape[0], triton.cdiv(nf, sizes["BLOCK_F"]),
+                    triton.cdiv(nf, sizes["BLOCK_C"]))
+            w1t, b1p, _, _ = padded(w1, b1, w2, b2, sizes, False)
             _cfconv_gw2_kernel[grid](
-                gw2, *tensors, weights[0], weights[1], cut, valid, num_edges, chunk, nf,
-                num_basis, **settings, PREC=precision(g.dtype), BLOCK_E=cfg2["BLOCK_E"],
-                num_warps=cfg2["num_warps"], num_stages=cfg2["num_stages"], **sizes2)
-    grad_d = None
-    if need_d:
-        grad_d = gd_part[0] if blocks == 1 else gd_part.sum(0)
-    if not need_params:
-        return grad_d, None, None, None, None, products
-    return grad_d, gw1.sum(0), gb1.sum(0), gw2.sum(0), gb2.sum(0), products
+                gw2, *tensors, w1t, b1p, cut, valid, num_edges, chunk, nf, num_basis,
+                **settings, PREC=precision(g.dtype), BLOCK_E=cfg["BLOCK_E"],
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **sizes)
+            grads = [gw1.sum(0), gb1.sum(0), gw2.sum(0), gb2.sum(0)]
+    return (grad_d, *(grads or (None,) * 4), products)
 
 
 def _spec(kernel, signature: dict, constexprs: dict, name: str, dtype: torch.dtype,
@@ -467,13 +491,13 @@ def _aot_specs() -> list[dict]:
                            {**common, "KEEP": True, "BLOCK_E": cfg["BLOCK_E"],
                             **_blocks(nf, nb, cfg)},
                            f"_cfconv_rows_kernel[{label}]", dtype, cfg))
-        cfg = VJP_CONFIG[dtype]
-        for need_p in (False, True):  # forces; force training (products kept)
+        for need_p, cfg in ((False, VJP_CONFIG[dtype]), (True, PARAM_CONFIG[dtype])):
             specs.append(_spec(_cfconv_vjp_kernel, _VJP_SIG,
-                               {**common, "NEED_D": True, "NEED_P": need_p, "KEEP": need_p,
-                                "BLOCK_E": cfg["BLOCK_E"], **_blocks(nf, nb, cfg)},
-                               f"_cfconv_vjp_kernel[{label},params={int(need_p)}]", dtype,
-                               cfg))
+                               {**common, "NEED_D": not need_p, "NEED_P": need_p,
+                                "KEEP": not need_p, "BLOCK_E": cfg["BLOCK_E"],
+                                **_blocks(nf, nb, cfg)},
+                               f"_cfconv_vjp_kernel[{label},{'params' if need_p else 'd'}]",
+                               dtype, cfg))
         cfg = GW2_CONFIG[dtype]
         sizes = _blocks(nf, nb, cfg)
         specs.append(_spec(_cfconv_gw2_kernel, _GW2_SIG,
