@@ -38,25 +38,26 @@ ACTIVATIONS = {"shifted_softplus": 0, "silu": 1}
 # ``TF32 = False`` here gives IEEE float32 (read at each launch)
 TF32 = os.environ.get("FASTFF_TF32", "1") != "0"
 # Block sizes by dtype: edges per tl.dot (M >= 16), output features per program, hidden units
-# per step of the hidden-layer loop (the inner dimension of the second GEMM), warps; sm_90
-# registers and spills of each in README.md "Tuning" (python -m fastff.aot)
+# per step of the hidden-layer loop (the inner dimension of the second GEMM), warps, one
+# pipeline stage (the default 3 multi-buffers the weight tiles: 172 KB of shared memory and
+# spills); sm_90 registers and spills of each in README.md "Tuning" (python -m fastff.aot)
 CONFIG = {
     torch.float32: {"BLOCK_E": 16, "BLOCK_F": 64, "BLOCK_C": 32, "num_warps": 8, "num_stages": 1},
-    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1},
+    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 32, "num_warps": 8, "num_stages": 1},
 }
 # the backward in two passes when it wants both: the distance gradients (and kept products),
 # one block of edges per program; the first layer's gradients, a chunk of edges per program
 VJP_CONFIG = {
     torch.float32: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
-    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
+    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 8, "num_stages": 1},
 }
 PARAM_CONFIG = {
     torch.float32: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
     torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
 }
 GW2_CONFIG = {
-    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 32, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1},
-    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 32, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1},
+    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1},
+    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 8, "num_stages": 1},
 }
 # Chunks of edges whose parameter gradients one program reduces (the partial buffer holds
 # PARAM_CHUNKS x F x (F + K + 2) values: 12 MB at F = 128, K = 50 in float32)
@@ -98,7 +99,8 @@ def _basis(r, num_basis, cutoff, KIND: tl.constexpr, Q: tl.constexpr, BLOCK_K: t
 def _tile(ptr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_H: tl.constexpr):
     """The [ROWS, COLS] tile at ``ptr`` of a zero-padded [., BLOCK_H] weight (``padded``; the
     caller offsets the scalar pointer): no masks, offsets with compile-time strides."""
-    return tl.load(ptr + tl.arange(0, ROWS)[:, None] * BLOCK_H + tl.arange(0, COLS)[None, :])
+    rows = tl.arange(0, ROWS).to(tl.int64)  # 64-bit: no 32-bit offset however it is hoisted
+    return tl.load(ptr + rows[:, None] * BLOCK_H + tl.arange(0, COLS)[None, :])
 
 
 @triton.jit
@@ -248,11 +250,11 @@ def _cfconv_vjp_kernel(gd_part_ptr, gw1_part_ptr, gb1_part_ptr, gb2_part_ptr, pr
             env = _envelope_deriv(r, cutoff, ENV, 0)
             big = tl.where(fm, env[:, None] * t * sf, 0.0)  # G = u t act'(h)
             if NEED_D:
-                slope = _basis(r, num_basis, cutoff, KIND, 1, BLOCK_K)
-                h1 = tl.dot(slope, w1f, input_precision=PREC)  # h' = b' w1^T
+                # <G, h'> = <G w1, b'>: the slopes of the basis never enter a GEMM
+                gw = tl.dot(big.to(dt), tl.trans(w1f), input_precision=PREC)  # [BLOCK_E, K]
                 env1 = _envelope_deriv(r, cutoff, ENV, 1)
                 part = env1 * tl.sum(tl.where(fm, t * af + ubar * b2[None, :], 0.0), axis=1)
-                part += tl.sum(big * h1, axis=1)
+                part += tl.sum(gw * _basis(r, num_basis, cutoff, KIND, 1, BLOCK_K), axis=1)
                 tl.store(gd_part_ptr + fb * num_edges + e, part, mask=em)
             if NEED_P:
                 gb2 += tl.sum(env[:, None] * ubar, axis=0)
