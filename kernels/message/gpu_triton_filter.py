@@ -43,21 +43,25 @@ TF32 = os.environ.get("FASTFF_TF32", "1") != "0"
 # spills); sm_90 registers and spills of each in README.md "Tuning" (python -m fastff.aot)
 CONFIG = {
     torch.float32: {"BLOCK_E": 16, "BLOCK_F": 64, "BLOCK_C": 32, "num_warps": 8, "num_stages": 1},
-    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 32, "num_warps": 8, "num_stages": 1},
+    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 32, "BLOCK_KC": 16, "num_warps": 8,
+                    "num_stages": 1},
 }
 # the backward in two passes when it wants both: the distance gradients (and kept products),
 # one block of edges per program; the first layer's gradients, a chunk of edges per program
 VJP_CONFIG = {
     torch.float32: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
-    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 8, "num_stages": 1},
+    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "BLOCK_KC": 16, "num_warps": 8,
+                    "num_stages": 1},
 }
 PARAM_CONFIG = {
     torch.float32: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
-    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
+    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "BLOCK_KC": 16, "num_warps": 4,
+                    "num_stages": 1},
 }
 GW2_CONFIG = {
     torch.float32: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1},
-    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 8, "num_stages": 1},
+    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "BLOCK_KC": 16, "num_warps": 8,
+                    "num_stages": 1},
 }
 # Chunks of edges whose parameter gradients one program reduces (the partial buffer holds
 # PARAM_CHUNKS x F x (F + K + 2) values: 12 MB at F = 128, K = 50 in float32)
@@ -84,9 +88,10 @@ def _activation(h, ACT: tl.constexpr):
 
 
 @triton.jit
-def _basis(r, num_basis, cutoff, KIND: tl.constexpr, Q: tl.constexpr, BLOCK_K: tl.constexpr):
-    """b^(Q)(r) [BLOCK_E, BLOCK_K], the bare radial basis (zero in the padding k >= K)."""
-    k = tl.arange(0, BLOCK_K)[None, :]
+def _basis(r, k0, num_basis, cutoff, KIND: tl.constexpr, Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """b_k^(Q)(r) for k = k0 .. k0 + BLOCK_K - 1, [BLOCK_E, BLOCK_K], the bare radial basis
+    (zero in the padding k >= K)."""
+    k = k0 + tl.arange(0, BLOCK_K)[None, :]
     rr = r[:, None]
     if KIND == 0:
         b = _gaussian_deriv(rr, k, num_basis, cutoff, Q)
@@ -104,19 +109,37 @@ def _tile(ptr, ROWS: tl.constexpr, COLS: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
+def _first_layer(r, basis, w1t_ptr, num_basis, cutoff, KIND: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_KC: tl.constexpr, COLS: tl.constexpr,
+                 BLOCK_H: tl.constexpr):
+    """b(r) w1^T for the COLS hidden units at ``w1t_ptr`` (a column of the padded w1^T),
+    [BLOCK_E, COLS]: from the whole ``basis`` when BLOCK_KC == BLOCK_K, else BLOCK_KC bases
+    at a time, recomputed (a [BLOCK_E, BLOCK_K] float64 dot operand alone is 64 registers)."""
+    if BLOCK_KC == BLOCK_K:
+        h = tl.dot(basis, _tile(w1t_ptr, BLOCK_K, COLS, BLOCK_H), input_precision=PREC)
+    else:
+        h = tl.zeros((r.shape[0], COLS), dtype=w1t_ptr.dtype.element_ty)
+        for k0 in range(0, num_basis, BLOCK_KC):
+            h += tl.dot(_basis(r, k0, num_basis, cutoff, KIND, 0, BLOCK_KC),
+                        _tile(w1t_ptr + tl.cast(k0, tl.int64) * BLOCK_H, BLOCK_KC, COLS,
+                              BLOCK_H), input_precision=PREC)
+    return h
+
+
+@triton.jit
 def _filter(r, cutoff, f0, w1t_ptr, b1_ptr, w2t_ptr, b2_ptr, nf, num_basis,
             KIND: tl.constexpr, ENV: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
-            BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
-            BLOCK_F: tl.constexpr):
+            BLOCK_K: tl.constexpr, BLOCK_KC: tl.constexpr, BLOCK_H: tl.constexpr,
+            BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr):
     """W(r)[:, f0:f0 + BLOCK_F] = u(r) (act(b(r) w1^T + b1) w2^T + b2), [BLOCK_E, BLOCK_F], from
     the padded w1^T [BLOCK_K, BLOCK_H], w2^T [BLOCK_H, BLOCK_H]: the hidden layer BLOCK_C units
     at a time (the second GEMM's inner dimension), so no operand tile is larger than
     [max(BLOCK_K, BLOCK_C), BLOCK_F]."""
-    basis = _basis(r, num_basis, cutoff, KIND, 0, BLOCK_K)
+    basis = _basis(r, 0, num_basis, cutoff, KIND, 0, BLOCK_K)  # unused if BLOCK_KC < BLOCK_K
     w = tl.zeros((r.shape[0], BLOCK_F), dtype=w2t_ptr.dtype.element_ty)
     for h0 in range(0, nf, BLOCK_C):  # run-time bound: not unrolled (registers)
-        h = tl.dot(basis, _tile(w1t_ptr + h0, BLOCK_K, BLOCK_C, BLOCK_H),
-                   input_precision=PREC)
+        h = _first_layer(r, basis, w1t_ptr + h0, num_basis, cutoff, KIND, PREC, BLOCK_K,
+                         BLOCK_KC, BLOCK_C, BLOCK_H)
         h += tl.load(b1_ptr + h0 + tl.arange(0, BLOCK_C))[None, :]
         act, _ = _activation(h, ACT)
         w += tl.dot(act, _tile(w2t_ptr + f0 + tl.cast(h0, tl.int64) * BLOCK_H, BLOCK_C,
@@ -146,8 +169,8 @@ def _cfconv_rows_kernel(out_ptr, kept_ptr, x_ptr, d_ptr, i_ptr, j_ptr, ptr_ptr, 
                         slot_ptr, w1t_ptr, b1_ptr, w2t_ptr, b2_ptr, cutoff_ptr, n, num_edges, nf,
                         num_basis, KIND: tl.constexpr, ENV: tl.constexpr, ACT: tl.constexpr,
                         KEEP: tl.constexpr, PREC: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
-                        BLOCK_F: tl.constexpr):
+                        BLOCK_K: tl.constexpr, BLOCK_KC: tl.constexpr, BLOCK_H: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr):
     """out[a, fo] = sum_{e in row a} x[j_e, fo] (W(d_e) + W(d_rev e))[fo] / 2; with KEEP the
     pair filter of each canonical edge (e < rev[e]) also goes to kept[slot[e]]."""
     row = tl.program_id(0).to(tl.int64)
@@ -166,11 +189,11 @@ def _cfconv_rows_kernel(out_ptr, kept_ptr, x_ptr, d_ptr, i_ptr, j_ptr, ptr_ptr, 
         r = tl.load(d_ptr + e, mask=em, other=0.0)
         r_m = tl.load(d_ptr + m, mask=okm, other=0.0)
         w = _filter(r, cutoff, f0, w1t_ptr, b1_ptr, w2t_ptr, b2_ptr, nf, num_basis, KIND, ENV,
-                    ACT, PREC, BLOCK_K, BLOCK_H, BLOCK_C, BLOCK_F)
+                    ACT, PREC, BLOCK_K, BLOCK_KC, BLOCK_H, BLOCK_C, BLOCK_F)
         if tl.max(tl.where(okm & (r_m != r), 1, 0), axis=0) > 0:  # the mirror mean
             w = 0.5 * (w + _filter(r_m, cutoff, f0, w1t_ptr, b1_ptr, w2t_ptr, b2_ptr, nf,
-                                   num_basis, KIND, ENV, ACT, PREC, BLOCK_K, BLOCK_H, BLOCK_C,
-                                   BLOCK_F))
+                                   num_basis, KIND, ENV, ACT, PREC, BLOCK_K, BLOCK_KC, BLOCK_H,
+                                   BLOCK_C, BLOCK_F))
         xm = ok[:, None] & fmask[None, :]
         xv = tl.load(x_ptr + b[:, None] * nf64 + fo[None, :], mask=xm, other=0.0)
         acc += tl.sum(tl.where(xm, xv * w, 0.0), axis=0)
@@ -201,7 +224,8 @@ def _cfconv_vjp_kernel(gd_part_ptr, gw1_part_ptr, gb1_part_ptr, gb2_part_ptr, pr
                        KIND: tl.constexpr, ENV: tl.constexpr, ACT: tl.constexpr,
                        NEED_D: tl.constexpr, NEED_P: tl.constexpr, KEEP: tl.constexpr,
                        PREC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr):
+                       BLOCK_KC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_F: tl.constexpr):
     """Gradients of L = sum_e <ū_e, W(d_e)>, ū_e = (g[a] x[b] + g[b] x[a]) / 2, for the edges
     of one chunk and the output features fo of one block (README.md): this block's share of
     dL/dd_e (row fb of gd_part [blocks, E]), of the first layer's and b2's gradients (rows fo
@@ -244,17 +268,22 @@ def _cfconv_vjp_kernel(gd_part_ptr, gw1_part_ptr, gb1_part_ptr, gb2_part_ptr, pr
         if NEED_D or NEED_P:
             fm = ok[:, None] & fmask[None, :]
             ubar = _pair_products(g_ptr, x_ptr, a, b, fo, nf64, ok)
-            basis = _basis(r, num_basis, cutoff, KIND, 0, BLOCK_K)
-            w1f = _tile(w1t_ptr + f0, BLOCK_K, BLOCK_F, BLOCK_H)  # w1^T [K, F block]
-            af, sf = _activation(tl.dot(basis, w1f, input_precision=PREC) + b1[None, :], ACT)
+            basis = _basis(r, 0, num_basis, cutoff, KIND, 0, BLOCK_K)
+            hf = _first_layer(r, basis, w1t_ptr + f0, num_basis, cutoff, KIND, PREC, BLOCK_K,
+                              BLOCK_KC, BLOCK_F, BLOCK_H)
+            af, sf = _activation(hf + b1[None, :], ACT)
             env = _envelope_deriv(r, cutoff, ENV, 0)
             big = tl.where(fm, env[:, None] * t * sf, 0.0)  # G = u t act'(h)
             if NEED_D:
                 # <G, h'> = <G w1, b'>: the slopes of the basis never enter a GEMM
-                gw = tl.dot(big.to(dt), tl.trans(w1f), input_precision=PREC)  # [BLOCK_E, K]
                 env1 = _envelope_deriv(r, cutoff, ENV, 1)
                 part = env1 * tl.sum(tl.where(fm, t * af + ubar * b2[None, :], 0.0), axis=1)
-                part += tl.sum(gw * _basis(r, num_basis, cutoff, KIND, 1, BLOCK_K), axis=1)
+                for k0 in range(0, num_basis, BLOCK_KC):
+                    w1k = _tile(w1t_ptr + f0 + tl.cast(k0, tl.int64) * BLOCK_H, BLOCK_KC,
+                                BLOCK_F, BLOCK_H)  # w1^T [K chunk, F block]
+                    gw = tl.dot(big.to(dt), tl.trans(w1k), input_precision=PREC)
+                    part += tl.sum(gw * _basis(r, k0, num_basis, cutoff, KIND, 1, BLOCK_KC),
+                                   axis=1)
                 tl.store(gd_part_ptr + fb * num_edges + e, part, mask=em)
             if NEED_P:
                 gb2 += tl.sum(env[:, None] * ubar, axis=0)
@@ -274,7 +303,8 @@ def _cfconv_gw2_kernel(gw2_part_ptr, g_ptr, x_ptr, d_ptr, i_ptr, j_ptr, rev_ptr,
                        b1_ptr, cutoff_ptr, n, num_edges, chunk, nf, num_basis,
                        KIND: tl.constexpr, ENV: tl.constexpr, ACT: tl.constexpr,
                        PREC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr):
+                       BLOCK_KC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
     """dL/dw2[fo, hid] = sum_e u(d_e) ū_e[fo] act(h_e)[hid] over one chunk of edges: one block
     of output features x hidden units per program, into this chunk's partial [chunks, F, F]."""
     nf64 = nf.to(tl.int64)
@@ -287,15 +317,16 @@ def _cfconv_gw2_kernel(gw2_part_ptr, g_ptr, x_ptr, d_ptr, i_ptr, j_ptr, rev_ptr,
     c1 = tl.minimum(c0 + chunk, num_edges)
     dt = g_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_F, BLOCK_C), dtype=dt)
-    w1h = _tile(w1t_ptr + h0, BLOCK_K, BLOCK_C, BLOCK_H)
     b1h = tl.load(b1_ptr + h0 + tl.arange(0, BLOCK_C))
     for e0 in range(c0, c1, BLOCK_E):
         e = e0 + tl.arange(0, BLOCK_E).to(tl.int64)
         em = e < c1
         a, b, _, _, ok = _edges(i_ptr, j_ptr, rev_ptr, e, em, n, num_edges)
         r = tl.load(d_ptr + e, mask=em, other=0.0)
-        basis = _basis(r, num_basis, cutoff, KIND, 0, BLOCK_K)
-        act, _ = _activation(tl.dot(basis, w1h, input_precision=PREC) + b1h[None, :], ACT)
+        basis = _basis(r, 0, num_basis, cutoff, KIND, 0, BLOCK_K)
+        h = _first_layer(r, basis, w1t_ptr + h0, num_basis, cutoff, KIND, PREC, BLOCK_K, BLOCK_KC,
+                         BLOCK_C, BLOCK_H)
+        act, _ = _activation(h + b1h[None, :], ACT)
         eu = _envelope_deriv(r, cutoff, ENV, 0)[:, None] * _pair_products(
             g_ptr, x_ptr, a, b, fo, nf64, ok)
         acc += tl.dot(tl.trans(eu.to(dt)), act.to(dt), input_precision=PREC)
@@ -323,8 +354,10 @@ def _blocks(nf: int, num_basis: int, cfg: dict) -> dict:
     """The size constexprs of a call: K and F padded to powers of two >= 16 (tl.dot's least
     inner dimension), and the blocks of output features and hidden units."""
     hidden = max(16, triton.next_power_of_2(nf))
-    return {"BLOCK_K": max(16, triton.next_power_of_2(num_basis)), "BLOCK_H": hidden,
-            "BLOCK_F": min(hidden, cfg["BLOCK_F"]), "BLOCK_C": min(hidden, cfg["BLOCK_C"])}
+    bases = max(16, triton.next_power_of_2(num_basis))
+    return {"BLOCK_K": bases, "BLOCK_KC": min(bases, cfg.get("BLOCK_KC", bases)),
+            "BLOCK_H": hidden, "BLOCK_F": min(hidden, cfg["BLOCK_F"]),
+            "BLOCK_C": min(hidden, cfg["BLOCK_C"])}
 
 
 def _settings(kind: str, envelope: str, activation: str) -> dict:
@@ -467,15 +500,16 @@ _DT = {torch.float32: "fp32", torch.float64: "fp64"}
 _ROWS_SIG = _signature(
     "out_ptr kept_ptr x_ptr d_ptr i_ptr j_ptr ptr_ptr rev_ptr slot_ptr w1t_ptr b1_ptr w2t_ptr "
     "b2_ptr cutoff_ptr", "n num_edges nf num_basis",
-    "KIND ENV ACT KEEP PREC BLOCK_E BLOCK_K BLOCK_H BLOCK_C BLOCK_F")
+    "KIND ENV ACT KEEP PREC BLOCK_E BLOCK_K BLOCK_KC BLOCK_H BLOCK_C BLOCK_F")
 _VJP_SIG = _signature(
     "gd_part_ptr gw1_part_ptr gb1_part_ptr gb2_part_ptr products_ptr g_ptr x_ptr d_ptr i_ptr "
     "j_ptr rev_ptr slot_ptr w1t_ptr b1_ptr w2_ptr b2_ptr cutoff_ptr",
     "n num_edges chunk nf num_basis",
-    "KIND ENV ACT NEED_D NEED_P KEEP PREC BLOCK_E BLOCK_K BLOCK_H BLOCK_C BLOCK_F")
+    "KIND ENV ACT NEED_D NEED_P KEEP PREC BLOCK_E BLOCK_K BLOCK_KC BLOCK_H BLOCK_C BLOCK_F")
 _GW2_SIG = _signature(
     "gw2_part_ptr g_ptr x_ptr d_ptr i_ptr j_ptr rev_ptr w1t_ptr b1_ptr cutoff_ptr",
-    "n num_edges chunk nf num_basis", "KIND ENV ACT PREC BLOCK_E BLOCK_K BLOCK_H BLOCK_F BLOCK_C")
+    "n num_edges chunk nf num_basis",
+    "KIND ENV ACT PREC BLOCK_E BLOCK_K BLOCK_KC BLOCK_H BLOCK_F BLOCK_C")
 # SchNet's sizes: F = 128 hidden units with K = 50 bases (padded to 64), and F = 64, K = 32;
 # gaussian + cosine + shifted softplus and bessel + polynomial + SiLU (the costliest basis)
 _SIZES = ((128, 50), (64, 32))
