@@ -55,12 +55,12 @@ VJP_CONFIG = {
 }
 PARAM_CONFIG = {
     torch.float32: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
-    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "BLOCK_KC": 16, "num_warps": 4,
+    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "BLOCK_KC": 16, "num_warps": 8,
                     "num_stages": 1},
 }
 GW2_CONFIG = {
     torch.float32: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 32, "num_warps": 4, "num_stages": 1},
-    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "BLOCK_KC": 16, "num_warps": 8,
+    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "BLOCK_KC": 16, "num_warps": 4,
                     "num_stages": 1},
 }
 # Chunks of edges whose parameter gradients one program reduces (the partial buffer holds
@@ -228,9 +228,10 @@ def _cfconv_vjp_kernel(gd_part_ptr, gw1_part_ptr, gb1_part_ptr, gb2_part_ptr, pr
                        BLOCK_F: tl.constexpr):
     """Gradients of L = sum_e <ū_e, W(d_e)>, ū_e = (g[a] x[b] + g[b] x[a]) / 2, for the edges
     of one chunk and the output features fo of one block (README.md): this block's share of
-    dL/dd_e (row fb of gd_part [blocks, E]), of the first layer's and b2's gradients (rows fo
-    of this chunk's partials [chunks, F, .]; w2's: ``_cfconv_gw2_kernel``), and with KEEP the
-    products t = 2 ū w2 of canonical edges. Weights padded (``padded``): w1^T, w2."""
+    dL/dd_e (row fb of gd_part [blocks, E]), of the first layer's (bases k0 .. k0 + BLOCK_KC
+    of w1's: the third grid axis) and b2's gradients (rows fo of this chunk's partials
+    [chunks, F, .]; w2's: ``_cfconv_gw2_kernel``), and with KEEP the products t = 2 ū w2 of
+    canonical edges. Weights padded (``padded``): w1^T, w2."""
     nf64 = nf.to(tl.int64)
     c = tl.program_id(0).to(tl.int64)
     fb = tl.program_id(1).to(tl.int64)
@@ -241,7 +242,8 @@ def _cfconv_vjp_kernel(gd_part_ptr, gw1_part_ptr, gb1_part_ptr, gb2_part_ptr, pr
     c0 = c * chunk
     c1 = tl.minimum(c0 + chunk, num_edges)
     dt = g_ptr.dtype.element_ty
-    gw1 = tl.zeros((BLOCK_F, BLOCK_K), dtype=dt)
+    k0 = tl.program_id(2) * BLOCK_KC  # this program's bases of the w1 gradient
+    gw1 = tl.zeros((BLOCK_F, BLOCK_KC), dtype=dt)
     gb1 = tl.zeros((BLOCK_F,), dtype=dt)
     gb2 = tl.zeros((BLOCK_F,), dtype=dt)
     cols = tl.arange(0, BLOCK_F)
@@ -287,15 +289,20 @@ def _cfconv_vjp_kernel(gd_part_ptr, gw1_part_ptr, gb1_part_ptr, gb2_part_ptr, pr
                 tl.store(gd_part_ptr + fb * num_edges + e, part, mask=em)
             if NEED_P:
                 gb2 += tl.sum(env[:, None] * ubar, axis=0)
-                gw1 += tl.dot(tl.trans(big.to(dt)), basis.to(dt), input_precision=PREC)
+                if BLOCK_KC == BLOCK_K:
+                    bk = basis
+                else:
+                    bk = _basis(r, k0, num_basis, cutoff, KIND, 0, BLOCK_KC)
+                gw1 += tl.dot(tl.trans(big.to(dt)), bk.to(dt), input_precision=PREC)
                 gb1 += tl.sum(big, axis=0)
     if NEED_P:
         nb64 = num_basis.to(tl.int64)
-        kk = tl.arange(0, BLOCK_K)
+        kk = k0 + tl.arange(0, BLOCK_KC)
         km = fmask[:, None] & (kk < num_basis)[None, :]
         tl.store(gw1_part_ptr + (c * nf64 + fo[:, None]) * nb64 + kk[None, :], gw1, mask=km)
-        tl.store(gb1_part_ptr + c * nf64 + fo, gb1, mask=fmask)
-        tl.store(gb2_part_ptr + c * nf64 + fo, gb2, mask=fmask)
+        first = fmask & (k0 == 0)  # the biases' gradients: once per chunk and feature
+        tl.store(gb1_part_ptr + c * nf64 + fo, gb1, mask=first)
+        tl.store(gb2_part_ptr + c * nf64 + fo, gb2, mask=first)
 
 
 @triton.jit
@@ -428,7 +435,9 @@ def _vjp_pass(g, x, d, i, j, rev, slots, w1, b1, w2, b2, cut, valid, settings, c
         parts = (w1.new_empty(chunks, nf, num_basis), b1.new_empty(chunks, nf),
                  b2.new_empty(chunks, nf))
     dummy = gd_part if need_d else (parts[0] if need_params else products)
-    _cfconv_vjp_kernel[(chunks, blocks)](
+    # parameter gradients: one program per BLOCK_KC bases of w1's (each recomputes t)
+    kblocks = sizes["BLOCK_K"] // sizes["BLOCK_KC"] if need_params else 1
+    _cfconv_vjp_kernel[(chunks, blocks, kblocks)](
         gd_part if need_d else dummy, *(parts if need_params else (dummy,) * 3),
         products if keep else dummy, g, x, d, i, j, rev, slots,
         *padded(w1, b1, w2, b2, sizes, False), cut, valid, num_edges, chunk, nf, num_basis,
