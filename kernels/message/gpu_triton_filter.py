@@ -49,7 +49,7 @@ CONFIG = {
 # the backward in two passes when it wants both: the distance gradients (and kept products),
 # one block of edges per program; the first layer's gradients, a chunk of edges per program
 VJP_CONFIG = {
-    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 4, "num_stages": 1},
+    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "num_warps": 8, "num_stages": 1},
     torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_C": 16, "BLOCK_KC": 16, "num_warps": 8,
                     "num_stages": 1},
 }
@@ -242,7 +242,7 @@ def _cfconv_vjp_kernel(gd_part_ptr, gw1_part_ptr, gb1_part_ptr, gb2_part_ptr, pr
     c0 = c * chunk
     c1 = tl.minimum(c0 + chunk, num_edges)
     dt = g_ptr.dtype.element_ty
-    k0 = tl.program_id(2) * BLOCK_KC  # this program's bases of the w1 gradient
+    kb0 = tl.program_id(2).to(tl.int64) * BLOCK_KC  # this program's bases of w1's gradient
     gw1 = tl.zeros((BLOCK_F, BLOCK_KC), dtype=dt)
     gb1 = tl.zeros((BLOCK_F,), dtype=dt)
     gb2 = tl.zeros((BLOCK_F,), dtype=dt)
@@ -292,15 +292,15 @@ def _cfconv_vjp_kernel(gd_part_ptr, gw1_part_ptr, gb1_part_ptr, gb2_part_ptr, pr
                 if BLOCK_KC == BLOCK_K:
                     bk = basis
                 else:
-                    bk = _basis(r, k0, num_basis, cutoff, KIND, 0, BLOCK_KC)
+                    bk = _basis(r, kb0, num_basis, cutoff, KIND, 0, BLOCK_KC)
                 gw1 += tl.dot(tl.trans(big.to(dt)), bk.to(dt), input_precision=PREC)
                 gb1 += tl.sum(big, axis=0)
     if NEED_P:
         nb64 = num_basis.to(tl.int64)
-        kk = k0 + tl.arange(0, BLOCK_KC)
+        kk = kb0 + tl.arange(0, BLOCK_KC)
         km = fmask[:, None] & (kk < num_basis)[None, :]
         tl.store(gw1_part_ptr + (c * nf64 + fo[:, None]) * nb64 + kk[None, :], gw1, mask=km)
-        first = fmask & (k0 == 0)  # the biases' gradients: once per chunk and feature
+        first = fmask & (kb0 == 0)  # the biases' gradients: once per chunk and feature
         tl.store(gb1_part_ptr + c * nf64 + fo, gb1, mask=first)
         tl.store(gb2_part_ptr + c * nf64 + fo, gb2, mask=first)
 
