@@ -6,9 +6,12 @@ Algorithms (as cpu_numba.py, so both backends give the same sums in the same ord
   result is deterministic (at the price of load imbalance for very uneven rows, which MLFF
   graphs at liquid density do not have).
 * ``_ggm_kernel``: one program per block of edges x features.
-* ``_pair_product_kernel`` / ``_pair_scatter_kernel``: cfconv's pair kernels (one filter per
-  unordered pair serves both edges), one program per block of pairs x features; the scatter
-  writes both ends of a pair with atomic adds, so its sums are not bitwise reproducible.
+* ``cfconv`` / ``cfconv_vjp``: the filter network fused into row and edge-block kernels
+  (gpu_triton_filter.py: basis, both layers with tl.dot, activation and message in registers).
+* ``_pair_product_kernel`` / ``_pair_scatter_kernel``: the pair kernels of cfconv's second
+  backward (force training, ``dense.blocked_vjp_vjp``), one program per block of pairs x
+  features; the scatter writes both ends of a pair with relaxed atomic adds, so its sums are
+  not bitwise reproducible.
 * ``_spline_conv_kernel`` / ``_spline_edge_dot_kernel``: the cubic table evaluated inside the
   edge loop. ``_spline_conv_vjp_kernel``: spline_conv's backward, both halves in one walk of a
   row (one program per row and block of features; the table interval is read once when the
@@ -20,8 +23,8 @@ Algorithms (as cpu_numba.py, so both backends give the same sums in the same ord
 * ``_painn_rows_kernel`` / ``_painn_vjp_rows_kernel``: PaiNN's message and its backward, one
   program per (row, block of features); the per-edge d/d unit of each feature block goes to its
   own row of a [blocks, E, 3] buffer, summed afterwards.
-The dense filter networks of ``cfconv_*`` and ``painn_*`` run as cuBLAS GEMMs on blocks of
-pairs or edges (kernels/message/dense.py). Sizes, cutoffs and counts are run-time arguments;
+The dense filter networks of ``cfconv_vjp_vjp`` and ``painn_*`` run as cuBLAS GEMMs on blocks
+of pairs or edges (kernels/message/dense.py). Sizes, cutoffs and counts are run-time arguments;
 only block sizes are constexpr. Block sizes: 64 features (F = 64..256 in one to four programs
 per row) for the row kernels, 32 x 32 for the 2-D ones, chosen to keep register use low
 (``python -m fastff.aot`` reports it).
