@@ -36,6 +36,11 @@ VJP_CONFIG = {
     torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_KC": 16, "num_warps": 4,
                     "num_stages": 1},
 }
+EDGE_CONFIG = {
+    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 16, "num_warps": 4, "num_stages": 1},
+    torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_KC": 16, "num_warps": 4,
+                    "num_stages": 1},
+}
 PARAM_CONFIG = {
     torch.float32: {"BLOCK_E": 16, "BLOCK_F": 16, "num_warps": 4, "num_stages": 1},
     torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_KC": 16, "num_warps": 4,
@@ -150,18 +155,68 @@ def _slope_dot(gw, wft_ptr, r, num_basis, cutoff, KIND: tl.constexpr, PREC: tl.c
 
 
 @triton.jit
-def _painn_vjp_rows_kernel(gphi_ptr, gv_out_ptr, gd_part_ptr, gunit_part_ptr, gs_ptr, gv_ptr,
-                           phi_ptr, v_ptr, unit_ptr, d_ptr, j_ptr, ptr_ptr, rev_ptr, wft_ptr,
-                           bf_ptr, cutoff_ptr, n_phi, num_edges, nf, num_basis,
-                           KIND: tl.constexpr, ENV: tl.constexpr, PREC: tl.constexpr,
-                           BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                           BLOCK_KC: tl.constexpr, BLOCK_H: tl.constexpr,
-                           BLOCK_F: tl.constexpr):
-    """Row a, feature block fb: the sender-side gradients of atom a (gphi[a], grad_v[a]) through
-    the mirrors of its edges, and each edge's share of dL/dd and dL/dunit from this block."""
-    row = tl.program_id(0).to(tl.int64)
+def _painn_vjp_edges_kernel(gd_part_ptr, gunit_part_ptr, gs_ptr, gv_ptr, phi_ptr, v_ptr,
+                            unit_ptr, d_ptr, i_ptr, j_ptr, wft_ptr, bf_ptr, cutoff_ptr, n_phi,
+                            num_edges, nf, num_basis, KIND: tl.constexpr, ENV: tl.constexpr,
+                            PREC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                            BLOCK_KC: tl.constexpr, BLOCK_H: tl.constexpr,
+                            BLOCK_F: tl.constexpr):
+    """The receiver side, one block of edges x features per program: each edge's share of
+    dL/dd = u' <gw, y> + u <gw wf, b'> and of dL/dunit from this feature block (rows fb of
+    [blocks, E] and [blocks, E, 3])."""
     fb = tl.program_id(1).to(tl.int64)
     f0 = fb * BLOCK_F
+    nf64 = nf.to(tl.int64)
+    fo = f0 + tl.arange(0, BLOCK_F)
+    cutoff = tl.load(cutoff_ptr)
+    dt = gs_ptr.dtype.element_ty
+    ST: tl.constexpr = 3 * BLOCK_H
+    e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
+    em = e < num_edges
+    a = tl.load(i_ptr + e, mask=em, other=0)
+    b = tl.load(j_ptr + e, mask=em, other=0)
+    ok = em & (a >= 0) & (a < n_phi) & (b >= 0) & (b < n_phi)
+    a = tl.where(ok, a, 0)
+    b = tl.where(ok, b, 0)
+    r = tl.load(d_ptr + e, mask=em, other=0.0)
+    basis = _basis(r, 0, num_basis, cutoff, KIND, 0, BLOCK_K)
+    env = _envelope_deriv(r, cutoff, ENV, 0)
+    gw_s, gw_vs, gw_vv, q0, q1, q2 = _receiver_terms(gs_ptr, gv_ptr, phi_ptr, v_ptr, unit_ptr,
+                                                     a, b, e, fo, nf64, ok)
+    wvs, yvs = _painn_filter(r, basis, wft_ptr + BLOCK_H + f0, bf_ptr + BLOCK_H + f0, env,
+                             num_basis, cutoff, KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
+    gpart = gunit_part_ptr + (fb * num_edges + e) * 3
+    tl.store(gpart, tl.sum(q0 * wvs, axis=1), mask=em)
+    tl.store(gpart + 1, tl.sum(q1 * wvs, axis=1), mask=em)
+    tl.store(gpart + 2, tl.sum(q2 * wvs, axis=1), mask=em)
+    dot = tl.sum(gw_vs * yvs, axis=1)
+    _, y = _painn_filter(r, basis, wft_ptr + f0, bf_ptr + f0, env, num_basis, cutoff, KIND,
+                         PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
+    dot += tl.sum(gw_s * y, axis=1)
+    _, y = _painn_filter(r, basis, wft_ptr + 2 * BLOCK_H + f0, bf_ptr + 2 * BLOCK_H + f0, env,
+                         num_basis, cutoff, KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
+    dot += tl.sum(gw_vv * y, axis=1)
+    slope = _slope_dot(gw_s.to(dt), wft_ptr + f0, r, num_basis, cutoff, KIND, PREC, BLOCK_K,
+                       BLOCK_KC, BLOCK_F, ST)
+    slope += _slope_dot(gw_vs.to(dt), wft_ptr + BLOCK_H + f0, r, num_basis, cutoff, KIND, PREC,
+                        BLOCK_K, BLOCK_KC, BLOCK_F, ST)
+    slope += _slope_dot(gw_vv.to(dt), wft_ptr + 2 * BLOCK_H + f0, r, num_basis, cutoff, KIND,
+                        PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
+    part = _envelope_deriv(r, cutoff, ENV, 1) * dot + env * slope
+    tl.store(gd_part_ptr + fb * num_edges + e, tl.where(ok, part, 0.0), mask=em)
+
+
+@triton.jit
+def _painn_vjp_rows_kernel(gphi_ptr, gv_out_ptr, gs_ptr, gv_ptr, phi_ptr, v_ptr, unit_ptr,
+                           d_ptr, j_ptr, ptr_ptr, rev_ptr, wft_ptr, bf_ptr, cutoff_ptr, n_phi,
+                           num_edges, nf, num_basis, KIND: tl.constexpr, ENV: tl.constexpr,
+                           PREC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BLOCK_KC: tl.constexpr, BLOCK_H: tl.constexpr,
+                           BLOCK_F: tl.constexpr):
+    """The sender side, row a and one feature block per program: atom a sends along the mirror
+    (b <- a) of each of its edges, whose filter is W(d[rev e]): gphi[a] and grad_v[a]."""
+    row = tl.program_id(0).to(tl.int64)
+    f0 = tl.program_id(1).to(tl.int64) * BLOCK_F
     nf64 = nf.to(tl.int64)
     fo = f0 + tl.arange(0, BLOCK_F)
     fmask = fo < nf64
@@ -174,82 +229,49 @@ def _painn_vjp_rows_kernel(gphi_ptr, gv_out_ptr, gd_part_ptr, gunit_part_ptr, gs
     r_x = tl.zeros((BLOCK_F,), dtype=dt)
     r_y = tl.zeros((BLOCK_F,), dtype=dt)
     r_z = tl.zeros((BLOCK_F,), dtype=dt)
-    a = tl.zeros((BLOCK_E,), dtype=tl.int64) + row
     row_ok = row < n_phi
     ST: tl.constexpr = 3 * BLOCK_H
     for e0 in range(lo, hi, BLOCK_E):
         e = e0 + tl.arange(0, BLOCK_E).to(tl.int64)
         em = e < hi
         b = tl.load(j_ptr + e, mask=em, other=0)
-        ok = em & (b >= 0) & (b < n_phi) & row_ok
-        b = tl.where(ok, b, 0)
-        mi = tl.load(rev_ptr + e, mask=ok, other=0)
-        okm = ok & (mi >= 0) & (mi < num_edges)
+        mi = tl.load(rev_ptr + e, mask=em, other=0)
+        okm = em & (b >= 0) & (b < n_phi) & row_ok & (mi >= 0) & (mi < num_edges)
+        b = tl.where(okm, b, 0)
         mi = tl.where(okm, mi, 0)
-        r = tl.load(d_ptr + e, mask=em, other=0.0)
         r_m = tl.load(d_ptr + mi, mask=okm, other=0.0)
-        basis = _basis(r, 0, num_basis, cutoff, KIND, 0, BLOCK_K)
-        env = _envelope_deriv(r, cutoff, ENV, 0)
-        env1 = _envelope_deriv(r, cutoff, ENV, 1)
-        ws, ys = _painn_filter(r, basis, wft_ptr + f0, bf_ptr + f0, env, num_basis, cutoff,
-                               KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
-        wvs, yvs = _painn_filter(r, basis, wft_ptr + BLOCK_H + f0, bf_ptr + BLOCK_H + f0, env,
-                                 num_basis, cutoff, KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
-        wvv, yvv = _painn_filter(r, basis, wft_ptr + 2 * BLOCK_H + f0,
-                                 bf_ptr + 2 * BLOCK_H + f0, env, num_basis, cutoff, KIND, PREC,
-                                 BLOCK_K, BLOCK_KC, BLOCK_F, ST)
-        # receiver side: this edge's d- and unit-gradients from this feature block
-        gw_s, gw_vs, gw_vv, q0, q1, q2 = _receiver_terms(gs_ptr, gv_ptr, phi_ptr, v_ptr,
-                                                         unit_ptr, a, b, e, fo, nf64, ok)
-        part = env1 * tl.sum(gw_s * ys + gw_vs * yvs + gw_vv * yvv, axis=1)
-        slope = _slope_dot(gw_s.to(dt), wft_ptr + f0, r, num_basis, cutoff, KIND, PREC, BLOCK_K,
-                           BLOCK_KC, BLOCK_F, ST)
-        slope += _slope_dot(gw_vs.to(dt), wft_ptr + BLOCK_H + f0, r, num_basis, cutoff, KIND,
-                            PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
-        slope += _slope_dot(gw_vv.to(dt), wft_ptr + 2 * BLOCK_H + f0, r, num_basis, cutoff,
-                            KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
-        tl.store(gd_part_ptr + fb * num_edges + e, tl.where(ok, part + env * slope, 0.0),
-                 mask=em)
-        gpart = gunit_part_ptr + (fb * num_edges + e) * 3
-        tl.store(gpart, tl.sum(q0 * wvs, axis=1), mask=em)
-        tl.store(gpart + 1, tl.sum(q1 * wvs, axis=1), mask=em)
-        tl.store(gpart + 2, tl.sum(q2 * wvs, axis=1), mask=em)
-        # sender side: atom a sends along the mirror (b <- a), whose filter is W(d[rev e])
-        if tl.max(tl.where(okm & (r_m != r), 1, 0), axis=0) > 0:
-            basis_m = _basis(r_m, 0, num_basis, cutoff, KIND, 0, BLOCK_K)
-            env_m = _envelope_deriv(r_m, cutoff, ENV, 0)
-            ws, _ = _painn_filter(r_m, basis_m, wft_ptr + f0, bf_ptr + f0, env_m, num_basis,
-                                  cutoff, KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
-            wvs, _ = _painn_filter(r_m, basis_m, wft_ptr + BLOCK_H + f0, bf_ptr + BLOCK_H + f0,
-                                   env_m, num_basis, cutoff, KIND, PREC, BLOCK_K, BLOCK_KC,
-                                   BLOCK_F, ST)
-            wvv, _ = _painn_filter(r_m, basis_m, wft_ptr + 2 * BLOCK_H + f0,
-                                   bf_ptr + 2 * BLOCK_H + f0, env_m, num_basis, cutoff, KIND,
-                                   PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
+        basis = _basis(r_m, 0, num_basis, cutoff, KIND, 0, BLOCK_K)
+        env = _envelope_deriv(r_m, cutoff, ENV, 0)
         m = okm[:, None] & fmask[None, :]
+        ws, _ = _painn_filter(r_m, basis, wft_ptr + f0, bf_ptr + f0, env, num_basis, cutoff,
+                              KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
+        acc_s += tl.sum(tl.load(gs_ptr + b[:, None] * nf64 + fo[None, :], mask=m, other=0.0)
+                        * ws, axis=0)
         hrow = gv_ptr + b[:, None] * (3 * nf64) + fo[None, :]
         h0 = tl.load(hrow, mask=m, other=0.0)
         h1 = tl.load(hrow + nf64, mask=m, other=0.0)
         h2 = tl.load(hrow + 2 * nf64, mask=m, other=0.0)
+        w, _ = _painn_filter(r_m, basis, wft_ptr + BLOCK_H + f0, bf_ptr + BLOCK_H + f0, env,
+                             num_basis, cutoff, KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
         vx = tl.load(unit_ptr + mi * 3, mask=okm, other=0.0)[:, None]
         vy = tl.load(unit_ptr + mi * 3 + 1, mask=okm, other=0.0)[:, None]
         vz = tl.load(unit_ptr + mi * 3 + 2, mask=okm, other=0.0)[:, None]
-        acc_s += tl.sum(tl.load(gs_ptr + b[:, None] * nf64 + fo[None, :], mask=m, other=0.0)
-                        * ws, axis=0)
-        acc_vs += tl.sum((h0 * vx + h1 * vy + h2 * vz) * wvs, axis=0)
-        r_x += tl.sum(h0 * wvv, axis=0)
-        r_y += tl.sum(h1 * wvv, axis=0)
-        r_z += tl.sum(h2 * wvv, axis=0)
+        acc_vs += tl.sum((h0 * vx + h1 * vy + h2 * vz) * w, axis=0)
+        w, _ = _painn_filter(r_m, basis, wft_ptr + 2 * BLOCK_H + f0, bf_ptr + 2 * BLOCK_H + f0,
+                             env, num_basis, cutoff, KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
+        r_x += tl.sum(h0 * w, axis=0)
+        r_y += tl.sum(h1 * w, axis=0)
+        r_z += tl.sum(h2 * w, axis=0)
     am = fmask & row_ok
     ar = tl.where(row_ok, row, 0)
     out = gphi_ptr + ar * (3 * nf64) + fo
     tl.store(out, acc_s, mask=am)
     tl.store(out + nf64, acc_vs, mask=am)
     vrow = v_ptr + ar * (3 * nf64) + fo
-    pvv = tl.load(phi_ptr + ar * (3 * nf64) + 2 * nf64 + fo, mask=am, other=0.0)
     tl.store(out + 2 * nf64, tl.load(vrow, mask=am, other=0.0) * r_x
              + tl.load(vrow + nf64, mask=am, other=0.0) * r_y
              + tl.load(vrow + 2 * nf64, mask=am, other=0.0) * r_z, mask=am)
+    pvv = tl.load(phi_ptr + ar * (3 * nf64) + 2 * nf64 + fo, mask=am, other=0.0)
     gvo = gv_out_ptr + ar * (3 * nf64) + fo
     tl.store(gvo, pvv * r_x, mask=am)
     tl.store(gvo + nf64, pvv * r_y, mask=am)
@@ -379,13 +401,21 @@ def message_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, e
     sizes = _blocks(nf, num_basis, cfg)
     blocks = triton.cdiv(nf, sizes["BLOCK_F"])
     wft, bfp = padded(wf, bf, sizes, nf)
+    common = dict(**settings, PREC=prec, BLOCK_E=cfg["BLOCK_E"], num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"], **sizes)
+    _painn_vjp_rows_kernel[(n, blocks)](
+        gphi, grad_v, *tensors, _f._c(j), _f._c(ptr), _f._c(rev), wft, bfp, cut, valid,
+        num_edges, nf, num_basis, **common)
+    cfg = _f._config(EDGE_CONFIG, phi.dtype)
+    sizes = _blocks(nf, num_basis, cfg)
+    blocks = triton.cdiv(nf, sizes["BLOCK_F"])
+    wft, bfp = padded(wf, bf, sizes, nf)
     gd_part = d.new_empty(blocks, num_edges)
     gunit_part = d.new_empty(blocks, num_edges, 3)
-    _painn_vjp_rows_kernel[(n, blocks)](
-        gphi, grad_v, gd_part, gunit_part, *tensors, _f._c(j), _f._c(ptr), _f._c(rev), wft,
-        bfp, cut, valid, num_edges, nf, num_basis, **settings, PREC=prec,
-        BLOCK_E=cfg["BLOCK_E"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **sizes)
+    _painn_vjp_edges_kernel[(triton.cdiv(num_edges, cfg["BLOCK_E"]), blocks)](
+        gd_part, gunit_part, *tensors, _f._c(i), _f._c(j), wft, bfp, cut, valid, num_edges, nf,
+        num_basis, **settings, PREC=prec, BLOCK_E=cfg["BLOCK_E"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], **sizes)
     grad_d = gd_part[0] if blocks == 1 else gd_part.sum(0)
     gunit = gunit_part[0] if blocks == 1 else gunit_part.sum(0)
     if need_params:
@@ -412,10 +442,12 @@ def _aot_specs() -> list[dict]:
     rows = sig("ds_ptr dv_ptr phi_ptr v_ptr unit_ptr d_ptr j_ptr ptr_ptr wft_ptr bf_ptr cutoff_ptr",
                "n_phi nf num_basis",
                "KIND ENV PREC BLOCK_E BLOCK_K BLOCK_KC BLOCK_H BLOCK_F")
-    vjp = sig("gphi_ptr gv_out_ptr gd_part_ptr gunit_part_ptr gs_ptr gv_ptr phi_ptr v_ptr "
-              "unit_ptr d_ptr j_ptr ptr_ptr rev_ptr wft_ptr bf_ptr cutoff_ptr",
-              "n_phi num_edges nf num_basis",
+    vjp = sig("gphi_ptr gv_out_ptr gs_ptr gv_ptr phi_ptr v_ptr unit_ptr d_ptr j_ptr ptr_ptr "
+              "rev_ptr wft_ptr bf_ptr cutoff_ptr", "n_phi num_edges nf num_basis",
               "KIND ENV PREC BLOCK_E BLOCK_K BLOCK_KC BLOCK_H BLOCK_F")
+    edges = sig("gd_part_ptr gunit_part_ptr gs_ptr gv_ptr phi_ptr v_ptr unit_ptr d_ptr i_ptr "
+                "j_ptr wft_ptr bf_ptr cutoff_ptr", "n_phi num_edges nf num_basis",
+                "KIND ENV PREC BLOCK_E BLOCK_K BLOCK_KC BLOCK_H BLOCK_F")
     params = sig("gwf_part_ptr gbf_part_ptr gs_ptr gv_ptr phi_ptr v_ptr unit_ptr d_ptr i_ptr "
                  "j_ptr cutoff_ptr", "n_phi num_edges chunk nf num_basis",
                  "KIND ENV PREC BLOCK_E BLOCK_K BLOCK_KC BLOCK_F")
@@ -426,6 +458,7 @@ def _aot_specs() -> list[dict]:
                   "PREC": "ieee" if dtype == torch.float64 else "tf32"}
         for kernel, signature, table in ((_painn_rows_kernel, rows, CONFIG),
                                          (_painn_vjp_rows_kernel, vjp, VJP_CONFIG),
+                                         (_painn_vjp_edges_kernel, edges, EDGE_CONFIG),
                                          (_painn_params_kernel, params, PARAM_CONFIG)):
             cfg = table[dtype]
             sizes = _blocks(128, 20, cfg)
