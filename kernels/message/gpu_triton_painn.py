@@ -21,7 +21,7 @@ import triton.language as tl
 
 from fastff.kernels import gpu_common
 from fastff.kernels.message import gpu_triton_filter as _f
-from fastff.kernels.message.gpu_triton_filter import _basis, _tile
+from fastff.kernels.message.gpu_triton_filter import _basis, _first_layer, _tile
 from fastff.kernels.radial.gpu_triton import ENVELOPES, KINDS, _envelope_deriv
 
 # edges per tl.dot, features per program, bases per step of the first layer (float64: a whole
@@ -49,33 +49,15 @@ PARAM_CONFIG = {
 
 
 @triton.jit
-def _painn_filters(r, basis, wft_ptr, bf_ptr, num_basis, cutoff, KIND: tl.constexpr,
-                   PREC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KC: tl.constexpr,
-                   BLOCK_F: tl.constexpr, BLOCK_H: tl.constexpr):
-    """The bare filters y = wf b + bf of the three blocks (s, vs, vv) at the BLOCK_F columns
-    ``wft_ptr`` / ``bf_ptr`` of each: one pass over the bases serves all three."""
-    ST: tl.constexpr = 3 * BLOCK_H
-    if BLOCK_KC == BLOCK_K:
-        y_s = tl.dot(basis, _tile(wft_ptr, BLOCK_K, BLOCK_F, ST), input_precision=PREC)
-        y_vs = tl.dot(basis, _tile(wft_ptr + BLOCK_H, BLOCK_K, BLOCK_F, ST), input_precision=PREC)
-        y_vv = tl.dot(basis, _tile(wft_ptr + 2 * BLOCK_H, BLOCK_K, BLOCK_F, ST),
-                      input_precision=PREC)
-    else:
-        y_s = tl.zeros((r.shape[0], BLOCK_F), dtype=wft_ptr.dtype.element_ty)
-        y_vs = tl.zeros((r.shape[0], BLOCK_F), dtype=wft_ptr.dtype.element_ty)
-        y_vv = tl.zeros((r.shape[0], BLOCK_F), dtype=wft_ptr.dtype.element_ty)
-        for k0 in range(0, num_basis, BLOCK_KC):
-            bk = _basis(r, k0, num_basis, cutoff, KIND, 0, BLOCK_KC)
-            row = wft_ptr + tl.cast(k0, tl.int64) * ST
-            y_s += tl.dot(bk, _tile(row, BLOCK_KC, BLOCK_F, ST), input_precision=PREC)
-            y_vs += tl.dot(bk, _tile(row + BLOCK_H, BLOCK_KC, BLOCK_F, ST), input_precision=PREC)
-            y_vv += tl.dot(bk, _tile(row + 2 * BLOCK_H, BLOCK_KC, BLOCK_F, ST),
-                           input_precision=PREC)
-    cols = tl.arange(0, BLOCK_F)
-    y_s += tl.load(bf_ptr + cols)[None, :]
-    y_vs += tl.load(bf_ptr + BLOCK_H + cols)[None, :]
-    y_vv += tl.load(bf_ptr + 2 * BLOCK_H + cols)[None, :]
-    return y_s, y_vs, y_vv
+def _painn_filter(r, basis, wft_ptr, bf_ptr, env, num_basis, cutoff, KIND: tl.constexpr,
+                  PREC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KC: tl.constexpr,
+                  BLOCK_F: tl.constexpr, STRIDE: tl.constexpr):
+    """One block of W = u (wf b + bf): the BLOCK_F columns at ``wft_ptr`` / ``bf_ptr``
+    ([BLOCK_E, BLOCK_F]) and the bare y = wf b + bf."""
+    y = _first_layer(r, basis, wft_ptr, num_basis, cutoff, KIND, PREC, BLOCK_K, BLOCK_KC,
+                     BLOCK_F, STRIDE)
+    y += tl.load(bf_ptr + tl.arange(0, BLOCK_F))[None, :]
+    return env[:, None] * y, y
 
 
 @triton.jit
@@ -110,12 +92,17 @@ def _painn_rows_kernel(ds_ptr, dv_ptr, phi_ptr, v_ptr, unit_ptr, d_ptr, j_ptr, p
         env = _envelope_deriv(r, cutoff, ENV, 0)
         m = ok[:, None] & fmask[None, :]
         prow = phi_ptr + src[:, None] * (3 * nf64) + fo[None, :]
-        ys, yvs, yvv = _painn_filters(r, basis, wft_ptr + f0, bf_ptr + f0, num_basis, cutoff,
-                                      KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F, BLOCK_H)
-        u = env[:, None]
-        acc_s += tl.sum(tl.load(prow, mask=m, other=0.0) * (u * ys), axis=0)
-        pvs = tl.load(prow + nf64, mask=m, other=0.0) * (u * yvs)
-        pvv = tl.load(prow + 2 * nf64, mask=m, other=0.0) * (u * yvv)
+        w, _ = _painn_filter(r, basis, wft_ptr + f0, bf_ptr + f0, env, num_basis, cutoff, KIND,
+                             PREC, BLOCK_K, BLOCK_KC, BLOCK_F, 3 * BLOCK_H)
+        acc_s += tl.sum(tl.load(prow, mask=m, other=0.0) * w, axis=0)
+        w, _ = _painn_filter(r, basis, wft_ptr + BLOCK_H + f0, bf_ptr + BLOCK_H + f0, env,
+                             num_basis, cutoff, KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F,
+                             3 * BLOCK_H)
+        pvs = tl.load(prow + nf64, mask=m, other=0.0) * w
+        w, _ = _painn_filter(r, basis, wft_ptr + 2 * BLOCK_H + f0, bf_ptr + 2 * BLOCK_H + f0,
+                             env, num_basis, cutoff, KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F,
+                             3 * BLOCK_H)
+        pvv = tl.load(prow + 2 * nf64, mask=m, other=0.0) * w
         vrow = v_ptr + src[:, None] * (3 * nf64) + fo[None, :]
         ux = tl.load(unit_ptr + e * 3, mask=ok, other=0.0)[:, None]
         uy = tl.load(unit_ptr + e * 3 + 1, mask=ok, other=0.0)[:, None]
@@ -196,14 +183,19 @@ def _painn_vjp_edges_kernel(gd_part_ptr, gunit_part_ptr, gs_ptr, gv_ptr, phi_ptr
     env = _envelope_deriv(r, cutoff, ENV, 0)
     gw_s, gw_vs, gw_vv, q0, q1, q2 = _receiver_terms(gs_ptr, gv_ptr, phi_ptr, v_ptr, unit_ptr,
                                                      a, b, e, fo, nf64, ok)
-    ys, yvs, yvv = _painn_filters(r, basis, wft_ptr + f0, bf_ptr + f0, num_basis, cutoff,
-                                  KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F, BLOCK_H)
-    wvs = env[:, None] * yvs
+    wvs, yvs = _painn_filter(r, basis, wft_ptr + BLOCK_H + f0, bf_ptr + BLOCK_H + f0, env,
+                             num_basis, cutoff, KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
     gpart = gunit_part_ptr + (fb * num_edges + e) * 3
     tl.store(gpart, tl.sum(q0 * wvs, axis=1), mask=em)
     tl.store(gpart + 1, tl.sum(q1 * wvs, axis=1), mask=em)
     tl.store(gpart + 2, tl.sum(q2 * wvs, axis=1), mask=em)
-    dot = tl.sum(gw_s * ys + gw_vs * yvs + gw_vv * yvv, axis=1)
+    dot = tl.sum(gw_vs * yvs, axis=1)
+    _, y = _painn_filter(r, basis, wft_ptr + f0, bf_ptr + f0, env, num_basis, cutoff, KIND,
+                         PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
+    dot += tl.sum(gw_s * y, axis=1)
+    _, y = _painn_filter(r, basis, wft_ptr + 2 * BLOCK_H + f0, bf_ptr + 2 * BLOCK_H + f0, env,
+                         num_basis, cutoff, KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
+    dot += tl.sum(gw_vv * y, axis=1)
     slope = _slope_dot(gw_s.to(dt), wft_ptr + f0, r, num_basis, cutoff, KIND, PREC, BLOCK_K,
                        BLOCK_KC, BLOCK_F, ST)
     slope += _slope_dot(gw_vs.to(dt), wft_ptr + BLOCK_H + f0, r, num_basis, cutoff, KIND, PREC,
@@ -238,6 +230,7 @@ def _painn_vjp_rows_kernel(gphi_ptr, gv_out_ptr, gs_ptr, gv_ptr, phi_ptr, v_ptr,
     r_y = tl.zeros((BLOCK_F,), dtype=dt)
     r_z = tl.zeros((BLOCK_F,), dtype=dt)
     row_ok = row < n_phi
+    ST: tl.constexpr = 3 * BLOCK_H
     for e0 in range(lo, hi, BLOCK_E):
         e = e0 + tl.arange(0, BLOCK_E).to(tl.int64)
         em = e < hi
@@ -250,20 +243,22 @@ def _painn_vjp_rows_kernel(gphi_ptr, gv_out_ptr, gs_ptr, gv_ptr, phi_ptr, v_ptr,
         basis = _basis(r_m, 0, num_basis, cutoff, KIND, 0, BLOCK_K)
         env = _envelope_deriv(r_m, cutoff, ENV, 0)
         m = okm[:, None] & fmask[None, :]
-        ys, yvs, yvv = _painn_filters(r_m, basis, wft_ptr + f0, bf_ptr + f0, num_basis,
-                                      cutoff, KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F, BLOCK_H)
-        u = env[:, None]
+        ws, _ = _painn_filter(r_m, basis, wft_ptr + f0, bf_ptr + f0, env, num_basis, cutoff,
+                              KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
         acc_s += tl.sum(tl.load(gs_ptr + b[:, None] * nf64 + fo[None, :], mask=m, other=0.0)
-                        * (u * ys), axis=0)
+                        * ws, axis=0)
         hrow = gv_ptr + b[:, None] * (3 * nf64) + fo[None, :]
         h0 = tl.load(hrow, mask=m, other=0.0)
         h1 = tl.load(hrow + nf64, mask=m, other=0.0)
         h2 = tl.load(hrow + 2 * nf64, mask=m, other=0.0)
+        w, _ = _painn_filter(r_m, basis, wft_ptr + BLOCK_H + f0, bf_ptr + BLOCK_H + f0, env,
+                             num_basis, cutoff, KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
         vx = tl.load(unit_ptr + mi * 3, mask=okm, other=0.0)[:, None]
         vy = tl.load(unit_ptr + mi * 3 + 1, mask=okm, other=0.0)[:, None]
         vz = tl.load(unit_ptr + mi * 3 + 2, mask=okm, other=0.0)[:, None]
-        acc_vs += tl.sum((h0 * vx + h1 * vy + h2 * vz) * (u * yvs), axis=0)
-        w = u * yvv
+        acc_vs += tl.sum((h0 * vx + h1 * vy + h2 * vz) * w, axis=0)
+        w, _ = _painn_filter(r_m, basis, wft_ptr + 2 * BLOCK_H + f0, bf_ptr + 2 * BLOCK_H + f0,
+                             env, num_basis, cutoff, KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
         r_x += tl.sum(h0 * w, axis=0)
         r_y += tl.sum(h1 * w, axis=0)
         r_z += tl.sum(h2 * w, axis=0)
