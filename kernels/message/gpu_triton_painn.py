@@ -37,7 +37,8 @@ VJP_CONFIG = {
                     "num_stages": 1},
 }
 EDGE_CONFIG = {
-    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 16, "num_warps": 4, "num_stages": 1},
+    torch.float32: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_KC": 16, "num_warps": 8,
+                    "num_stages": 1},
     torch.float64: {"BLOCK_E": 16, "BLOCK_F": 16, "BLOCK_KC": 16, "num_warps": 4,
                     "num_stages": 1},
 }
@@ -212,9 +213,10 @@ def _painn_vjp_rows_kernel(gphi_ptr, gv_out_ptr, gs_ptr, gv_ptr, phi_ptr, v_ptr,
                            num_edges, nf, num_basis, KIND: tl.constexpr, ENV: tl.constexpr,
                            PREC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
                            BLOCK_KC: tl.constexpr, BLOCK_H: tl.constexpr,
-                           BLOCK_F: tl.constexpr):
+                           BLOCK_F: tl.constexpr, PART: tl.constexpr):
     """The sender side, row a and one feature block per program: atom a sends along the mirror
-    (b <- a) of each of its edges, whose filter is W(d[rev e]): gphi[a] and grad_v[a]."""
+    (b <- a) of each of its edges, whose filter is W(d[rev e]): PART 0 gphi[a]'s s and vs
+    blocks, PART 1 its vv block and grad_v[a] (two launches: half the live state each)."""
     row = tl.program_id(0).to(tl.int64)
     f0 = tl.program_id(1).to(tl.int64) * BLOCK_F
     nf64 = nf.to(tl.int64)
@@ -243,39 +245,44 @@ def _painn_vjp_rows_kernel(gphi_ptr, gv_out_ptr, gs_ptr, gv_ptr, phi_ptr, v_ptr,
         basis = _basis(r_m, 0, num_basis, cutoff, KIND, 0, BLOCK_K)
         env = _envelope_deriv(r_m, cutoff, ENV, 0)
         m = okm[:, None] & fmask[None, :]
-        ws, _ = _painn_filter(r_m, basis, wft_ptr + f0, bf_ptr + f0, env, num_basis, cutoff,
-                              KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
-        acc_s += tl.sum(tl.load(gs_ptr + b[:, None] * nf64 + fo[None, :], mask=m, other=0.0)
-                        * ws, axis=0)
         hrow = gv_ptr + b[:, None] * (3 * nf64) + fo[None, :]
-        h0 = tl.load(hrow, mask=m, other=0.0)
-        h1 = tl.load(hrow + nf64, mask=m, other=0.0)
-        h2 = tl.load(hrow + 2 * nf64, mask=m, other=0.0)
-        w, _ = _painn_filter(r_m, basis, wft_ptr + BLOCK_H + f0, bf_ptr + BLOCK_H + f0, env,
-                             num_basis, cutoff, KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
-        vx = tl.load(unit_ptr + mi * 3, mask=okm, other=0.0)[:, None]
-        vy = tl.load(unit_ptr + mi * 3 + 1, mask=okm, other=0.0)[:, None]
-        vz = tl.load(unit_ptr + mi * 3 + 2, mask=okm, other=0.0)[:, None]
-        acc_vs += tl.sum((h0 * vx + h1 * vy + h2 * vz) * w, axis=0)
-        w, _ = _painn_filter(r_m, basis, wft_ptr + 2 * BLOCK_H + f0, bf_ptr + 2 * BLOCK_H + f0,
-                             env, num_basis, cutoff, KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
-        r_x += tl.sum(h0 * w, axis=0)
-        r_y += tl.sum(h1 * w, axis=0)
-        r_z += tl.sum(h2 * w, axis=0)
+        if PART == 0:
+            ws, _ = _painn_filter(r_m, basis, wft_ptr + f0, bf_ptr + f0, env, num_basis, cutoff,
+                                  KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
+            acc_s += tl.sum(tl.load(gs_ptr + b[:, None] * nf64 + fo[None, :], mask=m,
+                                    other=0.0) * ws, axis=0)
+            w, _ = _painn_filter(r_m, basis, wft_ptr + BLOCK_H + f0, bf_ptr + BLOCK_H + f0, env,
+                                 num_basis, cutoff, KIND, PREC, BLOCK_K, BLOCK_KC, BLOCK_F, ST)
+            h = (tl.load(hrow, mask=m, other=0.0)
+                 * tl.load(unit_ptr + mi * 3, mask=okm, other=0.0)[:, None]
+                 + tl.load(hrow + nf64, mask=m, other=0.0)
+                 * tl.load(unit_ptr + mi * 3 + 1, mask=okm, other=0.0)[:, None]
+                 + tl.load(hrow + 2 * nf64, mask=m, other=0.0)
+                 * tl.load(unit_ptr + mi * 3 + 2, mask=okm, other=0.0)[:, None])
+            acc_vs += tl.sum(h * w, axis=0)
+        else:
+            w, _ = _painn_filter(r_m, basis, wft_ptr + 2 * BLOCK_H + f0,
+                                 bf_ptr + 2 * BLOCK_H + f0, env, num_basis, cutoff, KIND, PREC,
+                                 BLOCK_K, BLOCK_KC, BLOCK_F, ST)
+            r_x += tl.sum(tl.load(hrow, mask=m, other=0.0) * w, axis=0)
+            r_y += tl.sum(tl.load(hrow + nf64, mask=m, other=0.0) * w, axis=0)
+            r_z += tl.sum(tl.load(hrow + 2 * nf64, mask=m, other=0.0) * w, axis=0)
     am = fmask & row_ok
     ar = tl.where(row_ok, row, 0)
     out = gphi_ptr + ar * (3 * nf64) + fo
-    tl.store(out, acc_s, mask=am)
-    tl.store(out + nf64, acc_vs, mask=am)
-    vrow = v_ptr + ar * (3 * nf64) + fo
-    tl.store(out + 2 * nf64, tl.load(vrow, mask=am, other=0.0) * r_x
-             + tl.load(vrow + nf64, mask=am, other=0.0) * r_y
-             + tl.load(vrow + 2 * nf64, mask=am, other=0.0) * r_z, mask=am)
-    pvv = tl.load(phi_ptr + ar * (3 * nf64) + 2 * nf64 + fo, mask=am, other=0.0)
-    gvo = gv_out_ptr + ar * (3 * nf64) + fo
-    tl.store(gvo, pvv * r_x, mask=am)
-    tl.store(gvo + nf64, pvv * r_y, mask=am)
-    tl.store(gvo + 2 * nf64, pvv * r_z, mask=am)
+    if PART == 0:
+        tl.store(out, acc_s, mask=am)
+        tl.store(out + nf64, acc_vs, mask=am)
+    else:
+        vrow = v_ptr + ar * (3 * nf64) + fo
+        tl.store(out + 2 * nf64, tl.load(vrow, mask=am, other=0.0) * r_x
+                 + tl.load(vrow + nf64, mask=am, other=0.0) * r_y
+                 + tl.load(vrow + 2 * nf64, mask=am, other=0.0) * r_z, mask=am)
+        pvv = tl.load(phi_ptr + ar * (3 * nf64) + 2 * nf64 + fo, mask=am, other=0.0)
+        gvo = gv_out_ptr + ar * (3 * nf64) + fo
+        tl.store(gvo, pvv * r_x, mask=am)
+        tl.store(gvo + nf64, pvv * r_y, mask=am)
+        tl.store(gvo + 2 * nf64, pvv * r_z, mask=am)
 
 
 @triton.jit
@@ -403,9 +410,10 @@ def message_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, e
     wft, bfp = padded(wf, bf, sizes, nf)
     common = dict(**settings, PREC=prec, BLOCK_E=cfg["BLOCK_E"], num_warps=cfg["num_warps"],
                   num_stages=cfg["num_stages"], **sizes)
-    _painn_vjp_rows_kernel[(n, blocks)](
-        gphi, grad_v, *tensors, _f._c(j), _f._c(ptr), _f._c(rev), wft, bfp, cut, valid,
-        num_edges, nf, num_basis, **common)
+    for part in (0, 1):
+        _painn_vjp_rows_kernel[(n, blocks)](
+            gphi, grad_v, *tensors, _f._c(j), _f._c(ptr), _f._c(rev), wft, bfp, cut, valid,
+            num_edges, nf, num_basis, PART=part, **common)
     cfg = _f._config(EDGE_CONFIG, phi.dtype)
     sizes = _blocks(nf, num_basis, cfg)
     blocks = triton.cdiv(nf, sizes["BLOCK_F"])
@@ -444,7 +452,7 @@ def _aot_specs() -> list[dict]:
                "KIND ENV PREC BLOCK_E BLOCK_K BLOCK_KC BLOCK_H BLOCK_F")
     vjp = sig("gphi_ptr gv_out_ptr gs_ptr gv_ptr phi_ptr v_ptr unit_ptr d_ptr j_ptr ptr_ptr "
               "rev_ptr wft_ptr bf_ptr cutoff_ptr", "n_phi num_edges nf num_basis",
-              "KIND ENV PREC BLOCK_E BLOCK_K BLOCK_KC BLOCK_H BLOCK_F")
+              "KIND ENV PREC BLOCK_E BLOCK_K BLOCK_KC BLOCK_H BLOCK_F PART")
     edges = sig("gd_part_ptr gunit_part_ptr gs_ptr gv_ptr phi_ptr v_ptr unit_ptr d_ptr i_ptr "
                 "j_ptr wft_ptr bf_ptr cutoff_ptr", "n_phi num_edges nf num_basis",
                 "KIND ENV PREC BLOCK_E BLOCK_K BLOCK_KC BLOCK_H BLOCK_F")
@@ -464,9 +472,12 @@ def _aot_specs() -> list[dict]:
             sizes = _blocks(128, 20, cfg)
             if kernel is _painn_params_kernel:
                 del sizes["BLOCK_H"]
-            specs.append(_f._spec(kernel, signature, {**common, "BLOCK_E": cfg["BLOCK_E"],
-                                                      **sizes},
-                                  f"{kernel.__name__}[F=128,K=20,bessel]", dtype, cfg))
+            for part in (0, 1) if kernel is _painn_vjp_rows_kernel else (None,):
+                extra, label = ({}, "") if part is None else ({"PART": part}, f",part={part}")
+                specs.append(_f._spec(kernel, signature, {**common, "BLOCK_E": cfg["BLOCK_E"],
+                                                          **sizes, **extra},
+                                      f"{kernel.__name__}[F=128,K=20,bessel{label}]", dtype,
+                                      cfg))
     return specs
 
 
