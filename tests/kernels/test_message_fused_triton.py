@@ -1,9 +1,10 @@
-"""The fused Triton CFConv kernels (kernels/message/gpu_triton_filter.py) against the float64
-reference: forward, kept pair filters, the backward's x-, distance- and every parameter
-gradient and kept products, over filter settings, sizes that are not powers of two (padded
-tl.dot operands), atoms without neighbours, a batch of systems, several edge chunks of the
-parameter reduction; float32 with IEEE and with TF32 GEMMs; force-matching training through
-fastff.nn.CFConv. Interpreted on CPU (TRITON_INTERPRET=1), compiled where a GPU exists."""
+"""The fused Triton CFConv and PaiNN kernels (kernels/message/gpu_triton_filter.py,
+gpu_triton_painn.py) against the float64 reference: forward, kept pair filters, the backward's
+x-, distance- and every parameter gradient and kept products, over filter settings, sizes that
+are not powers of two (padded tl.dot operands), atoms without neighbours, a batch of systems,
+several edge chunks of the parameter reduction; float32 with IEEE and with TF32 GEMMs;
+force-matching training through fastff.nn.CFConv; PaiNN's message and its backward alike.
+Interpreted on CPU (TRITON_INTERPRET=1), compiled where a GPU exists."""
 
 import pytest
 import torch
@@ -164,6 +165,51 @@ def test_force_training_through_cfconv_module(rng, monkeypatch):
         grads[backend] = torch.autograd.grad(loss, list(m.parameters()))
     for u, w in zip(grads["triton"], grads["reference"], strict=True):
         close(u, w, torch.float64)
+
+
+def check_painn(nl, d, nf, num_basis, filt, dtype, bound=None):
+    """PaiNN's message and its backward (every gradient, parameters included) against the
+    reference in float64."""
+    n = nl.num_atoms
+    a = (nl.i, nl.j, nl.ptr, nl.reverse)
+    phi, v = torch.randn(n, 3 * nf, dtype=dtype), torch.randn(n, 3, nf, dtype=dtype)
+    wf, bf = torch.randn(3 * nf, num_basis, dtype=dtype), torch.randn(3 * nf, dtype=dtype)
+    unit = torch.nn.functional.normalize(torch.randn(len(nl), 3, dtype=dtype), dim=1)
+    upper = torch.arange(len(nl)) < nl.reverse
+    unit[nl.reverse[upper]] = -unit[upper]  # mirrored edges: negated unit vectors
+    gs, gv = torch.randn(n, nf, dtype=dtype), torch.randn(n, 3, nf, dtype=dtype)
+    wide = [t.double() for t in (gs, gv, phi, v, d, unit, wf, bf)]
+    got = gpu_triton.painn_message(phi, v, d, unit, *a, wf, bf, 2.0, *filt)
+    want = reference.painn_message(*wide[2:6], *a, *wide[6:], 2.0, *filt)
+    for u, w in zip(got, want, strict=True):
+        close(u, w, dtype, bound)
+    got = gpu_triton.painn_message_vjp(gs, gv, phi, v, d, unit, *a, wf, bf, 2.0, *filt, True)
+    want = reference.painn_message_vjp(*wide[:6], *a, *wide[6:], 2.0, *filt, True)
+    for name, u, w in zip(("phi", "v", "d", "unit", "wf", "bf"), got, want, strict=True):
+        assert u.shape == w.shape, name
+        close(u, w, dtype, bound)
+
+
+@pytest.mark.parametrize(("nf", "num_basis", "filt"), [(5, 4, ("bessel", "cosine")),
+                                                       (20, 20, ("gaussian", "polynomial")),
+                                                       (9, 33, ("bessel", "none"))])
+def test_fused_painn_float64(rng, nf, num_basis, filt):
+    """Sizes around tl.dot's 16, K = 20 and 33 (in float64 16 bases at a time: two and three
+    steps), mirrored distances that differ (the sender side's own filter evaluation)."""
+    nl, d = system(7)
+    d = d * (1 + 0.05 * torch.rand(d.shape[0], dtype=d.dtype))
+    check_painn(nl, d, nf, num_basis, filt, torch.float64)
+
+
+def test_fused_painn_float32_empty_rows_and_batch(rng, monkeypatch):
+    """float32 with IEEE and with TF32 GEMMs (the bound of test_fused_cfconv_float32_tf32),
+    atoms without neighbours, a batch of two systems."""
+    nl, d = system(9, box=5.0, dtype=torch.float32)
+    assert (nl.ptr[1:] == nl.ptr[:-1]).any()
+    check_painn(nl, d, 12, 20, ("bessel", "cosine"), torch.float32)
+    monkeypatch.setattr(fused, "TF32", True)
+    nl, d = system(5, batch=True, dtype=torch.float32)
+    check_painn(nl, d, 12, 20, ("bessel", "cosine"), torch.float32, bound=5e-3)
 
 
 @pytest.mark.gpu
