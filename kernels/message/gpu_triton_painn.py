@@ -6,11 +6,11 @@ one program per block of features, which walks the row's edges ``BLOCK_E`` at a 
 [BLOCK_E, K], the three filter blocks (s, vs, vv) as three ``tl.dot`` with the padded
 ``wf^T``, and ``ds``, ``dv`` summed in registers (one writer per row: no atomics,
 deterministic). The backward's row kernel recomputes the filter of each mirrored edge for the
-sender side (``phi``, ``v``: the row's atom sends along the mirrors of its edges; the block's
-own filter when its mirrored distances are equal, the usual case) and writes each edge's
-distance and unit-vector gradients per feature block ([blocks, E] partials, summed after); the
-parameter gradients are reduced per chunk of edges into [chunks, 3F, .] partials. Same block
-machinery, precision setting (``gpu_triton_filter.TF32``) and padding as the CFConv kernels.
+sender side (``phi``, ``v``: the row's atom sends along the mirrors of its edges), an edge-block
+kernel writes each edge's distance and unit-vector gradients per feature block ([blocks, E]
+partials, summed after), and the parameter gradients are reduced per chunk of edges into
+[chunks, 3F, .] partials. Same block machinery, precision setting (``gpu_triton_filter.TF32``)
+and padding as the CFConv kernels.
 """
 
 from __future__ import annotations
