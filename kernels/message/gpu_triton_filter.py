@@ -430,15 +430,13 @@ def _vjp_pass(g, x, d, i, j, rev, slots, w1, b1, w2, b2, cut, valid, settings, c
         chunk = max(block_e, triton.cdiv(triton.cdiv(num_edges, PARAM_CHUNKS), block_e) * block_e)
     chunks = triton.cdiv(num_edges, chunk)
     gd_part = d.new_empty(blocks, num_edges) if need_d else None
-    parts = None
-    if need_params:
-        parts = (w1.new_empty(chunks, nf, num_basis), b1.new_empty(chunks, nf),
-                 b2.new_empty(chunks, nf))
-    dummy = gd_part if need_d else (parts[0] if need_params else products)
+    parts = (w1.new_empty(chunks, nf, num_basis), b1.new_empty(chunks, nf),
+             b2.new_empty(chunks, nf)) if need_params else None
+    dummy = g if gd_part is None else gd_part  # a valid pointer for the outputs not written
     # parameter gradients: one program per BLOCK_KC bases of w1's (each recomputes t)
     kblocks = sizes["BLOCK_K"] // sizes["BLOCK_KC"] if need_params else 1
     _cfconv_vjp_kernel[(chunks, blocks, kblocks)](
-        gd_part if need_d else dummy, *(parts if need_params else (dummy,) * 3),
+        dummy, *(parts if parts is not None else (dummy,) * 3),
         products if keep else dummy, g, x, d, i, j, rev, slots,
         *padded(w1, b1, w2, b2, sizes, False), cut, valid, num_edges, chunk, nf, num_basis,
         **settings, NEED_D=need_d, NEED_P=need_params, KEEP=keep, PREC=precision(g.dtype),
