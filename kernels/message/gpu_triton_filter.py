@@ -9,11 +9,12 @@ writer per output row: no atomics, deterministic. The trade-off against the CPU'
 per unordered pair: each edge evaluates its own filter (twice the GEMM work) to keep row
 ownership; the mirror mean ``(W(d_e) + W(d_rev e)) / 2`` takes a second evaluation only in a
 block where some mirrored distance differs (a branch per block, no host check). The backward
-(``_cfconv_vjp_kernel``) recomputes the network per block of edges and output features: the
-per-edge distance gradient as [feature blocks, E] partial sums, the parameter gradients reduced
-in registers over a chunk of edges into a [chunks, ...] buffer summed after (deterministic, no
-atomics). Float32 GEMMs use TF32 tensor cores unless ``TF32`` is off (``FASTFF_TF32=0``);
-float64 GEMMs are IEEE (DMMA on sm_80+).
+recomputes the network per block of edges and output features: ``_cfconv_vjp_kernel``'s
+distance pass writes the per-edge distance gradient as [feature blocks, E] partial sums, its
+parameter pass and ``_cfconv_gw2_kernel`` reduce the parameter gradients in registers over a
+chunk of edges into [chunks, ...] buffers summed after (deterministic, no atomics). Float32
+GEMMs use TF32 tensor cores unless ``TF32`` is off (``FASTFF_TF32=0``); float64 GEMMs are IEEE
+(DMMA on sm_80+).
 """
 
 from __future__ import annotations
