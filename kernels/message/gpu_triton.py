@@ -6,9 +6,12 @@ Algorithms (as cpu_numba.py, so both backends give the same sums in the same ord
   result is deterministic (at the price of load imbalance for very uneven rows, which MLFF
   graphs at liquid density do not have).
 * ``_ggm_kernel``: one program per block of edges x features.
-* ``_pair_product_kernel`` / ``_pair_scatter_kernel``: cfconv's pair kernels (one filter per
-  unordered pair serves both edges), one program per block of pairs x features; the scatter
-  writes both ends of a pair with atomic adds, so its sums are not bitwise reproducible.
+* ``cfconv`` / ``cfconv_vjp``: the filter network fused into row and edge-block kernels
+  (gpu_triton_filter.py: basis, both layers with tl.dot, activation and message in registers).
+* ``_pair_product_kernel`` / ``_pair_scatter_kernel``: the pair kernels of cfconv's second
+  backward (force training, ``dense.blocked_vjp_vjp``), one program per block of pairs x
+  features; the scatter writes both ends of a pair with relaxed atomic adds, so its sums are
+  not bitwise reproducible.
 * ``_spline_conv_kernel`` / ``_spline_edge_dot_kernel``: the cubic table evaluated inside the
   edge loop. ``_spline_conv_vjp_kernel``: spline_conv's backward, both halves in one walk of a
   row (one program per row and block of features; the table interval is read once when the
@@ -17,11 +20,12 @@ Algorithms (as cpu_numba.py, so both backends give the same sums in the same ord
 * ``_spline_conv_positions_kernel`` / ``_spline_conv_positions_vjp_kernel``: the same with each
   distance computed from positions in the kernel; the backward's position and cell gradients of
   each feature block go to their own row of a [blocks, N, 3 | 9] buffer, summed afterwards.
-* ``_painn_rows_kernel`` / ``_painn_vjp_rows_kernel``: PaiNN's message and its backward, one
-  program per (row, block of features); the per-edge d/d unit of each feature block goes to its
-  own row of a [blocks, E, 3] buffer, summed afterwards.
-The dense filter networks of ``cfconv_*`` and ``painn_*`` run as cuBLAS GEMMs on blocks of
-pairs or edges (kernels/message/dense.py). Sizes, cutoffs and counts are run-time arguments;
+* ``painn_message`` / ``painn_message_vjp``: PaiNN's message and its backward with the filter
+  fused in (gpu_triton_painn.py), one program per (row, block of features); the per-edge
+  d/d unit and d/d distance of each feature block go to their own rows of [blocks, E, .]
+  buffers, summed afterwards.
+The filter network of ``cfconv_vjp_vjp`` runs as cuBLAS GEMMs on blocks of pairs
+(kernels/message/dense.py). Sizes, cutoffs and counts are run-time arguments;
 only block sizes are constexpr. Block sizes: 64 features (F = 64..256 in one to four programs
 per row) for the row kernels, 32 x 32 for the 2-D ones, chosen to keep register use low
 (``python -m fastff.aot`` reports it).
@@ -34,6 +38,8 @@ import triton
 import triton.language as tl
 
 from fastff.kernels.message import dense
+from fastff.kernels.message import gpu_triton_filter as _fused
+from fastff.kernels.message import gpu_triton_painn as _painn
 from fastff.kernels.radial.gpu_triton import radial_basis as _radial_basis
 
 _radial = dense.each_order(_radial_basis)  # orders 0..n for the blocked functions
@@ -43,9 +49,10 @@ BLOCK_F = 64
 # _spline_edge_dot_kernel and needed 168 registers in _ggm_kernel (ptxas, sm_80 / sm_90).
 BLOCK_E = 32
 BLOCK_F2 = 32
-# Edges per block of the filter GEMMs (GPU memory is not the limit here, launch count is).
+# Pairs per block of cfconv_vjp_vjp's filter GEMMs (GPU memory is not the limit here, launch
+# count is).
 BLOCK = 65536
-# Warps of _spline_conv_vjp_kernel and the PaiNN row kernels: 64 threads for their 64
+# Warps of the _spline_conv* backward kernels: 64 threads for their 64
 # features. With the default 4, half the lanes hold copies (_spline_conv_vjp_kernel: same 40
 # registers, same 8 B of shared memory for the per-edge dot: ptxas, sm_80 / sm_90); not timed
 # on a GPU yet.
@@ -282,107 +289,6 @@ def _sender(j_ptr, e, n, fmask):
     return tl.where(ok, src, 0), fmask & ok
 
 
-@triton.jit
-def _painn_rows_kernel(ds_ptr, dv_ptr, phi_ptr, v_ptr, unit_ptr, w_ptr, j_ptr, ptr_ptr, e0, e1,
-                       a0, n_phi, nf, BLOCK_F: tl.constexpr):
-    """One program per (receiver row, block of features): the PaiNN message of the row's edges
-    inside [e0, e1), accumulated in registers and added to ds [N, F], dv [N, 3, F]."""
-    nf = nf.to(tl.int64)  # row strides: 3 * nf * rows passes 2^31
-    a = a0 + tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1).to(tl.int64) * BLOCK_F + tl.arange(0, BLOCK_F)
-    fmask = offs < nf
-    lo, hi = _row_edges(ptr_ptr, a, e0, e1)
-    zero = tl.zeros((BLOCK_F,), dtype=tl.float32).to(ds_ptr.dtype.element_ty)
-    acc_s, acc_x, acc_y, acc_z = zero, zero, zero, zero
-    for e in range(lo, hi):
-        src, m = _sender(j_ptr, e, n_phi, fmask)
-        prow = phi_ptr + src * 3 * nf + offs
-        wrow = w_ptr + (e - e0) * 3 * nf + offs
-        vrow = v_ptr + src * 3 * nf + offs
-        ws = tl.load(prow, mask=m, other=0.0) * tl.load(wrow, mask=m, other=0.0)
-        pvs = tl.load(prow + nf, mask=m, other=0.0) * tl.load(wrow + nf, mask=m, other=0.0)
-        pvv = tl.load(prow + 2 * nf, mask=m, other=0.0) * tl.load(wrow + 2 * nf, mask=m,
-                                                                   other=0.0)
-        acc_s += ws
-        acc_x += pvs * tl.load(unit_ptr + e * 3) + pvv * tl.load(vrow, mask=m, other=0.0)
-        acc_y += pvs * tl.load(unit_ptr + e * 3 + 1) + pvv * tl.load(vrow + nf, mask=m, other=0.0)
-        acc_z += pvs * tl.load(unit_ptr + e * 3 + 2) + pvv * tl.load(vrow + 2 * nf, mask=m,
-                                                                     other=0.0)
-    srow = ds_ptr + a * nf + offs
-    tl.store(srow, tl.load(srow, mask=fmask, other=0.0) + acc_s, mask=fmask)
-    vout = dv_ptr + a * 3 * nf + offs
-    tl.store(vout, tl.load(vout, mask=fmask, other=0.0) + acc_x, mask=fmask)
-    tl.store(vout + nf, tl.load(vout + nf, mask=fmask, other=0.0) + acc_y, mask=fmask)
-    tl.store(vout + 2 * nf, tl.load(vout + 2 * nf, mask=fmask, other=0.0) + acc_z, mask=fmask)
-
-
-@triton.jit
-def _painn_vjp_rows_kernel(gphi_ptr, r_ptr, gunit_part_ptr, gw_ptr, gs_ptr, gv_ptr, phi_ptr,
-                           v_ptr, unit_ptr, unit_rev_ptr, w_ptr, w_rev_ptr, j_ptr, ptr_ptr, e0,
-                           e1, a0, n_phi, num_edges, nf, BLOCK_F: tl.constexpr):
-    """One program per (receiver row a, block of features): for the row's edges inside
-    [e0, e1), the filter gradient gw, this block's partial d/d unit (its own row of
-    gunit_part [blocks, E, 3]: one writer per value), and the sender-side gradients of atom a
-    through the mirrored edges, added to gphi[a, :2F] and r[a] at the end."""
-    nf = nf.to(tl.int64)  # row strides: 3 * nf * rows passes 2^31
-    a = a0 + tl.program_id(0).to(tl.int64)
-    fb = tl.program_id(1).to(tl.int64)
-    offs = fb * BLOCK_F + tl.arange(0, BLOCK_F)
-    fmask = offs < nf
-    lo, hi = _row_edges(ptr_ptr, a, e0, e1)
-    ga = tl.load(gs_ptr + a * nf + offs, mask=fmask, other=0.0)
-    gvrow = gv_ptr + a * 3 * nf + offs
-    g0 = tl.load(gvrow, mask=fmask, other=0.0)
-    g1 = tl.load(gvrow + nf, mask=fmask, other=0.0)
-    g2 = tl.load(gvrow + 2 * nf, mask=fmask, other=0.0)
-    zero = tl.zeros((BLOCK_F,), dtype=tl.float32).to(gphi_ptr.dtype.element_ty)
-    acc_s, acc_vs, acc_x, acc_y, acc_z = zero, zero, zero, zero, zero
-    for e in range(lo, hi):
-        src, m = _sender(j_ptr, e, n_phi, fmask)
-        prow = phi_ptr + src * 3 * nf + offs
-        vrow = v_ptr + src * 3 * nf + offs
-        p_s = tl.load(prow, mask=m, other=0.0)
-        p_vs = tl.load(prow + nf, mask=m, other=0.0)
-        p_vv = tl.load(prow + 2 * nf, mask=m, other=0.0)
-        ux = tl.load(unit_ptr + e * 3)
-        uy = tl.load(unit_ptr + e * 3 + 1)
-        uz = tl.load(unit_ptr + e * 3 + 2)
-        dot_v = (g0 * tl.load(vrow, mask=m, other=0.0) + g1 * tl.load(vrow + nf, mask=m, other=0.0)
-                 + g2 * tl.load(vrow + 2 * nf, mask=m, other=0.0))
-        grow = gw_ptr + (e - e0) * 3 * nf + offs
-        tl.store(grow, ga * p_s, mask=fmask)
-        tl.store(grow + nf, p_vs * (g0 * ux + g1 * uy + g2 * uz), mask=fmask)
-        tl.store(grow + 2 * nf, p_vv * dot_v, mask=fmask)
-        wrow = w_ptr + (e - e0) * 3 * nf + offs
-        pw = p_vs * tl.load(wrow + nf, mask=m, other=0.0)
-        part = gunit_part_ptr + (fb * num_edges + e) * 3
-        tl.store(part, tl.sum(g0 * pw, axis=0))
-        tl.store(part + 1, tl.sum(g1 * pw, axis=0))
-        tl.store(part + 2, tl.sum(g2 * pw, axis=0))
-        # sender side: atom a sends along the mirrored edge (src <- a)
-        rrow = w_rev_ptr + (e - e0) * 3 * nf + offs
-        hrow = gv_ptr + src * 3 * nf + offs
-        h0 = tl.load(hrow, mask=m, other=0.0)
-        h1 = tl.load(hrow + nf, mask=m, other=0.0)
-        h2 = tl.load(hrow + 2 * nf, mask=m, other=0.0)
-        wvv = tl.load(rrow + 2 * nf, mask=m, other=0.0)
-        acc_s += tl.load(gs_ptr + src * nf + offs, mask=m, other=0.0) * tl.load(rrow, mask=m,
-                                                                               other=0.0)
-        acc_vs += (h0 * tl.load(unit_rev_ptr + e * 3) + h1 * tl.load(unit_rev_ptr + e * 3 + 1)
-                   + h2 * tl.load(unit_rev_ptr + e * 3 + 2)) * tl.load(rrow + nf, mask=m,
-                                                                        other=0.0)
-        acc_x += h0 * wvv
-        acc_y += h1 * wvv
-        acc_z += h2 * wvv
-    out = gphi_ptr + a * 3 * nf + offs
-    tl.store(out, tl.load(out, mask=fmask, other=0.0) + acc_s, mask=fmask)
-    tl.store(out + nf, tl.load(out + nf, mask=fmask, other=0.0) + acc_vs, mask=fmask)
-    rout = r_ptr + a * 3 * nf + offs
-    tl.store(rout, tl.load(rout, mask=fmask, other=0.0) + acc_x, mask=fmask)
-    tl.store(rout + nf, tl.load(rout + nf, mask=fmask, other=0.0) + acc_y, mask=fmask)
-    tl.store(rout + 2 * nf, tl.load(rout + 2 * nf, mask=fmask, other=0.0) + acc_z, mask=fmask)
-
-
 _F = {"BLOCK_F": BLOCK_F}
 _EF = {"BLOCK_E": BLOCK_E, "BLOCK_F": BLOCK_F2}
 @triton.jit
@@ -548,20 +454,6 @@ AOT_SPECS = [
                    "batched": "i32", "need_x": "i32", "need_cell": "i32", "n": "i64",
                    "rows": "i64", "nf": "i32", "nint": "i32", "BLOCK_F": "constexpr"},
      "constexprs": _F, "options": {"num_warps": VJP_WARPS}},
-    {"kernel": _painn_rows_kernel,
-     "signature": {"ds_ptr": "*fp32", "dv_ptr": "*fp32", "phi_ptr": "*fp32", "v_ptr": "*fp32",
-                   "unit_ptr": "*fp32", "w_ptr": "*fp32", "j_ptr": "*i64", "ptr_ptr": "*i64",
-                   "e0": "i64", "e1": "i64", "a0": "i64", "n_phi": "i64", "nf": "i32",
-                   "BLOCK_F": "constexpr"},
-     "constexprs": _F, "options": {"num_warps": VJP_WARPS}},
-    {"kernel": _painn_vjp_rows_kernel,
-     "signature": {"gphi_ptr": "*fp32", "r_ptr": "*fp32", "gunit_part_ptr": "*fp32",
-                   "gw_ptr": "*fp32", "gs_ptr": "*fp32", "gv_ptr": "*fp32", "phi_ptr": "*fp32",
-                   "v_ptr": "*fp32", "unit_ptr": "*fp32", "unit_rev_ptr": "*fp32",
-                   "w_ptr": "*fp32", "w_rev_ptr": "*fp32", "j_ptr": "*i64", "ptr_ptr": "*i64",
-                   "e0": "i64", "e1": "i64", "a0": "i64", "n_phi": "i64", "num_edges": "i64",
-                   "nf": "i32", "BLOCK_F": "constexpr"},
-     "constexprs": _F, "options": {"num_warps": VJP_WARPS}},
 ]
 
 
@@ -623,19 +515,33 @@ def _params(w1, b1, w2, b2):
 def cfconv(x, d, i, j, ptr, rev, pairs, w1, b1, w2, b2, cutoff, kind, envelope, activation,
            keep_filters, keep_budget):
     """Launcher: (out [N, F], filters): out[a] = sum_{e in row a} x[j_e] (W(d_e) + W(d_rev e))
-    / 2, one filter per unordered pair (README.md); filters are the pair filters [P, F] if
-    ``keep_filters`` and they fit in ``keep_budget`` bytes, else an empty [0, F]."""
-    with torch.no_grad():
-        pairs = dense.MirrorPairs(pairs)
-        keep = keep_filters and dense.keeps(len(pairs), x.shape[1], x, keep_budget)
-        return dense.blocked_forward(
-            _c(x), d.detach(), ptr.shape[0] - 1, pairs, _params(w1, b1, w2, b2),
-            dense.FilterSettings(cutoff, kind, envelope, activation), activation, _radial,
-            _scatter_fn(pairs), BLOCK, keep)
+    / 2, the filter network fused into one kernel per receiver row (gpu_triton_filter.py);
+    filters are the pair filters [P, F] if ``keep_filters`` and they fit in ``keep_budget``
+    bytes, else an empty [0, F]."""
+    keep = keep_filters and dense.keeps(pairs.shape[1], x.shape[1], x, keep_budget)
+    return _fused.conv(x, d, i, j, ptr, rev, pairs, w1, b1, w2, b2, cutoff, kind, envelope,
+                       activation, keep)
+
+
+def cfconv_vjp(g, x, d, i, j, ptr, rev, pairs, filters, w1, b1, w2, b2, cutoff, kind, envelope,
+               activation, need_params, need_x, need_d, keep_budget):
+    """Launcher: (grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2, products) of
+    sum <g, out>, the filter network recomputed in the fused kernels (``filters`` are not read:
+    the x-gradient is the fused forward on g); products (t = u w2 [P, F]) are kept within
+    ``keep_budget`` bytes, else empty [0, F]."""
+    keep = dense.keeps(pairs.shape[1], g.shape[1], g, keep_budget)
+    grad_d, *grads, products = _fused.conv_vjp(g, x, d, i, j, ptr, rev, pairs, w1, b1, w2, b2,
+                                               cutoff, kind, envelope, activation, need_params,
+                                               need_d, keep)
+    grad_x = None
+    if need_x:  # the pair filter is symmetric: the sender-side sum is the op itself on g
+        grad_x, _ = _fused.conv(g, d, i, j, ptr, rev, pairs, w1, b1, w2, b2, cutoff, kind,
+                                envelope, activation, False)
+    return dense.params_or_empty((grad_x, grad_d, *grads, products), d)
 
 
 def _product_fn(pairs, g, x):
-    """product_fn of dense.blocked_vjp: u_p = g[a_p] x[b_p] + g[b_p] x[a_p] for a block."""
+    """product_fn of dense.blocked_vjp_vjp: u_p = g[a_p] x[b_p] + g[b_p] x[a_p] for a block."""
     gc, xc, a, b = _c(g), _c(x), _c(pairs.a), _c(pairs.b)
 
     def product(g_, x_, p0, p1):
@@ -647,22 +553,6 @@ def _product_fn(pairs, g, x):
         return out
 
     return product
-
-
-def cfconv_vjp(g, x, d, i, j, ptr, rev, pairs, filters, w1, b1, w2, b2, cutoff, kind, envelope,
-               activation, need_params, need_x, need_d, keep_budget):
-    """Launcher: (grad_x, grad_d [E], grad_w1, grad_b1, grad_w2, grad_b2, products) of
-    sum <g, out>; the x-gradient reads the forward's pair ``filters`` when they were kept;
-    products (t = u w2 [P, F]) are kept within ``keep_budget`` bytes, else empty [0, F]."""
-    with torch.no_grad():
-        pairs = dense.MirrorPairs(pairs)
-        kept = filters.detach() if need_x and filters.shape[0] == len(pairs) else None
-        out = dense.blocked_vjp(
-            _c(g), _c(x), d.detach(), pairs, _params(w1, b1, w2, b2),
-            dense.FilterSettings(cutoff, kind, envelope, activation), activation, need_params,
-            need_x, need_d, _radial, _product_fn(pairs, g, x), _scatter_fn(pairs), BLOCK, kept,
-            dense.keeps(len(pairs), g.shape[1], g, keep_budget))
-    return dense.params_or_empty(out, d)
 
 
 def cfconv_vjp_vjp(v, g, x, d, i, j, ptr, rev, pairs, products, w1, b1, w2, b2, cutoff, kind,
@@ -767,43 +657,18 @@ def spline_conv_positions_vjp(grad, x, positions, cells, atom_system, i, j, shif
 
 
 def painn_message(phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope):
-    """Launcher: (ds [N, F], dv [N, 3, F]) of the PaiNN message; see README.md."""
-    jc, pc, phic, vc, uc = _c(j), _c(ptr), _c(phi), _c(v), _c(unit)
-    nf = v.shape[2]
-
-    def rows(ds, dv, w, e0, a0, a1):
-        if a1 >= a0 and nf:
-            _painn_rows_kernel[(a1 - a0 + 1, triton.cdiv(nf, BLOCK_F))](
-                ds, dv, phic, vc, uc, _c(w), jc, pc, e0, e0 + w.shape[0], a0, phi.shape[0], nf,
-                BLOCK_F=BLOCK_F, num_warps=VJP_WARPS)
-
-    return dense.blocked_painn_forward(phi, v, d, i, ptr, wf, bf,
-                                       dense.RadialSettings(cutoff, kind, envelope), _radial,
-                                       rows, BLOCK)
+    """Launcher: (ds [N, F], dv [N, 3, F]) of the PaiNN message, the filter fused into one
+    kernel per receiver row (gpu_triton_painn.py); see README.md."""
+    return _painn.message(phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope)
 
 
 def painn_message_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf, bf, cutoff, kind, envelope,
                       need_params):
     """Launcher: gradients (phi, v, d, unit, wf, bf) of <gs, ds> + <gv, dv>; see README.md."""
-    nf, num_edges = v.shape[2], d.shape[0]
-    blocks = max(triton.cdiv(nf, BLOCK_F), 1)
-    parts = d.new_zeros(blocks, num_edges, 3)
-    tensors = [_c(t) for t in (gs, gv, phi, v, unit, unit.index_select(0, rev))]
-    jc, pc = _c(j), _c(ptr)
+    return dense.params_or_empty(_painn.message_vjp(gs, gv, phi, v, d, unit, i, j, ptr, rev, wf,
+                                                    bf, cutoff, kind, envelope, need_params), d)
 
-    def rows(gphi, r, gunit, w, w_rev, e0, a0, a1):
-        gw = torch.zeros_like(w)
-        if a1 >= a0 and nf:
-            _painn_vjp_rows_kernel[(a1 - a0 + 1, blocks)](
-                gphi, r, parts, gw, *tensors, _c(w), _c(w_rev), jc, pc, e0, e0 + w.shape[0], a0,
-                phi.shape[0], num_edges, nf, BLOCK_F=BLOCK_F, num_warps=VJP_WARPS)
-        return gw
-
-    out = list(dense.blocked_painn_vjp(phi, v, d, d.index_select(0, rev), i, ptr, wf, bf,
-                                       dense.RadialSettings(cutoff, kind, envelope), need_params,
-                                       _radial, rows, BLOCK))
-    out[3] = parts.sum(0)
-    return dense.params_or_empty(tuple(out), d)
 
 for _spec in AOT_SPECS:  # every kernel runs in the dtype of its inputs: float32 or float64
     _spec["dtypes"] = ("fp32", "fp64")
+AOT_SPECS += _fused.AOT_SPECS + _painn.AOT_SPECS  # one per dtype, the launchers' block sizes
