@@ -8,9 +8,10 @@ with OpenMM's slowdown in the same rounds (target: at most 1.15x OpenMM's).
 
     python bench/contention.py --rounds 2 --json bench/results/contention.json
 
-The OpenMP settings of the environment (``GOMP_SPINCOUNT``, ``OMP_WAIT_POLICY``) reach every
-run and are recorded in the JSON: e.g. ``GOMP_SPINCOUNT=10000 python bench/contention.py ...``
-measures idle threads that sleep after ~10 us instead of spinning for ~0.3 ms.
+The OpenMP settings each ``fastff bench`` process ran with (``GOMP_SPINCOUNT``,
+``OMP_WAIT_POLICY``, inherited from this process) are recorded in the JSON:
+``GOMP_SPINCOUNT=10000 python bench/contention.py ...`` measures idle threads that sleep after
+~10 us instead of spinning for ~0.3 ms (libgomp's default).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import tempfile
 
 ROWS = ("MM (fastff)", "MM (OpenMM)", "SchNet (fastff)", "SchNet (fastff, tabulated)")
 BUSY = [sys.executable, "-c", "while True: pass"]  # one core, all the time
+_SEEN_ENV: list = []
 
 
 def bench_means(busy: bool, atoms: int) -> dict[str, float]:
@@ -43,8 +45,10 @@ def bench_means(busy: bool, atoms: int) -> dict[str, float]:
         with open(out) as f:
             doc = json.load(f)
     rows = doc["results"][0]["rows"]
-    return {r["component"]: r["mean_s"] for r in rows
-            if r["component"] in ROWS and not r.get("skipped")}
+    means = {r["component"]: r["mean_s"] for r in rows
+             if r["component"] in ROWS and not r.get("skipped")}
+    _SEEN_ENV.append(doc.get("openmp_environment"))  # what the bench process ran with
+    return means
 
 
 def main(argv=None) -> dict:
@@ -72,6 +76,7 @@ def main(argv=None) -> dict:
            "busy_process": "one pure-Python loop (one core)", "rounds": rounds,
            "openmp_environment": {k: os.environ.get(k) for k in ("GOMP_SPINCOUNT",
                                                                  "OMP_WAIT_POLICY")},
+           "bench_openmp_environment": _SEEN_ENV,
            "median_slowdown": slowdown, "slowdown_over_openmm": relative,
            "target": "fastff's slowdown <= 1.15x OpenMM's",
            "load_average": {"before": load_before, "after": list(os.getloadavg())}}

@@ -338,6 +338,21 @@ def _first_run_machine(doc):
         else None
 
 
+def _slowdown_table(doc):
+    """Runs of bench/contention.py: each row's slowdown beside one busy process, and its quiet
+    time per atom-step, per run."""
+    lines = ["| run | GOMP_SPINCOUNT | row | quiet us/atom-step | slowdown | over OpenMM's |",
+             "|---|---|---|---|---|---|"]
+    for k, run in enumerate(doc["runs"]):
+        quiet = run["rounds"][0]["quiet_s"] if run.get("rounds") else {}
+        spin = run.get("GOMP_SPINCOUNT_of_the_bench_processes") or "default"
+        for row, slow in run["median_slowdown"].items():
+            over = run["slowdown_over_openmm"].get(row)
+            lines.append(f"| {k + 1} | {spin} | {row} | {quiet.get(row, 0) * 1e6:.2f} | "
+                         f"{slow:.2f}x | {f'{over:.2f}x' if over else ''} |")
+    return "\n".join(lines)
+
+
 def _paths_table(doc):
     """Two code paths timed in turn (``timing``: median CPU seconds per path) and their peak
     memory (``memory``), one row per run."""
@@ -377,6 +392,8 @@ def docs_tables():
                                  + _pytest_table(run) for k, run in enumerate(doc["runs"]))
         elif "runs" in doc and all("timing" in run for run in doc["runs"]):
             table = _paths_table(doc)
+        elif "runs" in doc and all("median_slowdown" in run for run in doc["runs"]):
+            table = _slowdown_table(doc)
         elif "runs" in doc:
             table = _alternating_table(doc)
         elif "rows" in doc:

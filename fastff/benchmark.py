@@ -1030,7 +1030,9 @@ def environment(settings: Settings) -> dict:
             # a shared machine's load moves every row: recorded beside the figures
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "versions": versions, "settings": s, "skin_nm": SKIN,
-            "malloc_tuned": malloc_tuned()}
+            "malloc_tuned": malloc_tuned(),
+            "openmp_environment": {k: os.environ.get(k)
+                                   for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}}
 
 
 def _git_commit() -> str | None:
