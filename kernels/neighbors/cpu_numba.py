@@ -575,59 +575,6 @@ def _numpy_dtype(t):
     return np.float32 if t.dtype == torch.float32 else np.float64
 
 
-# The adjoint of _pair_distances in one pass: each pair's vector is recomputed in registers (as
-# the forward, differences in float64) and g r_ij / |r_ij| goes to both atoms and the cell, where
-# pair_vectors + norm + division + pair_vectors_transpose write and read three [E, 3] tensors.
-# Serial on purpose, as _pair_vectors_transpose: the j-side scatter has no owner row, and one
-# thread keeps it deterministic (150,000 pairs: ~0.5 ms).
-@njit(cache=True, inline="always")
-def _scatter_component(gk, k, a, b, s, s0, s1, s2, grad_pos, grad_cells):
-    """Component k of one pair's gradient g r_ij / |r_ij|: +j, -i, S (x) g to the cell."""
-    grad_pos[b, k] += gk
-    grad_pos[a, k] -= gk
-    grad_cells[s, 0, k] += s0 * gk
-    grad_cells[s, 1, k] += s1 * gk
-    grad_cells[s, 2, k] += s2 * gk
-
-
-@njit(cache=True)
-def _pair_distances_transpose(grad, pos, cells, atom_system, i, j, shifts, grad_pos, grad_cells):
-    batched = atom_system.shape[0] > 0
-    last = pos.shape[0] - 1
-    for e in range(i.shape[0]):
-        a = min(max(i[e], 0), last)
-        b = min(max(j[e], 0), last)
-        s = atom_system[a] if batched else 0
-        s0, s1, s2 = shifts[e, 0], shifts[e, 1], shifts[e, 2]
-        d0 = (np.float64(pos[b, 0]) - np.float64(pos[a, 0])
-              + (s0 * cells[s, 0, 0] + s1 * cells[s, 1, 0] + s2 * cells[s, 2, 0]))
-        d1 = (np.float64(pos[b, 1]) - np.float64(pos[a, 1])
-              + (s0 * cells[s, 0, 1] + s1 * cells[s, 1, 1] + s2 * cells[s, 2, 1]))
-        d2 = (np.float64(pos[b, 2]) - np.float64(pos[a, 2])
-              + (s0 * cells[s, 0, 2] + s1 * cells[s, 1, 2] + s2 * cells[s, 2, 2]))
-        r = math.sqrt(d0 * d0 + d1 * d1 + d2 * d2)
-        if r == 0.0:  # coincident atoms: zero gradient, as torch's norm
-            continue
-        g = grad[e] / r
-        _scatter_component(g * d0, 0, a, b, s, s0, s1, s2, grad_pos, grad_cells)
-        _scatter_component(g * d1, 1, a, b, s, s0, s1, s2, grad_pos, grad_cells)
-        _scatter_component(g * d2, 2, a, b, s, s0, s1, s2, grad_pos, grad_cells)
-
-
-def pair_distances_transpose(grad, positions, cells, atom_system, i, j, shifts):
-    """Launcher: (grad_positions [N,3], grad_cells [B,3,3]) of sum_e grad_e |r_ij|, in the dtype
-    of positions (accumulated in float64)."""
-    grad_pos = np.zeros((positions.shape[0], 3), np.float64)
-    grad_cells = np.zeros(tuple(cells.shape), np.float64)
-    if i.shape[0] and positions.shape[0]:
-        _pair_distances_transpose(_as_numpy(grad), _as_numpy(positions),
-                                  _as_numpy(cells.to(torch.float64)),
-                                  _system_index(atom_system), _as_numpy(i), _as_numpy(j),
-                                  _as_numpy(shifts), grad_pos, grad_cells)
-    dtype = positions.dtype
-    return torch.from_numpy(grad_pos).to(dtype), torch.from_numpy(grad_cells).to(dtype)
-
-
 # ---- compaction: the pairs of a (Verlet) list that are within a smaller cutoff ---------------
 
 
@@ -747,21 +694,27 @@ def neighbor_compact_reverse(reverse, j, ptr, rank, new_ptr, num_pairs):
 # |x_j - x_i + S @ cell| per pair in registers: the pass writes only the [E] output, where
 # pair_vectors + norm writes [E, 3], reads it back and writes [E]. Differences in float64 (free
 # next to the gather), rounded once; indices clamped, so an unchecked list cannot read outside.
+@njit(cache=True, inline="always")
+def _pair_difference(pos, cells, atom_system, i, j, shifts, e):
+    """(a, b, system, x_b - x_a + S @ cell) of pair e in float64, indices clamped."""
+    last = pos.shape[0] - 1
+    a = min(max(i[e], 0), last)
+    b = min(max(j[e], 0), last)
+    s = atom_system[a] if atom_system.shape[0] > 0 else 0
+    s0, s1, s2 = shifts[e, 0], shifts[e, 1], shifts[e, 2]
+    d0 = (np.float64(pos[b, 0]) - np.float64(pos[a, 0])
+          + (s0 * cells[s, 0, 0] + s1 * cells[s, 1, 0] + s2 * cells[s, 2, 0]))
+    d1 = (np.float64(pos[b, 1]) - np.float64(pos[a, 1])
+          + (s0 * cells[s, 0, 1] + s1 * cells[s, 1, 1] + s2 * cells[s, 2, 1]))
+    d2 = (np.float64(pos[b, 2]) - np.float64(pos[a, 2])
+          + (s0 * cells[s, 0, 2] + s1 * cells[s, 1, 2] + s2 * cells[s, 2, 2]))
+    return a, b, s, d0, d1, d2
+
+
 @njit(cache=True, parallel=True)
 def _pair_distances(pos, cells, atom_system, i, j, shifts, out):
-    batched = atom_system.shape[0] > 0
-    last = pos.shape[0] - 1
     for e in prange(i.shape[0]):
-        a = min(max(i[e], 0), last)
-        b = min(max(j[e], 0), last)
-        s = atom_system[a] if batched else 0
-        s0, s1, s2 = shifts[e, 0], shifts[e, 1], shifts[e, 2]
-        d0 = (np.float64(pos[b, 0]) - np.float64(pos[a, 0])
-              + (s0 * cells[s, 0, 0] + s1 * cells[s, 1, 0] + s2 * cells[s, 2, 0]))
-        d1 = (np.float64(pos[b, 1]) - np.float64(pos[a, 1])
-              + (s0 * cells[s, 0, 1] + s1 * cells[s, 1, 1] + s2 * cells[s, 2, 1]))
-        d2 = (np.float64(pos[b, 2]) - np.float64(pos[a, 2])
-              + (s0 * cells[s, 0, 2] + s1 * cells[s, 1, 2] + s2 * cells[s, 2, 2]))
+        _, _, _, d0, d1, d2 = _pair_difference(pos, cells, atom_system, i, j, shifts, e)
         out[e] = math.sqrt(d0 * d0 + d1 * d1 + d2 * d2)
 
 
@@ -781,3 +734,46 @@ def pair_distances(positions, cells, atom_system, i, j, shifts):
     elif out.shape[0]:
         out[:] = np.nan  # pairs but no atoms: only a list whose values were never checked
     return torch.from_numpy(out).to(positions.dtype)
+
+
+# The adjoint of _pair_distances in one pass: each pair's vector is recomputed in registers (as
+# the forward, differences in float64) and g r_ij / |r_ij| goes to both atoms and the cell, where
+# pair_vectors + norm + division + pair_vectors_transpose write and read three [E, 3] tensors.
+# Serial on purpose, as _pair_vectors_transpose: the j-side scatter has no owner row, and one
+# thread keeps it deterministic (150,000 pairs: ~0.5 ms).
+@njit(cache=True, inline="always")
+def _scatter_component(gk, k, a, b, s, s0, s1, s2, grad_pos, grad_cells):
+    """Component k of one pair's gradient g r_ij / |r_ij|: +j, -i, S (x) g to the cell."""
+    grad_pos[b, k] += gk
+    grad_pos[a, k] -= gk
+    grad_cells[s, 0, k] += s0 * gk
+    grad_cells[s, 1, k] += s1 * gk
+    grad_cells[s, 2, k] += s2 * gk
+
+
+@njit(cache=True)
+def _pair_distances_transpose(grad, pos, cells, atom_system, i, j, shifts, grad_pos, grad_cells):
+    for e in range(i.shape[0]):
+        a, b, s, d0, d1, d2 = _pair_difference(pos, cells, atom_system, i, j, shifts, e)
+        s0, s1, s2 = shifts[e, 0], shifts[e, 1], shifts[e, 2]
+        r = math.sqrt(d0 * d0 + d1 * d1 + d2 * d2)
+        if r == 0.0:  # coincident atoms: zero gradient, as torch's norm
+            continue
+        g = grad[e] / r
+        _scatter_component(g * d0, 0, a, b, s, s0, s1, s2, grad_pos, grad_cells)
+        _scatter_component(g * d1, 1, a, b, s, s0, s1, s2, grad_pos, grad_cells)
+        _scatter_component(g * d2, 2, a, b, s, s0, s1, s2, grad_pos, grad_cells)
+
+
+def pair_distances_transpose(grad, positions, cells, atom_system, i, j, shifts):
+    """Launcher: (grad_positions [N,3], grad_cells [B,3,3]) of sum_e grad_e |r_ij|, in the dtype
+    of positions (accumulated in float64)."""
+    grad_pos = np.zeros((positions.shape[0], 3), np.float64)
+    grad_cells = np.zeros(tuple(cells.shape), np.float64)
+    if i.shape[0] and positions.shape[0]:
+        _pair_distances_transpose(_as_numpy(grad), _as_numpy(positions),
+                                  _as_numpy(cells.to(torch.float64)),
+                                  _system_index(atom_system), _as_numpy(i), _as_numpy(j),
+                                  _as_numpy(shifts), grad_pos, grad_cells)
+    dtype = positions.dtype
+    return torch.from_numpy(grad_pos).to(dtype), torch.from_numpy(grad_cells).to(dtype)
