@@ -158,60 +158,6 @@ def _pytest_cases(doc, group):
     return out
 
 
-def _alternating_case(doc, case):
-    """The newest run of ``case`` in bench_pyg_alternating.json: (medians, run) or None."""
-    found = None
-    for run in doc.get("runs", []):
-        for r in run.get("results", []):
-            if r.get("case") == case and r.get("medians_s"):
-                found = (r["medians_s"], run)
-    return found
-
-
-def _pyg_rows():
-    """torch_geometric SchNet against fastff's accelerated copy, from the JSON that records
-    its commit (the alternating runs first, then the pytest-benchmark run)."""
-    cases = [("energy+forces 3000 atoms, small", "SchNet energy + forces, 3,000 atoms",
-              "exact filters"),
-             ("energy+forces 3000 atoms, small, tabulated", "SchNet energy + forces, 3,000 atoms",
-              "tabulated (cubic spline)"),
-             ("energy+forces 10000 atoms, small", "SchNet energy + forces, 10,000 atoms",
-              "exact filters"),
-             ("training step 3000 atoms, small", "SchNet force-matching training step, "
-              "3,000 atoms", "exact filters")]
-    alt, pyt = _load("bench_pyg_alternating.json"), _load("bench_pyg.json")
-    sources = [(n, d) for n, d in (("bench_pyg_alternating.json", alt), ("bench_pyg.json", pyt))
-               if d is not None]
-    # a row must name its commit: take the first source that records one, else the first
-    with_commit = [(n, d) for n, d in sources if _commit(d) or any(
-        _commit(d, run) for run in d.get("runs", []))]
-    ordered = with_commit + [x for x in sources if x not in with_commit]
-    rows = []
-    for case, what, path in cases:
-        for name, doc in ordered:
-            if "runs" in doc:
-                hit = _alternating_case(doc, case)
-                if hit is None:
-                    continue
-                medians, run = hit
-                peer, ours, extra, commit = (medians.get("torch_geometric"),
-                                             medians.get("fastff"), {}, _commit(doc, run))
-            else:
-                got = _pytest_cases(doc, case)
-                ours = got.get("fastff") or got.get("fastff_tabulated")
-                peer = got.get("torch_geometric")
-                extra = (ours or (None, {}))[1]
-                peer, ours, commit = peer and peer[0], ours and ours[0], _commit(doc)
-            if not peer or not ours:
-                continue
-            err = extra.get("max_force_error_relative")
-            rows.append((f"{what}, {path}", ours, "torch_geometric SchNet", peer, "",
-                         f"{err:.1e}" if isinstance(err, (int, float)) else "",
-                         _machine(doc), commit, name))
-            break
-    return rows
-
-
 def _mm_rows():
     """fastff's MM against OpenMM's CPU platform on the same System (``fastff bench``)."""
     rows = []

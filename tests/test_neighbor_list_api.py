@@ -557,8 +557,10 @@ def test_pair_distances_transpose_is_the_gradient(rng, backend):
     batch = torch.tensor([0] * 9 + [1] * 9)
     nl = fastff.neighbor_list(pos, 3.0, cells, batch=batch)
     grad = torch.as_tensor(rng.normal(size=len(nl)))
-    got_pos, got_cells = op.pair_distances_transpose(grad, pos, cells, batch, nl.i, nl.j,
-                                                     nl.shifts, backend)
+    args = (grad, pos, cells, batch, nl.i, nl.j, nl.shifts, backend)
+    torch.library.opcheck(op.pair_distances_transpose, args,
+                          test_utils=("test_schema", "test_faketensor"))  # no autograd of its own
+    got_pos, got_cells = op.pair_distances_transpose(*args)
     p, c = pos.clone().requires_grad_(True), cells.clone().requires_grad_(True)
     vectors = nl.vectors(p, c)
     norm = torch.linalg.vector_norm(vectors, dim=1)
