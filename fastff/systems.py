@@ -378,8 +378,9 @@ def _relax(box: WaterBox, steps: int) -> Tensor:
     """Rigid-molecule steepest descent on the MM energy (float64, short cutoff); returns new
     positions [N, 3] with every molecule at its starting geometry."""
     edge = float(box.cell[0, 0])
+    # molecules move rigidly: their bonds and angles add no net force or torque
     ff = water_force_field(box, cutoff=min(_RELAX_CUTOFF, 0.499 * edge), skin=0.1,
-                           dtype=torch.float64)
+                           dtype=torch.float64, bonded=False)
     ff.requires_grad_(False)  # no parameter gradients: positions only
 
     def energy_and_forces(atoms: Tensor) -> tuple[float, Tensor]:
@@ -448,10 +449,11 @@ def water_box(n_molecules: int = 1000, *, seed: int = 0, dtype: torch.dtype = to
     (any other pair) of another molecule's is redrawn until no such contact is left (neighbour
     search on a grid: O(N)). Then ``relax_steps`` steps of steepest descent of rigid molecules
     (translation by the net force, rotation by the torque; no atom moves more than 0.02 nm a
-    step) on the MM energy of :func:`fastff.mm.water_force_field` with a 0.6 nm reaction-field
-    cutoff. The default 30 steps take the energy (at 0.9 nm) from about -7 to about -41 kJ/mol
-    per molecule; bonds and angles stay exactly at r0 and theta0 (the flexible bonds then take
-    up the hydrogen-bond forces within the first MD steps).
+    step) on the nonbonded MM energy of :func:`fastff.mm.water_force_field` with a 0.6 nm
+    reaction-field cutoff (a rigid molecule's bonded forces have no net force or torque). The
+    default 30 steps take the energy (at 0.9 nm) from about -7 to about -41 kJ/mol per
+    molecule; bonds and angles stay exactly at r0 and theta0 (the flexible bonds then take up
+    the hydrogen-bond forces within the first MD steps).
 
     Cost: O(N), almost all of it in the relaxation (about 1 s for 1,000 molecules and 10 s for
     10,000 on 2 cores, numba kernels compiled). Pass a smaller ``relax_steps`` (0 skips the

@@ -311,6 +311,33 @@ def test_water_force_field_parameters_are_learnable(rng):
     assert all(bool(torch.isfinite(g).all()) and float(g.abs().max()) > 0 for g in grads)
 
 
+def test_water_force_field_without_bonded_terms(rng):
+    """bonded=False is the nonbonded part alone; the bonded forces it leaves out have no net
+    force or torque on any molecule (why the rigid relaxation may drop them)."""
+    box = water_box(int(rng.integers(20, 40)), seed=_seed(rng), dtype=torch.float64,
+                    relax_steps=0)
+    pos = _thermal(box, rng)
+    edge = float(box.cell[0, 0])
+    full = fmm.water_force_field(box, cutoff=0.45 * edge)
+    nonbonded_only = fmm.water_force_field(box, cutoff=0.45 * edge, bonded=False)
+    x = pos.clone().requires_grad_(True)
+    terms = full.energies(x)
+    assert set(nonbonded_only.energies(pos)) == set(terms) - {"harmonic_bonds", "harmonic_angles"}
+    bonded = terms["harmonic_bonds"] + terms["harmonic_angles"]
+    energy = nonbonded_only(x)
+    assert_close_scaled(energy, full(x) - bonded, "mm", torch.float64, "nonbonded part")
+    (grad,) = torch.autograd.grad(bonded, x)
+    molecules, arms = grad.reshape(-1, 3, 3), pos.reshape(-1, 3, 3)
+    arms = arms - arms.mean(dim=1, keepdim=True)
+    scale = float(grad.abs().max())
+    assert scale > 0  # thermal positions: the bonds and angles are strained
+    assert float(molecules.sum(dim=1).abs().max()) <= 1e-10 * scale
+    torque = torch.linalg.cross(arms, molecules, dim=2).sum(dim=1)
+    assert float(torque.abs().max()) <= 1e-10 * scale * float(arms.abs().max())
+    with pytest.raises(TypeError, match="bonded"):
+        fmm.water_force_field(box, cutoff=0.45 * edge, bonded=1)
+
+
 def test_from_parameters_bad_input(rng):
     box = water_box(10, seed=_seed(rng), dtype=torch.float64, relax_steps=0)
     n = box.num_atoms

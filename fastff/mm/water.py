@@ -47,7 +47,8 @@ class WaterTopology(Protocol):
 def water_force_field(box: WaterTopology, *, cutoff: float = 0.9, skin: float = 0.1,
                       method: str = "reaction_field", dielectric: float = 78.3,
                       switch_distance: float | None = None, dispersion_correction: bool = False,
-                      backend: str | None = None, dtype: torch.dtype | None = None) -> ForceField:
+                      backend: str | None = None, dtype: torch.dtype | None = None,
+                      bonded: bool = True) -> ForceField:
     """Lennard-Jones + Coulomb within ``cutoff`` + harmonic bonds + harmonic angles of a water
     box, with the intramolecular pairs excluded: the energy of ``box.to_openmm(...)`` with the
     same arguments, computed by fastff's kernels.
@@ -67,11 +68,16 @@ def water_force_field(box: WaterTopology, *, cutoff: float = 0.9, skin: float = 
         backend: kernel path ("numba", "triton", "reference"; None: by device).
         dtype: float32 or float64 for the parameters (and the positions passed in); None: the
             box's dtype.
+        bonded: False leaves out the bonds and angles: for rigid molecules, whose bonded forces
+            are internal and cancel in each molecule's net force and torque (and whose first
+            call then compiles no bonded kernel).
 
     Returns:
         :class:`fastff.mm.ForceField`; ``ff(positions)`` is the energy (kJ/mol), forces by
         autograd.
     """
+    if not isinstance(bonded, bool):
+        raise TypeError(f"water_force_field: bonded must be a bool, got {bonded!r}")
     dtype = box.positions.dtype if dtype is None else dtype
     x = box.exclusions.shape[0]
     zeros = torch.zeros(x, dtype=torch.float64)
@@ -83,6 +89,8 @@ def water_force_field(box: WaterTopology, *, cutoff: float = 0.9, skin: float = 
         coulomb_constant=OPENMM_COULOMB_CONSTANT)
     return ForceField.from_parameters(
         box.num_atoms, box=box.cell, nonbonded=nonbonded,
-        bonds=BondParameters(box.bonds, box.bond_k, box.bond_r0, periodic=True),
-        angles=AngleParameters(box.angles, box.angle_k, box.angle_theta0, periodic=True),
+        bonds=BondParameters(box.bonds, box.bond_k, box.bond_r0, periodic=True) if bonded
+        else None,
+        angles=AngleParameters(box.angles, box.angle_k, box.angle_theta0, periodic=True)
+        if bonded else None,
         dtype=dtype, skin=skin, backend=backend)
