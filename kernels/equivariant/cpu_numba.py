@@ -33,8 +33,8 @@ from numba import njit, prange
 from fastff.kernels.cpu_math import exp_neg
 
 _MATH = {"reassoc", "contract"}
-# Rows (atoms) per prange task: many more tasks than threads, so one slow thread (a busy
-# machine) does not hold the whole region, and each task is still ~16 x 50 edges of work.
+# Rows (atoms) per prange task (~16 x 50 edges): each task allocates its scratch once. numba's
+# OpenMP layer still gives each thread one contiguous block of tasks (docs/backends.md).
 ROWS = 16
 # Edges per prange task of the harmonics kernels.
 EDGES = 1024
