@@ -159,6 +159,41 @@ def test_force_matching_parameter_gradients(rng, name):
         same(want, grads[1][key], torch.float64, key, kind="training")
 
 
+def test_radial_network_over_edge_blocks(rng, monkeypatch):
+    """On CPU the radial networks' hidden layers run over blocks of edges (a few MB each at
+    real sizes); with blocks of a few edges here, the energies, forces, stress and force
+    matching's parameter gradients still match the unmodified model."""
+    edges = []
+    real_split = torch.Tensor.split
+
+    def counting_split(self, size, *args, **kwargs):
+        parts = real_split(self, size, *args, **kwargs)
+        edges.append(len(parts))
+        return parts
+
+    model = build(hidden="8x0e+8x1o", max_ell=2)
+    fast = fm.accelerate(copy.deepcopy(model))
+    pos, z, nl, cell = system(rng)
+    rows = int(rng.integers(3, 11))
+    monkeypatch.setattr(fm, "_EDGE_BLOCK_BYTES", rows * 16 * 8)  # 16 hidden units, float64
+    monkeypatch.setattr(torch.Tensor, "split", counting_split)
+    target = torch.randn(len(pos), 3, dtype=torch.float64)
+    results = []
+    for m in (model, fast):
+        out = outputs(m, pos, z, nl, cell, compute_stress=True, training=True)
+        loss = ((out["forces"] - target) ** 2).sum() + (out["stress"] ** 2).sum()
+        m.zero_grad()
+        loss.backward()
+        results.append((out, {k: p.grad for k, p in m.named_parameters() if p.grad is not None}))
+    assert max(edges) >= len(nl.i) // rows  # the blocks were taken
+    (want, want_grads), (got, got_grads) = results
+    for key in ("energy", "forces", "stress"):
+        same(want[key], got[key], torch.float64, key)
+    assert want_grads.keys() == got_grads.keys()
+    for key, grad in want_grads.items():
+        same(grad, got_grads[key], torch.float64, key, kind="training")
+
+
 def test_float32(rng):
     model = build(hidden="8x0e+8x1o", dtype=torch.float32)
     fast = fm.accelerate(copy.deepcopy(model))

@@ -359,6 +359,10 @@ class _ElementLinear:
 
 
 # ---------------------------------------------------------------- radial MLP
+# Bytes per [rows, H] activation of the radial network's hidden layers on CPU: under glibc's
+# 32 MiB mmap limit, so freed blocks are reused (README.md beside the equivariant kernels,
+# Tuning).
+_EDGE_BLOCK_BYTES = 8 << 20
 class _RadialMLP:
     """e3nn's ``FullyConnectedNet`` as GEMMs: each layer's normalisation and the activation's
     second-moment constant are folded into the next layer's weight (weights are [K, H] small,
@@ -384,18 +388,37 @@ class _RadialMLP:
     def __call__(self, weights: list[Tensor], x: Tensor, backend: str | None = None) -> Tensor:
         """The network on x [E, K]; with a fastff ``backend`` its SiLUs are ``silu_term`` (each
         derivative one pass; torch's autograd of SiLU takes ~9 elementwise passes in force
-        training's second backward), otherwise e3nn's activation as given."""
+        training's second backward), otherwise e3nn's activation as given.
+
+        On CPU the hidden layers run over blocks of ``_EDGE_BLOCK_BYTES`` per [rows, H]
+        activation, joined before the last layer: glibc maps every block above 32 MiB afresh
+        and faults its pages in at each allocation (an [E, 64] float32 activation at 150 k
+        edges is 38 MB), where blocks this size are reused from the heap."""
+        scaled = []
         carry = 1.0
         for weight, (f, w_scale, out_scale) in zip(weights, self.layers, strict=True):
-            x = torch.matmul(x, weight * (w_scale * carry))
-            carry = 1.0
+            scaled.append((weight * (w_scale * carry), f))
+            carry = out_scale if f is not None else 1.0
+        *hidden, (last, last_f) = scaled
+        width = max((w.shape[1] for w, _ in hidden), default=1)
+        rows = max(1, _EDGE_BLOCK_BYTES // (width * x.element_size()))
+        if x.device.type == "cpu" and x.shape[0] > rows and hidden:
+            x = torch.cat([self._layers(hidden, block, backend) for block in x.split(rows)])
+        else:
+            x = self._layers(hidden, x, backend)
+        x = self._layers([(last, last_f)], x, backend)
+        return x * carry if carry != 1.0 else x
+
+    @staticmethod
+    def _layers(layers, x: Tensor, backend: str | None) -> Tensor:
+        for weight, f in layers:
+            x = torch.matmul(x, weight)
             if f is not None:
                 if backend is not None and f is torch.nn.functional.silu:
                     x = _eq.silu_term(x, 0, None, None, backend)
                 else:
                     x = f(x)
-                carry = out_scale
-        return x * carry if carry != 1.0 else x
+        return x
 
 
 def _radial_features(radial, r: Tensor) -> tuple[Tensor, Tensor | None]:
