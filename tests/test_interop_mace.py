@@ -192,6 +192,28 @@ def test_radial_network_over_edge_blocks(rng, monkeypatch):
     assert want_grads.keys() == got_grads.keys()
     for key, grad in want_grads.items():
         same(grad, got_grads[key], torch.float64, key, kind="training")
+    # frozen weights (MD): the blocks recompute their activations in the backward; forces, and
+    # a Hessian-vector product through that recomputation, match
+    direction = torch.randn(len(pos), 3, dtype=torch.float64)
+    recomputed = []
+    real_checkpoint = fm.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        recomputed.append(1)
+        return real_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(fm, "checkpoint", counting_checkpoint)
+    curvature = []
+    for m in (model, fast):
+        m.requires_grad_(False)
+        x = pos.clone()  # mace sets requires_grad on the positions it is given
+        out = fm.evaluate(m, x, z, torch.stack([nl.i, nl.j]), nl.shifts, cell, training=True)
+        (hvp,) = torch.autograd.grad((out["forces"] * direction).sum(), x)
+        curvature.append((out["forces"], hvp))
+    assert len(recomputed) >= len(nl.i) // rows  # every block of the frozen model's networks
+    (forces, hvp), (fast_forces, fast_hvp) = curvature
+    same(forces, fast_forces, torch.float64, "frozen forces")
+    same(hvp, fast_hvp, torch.float64, "frozen Hessian-vector product", kind="training")
 
 
 def test_float32(rng):

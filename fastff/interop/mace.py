@@ -28,6 +28,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 torch.serialization.add_safe_globals([slice])  # e3nn's constants.pt: tensors, ints and slices
 
@@ -393,7 +394,10 @@ class _RadialMLP:
         On CPU the hidden layers run over blocks of ``_EDGE_BLOCK_BYTES`` per [rows, H]
         activation, joined before the last layer: glibc maps every block above 32 MiB afresh
         and faults its pages in at each allocation (an [E, 64] float32 activation at 150 k
-        edges is 38 MB), where blocks this size are reused from the heap."""
+        edges is 38 MB), where blocks this size are reused from the heap. With frozen weights
+        (molecular dynamics) each block keeps only its input for the backward, which
+        recomputes the block's activations (``torch.utils.checkpoint``, any order of
+        derivatives), so no [E, H] activation outlives the forward."""
         scaled = []
         carry = 1.0
         for weight, (f, w_scale, out_scale) in zip(weights, self.layers, strict=True):
@@ -403,7 +407,11 @@ class _RadialMLP:
         width = max((w.shape[1] for w, _ in hidden), default=1)
         rows = max(1, _EDGE_BLOCK_BYTES // (width * x.element_size()))
         if x.device.type == "cpu" and x.shape[0] > rows and hidden:
-            x = torch.cat([self._layers(hidden, block, backend) for block in x.split(rows)])
+            recompute = torch.is_grad_enabled() and x.requires_grad and not any(
+                w.requires_grad for w, _ in hidden)
+            x = torch.cat([checkpoint(self._layers, hidden, block, backend, use_reentrant=False)
+                           if recompute else self._layers(hidden, block, backend)
+                           for block in x.split(rows)])
         else:
             x = self._layers(hidden, x, backend)
         x = self._layers([(last, last_f)], x, backend)
