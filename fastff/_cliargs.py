@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from typing import TextIO
 
 from tqdm import tqdm
@@ -62,3 +63,54 @@ class ProgressBar(tqdm):
     @label.setter
     def label(self, text: str) -> None:
         self.set_description_str(text, refresh=False)
+
+
+class CompileNotice:
+    """While active, ``bar``'s label names the fastff kernel numba is compiling (each kernel's
+    first call on a machine takes seconds; numba then caches it on disk), and
+    :attr:`compiled` / :attr:`seconds` count the kernels compiled and the time they took."""
+
+    def __init__(self, bar: ProgressBar):
+        self.bar, self.compiled, self.seconds = bar, 0, 0.0
+        self._label, self._depth, self._start, self._listener = "", 0, 0.0, None
+
+    def started(self, module: str, name: str) -> None:
+        if not module.startswith("fastff."):
+            return
+        self._depth += 1
+        if self._depth == 1:
+            self._label, self._start = self.bar.label, time.perf_counter()
+            kernel = f"{module.removeprefix('fastff.kernels.')}.{name}"
+            self.bar.label = f"{self._label}: compiling {kernel} (first run, then cached)"
+            self.bar.refresh()
+
+    def ended(self, module: str) -> None:
+        if not module.startswith("fastff.") or self._depth == 0:
+            return
+        self._depth -= 1
+        if self._depth == 0:
+            self.compiled += 1
+            self.seconds += time.perf_counter() - self._start
+            self.bar.label = self._label
+
+    def __enter__(self) -> CompileNotice:
+        from numba.core import event
+
+        notice = self
+
+        class _Listener(event.Listener):
+            def on_start(self, ev):
+                func = ev.data["dispatcher"].py_func
+                notice.started(func.__module__ or "", func.__name__)
+
+            def on_end(self, ev):
+                notice.ended(ev.data["dispatcher"].py_func.__module__ or "")
+
+        self._listener = _Listener()
+        event.register("numba:compile", self._listener)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from numba.core import event
+
+        event.unregister("numba:compile", self._listener)

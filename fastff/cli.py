@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from fastff._cliargs import ProgressBar, positive_float, positive_int
+from fastff._cliargs import CompileNotice, ProgressBar, positive_float, positive_int
 
 BACKEND_CHOICES = ("auto", "numba", "triton", "reference")
 DTYPES = ("float32", "float64")
@@ -243,17 +243,22 @@ def _bench(args) -> int:
     bar = ProgressBar(len(sizes) * benchmark.samples_per_size(settings), "fastff bench",
                       enabled=bool(args.sweep) or sys.stderr.isatty())
     results: list[dict] = []
-    for atoms in sizes:
-        settings.atoms = atoms
-        bar.label = f"fastff bench, {atoms} atoms"
-        t0 = time.perf_counter()
-        rows = benchmark.run(settings, on_sample=bar.update,
-                             previous=results[-1]["rows"] if results else None)
-        results.append({"atoms": rows[0].atoms, "seconds": time.perf_counter() - t0,
-                        "rows": rows, "headline": benchmark.headline(rows),
-                        "system": args.structure and benchmark.bench_system(settings).label,
-                        "trajectory": rows.trajectory})
+    with CompileNotice(bar) as compiling:
+        for atoms in sizes:
+            settings.atoms = atoms
+            bar.label = f"fastff bench, {atoms} atoms"
+            t0 = time.perf_counter()
+            rows = benchmark.run(settings, on_sample=bar.update,
+                                 previous=results[-1]["rows"] if results else None)
+            results.append({"atoms": rows[0].atoms, "seconds": time.perf_counter() - t0,
+                            "rows": rows, "headline": benchmark.headline(rows),
+                            "system": args.structure and benchmark.bench_system(settings).label,
+                            "trajectory": rows.trajectory})
     bar.close()
+    if compiling.compiled:  # outside the timed samples: warm-up
+        print(f"fastff: compiled {compiling.compiled} numba kernels in {compiling.seconds:.0f} s "
+              "(first run on this machine; later runs load them from numba's cache)",
+              file=sys.stderr)
     for res in results:
         print(_table(res, settings))
     if args.json:

@@ -213,6 +213,35 @@ def test_progress_bar_is_tqdm_with_a_settable_label():
     assert silent.getvalue() == ""
 
 
+def test_compile_notice_names_fastff_kernels_as_numba_compiles_them():
+    """The bench's bar says which fastff kernel numba is compiling, and counts them; numba's
+    own helpers and other packages' functions are not counted."""
+    import io
+
+    import numpy as np
+    from numba import njit
+
+    from fastff._cliargs import CompileNotice, ProgressBar
+
+    def probe(x):
+        return x.sum() * 2.0
+
+    def outsider(x):
+        return x.sum() + 1.0
+
+    probe.__module__ = "fastff.kernels.probe_family"  # as numba reports a fastff kernel
+    outsider.__module__ = "somebody_else"
+    stream = io.StringIO()
+    values = np.random.default_rng().random(5)
+    with ProgressBar(2, "fastff bench", stream=stream) as bar, CompileNotice(bar) as notice:
+        assert njit(probe)(values) == 2.0 * values.sum()  # compiled here: a new dispatcher
+        assert njit(outsider)(values) == values.sum() + 1.0
+        assert bar.label == "fastff bench"  # restored once the compile ended
+    assert notice.compiled == 1 and notice.seconds > 0.0
+    assert "compiling probe_family.probe" in stream.getvalue()
+    assert "outsider" not in stream.getvalue()
+
+
 # --- the user's system and model: --structure FILE, --model FILE ---------------------------------
 
 @pytest.fixture(scope="module")
