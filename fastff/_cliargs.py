@@ -6,7 +6,7 @@ import argparse
 import math
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
@@ -72,7 +72,8 @@ class CompileNotice:
 
     def __init__(self, bar: ProgressBar):
         self.bar, self.compiled, self.seconds = bar, 0, 0.0
-        self._label, self._depth, self._start, self._listener = "", 0, 0.0, None
+        self._label, self._depth, self._start = "", 0, 0.0
+        self._listener: Any = None  # a numba event listener while active
 
     def started(self, module: str, name: str) -> None:
         if not module.startswith("fastff."):
