@@ -8,6 +8,7 @@ square roots per task, 2,000 tasks: ~0.2 ms per region on 2 cores, the size of a
 regions) run
 
 * ``static``: ``for task in prange(n)``, numba's split;
+* ``chunksize 1``: the same under ``numba.set_parallel_chunksize(1)``;
 * ``dynamic``: ``for thread in prange(threads)``, each thread taking the next task from an
   atomic counter until none is left;
 
@@ -79,6 +80,15 @@ def dynamic(x, heavy, out, counter, threads):
             _task(t, x, heavy, out)
 
 
+def _with_chunksize(size: int, kernel, *args) -> None:
+    """``kernel(*args)`` with numba's parallel chunk size set to ``size`` for the call."""
+    previous = numba.set_parallel_chunksize(size)
+    try:
+        kernel(*args)
+    finally:
+        numba.set_parallel_chunksize(previous)
+
+
 def _us_per_region(run) -> float:
     start = time.perf_counter()
     for _ in range(REGIONS):
@@ -96,15 +106,16 @@ def measure(rounds: int) -> dict:
         dynamic(x, heavy, out_dyn, counter, threads)
         assert np.array_equal(out, out_dyn)  # same tasks, same results
         runs = {"static": lambda h=heavy: static(x, h, out),
+                "chunksize 1": lambda h=heavy: _with_chunksize(1, static, x, h, out),
                 "dynamic": lambda h=heavy: dynamic(x, h, out_dyn, counter, threads)}
         case = "imbalanced" if heavy else "balanced"
         results[case] = {}
         for busy in (False, True):
-            times: dict = {"static": [], "dynamic": []}
+            times: dict = {name: [] for name in runs}
             loader = subprocess.Popen(BUSY) if busy else None
             try:
                 for k in range(rounds):
-                    for name in (("static", "dynamic") if k % 2 == 0 else ("dynamic", "static")):
+                    for name in (list(runs) if k % 2 == 0 else list(runs)[::-1]):
                         times[name].append(_us_per_region(runs[name]))
             finally:
                 if loader is not None:
@@ -139,6 +150,7 @@ def main(argv=None) -> dict:
     doc["load_after"] = list(os.getloadavg())
     doc["rows"] = [{"loop": case, "machine": side,
                     "static us per region": round(rows["static"]["median"]),
+                    "chunksize 1 us per region": round(rows["chunksize 1"]["median"]),
                     "dynamic us per region": round(rows["dynamic"]["median"]),
                     "dynamic / static": round(rows["dynamic"]["median"]
                                               / rows["static"]["median"], 2)}
