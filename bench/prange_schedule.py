@@ -31,7 +31,6 @@ import time
 
 import numba
 import numpy as np
-from llvmlite import ir  # noqa: F401  (numba's code generator: the atomic add below)
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
