@@ -216,6 +216,62 @@ def test_radial_network_over_edge_blocks(rng, monkeypatch):
     same(hvp, fast_hvp, torch.float64, "frozen Hessian-vector product", kind="training")
 
 
+def test_mirror_edges_share_radial_weights(rng, monkeypatch):
+    """In a box larger than twice the cutoff every edge has one mirror (sender and receiver
+    swapped, opposite shift): each pair reads one row of radial weights. Energies, forces,
+    stress and force matching's parameter gradients match the unmodified model; an edge whose
+    shift breaks the mirror makes the call fall back to per-edge weights, still exact; a small
+    cell (several images of one atom pair) never pairs."""
+    rows_seen = []
+    real_tp_conv = fm._eq.tp_conv
+
+    def recording_tp_conv(x, y, w, *args, **kwargs):
+        if not kwargs:  # the interactions' calls (the backward's pass names)
+            rows_seen.append((w.shape[0], y.shape[0]))
+        return real_tp_conv(x, y, w, *args, **kwargs)
+
+    monkeypatch.setattr(fm._eq, "tp_conv", recording_tp_conv)
+    model = build(hidden="8x0e+8x1o", max_ell=2)
+    fast = fm.accelerate(copy.deepcopy(model))
+    n = 30
+    cell = torch.tensor([[7.3, 0.0, 0.0], [1.1, 7.6, 0.0], [-0.8, 0.9, 7.9]],
+                        dtype=torch.float64)
+    pos = torch.from_numpy(rng.random((n, 3))) @ cell
+    z = torch.from_numpy(rng.choice([1, 6, 8], n))
+    nl = fastff.neighbor_list(pos, CUTOFF, cell)
+    edge_index, shifts = torch.stack([nl.i, nl.j]), nl.shifts
+    assert shifts.abs().sum() > 0  # edges across the boundary
+    target = torch.randn(n, 3, dtype=torch.float64)
+    results = []
+    for m in (model, fast):
+        out = fm.evaluate(m, pos.clone(), z, edge_index, shifts, cell, compute_stress=True,
+                          training=True)
+        loss = ((out["forces"] - target) ** 2).sum() + (out["stress"] ** 2).sum()
+        m.zero_grad()
+        loss.backward()
+        results.append((out, {k: p.grad for k, p in m.named_parameters() if p.grad is not None}))
+    assert rows_seen and all(2 * rows == edges for rows, edges in rows_seen)
+    (want, want_grads), (got, got_grads) = results
+    for key in ("energy", "forces", "stress"):
+        same(want[key], got[key], torch.float64, key)
+    for key, grad in want_grads.items():
+        same(grad, got_grads[key], torch.float64, key, kind="training")
+
+    broken = shifts.clone()
+    broken[int(rng.integers(len(broken)))] += 1  # one more cell: no longer the opposite
+    rows_seen.clear()
+    want = fm.evaluate(model, pos.clone(), z, edge_index, broken, cell, compute_stress=True)
+    got = fm.evaluate(fast, pos.clone(), z, edge_index, broken, cell, compute_stress=True)
+    assert rows_seen and all(rows == edges for rows, edges in rows_seen)
+    for key in ("energy", "forces", "stress"):
+        same(want[key], got[key], torch.float64, f"broken mirror {key}")
+
+    rows_seen.clear()
+    small, z, nl, cell = system(rng)  # a 4.2 A cell, cutoff 3.5 A: several images per pair
+    outputs(fast, small, z, nl, cell)
+    assert rows_seen and all(rows == edges for rows, edges in rows_seen)
+
+
 def test_float32(rng):
     model = build(hidden="8x0e+8x1o", dtype=torch.float32)
     fast = fm.accelerate(copy.deepcopy(model))

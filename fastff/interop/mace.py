@@ -47,7 +47,9 @@ __all__ = ["accelerate", "restore", "is_accelerated", "evaluate", "model_inputs"
 _MAX_ELL = 3  # spherical harmonics l <= 3
 _MAX_HIDDEN_L = 1  # hidden features l <= 1
 _MAX_CORRELATION = 3
-_PERMUTED_KEPT = 4  # harmonics, distances, radial features (+1): one forward's edge tensors
+# harmonics, distances, mirror check, row distances, radial features (+1): one forward's
+# edge tensors
+_PERMUTED_KEPT = 6
 _KNOTS = 2048  # knots of the radial table (see kernels/equivariant/README.md, "Tabulation")
 
 
@@ -132,6 +134,7 @@ class _Graph:
     inverse: Tensor
     structure: tuple[Tensor, ...]  # senders, receivers, by_receiver, receiver_ptr, by_sender,
     # sender_ptr
+    rows: _MirrorRows | None  # edges paired with their mirrors, when every edge has one
     _permuted: list = field(default_factory=list)  # (weakref, version, permuted), newest last
 
     @staticmethod
@@ -157,7 +160,21 @@ class _Graph:
 
         structure = (senders, receivers, torch.arange(order.numel(), device=order.device),
                      pointer(receivers), torch.argsort(senders, stable=True), pointer(senders))
-        return _Graph(order, inverse, structure)
+        return _Graph(order, inverse, structure, _MirrorRows.of(senders, receivers, num_nodes))
+
+    def weight_rows(self, r: Tensor, y: Tensor) -> _MirrorRows | None:
+        """The mirror pairs, when this call's edges are mirrors in fact: equal distances and
+        opposite l = 1 harmonics (exact in floating point for v and -v), so that each pair's
+        two distances are one function of the positions and the cell; None otherwise (each edge
+        then gets its own radial weights)."""
+        rows = self.rows
+        if rows is None or y.shape[1] < 4:
+            return None
+        return rows if self._cached(r, "mirror check", lambda: rows.hold(r, y)) else None
+
+    def row_distances(self, r: Tensor, rows: _MirrorRows) -> Tensor:
+        """The distance of each pair's first edge, once per forward."""
+        return self._cached(r, "row distances", lambda: r.index_select(0, rows.first))
 
     def permuted(self, t: Tensor) -> Tensor:
         """t (per edge, mace's order) in receiver order; the same tensor (same version) gives
@@ -178,6 +195,46 @@ class _Graph:
         self._permuted = [*self._permuted[-(_PERMUTED_KEPT - 1):],
                           (weakref.ref(t), t._version, tag, value)]
         return value
+
+
+@dataclass
+class _MirrorRows:
+    """Edges (receiver order) paired with their mirror edges (sender and receiver swapped),
+    found from the graph alone: the pair's two edges read one row of radial weights (one
+    distance, one network evaluation), which halves the radial network's work in a full
+    neighbour list. Only where no ordered atom pair has two edges (periodic images of one pair
+    within the cutoff, or self-images) and every edge has a mirror."""
+
+    w_row: Tensor  # int64 [E]: the weight row each edge reads
+    w_partner: Tensor  # int64 [E]: the other edge reading that row
+    first: Tensor  # int64 [R]: the lower-index edge of each row
+
+    @staticmethod
+    def of(senders: Tensor, receivers: Tensor, num_nodes: int) -> _MirrorRows | None:
+        num_edges = senders.numel()
+        if num_edges == 0 or num_edges % 2 or bool((senders == receivers).any()):
+            return None
+        key = senders * num_nodes + receivers
+        sorted_key, by_key = torch.sort(key)
+        if bool((sorted_key[1:] == sorted_key[:-1]).any()):
+            return None  # an atom pair with several edges: which is whose mirror is not known
+        at = torch.searchsorted(sorted_key, receivers * num_nodes + senders).clamp_(
+            max=num_edges - 1)
+        if not bool((sorted_key[at] == receivers * num_nodes + senders).all()):
+            return None
+        partner = by_key[at]
+        index = torch.arange(num_edges, device=senders.device)
+        first = index[index < partner]
+        row_of_first = torch.empty_like(index)
+        row_of_first[first] = torch.arange(first.numel(), device=senders.device)
+        w_row = torch.where(index < partner, row_of_first, row_of_first[partner])
+        return _MirrorRows(w_row, partner, first)
+
+    def hold(self, r: Tensor, y: Tensor) -> bool:
+        """Whether the pairs are mirrors for these distances r [E] and harmonics y [E, >= 4]."""
+        second = self.w_partner[self.first]
+        return bool(torch.equal(r[self.first], r[second])
+                    and torch.equal(y[self.first, 1:4], -y[second, 1:4]))
 
 
 @dataclass
@@ -223,6 +280,9 @@ class _Elements:
         return _Elements(zero, torch.arange(zero.numel(), device=zero.device),
                          torch.arange(zero.numel(), device=zero.device),
                          [(0, 0, zero.numel())] if zero.numel() else [])
+
+
+_NO_ROWS = torch.zeros(0, dtype=torch.int64)  # every edge its own row of radial weights
 
 
 def _backend(shared: _Shared, name: str, device: torch.device) -> str:
@@ -608,7 +668,7 @@ def _interaction_forward(self, node_attrs: Tensor, node_feats: Tensor, edge_attr
     if lammps_class is not None:
         raise UnsupportedMACEError("fastff.interop.mace: the LAMMPS ML-IAP path is not supported")
     plan, shared = self._fastff, self._fastff_shared
-    n, num_edges = node_feats.shape[0], edge_attrs.shape[0]
+    n = node_feats.shape[0]
     elements = shared.elements(node_attrs)
     blocks = _split_flat(node_feats, self.node_feats_irreps)
     sc = None
@@ -628,11 +688,17 @@ def _interaction_forward(self, node_attrs: Tensor, node_feats: Tensor, edge_attr
         message = _eq.tp_conv_spline(x.contiguous(), y.contiguous(), r.to(x.dtype).contiguous(),
                                      coeffs, step, *graph.structure, *coupling, backend)
     else:
-        w = plan.radial.exact(self.conv_tp_weights, graph.features(r, shared.radial),
+        rows = graph.weight_rows(r, y)
+        if rows is None:
+            r_rows, row_args = r, (_NO_ROWS, _NO_ROWS)
+        else:
+            r_rows, row_args = graph.row_distances(r, rows), (rows.w_row, rows.w_partner)
+        w = plan.radial.exact(self.conv_tp_weights, graph.features(r_rows, shared.radial),
                               _backend(shared, "silu_term", x.device))
         message = _eq.tp_conv(x.contiguous(), y.contiguous(),
-                              w.reshape(num_edges, -1, x.shape[2]).contiguous(),
-                              *graph.structure, *coupling, backend)
+                              w.reshape(w.shape[0], -1, x.shape[2]).contiguous(),
+                              *graph.structure, *(t.to(x.device) for t in row_args), *coupling,
+                              backend)
     out = plan.linear(self.linear.weight, _split_rows(message, plan.irreps_mid))
     if not plan.residual:
         out = plan.skip(self.skip_tp.weight, out, elements)

@@ -219,11 +219,19 @@ def _edge_scalars(y, e, b_ptr, ent_m, ent_coef, kval):
 
 
 @njit(cache=True, inline="always")
-def _edge_weights(w, e, d, coeffs, step, order, wq, table_w):
-    """The edge's weights [P, C]: the row w[e], or (``coeffs`` non-empty: tabulated) the
-    table's order-th derivative at d[e] written into table_w; None beyond the table."""
+def _weight_row(w_row, e, n_rows):
+    """The row of w edge e reads (e without weight rows); -1 when out of range."""
+    row = w_row[e] if w_row.shape[0] else e
+    return row if 0 <= row < n_rows else -1
+
+
+@njit(cache=True, inline="always")
+def _edge_weights(w, row, e, d, coeffs, step, order, wq, table_w):
+    """The edge's weights [P, C]: the row w[row], or (``coeffs`` non-empty: tabulated) the
+    table's order-th derivative at d[e] written into table_w; None beyond the table (or for
+    a row out of range)."""
     if coeffs.shape[2] == 0:
-        return w[e]
+        return w[row] if row >= 0 else None
     k = _spline_weights(np.float64(d[e]), step, coeffs.shape[0], order, wq)
     if k < 0:
         return None
@@ -237,8 +245,8 @@ def _edge_weights(w, e, d, coeffs, step, order, wq, table_w):
 
 
 @njit(cache=True, fastmath=_MATH)
-def _conv_rows(r0, r1, x, y, w, d, coeffs, step, senders, by_receiver, ptr, pa_path, pa_in,
-               pa_ptr, b_out, b_ptr, ent_m, ent_coef, kval, rx, wq, table_w, out):
+def _conv_rows(r0, r1, x, y, w, w_row, d, coeffs, step, senders, by_receiver, ptr, pa_path,
+               pa_in, pa_ptr, b_out, b_ptr, ent_m, ent_coef, kval, rx, wq, table_w, out):
     """tp_conv over receiver rows [r0, r1) (one prange task; a separate function so that
     numba's parallel analysis does not see the weights' two sources)."""
     n_x, n_edges, nc = x.shape[0], y.shape[0], x.shape[2]
@@ -251,7 +259,8 @@ def _conv_rows(r0, r1, x, y, w, d, coeffs, step, senders, by_receiver, ptr, pa_p
             s = senders[e]
             if s < 0 or s >= n_x:
                 continue
-            we = _edge_weights(w, e, d, coeffs, step, 0, wq, table_w)
+            we = _edge_weights(w, _weight_row(w_row, e, w.shape[0]), e, d, coeffs, step, 0, wq,
+                               table_w)
             if we is None:
                 continue
             _edge_scalars(y, e, b_ptr, ent_m, ent_coef, kval)
@@ -266,43 +275,52 @@ def _conv_rows(r0, r1, x, y, w, d, coeffs, step, senders, by_receiver, ptr, pa_p
 
 
 @njit(cache=True, parallel=True)
-def _tp_conv_kernel(x, y, w, d, coeffs, step, n_paths, senders, by_receiver, ptr, pa_path, pa_in,
-                    pa_ptr, b_out, b_ptr, ent_m, ent_coef, out):
+def _tp_conv_kernel(x, y, w, w_row, d, coeffs, step, n_paths, senders, by_receiver, ptr, pa_path,
+                    pa_in, pa_ptr, b_out, b_ptr, ent_m, ent_coef, out):
     n_rows, nc = ptr.shape[0] - 1, x.shape[2]
     for chunk in prange((n_rows + ROWS - 1) // ROWS):
         kval = np.empty(b_out.shape[0], dtype=x.dtype)
         rx = np.empty(nc, dtype=x.dtype)
         wq = np.empty(4)
         table_w = np.empty((n_paths, nc), dtype=x.dtype)
-        _conv_rows(chunk * ROWS, min(n_rows, (chunk + 1) * ROWS), x, y, w, d, coeffs, step,
-                   senders, by_receiver, ptr, pa_path, pa_in, pa_ptr, b_out, b_ptr, ent_m,
+        _conv_rows(chunk * ROWS, min(n_rows, (chunk + 1) * ROWS), x, y, w, w_row, d, coeffs,
+                   step, senders, by_receiver, ptr, pa_path, pa_in, pa_ptr, b_out, b_ptr, ent_m,
                    ent_coef, kval, rx, wq, table_w, out)
 
 
 @njit(cache=True, fastmath=_MATH)
-def _vjp_rows(r0, r1, g, x, y, w, d, coeffs, step, senders, by_receiver, ptr, pa_path, pa_in,
-              pa_ptr, b_out, b_ptr, ent_m, ent_coef, n_x, need_q, need_y, need_w, need_d, kval,
-              qval, local_w, local_q, tmp, u, wq, table_w, q, gy, gw, gd):
+def _vjp_rows(r0, r1, g, x, y, w, w_row, w_partner, d, coeffs, step, senders, receivers,
+              by_receiver, ptr, pa_path, pa_in, pa_ptr, b_out, b_ptr, ent_m, ent_coef, n_x,
+              need_q, need_y, need_w, need_d, kval, qval, local_w, local_q, tmp, u, wq,
+              table_w, q, gy, gw, gd):
     """Per edge of receiver rows [r0, r1) (g[r] stays in cache): the y-gradient, the
     w-gradient (stored, or with tabulated weights dotted at once with the table's slope: the
     distance gradient), and the sender's share q_e = d/dx[sender] of the edge's term (summed
     per sender afterwards), each accumulated in a small local buffer and stored once. Per
     (path, input) group, t = sum_b k_b g[r, b] serves both the w-gradient (x t) and the share
-    (w t); the y-gradient takes one dot <w x, g[r, b]> per output component."""
+    (w t); the y-gradient takes one dot <w x, g[r, b]> per output component.
+
+    A weight row shared with a partner edge is written by the edge of lower index, which adds
+    the partner's term (its g[receiver] and x[sender] read at random): one writer per row."""
     n_edges, nc = y.shape[0], g.shape[2]
-    grads_w = need_w or need_d
     for r in range(r0, r1):
         for k in range(ptr[r], ptr[r + 1]):
             e = by_receiver[k]
             if e < 0 or e >= n_edges:
                 continue
             s = senders[e]
+            row = _weight_row(w_row, e, w.shape[0])
+            partner = w_partner[e] if w_partner.shape[0] else -1
+            if partner >= n_edges:
+                partner = -1
+            writes_w = need_w and row >= 0 and (partner < 0 or e < partner)
+            grads_w = writes_w or need_d
             if grads_w:
                 local_w[:] = 0.0
             if need_q:
                 local_q[:] = 0.0
             qval[:] = 0.0
-            we = _edge_weights(w, e, d, coeffs, step, 0, wq, table_w)
+            we = _edge_weights(w, row, e, d, coeffs, step, 0, wq, table_w)
             if 0 <= s < n_x:
                 _edge_scalars(y, e, b_ptr, ent_m, ent_coef, kval)
                 for gp in range(pa_path.shape[0]):
@@ -331,8 +349,12 @@ def _vjp_rows(r0, r1, g, x, y, w, d, coeffs, step, senders, by_receiver, ptr, pa
                             for c in range(nc):
                                 acc += u[c] * g[r, b, c]
                             qval[t] = acc
-            if need_w:
-                gw[e] = local_w
+            if writes_w and partner >= 0:
+                _add_partner_term(g, x, y, partner, senders[partner], receivers[partner], n_x,
+                                  pa_path, pa_in, pa_ptr, b_out, b_ptr, ent_m, ent_coef, kval,
+                                  tmp, local_w)
+            if writes_w:
+                gw[row] = local_w
             if need_d:
                 gd[e] = _table_slope_dot(local_w, d, e, coeffs, step, wq)
             if need_q:
@@ -344,10 +366,32 @@ def _vjp_rows(r0, r1, g, x, y, w, d, coeffs, step, senders, by_receiver, ptr, pa
                         gy[e, ent_m[j]] += ent_coef[j] * qval[t]
 
 
+@njit(cache=True, inline="always")
+def _add_partner_term(g, x, y, e, s, r, n_x, pa_path, pa_in, pa_ptr, b_out, b_ptr, ent_m,
+                      ent_coef, kval, tmp, local_w):
+    """local_w += the w-gradient of edge e (sender s, receiver r); kval and tmp are reused."""
+    if not (0 <= s < n_x and 0 <= r < g.shape[0]):
+        return
+    nc = g.shape[2]
+    _edge_scalars(y, e, b_ptr, ent_m, ent_coef, kval)
+    for gp in range(pa_path.shape[0]):
+        p, a = pa_path[gp], pa_in[gp]
+        t0, t1 = pa_ptr[gp], pa_ptr[gp + 1]
+        kv, b = kval[t0], b_out[t0]
+        for c in range(nc):
+            tmp[c] = kv * g[r, b, c]
+        for t in range(t0 + 1, t1):
+            kv, b = kval[t], b_out[t]
+            for c in range(nc):
+                tmp[c] += kv * g[r, b, c]
+        for c in range(nc):
+            local_w[p, c] += x[s, a, c] * tmp[c]
+
+
 @njit(cache=True, parallel=True)
-def _tp_vjp_kernel(g, x, y, w, d, coeffs, step, n_paths, senders, by_receiver, ptr, pa_path,
-                   pa_in, pa_ptr, b_out, b_ptr, ent_m, ent_coef, n_x, need_q, need_y, need_w,
-                   need_d, q, gy, gw, gd):
+def _tp_vjp_kernel(g, x, y, w, w_row, w_partner, d, coeffs, step, n_paths, senders, receivers,
+                   by_receiver, ptr, pa_path, pa_in, pa_ptr, b_out, b_ptr, ent_m, ent_coef, n_x,
+                   need_q, need_y, need_w, need_d, q, gy, gw, gd):
     n_rows, nc, d_in = ptr.shape[0] - 1, g.shape[2], q.shape[1]
     for chunk in prange((n_rows + ROWS - 1) // ROWS):
         kval = np.empty(b_out.shape[0], dtype=g.dtype)
@@ -358,10 +402,10 @@ def _tp_vjp_kernel(g, x, y, w, d, coeffs, step, n_paths, senders, by_receiver, p
         u = np.empty(nc, dtype=g.dtype)
         wq = np.empty(4)
         table_w = np.empty((n_paths, nc), dtype=g.dtype)
-        _vjp_rows(chunk * ROWS, min(n_rows, (chunk + 1) * ROWS), g, x, y, w, d, coeffs, step,
-                  senders, by_receiver, ptr, pa_path, pa_in, pa_ptr, b_out, b_ptr, ent_m,
-                  ent_coef, n_x, need_q, need_y, need_w, need_d, kval, qval, local_w, local_q,
-                  tmp, u, wq, table_w, q, gy, gw, gd)
+        _vjp_rows(chunk * ROWS, min(n_rows, (chunk + 1) * ROWS), g, x, y, w, w_row, w_partner,
+                  d, coeffs, step, senders, receivers, by_receiver, ptr, pa_path, pa_in, pa_ptr,
+                  b_out, b_ptr, ent_m, ent_coef, n_x, need_q, need_y, need_w, need_d, kval,
+                  qval, local_w, local_q, tmp, u, wq, table_w, q, gy, gw, gd)
 
 
 @njit(cache=True, inline="always")
@@ -404,24 +448,27 @@ def _no_table(like):
     return np.zeros(1, like.dtype), np.zeros((1, 4, 0), like.dtype)
 
 
-def _conv(x, y, w, d, coeffs, step, n_paths, senders, by_receiver, receiver_ptr, coupling,
-          out_path):
+_NO_ROWS = np.zeros(0, np.int64)  # weights per edge (the tabulated path)
+
+
+def _conv(x, y, w, w_row, d, coeffs, step, n_paths, senders, by_receiver, receiver_ptr,
+          coupling, out_path):
     out = x.new_empty(receiver_ptr.shape[0] - 1, coupling.shape[2], x.shape[2])
     if not y.shape[0]:
         return out.zero_()
     if out.numel():
-        _tp_conv_kernel(_np(x), _np(y), w, d, coeffs, float(step), n_paths, _np(senders),
+        _tp_conv_kernel(_np(x), _np(y), w, w_row, d, coeffs, float(step), n_paths, _np(senders),
                         _np(by_receiver), _np(receiver_ptr), *_plan(coupling, out_path, x.dtype),
                         out.numpy())
     return out
 
 
 def tp_conv(x, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender, sender_ptr,
-            coupling, out_path):
+            w_row, w_partner, coupling, out_path):
     """Launcher: see reference.py."""
     wn = _np(w)
-    return _conv(x, y, wn, *_no_table(wn), 1.0, w.shape[1], senders, by_receiver, receiver_ptr,
-                 coupling, out_path)
+    return _conv(x, y, wn, _np(w_row), *_no_table(wn), 1.0, w.shape[1], senders, by_receiver,
+                 receiver_ptr, coupling, out_path)
 
 
 def tp_conv_spline(x, y, distances, coeffs, step, senders, receivers, by_receiver,
@@ -429,12 +476,13 @@ def tp_conv_spline(x, y, distances, coeffs, step, senders, receivers, by_receive
     """Launcher: see reference.py (the weights read from the table inside the edge loop)."""
     cn = _np(coeffs)
     nc = x.shape[2]
-    return _conv(x, y, np.zeros((1, 1, nc), cn.dtype), _np(distances), cn, step,
+    return _conv(x, y, np.zeros((1, 1, nc), cn.dtype), _NO_ROWS, _np(distances), cn, step,
                  coeffs.shape[2] // nc, senders, by_receiver, receiver_ptr, coupling, out_path)
 
 
-def _vjp(g, x, y, w, d, coeffs, step, n_paths, senders, receivers, by_receiver, receiver_ptr,
-         by_sender, sender_ptr, coupling, out_path, need_x, need_y, need_w, need_d):
+def _vjp(g, x, y, w, w_row, w_partner, d, coeffs, step, n_paths, senders, receivers,
+         by_receiver, receiver_ptr, by_sender, sender_ptr, coupling, out_path, need_x, need_y,
+         need_w, need_d):
     """(gx, gy, gw, gd) with empty [0] tensors where not asked for."""
     dtype = g.dtype
     num_senders = sender_ptr.shape[0] - 1
@@ -445,7 +493,9 @@ def _vjp(g, x, y, w, d, coeffs, step, n_paths, senders, receivers, by_receiver, 
     complete = int(receiver_ptr[-1]) == y.shape[0] if receiver_ptr.shape[0] else False
     alloc = torch.empty if complete else torch.zeros
     gy = alloc(y.shape, dtype=dtype) if need_y else g.new_zeros(0)
-    gw = alloc((y.shape[0], n_paths, g.shape[2]), dtype=dtype) if need_w else g.new_zeros(0)
+    # shared rows: a row no edge reads would not be written (zeros cost ~10 ms per 77 MB)
+    gw = (torch.zeros if w_row.shape[0] else alloc)((w.shape[0], n_paths, g.shape[2]),
+                                                     dtype=dtype) if need_w else g.new_zeros(0)
     gd = alloc(y.shape[0], dtype=dtype) if need_d else g.new_zeros(0)
     if not y.shape[0] or not (need_x or need_y or need_w or need_d):
         return gx.zero_(), gy, gw, gd
@@ -458,8 +508,9 @@ def _vjp(g, x, y, w, d, coeffs, step, n_paths, senders, receivers, by_receiver, 
         torch.zeros(1, coupling.shape[0], g.shape[2], dtype=dtype)
     dummy = np.zeros((1, 1), dtype=q.numpy().dtype)
     if need_y or need_w or need_d or shares:
-        _tp_vjp_kernel(_np(g), _np(x), _np(y), w, d, coeffs, float(step), n_paths,
-                       _np(senders), _np(by_receiver), _np(receiver_ptr), *plan, num_senders,
+        _tp_vjp_kernel(_np(g), _np(x), _np(y), w, w_row, w_partner, d, coeffs, float(step),
+                       n_paths, _np(senders), _np(receivers), _np(by_receiver),
+                       _np(receiver_ptr), *plan, num_senders,
                        shares, bool(need_y), bool(need_w), bool(need_d), q.numpy(),
                        gy.numpy() if need_y else dummy,
                        gw.numpy() if need_w else dummy.reshape(1, 1, 1),
@@ -470,23 +521,23 @@ def _vjp(g, x, y, w, d, coeffs, step, n_paths, senders, receivers, by_receiver, 
 
 
 def tp_conv_sender(g, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender,
-                   sender_ptr, coupling, out_path):
+                   sender_ptr, w_row, w_partner, coupling, out_path):
     """Launcher: see reference.py. A pass over the receivers' rows (y and w read in their
     order) writes each edge's share, then the senders' rows sum them."""
     x = g.new_zeros(1, coupling.shape[0], g.shape[2])  # not read when only shares are wanted
     wn = _np(w)
-    return _vjp(g, x, y, wn, *_no_table(wn), 1.0, w.shape[1], senders, receivers, by_receiver,
-                receiver_ptr, by_sender, sender_ptr, coupling, out_path, True, False, False,
-                False)[0]
+    return _vjp(g, x, y, wn, _np(w_row), _np(w_partner), *_no_table(wn), 1.0, w.shape[1],
+                senders, receivers, by_receiver, receiver_ptr, by_sender, sender_ptr, coupling,
+                out_path, True, False, False, False)[0]
 
 
 def tp_conv_vjp(g, x, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender,
-                sender_ptr, coupling, out_path, need_x, need_y, need_w):
+                sender_ptr, w_row, w_partner, coupling, out_path, need_x, need_y, need_w):
     """Launcher: see reference.py."""
     wn = _np(w)
-    return _vjp(g, x, y, wn, *_no_table(wn), 1.0, w.shape[1], senders, receivers, by_receiver,
-                receiver_ptr, by_sender, sender_ptr, coupling, out_path, need_x, need_y, need_w,
-                False)[:3]
+    return _vjp(g, x, y, wn, _np(w_row), _np(w_partner), *_no_table(wn), 1.0, w.shape[1],
+                senders, receivers, by_receiver, receiver_ptr, by_sender, sender_ptr, coupling,
+                out_path, need_x, need_y, need_w, False)[:3]
 
 
 def tp_conv_spline_vjp(g, x, y, distances, coeffs, step, senders, receivers, by_receiver,
@@ -495,7 +546,8 @@ def tp_conv_spline_vjp(g, x, y, distances, coeffs, step, senders, receivers, by_
     """Launcher: see reference.py."""
     nc = g.shape[2]
     cn = _np(coeffs)
-    gx, gy, _, gd = _vjp(g, x, y, np.zeros((1, 1, nc), cn.dtype), _np(distances), cn, step,
+    gx, gy, _, gd = _vjp(g, x, y, np.zeros((1, 1, nc), cn.dtype), _NO_ROWS, _NO_ROWS,
+                         _np(distances), cn, step,
                          coeffs.shape[2] // nc, senders, receivers, by_receiver, receiver_ptr,
                          by_sender, sender_ptr, coupling, out_path, need_x, need_y, False,
                          need_d)

@@ -13,7 +13,8 @@ Algorithms (maths in README.md; the same sums as cpu_numba.py, ordered for a GPU
 * ``_tp_sender_kernel`` (the x-gradient): the same per sender row (``by_sender`` CSR), reading
   g at each edge's receiver: one writer per row, no atomics.
 * ``_tp_edge_kernel``: the y-, w- and (tabulated weights) distance gradients, one program per
-  edge, looping over channel blocks; every value has one writer.
+  edge, looping over channel blocks; every value has one writer (a row of w shared by an edge
+  and its mirror is stored by the edge of lower index, which adds its partner's term).
 * Tabulated weights (``*_spline``): the cubic table is read inside the edge loops (SPLINE).
 * Symmetric contraction: one program per (atom, block of channels) for the polynomial and its
   x-gradients; the coefficient gradients one program per (element, tuple, block of channels)
@@ -48,7 +49,7 @@ BLOCK_N = 8
 SYMC_TILE = 512
 APPLY_TILE = 256
 _SIZES = ["num_edges", "n_x", "n_rows", "nc", "d_in", "n_y", "d_out", "n_paths", "intervals",
-          "n_atoms", "dim", "n_k", "n_m", "n_z", "n_g"]
+          "n_atoms", "dim", "n_k", "n_m", "n_z", "n_g", "n_rows_w"]
 
 
 # ---------------------------------------------------------------- spherical harmonics
@@ -234,22 +235,34 @@ def _spline_at(d_ptr, step_ptr, e, intervals, ORDER: tl.constexpr):
 
 
 @triton.jit
-def _edge_weights(w_ptr, d_ptr, coeffs_ptr, step_ptr, e, ok, path, offs_c, m2, n_paths, nc,
-                  intervals, SPLINE: tl.constexpr, ORDER: tl.constexpr):
-    """[Dout, channels] tile of the edge's weights per output component, w[e, path(b), c], or
-    the ORDER-th r-derivative of the table's (SPLINE); zero for an invalid edge."""
+def _weight_row(w_row_ptr, e, ok, n_rows_w, ROWS: tl.constexpr):
+    """(row of w that edge e reads, ok and the row in range): w_row[e] (ROWS) or e."""
+    row = e
+    if ROWS:
+        row = tl.load(w_row_ptr + e)
+        inside = (row >= 0) & (row < n_rows_w)
+        ok = ok & inside
+        row = tl.where(inside, row, 0)
+    return row, ok
+
+
+@triton.jit
+def _edge_weights(w_ptr, d_ptr, coeffs_ptr, step_ptr, e, row, ok, path, offs_c, m2, n_paths,
+                  nc, intervals, SPLINE: tl.constexpr, ORDER: tl.constexpr):
+    """[Dout, channels] tile of the edge's weights per output component, w[row, path(b), c],
+    or the ORDER-th r-derivative of the table's at d[e] (SPLINE); zero for an invalid edge."""
     col = path[:, None] * nc + offs_c[None, :]
     mask = m2 & ok
     if SPLINE:
         k, w0, w1, w2, w3 = _spline_at(d_ptr, step_ptr, e, intervals, ORDER)
         width = n_paths.to(tl.int64) * nc  # row stride of the table, 64-bit offsets
-        row = coeffs_ptr + k * 4 * width + col
-        tile = w0 * tl.load(row, mask=mask, other=0.0)
-        tile += w1 * tl.load(row + width, mask=mask, other=0.0)
-        tile += w2 * tl.load(row + 2 * width, mask=mask, other=0.0)
-        tile += w3 * tl.load(row + 3 * width, mask=mask, other=0.0)
+        at = coeffs_ptr + k * 4 * width + col
+        tile = w0 * tl.load(at, mask=mask, other=0.0)
+        tile += w1 * tl.load(at + width, mask=mask, other=0.0)
+        tile += w2 * tl.load(at + 2 * width, mask=mask, other=0.0)
+        tile += w3 * tl.load(at + 3 * width, mask=mask, other=0.0)
     else:
-        tile = tl.load(w_ptr + e * n_paths * nc + col, mask=mask, other=0.0)
+        tile = tl.load(w_ptr + row * n_paths * nc + col, mask=mask, other=0.0)
     return tile
 
 
@@ -261,13 +274,28 @@ def _coupling_tile(coupling_ptr, a, offs_m, offs_b, n_y, d_out):
                    mask=mask, other=0.0)
 
 
+@triton.jit
+def _t_tile(coupling_ptr, x_ptr, ye, s, ok, offs_m, offs_b, offs_c, cm, d_in, n_y, d_out, nc,
+            DOUT_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """T[b, c] = sum_a K_a[e, b] x[s, a, c] of one edge (y row ye); the coupling tiles (shared
+    by every program) are re-read from cache."""
+    t = tl.zeros((DOUT_P, BLOCK_C), dtype=ye.dtype)
+    for a in range(0, d_in):
+        ca = _coupling_tile(coupling_ptr, a, offs_m, offs_b, n_y, d_out)
+        ka = tl.sum(ca * ye[:, None], axis=0)
+        xa = tl.load(x_ptr + (s * d_in + a) * nc + offs_c, mask=cm & ok, other=0.0)
+        t += ka[:, None] * xa[None, :]
+    return t
+
+
 @triton.jit(do_not_specialize=_SIZES)
 def _tp_rows_kernel(out_ptr, x_ptr, y_ptr, w_ptr, d_ptr, coeffs_ptr, step_ptr, coupling_ptr,
-                    out_path_ptr, senders_ptr, by_receiver_ptr, ptr_ptr, num_edges, n_x, nc,
-                    d_in, n_y, d_out, n_paths, intervals, SPLINE: tl.constexpr,
-                    NY_P: tl.constexpr, DOUT_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out[r, b, c] = sum over row r's edges of w[e, path(b), c] sum_a K_a[e, b] x[s_e, a, c],
-    K_a[e, b] = sum_m coupling[a, m, b] y[e, m]."""
+                    out_path_ptr, senders_ptr, by_receiver_ptr, ptr_ptr, w_row_ptr, num_edges,
+                    n_x, n_rows_w, nc, d_in, n_y, d_out, n_paths, intervals,
+                    SPLINE: tl.constexpr, ROWS: tl.constexpr, NY_P: tl.constexpr,
+                    DOUT_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[r, b, c] = sum over row r's edges of w[row_e, path(b), c] sum_a K_a[e, b]
+    x[s_e, a, c], K_a[e, b] = sum_m coupling[a, m, b] y[e, m], row_e = w_row[e] (ROWS) or e."""
     row = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = offs_c < nc
@@ -287,27 +315,24 @@ def _tp_rows_kernel(out_ptr, x_ptr, y_ptr, w_ptr, d_ptr, coeffs_ptr, step_ptr, c
         s = tl.load(senders_ptr + e)
         ok = e_ok & (s >= 0) & (s < n_x)
         s = tl.where(ok, s, 0)
+        wrow, ok = _weight_row(w_row_ptr, e, ok, n_rows_w, ROWS)
+        # the edge's weights and y read once
         ye = tl.load(y_ptr + e * n_y + offs_m, mask=ym & ok, other=0.0)
-        # t[b, c] = sum_a K_a[e, b] x[s, a, c]; the coupling tiles (shared by every program)
-        # are re-read from cache, the edge's weights and y once
-        t = tl.zeros((DOUT_P, BLOCK_C), dtype=out_ptr.dtype.element_ty)
-        for a in range(0, d_in):
-            ca = _coupling_tile(coupling_ptr, a, offs_m, offs_b, n_y, d_out)
-            ka = tl.sum(ca * ye[:, None], axis=0)
-            xa = tl.load(x_ptr + (s * d_in + a) * nc + offs_c, mask=cm & ok, other=0.0)
-            t += ka[:, None] * xa[None, :]
-        acc += t * _edge_weights(w_ptr, d_ptr, coeffs_ptr, step_ptr, e, ok, path, offs_c, m2,
-                                 n_paths, nc, intervals, SPLINE, 0)
+        t = _t_tile(coupling_ptr, x_ptr, ye, s, ok, offs_m, offs_b, offs_c, cm, d_in, n_y, d_out,
+                    nc, DOUT_P, BLOCK_C)
+        acc += t * _edge_weights(w_ptr, d_ptr, coeffs_ptr, step_ptr, e, wrow, ok, path, offs_c,
+                                 m2, n_paths, nc, intervals, SPLINE, 0)
     tl.store(out_ptr + (row * d_out + offs_b[:, None]) * nc + offs_c[None, :], acc, mask=m2)
 
 
 @triton.jit(do_not_specialize=_SIZES)
 def _tp_sender_kernel(gx_ptr, g_ptr, y_ptr, w_ptr, d_ptr, coeffs_ptr, step_ptr, coupling_ptr,
-                      out_path_ptr, receivers_ptr, by_sender_ptr, sender_ptr_ptr, num_edges,
-                      n_g, nc, d_in, n_y, d_out, n_paths, intervals, SPLINE: tl.constexpr,
-                      NY_P: tl.constexpr, DOUT_P: tl.constexpr, DIN_P: tl.constexpr,
-                      BLOCK_C: tl.constexpr):
-    """gx[s, a, c] = sum over sender s's edges of sum_b K_a[e, b] w[e, path(b), c] g[r_e, b, c]."""
+                      out_path_ptr, receivers_ptr, by_sender_ptr, sender_ptr_ptr, w_row_ptr,
+                      num_edges, n_g, n_rows_w, nc, d_in, n_y, d_out, n_paths, intervals,
+                      SPLINE: tl.constexpr, ROWS: tl.constexpr, NY_P: tl.constexpr,
+                      DOUT_P: tl.constexpr, DIN_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """gx[s, a, c] = sum over sender s's edges of sum_b K_a[e, b] w[row_e, path(b), c]
+    g[r_e, b, c]."""
     row = tl.program_id(0).to(tl.int64)
     offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = offs_c < nc
@@ -328,11 +353,12 @@ def _tp_sender_kernel(gx_ptr, g_ptr, y_ptr, w_ptr, d_ptr, coeffs_ptr, step_ptr, 
         r = tl.load(receivers_ptr + e)
         ok = e_ok & (r >= 0) & (r < n_g)
         r = tl.where(ok, r, 0)
+        wrow, ok = _weight_row(w_row_ptr, e, ok, n_rows_w, ROWS)
         ye = tl.load(y_ptr + e * n_y + offs_m, mask=ym & ok, other=0.0)
         gr = tl.load(g_ptr + (r * d_out + offs_b[:, None]) * nc + offs_c[None, :],
                      mask=m2 & ok, other=0.0)
-        gw = gr * _edge_weights(w_ptr, d_ptr, coeffs_ptr, step_ptr, e, ok, path, offs_c, m2,
-                                n_paths, nc, intervals, SPLINE, 0)
+        gw = gr * _edge_weights(w_ptr, d_ptr, coeffs_ptr, step_ptr, e, wrow, ok, path, offs_c,
+                                m2, n_paths, nc, intervals, SPLINE, 0)
         for a in range(0, d_in):
             ca = _coupling_tile(coupling_ptr, a, offs_m, offs_b, n_y, d_out)
             ka = tl.sum(ca * ye[:, None], axis=0)
@@ -344,26 +370,44 @@ def _tp_sender_kernel(gx_ptr, g_ptr, y_ptr, w_ptr, d_ptr, coeffs_ptr, step_ptr, 
 
 @triton.jit(do_not_specialize=_SIZES)
 def _tp_edge_kernel(gy_ptr, gw_ptr, gd_ptr, g_ptr, x_ptr, y_ptr, w_ptr, d_ptr, coeffs_ptr,
-                    step_ptr, coupling_ptr, out_path_ptr, senders_ptr, receivers_ptr, n_x, n_g,
-                    nc, d_in, n_y, d_out, n_paths, intervals, SPLINE: tl.constexpr,
-                    NEED_Y: tl.constexpr, NEED_W: tl.constexpr, NEED_D: tl.constexpr,
-                    NY_P: tl.constexpr, DOUT_P: tl.constexpr, BLOCK_C: tl.constexpr):
+                    step_ptr, coupling_ptr, out_path_ptr, senders_ptr, receivers_ptr, w_row_ptr,
+                    partner_ptr, num_edges, n_x, n_g, n_rows_w, nc, d_in, n_y, d_out, n_paths,
+                    intervals, SPLINE: tl.constexpr, ROWS: tl.constexpr, NEED_Y: tl.constexpr,
+                    NEED_W: tl.constexpr, NEED_D: tl.constexpr, NY_P: tl.constexpr,
+                    DOUT_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Per edge e (one program): gy[e, m] = sum_{a, b} coupling[a, m, b] H[a, b] with
-    H[a, b] = sum_c x[s, a, c] w[e, path(b), c] g[r, b, c]; gw[e, p, c] = sum over the b of
-    path p of T[b, c] g[r, b, c], T[b, c] = sum_a K_a[e, b] x[s, a, c]; gd[e] = that dotted
-    with the table's slope (SPLINE)."""
+    H[a, b] = sum_c x[s, a, c] w[i, path(b), c] g[r, b, c] (i = w_row[e] with ROWS, else e);
+    gw[i, p, c] = sum over the b of path p of T[b, c] g[r, b, c], T[b, c] = sum_a K_a[e, b]
+    x[s, a, c]; gd[e] = that dotted with the table's slope (SPLINE). A row shared with a
+    partner edge is stored by the edge of lower index, which adds the partner's T g: one
+    writer per row, no atomics."""
     e = tl.program_id(0).to(tl.int64)
     s = tl.load(senders_ptr + e)
     r = tl.load(receivers_ptr + e)
     ok = (s >= 0) & (s < n_x) & (r >= 0) & (r < n_g)
     s = tl.where(ok, s, 0)
     r = tl.where(ok, r, 0)
+    wrow, ok = _weight_row(w_row_ptr, e, ok, n_rows_w, ROWS)
     offs_b = tl.arange(0, DOUT_P).to(tl.int64)
     bm = offs_b < d_out
     offs_m = tl.arange(0, NY_P).to(tl.int64)
     ym = offs_m < n_y
     path = tl.load(out_path_ptr + offs_b, mask=bm, other=0)
     ye = tl.load(y_ptr + e * n_y + offs_m, mask=ym & ok, other=0.0)
+    if ROWS and NEED_W:
+        pe = tl.load(partner_ptr + e)
+        paired = (pe >= 0) & (pe < num_edges)
+        # the edge of lower index (a partner beyond the edges counts as none) writes the row,
+        # when in range, even if its own term is void
+        _, writes = _weight_row(w_row_ptr, e, (pe < 0) | (e < pe), n_rows_w, ROWS)
+        pe = tl.where(paired, pe, 0)
+        ps = tl.load(senders_ptr + pe)
+        pr = tl.load(receivers_ptr + pe)
+        # only the writer reads its partner's edge
+        paired = writes & paired & (ps >= 0) & (ps < n_x) & (pr >= 0) & (pr < n_g)
+        ps = tl.where(paired, ps, 0)
+        pr = tl.where(paired, pr, 0)
+        yp = tl.load(y_ptr + pe * n_y + offs_m, mask=ym & paired, other=0.0)
     gy = tl.zeros((NY_P,), dtype=gy_ptr.dtype.element_ty)
     gd = tl.zeros((BLOCK_C,), dtype=gy_ptr.dtype.element_ty)
     for c0 in range(0, nc, BLOCK_C):
@@ -373,7 +417,7 @@ def _tp_edge_kernel(gy_ptr, gw_ptr, gd_ptr, g_ptr, x_ptr, y_ptr, w_ptr, d_ptr, c
         gr = tl.load(g_ptr + (r * d_out + offs_b[:, None]) * nc + offs_c[None, :],
                      mask=m2 & ok, other=0.0)
         if NEED_Y:
-            gw_tile = gr * _edge_weights(w_ptr, d_ptr, coeffs_ptr, step_ptr, e, ok, path,
+            gw_tile = gr * _edge_weights(w_ptr, d_ptr, coeffs_ptr, step_ptr, e, wrow, ok, path,
                                          offs_c, m2, n_paths, nc, intervals, SPLINE, 0)
         t = tl.zeros((DOUT_P, BLOCK_C), dtype=gy_ptr.dtype.element_ty)
         for a in range(0, d_in):
@@ -388,12 +432,20 @@ def _tp_edge_kernel(gy_ptr, gw_ptr, gd_ptr, g_ptr, x_ptr, y_ptr, w_ptr, d_ptr, c
         if NEED_W or NEED_D:
             tg = t * gr
             if NEED_W:
+                wm = cm
+                if ROWS:
+                    wm = cm & writes
+                    if paired:  # uniform per program: the other edges skip the partner's work
+                        gp = tl.load(g_ptr + (pr * d_out + offs_b[:, None]) * nc
+                                     + offs_c[None, :], mask=m2, other=0.0)
+                        tg += gp * _t_tile(coupling_ptr, x_ptr, yp, ps, paired, offs_m, offs_b,
+                                           offs_c, cm, d_in, n_y, d_out, nc, DOUT_P, BLOCK_C)
                 for p in range(0, n_paths):
                     part = tl.sum(tl.where((path == p)[:, None], tg, 0.0), axis=0)
-                    tl.store(gw_ptr + (e * n_paths + p) * nc + offs_c, part, mask=cm)
+                    tl.store(gw_ptr + (wrow * n_paths + p) * nc + offs_c, part, mask=wm)
             if NEED_D:
-                slope = _edge_weights(w_ptr, d_ptr, coeffs_ptr, step_ptr, e, ok, path, offs_c,
-                                      m2, n_paths, nc, intervals, SPLINE, 1)
+                slope = _edge_weights(w_ptr, d_ptr, coeffs_ptr, step_ptr, e, wrow, ok, path,
+                                      offs_c, m2, n_paths, nc, intervals, SPLINE, 1)
                 gd += tl.sum(tg * slope, axis=0)
     if NEED_Y:
         tl.store(gy_ptr + e * n_y + offs_m, gy, mask=ym)
@@ -401,18 +453,26 @@ def _tp_edge_kernel(gy_ptr, gw_ptr, gd_ptr, g_ptr, x_ptr, y_ptr, w_ptr, d_ptr, c
         tl.store(gd_ptr + e, tl.sum(gd, axis=0))
 
 
-def _blocks(d_out: int, nc: int, tile: int = TILE) -> tuple[int, int]:
+def _blocks(d_out: int, nc: int, tile: int | None = None) -> tuple[int, int]:
     """(Dout padded, channels per program): a [Dout, channels] tile of at most ``tile``
-    elements."""
+    elements (TILE, read at the call)."""
+    tile = TILE if tile is None else tile
     dout_p = triton.next_power_of_2(max(d_out, 1))
     return dout_p, max(1, min(triton.next_power_of_2(max(nc, 1)), tile // dout_p))
 
 
 class _Table:
-    """The weights' source: exact w [E, P, C], or a cubic table (coeffs, step) read in-kernel."""
+    """The weights' source: exact w [E, P, C] (or [R, P, C] read by row, ``w_row``, with each
+    edge's ``w_partner``), or a cubic table (coeffs, step) read in-kernel."""
 
-    def __init__(self, like, w=None, distances=None, coeffs=None, step=1.0):
+    def __init__(self, like, w=None, distances=None, coeffs=None, step=1.0, w_row=None,
+                 w_partner=None):
         self.spline = coeffs is not None
+        self.rows = w_row is not None and w_row.shape[0] > 0
+        if self.rows:
+            self.w_row = _c(w_row)
+            # no partners given: every row has one reader
+            self.partner = _c(w_partner) if w_partner.shape[0] else torch.full_like(self.w_row, -1)
         if self.spline:
             self.w = like.new_zeros(1)
             self.d, self.coeffs = _c(distances), _c(coeffs)
@@ -427,6 +487,11 @@ class _Table:
 
     def args(self):
         return self.w, self.d, self.coeffs, self.step
+
+    def row_args(self, index):
+        """(w_row, w_partner) for the kernels; without rows ``index``, an int64 tensor of the
+        launch that is not read (an empty tensor has no pointer to pass)."""
+        return (self.w_row, self.partner) if self.rows else (index, index)
 
 
 def _plan(coupling, out_path, like):
@@ -445,9 +510,10 @@ def _conv(x, y, table, senders, by_receiver, receiver_ptr, coupling, out_path):
     c, path = _plan(coupling, out_path, x)
     _tp_rows_kernel[(n_rows, triton.cdiv(nc, block_c))](
         out, _c(x), _c(y), *table.args(), c, path, _c(senders), _c(by_receiver),
-        _c(receiver_ptr), y.shape[0], x.shape[0], nc, d_in, n_y, d_out, table.n_paths,
-        table.intervals, SPLINE=table.spline, NY_P=triton.next_power_of_2(n_y),
-        DOUT_P=dout_p, BLOCK_C=block_c, num_warps=TP_WARPS)
+        _c(receiver_ptr), table.row_args(path)[0], y.shape[0], x.shape[0], table.w.shape[0],
+        nc, d_in, n_y, d_out, table.n_paths, table.intervals, SPLINE=table.spline,
+        ROWS=table.rows, NY_P=triton.next_power_of_2(n_y), DOUT_P=dout_p, BLOCK_C=block_c,
+        num_warps=TP_WARPS)
     return out
 
 
@@ -463,21 +529,22 @@ def _sender_sum(g, y, table, receivers, by_sender, sender_ptr, coupling, out_pat
     c, path = _plan(coupling, out_path, g)
     _tp_sender_kernel[(n_rows, triton.cdiv(nc, block_c))](
         out, _c(g), _c(y), *table.args(), c, path, _c(receivers), _c(by_sender),
-        _c(sender_ptr), y.shape[0], g.shape[0], nc, d_in, n_y, d_out, table.n_paths,
-        table.intervals, SPLINE=table.spline, NY_P=triton.next_power_of_2(n_y),
-        DOUT_P=dout_p, DIN_P=triton.next_power_of_2(d_in), BLOCK_C=block_c,
-        num_warps=TP_WARPS)
+        _c(sender_ptr), table.row_args(path)[0], y.shape[0], g.shape[0], table.w.shape[0], nc,
+        d_in, n_y, d_out, table.n_paths, table.intervals, SPLINE=table.spline, ROWS=table.rows,
+        NY_P=triton.next_power_of_2(n_y), DOUT_P=dout_p, DIN_P=triton.next_power_of_2(d_in),
+        BLOCK_C=block_c, num_warps=TP_WARPS)
     return out
 
 
 def _edge_grads(g, x, y, table, senders, receivers, coupling, out_path, need_y, need_w,
                 need_d):
-    """(gy [E, nY], gw [E, P, C], gd [E]), each an empty [0] unless asked for."""
+    """(gy [E, nY], gw [rows of w, P, C], gd [E]), each an empty [0] unless asked for."""
     num_edges, nc = y.shape[0], g.shape[2]
     d_in, n_y, d_out = coupling.shape
-    # distinct empty tensors: a custom op's outputs must not alias one another
+    # distinct empty tensors: a custom op's outputs must not alias one another; zeros: a row
+    # no edge writes (shared rows read by no edge, invalid edges) has a zero gradient
     gy = g.new_zeros(y.shape) if need_y else g.new_zeros(0)
-    gw = g.new_zeros(num_edges, table.n_paths, nc) if need_w else g.new_zeros(0)
+    gw = g.new_zeros(table.w.shape[0], table.n_paths, nc) if need_w else g.new_zeros(0)
     gd = g.new_zeros(num_edges) if need_d else g.new_zeros(0)
     if not (need_y or need_w or need_d) or num_edges == 0:
         return gy, gw, gd
@@ -485,30 +552,33 @@ def _edge_grads(g, x, y, table, senders, receivers, coupling, out_path, need_y, 
     c, path = _plan(coupling, out_path, g)
     _tp_edge_kernel[(num_edges,)](
         gy if need_y else g, gw if need_w else g, gd if need_d else g, _c(g), _c(x), _c(y),
-        *table.args(), c, path, _c(senders), _c(receivers), x.shape[0], g.shape[0], nc, d_in,
-        n_y, d_out, table.n_paths, table.intervals, SPLINE=table.spline,
-        NEED_Y=bool(need_y), NEED_W=bool(need_w), NEED_D=bool(need_d),
+        *table.args(), c, path, _c(senders), _c(receivers), *table.row_args(path), num_edges,
+        x.shape[0], g.shape[0], table.w.shape[0], nc, d_in, n_y, d_out, table.n_paths,
+        table.intervals, SPLINE=table.spline, ROWS=table.rows, NEED_Y=bool(need_y),
+        NEED_W=bool(need_w), NEED_D=bool(need_d),
         NY_P=triton.next_power_of_2(n_y), DOUT_P=dout_p, BLOCK_C=block_c, num_warps=TP_WARPS)
     return gy, gw, gd
 
 
 def tp_conv(x, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender, sender_ptr,
-            coupling, out_path):
+            w_row, w_partner, coupling, out_path):
     """Launcher: see reference.py."""
-    return _conv(x, y, _Table(x, w=w), senders, by_receiver, receiver_ptr, coupling, out_path)
+    return _conv(x, y, _Table(x, w=w, w_row=w_row, w_partner=w_partner), senders, by_receiver,
+                 receiver_ptr, coupling, out_path)
 
 
 def tp_conv_sender(g, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender,
-                   sender_ptr, coupling, out_path):
+                   sender_ptr, w_row, w_partner, coupling, out_path):
     """Launcher: see reference.py (one program per sender row and block of channels)."""
-    return _sender_sum(g, y, _Table(g, w=w), receivers, by_sender, sender_ptr, coupling,
-                       out_path)
+    return _sender_sum(g, y, _Table(g, w=w, w_row=w_row, w_partner=w_partner), receivers,
+                       by_sender, sender_ptr, coupling, out_path)
 
 
 def tp_conv_vjp(g, x, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender,
-                sender_ptr, coupling, out_path, need_x, need_y, need_w):
-    """Launcher: see reference.py (the x-gradient by sender rows, y and w per edge)."""
-    table = _Table(g, w=w)
+                sender_ptr, w_row, w_partner, coupling, out_path, need_x, need_y, need_w):
+    """Launcher: see reference.py (the x-gradient by sender rows, y and w per edge; a shared
+    row's w-gradient stored by one of its two edges)."""
+    table = _Table(g, w=w, w_row=w_row, w_partner=w_partner)
     gx = _sender_sum(g, y, table, receivers, by_sender, sender_ptr, coupling, out_path) \
         if need_x else g.new_zeros(0)
     gy, gw, _ = _edge_grads(g, x, y, table, senders, receivers, coupling, out_path, need_y,
@@ -747,10 +817,11 @@ def _sig(names: str, kinds: dict[str, str]) -> dict[str, str]:
 
 
 _IDX = {n: "*i64" for n in ("out_path_ptr", "senders_ptr", "receivers_ptr", "by_receiver_ptr",
-                            "by_sender_ptr", "ptr_ptr", "sender_ptr_ptr", "tuples_ptr",
-                            "elements_ptr", "order_ptr", "elem_ptr_ptr")}
+                            "by_sender_ptr", "ptr_ptr", "sender_ptr_ptr", "w_row_ptr",
+                            "partner_ptr", "tuples_ptr", "elements_ptr", "order_ptr",
+                            "elem_ptr_ptr")}
 _TP = {"NY_P": 16, "DOUT_P": 64, "BLOCK_C": 16}  # lmax = 3, Dout <= 64 (MACE's l <= 3 outputs)
-_CONST = {n: "constexpr" for n in ("LMAX", "MODE", "BLOCK_E", "SPLINE", "NY_P", "DOUT_P",
+_CONST = {n: "constexpr" for n in ("LMAX", "MODE", "BLOCK_E", "SPLINE", "ROWS", "NY_P", "DOUT_P",
                                    "BLOCK_C", "NEED_Y", "NEED_W", "NEED_D", "DIRECTIONAL",
                                    "SECOND", "D_P", "M_P", "BLOCK_N", "DIN_P")}
 
@@ -758,27 +829,36 @@ AOT_SPECS = [
     *({"kernel": _sh_kernel, "name": f"_sh_kernel[{('Y', 'vjp', 'jvp')[mode]}]",
        "signature": _sig("v_ptr other_ptr out_ptr num_edges LMAX MODE BLOCK_E", _CONST),
        "constexprs": {"LMAX": 3, "MODE": mode, "BLOCK_E": BLOCK_E}} for mode in range(3)),
-    *({"kernel": _tp_rows_kernel, "name": f"_tp_rows_kernel[{'spline' if sp else 'w'}]",
+    # exact weights per edge, per shared row (rows: w_row, w_partner) and tabulated
+    *({"kernel": _tp_rows_kernel, "name": f"_tp_rows_kernel[{name}]",
        "signature": _sig("out_ptr x_ptr y_ptr w_ptr d_ptr coeffs_ptr step_ptr coupling_ptr "
-                         "out_path_ptr senders_ptr by_receiver_ptr ptr_ptr num_edges n_x nc d_in "
-                         "n_y d_out n_paths intervals SPLINE NY_P DOUT_P BLOCK_C", _IDX | _CONST),
-       "constexprs": {"SPLINE": sp, **_TP}} for sp in (False, True)),
-    *({"kernel": _tp_sender_kernel, "name": f"_tp_sender_kernel[{'spline' if sp else 'w'}]",
+                         "out_path_ptr senders_ptr by_receiver_ptr ptr_ptr w_row_ptr num_edges "
+                         "n_x n_rows_w nc d_in n_y d_out n_paths intervals SPLINE ROWS NY_P "
+                         "DOUT_P BLOCK_C", _IDX | _CONST),
+       "constexprs": {"SPLINE": sp, "ROWS": rows, **_TP}}
+      for name, sp, rows in (("w", False, False), ("w,rows", False, True),
+                             ("spline", True, False))),
+    *({"kernel": _tp_sender_kernel, "name": f"_tp_sender_kernel[{name}]",
        "signature": _sig("gx_ptr g_ptr y_ptr w_ptr d_ptr coeffs_ptr step_ptr coupling_ptr "
-                         "out_path_ptr receivers_ptr by_sender_ptr sender_ptr_ptr num_edges n_g "
-                         "nc d_in n_y d_out n_paths intervals SPLINE NY_P DOUT_P DIN_P BLOCK_C",
-                         _IDX | _CONST),
-       "constexprs": {"SPLINE": sp, **_TP, "DIN_P": 4}} for sp in (False, True)),
+                         "out_path_ptr receivers_ptr by_sender_ptr sender_ptr_ptr w_row_ptr "
+                         "num_edges n_g n_rows_w nc d_in n_y d_out n_paths intervals SPLINE ROWS "
+                         "NY_P DOUT_P DIN_P BLOCK_C", _IDX | _CONST),
+       "constexprs": {"SPLINE": sp, "ROWS": rows, **_TP, "DIN_P": 4}}
+      for name, sp, rows in (("w", False, False), ("w,rows", False, True),
+                             ("spline", True, False))),
     *({"kernel": _tp_edge_kernel, "name": f"_tp_edge_kernel[{name}]",
        "signature": _sig("gy_ptr gw_ptr gd_ptr g_ptr x_ptr y_ptr w_ptr d_ptr coeffs_ptr step_ptr "
-                         "coupling_ptr out_path_ptr senders_ptr receivers_ptr n_x n_g nc d_in "
-                         "n_y d_out n_paths intervals SPLINE NEED_Y NEED_W NEED_D NY_P DOUT_P "
-                         "BLOCK_C", _IDX | _CONST),
-       "constexprs": {"SPLINE": sp, "NEED_Y": ny, "NEED_W": nw, "NEED_D": nd,
+                         "coupling_ptr out_path_ptr senders_ptr receivers_ptr w_row_ptr "
+                         "partner_ptr num_edges n_x n_g n_rows_w nc d_in n_y d_out n_paths "
+                         "intervals SPLINE ROWS NEED_Y NEED_W NEED_D NY_P DOUT_P BLOCK_C",
+                         _IDX | _CONST),
+       "constexprs": {"SPLINE": sp, "ROWS": rows, "NEED_Y": ny, "NEED_W": nw, "NEED_D": nd,
                       **_TP, "BLOCK_C": EDGE_TILE // _TP["DOUT_P"]}}
-      for name, sp, ny, nw, nd in (("y,w", False, True, True, False),
-                                   ("w", False, False, True, False),
-                                   ("spline,y,d", True, True, False, True))),
+      for name, sp, rows, ny, nw, nd in (("y,w", False, False, True, True, False),
+                                         ("w", False, False, False, True, False),
+                                         ("y,w,rows", False, True, True, True, False),
+                                         ("w,rows", False, True, False, True, False),
+                                         ("spline,y,d", True, False, True, False, True))),
     # M <= 4 outputs per channel (MACE: one irrep block), x of D = 16 components (l <= 3)
     *({"kernel": _symc_apply_kernel, "name": f"_symc_apply_kernel[{'jvp' if dr else 'value'}]",
        "signature": _sig("out_ptr x_ptr v_ptr elements_ptr weights_ptr tuples_ptr dim n_k n_m nc "

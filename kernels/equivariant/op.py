@@ -196,48 +196,55 @@ spherical_harmonics_jvp.register_autograd(_sh_jvp_backward,
 @torch.library.custom_op("fastff::tp_conv", mutates_args=())
 def tp_conv(x: Tensor, y: Tensor, w: Tensor, senders: Tensor, receivers: Tensor,
             by_receiver: Tensor, receiver_ptr: Tensor, by_sender: Tensor, sender_ptr: Tensor,
-            coupling: Tensor, out_path: Tensor, backend: str) -> Tensor:
-    """out[r, b, c] = sum_{e: receivers_e = r} w[e, out_path[b], c]
-    sum_{a, m} coupling[a, m, b] x[senders_e, a, c] y[e, m], [N, Dout, C]."""
+            w_row: Tensor, w_partner: Tensor, coupling: Tensor, out_path: Tensor,
+            backend: str) -> Tensor:
+    """out[r, b, c] = sum_{e: receivers_e = r} w[row_e, out_path[b], c]
+    sum_{a, m} coupling[a, m, b] x[senders_e, a, c] y[e, m], [N, Dout, C].
+
+    row_e is w_row[e], or e when w_row is empty. A row of w may serve two edges (an edge and
+    its mirror have one distance, so one radial weight row): w_partner[e] is the other edge
+    reading w_row[e], or -1 (empty with an empty w_row); the kernels use it to sum a shared
+    row's gradient without two threads writing it (README.md, Shared weight rows)."""
     return registry.launch("tp_conv", TP_CONV, locals())
 
 
 @tp_conv.register_fake
-def _(x, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender, sender_ptr, coupling,
-      out_path, backend):
+def _(x, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender, sender_ptr, w_row,
+      w_partner, coupling, out_path, backend):
     return x.new_empty(receiver_ptr.shape[0] - 1, coupling.shape[2], x.shape[2])
 
 
 @torch.library.custom_op("fastff::tp_conv_sender", mutates_args=())
 def tp_conv_sender(g: Tensor, y: Tensor, w: Tensor, senders: Tensor, receivers: Tensor,
                    by_receiver: Tensor, receiver_ptr: Tensor, by_sender: Tensor,
-                   sender_ptr: Tensor, coupling: Tensor, out_path: Tensor,
-                   backend: str) -> Tensor:
+                   sender_ptr: Tensor, w_row: Tensor, w_partner: Tensor, coupling: Tensor,
+                   out_path: Tensor, backend: str) -> Tensor:
     """The x-gradient of sum <g, tp_conv(x, y, w)>, [N, Din, C] (a sum over each sender's
     edges)."""
     return registry.launch("tp_conv_sender", TP_CONV_SENDER, locals())
 
 
 @tp_conv_sender.register_fake
-def _(g, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender, sender_ptr, coupling,
-      out_path, backend):
+def _(g, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender, sender_ptr, w_row,
+      w_partner, coupling, out_path, backend):
     return g.new_empty(sender_ptr.shape[0] - 1, coupling.shape[0], g.shape[2])
 
 
 @torch.library.custom_op("fastff::tp_conv_vjp", mutates_args=())
 def tp_conv_vjp(g: Tensor, x: Tensor, y: Tensor, w: Tensor, senders: Tensor, receivers: Tensor,
                 by_receiver: Tensor, receiver_ptr: Tensor, by_sender: Tensor,
-                sender_ptr: Tensor, coupling: Tensor, out_path: Tensor, need_x: bool,
-                need_y: bool, need_w: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(x-gradient [N, Din, C], y-gradient [E, nY], w-gradient [E, P, C]) of
+                sender_ptr: Tensor, w_row: Tensor, w_partner: Tensor, coupling: Tensor,
+                out_path: Tensor, need_x: bool, need_y: bool, need_w: bool,
+                backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(x-gradient [N, Din, C], y-gradient [E, nY], w-gradient [rows of w, P, C]) of
     sum <g, tp_conv(x, y, w)> in one pass over the edges; each an empty [0] tensor unless
     need_x / need_y / need_w."""
     return registry.launch("tp_conv_vjp", TP_CONV_VJP, locals())
 
 
 @tp_conv_vjp.register_fake
-def _(g, x, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender, sender_ptr, coupling,
-      out_path, need_x, need_y, need_w, backend):
+def _(g, x, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender, sender_ptr, w_row,
+      w_partner, coupling, out_path, need_x, need_y, need_w, backend):
     return (g.new_empty(sender_ptr.shape[0] - 1, coupling.shape[0], g.shape[2]) if need_x
             else g.new_empty(0),
             torch.empty_like(y) if need_y else y.new_empty(0),
@@ -249,11 +256,16 @@ TP_CONV_SENDER = OpArgs(tp_conv_sender)
 TP_CONV_VJP = OpArgs(tp_conv_vjp)
 _GRAPH = ("senders", "receivers", "by_receiver", "receiver_ptr", "by_sender", "sender_ptr",
           "coupling", "out_path", "backend")
+_ROWS = ("w_row", "w_partner")
 
 
 def _graph(x) -> dict:
-    """The structure every tp op shares, by name, from any of their input tuples."""
-    return {n: getattr(x, n) for n in _GRAPH}
+    """The structure every tp op shares, by name, from any of their input tuples (the tabulated
+    ops, whose weights are per edge, without weight rows)."""
+    graph = {n: getattr(x, n) for n in _GRAPH}
+    for n in _ROWS:
+        graph[n] = getattr(x, n) if hasattr(x, n) else x.senders.new_empty(0)
+    return graph
 
 
 def _no_coupling_grad(want) -> None:
@@ -567,8 +579,9 @@ def _tp_spline_backward(ctx, g):
     g = g.contiguous()
     graph = _graph(x)
     if not torch.is_grad_enabled():  # no graph wanted: one fused pass
-        gx, gy, gd = tp_conv_spline_vjp(g, x.x, x.y, x.distances, x.coeffs, x.step, **graph,
-                                        need_x=want.x, need_y=want.y, need_d=want.distances)
+        gx, gy, gd = tp_conv_spline_vjp(g, x.x, x.y, x.distances, x.coeffs, x.step,
+                                        **{n: graph[n] for n in _GRAPH}, need_x=want.x,
+                                        need_y=want.y, need_d=want.distances)
     else:  # differentiable: the table's weights, then the tp ops' own (closed) backward
         num_edges = x.distances.shape[0]
         w = radial_spline(x.distances, x.coeffs, x.step, 0, x.backend)

@@ -106,38 +106,45 @@ def _coupled(coupling: Tensor, first: Tensor, y: Tensor) -> Tensor:
     return torch.einsum("amb,eac,em->ebc", coupling, first, y)
 
 
+def _edge_rows(w: Tensor, w_row: Tensor) -> Tensor:
+    """[E, P, C]: each edge's row of w (w itself when w_row is empty)."""
+    return w.index_select(0, w_row) if w_row.numel() else w
+
+
 def tp_conv(x, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender, sender_ptr,
-            coupling, out_path):
-    """Launcher: out[r] = sum_{e: receivers_e = r} w[e, path(b)] * (x[senders_e] (x) y_e)_b,
-    [N, Dout, C]."""
-    msg = _coupled(coupling, x[senders], y) * w[:, out_path, :]
+            w_row, w_partner, coupling, out_path):
+    """Launcher: out[r] = sum_{e: receivers_e = r} w[row_e, path(b)] * (x[senders_e] (x) y_e)_b,
+    [N, Dout, C], row_e = w_row[e] (e when w_row is empty; w_partner is the kernels' concern)."""
+    msg = _coupled(coupling, x[senders], y) * _edge_rows(w, w_row)[:, out_path, :]
     out = x.new_zeros(receiver_ptr.shape[0] - 1, coupling.shape[2], x.shape[2])
     return out.index_add(0, receivers, msg)
 
 
 def tp_conv_sender(g, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender,
-                   sender_ptr, coupling, out_path):
+                   sender_ptr, w_row, w_partner, coupling, out_path):
     """Launcher: the x-gradient of sum <g, tp_conv(x, y, w)>, [N, Din, C]."""
-    weighted = g[receivers] * w[:, out_path, :]
+    weighted = g[receivers] * _edge_rows(w, w_row)[:, out_path, :]
     per_edge = torch.einsum("amb,em,ebc->eac", coupling, y, weighted)
     out = g.new_zeros(sender_ptr.shape[0] - 1, coupling.shape[0], g.shape[2])
     return out.index_add(0, senders, per_edge)
 
 
 def tp_conv_vjp(g, x, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender,
-                sender_ptr, coupling, out_path, need_x, need_y, need_w):
-    """Launcher: (x-gradient [N, Din, C], y-gradient [E, nY], w-gradient [E, P, C]) of
+                sender_ptr, w_row, w_partner, coupling, out_path, need_x, need_y, need_w):
+    """Launcher: (x-gradient [N, Din, C], y-gradient [E, nY], w-gradient [rows of w, P, C]) of
     sum <g, tp_conv(x, y, w)>, each an empty [0] tensor unless asked for."""
     gr, xs = g[receivers], x[senders]
     gx, gy, gw = g.new_zeros(0), g.new_zeros(0), g.new_zeros(0)
     if need_x:
         gx = tp_conv_sender(g, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender,
-                            sender_ptr, coupling, out_path)
+                            sender_ptr, w_row, w_partner, coupling, out_path)
     if need_y:
-        gy = torch.einsum("amb,eac,ebc->em", coupling, xs, gr * w[:, out_path, :]).contiguous()
+        gy = torch.einsum("amb,eac,ebc->em", coupling, xs,
+                          gr * _edge_rows(w, w_row)[:, out_path, :]).contiguous()
     if need_w:
         per_out = _coupled(coupling, xs, y) * gr
-        gw = g.new_zeros(w.shape).index_add(1, out_path, per_out)
+        per_edge = g.new_zeros(y.shape[0], *w.shape[1:]).index_add(1, out_path, per_out)
+        gw = g.new_zeros(w.shape).index_add(0, w_row, per_edge) if w_row.numel() else per_edge
     return gx, gy, gw
 
 
@@ -288,8 +295,9 @@ def tp_conv_spline(x, y, distances, coeffs, step, senders, receivers, by_receive
                    receiver_ptr, by_sender, sender_ptr, coupling, out_path):
     """Launcher: tp_conv with w = radial_spline(distances, coeffs, step, 0) viewed [E, P, C]."""
     w = _table_weights(distances, coeffs, step, x.shape[2])
+    none = senders.new_empty(0)
     return tp_conv(x, y, w, senders, receivers, by_receiver, receiver_ptr, by_sender, sender_ptr,
-                   coupling, out_path)
+                   none, none, coupling, out_path)
 
 
 def tp_conv_spline_vjp(g, x, y, distances, coeffs, step, senders, receivers, by_receiver,
@@ -298,8 +306,10 @@ def tp_conv_spline_vjp(g, x, y, distances, coeffs, step, senders, receivers, by_
     """Launcher: (x-, y- and distance-gradient) of sum <g, tp_conv_spline(...)>, each an empty
     [0] tensor unless asked for."""
     w = _table_weights(distances, coeffs, step, g.shape[2])
+    none = senders.new_empty(0)
     gx, gy, gw = tp_conv_vjp(g, x, y, w, senders, receivers, by_receiver, receiver_ptr,
-                             by_sender, sender_ptr, coupling, out_path, need_x, need_y, need_d)
+                             by_sender, sender_ptr, none, none, coupling, out_path, need_x,
+                             need_y, need_d)
     gd = g.new_zeros(0)
     if need_d:
         gd = radial_spline_vjp(gw.reshape(gw.shape[0], -1), distances, coeffs, step, 0)

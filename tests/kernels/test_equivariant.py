@@ -7,6 +7,7 @@ import os
 
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # e3nn's torch.load (see below)
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -32,6 +33,30 @@ def _graph(rng, n, num_edges):
     return senders, receivers, by_receiver, receiver_ptr, by_sender, sender_ptr
 
 
+def _shared_rows(rng, n, num_pairs, num_single):
+    """Edges in mirror pairs (a -> b and b -> a) and single edges, in random order; each pair
+    reads one row of w, each single edge its own: (senders, receivers, w_row, w_partner)."""
+    a = rng.integers(0, n, num_pairs)
+    b = rng.integers(0, n, num_pairs)
+    senders = np.concatenate([a, b, rng.integers(0, n, num_single)])
+    receivers = np.concatenate([b, a, rng.integers(0, n, num_single)])
+    rows = np.concatenate([np.arange(num_pairs)] * 2 + [num_pairs + np.arange(num_single)])
+    partner = np.concatenate([np.arange(num_pairs, 2 * num_pairs), np.arange(num_pairs),
+                              np.full(num_single, -1)])
+    order = rng.permutation(len(senders))
+    position = np.empty_like(order)
+    position[order] = np.arange(len(order))
+    partner = np.where(partner[order] >= 0, position[np.maximum(partner[order], 0)], -1)
+    return tuple(torch.from_numpy(np.ascontiguousarray(t)).long()
+                 for t in (senders[order], receivers[order], rows[order], partner))
+
+
+def _csr(index, n):
+    ptr = torch.zeros(n + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(torch.bincount(index, minlength=n), 0)
+    return torch.argsort(index, stable=True), ptr
+
+
 def _coupling(rng, d_in, num_y, d_out, paths):
     """A sparse random coupling [Din, nY, Dout] and the path of each output component."""
     dense = torch.from_numpy(rng.standard_normal((d_in, num_y, d_out)))
@@ -48,12 +73,24 @@ def _tuples(rng, dim, count):
     return torch.tensor(sorted(pool[k] for k in pick), dtype=torch.int64)
 
 
-def _tp_case(rng, dtype, n=9, num_edges=60, channels=5, d_in=4, lmax=3, d_out=12, paths=5):
-    graph = _graph(rng, n, num_edges)
+def _tp_case(rng, dtype, n=9, num_edges=60, channels=5, d_in=4, lmax=3, d_out=12, paths=5,
+             shared=False):
+    """Inputs of the tp ops; ``graph`` is the edge structure and the weight rows (empty, or
+    with ``shared`` rows each read by a mirror pair of edges): ``graph[:6]`` for the tabulated
+    ops."""
+    none = torch.zeros(0, dtype=torch.int64)
+    if shared:
+        senders, receivers, w_row, w_partner = _shared_rows(rng, n, num_edges // 3,
+                                                            num_edges - 2 * (num_edges // 3))
+        graph = (senders, receivers, *_csr(receivers, n), *_csr(senders, n), w_row, w_partner)
+        num_rows = int(w_row.max()) + 1
+    else:
+        graph = (*_graph(rng, n, num_edges), none, none)
+        num_rows = num_edges
     coupling, out_path = _coupling(rng, d_in, (lmax + 1) ** 2, d_out, paths)
     x = torch.randn(n, d_in, channels, dtype=dtype)
     y = torch.randn(num_edges, (lmax + 1) ** 2, dtype=dtype)
-    w = torch.randn(num_edges, paths, channels, dtype=dtype)
+    w = torch.randn(num_rows, paths, channels, dtype=dtype)
     g = torch.randn(n, d_out, channels, dtype=dtype)
     return x, y, w, g, graph, coupling, out_path
 
@@ -74,8 +111,9 @@ def _same(got, want, dtype, what):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_numba_matches_reference(rng, dtype):
-    x, y, w, g, graph, coupling, out_path = _tp_case(rng, dtype)
+@pytest.mark.parametrize("shared", [False, True], ids=["rows_per_edge", "shared_rows"])
+def test_numba_matches_reference(rng, dtype, shared):
+    x, y, w, g, graph, coupling, out_path = _tp_case(rng, dtype, shared=shared)
     d64 = [t.double() for t in (x, y, w, g)]
     c = coupling.to(dtype)
     _same(cpu_numba.tp_conv(x, y, w, *graph, c, out_path),
@@ -135,12 +173,13 @@ def test_tabulated_weights_match_reference(rng, dtype):
               f"spline vjp order {order}")
     c = coupling.to(dtype)
     x64, y64, g64 = x.double(), y.double(), g.double()
-    _same(cpu_numba.tp_conv_spline(x, y, d, coeffs, step, *graph, c, out_path),
-          reference.tp_conv_spline(x64, y64, d64, c64, step, *graph, coupling, out_path), dtype,
+    _same(cpu_numba.tp_conv_spline(x, y, d, coeffs, step, *graph[:6], c, out_path),
+          reference.tp_conv_spline(x64, y64, d64, c64, step, *graph[:6], coupling, out_path), dtype,
           "tp_conv_spline")
     for needs in itertools.product((True, False), repeat=3):
-        got = cpu_numba.tp_conv_spline_vjp(g, x, y, d, coeffs, step, *graph, c, out_path, *needs)
-        want = reference.tp_conv_spline_vjp(g64, x64, y64, d64, c64, step, *graph, coupling,
+        got = cpu_numba.tp_conv_spline_vjp(g, x, y, d, coeffs, step, *graph[:6], c, out_path,
+                                           *needs)
+        want = reference.tp_conv_spline_vjp(g64, x64, y64, d64, c64, step, *graph[:6], coupling,
                                             out_path, *needs)
         for a, b, name in zip(got, want, ("x", "y", "d"), strict=True):
             _same(a, b, dtype, f"tp_conv_spline_vjp {name} {needs}")
@@ -164,10 +203,11 @@ def test_silu_terms_match_reference_and_autograd(rng, dtype):
             _same(got, reference.silu_term(x, order, *factors), dtype, f"order {order}")
 
 
-def test_reference_gradients_are_autograd_of_the_forward(rng):
+@pytest.mark.parametrize("shared", [False, True], ids=["rows_per_edge", "shared_rows"])
+def test_reference_gradients_are_autograd_of_the_forward(rng, shared):
     """The explicit vjp / vjp-of-vjp formulas of reference.py against torch autograd of its
     forward definitions (which the numba kernels are compared with above)."""
-    x, y, w, g, graph, coupling, out_path = _tp_case(rng, torch.float64)
+    x, y, w, g, graph, coupling, out_path = _tp_case(rng, torch.float64, shared=shared)
     leaves = [t.requires_grad_(True) for t in (x, y, w)]
     out = reference.tp_conv(*leaves, *graph, coupling, out_path)
     gx, gy, gw = torch.autograd.grad(out, leaves, g)
@@ -256,7 +296,7 @@ def test_gradcheck_every_op(rng, backend):
         ("radial_spline", lambda d: op.radial_spline(d, coeffs, 0.1, 1, backend), (d,)),
         ("radial_spline_vjp", lambda g, d: op.radial_spline_vjp(g, d, coeffs, 0.1, 0, backend),
          (gd, d)),
-        ("tp_conv_spline", lambda x, y, d: op.tp_conv_spline(x, y, d, coeffs, 0.1, *graph,
+        ("tp_conv_spline", lambda x, y, d: op.tp_conv_spline(x, y, d, coeffs, 0.1, *graph[:6],
                                                              coupling, out_path, backend),
          (x, y, d)),
     ]
@@ -277,6 +317,27 @@ def test_gradcheck_every_op(rng, backend):
     for name, f, inputs in cases:
         assert torch.autograd.gradcheck(f, inputs), name
         assert torch.autograd.gradgradcheck(f, inputs), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_shared_weight_rows(rng, backend):
+    """The tp ops with rows of w shared by mirror pairs of edges: first and second derivatives
+    (the w-gradient sums a row's two edges, written by one of them in the numba kernels)."""
+    x, y, w, g, graph, coupling, out_path = _tp_case(rng, torch.float64, n=4, num_edges=10,
+                                                     channels=2, d_in=2, lmax=1, d_out=5,
+                                                     paths=2, shared=True)
+    assert w.shape[0] < y.shape[0]
+    x, y, w, g = (t.requires_grad_(True) for t in (x, y, w, g))
+    cases = [
+        (lambda x, y, w: op.tp_conv(x, y, w, *graph, coupling, out_path, backend), (x, y, w)),
+        (lambda g, y, w: op.tp_conv_sender(g, y, w, *graph, coupling, out_path, backend),
+         (g, y, w)),
+        (lambda g, x, y, w: op.tp_conv_vjp(g, x, y, w, *graph, coupling, out_path, True, True,
+                                           True, backend), (g, x, y, w)),
+    ]
+    for f, inputs in cases:
+        assert torch.autograd.gradcheck(f, inputs)
+        assert torch.autograd.gradgradcheck(f, inputs)
 
 
 def test_third_order(rng):
@@ -318,9 +379,9 @@ def test_opcheck_every_op(rng, backend):
     torch.library.opcheck(op.radial_spline_vjp, (torch.randn(d.shape[0], coeffs.shape[2],
                                                              dtype=torch.float64), d, coeffs,
                                                  0.1, 0, backend))
-    torch.library.opcheck(op.tp_conv_spline, (x, y, d, coeffs, 0.1, *graph, coupling, out_path,
+    torch.library.opcheck(op.tp_conv_spline, (x, y, d, coeffs, 0.1, *graph[:6], coupling, out_path,
                                               backend))
-    torch.library.opcheck(op.tp_conv_spline_vjp, (g, x, y, d, coeffs, 0.1, *graph, coupling,
+    torch.library.opcheck(op.tp_conv_spline_vjp, (g, x, y, d, coeffs, 0.1, *graph[:6], coupling,
                                                   out_path, True, True, True, backend),
                           test_utils=("test_schema", "test_faketensor"))
     xs = torch.randn(6, 4, dtype=torch.float64)
@@ -347,11 +408,11 @@ def test_constant_inputs_refuse_gradients(rng):
     coeffs = torch.randn(10, 4, w.shape[1] * w.shape[2], dtype=torch.float64,
                          requires_grad=True)
     d = torch.rand(y.shape[0], dtype=torch.float64)
-    out = op.tp_conv_spline(x, y, d, coeffs, 0.1, *graph, coupling, out_path, "numba")
+    out = op.tp_conv_spline(x, y, d, coeffs, 0.1, *graph[:6], coupling, out_path, "numba")
     with pytest.raises(RuntimeError, match="table"):
         out.sum().backward()
     grads = op.tp_conv_spline_vjp(g.requires_grad_(True), x, y, d.requires_grad_(True),
-                                  coeffs.detach(), 0.1, *graph, coupling, out_path, True, True,
+                                  coeffs.detach(), 0.1, *graph[:6], coupling, out_path, True, True,
                                   True, "numba")
     with pytest.raises(RuntimeError, match="no derivative"):
         grads[2].sum().backward()
@@ -362,7 +423,7 @@ def test_empty_graph_and_zero_vectors():
     n, channels = 3, 2
     empty = torch.zeros(0, dtype=torch.int64)
     ptr = torch.zeros(n + 1, dtype=torch.int64)
-    graph = (empty, empty, empty, ptr, empty, ptr)
+    graph = (empty, empty, empty, ptr, empty, ptr, empty, empty)
     coupling = torch.ones(1, 4, 4, dtype=torch.float64)
     out_path = torch.zeros(4, dtype=torch.int64)
     x = torch.randn(n, 1, channels, dtype=torch.float64)

@@ -1,23 +1,26 @@
 """The equivariant family's Triton kernels (kernels/equivariant/gpu_triton.py) against the float64
-torch reference: harmonics, the tensor-product convolution (exact and tabulated weights) and the
-symmetric contraction, every gradient output, float64 and float32, several channel counts,
-atoms without neighbours; the ops' autograd on the triton backend (ops without a Triton kernel
-run the reference); an accelerated mace-torch model on the triton backend against the original.
+torch reference: harmonics, the tensor-product convolution (exact weights per edge or in rows
+shared by mirror pairs of edges, tabulated weights) and the symmetric contraction, every
+gradient output, float64 and float32, several channel counts, atoms without neighbours; the ops'
+autograd on the triton backend (ops without a Triton kernel run the reference); an accelerated
+mace-torch model on the triton backend against the original.
 On CPU the kernels run under the Triton interpreter (tests/conftest.py), so sizes are tiny."""
 
 import copy
 import io
+import itertools
 import os
 
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # e3nn's torch.load (mace)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from test_equivariant import _coupling, _graph, _tuples  # noqa: E402
+from test_equivariant import _coupling, _tuples  # noqa: E402
+from test_equivariant import _tp_case as _tp_inputs  # noqa: E402
 
 import fastff  # noqa: E402
 from fastff.kernels._runtime import registry  # noqa: E402
-from fastff.kernels.equivariant import gpu_triton, op, reference  # noqa: E402
+from fastff.kernels.equivariant import cpu_numba, gpu_triton, op, reference  # noqa: E402
 from fastff.testing import assert_close_scaled, count_host_syncs  # noqa: E402
 
 DTYPES = [torch.float64, torch.float32]
@@ -71,14 +74,14 @@ def test_harmonics_match_reference(rng, dtype):
         gpu_triton.spherical_harmonics(vectors, 4)
 
 
-def _tp_case(rng, dtype, n, num_edges, channels, d_in, lmax, d_out, paths):
-    graph = tuple(map(_here, _graph(rng, n, num_edges)))  # the last atom receives nothing
-    coupling, out_path = map(_here, _coupling(rng, d_in, (lmax + 1) ** 2, d_out, paths))
-    x = torch.randn(n, d_in, channels, dtype=dtype)
-    y = torch.randn(num_edges, (lmax + 1) ** 2, dtype=dtype)
-    w = torch.randn(num_edges, paths, channels, dtype=dtype)
-    g = torch.randn(n, d_out, channels, dtype=dtype)
-    return x, y, w, g, graph, coupling, out_path
+def _tp_case(rng, dtype, n, num_edges, channels, d_in, lmax, d_out, paths, shared=False):
+    """test_equivariant's tp inputs on the default device: ``graph`` is the 6 structure tensors
+    and w_row, w_partner (empty unless ``shared``; the tabulated ops take ``graph[:6]``)."""
+    x, y, w, g, graph, coupling, out_path = _tp_inputs(
+        rng, dtype, n=n, num_edges=num_edges, channels=channels, d_in=d_in, lmax=lmax,
+        d_out=d_out, paths=paths, shared=shared)
+    return (*map(_here, (x, y, w, g)), tuple(map(_here, graph)), _here(coupling),
+            _here(out_path))
 
 
 # (channels, tile): several channel blocks per row (tile 32 with Dout 16: 2 channels a block)
@@ -110,6 +113,44 @@ def test_tp_conv_matches_reference(rng, monkeypatch, dtype, channels, tile):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_tp_conv_shared_rows_match_reference(rng, monkeypatch, dtype):
+    """Rows of w shared by mirror pairs of edges (w [R, P, C], R < E): each row's w-gradient
+    sums its two edges, stored by one of them; every combination of outputs, several channel
+    blocks per program (tile 32: 2 channels a block)."""
+    monkeypatch.setattr(gpu_triton, "TILE", 32)
+    monkeypatch.setattr(gpu_triton, "EDGE_TILE", 32)
+    x, y, w, g, graph, coupling, out_path = _tp_case(rng, dtype, n=6, num_edges=14, channels=7,
+                                                     d_in=3, lmax=2, d_out=11, paths=4,
+                                                     shared=True)
+    assert w.shape[0] < y.shape[0]
+    x64, y64, w64, g64 = _d64(x, y, w, g)
+    c = coupling.to(dtype)
+    _same(gpu_triton.tp_conv(x, y, w, *graph, c, out_path),
+          reference.tp_conv(x64, y64, w64, *graph, coupling, out_path), dtype, "tp_conv")
+    _same(gpu_triton.tp_conv_sender(g, y, w, *graph, c, out_path),
+          reference.tp_conv_sender(g64, y64, w64, *graph, coupling, out_path), dtype,
+          "tp_conv_sender")
+    for needs in itertools.product((True, False), repeat=3):
+        got = gpu_triton.tp_conv_vjp(g, x, y, w, *graph, c, out_path, *needs)
+        want = reference.tp_conv_vjp(g64, x64, y64, w64, *graph, coupling, out_path, *needs)
+        for a, b, name in zip(got, want, ("x", "y", "w"), strict=True):
+            assert a.shape == b.shape, (name, needs)
+            _same(a, b, dtype, f"tp_conv_vjp {name} {needs}")
+    # a single edge's row out of range: that edge adds nothing (as in the numba kernels) and
+    # its former row, read by no edge, has a zero gradient
+    w_row = graph[6].clone()
+    w_row[int(torch.nonzero(graph[7] < 0)[0, 0])] = w.shape[0]
+    bad = (*graph[:6], w_row, graph[7])
+    cpu = [t.cpu() for t in (g, x, y, w, *bad, c, out_path)]
+    got = gpu_triton.tp_conv_vjp(g, x, y, w, *bad, c, out_path, True, True, True)
+    want = cpu_numba.tp_conv_vjp(*cpu, True, True, True)
+    for a, b, name in zip(got, want, ("x", "y", "w"), strict=True):
+        _same(a.cpu(), b, dtype, f"tp_conv_vjp, a row out of range: {name}")
+    _same(gpu_triton.tp_conv(x, y, w, *bad, c, out_path).cpu(),
+          cpu_numba.tp_conv(*cpu[1:]), dtype, "tp_conv, a row out of range")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_tp_conv_spline_matches_reference(rng, dtype):
     """Weights read from the cubic table inside the kernels; some distances beyond the table
     (and one negative) give zero weights."""
@@ -121,13 +162,14 @@ def test_tp_conv_spline_matches_reference(rng, dtype):
     d[0] = -0.05
     x64, y64, g64, d64, c64 = _d64(x, y, g, d, coeffs)
     c = coupling.to(dtype)
-    _same(gpu_triton.tp_conv_spline(x, y, d, coeffs, step, *graph, c, out_path),
-          reference.tp_conv_spline(x64, y64, d64, c64, step, *graph, coupling, out_path), dtype,
+    table = graph[:6]
+    _same(gpu_triton.tp_conv_spline(x, y, d, coeffs, step, *table, c, out_path),
+          reference.tp_conv_spline(x64, y64, d64, c64, step, *table, coupling, out_path), dtype,
           "tp_conv_spline")
     for needs in ((True, True, True), (False, False, True)):
-        got = gpu_triton.tp_conv_spline_vjp(g, x, y, d, coeffs, step, *graph, c, out_path,
+        got = gpu_triton.tp_conv_spline_vjp(g, x, y, d, coeffs, step, *table, c, out_path,
                                             *needs)
-        want = reference.tp_conv_spline_vjp(g64, x64, y64, d64, c64, step, *graph, coupling,
+        want = reference.tp_conv_spline_vjp(g64, x64, y64, d64, c64, step, *table, coupling,
                                             out_path, *needs)
         for a, b, name in zip(got, want, ("x", "y", "d"), strict=True):
             _same(a, b, dtype, f"tp_conv_spline_vjp {name} {needs}")
@@ -137,7 +179,7 @@ def test_tp_conv_without_edges(rng):
     n = 3
     empty = torch.zeros(0, dtype=torch.int64)
     ptr = torch.zeros(n + 1, dtype=torch.int64)
-    graph = (empty, empty, empty, ptr, empty, ptr)
+    graph = (empty, empty, empty, ptr, empty, ptr, empty, empty)
     coupling, out_path = map(_here, _coupling(rng, 4, 16, 9, 3))
     x = torch.randn(n, 4, 2, dtype=torch.float64)
     y, w = torch.zeros(0, 16, dtype=torch.float64), torch.zeros(0, 3, 2, dtype=torch.float64)
@@ -200,7 +242,8 @@ def test_autograd_on_the_triton_backend(rng):
         ys = op.spherical_harmonics(v, 1, backend)
         d = torch.linalg.vector_norm(v, dim=1)
         h = op.tp_conv(xl, ys, wl, *graph, coupling, out_path, backend)
-        h = h + op.tp_conv_spline(xl, ys, d, coeffs, 0.1, *graph, coupling, out_path, backend)
+        h = h + op.tp_conv_spline(xl, ys, d, coeffs, 0.1, *graph[:6], coupling, out_path,
+                                  backend)
         b = op.symmetric_contraction(h, elements, wt, tuples, backend)
         e = (b ** 2).sum()
         grads = torch.autograd.grad(e, leaves, create_graph=True)
@@ -209,6 +252,33 @@ def test_autograd_on_the_triton_backend(rng):
 
     for got, want in zip(energy_and_grads("triton"), energy_and_grads("reference"), strict=True):
         _same(got, want, torch.float64, "autograd")
+
+
+def test_shared_rows_autograd_on_the_triton_backend(rng):
+    """The tp ops with rows of w shared by mirror pairs of edges on backend='triton': tp_conv's
+    gradients and a second derivative of every input (tp_conv_vjp's backward: tp_conv,
+    tp_conv_sender and tp_conv_vjp with cotangents in each place), and tp_conv_sender's
+    gradients, equal the reference backend's (float64; gradcheck'd in test_equivariant);
+    tp_conv passes gradcheck."""
+    x, y, w, g, graph, coupling, out_path = _tp_case(rng, torch.float64, n=4, num_edges=8,
+                                                     channels=2, d_in=2, lmax=1, d_out=4,
+                                                     paths=2, shared=True)
+    assert w.shape[0] < y.shape[0]
+
+    def derivatives(backend):
+        leaves = [t.clone().requires_grad_(True) for t in (x, y, w, g)]
+        xl, yl, wl, gl = leaves
+        out = op.tp_conv(xl, yl, wl, *graph, coupling, out_path, backend)
+        grads = torch.autograd.grad((out ** 2).sum(), leaves[:3], create_graph=True)
+        second = torch.autograd.grad(sum((t ** 2).sum() for t in grads), leaves[:3])
+        sender = op.tp_conv_sender(gl, yl, wl, *graph, coupling, out_path, backend)
+        return (out, *grads, *second, *torch.autograd.grad((sender ** 2).sum(), (gl, yl, wl)))
+
+    for got, want in zip(derivatives("triton"), derivatives("reference"), strict=True):
+        _same(got, want, torch.float64, "shared rows autograd")
+    leaves = tuple(t.clone().requires_grad_(True) for t in (x, y, w))
+    assert torch.autograd.gradcheck(
+        lambda x, y, w: op.tp_conv(x, y, w, *graph, coupling, out_path, "triton"), leaves)
 
 
 def test_opcheck_on_the_triton_backend(rng):
@@ -222,10 +292,15 @@ def test_opcheck_on_the_triton_backend(rng):
     cheap = ("test_schema", "test_faketensor")
     torch.library.opcheck(op.tp_conv_vjp, (g, x, y, w, *graph, coupling, out_path, True, False,
                                            True, "triton"), test_utils=cheap)
+    xr, yr, wr, gr, rows, cr, pr = _tp_case(rng, torch.float64, n=4, num_edges=7, channels=2,
+                                            d_in=2, lmax=1, d_out=4, paths=2, shared=True)
+    torch.library.opcheck(op.tp_conv_vjp, (gr, xr, yr, wr, *rows, cr, pr, True, True, True,
+                                           "triton"), test_utils=cheap)
     coeffs = torch.randn(8, 4, 2 * 2, dtype=torch.float64)
     d = torch.rand(7, dtype=torch.float64)
-    torch.library.opcheck(op.tp_conv_spline_vjp, (g, x, y, d, coeffs, 0.1, *graph, coupling,
-                                                  out_path, True, True, True, "triton"),
+    torch.library.opcheck(op.tp_conv_spline_vjp, (g, x, y, d, coeffs, 0.1, *graph[:6],
+                                                  coupling, out_path, True, True, True,
+                                                  "triton"),
                           test_utils=cheap)
     xs, elements, weights, tuples, gs, v = _sc_case(rng, torch.float64, n=3, dim=3, count=5,
                                                     num_m=2, channels=2, num_z=2)
@@ -249,14 +324,18 @@ def test_launchers_do_not_synchronise(rng):
     vectors = torch.randn(7, 3, dtype=torch.float64)
     xs, elements, weights, tuples, gs, v = _sc_case(rng, torch.float64, n=3, dim=3, count=5,
                                                     num_m=2, channels=2, num_z=2)
+    xr, yr, wr, gr, rows, cr, pr = _tp_case(rng, torch.float64, n=4, num_edges=7, channels=2,
+                                            d_in=4, lmax=2, d_out=5, paths=2, shared=True)
 
     def step():
         gpu_triton.spherical_harmonics_vjp(y, vectors, 2)
         gpu_triton.tp_conv(x, y, w, *graph, coupling, out_path)
         gpu_triton.tp_conv_vjp(g, x, y, w, *graph, coupling, out_path, True, True, True)
-        gpu_triton.tp_conv_spline(x, y, d, coeffs, 0.1, *graph, coupling, out_path)
-        gpu_triton.tp_conv_spline_vjp(g, x, y, d, coeffs, 0.1, *graph, coupling, out_path, True,
-                                      True, True)
+        gpu_triton.tp_conv(xr, yr, wr, *rows, cr, pr)
+        gpu_triton.tp_conv_vjp(gr, xr, yr, wr, *rows, cr, pr, True, True, True)
+        gpu_triton.tp_conv_spline(x, y, d, coeffs, 0.1, *graph[:6], coupling, out_path)
+        gpu_triton.tp_conv_spline_vjp(g, x, y, d, coeffs, 0.1, *graph[:6], coupling, out_path,
+                                      True, True, True)
         gpu_triton.symmetric_contraction_vjp_vjp(v, gs, xs, elements, weights, tuples, True,
                                                  True, True)
 
