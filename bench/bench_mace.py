@@ -14,7 +14,9 @@ Cases:
   64x0e tabulated       (only when named in --cases) energy+forces of accelerate(tabulate=True):
                         frozen weights, radial MLP read from cubic tables, as in MD
 Also: extra peak memory of one energy+forces call (64x0e, each side in a fresh process: peak
-resident size over the size before the call, /proc/self/clear_refs); fastff MM (LJ +
+resident size over the size before the call, /proc/self/clear_refs; the median of
+--memory-runs alternating processes per side, as glibc's heap makes one process's peak vary
+by ~20%); fastff MM (LJ +
 reaction-field water force field, nm) per atom-step on the same box and MACE / MM; mace's
 cuequivariance path (``enable_cueq``) where it imports; and with --profile the top torch ops of
 the accelerated 64x0e step.
@@ -90,6 +92,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--alternate", type=int, default=0, metavar="K",
                    help="K rounds of fresh processes, original and accelerated in turn")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    p.add_argument("--memory-runs", type=int, default=3, metavar="K",
+                   help="fresh processes per side for the peak memory, alternating (default 3)")
     p.add_argument("--no-mm", action="store_true", help="skip the fastff MM row")
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler top ops of the accelerated 64x0e step")
@@ -276,7 +280,14 @@ def memory_one(args, impl: str) -> dict:
 
 
 def measure_memory(args) -> dict:
-    rows = {impl: _sub(args, ["--one-memory", impl]) for impl in IMPLS}
+    samples: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
+    for _ in range(max(1, args.memory_runs)):
+        for impl in IMPLS:
+            samples[impl].append(_sub(args, ["--one-memory", impl]))
+    rows = {impl: {**runs[0], "extra_peak_MiB": statistics.median(r["extra_peak_MiB"]
+                                                                     for r in runs),
+                   "samples_MiB": [r["extra_peak_MiB"] for r in runs]}
+            for impl, runs in samples.items()}
     o, f = rows["original"]["extra_peak_MiB"], rows["accelerated"]["extra_peak_MiB"]
     return {"case": "64x0e energy+forces", "atoms": rows["original"]["atoms"], "rows": rows,
             "accelerated_over_original": f / o if o > 0 else None,
