@@ -5,10 +5,11 @@ the same object with its spherical harmonics, interactions, products and readout
 ``fastff.kernels.equivariant``: the channelwise tensor product is one fused convolution over
 the receivers' rows (no [edges x channels x irreps] tensor), the symmetric contraction one pass
 per atom over its sparse monomials, the equivariant linears GEMMs over channels per irrep, the
-radial MLP GEMMs. The modules keep their parameters, buffers and state_dict keys (only their
-classes change, to subclasses whose ``forward`` calls the kernels), so optimizers, checkpoints
-and mace's own ``MACECalculator`` work unchanged; ``restore(model)`` undoes it. Anything the
-kernels do not implement is refused by name. ``evaluate`` calls a model on plain tensors.
+radial MLP GEMMs, once per mirror pair of edges where the graph has them. The modules keep
+their parameters, buffers and state_dict keys (only their classes change, to subclasses whose
+``forward`` calls the kernels), so optimizers, checkpoints and mace's own ``MACECalculator``
+work unchanged; ``restore(model)`` undoes it. Anything the kernels do not implement is refused
+by name. ``evaluate`` calls a model on plain tensors.
 
 e3nn 0.4 loads its constants with ``torch.load``, which torch >= 2.6 refuses by default
 (``weights_only``): importing this module allow-lists the one global it needs (``slice``)
