@@ -288,6 +288,18 @@ def _tp_conv_kernel(x, y, w, w_row, d, coeffs, step, n_paths, senders, by_receiv
                    ent_coef, kval, rx, wq, table_w, out)
 
 
+@njit(cache=True, inline="always")
+def _group_cotangent(g, r, kval, b_out, t0, t1, tmp):
+    """tmp[c] = sum over the (path, input) group's outputs t0 <= t < t1 of kval[t] g[r, b_t, c]."""
+    kv, b = kval[t0], b_out[t0]
+    for c in range(g.shape[2]):
+        tmp[c] = kv * g[r, b, c]
+    for t in range(t0 + 1, t1):
+        kv, b = kval[t], b_out[t]
+        for c in range(g.shape[2]):
+            tmp[c] += kv * g[r, b, c]
+
+
 @njit(cache=True, fastmath=_MATH)
 def _vjp_rows(r0, r1, g, x, y, w, w_row, w_partner, d, coeffs, step, senders, receivers,
               by_receiver, ptr, pa_path, pa_in, pa_ptr, b_out, b_ptr, ent_m, ent_coef, n_x,
@@ -327,13 +339,7 @@ def _vjp_rows(r0, r1, g, x, y, w, w_row, w_partner, d, coeffs, step, senders, re
                     p, a = pa_path[gp], pa_in[gp]
                     t0, t1 = pa_ptr[gp], pa_ptr[gp + 1]
                     if grads_w or need_q:
-                        kv, b = kval[t0], b_out[t0]
-                        for c in range(nc):
-                            tmp[c] = kv * g[r, b, c]
-                        for t in range(t0 + 1, t1):
-                            kv, b = kval[t], b_out[t]
-                            for c in range(nc):
-                                tmp[c] += kv * g[r, b, c]
+                        _group_cotangent(g, r, kval, b_out, t0, t1, tmp)
                         if grads_w:
                             for c in range(nc):
                                 local_w[p, c] += x[s, a, c] * tmp[c]
@@ -376,14 +382,7 @@ def _add_partner_term(g, x, y, e, s, r, n_x, pa_path, pa_in, pa_ptr, b_out, b_pt
     _edge_scalars(y, e, b_ptr, ent_m, ent_coef, kval)
     for gp in range(pa_path.shape[0]):
         p, a = pa_path[gp], pa_in[gp]
-        t0, t1 = pa_ptr[gp], pa_ptr[gp + 1]
-        kv, b = kval[t0], b_out[t0]
-        for c in range(nc):
-            tmp[c] = kv * g[r, b, c]
-        for t in range(t0 + 1, t1):
-            kv, b = kval[t], b_out[t]
-            for c in range(nc):
-                tmp[c] += kv * g[r, b, c]
+        _group_cotangent(g, r, kval, b_out, pa_ptr[gp], pa_ptr[gp + 1], tmp)
         for c in range(nc):
             local_w[p, c] += x[s, a, c] * tmp[c]
 

@@ -98,6 +98,13 @@ def test_tp_conv_matches_reference(rng, monkeypatch, dtype, channels, tile):
     x, y, w, g, graph, coupling, out_path = _tp_case(rng, dtype, n=6, num_edges=14,
                                                      channels=channels, d_in=4, lmax=3,
                                                      d_out=11, paths=4)
+    _tp_ops_match(x, y, w, g, graph, coupling, out_path, dtype,
+                  ((True, True, True), (False, True, False), (False, False, True)))
+
+
+def _tp_ops_match(x, y, w, g, graph, coupling, out_path, dtype, needs_list):
+    """The three tp launchers against the float64 reference, every output of the vjp for each
+    combination of need flags."""
     x64, y64, w64, g64 = _d64(x, y, w, g)
     c = coupling.to(dtype)
     _same(gpu_triton.tp_conv(x, y, w, *graph, c, out_path),
@@ -105,10 +112,11 @@ def test_tp_conv_matches_reference(rng, monkeypatch, dtype, channels, tile):
     _same(gpu_triton.tp_conv_sender(g, y, w, *graph, c, out_path),
           reference.tp_conv_sender(g64, y64, w64, *graph, coupling, out_path), dtype,
           "tp_conv_sender")
-    for needs in ((True, True, True), (False, True, False), (False, False, True)):
+    for needs in needs_list:
         got = gpu_triton.tp_conv_vjp(g, x, y, w, *graph, c, out_path, *needs)
         want = reference.tp_conv_vjp(g64, x64, y64, w64, *graph, coupling, out_path, *needs)
         for a, b, name in zip(got, want, ("x", "y", "w"), strict=True):
+            assert a.shape == b.shape, (name, needs)
             _same(a, b, dtype, f"tp_conv_vjp {name} {needs}")
 
 
@@ -123,19 +131,9 @@ def test_tp_conv_shared_rows_match_reference(rng, monkeypatch, dtype):
                                                      d_in=3, lmax=2, d_out=11, paths=4,
                                                      shared=True)
     assert w.shape[0] < y.shape[0]
-    x64, y64, w64, g64 = _d64(x, y, w, g)
+    _tp_ops_match(x, y, w, g, graph, coupling, out_path, dtype,
+                  itertools.product((True, False), repeat=3))
     c = coupling.to(dtype)
-    _same(gpu_triton.tp_conv(x, y, w, *graph, c, out_path),
-          reference.tp_conv(x64, y64, w64, *graph, coupling, out_path), dtype, "tp_conv")
-    _same(gpu_triton.tp_conv_sender(g, y, w, *graph, c, out_path),
-          reference.tp_conv_sender(g64, y64, w64, *graph, coupling, out_path), dtype,
-          "tp_conv_sender")
-    for needs in itertools.product((True, False), repeat=3):
-        got = gpu_triton.tp_conv_vjp(g, x, y, w, *graph, c, out_path, *needs)
-        want = reference.tp_conv_vjp(g64, x64, y64, w64, *graph, coupling, out_path, *needs)
-        for a, b, name in zip(got, want, ("x", "y", "w"), strict=True):
-            assert a.shape == b.shape, (name, needs)
-            _same(a, b, dtype, f"tp_conv_vjp {name} {needs}")
     # a single edge's row out of range: that edge adds nothing (as in the numba kernels) and
     # its former row, read by no edge, has a zero gradient
     w_row = graph[6].clone()
