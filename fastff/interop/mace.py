@@ -209,6 +209,7 @@ class _MirrorRows:
     w_row: Tensor  # int64 [E]: the weight row each edge reads
     w_partner: Tensor  # int64 [E]: the other edge reading that row
     first: Tensor  # int64 [R]: the lower-index edge of each row
+    second: Tensor  # int64 [R]: the other edge of each row
 
     @staticmethod
     def of(senders: Tensor, receivers: Tensor, num_nodes: int) -> _MirrorRows | None:
@@ -219,9 +220,9 @@ class _MirrorRows:
         sorted_key, by_key = torch.sort(key)
         if bool((sorted_key[1:] == sorted_key[:-1]).any()):
             return None  # an atom pair with several edges: which is whose mirror is not known
-        at = torch.searchsorted(sorted_key, receivers * num_nodes + senders).clamp_(
-            max=num_edges - 1)
-        if not bool((sorted_key[at] == receivers * num_nodes + senders).all()):
+        mirror_key = receivers * num_nodes + senders
+        at = torch.searchsorted(sorted_key, mirror_key).clamp_(max=num_edges - 1)
+        if not bool((sorted_key[at] == mirror_key).all()):
             return None
         partner = by_key[at]
         index = torch.arange(num_edges, device=senders.device)
@@ -229,13 +230,12 @@ class _MirrorRows:
         row_of_first = torch.empty_like(index)
         row_of_first[first] = torch.arange(first.numel(), device=senders.device)
         w_row = torch.where(index < partner, row_of_first, row_of_first[partner])
-        return _MirrorRows(w_row, partner, first)
+        return _MirrorRows(w_row, partner, first, partner[first])
 
     def hold(self, r: Tensor, y: Tensor) -> bool:
         """Whether the pairs are mirrors for these distances r [E] and harmonics y [E, >= 4]."""
-        second = self.w_partner[self.first]
-        return bool(torch.equal(r[self.first], r[second])
-                    and torch.equal(y[self.first, 1:4], -y[second, 1:4]))
+        return bool(torch.equal(r[self.first], r[self.second])
+                    and torch.equal(y[self.first, 1:4], -y[self.second, 1:4]))
 
 
 @dataclass

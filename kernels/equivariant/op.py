@@ -260,12 +260,15 @@ _ROWS = ("w_row", "w_partner")
 
 
 def _graph(x) -> dict:
-    """The structure every tp op shares, by name, from any of their input tuples (the tabulated
-    ops, whose weights are per edge, without weight rows)."""
-    graph = {n: getattr(x, n) for n in _GRAPH}
-    for n in _ROWS:
-        graph[n] = getattr(x, n) if hasattr(x, n) else x.senders.new_empty(0)
-    return graph
+    """The structure every tp op shares, by name, from any of their input tuples, with the
+    weight rows where the op has them (the tabulated ops' weights are per edge)."""
+    return {n: getattr(x, n) for n in (*_GRAPH, *_ROWS) if hasattr(x, n)}
+
+
+def _rows_per_edge(like: Tensor) -> dict:
+    """Weight rows for weights per edge: every edge its own row."""
+    none = like.new_empty(0)
+    return {"w_row": none, "w_partner": none}
 
 
 def _no_coupling_grad(want) -> None:
@@ -579,13 +582,13 @@ def _tp_spline_backward(ctx, g):
     g = g.contiguous()
     graph = _graph(x)
     if not torch.is_grad_enabled():  # no graph wanted: one fused pass
-        gx, gy, gd = tp_conv_spline_vjp(g, x.x, x.y, x.distances, x.coeffs, x.step,
-                                        **{n: graph[n] for n in _GRAPH}, need_x=want.x,
-                                        need_y=want.y, need_d=want.distances)
+        gx, gy, gd = tp_conv_spline_vjp(g, x.x, x.y, x.distances, x.coeffs, x.step, **graph,
+                                        need_x=want.x, need_y=want.y, need_d=want.distances)
     else:  # differentiable: the table's weights, then the tp ops' own (closed) backward
         num_edges = x.distances.shape[0]
         w = radial_spline(x.distances, x.coeffs, x.step, 0, x.backend)
         gx, gy, gw = tp_conv_vjp(g, x.x, x.y, w.reshape(num_edges, -1, x.x.shape[2]), **graph,
+                                 **_rows_per_edge(x.senders),
                                  need_x=want.x, need_y=want.y, need_w=want.distances)
         gd = radial_spline_vjp(gw.reshape(num_edges, -1), x.distances, x.coeffs, x.step, 0,
                                x.backend) if want.distances else None
