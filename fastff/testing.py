@@ -47,8 +47,16 @@ TOLERANCES: dict[str, dict[torch.dtype, tuple[float, float]]] = {
     "interop": {torch.float64: (1e-10, 0.0), torch.float32: (1e-5, 0.0)},
     # Accelerated mace-torch models against the unmodified model (fastff.interop.mace): the
     # promised bars, relative to the largest entry. float64 reorders sums only (~1e-15); float32
-    # sums ~50 neighbours and ~800 monomials per atom in another order, measured ~2e-6.
+    # sums ~50 neighbours and ~800 monomials per atom in another order: against float64 on 60
+    # random 20-atom boxes (atoms >= 0.8 A apart) forces are within 2.6e-6 (mace-torch itself in
+    # float32: 2.9e-6). Unphysical contacts (0.2 A, forces ~350 eV/A) amplify rounding: up to
+    # 5e-5 there (mace-torch 1.3e-5; the kernels' long float32 sums), so float32 tests use
+    # physical configurations.
     "mace": {torch.float64: (1e-10, 0.0), torch.float32: (1e-5, 0.0)},
+    # The stress of those models in float32: a virial sum of r (x) f over pairs that cancels, so
+    # max |stress| understates the terms. Against float64 on 60 random 20-atom boxes (atoms
+    # >= 0.8 A apart), the unmodified mace-torch model in float32 reaches 7.1e-6, fastff 6.2e-6.
+    "mace-stress": {torch.float64: (1e-10, 0.0), torch.float32: (3e-5, 0.0)},
     # The force-matching chain (outputs -> forces -> loss -> parameter gradients) in float64: the
     # required bar, 1e-8 relative to the largest entry.
     "training": {torch.float64: (1e-8, 1e-10)},
