@@ -166,6 +166,38 @@ def test_force_matching_parameter_gradients(rng, name):
         same(want, grads[1][key], torch.float64, key, kind="training")
 
 
+def test_frozen_radial_networks_recompute_the_weights(rng, monkeypatch):
+    """Frozen radial networks (molecular dynamics): each interaction before the last keeps its
+    network's last activation and recomputes the weights when the backward reads them. Forces
+    and stress as the unmodified model; force matching of the other parameters (the double
+    backward through the recomputed weights) as well."""
+    model = build(hidden="8x0e+8x1o", num_interactions=3, correlation=[3, 2, 1])
+    for block in model.interactions:
+        block.conv_tp_weights.requires_grad_(False)
+    fast = fm.accelerate(copy.deepcopy(model))
+    recomputed = []
+    saved_as_activation = fm._saved_as_activation
+    monkeypatch.setattr(fm, "_saved_as_activation", lambda w, *a: recomputed.append(w.shape) or
+                        saved_as_activation(w, *a))
+    pos, z, nl, cell = system(rng, n=16)
+    want = outputs(model, pos, z, nl, cell, compute_stress=True)
+    got = outputs(fast, pos, z, nl, cell, compute_stress=True)
+    assert len(recomputed) == 2  # interactions 0 and 1
+    for key in ("energy", "forces", "stress"):
+        same(want[key], got[key], torch.float64, key)
+    target = torch.randn(len(pos), 3, dtype=torch.float64)
+    grads = []
+    for m in (model, fast):
+        out = outputs(m, pos, z, nl, cell, compute_stress=True, training=True)
+        loss = ((out["forces"] - target) ** 2).sum() + (out["stress"] ** 2).sum()
+        m.zero_grad()
+        loss.backward()
+        grads.append({k: p.grad for k, p in m.named_parameters() if p.grad is not None})
+    assert len(recomputed) == 4 and grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for key, want_grad in grads[0].items():
+        same(want_grad, grads[1][key], torch.float64, key, kind="training")
+
+
 def test_radial_network_over_edge_blocks(rng, monkeypatch):
     """On CPU the radial networks' hidden layers run over blocks of edges (a few MB each at
     real sizes); with blocks of a few edges here, the energies, forces, stress and force

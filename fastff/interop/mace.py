@@ -23,6 +23,8 @@ from __future__ import annotations
 import copy
 import math
 import weakref
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -448,7 +450,14 @@ class _RadialMLP:
         return [getattr(net, f"layer{k}").weight for k in range(len(net.hs) - 1)]
 
     def __call__(self, weights: list[Tensor], x: Tensor, backend: str | None = None) -> Tensor:
-        """The network on x [E, K]; with a fastff ``backend`` its SiLUs are ``silu_term`` (each
+        """The network on x [E, K] (see :meth:`split`)."""
+        hidden, output = self.split(weights, x, backend)
+        return output(hidden)
+
+    def split(self, weights: list[Tensor], x: Tensor, backend: str | None = None
+              ) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """The network on x [E, K] as (the last hidden activation [E, H], the function that
+        maps it to the output): with a fastff ``backend`` its SiLUs are ``silu_term`` (each
         derivative one pass; torch's autograd of SiLU takes ~9 elementwise passes in force
         training's second backward), otherwise e3nn's activation as given.
 
@@ -475,8 +484,12 @@ class _RadialMLP:
                            for block in x.split(rows)])
         else:
             x = self._layers(hidden, x, backend)
-        x = self._layers([(last, last_f)], x, backend)
-        return x * carry if carry != 1.0 else x
+
+        def output(h: Tensor) -> Tensor:
+            out = self._layers([(last, last_f)], h, backend)
+            return out * carry if carry != 1.0 else out
+
+        return x, output
 
     @staticmethod
     def _layers(layers, x: Tensor, backend: str | None) -> Tensor:
@@ -512,10 +525,15 @@ class _RadialWeights:
         self.knots = knots
         self._table: tuple | None = None  # (snapshot, dtype, device, coeffs, step)
 
-    def exact(self, net, features, backend: str) -> Tensor:
+    def exact(self, net, features, backend: str) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """The weights as (the network's last hidden activation [E, H], the function that maps
+        it to the weights [E, paths x channels]): the weights are 4x the activation at 64
+        channels, so a caller may keep the activation and recompute the weights."""
         basis, cutoff = features
-        w = self.mlp(_RadialMLP.weights(net), basis, backend)
-        return w if cutoff is None else w * cutoff
+        hidden, output = self.mlp.split(_RadialMLP.weights(net), basis, backend)
+        if cutoff is None:
+            return hidden, output
+        return hidden, lambda h: output(h) * cutoff
 
     def table(self, net, radial, like: Tensor) -> tuple[Tensor, float]:
         sources = [*_RadialMLP.weights(net), *radial.parameters(), *radial.buffers()]
@@ -694,17 +712,53 @@ def _interaction_forward(self, node_attrs: Tensor, node_feats: Tensor, edge_attr
             r_rows, row_args = r, (_NO_ROWS, _NO_ROWS)
         else:
             r_rows, row_args = graph.row_distances(r, rows), (rows.w_row, rows.w_partner)
-        w = plan.radial.exact(self.conv_tp_weights, graph.features(r_rows, shared.radial),
-                              _backend(shared, "silu_term", x.device))
-        message = _eq.tp_conv(x.contiguous(), y.contiguous(),
-                              w.reshape(w.shape[0], -1, x.shape[2]).contiguous(),
-                              *graph.structure, *(t.to(x.device) for t in row_args), *coupling,
-                              backend)
+        hidden, weights_of = plan.radial.exact(self.conv_tp_weights,
+                                               graph.features(r_rows, shared.radial),
+                                               _backend(shared, "silu_term", x.device))
+        w = weights_of(hidden)
+        w = w.reshape(w.shape[0], -1, x.shape[2]).contiguous()
+        # With frozen radial weights (molecular dynamics), an interaction before the last keeps
+        # its network's last activation for the backward, not the weights (4x its size at 64
+        # channels): the backward runs the last interaction first, which would otherwise find
+        # every earlier interaction's weights still held (the step's memory peak).
+        recompute = not plan.last and torch.is_grad_enabled() and not any(
+            t.requires_grad for t in _RadialMLP.weights(self.conv_tp_weights))
+        with _saved_as_activation(w, hidden, weights_of) if recompute else nullcontext():
+            message = _eq.tp_conv(x.contiguous(), y.contiguous(), w, *graph.structure,
+                                  *(t.to(x.device) for t in row_args), *coupling, backend)
+        del w
     out = plan.linear(self.linear.weight, _split_rows(message, plan.irreps_mid))
     if not plan.residual:
         out = plan.skip(self.skip_tp.weight, out, elements)
     stacked = out[0] if len(out) == 1 else torch.cat(out, 1)  # [N, D, C]
     return stacked.transpose(1, 2), sc  # mace's [N, C, D]
+
+
+class _Activation:
+    """A saved tensor kept as the activation it is recomputed from (see below)."""
+
+    def __init__(self, hidden: Tensor):
+        self.hidden = hidden
+
+
+def _saved_as_activation(w: Tensor, hidden: Tensor, weights_of: Callable[[Tensor], Tensor]):
+    """Saved-tensor hooks for one convolution: the weights ``w`` it saves for its backward are
+    kept as the radial network's last activation and recomputed (one GEMM) when the backward
+    reads them; autograd gives the recomputed tensor the original's history, so every order
+    of derivative is unchanged. Weights are matched by identity (a weak reference: the hooks
+    must not keep them alive)."""
+    target, shape = weakref.ref(w), w.shape
+
+    def pack(t: Tensor):
+        return _Activation(hidden) if t is target() else t
+
+    def unpack(saved):
+        if not isinstance(saved, _Activation):
+            return saved
+        with torch.no_grad():
+            return weights_of(saved.hidden).reshape(shape)
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 class _FastInteraction(_blocks.RealAgnosticInteractionBlock):
@@ -718,6 +772,7 @@ class _FastResidualInteraction(_blocks.RealAgnosticResidualInteractionBlock):
 @dataclass
 class _InteractionPlan:
     residual: bool
+    last: bool  # the model's last interaction (its backward runs first)
     skip: _ElementLinear
     up: _Linear
     radial: _RadialWeights
@@ -831,7 +886,7 @@ def _uniform_mul(irreps: o3.Irreps, name: str) -> int:
     return muls.pop()
 
 
-def _interaction_plan(block, name: str, knots: int) -> _InteractionPlan:
+def _interaction_plan(block, name: str, knots: int, last: bool) -> _InteractionPlan:
     _check_config(block, name)
     if block.node_feats_irreps.lmax > _MAX_HIDDEN_L:
         _refuse("hidden_irreps", str(block.node_feats_irreps), f"l <= {_MAX_HIDDEN_L}")
@@ -841,7 +896,7 @@ def _interaction_plan(block, name: str, knots: int) -> _InteractionPlan:
     _uniform_mul(block.conv_tp.irreps_out, f"{name}.conv_tp irreps")
     _uniform_mul(block.linear.irreps_out, f"{name}.target irreps")
     return _InteractionPlan(
-        residual=isinstance(block, _blocks.RealAgnosticResidualInteractionBlock),
+        residual=isinstance(block, _blocks.RealAgnosticResidualInteractionBlock), last=last,
         skip=_ElementLinear(block.skip_tp), up=_Linear(block.linear_up),
         radial=_RadialWeights(block.conv_tp_weights, knots),
         coupling=_coupling(block.conv_tp, channels, float(block.avg_num_neighbors)),
@@ -917,7 +972,8 @@ def accelerate(model, *, backend: str | None = None, tabulate: bool = False,
         (model.spherical_harmonics, None, "spherical_harmonics"),
              (model.radial_embedding, None, "radial_embedding")]
     for k, block in enumerate(model.interactions):
-        plans.append((block, _interaction_plan(block, f"interactions.{k}", knots),
+        last = k == len(model.interactions) - 1
+        plans.append((block, _interaction_plan(block, f"interactions.{k}", knots, last),
                       f"interactions.{k}"))
     for k, block in enumerate(model.products):
         plans.append((block, _product_plan(block, f"products.{k}"), f"products.{k}"))
