@@ -303,8 +303,8 @@ def _group_cotangent(g, r, kval, b_out, t0, t1, tmp):
 @njit(cache=True, fastmath=_MATH)
 def _vjp_rows(r0, r1, g, x, y, w, w_row, w_partner, d, coeffs, step, senders, receivers,
               by_receiver, ptr, pa_path, pa_in, pa_ptr, b_out, b_ptr, ent_m, ent_coef, n_x,
-              need_q, need_y, need_w, need_d, mirrored, kval, qval, local_w, local_q, local_x,
-              tmp, u, wq, table_w, q, gy, gw, gd, gx):
+              need_q, need_y, need_w, need_d, kval, qval, local_w, local_q, tmp, u, wq,
+              table_w, q, gy, gw, gd):
     """Per edge of receiver rows [r0, r1) (g[r] stays in cache): the y-gradient, the
     w-gradient (stored, or with tabulated weights dotted at once with the table's slope: the
     distance gradient), and the sender's share q_e = d/dx[sender] of the edge's term (summed
@@ -313,15 +313,9 @@ def _vjp_rows(r0, r1, g, x, y, w, w_row, w_partner, d, coeffs, step, senders, re
     (w t); the y-gradient takes one dot <w x, g[r, b]> per output component.
 
     A weight row shared with a partner edge is written by the edge of lower index, which adds
-    the partner's term (its g[receiver] and x[sender] read at random): one writer per row.
-
-    ``mirrored`` (every edge's partner is its mirror, checked by the launcher): the partners
-    of row r's edges are the edges sent by r, so their shares sum into gx[r] here, with the
-    partner's term already at hand; no per-edge shares and no senders' pass."""
+    the partner's term (its g[receiver] and x[sender] read at random): one writer per row."""
     n_edges, nc = y.shape[0], g.shape[2]
     for r in range(r0, r1):
-        if mirrored:
-            local_x[:] = 0.0
         for k in range(ptr[r], ptr[r + 1]):
             e = by_receiver[k]
             if e < 0 or e >= n_edges:
@@ -361,10 +355,10 @@ def _vjp_rows(r0, r1, g, x, y, w, w_row, w_partner, d, coeffs, step, senders, re
                             for c in range(nc):
                                 acc += u[c] * g[r, b, c]
                             qval[t] = acc
-            if partner >= 0 and (writes_w or mirrored):
+            if writes_w and partner >= 0:
                 _add_partner_term(g, x, y, partner, senders[partner], receivers[partner], n_x,
                                   pa_path, pa_in, pa_ptr, b_out, b_ptr, ent_m, ent_coef, kval,
-                                  tmp, local_w, writes_w, we, local_x, mirrored)
+                                  tmp, local_w)
             if writes_w:
                 gw[row] = local_w
             if need_d:
@@ -376,15 +370,12 @@ def _vjp_rows(r0, r1, g, x, y, w, w_row, w_partner, d, coeffs, step, senders, re
                 for t in range(b_out.shape[0]):
                     for j in range(b_ptr[t], b_ptr[t + 1]):
                         gy[e, ent_m[j]] += ent_coef[j] * qval[t]
-        if mirrored:
-            gx[r] = local_x
 
 
 @njit(cache=True, inline="always")
 def _add_partner_term(g, x, y, e, s, r, n_x, pa_path, pa_in, pa_ptr, b_out, b_ptr, ent_m,
-                      ent_coef, kval, tmp, local_w, add_w, we, local_x, add_x):
-    """For edge e (sender s, receiver r): local_w += its w-gradient (``add_w``), local_x += its
-    share of x[s]'s gradient (``add_x``, weights ``we``); kval and tmp are reused."""
+                      ent_coef, kval, tmp, local_w):
+    """local_w += the w-gradient of edge e (sender s, receiver r); kval and tmp are reused."""
     if not (0 <= s < n_x and 0 <= r < g.shape[0]):
         return
     nc = g.shape[2]
@@ -392,48 +383,28 @@ def _add_partner_term(g, x, y, e, s, r, n_x, pa_path, pa_in, pa_ptr, b_out, b_pt
     for gp in range(pa_path.shape[0]):
         p, a = pa_path[gp], pa_in[gp]
         _group_cotangent(g, r, kval, b_out, pa_ptr[gp], pa_ptr[gp + 1], tmp)
-        if add_w:
-            for c in range(nc):
-                local_w[p, c] += x[s, a, c] * tmp[c]
-        if add_x and we is not None:
-            for c in range(nc):
-                local_x[a, c] += we[p, c] * tmp[c]
-
-
-@njit(cache=True)
-def _mirror_partners(senders, receivers, w_row, w_partner):
-    """Whether every edge's partner is its mirror: another edge, reading the same row, whose
-    sender is the edge's receiver and the other way round."""
-    n = senders.shape[0]
-    if w_partner.shape[0] != n or w_row.shape[0] != n or n == 0:
-        return False
-    for e in range(n):
-        p = w_partner[e]
-        if not (0 <= p < n and p != e and w_row[p] == w_row[e] and senders[p] == receivers[e]
-                and receivers[p] == senders[e]):
-            return False
-    return True
+        for c in range(nc):
+            local_w[p, c] += x[s, a, c] * tmp[c]
 
 
 @njit(cache=True, parallel=True)
 def _tp_vjp_kernel(g, x, y, w, w_row, w_partner, d, coeffs, step, n_paths, senders, receivers,
                    by_receiver, ptr, pa_path, pa_in, pa_ptr, b_out, b_ptr, ent_m, ent_coef, n_x,
-                   need_q, need_y, need_w, need_d, mirrored, q, gy, gw, gd, gx):
+                   need_q, need_y, need_w, need_d, q, gy, gw, gd):
     n_rows, nc, d_in = ptr.shape[0] - 1, g.shape[2], q.shape[1]
     for chunk in prange((n_rows + ROWS - 1) // ROWS):
         kval = np.empty(b_out.shape[0], dtype=g.dtype)
         qval = np.empty(b_out.shape[0], dtype=g.dtype)
         local_w = np.empty((n_paths, nc), dtype=g.dtype)
         local_q = np.empty((d_in, nc), dtype=g.dtype)
-        local_x = np.empty((d_in, nc), dtype=g.dtype)
         tmp = np.empty(nc, dtype=g.dtype)
         u = np.empty(nc, dtype=g.dtype)
         wq = np.empty(4)
         table_w = np.empty((n_paths, nc), dtype=g.dtype)
         _vjp_rows(chunk * ROWS, min(n_rows, (chunk + 1) * ROWS), g, x, y, w, w_row, w_partner,
                   d, coeffs, step, senders, receivers, by_receiver, ptr, pa_path, pa_in, pa_ptr,
-                  b_out, b_ptr, ent_m, ent_coef, n_x, need_q, need_y, need_w, need_d, mirrored,
-                  kval, qval, local_w, local_q, local_x, tmp, u, wq, table_w, q, gy, gw, gd, gx)
+                  b_out, b_ptr, ent_m, ent_coef, n_x, need_q, need_y, need_w, need_d, kval,
+                  qval, local_w, local_q, tmp, u, wq, table_w, q, gy, gw, gd)
 
 
 @njit(cache=True, inline="always")
@@ -528,25 +499,21 @@ def _vjp(g, x, y, w, w_row, w_partner, d, coeffs, step, n_paths, senders, receiv
     if not y.shape[0] or not (need_x or need_y or need_w or need_d):
         return gx.zero_(), gy, gw, gd
     plan = _plan(coupling, out_path, dtype)
-    # the x-gradient: with mirror partners, summed per receiver row in the pass itself;
-    # otherwise per-edge shares (written in the receivers' pass, where the edge's weights are
-    # at hand) summed per sender: re-reading the weights (or re-evaluating the table) and
-    # g[receiver] at random in a senders' pass cost more
-    mirrored = bool(need_x) and complete and num_senders == receiver_ptr.shape[0] - 1 and \
-        _mirror_partners(_np(senders), _np(receivers), w_row, w_partner)
-    shares = bool(need_x) and not mirrored
+    # the x-gradient: per-edge shares (written in the receivers' pass, where the edge's
+    # weights are at hand) summed per sender; re-reading the weights (or re-evaluating the
+    # table) and g[receiver] at random in a senders' pass cost more
+    shares = bool(need_x)
     q = alloc((y.shape[0], coupling.shape[0], g.shape[2]), dtype=dtype) if shares else \
         torch.zeros(1, coupling.shape[0], g.shape[2], dtype=dtype)
     dummy = np.zeros((1, 1), dtype=q.numpy().dtype)
-    if need_y or need_w or need_d or need_x:
+    if need_y or need_w or need_d or shares:
         _tp_vjp_kernel(_np(g), _np(x), _np(y), w, w_row, w_partner, d, coeffs, float(step),
                        n_paths, _np(senders), _np(receivers), _np(by_receiver),
                        _np(receiver_ptr), *plan, num_senders,
-                       shares, bool(need_y), bool(need_w), bool(need_d), mirrored, q.numpy(),
+                       shares, bool(need_y), bool(need_w), bool(need_d), q.numpy(),
                        gy.numpy() if need_y else dummy,
                        gw.numpy() if need_w else dummy.reshape(1, 1, 1),
-                       gd.numpy() if need_d else dummy.reshape(1),
-                       gx.numpy() if mirrored else dummy.reshape(1, 1, 1))
+                       gd.numpy() if need_d else dummy.reshape(1))
     if shares and num_senders:
         _sender_sums(q.numpy(), _np(by_sender), _np(sender_ptr), gx.numpy())
     return gx, gy, gw, gd

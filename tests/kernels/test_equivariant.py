@@ -76,14 +76,12 @@ def _tuples(rng, dim, count):
 def _tp_case(rng, dtype, n=9, num_edges=60, channels=5, d_in=4, lmax=3, d_out=12, paths=5,
              shared=False):
     """Inputs of the tp ops; ``graph`` is the edge structure and the weight rows (empty, or
-    with ``shared`` rows each read by a mirror pair of edges, beside single edges; "mirrored":
-    every edge in a pair, the numba backward's one-pass x-gradient): ``graph[:6]`` for the
-    tabulated ops."""
+    with ``shared`` rows each read by a mirror pair of edges): ``graph[:6]`` for the tabulated
+    ops."""
     none = torch.zeros(0, dtype=torch.int64)
     if shared:
-        pairs = num_edges // 2 if shared == "mirrored" else num_edges // 3
-        senders, receivers, w_row, w_partner = _shared_rows(rng, n, pairs,
-                                                            num_edges - 2 * pairs)
+        senders, receivers, w_row, w_partner = _shared_rows(rng, n, num_edges // 3,
+                                                            num_edges - 2 * (num_edges // 3))
         graph = (senders, receivers, *_csr(receivers, n), *_csr(senders, n), w_row, w_partner)
         num_rows = int(w_row.max()) + 1
     else:
@@ -113,8 +111,7 @@ def _same(got, want, dtype, what):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shared", [False, True, "mirrored"],
-                         ids=["rows_per_edge", "shared_rows", "mirrored_rows"])
+@pytest.mark.parametrize("shared", [False, True], ids=["rows_per_edge", "shared_rows"])
 def test_numba_matches_reference(rng, dtype, shared):
     x, y, w, g, graph, coupling, out_path = _tp_case(rng, dtype, shared=shared)
     d64 = [t.double() for t in (x, y, w, g)]
@@ -323,14 +320,12 @@ def test_gradcheck_every_op(rng, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shared", [True, "mirrored"])
-def test_gradcheck_shared_weight_rows(rng, backend, shared):
+def test_gradcheck_shared_weight_rows(rng, backend):
     """The tp ops with rows of w shared by mirror pairs of edges: first and second derivatives
-    (the w-gradient sums a row's two edges, written by one of them in the numba kernels; with
-    every edge mirrored, numba sums the x-gradient in the receivers' pass)."""
+    (the w-gradient sums a row's two edges, written by one of them in the numba kernels)."""
     x, y, w, g, graph, coupling, out_path = _tp_case(rng, torch.float64, n=4, num_edges=10,
                                                      channels=2, d_in=2, lmax=1, d_out=5,
-                                                     paths=2, shared=shared)
+                                                     paths=2, shared=True)
     assert w.shape[0] < y.shape[0]
     x, y, w, g = (t.requires_grad_(True) for t in (x, y, w, g))
     cases = [
