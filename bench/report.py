@@ -219,7 +219,7 @@ def _mace_rows():
     for name in ("bench_mace_64x0e.json", "bench_mace_rerun.json",
                  "bench_mace_64x0e_blocks.json", "bench_mace_blocks_rerun.json",
                  "bench_mace_pairs_64x0e.json", "bench_mace_pairs_rerun.json",
-                 "bench_mace_recompute_64x0e.json"):
+                 "bench_mace_recompute_64x0e.json", "bench_mace_recompute_rerun.json"):
         doc = _load(name)
         for c in (doc or {}).get("cases", []):
             ours, peer = c.get("accelerated") or {}, c.get("original") or {}
