@@ -104,6 +104,15 @@ def same(a, b, dtype, what, kind="mace"):
     assert_close_scaled(b, a, kind, dtype, what)
 
 
+def force_matching(m, pos, z, nl, cell, target):
+    """(outputs, parameter gradients) of a loss on forces and stress (training=True)."""
+    out = outputs(m, pos, z, nl, cell, compute_stress=True, training=True)
+    loss = ((out["forces"] - target) ** 2).sum() + (out["stress"] ** 2).sum()
+    m.zero_grad()
+    loss.backward()
+    return out, {k: p.grad for k, p in m.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_energies_forces_stress_match_mace(rng, name):
     model = build(**CONFIGS[name])
@@ -186,13 +195,7 @@ def test_frozen_radial_networks_recompute_the_weights(rng, monkeypatch):
     for key in ("energy", "forces", "stress"):
         same(want[key], got[key], torch.float64, key)
     target = torch.randn(len(pos), 3, dtype=torch.float64)
-    grads = []
-    for m in (model, fast):
-        out = outputs(m, pos, z, nl, cell, compute_stress=True, training=True)
-        loss = ((out["forces"] - target) ** 2).sum() + (out["stress"] ** 2).sum()
-        m.zero_grad()
-        loss.backward()
-        grads.append({k: p.grad for k, p in m.named_parameters() if p.grad is not None})
+    grads = [force_matching(m, pos, z, nl, cell, target)[1] for m in (model, fast)]
     assert len(recomputed) == 4 and grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for key, want_grad in grads[0].items():
         same(want_grad, grads[1][key], torch.float64, key, kind="training")
@@ -217,13 +220,7 @@ def test_radial_network_over_edge_blocks(rng, monkeypatch):
     monkeypatch.setattr(fm, "_EDGE_BLOCK_BYTES", rows * 16 * 8)  # 16 hidden units, float64
     monkeypatch.setattr(torch.Tensor, "split", counting_split)
     target = torch.randn(len(pos), 3, dtype=torch.float64)
-    results = []
-    for m in (model, fast):
-        out = outputs(m, pos, z, nl, cell, compute_stress=True, training=True)
-        loss = ((out["forces"] - target) ** 2).sum() + (out["stress"] ** 2).sum()
-        m.zero_grad()
-        loss.backward()
-        results.append((out, {k: p.grad for k, p in m.named_parameters() if p.grad is not None}))
+    results = [force_matching(m, pos, z, nl, cell, target) for m in (model, fast)]
     assert max(edges) >= len(nl.i) // rows  # the blocks were taken
     (want, want_grads), (got, got_grads) = results
     for key in ("energy", "forces", "stress"):
