@@ -458,6 +458,9 @@ def _clusters(rec, cell, slot_atom, cluster_ptr, entry_j, entry_shift, entry_mas
     alpha2 = alpha * alpha
     two_alpha_over_sqrt_pi = dt.type(2.0 / math.sqrt(math.pi)) * alpha
     for c in prange(chunk_ptr.shape[0] - 1):
+        # typed as one int: a prange index is int64 in the parfor and uint64 in its gufunc,
+        # and each type compiles the cluster loops again (1.8 s of a cold start)
+        chunk = np.int64(c)
         w = np.empty((_SCRATCH_ROWS, max_entries), dt)
         wm = np.empty(max_entries, np.int32)
         e_sum = zero
@@ -469,11 +472,11 @@ def _clusters(rec, cell, slot_atom, cluster_ptr, entry_j, entry_shift, entry_mas
                 acc = _cluster_loop_ewald_real(rec, w, wm, ci, e0, e1, entry_j, entry_shift,
                                                entry_mask, cell, cut2, masked_d2, kq, alpha,
                                                alpha2, two_alpha_over_sqrt_pi, rs, inv_width,
-                                               lj, c, gbuf, g_slot, slot_atom)
+                                               lj, chunk, gbuf, g_slot, slot_atom)
             else:
                 acc = _cluster_loop_polynomial(rec, w, wm, ci, e0, e1, entry_j, entry_shift,
                                                entry_mask, cell, cut2, masked_d2, kq, krf, crf,
-                                               zero, rs, inv_width, lj, c, gbuf, g_slot,
+                                               zero, rs, inv_width, lj, chunk, gbuf, g_slot,
                                                slot_atom)
             e_sum += acc[0]
             v[0] += acc[1]
