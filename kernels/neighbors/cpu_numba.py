@@ -256,6 +256,32 @@ def _combine(acc, g2, orthogonal):
 
 
 @njit(cache=True, inline="always")
+def _z_span(b, u, reach, nb, periodic, thick, acc, orthogonal, prune2):
+    """(first, last) grid coordinate t = b + dz, |dz| <= reach, of the bins along z that are not
+    pruned (first > last: none). The gap grows with |t - u|, so they form one interval."""
+    first, last = b - reach, b + reach
+    if not periodic:
+        first, last = max(first, 0), min(last, nb - 1)
+    while first <= last and _combine(acc, _gap2(first, u, thick), orthogonal) > prune2:
+        first += 1
+    while last >= first and _combine(acc, _gap2(last, u, thick), orthogonal) > prune2:
+        last -= 1
+    return first, last
+
+
+@njit(cache=True, inline="always")
+def _z_run(t, last, nb, periodic):
+    """The bins from grid coordinate t to at most ``last`` that share one periodic image: they
+    are consecutive in memory, so their atoms are one run of candidates. Returns (first bin,
+    last bin, image shift, the next t)."""
+    if not periodic:
+        return t, last, 0, last + 1
+    s = t // nb
+    end = min(last, (s + 1) * nb - 1)
+    return t - s * nb, end - s * nb, s, end + 1
+
+
+@njit(cache=True, inline="always")
 def _image(b, d, nb, periodic):
     """(bin, shift) of bin b + d along one axis; bin -1 when outside a non-periodic grid."""
     t = b + d
@@ -285,10 +311,13 @@ def _fill_py(cutoff, half, cells, pbc, nbins, reach, thickness, orthogonal, bin_
     max_bin = 0
     for g in range(bin_start.shape[0] - 1):
         max_bin = max(max_bin, bin_start[g + 1] - bin_start[g])
+    max_run = 0  # a run of candidates spans at most 2 reach + 1 bins along z
+    for k in range(reach.shape[0]):
+        max_run = max(max_run, (2 * reach[k, 2] + 1) * max_bin)
     chunk = 64
     for c in prange((n + chunk - 1) // chunk):
-        hit_q = np.empty(max_bin, np.int64)
-        hit_r2 = np.empty(max_bin)
+        hit_q = np.empty(max_run, np.int64)
+        hit_r2 = np.empty(max_run)
         for p in range(c * chunk, min(n, (c + 1) * chunk)):
             a = order[p]
             s = sorted_sys[p]
@@ -308,20 +337,19 @@ def _fill_py(cutoff, half, cells, pbc, nbins, reach, thickness, orthogonal, bin_
                                             thickness[s, 1]), orthogonal[s])
                     if by < 0 or gy > prune2:
                         continue
-                    for dz in range(-reach[s, 2], reach[s, 2] + 1):
-                        bz, sz = _image(sorted_bin[p, 2], dz, nb2, pbc[s, 2])
-                        gz = _combine(gy, _gap2(sorted_bin[p, 2] + dz, sorted_u[2, p],
-                                                thickness[s, 2]), orthogonal[s])
-                        if bz < 0 or gz > prune2:
-                            continue
+                    # the z-neighbours of a column are consecutive bins: one run of
+                    # candidates per periodic image instead of one short loop per bin
+                    t, last = _z_span(sorted_bin[p, 2], sorted_u[2, p], reach[s, 2], nb2,
+                                      pbc[s, 2], thickness[s, 2], gy, orthogonal[s], prune2)
+                    column = bin_first[s] + (bx * nb1 + by) * nb2
+                    while t <= last:
+                        bz0, bz1, sz, t = _z_run(t, last, nb2, pbc[s, 2])
                         o0 = sx * cells[s, 0, 0] + sy * cells[s, 1, 0] + sz * cells[s, 2, 0]
                         o1 = sx * cells[s, 0, 1] + sy * cells[s, 1, 1] + sz * cells[s, 2, 1]
                         o2 = sx * cells[s, 0, 2] + sy * cells[s, 1, 2] + sz * cells[s, 2, 2]
                         own_image = sx == 0 and sy == 0 and sz == 0
-                        g = bin_first[s] + (bx * nb1 + by) * nb2 + bz
-                        q0 = bin_start[g]
                         m = 0
-                        for q in range(q0, bin_start[g + 1]):
+                        for q in range(bin_start[column + bz0], bin_start[column + bz1 + 1]):
                             # (x_j - x_i) + S @ C: the mirror pair computes exactly the
                             # negation, so a full list is symmetric even for distances that
                             # round to the cutoff.
@@ -389,20 +417,19 @@ def _count_py(half, cutoff, cells, pbc, nbins, reach, thickness, orthogonal, bin
                               orthogonal[s])
                 if by < 0 or gy > prune2:
                     continue
-                for dz in range(-reach[s, 2], reach[s, 2] + 1):
-                    bz, sz = _image(sorted_bin[p, 2], dz, nb2, pbc[s, 2])
-                    gz = _combine(gy, _gap2(sorted_bin[p, 2] + dz, sorted_u[2, p],
-                                            thickness[s, 2]), orthogonal[s])
-                    if bz < 0 or gz > prune2:
-                        continue
+                t, last = _z_span(sorted_bin[p, 2], sorted_u[2, p], reach[s, 2], nb2, pbc[s, 2],
+                                  thickness[s, 2], gy, orthogonal[s], prune2)
+                column = bin_first[s] + (bx * nb1 + by) * nb2
+                while t <= last:  # one run of candidates per periodic image (see _fill_py)
+                    bz0, bz1, sz, t = _z_run(t, last, nb2, pbc[s, 2])
                     o0 = sx * cells[s, 0, 0] + sy * cells[s, 1, 0] + sz * cells[s, 2, 0]
                     o1 = sx * cells[s, 0, 1] + sy * cells[s, 1, 1] + sz * cells[s, 2, 1]
                     o2 = sx * cells[s, 0, 2] + sy * cells[s, 1, 2] + sz * cells[s, 2, 2]
-                    g = bin_first[s] + (bx * nb1 + by) * nb2 + bz
+                    q0, q1 = bin_start[column + bz0], bin_start[column + bz1 + 1]
                     hits = 0
                     if half:
                         positive = sx > 0 or (sx == 0 and (sy > 0 or (sy == 0 and sz > 0)))
-                        for q in range(bin_start[g], bin_start[g + 1]):
+                        for q in range(q0, q1):
                             d0 = (sorted_pos[0, q] - xi0) + o0
                             d1 = (sorted_pos[1, q] - xi1) + o1
                             d2 = (sorted_pos[2, q] - xi2) + o2
@@ -410,7 +437,7 @@ def _count_py(half, cutoff, cells, pbc, nbins, reach, thickness, orthogonal, bin
                             hits += (d0 * d0 + d1 * d1 + d2 * d2 < c2) & (
                                 (b > a) | ((b == a) & positive))
                     else:
-                        for q in range(bin_start[g], bin_start[g + 1]):
+                        for q in range(q0, q1):
                             # (x_j - x_i) + S @ C: the mirror pair computes exactly the
                             # negation, so a full list is symmetric even at the cutoff.
                             d0 = (sorted_pos[0, q] - xi0) + o0
