@@ -8,10 +8,10 @@
   imports Triton, through torch._dynamo, at the first dispatch of any custom op).
 * First call: in a fresh process with ``NUMBA_CACHE_DIR`` an empty temporary folder,
   ``import fastff``, ``fastff.systems.water_box(1000)`` (3,000 atoms), a default SchNet and its
-  first energy + forces (numba compiles here), then a second call; then the same in another
-  fresh process on the now filled cache.
+  first energy + forces (numba compiles here), then a second call; ``--cold-runs`` times, each
+  on its own empty cache; then the same in another fresh process on a filled cache.
 
-    python bench/first_contact.py [--rounds 5] [--out bench/results/first_contact.json]
+    python bench/first_contact.py [--rounds 5] [--cold-runs 3] [--out ...first_contact.json]
 
 The load average is recorded before and after each part; on a shared machine the numbers are
 indicative (compare the alternating medians, not single runs).
@@ -120,32 +120,52 @@ def measure_imports(rounds: int) -> dict:
     }
 
 
-def measure_first_call() -> dict:
-    runs = {}
-    with tempfile.TemporaryDirectory(prefix="fastff-numba-cache-") as cache:
-        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-        for label in ("empty_numba_cache", "filled_numba_cache"):
-            load_before = os.getloadavg()
-            start = time.perf_counter()
-            out = subprocess.run([sys.executable, "-c", FIRST_CALL], capture_output=True,
-                                 text=True, check=True, cwd=ROOT, env=env)
-            result = json.loads(out.stdout.strip().splitlines()[-1])
-            result["process_wall_s"] = time.perf_counter() - start
-            result["load_average_before"] = load_before
-            result["load_average_after"] = os.getloadavg()
-            runs[label] = result
+def _first_call(cache: str) -> dict:
+    """One fresh process running FIRST_CALL with NUMBA_CACHE_DIR=cache."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", FIRST_CALL], capture_output=True, text=True,
+                         check=True, cwd=ROOT, env=env)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["process_wall_s"] = time.perf_counter() - start
+    result["load_average_before"] = load_before
+    result["load_average_after"] = os.getloadavg()
+    return result
+
+
+def measure_first_call(cold_runs: int) -> dict:
+    """``cold_runs`` processes, each on its own empty cache (this machine's compile times vary
+    by up to 1.5x between runs), then one on a filled cache. ``empty_numba_cache`` is the run
+    with the median total."""
+    cold, warm = [], {}
+    for k in range(cold_runs):
+        with tempfile.TemporaryDirectory(prefix="fastff-numba-cache-") as cache:
+            cold.append(_first_call(cache))
+            if k == cold_runs - 1:
+                warm = _first_call(cache)
+    totals = [run["total_to_first_forces_s"] for run in cold]
+    median = sorted(cold, key=lambda run: run["total_to_first_forces_s"])[(cold_runs - 1) // 2]
     return {"command": "NUMBA_CACHE_DIR=<empty temporary folder> python -c '<import fastff; "
                        "fastff.systems.water_box(1000); models.SchNet(); energy_and_forces "
-                       "twice>', then again on the filled cache (bench/first_contact.py)",
-            **runs}
+                       f"twice>', {cold_runs} times on empty caches, then once on the filled "
+                       "cache (bench/first_contact.py)",
+            "empty_numba_cache_runs": cold,
+            "empty_numba_cache_totals_s": totals,
+            "empty_numba_cache": median,
+            "filled_numba_cache": warm}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "first_contact.json"))
+    parser.add_argument("--cold-runs", type=int, default=3,
+                        help="first calls from an empty numba cache (the median is reported)")
     parser.add_argument("--skip-first-call", action="store_true")
     args = parser.parse_args(argv)
+    if args.cold_runs < 1:
+        parser.error(f"--cold-runs must be >= 1, got {args.cold_runs}")
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.machine(),
                     "cpus": os.cpu_count()},
@@ -154,7 +174,7 @@ def main(argv=None) -> None:
         "imports": measure_imports(args.rounds),
     }
     if not args.skip_first_call:
-        report["first_call"] = measure_first_call()
+        report["first_call"] = measure_first_call(args.cold_runs)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
 
