@@ -20,6 +20,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core.extending import intrinsic
 
+import fastff.kernels.cpu_threads  # noqa: F401  (numba's OpenMP layer first)
+
 F32 = np.float32
 _LOG2E = F32(1.0 / math.log(2.0))
 _LN2_HI, _LN2_LO = F32(0.693145751953125), F32(1.428606765330187e-06)  # ln2 = HI + LO

@@ -41,3 +41,24 @@ def test_first_op_loads_its_backend_through_the_registry():
     assert result["before"] == []
     assert result["backend"] == "numba" and result["same"] and result["pairs"] > 0, result
     assert result["after"] == ["numba"], result
+
+
+def _threading_layer_priority(env: dict) -> list:
+    import os
+
+    code = ("import json, numba, fastff.kernels.neighbors.cpu_numba\n"
+            "print(json.dumps(numba.config.THREADING_LAYER_PRIORITY))")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_THREADING_LAYER")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600, check=True, env={**clean, **env})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_numba_threading_layer_openmp_first_unless_the_user_chose():
+    """fastff's numba kernels put OpenMP before TBB (numba's own order prefers TBB whenever
+    the tbb package is installed: slower on a quiet machine); a priority or layer set in the
+    environment is left as the user set it."""
+    assert _threading_layer_priority({}) == ["omp", "tbb", "workqueue"]
+    chosen = {"NUMBA_THREADING_LAYER_PRIORITY": "workqueue tbb omp"}
+    assert _threading_layer_priority(chosen) == ["workqueue", "tbb", "omp"]
+    assert _threading_layer_priority({"NUMBA_THREADING_LAYER": "tbb"})[0] == "tbb"

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+import fastff.kernels.cpu_threads  # noqa: F401  (numba's OpenMP layer first)
+
 # Below this many terms (all kinds of one call together) the kernels run on the calling thread
 # only: a parallel region waits for its slowest thread, which on a busy machine costs far more
 # than the work of a few thousand terms (README, Tuning).

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+import fastff.kernels.cpu_threads  # noqa: F401  (numba's OpenMP layer first)
 from fastff.kernels.message import dense
 from fastff.kernels.message.cpu_numba_filter import FusedFilter
 from fastff.kernels.neighbors.cpu_numba import _system_index

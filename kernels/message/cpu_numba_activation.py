@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+import fastff.kernels.cpu_threads  # noqa: F401  (numba's OpenMP layer first)
 from fastff.kernels.cpu_math import exp_neg, log1p_unit
 from fastff.kernels.message import dense
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+import fastff.kernels.cpu_threads  # noqa: F401  (numba's OpenMP layer first)
 from fastff.kernels.cpu_math import exp_neg
 from fastff.kernels.message.cpu_numba_activation import (
     KINDS,

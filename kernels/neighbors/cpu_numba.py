@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+import fastff.kernels.cpu_threads  # noqa: F401  (numba's OpenMP layer first)
 from fastff.kernels._runtime import memory
 
 # Bins per cutoff length: bins of cutoff/2 scan less volume (15.6 c^3 instead of 27 c^3) but

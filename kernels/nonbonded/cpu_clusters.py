@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+import fastff.kernels.cpu_threads  # noqa: F401  (numba's OpenMP layer first)
 from fastff.kernels.nonbonded.cpu_numba import (
     _FAST,
     NUM_CHUNKS,

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+import fastff.kernels.cpu_threads  # noqa: F401  (numba's OpenMP layer first)
+
 _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
 
 

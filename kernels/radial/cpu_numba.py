@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+import fastff.kernels.cpu_threads  # noqa: F401  (numba's OpenMP layer first)
 from fastff.kernels.cpu_math import exp_neg
 
 KINDS = {"gaussian": 0, "bessel": 1}
