@@ -290,14 +290,16 @@ def _first_run_machine(doc):
 def _slowdown_table(doc):
     """Runs of bench/contention.py: each row's slowdown beside one busy process, and its quiet
     time per atom-step, per run."""
-    lines = ["| run | GOMP_SPINCOUNT | row | quiet us/atom-step | slowdown | over OpenMM's |",
+    lines = ["| run | settings | row | quiet us/atom-step | slowdown | over OpenMM's |",
              "|---|---|---|---|---|---|"]
     for k, run in enumerate(doc["runs"]):
         quiet = run["rounds"][0]["quiet_s"] if run.get("rounds") else {}
         spin = run.get("GOMP_SPINCOUNT_of_the_bench_processes") or "default"
+        settings = f"GOMP_SPINCOUNT {spin}" + (
+            f", numba {run['numba_threading_layer']}" if "numba_threading_layer" in run else "")
         for row, slow in run["median_slowdown"].items():
             over = run["slowdown_over_openmm"].get(row)
-            lines.append(f"| {k + 1} | {spin} | {row} | {quiet.get(row, 0) * 1e6:.2f} | "
+            lines.append(f"| {k + 1} | {settings} | {row} | {quiet.get(row, 0) * 1e6:.2f} | "
                          f"{slow:.2f}x | {f'{over:.2f}x' if over else ''} |")
     return "\n".join(lines)
 
