@@ -17,7 +17,9 @@ import torch
 from torch import Tensor
 
 from fastff._checks import no_checks
+from fastff.mm._terms import Exceptions, nonbonded
 from fastff.mm.water import water_force_field
+from fastff.neighbors import neighbor_list
 
 # Flexible TIP3P as in OpenMM's data/tip3p.xml and data/amber14/tip3p.xml (OpenMM 8): masses
 # from <AtomTypes>, charges / sigma / epsilon from <NonbondedForce> (amber14 keeps the charges
@@ -58,6 +60,12 @@ _MAX_PLACEMENT_ROUNDS = 200
 _RELAX_CUTOFF = 0.6
 _RELAX_STEPS = 30
 _MAX_MOVE = 0.02  # nm
+# float32 rounds a 4 nm coordinate by 2.4e-7 nm; the list reaches this much past the cutoff
+_LIST_PAD = 1e-4  # nm
+# Boxes up to this size relax on the reference nonbonded term, which needs no compilation
+# (1.2 s at 1,000 molecules on 2 cores); larger ones on the fused cluster kernels (1.1 s at
+# 10,000 molecules against 12.6 s for the reference), which compile for ~16 s once.
+_REFERENCE_RELAX_MOLECULES = 2000
 
 
 @dataclass
@@ -378,29 +386,55 @@ def _relax(box: WaterBox, steps: int) -> Tensor:
     """Rigid-molecule steepest descent on the MM energy (float64, short cutoff); returns new
     positions [N, 3] with every molecule at its starting geometry."""
     edge = float(box.cell[0, 0])
-    # molecules move rigidly: their bonds and angles add no net force or torque
-    ff = water_force_field(box, cutoff=min(_RELAX_CUTOFF, 0.499 * edge), skin=0.1,
-                           dtype=torch.float64, bonded=False)
-    ff.requires_grad_(False)  # no parameter gradients: positions only
-
-    def energy_and_forces(atoms: Tensor) -> tuple[float, Tensor]:
-        x = atoms.reshape(-1, 3).clone().requires_grad_(True)
-        energy = ff(x)
-        (grad,) = torch.autograd.grad(energy, x)
-        return float(energy.detach()), -grad.reshape(-1, 3, 3)
-
+    cutoff = min(_RELAX_CUTOFF, 0.499 * edge)  # reaction field: at most half the box edge
+    fused = box.positions.shape[0] > 3 * _REFERENCE_RELAX_MOLECULES
+    energy_and_forces = (_fused_energy if fused else _reference_energy)(box, cutoff)
     atoms = box.positions.detach().reshape(-1, 3, 3).clone()
-    # torch's own work here is O(N) bookkeeping between numba kernels; with one torch thread
-    # its OpenMP barriers cannot stall on cores shared with numba's workers or other processes
+    # beside the fused kernels torch's work is O(N) bookkeeping; with one torch thread its
+    # OpenMP barriers cannot stall on cores shared with numba's workers or other processes
     # (a 60,000-element argsort measured 280 ms with 2 busy threads, 2.4 ms with one)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1 if fused else threads)
     try:
         with no_checks():
             atoms = _descend(energy_and_forces, atoms, steps)
     finally:
         torch.set_num_threads(threads)
     return atoms.reshape(-1, 3)
+
+
+def _fused_energy(box: WaterBox, cutoff: float):
+    """Energy and forces [M, 3, 3] of molecules [M, 3, 3] by the fused cluster kernels."""
+    ff = water_force_field(box, cutoff=cutoff, skin=0.1, dtype=torch.float64, bonded=False)
+    ff.requires_grad_(False)  # no parameter gradients: positions only
+
+    def fused(atoms: Tensor) -> tuple[float, Tensor]:
+        x = atoms.reshape(-1, 3).clone().requires_grad_(True)
+        energy = ff(x)
+        (grad,) = torch.autograd.grad(energy, x)
+        return float(energy.detach()), -grad.reshape(-1, 3, 3)
+
+    return fused
+
+
+def _reference_energy(box: WaterBox, cutoff: float):
+    """Energy and forces [M, 3, 3] of molecules [M, 3, 3] by the float64 reference term, on
+    pairs from a float32 cell list (padded by _LIST_PAD for its rounding): the kernels that a
+    float32 model's first call compiles anyway, so a small box compiles no MM kernel."""
+    zeros = torch.zeros(box.exclusions.shape[0], dtype=torch.float64)
+    excluded = Exceptions(box.exclusions, zeros, torch.ones_like(zeros), zeros)
+    cell32 = box.cell.to(torch.float32)
+
+    def reference(atoms: Tensor) -> tuple[float, Tensor]:
+        x = atoms.reshape(-1, 3).clone().requires_grad_(True)
+        pairs = neighbor_list(x.detach().to(torch.float32), cutoff + _LIST_PAD, cell32,
+                              half=True)
+        energy = nonbonded(x, pairs, box.charges, box.sigma, box.epsilon, cutoff=cutoff,
+                           cell=box.cell, exceptions=excluded, backend="reference")
+        (grad,) = torch.autograd.grad(energy, x)
+        return float(energy.detach()), -grad.reshape(-1, 3, 3)
+
+    return reference
 
 
 def _descend(energy_and_forces, atoms: Tensor, steps: int) -> Tensor:
@@ -455,9 +489,12 @@ def water_box(n_molecules: int = 1000, *, seed: int = 0, dtype: torch.dtype = to
     molecule; bonds and angles stay exactly at r0 and theta0 (the flexible bonds then take up
     the hydrogen-bond forces within the first MD steps).
 
-    Cost: O(N), almost all of it in the relaxation (about 1 s for 1,000 molecules and 10 s for
-    10,000 on 2 cores, numba kernels compiled). Pass a smaller ``relax_steps`` (0 skips the
-    relaxation) for large benchmark boxes.
+    Cost: O(N), almost all of it in the relaxation. Up to 2,000 molecules it evaluates the
+    float64 reference nonbonded term on a float32 cell list (about 1.2 s for 1,000 molecules
+    on 2 cores), so a fresh install compiles only the cell list, which a float32 model's first
+    call needs anyway; larger boxes use the fused cluster kernels (about 1.1 s for 10,000
+    molecules, plus about 16 s once to compile them). Pass a smaller ``relax_steps`` (0 skips
+    the relaxation) for large benchmark boxes.
 
     Args:
         n_molecules: M, number of water molecules (N = 3M atoms), a positive int.
