@@ -314,27 +314,43 @@ def build(positions: np.ndarray, box: np.ndarray | None, rlist: float, excl_ptr:
 # ---------------------------------------------------------------------------------------------
 # Kernel
 
+# Packing and gathering run serially below this many slots (3,000 atoms: 30-50 us each with 2
+# threads, 60-90 us with one): beside a busy process each parallel region waited 2-3 ms for a
+# descheduled thread (README.md, Tuning).
+SERIAL_SLOTS_BELOW = 8192
+
+
+@njit(cache=True, inline="always")
+def _pack_slot(s, pos, cell, q, sig, eps, slot_atom, slot_wrap, rec):
+    """rec[s] = (x, y, z, q, sigma / 2, sqrt(epsilon), 0, 0) of slot s with the build's wrap
+    applied; zero for padding."""
+    a = slot_atom[s]
+    if a < 0:
+        for d in range(8):
+            rec[s, d] = 0.0
+        return
+    w0 = slot_wrap[s, 0]
+    w1 = slot_wrap[s, 1]
+    w2 = slot_wrap[s, 2]
+    for d in range(3):
+        rec[s, d] = pos[a, d] - (w0 * cell[0, d] + w1 * cell[1, d] + w2 * cell[2, d])
+    rec[s, 3] = q[a]
+    rec[s, 4] = 0.5 * sig[a]  # combining rules become a sum and a product per pair
+    rec[s, 5] = math.sqrt(eps[a])
+    rec[s, 6] = 0.0
+    rec[s, 7] = 0.0
+
 
 @njit(parallel=True, cache=True)
 def _pack_slots(pos, cell, q, sig, eps, slot_atom, slot_wrap, rec):
-    """Per slot (x, y, z, q, sigma / 2, sqrt(epsilon)) with the build's wrap applied; padding
-    is zero."""
     for s in prange(slot_atom.shape[0]):
-        a = slot_atom[s]
-        if a < 0:
-            for d in range(8):
-                rec[s, d] = 0.0
-            continue
-        w0 = slot_wrap[s, 0]
-        w1 = slot_wrap[s, 1]
-        w2 = slot_wrap[s, 2]
-        for d in range(3):
-            rec[s, d] = pos[a, d] - (w0 * cell[0, d] + w1 * cell[1, d] + w2 * cell[2, d])
-        rec[s, 3] = q[a]
-        rec[s, 4] = 0.5 * sig[a]  # combining rules become a sum and a product per pair
-        rec[s, 5] = math.sqrt(eps[a])
-        rec[s, 6] = 0.0
-        rec[s, 7] = 0.0
+        _pack_slot(s, pos, cell, q, sig, eps, slot_atom, slot_wrap, rec)
+
+
+@njit(cache=True)
+def _pack_slots_serial(pos, cell, q, sig, eps, slot_atom, slot_wrap, rec):
+    for s in range(slot_atom.shape[0]):
+        _pack_slot(s, pos, cell, q, sig, eps, slot_atom, slot_wrap, rec)
 
 
 # Rows of the per-chunk scratch (each as long as the longest entry list): the partners' imaged
@@ -494,18 +510,30 @@ def _clusters(rec, cell, slot_atom, cluster_ptr, entry_j, entry_shift, entry_mas
             v_chunk[c, k] = v[k]
 
 
+@njit(cache=True, inline="always")
+def _gather_slot(s, g_slot, gbuf, slot_atom, g_pos):
+    """Slot s's atom gradient: its lane's share plus the chunks' partner shares, in chunk
+    order."""
+    a = slot_atom[s]
+    if a < 0:
+        return
+    for d in range(3):
+        acc = g_slot[s, d]
+        for c in range(gbuf.shape[0]):
+            acc += gbuf[c, s, d]
+        g_pos[a, d] = acc
+
+
 @njit(parallel=True, cache=True)
 def _gather_forces(g_slot, gbuf, slot_atom, g_pos):
-    """Each atom's gradient: its lanes' share plus the chunks' partner shares, in chunk order."""
     for s in prange(slot_atom.shape[0]):
-        a = slot_atom[s]
-        if a < 0:
-            continue
-        for d in range(3):
-            acc = g_slot[s, d]
-            for c in range(gbuf.shape[0]):
-                acc += gbuf[c, s, d]
-            g_pos[a, d] = acc
+        _gather_slot(s, g_slot, gbuf, slot_atom, g_pos)
+
+
+@njit(cache=True)
+def _gather_forces_serial(g_slot, gbuf, slot_atom, g_pos):
+    for s in range(slot_atom.shape[0]):
+        _gather_slot(s, g_slot, gbuf, slot_atom, g_pos)
 
 
 def nonbonded_clusters(positions, cells, slot_atom, slot_wrap, cluster_ptr, entry_j, entry_shift,
@@ -527,9 +555,10 @@ def nonbonded_clusters(positions, cells, slot_atom, slot_wrap, cluster_ptr, entr
                                ).astype(np.int64)
     rec = np.empty((slots, 8), dt)
     wrap = slot_wrap.numpy()
-    _pack_slots(pos, cell, charges.detach().contiguous().numpy(),
-                sigma.detach().contiguous().numpy(), epsilon.detach().contiguous().numpy(),
-                slot_atom_np, wrap, rec)
+    serial = slots < SERIAL_SLOTS_BELOW
+    pack = _pack_slots_serial if serial else _pack_slots
+    pack(pos, cell, charges.detach().contiguous().numpy(), sigma.detach().contiguous().numpy(),
+         epsilon.detach().contiguous().numpy(), slot_atom_np, wrap, rec)
     gbuf = np.zeros((nchunks, slots, 3), dt)
     g_slot = np.zeros((slots, 3), dt)
     e_chunk = np.zeros(nchunks, dt)
@@ -542,7 +571,7 @@ def nonbonded_clusters(positions, cells, slot_atom, slot_wrap, cluster_ptr, entr
                   dt.type(c_rf), dt.type(alpha), dt.type(coulomb_constant), gbuf, g_slot,
                   e_chunk, v_chunk)
     g_pos = np.zeros((n, 3), dt)
-    _gather_forces(g_slot, gbuf, slot_atom_np, g_pos)
+    (_gather_forces_serial if serial else _gather_forces)(g_slot, gbuf, slot_atom_np, g_pos)
     # dE/dC: partner images (S C) plus the build's wrap (-w C) of every slot
     g_cell = v_chunk.sum(0).reshape(3, 3)
     real = slot_atom_np >= 0

@@ -116,6 +116,22 @@ def test_matches_pair_reference(rng, backend, method, dtype, periodic):
             assert_close_scaled(a, b, "mm", dtype, f"{backend} {method} {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_serial_and_parallel_packing_agree_bitwise(rng, dtype, monkeypatch):
+    """Small systems pack slots and gather forces in serial loops (no parallel region to wait
+    for), larger ones in parallel: each slot is written once and its chunk shares are added in
+    chunk order either way, so the results are bitwise equal."""
+    sysd = _system(rng)
+    cl = _clusters(sysd)
+    pos, cells = sysd["pos"].to(dtype), _cells(sysd, dtype)
+    assert cl.slot_atom.shape[0] < cpu_clusters.SERIAL_SLOTS_BELOW
+    serial = _cluster_call(sysd, cl, "rf_switch", "numba", pos, cells)
+    monkeypatch.setattr(cpu_clusters, "SERIAL_SLOTS_BELOW", 0)
+    parallel = _cluster_call(sysd, cl, "rf_switch", "numba", pos, cells)
+    for a, b in zip(serial, parallel, strict=True):
+        assert torch.equal(a, b)
+
+
 def _clear_of_cutoff(pos, cell, clearance=1e-5):
     """pos with no pair distance within ``clearance`` nm of CUTOFF: every Coulomb method's force
     jumps there (OpenMM's definitions), and a float32 distance and a float64 one may put a pair
