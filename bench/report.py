@@ -297,6 +297,8 @@ def _slowdown_table(doc):
         spin = run.get("GOMP_SPINCOUNT_of_the_bench_processes") or "default"
         settings = f"GOMP_SPINCOUNT {spin}" + (
             f", numba {run['numba_threading_layer']}" if "numba_threading_layer" in run else "")
+        if "code" in run:  # runs of two versions of the code, alternating
+            settings += f", code {run['code']}"
         for row, slow in run["median_slowdown"].items():
             over = run["slowdown_over_openmm"].get(row)
             lines.append(f"| {k + 1} | {settings} | {row} | {quiet.get(row, 0) * 1e6:.2f} | "
