@@ -388,7 +388,7 @@ def _relax(box: WaterBox, steps: int) -> Tensor:
     edge = float(box.cell[0, 0])
     cutoff = min(_RELAX_CUTOFF, 0.499 * edge)  # reaction field: at most half the box edge
     fused = box.positions.shape[0] > 3 * _REFERENCE_RELAX_MOLECULES
-    energy_and_forces = (_fused_energy if fused else _reference_energy)(box, cutoff)
+    energy_and_forces = _with_forces((_fused_energy if fused else _reference_energy)(box, cutoff))
     atoms = box.positions.detach().reshape(-1, 3, 3).clone()
     # beside the fused kernels torch's work is O(N) bookkeeping; with one torch thread its
     # OpenMP barriers cannot stall on cores shared with numba's workers or other processes
@@ -404,37 +404,39 @@ def _relax(box: WaterBox, steps: int) -> Tensor:
 
 
 def _fused_energy(box: WaterBox, cutoff: float):
-    """Energy and forces [M, 3, 3] of molecules [M, 3, 3] by the fused cluster kernels."""
+    """Energy of positions [N, 3] by the fused cluster kernels."""
     ff = water_force_field(box, cutoff=cutoff, skin=0.1, dtype=torch.float64, bonded=False)
     ff.requires_grad_(False)  # no parameter gradients: positions only
-
-    def fused(atoms: Tensor) -> tuple[float, Tensor]:
-        x = atoms.reshape(-1, 3).clone().requires_grad_(True)
-        energy = ff(x)
-        (grad,) = torch.autograd.grad(energy, x)
-        return float(energy.detach()), -grad.reshape(-1, 3, 3)
-
-    return fused
+    return ff
 
 
 def _reference_energy(box: WaterBox, cutoff: float):
-    """Energy and forces [M, 3, 3] of molecules [M, 3, 3] by the float64 reference term, on
-    pairs from a float32 cell list (padded by _LIST_PAD for its rounding): the kernels that a
-    float32 model's first call compiles anyway, so a small box compiles no MM kernel."""
+    """Energy of positions [N, 3] by the float64 reference term, on pairs from a float32 cell
+    list (padded by _LIST_PAD for its rounding): the kernels that a float32 model's first call
+    compiles anyway, so a small box compiles no MM kernel."""
     zeros = torch.zeros(box.exclusions.shape[0], dtype=torch.float64)
     excluded = Exceptions(box.exclusions, zeros, torch.ones_like(zeros), zeros)
     cell32 = box.cell.to(torch.float32)
 
-    def reference(atoms: Tensor) -> tuple[float, Tensor]:
-        x = atoms.reshape(-1, 3).clone().requires_grad_(True)
+    def reference(x: Tensor) -> Tensor:
         pairs = neighbor_list(x.detach().to(torch.float32), cutoff + _LIST_PAD, cell32,
                               half=True)
-        energy = nonbonded(x, pairs, box.charges, box.sigma, box.epsilon, cutoff=cutoff,
-                           cell=box.cell, exceptions=excluded, backend="reference")
+        return nonbonded(x, pairs, box.charges, box.sigma, box.epsilon, cutoff=cutoff,
+                         cell=box.cell, exceptions=excluded, backend="reference")
+
+    return reference
+
+
+def _with_forces(energy_of):
+    """(energy, forces [M, 3, 3]) of molecules [M, 3, 3], from an energy of positions [N, 3]."""
+
+    def energy_and_forces(atoms: Tensor) -> tuple[float, Tensor]:
+        x = atoms.reshape(-1, 3).clone().requires_grad_(True)
+        energy = energy_of(x)
         (grad,) = torch.autograd.grad(energy, x)
         return float(energy.detach()), -grad.reshape(-1, 3, 3)
 
-    return reference
+    return energy_and_forces
 
 
 def _descend(energy_and_forces, atoms: Tensor, steps: int) -> Tensor:
